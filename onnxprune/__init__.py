@@ -1,0 +1,1 @@
+"""onnxprune: elimination-compensation pruning of ONNX models, validated on onnxruntime."""

@@ -1,0 +1,109 @@
+"""onnxruntime sessions, providers and the training build's entry points, in one place.
+
+The training build (onnxruntime-training-cpu 1.19.2) is also our inference runtime. Its
+``onnxruntime.training`` package imports torch through ``optim``; we register an empty module for
+that name before importing so that torch is never needed. It only accepts IR <= 10 and
+default-domain opset <= 21: ``runtime_copy`` down-stamps a copy for it.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import onnx
+
+MAX_IR_VERSION = 10
+MAX_OPSET = 21
+
+
+class RuntimeUnavailable(RuntimeError):
+    """The installed onnxruntime build cannot do what was asked (no CUDA, no training support)."""
+
+
+def _shim_training_optim() -> None:
+    sys.modules.setdefault("onnxruntime.training.optim", types.ModuleType("onnxruntime.training.optim"))
+
+
+_shim_training_optim()
+import onnxruntime as ort  # noqa: E402
+
+ort.set_default_logger_severity(3)
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def training_modules():
+    """Import (artifacts, api, onnxblock) from the training build without importing torch."""
+    _shim_training_optim()
+    try:
+        from onnxruntime.training import api, artifacts, onnxblock
+    except ImportError as exc:  # plain onnxruntime installed over the training build
+        raise RuntimeUnavailable(
+            "this onnxruntime build has no training support; install onnxruntime-training-cpu==1.19.2 "
+            "(and uninstall onnxruntime / onnxruntime-gpu, which replace it)"
+        ) from exc
+    return artifacts, api, onnxblock
+
+
+def gradient_builder():
+    """The native GradientGraphBuilder and get_optimized_model of the training build."""
+    from onnxruntime.capi import _pybind_state as C
+
+    if not hasattr(C, "GradientGraphBuilder"):
+        raise RuntimeUnavailable(
+            "this onnxruntime build has no GradientGraphBuilder; install onnxruntime-training-cpu==1.19.2 "
+            "(and uninstall onnxruntime / onnxruntime-gpu, which replace it)"
+        )
+    return C.GradientGraphBuilder, C.get_optimized_model, C.SessionOptions
+
+
+def provider_list(provider: str = "cpu") -> list[str]:
+    """The execution providers for ``provider`` ('cpu' or 'cuda'), or a clear error when absent."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; choose one of {sorted(PROVIDERS)}")
+    name = PROVIDERS[provider]
+    if name not in ort.get_available_providers():
+        raise RuntimeUnavailable(
+            f"provider {provider!r} is not available in this onnxruntime build "
+            f"(available: {', '.join(ort.get_available_providers())}); for CUDA install the "
+            "onnxruntime-training CUDA build, see docs/install-gpu.md"
+        )
+    return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+
+
+def session_options(threads: int | None = None) -> "ort.SessionOptions":
+    """Session options that do not leave spinning threads behind to slow numpy down."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return so
+
+
+def runtime_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` stamped at most IR 10 / opset 21, as this runtime requires.
+
+    The copy shares nothing with ``model``; the written model keeps its own stamping.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    if copy.ir_version > MAX_IR_VERSION:
+        copy.ir_version = MAX_IR_VERSION
+    for opset in copy.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > MAX_OPSET:
+            opset.version = MAX_OPSET
+    return copy
+
+
+def make_session(model: onnx.ModelProto | bytes, provider: str = "cpu", threads: int | None = None):
+    """An InferenceSession on a runtime-compatible copy of ``model``."""
+    if isinstance(model, onnx.ModelProto):
+        model = runtime_copy(model).SerializeToString()
+    return ort.InferenceSession(model, sess_options=session_options(threads), providers=provider_list(provider))
+
+
+def run(session, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+    return session.run(outputs, feeds)
