@@ -1,0 +1,20 @@
+"""The two kinds of failure a user sees, each with its exit code (see README, "Exit codes")."""
+from __future__ import annotations
+
+
+class OnnxPruneError(Exception):
+    """Base class: a one-line message for the user, no traceback."""
+
+    exit_code = 1
+
+
+class InputError(OnnxPruneError):
+    """Bad input: a corrupt or unsupported model, malformed data, a refused output path. Exit 2."""
+
+    exit_code = 2
+
+
+class CheckFailed(OnnxPruneError):
+    """The work ran but a check on its result failed (checker, runtime, a budget). Exit 1."""
+
+    exit_code = 1
