@@ -35,7 +35,7 @@ def check_output_path(path: str | Path, force: bool = False, inputs: Iterable[st
 def atomic_path(path: str | Path):
     """Yield a temporary path next to ``path``; on success it is renamed to ``path``, else removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
