@@ -1,1 +1,14 @@
-"""onnxprune: elimination-compensation pruning of ONNX models, validated on onnxruntime."""
+"""onnxprune: elimination-compensation pruning of ONNX models, validated on onnxruntime.
+
+    result = onnxprune.prune("model.onnx", "calib.npz", sparsity=0.8)       # method="ecp"
+    onnxprune.save_model(result.model, "pruned.onnx")
+    onnxprune.evaluate("pruned.onnx", "test.npz", reference="model.onnx")
+"""
+from .api import PruneResult, evaluate, inspect, prune, score
+from .errors import CheckFailed, InputError, OnnxPruneError
+from .modelio import load_model, save_model
+from .saliency import METHODS
+
+__all__ = ["prune", "score", "evaluate", "inspect", "PruneResult", "load_model", "save_model", "METHODS",
+           "InputError", "CheckFailed", "OnnxPruneError"]
+__version__ = "0.1.0"

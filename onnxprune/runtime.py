@@ -105,5 +105,17 @@ def make_session(model: onnx.ModelProto | bytes, provider: str = "cpu", threads:
     return ort.InferenceSession(model, sess_options=session_options(threads), providers=provider_list(provider))
 
 
-def run(session, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
-    return session.run(outputs, feeds)
+def tensor_session(model: onnx.ModelProto, names: list[str], provider: str = "cpu", threads: int | None = None):
+    """A session whose outputs are the tensors ``names`` (graph outputs or intermediates)."""
+    from .layers import tensor_types
+
+    m = runtime_copy(model)
+    types = tensor_types(m)
+    del m.graph.output[:]
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None) for n in names)
+    return make_session(m, provider, threads)
+
+
+def run_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str], provider: str = "cpu") -> list[np.ndarray]:
+    """Values of the tensors ``names`` for ``feeds`` (one-off; build a tensor_session to loop)."""
+    return tensor_session(model, names, provider).run(names, feeds)

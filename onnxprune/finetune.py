@@ -1,0 +1,258 @@
+"""Fine-tune an ONNX classifier with onnxruntime-training (no torch): cross-entropy + Adam.
+
+Pruned weights stay exactly zero: their masks are re-applied to the checkpoint's parameters after
+every optimizer step. Adam is element-wise and has no weight decay here, so the kept weights follow
+the same path as when the mask multiplies the weight inside the graph; both cost the same (~15% per
+step on the MNIST 784-64-64-10 MLP, ~0.33 s per epoch instead of ~0.29 s on 2 cores) and this way
+needs no graph surgery.
+
+ORT's AdamW block is used with PyTorch's Adam settings: it defaults to eps 1e-6 and to
+``adam_mode=1`` (HuggingFace: bias correction folded into the learning rate, eps not corrected);
+we set eps 1e-8, weight_decay 0 and ``adam_mode=0`` (torch.optim.Adam/AdamW's update).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import InputError
+from .runtime import make_session, runtime_copy, session_options, training_modules
+
+# Initializer inputs that carry state, not parameters: no gradient flows to them.
+_NOT_TRAINABLE_INPUTS = {"BatchNormalization": (3, 4)}
+_PROBABILITY_OPS = ("Softmax", "LogSoftmax")
+
+Progress = Callable[[int, int, int, float], None]
+
+
+def logits_name(model: onnx.ModelProto, output: str | None = None) -> str:
+    """The tensor to put the loss on: ``output``, else the first output, stepping back over a final
+    Softmax/LogSoftmax (the loss applies its own log-softmax)."""
+    produced = {o: n for n in model.graph.node for o in n.output}
+    if output is not None:
+        if output not in produced and output not in {o.name for o in model.graph.output}:
+            raise InputError(f"the model has no tensor named {output!r} to train against")
+        return output
+    name = model.graph.output[0].name
+    node = produced.get(name)
+    if node is not None and node.op_type in _PROBABILITY_OPS:
+        return node.input[0]
+    return name
+
+
+def trainable_names(model: onnx.ModelProto) -> list[str]:
+    """Float initializers of rank >= 1 consumed by a node as a parameter (weights, biases, slopes).
+
+    Scalars and integer initializers are constants of the graph (shapes, axes) and stay frozen.
+    """
+    floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 1}
+    used: set[str] = set()
+    for node in model.graph.node:
+        skip = _NOT_TRAINABLE_INPUTS.get(node.op_type, ())
+        used.update(name for i, name in enumerate(node.input) if name in floats and i not in skip)
+    return [t.name for t in model.graph.initializer if t.name in used]
+
+
+def _differentiable(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """``node``, or the same function in ops that have a gradient in onnxruntime-training.
+
+    ORT 1.19 registers no gradient for PRelu; PRelu(x, s) = Relu(x) - s * Relu(-x) has one (they
+    differ only in the derivative at x == 0 exactly), and the slope keeps its initializer name.
+    """
+    if node.op_type != "PRelu":
+        return [node]
+    (x, slope), (y,) = node.input, node.output
+    tag = f"{y}.prelu_as_relu"
+    make = onnx.helper.make_node
+    return [
+        make("Relu", [x], [f"{tag}.pos"], name=f"{tag}.relu_pos"),
+        make("Neg", [x], [f"{tag}.neg_x"], name=f"{tag}.neg"),
+        make("Relu", [f"{tag}.neg_x"], [f"{tag}.neg"], name=f"{tag}.relu_neg"),
+        make("Mul", [slope, f"{tag}.neg"], [f"{tag}.scaled"], name=f"{tag}.mul"),
+        make("Sub", [f"{tag}.pos", f"{tag}.scaled"], [y], name=f"{tag}.sub"),
+    ]
+
+
+def _training_copy(model: onnx.ModelProto, logits: str) -> onnx.ModelProto:
+    """A runtime-stamped copy whose only output is ``logits``, without the nodes after it, and
+    with PRelu spelled in differentiable ops."""
+    copy = runtime_copy(model)
+    graph = copy.graph
+    needed, keep = {logits}, []
+    for node in reversed(graph.node):
+        if needed.intersection(node.output):
+            keep.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(n for node in reversed(keep) for n in _differentiable(node))
+    unused = [t for t in graph.initializer if t.name not in needed]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+    del graph.output[:]
+    graph.output.append(onnx.helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, ["batch", "classes"]))
+    return copy
+
+
+def _model_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise InputError(f"fine-tuning needs a model with one data input, this one has {len(inputs)}")
+    return inputs[0]
+
+
+def _check_data(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> None:
+    """x must match the model input's dtype and fixed dims; y must be one integer label per sample."""
+    value = _model_input(model)
+    expected = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+    if not isinstance(x, np.ndarray) or x.dtype != expected:
+        raise InputError(f"x must be a numpy array of {expected} for input {value.name!r}, got {getattr(x, 'dtype', type(x))}")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim] or [None] * x.ndim
+    if x.ndim != len(dims) or any(d is not None and d != s for d, s in zip(dims[1:], x.shape[1:])):
+        shown = ["N" if d is None else d for d in dims]
+        raise InputError(f"x has shape {x.shape}, the model input {value.name!r} expects {shown}")
+    if dims[0] is not None:
+        raise InputError(f"model input {value.name!r} has a fixed batch size {dims[0]}; fine-tuning needs a free one")
+    if not isinstance(y, np.ndarray) or y.dtype == bool or not np.issubdtype(y.dtype, np.integer):
+        raise InputError(f"labels must be a numpy array of integers, got {getattr(y, 'dtype', type(y))}")
+    if y.shape != (len(x),) or len(x) == 0:
+        raise InputError(f"need one label per sample and at least one sample: x has {len(x)} rows, y has shape {y.shape}")
+
+
+def _check_masks(masks: dict[str, np.ndarray], model: onnx.ModelProto, trainable: list[str]) -> None:
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for name, mask in masks.items():
+        if name not in trainable:
+            raise InputError(f"mask for {name!r}, which is not a trainable float initializer of the model")
+        if not isinstance(mask, np.ndarray) or mask.dtype != bool or mask.shape != shapes[name]:
+            raise InputError(f"mask for {name!r} must be a boolean array of shape {shapes[name]}")
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send fd 2 to /dev/null: generate_artifacts' native logger prints ~20 INFO lines there whatever
+    the default severity. Failures still arrive as exceptions with their message."""
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def _artifacts(model: onnx.ModelProto, trainable: list[str], folder: Path) -> None:
+    """Training, eval, checkpoint and optimizer files for cross-entropy + torch-style Adam."""
+    artifacts, _, onnxblock = training_modules()
+    try:
+        with _quiet_stderr():
+            artifacts.generate_artifacts(
+                model,
+                requires_grad=trainable,
+                loss=artifacts.LossType.CrossEntropyLoss,
+                optimizer=onnxblock.optim.AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
+                artifact_directory=folder,
+            )
+    except RuntimeError as exc:  # e.g. "The gradient builder has not been registered: <Op> for node <name>"
+        reason = re.split(r"was false\. |\] : \d+ : \w+ : ", str(exc).strip().splitlines()[-1])[-1]
+        raise InputError(f"onnxruntime-training cannot differentiate this model: {reason}") from exc
+    path = folder / "optimizer_model.onnx"
+    optimizer = onnx.load(path)
+    optimizer.ir_version = min(optimizer.ir_version, 10)  # written at IR 14 by onnx >= 1.18
+    for node in optimizer.graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "AdamWOptimizer" and attribute.name == "adam_mode":
+                attribute.i = 0  # torch's update, not HuggingFace's
+    onnx.save(optimizer, path)
+
+
+def finetune(
+    model: onnx.ModelProto,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    masks: dict[str, np.ndarray] | None = None,
+    output: str | None = None,
+    progress: Progress | None = None,
+    threads: int = 1,
+) -> tuple[onnx.ModelProto, list[dict]]:
+    """Train the float parameters of ``model`` on (x, y); return a copy with the trained values.
+
+    The returned model keeps the input's graph, names, stamping and metadata; only initializer
+    values change. ``masks`` maps initializer names to boolean keep-masks whose False entries are
+    zero before, during and after training. History: one dict {epoch, loss, seconds} per epoch,
+    loss being the mean training cross-entropy over the epoch's batches (weighted by batch size).
+    Same seed and ``threads`` give identical weights on a given CPU; the thread count changes the
+    float summation order (1e-8 differences), so it is pinned, and one thread is as fast as two
+    for MLPs of this size.
+    """
+    if epochs < 0 or batch_size < 1 or not lr > 0:
+        raise InputError(f"need epochs >= 0, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
+    masks = masks or {}
+    _check_data(model, x, y)
+    logits = logits_name(model, output)
+    training = _training_copy(model, logits)
+    trainable = trainable_names(training)
+    if not trainable:
+        raise InputError("the model has no float initializers to train")
+    _check_masks(masks, model, trainable)
+    probe = make_session(training).run(None, {_model_input(training).name: x[:1]})[0]
+    if probe.ndim != 2 or probe.dtype != np.float32:
+        raise InputError(f"logits {logits!r} must be float32 of shape (N, classes), got {probe.dtype} {probe.shape}")
+    classes = probe.shape[1]
+    if y.min() < 0 or y.max() >= classes:
+        raise InputError(f"labels must lie in [0, {classes}) for {classes} classes, got [{y.min()}, {y.max()}]")
+    labels = y.astype(np.int64)
+
+    start = {t.name: numpy_helper.to_array(t) for t in training.graph.initializer if t.name in trainable}
+    _, api, _ = training_modules()
+    history = []
+    with tempfile.TemporaryDirectory(prefix="onnxprune-finetune-") as tmp:
+        folder = Path(tmp)
+        _artifacts(training, trainable, folder)
+        state = api.CheckpointState.load_checkpoint(folder / "checkpoint")
+        module = api.Module(folder / "training_model.onnx", state, session_options=session_options(threads))
+        optimizer = api.Optimizer(folder / "optimizer_model.onnx", module)
+        optimizer.set_learning_rate(lr)
+        for name, mask in masks.items():
+            state.parameters[name] = np.where(mask, start[name], np.float32(0))
+        rng = np.random.default_rng(seed)
+        n_batches = -(-len(x) // batch_size)
+        module.train()
+        for epoch in range(1, epochs + 1):
+            began, total, seen = time.perf_counter(), 0.0, 0
+            order = rng.permutation(len(x))
+            for batch in range(n_batches):
+                rows = order[batch * batch_size:(batch + 1) * batch_size]
+                loss = float(module(x[rows], labels[rows]))
+                optimizer.step()
+                module.lazy_reset_grad()
+                for name, mask in masks.items():
+                    state.parameters[name] = np.where(mask, state.parameters[name].data, np.float32(0))
+                total, seen = total + loss * len(rows), seen + len(rows)
+                if progress is not None:
+                    progress(epoch, batch + 1, n_batches, total / seen)
+            history.append({"epoch": epoch, "loss": total / seen, "seconds": time.perf_counter() - began})
+        trained = {name: state.parameters[name].data.copy() for name in trainable}
+
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    for tensor in result.graph.initializer:
+        if tensor.name in trained:
+            tensor.ClearField("float_data")
+            tensor.raw_data = trained[tensor.name].astype("<f4").tobytes()
+    return result, history

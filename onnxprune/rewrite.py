@@ -1,0 +1,99 @@
+"""Apply masks and bias compensations to a copy of the model.
+
+Pruned weights are set to zero and each row's compensation, the sum over its pruned weights of
+Delta a_ij, is added to the bias (divided by Gemm's beta). Initializers keep their names, dtypes and
+shapes; a layer without a bias gets one (a new initializer, plus an Add node after a MatMul).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .layers import Layer
+
+
+@dataclass
+class LayerChange:
+    """What the rewrite did to one layer."""
+
+    layer: str
+    weights: int
+    pruned: int
+    sparsity: float          # zeros / weights after the rewrite
+    max_bias_shift: float    # largest |change| of the stored bias
+    bias_inserted: bool
+
+
+def rewrite(model: onnx.ModelProto, layers: list[Layer], masks: dict[str, np.ndarray],
+            shifts: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, list[LayerChange]]:
+    """A pruned copy of ``model``: masks (out, in) True = prune; shifts (out, in) pre-activation
+    compensation per removed weight, or None for no compensation."""
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    inits = {t.name: t for t in new.graph.initializer}
+    nodes = {n.name: n for n in new.graph.node}
+    changes = []
+    for layer in layers:
+        mask = masks[layer.name]
+        stored = inits[layer.weight]
+        weight = numpy_helper.to_array(stored).copy()
+        weight[layer.mask_to_stored(mask)] = 0
+        stored.CopyFrom(numpy_helper.from_array(weight, layer.weight))
+        shift = np.zeros(layer.out_features)
+        if shifts is not None and mask.any():
+            shift = layer.bias_shift_to_stored(np.where(mask, shifts[layer.name], 0.0).sum(1))
+        inserted = False
+        if np.any(shift != 0):
+            if layer.bias is None:
+                bias_name = _insert_bias(new, nodes[layer.node], layer, weight.dtype)
+                inits[bias_name] = new.graph.initializer[-1]
+                inserted = True
+            else:
+                bias_name = layer.bias
+            _add_to_bias(inits[bias_name], shift)
+        changes.append(LayerChange(
+            layer=layer.name, weights=layer.size, pruned=int(mask.sum()),
+            sparsity=float(np.count_nonzero(weight == 0) / weight.size),
+            max_bias_shift=float(np.abs(shift).max()) if shift.size else 0.0, bias_inserted=inserted))
+    return new, changes
+
+
+def _add_to_bias(init: onnx.TensorProto, shift: np.ndarray) -> None:
+    bias = numpy_helper.to_array(init)
+    dims = bias.shape
+    updated = bias.astype(np.float64).reshape(-1) + shift  # a scalar bias broadcasts into a vector
+    out_shape = dims if bias.size == shift.size else shift.shape
+    init.CopyFrom(numpy_helper.from_array(updated.reshape(out_shape).astype(bias.dtype), init.name))
+
+
+def _unique(model: onnx.ModelProto, base: str) -> str:
+    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    taken |= {i.name for i in model.graph.input}
+    name = base
+    while name in taken:
+        name += "_"
+    return name
+
+
+def _insert_bias(model: onnx.ModelProto, node: onnx.NodeProto, layer: Layer, dtype) -> str:
+    """Give a bias-less layer a zero bias and return its name."""
+    name = _unique(model, f"{layer.weight}__bias")
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(layer.out_features, dtype), name))
+    if layer.op == "Gemm":  # the new C enters with beta = 1, as Layer assumes for bias-less Gemms
+        keep = [a for a in node.attribute if a.name != "beta"]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+        if len(node.input) == 2:
+            node.input.append(name)
+        else:
+            node.input[2] = name
+        return name
+    raw = _unique(model, f"{node.output[0]}__unbiased")
+    out = node.output[0]
+    node.output[0] = raw
+    index = list(model.graph.node).index(node)
+    model.graph.node.insert(index + 1, helper.make_node("Add", [raw, name], [out], name=_unique(model, f"{node.name}__bias_add")))
+    return name
