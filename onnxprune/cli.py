@@ -1,0 +1,228 @@
+"""The `onnxprune` command: parse options, call the API, print. Exit codes: 0 ok, 1 a check on
+the result failed, 2 bad input (also for usage errors, as click does); 130 interrupted."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+
+import click
+
+from . import api
+from .errors import InputError, OnnxPruneError
+from .fileio import check_output_path, write_json
+from .masks import SCOPES
+from .modelio import save_model
+from .report import evaluation_table, prune_table, skipped_table, table
+from .runtime import PROVIDERS, RuntimeUnavailable
+from .saliency import METHODS
+
+
+class Ui:
+    """Where messages go: stdout for reports, stderr for progress and errors."""
+
+    def __init__(self, verbose: bool = False, quiet: bool = False):
+        self.verbose, self.quiet = verbose, quiet
+        self._bar, self._step = None, None
+
+    def out(self, text: str = "") -> None:
+        if not self.quiet:
+            click.echo(text)
+
+    def info(self, text: str) -> None:
+        if self.verbose and not self.quiet:
+            click.echo(text, err=True)
+
+    def progress(self, step: str, done: int, total: int) -> None:
+        """A progress bar per step, only on a terminal and not with --quiet."""
+        if self.quiet or not sys.stderr.isatty():
+            return
+        if self._step != step:
+            self.close()
+            self._bar = click.progressbar(length=total, label=step, file=sys.stderr)
+            self._bar.__enter__()
+            self._step, self._done = step, 0
+        self._bar.update(done - self._done)
+        self._done = done
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar, self._step = None, None
+
+
+def command_errors(func):
+    """One-line errors with the documented exit codes instead of tracebacks."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        ui = click.get_current_context().find_object(Ui)
+        try:
+            return func(*args, **kwargs)
+        except OnnxPruneError as exc:
+            _fail(str(exc), exc.exit_code, ui)
+        except (RuntimeUnavailable, MemoryError) as exc:
+            _fail(str(exc) or type(exc).__name__, 1, ui)
+        except KeyboardInterrupt:
+            _fail("interrupted; no output was written", 130, ui)
+        except click.exceptions.Exit:
+            raise
+        except Exception as exc:  # a bug or an onnxruntime failure we did not foresee: still one line
+            if ui and ui.verbose:
+                traceback.print_exc()
+            _fail(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "
+                  "(run with --verbose for the traceback)", 1, ui)
+        finally:
+            if ui:
+                ui.close()
+
+    return wrapper
+
+
+def _fail(message: str, code: int, ui) -> None:
+    if ui:
+        ui.close()
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def common(func):
+    """--verbose / --quiet on every command."""
+    func = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors; no progress bars.")(func)
+    func = click.option("--verbose", "-v", is_flag=True, help="Print timings, skipped layers and details.")(func)
+    return func
+
+
+def _ui(verbose: bool, quiet: bool) -> Ui:
+    ui = Ui(verbose, quiet)
+    click.get_current_context().obj = ui
+    return ui
+
+
+def _emit_json(path: str | None, report: dict, force: bool, ui: Ui) -> None:
+    if path == "-":
+        click.echo(json.dumps(report, indent=2, default=str))
+    elif path:
+        write_json(check_output_path(path, force=force), report)
+        ui.info(f"report written to {path}")
+
+
+model_arg = click.argument("model", type=click.Path(dir_okay=False))
+provider_opt = click.option("--provider", type=click.Choice(sorted(PROVIDERS)), default="cpu", show_default=True,
+                            help="onnxruntime execution provider.")
+output_opt = click.option("--output", "output", default=None, metavar="NAME",
+                          help="Tensor to protect/evaluate (default: the first output; logits before a final Softmax).")
+labels_opt = click.option("--labels-key", default=None, metavar="KEY", help="Labels array in the .npz (default: y or labels).")
+json_opt = click.option("--json", "json_path", default=None, metavar="PATH", help="Also write the report as JSON ('-' for stdout).")
+threads_opt = click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxprune")
+def main():
+    """Prune ONNX models with elimination-compensation (ECP) and check them on onnxruntime."""
+
+
+@main.command()
+@model_arg
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Calibration data (.npz keyed by input name).")
+@click.option("--sparsity", required=True, type=float, help="Fraction of the prunable weights to remove (0..1).")
+@click.option("--method", type=click.Choice(list(METHODS)), default="ecp", show_default=True, help="Saliency.")
+@click.option("--compensation/--no-compensation", default=True, show_default=True,
+              help="Add the removed weights' compensation to the biases (methods that have one).")
+@click.option("--scope", type=click.Choice(SCOPES), default="global", show_default=True,
+              help="One threshold over all layers, or the same ratio in every layer.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave layers matching this node/weight name pattern (repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--probes", type=click.IntRange(min=1), default=None,
+              help="Random projections instead of the exact Jacobian (cheaper with many outputs).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--test", "test_data", type=click.Path(dir_okay=False), default=None,
+              help="Evaluate the original and the pruned model on this .npz and print both.")
+@output_opt
+@labels_opt
+@provider_opt
+@threads_opt
+@json_opt
+@click.option("--force", is_flag=True, help="Replace existing output files; run nonlinear above its size limit.")
+@common
+@command_errors
+def prune(model, out, data, sparsity, method, compensation, scope, exclude, seed, probes, batch_size, test_data,
+          output, labels_key, provider, threads, json_path, force, verbose, quiet):
+    """Prune MODEL one-shot and write the result to OUT."""
+    ui = _ui(verbose, quiet)
+    check_output_path(out, force=force, inputs=[model, data])
+    original = api.as_model(model)
+    result = api.prune(original, data, sparsity, method=method, compensation=compensation, scope=scope,
+                       exclude=exclude, seed=seed, output=output, probes=probes, batch_size=batch_size,
+                       labels_key=labels_key, provider=provider, threads=threads, force=force, progress=ui.progress)
+    report = result.to_dict()
+    if test_data:
+        report["test"] = {name: api.evaluate(m, test_data, reference=original if name == "pruned" else None,
+                                             output=output, provider=provider, labels_key=labels_key, threads=threads)
+                          for name, m in (("original", original), ("pruned", result.model))}
+    save_model(result.model, out, force=force, inputs=[model])
+    ui.out(prune_table(result))
+    if test_data:
+        ui.out()
+        ui.out(evaluation_table(report["test"]))
+    ui.info(f"method {method}{'' if result.compensation else ' without compensation'}, protected output "
+            f"{result.protected_output!r}, seconds " + ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()))
+    if result.skipped:
+        ui.info(skipped_table(report["skipped"]))
+    ui.info(f"wrote {out}")
+    _emit_json(json_path, report, force, ui)
+
+
+@main.command()
+@model_arg
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Test data (.npz keyed by input name).")
+@click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Original model to compare outputs with.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True)
+@output_opt
+@labels_opt
+@provider_opt
+@threads_opt
+@json_opt
+@click.option("--force", is_flag=True, help="Replace an existing JSON report.")
+@common
+@command_errors
+def evaluate(model, data, reference, batch_size, output, labels_key, provider, threads, json_path, force, verbose, quiet):
+    """Loss, accuracy, discrepancy against --reference, and latency of MODEL on onnxruntime."""
+    ui = _ui(verbose, quiet)
+    if json_path and json_path != "-":
+        check_output_path(json_path, force=force)
+    report = api.evaluate(model, data, reference=reference, output=output, provider=provider,
+                          batch_size=batch_size, labels_key=labels_key, threads=threads)
+    ui.out(evaluation_table({"value": report}))
+    ui.info(f"{report['samples']} samples, output {report['output']!r} ({report['output_kind']}), provider {provider}")
+    _emit_json(json_path, report, force, ui)
+
+
+@main.command()
+@model_arg
+@json_opt
+@click.option("--force", is_flag=True, help="Replace an existing JSON report.")
+@common
+@command_errors
+def inspect(model, json_path, force, verbose, quiet):
+    """List MODEL's prunable layers (shape, current sparsity) and the nodes it cannot prune, with why."""
+    ui = _ui(verbose, quiet)
+    report = api.inspect(model)
+    ui.out(f"IR {report['ir_version']}, opsets {report['opsets']}, inputs {report['inputs']}, outputs {report['outputs']}, "
+           f"protected output {report['protected_output']!r}")
+    ui.out(table(["layer", "op", "weight", "shape", "weights", "sparsity"],
+                 [[r["layer"], r["op"], r["weight"], "x".join(map(str, r["shape"])), r["weights"],
+                   f"{100 * r['sparsity']:.1f}%"] for r in report["layers"]], right={4, 5}))
+    if report["skipped"]:
+        ui.out()
+        ui.out(skipped_table(report["skipped"]))
+    _emit_json(json_path, report, force, ui)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
