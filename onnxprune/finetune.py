@@ -25,28 +25,13 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import InputError
-from .runtime import make_session, runtime_copy, session_options, training_modules
+from .layers import protected_output
+from .runtime import differentiable_nodes, make_session, runtime_copy, session_options, training_modules
 
 # Initializer inputs that carry state, not parameters: no gradient flows to them.
 _NOT_TRAINABLE_INPUTS = {"BatchNormalization": (3, 4)}
-_PROBABILITY_OPS = ("Softmax", "LogSoftmax")
 
 Progress = Callable[[int, int, int, float], None]
-
-
-def logits_name(model: onnx.ModelProto, output: str | None = None) -> str:
-    """The tensor to put the loss on: ``output``, else the first output, stepping back over a final
-    Softmax/LogSoftmax (the loss applies its own log-softmax)."""
-    produced = {o: n for n in model.graph.node for o in n.output}
-    if output is not None:
-        if output not in produced and output not in {o.name for o in model.graph.output}:
-            raise InputError(f"the model has no tensor named {output!r} to train against")
-        return output
-    name = model.graph.output[0].name
-    node = produced.get(name)
-    if node is not None and node.op_type in _PROBABILITY_OPS:
-        return node.input[0]
-    return name
 
 
 def trainable_names(model: onnx.ModelProto) -> list[str]:
@@ -62,26 +47,6 @@ def trainable_names(model: onnx.ModelProto) -> list[str]:
     return [t.name for t in model.graph.initializer if t.name in used]
 
 
-def _differentiable(node: onnx.NodeProto) -> list[onnx.NodeProto]:
-    """``node``, or the same function in ops that have a gradient in onnxruntime-training.
-
-    ORT 1.19 registers no gradient for PRelu; PRelu(x, s) = Relu(x) - s * Relu(-x) has one (they
-    differ only in the derivative at x == 0 exactly), and the slope keeps its initializer name.
-    """
-    if node.op_type != "PRelu":
-        return [node]
-    (x, slope), (y,) = node.input, node.output
-    tag = f"{y}.prelu_as_relu"
-    make = onnx.helper.make_node
-    return [
-        make("Relu", [x], [f"{tag}.pos"], name=f"{tag}.relu_pos"),
-        make("Neg", [x], [f"{tag}.neg_x"], name=f"{tag}.neg"),
-        make("Relu", [f"{tag}.neg_x"], [f"{tag}.neg"], name=f"{tag}.relu_neg"),
-        make("Mul", [slope, f"{tag}.neg"], [f"{tag}.scaled"], name=f"{tag}.mul"),
-        make("Sub", [f"{tag}.pos", f"{tag}.scaled"], [y], name=f"{tag}.sub"),
-    ]
-
-
 def _training_copy(model: onnx.ModelProto, logits: str) -> onnx.ModelProto:
     """A runtime-stamped copy whose only output is ``logits``, without the nodes after it, and
     with PRelu spelled in differentiable ops."""
@@ -93,7 +58,7 @@ def _training_copy(model: onnx.ModelProto, logits: str) -> onnx.ModelProto:
             keep.append(node)
             needed.update(node.input)
     del graph.node[:]
-    graph.node.extend(n for node in reversed(keep) for n in _differentiable(node))
+    graph.node.extend(n for node in reversed(keep) for n in differentiable_nodes(node))
     unused = [t for t in graph.initializer if t.name not in needed]
     for tensor in unused:
         graph.initializer.remove(tensor)
@@ -204,7 +169,7 @@ def finetune(
         raise InputError(f"need epochs >= 0, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
     masks = masks or {}
     _check_data(model, x, y)
-    logits = logits_name(model, output)
+    logits = protected_output(model, output)
     training = _training_copy(model, logits)
     trainable = trainable_names(training)
     if not trainable:

@@ -43,6 +43,9 @@ def _instrument(model: onnx.ModelProto, layers: list[Layer], extra_outputs: list
         graph.input.append(helper.make_tensor_value_info(offset_name(layer), elem, None))
     for producer, add in new_nodes:
         graph.node.insert(list(graph.node).index(producer) + 1, add)
+    nodes = [n for node in graph.node for n in runtime.differentiable_nodes(node)]
+    del graph.node[:]
+    graph.node.extend(nodes)
     del graph.output[:]
     graph.output.extend(helper.make_tensor_value_info(name, types.get(name, elem), None) for name in extra_outputs)
     return m, elem

@@ -58,6 +58,26 @@ def gradient_builder():
     return C.GradientGraphBuilder, C.get_optimized_model, C.SessionOptions
 
 
+def differentiable_nodes(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """``node``, or the same function in ops that have a gradient in onnxruntime-training.
+
+    ORT 1.19 registers no gradient for PRelu; PRelu(x, s) = Relu(x) - s * Relu(-x) has one (they
+    differ only in the derivative at x == 0 exactly), and the slope keeps its initializer name.
+    """
+    if node.op_type != "PRelu":
+        return [node]
+    (x, slope), (y,) = node.input, node.output
+    tag = f"{y}.prelu_as_relu"
+    make = onnx.helper.make_node
+    return [
+        make("Relu", [x], [f"{tag}.pos"], name=f"{tag}.relu_pos"),
+        make("Neg", [x], [f"{tag}.neg_x"], name=f"{tag}.neg"),
+        make("Relu", [f"{tag}.neg_x"], [f"{tag}.neg"], name=f"{tag}.relu_neg"),
+        make("Mul", [slope, f"{tag}.neg"], [f"{tag}.scaled"], name=f"{tag}.mul"),
+        make("Sub", [f"{tag}.pos", f"{tag}.scaled"], [y], name=f"{tag}.sub"),
+    ]
+
+
 def provider_list(provider: str = "cpu") -> list[str]:
     """The execution providers for ``provider`` ('cpu' or 'cuda'), or a clear error when absent."""
     if provider not in PROVIDERS:

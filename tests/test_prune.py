@@ -1,0 +1,118 @@
+"""End-to-end pruning through the Python API: invariants a user relies on."""
+import hashlib
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxprune
+from onnxprune import runtime
+from tinynets import data, mlp
+
+PATTERNS = ["gemm_t", "gemm", "matmul", "matmul_left"]
+
+
+def run(model, x):
+    return runtime.make_session(model).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_sparsity_zero_leaves_outputs_unchanged(pattern):
+    model, _, _ = mlp((5, 4, 3), pattern=pattern, softmax=True)
+    arrays = data(30)
+    result = onnxprune.prune(model, arrays, 0.0)
+    assert result.pruned == 0
+    np.testing.assert_array_equal(run(result.model, arrays["x"]), run(model, arrays["x"]))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("method", ["ecp", "magnitude", "random", "variance"])
+def test_pruned_model_is_valid_and_has_the_exact_count(pattern, method):
+    model, _, _ = mlp((5, 4, 4, 3), pattern=pattern)
+    result = onnxprune.prune(model, data(30), 0.4, method=method)
+    onnx.checker.check_model(result.model, full_check=True)
+    total = 5 * 4 + 4 * 4 + 4 * 3
+    zeros = sum(int((onnx.numpy_helper.to_array(t) == 0).sum()) for t in result.model.graph.initializer
+                if t.name.startswith("W"))
+    assert result.pruned == round(0.4 * total) == zeros
+    assert [t.name for t in result.model.graph.initializer] == [t.name for t in model.graph.initializer]
+    assert all(a.data_type == b.data_type and a.dims == b.dims
+               for a, b in zip(result.model.graph.initializer, model.graph.initializer))
+
+
+def test_compensation_lowers_the_output_error():
+    model, _, _ = mlp((5, 8, 8, 3), pattern="gemm_t")
+    arrays = data(200)
+    dense = run(model, arrays["x"])
+    errors = {}
+    for comp in (True, False):
+        pruned = onnxprune.prune(model, arrays, 0.5, compensation=comp).model
+        errors[comp] = np.mean((run(pruned, arrays["x"]) - dense) ** 2)
+    assert errors[True] < errors[False]
+
+
+@pytest.mark.parametrize("pattern", ["gemm_t", "matmul"])
+def test_a_layer_without_bias_gets_one_and_it_is_used(pattern):
+    model, _, _ = mlp((5, 4, 3), pattern=pattern, bias=False, activation="relu")
+    arrays = data(60)
+    arrays["x"] = arrays["x"] + 2.0  # non-zero means, so compensation is non-zero
+    result = onnxprune.prune(model, arrays, 0.5)
+    assert any(c.bias_inserted for c in result.changes)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert len(result.model.graph.initializer) > len(model.graph.initializer)
+    nocomp = onnxprune.prune(model, arrays, 0.5, compensation=False).model
+    dense = run(model, arrays["x"])
+    assert np.mean((run(result.model, arrays["x"]) - dense) ** 2) < np.mean((run(nocomp, arrays["x"]) - dense) ** 2)
+
+
+def test_gemm_alpha_beta_compensation_is_written_in_stored_units():
+    """With alpha/beta != 1 the pruned model must equal the same pruning of the alpha=beta=1 model."""
+    plain, _, _ = mlp((5, 4, 3), pattern="gemm")
+    scaled, _, _ = mlp((5, 4, 3), pattern="gemm", alpha=2.0, beta=0.25)
+    arrays = data(40)
+    np.testing.assert_allclose(run(plain, arrays["x"]), run(scaled, arrays["x"]), rtol=1e-5, atol=1e-6)
+    a = onnxprune.prune(plain, arrays, 0.5).model
+    b = onnxprune.prune(scaled, arrays, 0.5).model
+    np.testing.assert_allclose(run(a, arrays["x"]), run(b, arrays["x"]), rtol=1e-4, atol=1e-5)
+
+
+def test_new_ir_and_opset_are_handled_on_a_copy_and_kept_on_output():
+    model, _, _ = mlp((5, 4, 3), opset=23, ir=11)
+    result = onnxprune.prune(model, data(20), 0.5)
+    assert result.model.ir_version == 11
+    assert result.model.opset_import[0].version == 23
+
+
+def test_shared_weights_are_skipped_and_reported():
+    model, _, _ = mlp((4, 4, 4, 4))
+    fc2 = next(n for n in model.graph.node if n.name == "fc2")
+    fc2.input[1] = "W0"  # the last Gemm reuses the first one's weight
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "W2"))
+    result = onnxprune.prune(model, data(20, d=4), 0.5)
+    assert [c.layer for c in result.changes] == ["fc1"]
+    assert {s.node for s in result.skipped} == {"fc0", "fc2"}
+    assert all("shared by 2 nodes" in s.reason for s in result.skipped)
+    with pytest.raises(onnxprune.InputError, match="no prunable layers"):
+        fc1 = next(n for n in model.graph.node if n.name == "fc1")
+        fc1.input[1] = "W0"
+        onnxprune.prune(model, data(20, d=4), 0.5)
+
+
+def test_same_seed_gives_byte_identical_models(tmp_path):
+    model, _, _ = mlp((5, 4, 3))
+    paths = []
+    for i in range(2):
+        result = onnxprune.prune(model, data(30), 0.5, method="random", seed=7)
+        paths.append(onnxprune.save_model(result.model, tmp_path / f"m{i}.onnx"))
+    assert hashlib.sha256(paths[0].read_bytes()).digest() == hashlib.sha256(paths[1].read_bytes()).digest()
+
+
+def test_evaluate_against_numpy():
+    model, _, forward = mlp((5, 4, 3), softmax=True)
+    arrays = data(50)
+    report = onnxprune.evaluate(model, arrays, reference=model)
+    logits, _ = forward(arrays["x"])
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    assert report["loss"] == pytest.approx(-logp[np.arange(50), arrays["y"]].mean(), rel=1e-5)
+    assert report["accuracy"] == pytest.approx((logits.argmax(1) == arrays["y"]).mean())
+    assert report["mse"] == 0 and report["max_abs"] == 0
