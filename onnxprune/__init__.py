@@ -4,11 +4,11 @@
     onnxprune.save_model(result.model, "pruned.onnx")
     onnxprune.evaluate("pruned.onnx", "test.npz", reference="model.onnx")
 """
-from .api import PruneResult, evaluate, inspect, prune, score
+from .api import Pruner, PruneResult, evaluate, inspect, prune
 from .errors import CheckFailed, InputError, OnnxPruneError
 from .modelio import load_model, save_model
 from .saliency import METHODS
 
-__all__ = ["prune", "score", "evaluate", "inspect", "PruneResult", "load_model", "save_model", "METHODS",
+__all__ = ["prune", "Pruner", "evaluate", "inspect", "PruneResult", "load_model", "save_model", "METHODS",
            "InputError", "CheckFailed", "OnnxPruneError"]
 __version__ = "0.1.0"

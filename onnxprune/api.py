@@ -91,59 +91,69 @@ def effective_weights(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, 
     return {layer.name: layer.to_rows(read_initializer(model, layer.weight)) for layer in layers}
 
 
-def score(model, data, *, method: str = "ecp", output: str | None = None, seed: int = 0,
-          probes: int | None = None, batch_size: int = 256, labels_key: str | None = None,
-          provider: str = "cpu", threads: int | None = None, force: bool = False,
-          progress: Callable[[str, int, int], None] | None = None):
-    """Per-layer saliencies of ``method`` on the calibration ``data``: (model copy, layers, saliencies, context).
+class Pruner:
+    """Score once, prune to any sparsity: ``Pruner(method="ecp").fit(model, data).prune(0.8)``.
 
-    The returned model copy has every node named; masks and rewrites refer to it.
+    Parameters are set in ``__init__``; ``fit`` computes the saliencies on the calibration data
+    (the expensive step) and leaves its state in attributes ending in ``_``; ``prune`` is cheap and
+    can be called for many ratios (a sensitivity sweep).
     """
-    source = as_model(model)
-    work = onnx.ModelProto()
-    work.CopyFrom(source)
-    found = find_layers(work)
-    scorer = make_scorer(method)
-    dataset = as_dataset(data, work, labels_key, require_labels=method == "gradmag")
-    if probes is not None and probes < 1:
-        raise InputError(f"--probes must be a positive number, got {probes}")
-    ctx = ScoringContext(
-        model=work, layers=found.layers, weights=effective_weights(work, found.layers), data=dataset,
-        output=protected_output(work, output), seed=seed, probes=probes, batch_size=batch_size,
-        provider=provider, threads=threads, force=force, progress=progress)
-    start = time.perf_counter()
-    saliencies = scorer(ctx)
-    ctx.timings["scoring"] = time.perf_counter() - start
-    return work, found, saliencies, ctx
+
+    def __init__(self, method: str = "ecp", *, compensation: bool = True, scope: str = "global", exclude=(),
+                 seed: int = 0, output: str | None = None, probes: int | None = None, batch_size: int = 256,
+                 labels_key: str | None = None, provider: str = "cpu", threads: int | None = None,
+                 force: bool = False, progress: Callable[[str, int, int], None] | None = None):
+        self.method, self.compensation, self.scope, self.exclude = method, compensation, scope, tuple(exclude)
+        self.seed, self.output, self.probes, self.batch_size = seed, output, probes, batch_size
+        self.labels_key, self.provider, self.threads, self.force, self.progress = labels_key, provider, threads, force, progress
+
+    def fit(self, model, data) -> "Pruner":
+        """Find the layers of ``model`` (a path or ModelProto, never modified) and score their weights
+        on ``data`` (a .npz path, a Dataset, or a dict of arrays keyed by input name)."""
+        scorer = make_scorer(self.method)
+        if self.probes is not None and self.probes < 1:
+            raise InputError(f"--probes must be a positive number, got {self.probes}")
+        source = as_model(model)
+        self.model_ = onnx.ModelProto()
+        self.model_.CopyFrom(source)  # every node gets a name in this copy; masks refer to it
+        found = find_layers(self.model_)
+        self.layers_, self.skipped_ = found.layers, found.skipped
+        self.data_ = as_dataset(data, self.model_, self.labels_key, require_labels=self.method == "gradmag")
+        ctx = ScoringContext(
+            model=self.model_, layers=self.layers_, weights=effective_weights(self.model_, self.layers_),
+            data=self.data_, output=protected_output(self.model_, self.output), seed=self.seed, probes=self.probes,
+            batch_size=self.batch_size, provider=self.provider, threads=self.threads, force=self.force,
+            progress=self.progress)
+        start = time.perf_counter()
+        self.saliencies_ = scorer(ctx)
+        ctx.timings["scoring"] = time.perf_counter() - start
+        self.output_, self.seconds_ = ctx.output, dict(ctx.timings)
+        return self
+
+    def prune(self, sparsity: float) -> PruneResult:
+        """The model pruned to ``sparsity``; it passed onnx.checker and ran on onnxruntime."""
+        scores = {name: s.scores for name, s in self.saliencies_.items()}
+        masks = choose_masks(self.layers_, scores, sparsity, self.scope, self.exclude)
+        shifts = _shifts(self.saliencies_) if self.compensation else None
+        pruned, changes = rewrite(self.model_, self.layers_, masks, shifts)
+        validate(pruned, self.data_)
+        return PruneResult(
+            model=pruned, method=self.method, compensation=shifts is not None, scope=self.scope,
+            target_sparsity=sparsity, protected_output=self.output_, changes=changes, skipped=self.skipped_,
+            excluded=[layer.name for layer in self.layers_ if excluded(layer, self.exclude)],
+            predicted_error=float(sum(scores[name][m].sum() for name, m in masks.items())),
+            seconds=dict(self.seconds_))
 
 
-def prune(model, data, sparsity: float, *, method: str = "ecp", compensation: bool = True,
-          scope: str = "global", exclude=(), seed: int = 0, output: str | None = None,
-          probes: int | None = None, batch_size: int = 256, labels_key: str | None = None,
-          provider: str = "cpu", threads: int | None = None, force: bool = False,
-          progress: Callable[[str, int, int], None] | None = None) -> PruneResult:
+def prune(model, data, sparsity: float, *, method: str = "ecp", **params) -> PruneResult:
     """Prune ``model`` one-shot to ``sparsity`` with ``method`` scored on calibration ``data``.
 
-    ``model``: a path or ModelProto (never modified). ``data``: a .npz path, a Dataset, or a dict of
-    arrays keyed by input name. Returns a PruneResult whose ``model`` passed onnx.checker and ran on
-    onnxruntime; save it with ``onnxprune.save_model``.
+    ``params`` are Pruner's (compensation, scope, exclude, seed, output, probes, batch_size,
+    labels_key, provider, threads, force, progress). Save the result with ``onnxprune.save_model``.
     """
     if not 0.0 <= sparsity <= 1.0:
         raise InputError(f"sparsity must be between 0 and 1, got {sparsity}")
-    work, found, saliencies, ctx = score(
-        model, data, method=method, output=output, seed=seed, probes=probes, batch_size=batch_size,
-        labels_key=labels_key, provider=provider, threads=threads, force=force, progress=progress)
-    scores = {name: s.scores for name, s in saliencies.items()}
-    masks = choose_masks(found.layers, scores, sparsity, scope, exclude)
-    shifts = _shifts(saliencies) if compensation else None
-    pruned, changes = rewrite(work, found.layers, masks, shifts)
-    validate(pruned, ctx.data)
-    return PruneResult(
-        model=pruned, method=method, compensation=compensation and shifts is not None, scope=scope,
-        target_sparsity=sparsity, protected_output=ctx.output, changes=changes, skipped=found.skipped,
-        excluded=[layer.name for layer in found.layers if excluded(layer, exclude)],
-        predicted_error=float(sum(scores[name][m].sum() for name, m in masks.items())),
-        seconds=dict(ctx.timings))
+    return Pruner(method, **params).fit(model, data).prune(sparsity)
 
 
 def _shifts(saliencies: dict[str, Saliency]) -> dict[str, np.ndarray] | None:

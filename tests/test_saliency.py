@@ -4,7 +4,12 @@ import onnx
 import pytest
 
 import onnxprune
-from onnxprune.api import score
+from onnxprune import Pruner
+
+
+def score(model, data, method="ecp", **params):
+    fitted = Pruner(method, **params).fit(model, data)
+    return fitted.model_, fitted, fitted.saliencies_, None
 from tinynets import data, mlp
 from test_statistics import fd_jacobians
 
@@ -13,7 +18,7 @@ def test_ecp_is_the_minimum_over_the_bias_shift_of_the_linearised_output_error()
     model, params, forward = mlp((5, 4, 4, 3), pattern="gemm_t")
     arrays = data(40)
     _, found, sal, _ = score(model, {"x": arrays["x"]}, method="ecp")
-    for l, (layer, (z, jac)) in enumerate(zip(found.layers, fd_jacobians(forward, params, arrays["x"]))):
+    for l, (layer, (z, jac)) in enumerate(zip(found.layers_, fd_jacobians(forward, params, arrays["x"]))):
         w = params[l][0].astype(np.float64)
         for i in range(layer.out_features):
             for j in range(layer.in_features):
@@ -31,7 +36,7 @@ def test_ecp_prediction_is_exact_for_one_weight_of_the_last_layer():
     model, params, forward = mlp((5, 4, 3), pattern="matmul")
     x = data(50)["x"]
     work, found, sal, _ = score(model, {"x": x}, method="ecp")
-    last = found.layers[-1]
+    last = found.layers_[-1]
     i, j = 1, 2
     w = [(wt.astype(np.float64).copy(), b.astype(np.float64).copy()) for wt, b in params]
     w[-1][1][i] += sal[last.name].shifts[i, j]
@@ -51,7 +56,7 @@ def test_nonlinear_matches_a_numpy_brute_force():
     x = data(30, d=4)["x"]
     _, found, sal, _ = score(model, {"x": x}, method="nonlinear")
     dense, trace = forward(x)
-    for l, layer in enumerate(found.layers):
+    for l, layer in enumerate(found.layers_):
         z = trace[l][0]
         for i in range(layer.out_features):
             for j in range(layer.in_features):
@@ -67,7 +72,7 @@ def test_variance_is_ecp_with_unit_sensitivity_on_the_last_layer():
     x = {"x": data(40)["x"]}
     _, found, ecp, _ = score(model, x, method="ecp")
     _, _, var, _ = score(model, x, method="variance")
-    last = found.layers[-1].name
+    last = found.layers_[-1].name
     np.testing.assert_allclose(ecp[last].scores, var[last].scores, rtol=1e-4)
     np.testing.assert_allclose(ecp[last].shifts, var[last].shifts, rtol=1e-4)
 

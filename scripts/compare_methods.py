@@ -1,0 +1,102 @@
+"""Compare pruning methods one-shot on a model: test loss and accuracy per sparsity, scoring cost.
+
+    .venv/bin/python scripts/compare_methods.py [--model models/mnist_mlp.onnx] [--calib models/mnist_calib.npz]
+        [--test models/mnist_test.npz] [--out docs/results/ecp-default] [--readme README.md]
+
+Writes OUT.json and OUT.md; with --readme, replaces the block between the markers
+<!-- compare_methods:start --> and <!-- compare_methods:end --> with the table.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import onnxprune
+from onnxprune import fileio
+from onnxprune.api import as_dataset, as_model
+from onnxprune.evaluate import predict
+
+RATIOS = (0.5, 0.7, 0.8, 0.9, 0.95)
+# (label, method, compensation)
+VARIANTS = [
+    ("ecp", "ecp", True),
+    ("ecp --no-compensation", "ecp", False),
+    ("nonlinear (brute force)", "nonlinear", True),
+    ("variance (mean compensation)", "variance", True),
+    ("gradmag", "gradmag", True),
+    ("magnitude", "magnitude", True),
+    ("random", "random", True),
+]
+START, END = "<!-- compare_methods:start -->", "<!-- compare_methods:end -->"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="models/mnist_mlp.onnx")
+    p.add_argument("--calib", default="models/mnist_calib.npz")
+    p.add_argument("--test", default="models/mnist_test.npz")
+    p.add_argument("--out", default="docs/results/ecp-default")
+    p.add_argument("--readme", default=None)
+    p.add_argument("--ratios", default=",".join(map(str, RATIOS)))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    ratios = [float(r) for r in args.ratios.split(",")]
+
+    model = as_model(args.model)
+    calib = as_dataset(args.calib, model)
+    test = as_dataset(args.test, model)
+    _, forward_seconds = predict(model, calib, model.graph.output[0].name, batch_size=256)
+    dense = onnxprune.evaluate(model, test)
+    results = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+               "model": args.model, "calibration_samples": len(calib), "test_samples": len(test),
+               "dense": {"loss": dense["loss"], "accuracy": dense["accuracy"]},
+               "forward_pass_seconds": forward_seconds, "machine": platform.platform(), "methods": []}
+    for label, method, comp in VARIANTS:
+        start = time.perf_counter()
+        pruner = onnxprune.Pruner(method, compensation=comp, seed=args.seed).fit(model, calib)
+        scoring = time.perf_counter() - start
+        row = {"label": label, "method": method, "compensation": comp, "scoring_seconds": scoring,
+               "scoring_forward_passes": scoring / forward_seconds, "ratios": {}}
+        for r in ratios:
+            report = onnxprune.evaluate(pruner.prune(r).model, test)
+            row["ratios"][str(r)] = {"loss": report["loss"], "accuracy": report["accuracy"]}
+        results["methods"].append(row)
+        print(f"{label}: scored in {scoring:.2f} s; " + ", ".join(
+            f"r={r}: {row['ratios'][str(r)]['loss']:.4f}" for r in ratios), file=sys.stderr)
+    out = Path(args.out)
+    fileio.write_json(out.with_suffix(".json"), results)
+    table = markdown(results, ratios)
+    fileio.write_text(out.with_suffix(".md"), f"# Pruning methods compared on {args.model}\n\n{table}\n")
+    if args.readme:
+        readme = Path(args.readme).read_text()
+        block = f"{START}\n{table}\n{END}"
+        new, n = re.subn(re.escape(START) + ".*?" + re.escape(END), lambda _: block, readme, flags=re.S)
+        if n != 1:
+            raise SystemExit(f"{args.readme}: markers {START} / {END} not found")
+        fileio.write_text(args.readme, new)
+    return 0
+
+
+def markdown(results: dict, ratios: list[float]) -> str:
+    d = results["dense"]
+    head = "| method | " + " | ".join(f"r = {r}" for r in ratios) + " | scoring time |"
+    rule = "| --- |" + " --- |" * (len(ratios) + 1)
+    lines = [f"Test loss (mean cross-entropy) and accuracy on {results['test_samples']:,} test images after one-shot "
+             f"pruning, no fine-tuning; {results['calibration_samples']:,} calibration images; global threshold. "
+             f"Dense: loss {d['loss']:.4f}, accuracy {100 * d['accuracy']:.2f}%. Scoring time in seconds and in "
+             f"forward passes over the calibration data ({results['forward_pass_seconds'] * 1e3:.1f} ms each).",
+             "", f"Command: `{results['command']}`", "", head, rule]
+    for row in results["methods"]:
+        cells = [f"{v['loss']:.4f} ({100 * v['accuracy']:.1f}%)" for v in row["ratios"].values()]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) +
+                     f" | {row['scoring_seconds']:.2f} s ({row['scoring_forward_passes']:.0f}x) |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
