@@ -6,9 +6,10 @@
 """
 from .api import Pruner, PruneResult, evaluate, inspect, prune
 from .errors import CheckFailed, InputError, OnnxPruneError
+from .finetune import finetune
 from .modelio import load_model, save_model
 from .saliency import METHODS
 
 __all__ = ["prune", "Pruner", "evaluate", "inspect", "PruneResult", "load_model", "save_model", "METHODS",
-           "InputError", "CheckFailed", "OnnxPruneError"]
+           "InputError", "CheckFailed", "OnnxPruneError", "finetune"]
 __version__ = "0.1.0"

@@ -224,5 +224,73 @@ def inspect(model, json_path, force, verbose, quiet):
     _emit_json(json_path, report, force, ui)
 
 
+@main.command()
+@model_arg
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training data (.npz with labels).")
+@click.option("--epochs", required=True, type=click.IntRange(min=1), help="Passes over the training data.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Shuffling seed.")
+@output_opt
+@labels_opt
+@json_opt
+@click.option("--force", is_flag=True, help="Replace existing output files.")
+@common
+@command_errors
+def finetune(model, out, data, epochs, lr, batch_size, seed, output, labels_key, json_path, force, verbose, quiet):
+    """Train a pruned MODEL (cross-entropy, Adam) with its zero weights held at zero; write OUT.
+
+    The mask is the model's own zeros in its prunable layers. OUT is written only once training
+    has finished, so an interrupted run leaves nothing behind.
+    """
+    from .data import load_dataset
+    from .errors import CheckFailed
+    from .finetune import finetune as train, zero_masks
+    from .layers import read_initializer
+
+    ui = _ui(verbose, quiet)
+    check_output_path(out, force=force, inputs=[model, data])
+    if json_path and json_path != "-":
+        check_output_path(json_path, force=force, inputs=[model, data, out])
+    original = api.as_model(model)
+    dataset = load_dataset(data, original, labels_key, require_labels=True)
+    if len(dataset.feeds) != 1:
+        raise InputError(f"fine-tuning needs a model with one data input, this one has {len(dataset.feeds)}")
+    masks = zero_masks(original)
+    bar = None
+
+    def progress(epoch, batch, n_batches, loss):
+        """One bar per epoch showing the running mean loss, on a terminal only."""
+        nonlocal bar
+        if quiet or not sys.stderr.isatty():
+            return
+        if batch == 1:
+            bar = click.progressbar(length=n_batches, label=f"epoch {epoch}/{epochs}", file=sys.stderr,
+                                    item_show_func=lambda item: item)
+            bar.__enter__()
+        bar.update(1, f"loss {loss:.4f}")
+        if batch == n_batches:
+            bar.__exit__(None, None, None)
+            bar = None
+
+    try:
+        trained, history = train(original, next(iter(dataset.feeds.values())), dataset.labels, epochs=epochs, lr=lr,
+                                 batch_size=batch_size, seed=seed, masks=masks, output=output, progress=progress)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    api.validate(trained, dataset)
+    if any(read_initializer(trained, name)[~mask].any() for name, mask in masks.items()):
+        raise CheckFailed("a pruned weight became non-zero during fine-tuning")
+    save_model(trained, out, force=force, inputs=[model])
+    ui.out(table(["epoch", "loss", "seconds"], [[h["epoch"], f"{h['loss']:.4f}", f"{h['seconds']:.2f}"] for h in history]))
+    held = sum(int((~mask).sum()) for mask in masks.values())
+    ui.info(f"{len(dataset)} samples, {held} pruned weights held at zero in {len(masks)} layers; wrote {out}")
+    _emit_json(json_path, {"model": model, "out": out, "samples": len(dataset), "epochs": epochs, "lr": lr,
+                           "batch_size": batch_size, "seed": seed, "masked_layers": sorted(masks),
+                           "held_zero": held, "history": history}, force, ui)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import InputError
-from .layers import protected_output
+from .layers import analyse_graph, protected_output, read_initializer
 from .runtime import differentiable_nodes, make_session, runtime_copy, session_options, training_modules
 
 # Initializer inputs that carry state, not parameters: no gradient flows to them.
@@ -45,6 +45,22 @@ def trainable_names(model: onnx.ModelProto) -> list[str]:
         skip = _NOT_TRAINABLE_INPUTS.get(node.op_type, ())
         used.update(name for i, name in enumerate(node.input) if name in floats and i not in skip)
     return [t.name for t in model.graph.initializer if t.name in used]
+
+
+def zero_masks(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Keep-masks of an already pruned model: its prunable weights that are exactly zero stay zero.
+
+    Fine-tuning after pruning keeps the mask pruning chose, so it is read back from the zeros the
+    pruned model carries; layers without a zero get no mask (nothing to hold, no cost per step).
+    """
+    work = onnx.ModelProto()
+    work.CopyFrom(model)  # analyse_graph names unnamed nodes in place
+    masks = {}
+    for layer in analyse_graph(work).layers:
+        weight = read_initializer(work, layer.weight)
+        if not weight.all():
+            masks[layer.weight] = weight != 0
+    return masks
 
 
 def _training_copy(model: onnx.ModelProto, logits: str) -> onnx.ModelProto:
