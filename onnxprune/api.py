@@ -16,8 +16,9 @@ from .evaluate import evaluate_dataset
 from .layers import GraphLayers, Layer, Skipped, analyse_graph, protected_output, read_initializer
 from .masks import choose_masks, excluded
 from .modelio import load_model
+from .refit import LayerRefit, refit as refit_layers
 from .rewrite import LayerChange, rewrite
-from .saliency import Saliency, ScoringContext, make_scorer
+from .saliency import REFIT_METHOD, Saliency, ScoringContext, make_scorer
 
 ModelLike = "str | Path | onnx.ModelProto"
 DataLike = "str | Path | Dataset | dict[str, np.ndarray]"
@@ -38,6 +39,8 @@ class PruneResult:
     excluded: list[str]
     predicted_error: float      # sum of the pruned weights' scores (for ecp: first-order E||dy||^2)
     seconds: dict[str, float] = field(default_factory=dict)
+    steps: int = 1
+    refit: list[LayerRefit] = field(default_factory=list)  # the last refit, when one was done
 
     @property
     def weights(self) -> int:
@@ -57,6 +60,7 @@ class PruneResult:
             "target_sparsity": self.target_sparsity, "sparsity": self.sparsity,
             "weights": self.weights, "pruned": self.pruned, "protected_output": self.protected_output,
             "predicted_error": self.predicted_error, "seconds": self.seconds,
+            "steps": self.steps, "refit": [asdict(r) for r in self.refit],
             "layers": [asdict(c) for c in self.changes], "excluded": self.excluded,
             "skipped": [asdict(s) for s in self.skipped],
         }
@@ -94,62 +98,121 @@ def effective_weights(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, 
 class Pruner:
     """Score once, prune to any sparsity: ``Pruner(method="ecp").fit(model, data).prune(0.8)``.
 
-    Parameters are set in ``__init__``; ``fit`` computes the saliencies on the calibration data
-    (the expensive step) and leaves its state in attributes ending in ``_``; ``prune`` is cheap and
-    can be called for many ratios (a sensitivity sweep).
+    Parameters are set in ``__init__``; ``fit`` computes the saliencies of the dense model on the
+    calibration data and leaves its state in attributes ending in ``_``; ``prune`` reuses them, so a
+    sweep over ratios scores once. With ``steps`` > 1 the target is reached in steps of a geometric
+    density schedule (1-r)^(t/steps), re-scoring the current network each step; with ``refit`` the
+    surviving weights and biases are re-solved by chained least squares after every step (the last
+    refit G-weighted when ``g_weighted``). Method ``ecp-refit`` is ECP with steps=10 and refit.
     """
 
     def __init__(self, method: str = "ecp", *, compensation: bool = True, scope: str = "global", exclude=(),
                  seed: int = 0, output: str | None = None, probes: int | None = None, batch_size: int = 256,
                  labels_key: str | None = None, provider: str = "cpu", threads: int | None = None,
-                 force: bool = False, progress: Callable[[str, int, int], None] | None = None):
+                 force: bool = False, steps: int | None = None, refit: bool | None = None, chained: bool = True,
+                 g_weighted: bool = True, progress: Callable[[str, int, int], None] | None = None):
         self.method, self.compensation, self.scope, self.exclude = method, compensation, scope, tuple(exclude)
         self.seed, self.output, self.probes, self.batch_size = seed, output, probes, batch_size
         self.labels_key, self.provider, self.threads, self.force, self.progress = labels_key, provider, threads, force, progress
+        self.steps, self.refit, self.chained, self.g_weighted = steps, refit, chained, g_weighted
+
+    @property
+    def _plan(self) -> tuple[str, int, bool]:
+        """(scorer name, steps, refit) with ecp-refit's defaults filled in."""
+        if self.method == REFIT_METHOD:
+            return "ecp", self.steps or 10, True if self.refit is None else self.refit
+        return self.method, self.steps or 1, bool(self.refit)
 
     def fit(self, model, data) -> "Pruner":
         """Find the layers of ``model`` (a path or ModelProto, never modified) and score their weights
         on ``data`` (a .npz path, a Dataset, or a dict of arrays keyed by input name)."""
-        scorer = make_scorer(self.method)
+        method, steps, _ = self._plan
+        self.scorer_ = make_scorer(method)
         if self.probes is not None and self.probes < 1:
             raise InputError(f"--probes must be a positive number, got {self.probes}")
+        if steps < 1:
+            raise InputError(f"--steps must be a positive number, got {steps}")
         source = as_model(model)
         self.model_ = onnx.ModelProto()
         self.model_.CopyFrom(source)  # every node gets a name in this copy; masks refer to it
         found = find_layers(self.model_)
         self.layers_, self.skipped_ = found.layers, found.skipped
-        self.data_ = as_dataset(data, self.model_, self.labels_key, require_labels=self.method == "gradmag")
-        ctx = ScoringContext(
-            model=self.model_, layers=self.layers_, weights=effective_weights(self.model_, self.layers_),
-            data=self.data_, output=protected_output(self.model_, self.output), seed=self.seed, probes=self.probes,
-            batch_size=self.batch_size, provider=self.provider, threads=self.threads, force=self.force,
-            progress=self.progress)
-        start = time.perf_counter()
-        self.saliencies_ = scorer(ctx)
-        ctx.timings["scoring"] = time.perf_counter() - start
-        self.output_, self.seconds_ = ctx.output, dict(ctx.timings)
+        self.data_ = as_dataset(data, self.model_, self.labels_key, require_labels=method == "gradmag")
+        self.output_ = protected_output(self.model_, self.output)
+        self.seconds_ = {}
+        self.saliencies_ = self._score(self.model_, self.layers_)
         return self
+
+    def _score(self, model: onnx.ModelProto, layers: list[Layer]) -> dict[str, Saliency]:
+        ctx = ScoringContext(
+            model=model, layers=layers, weights=effective_weights(model, layers), data=self.data_,
+            output=self.output_, seed=self.seed, probes=self.probes, batch_size=self.batch_size,
+            provider=self.provider, threads=self.threads, force=self.force, progress=self.progress)
+        start = time.perf_counter()
+        saliencies = self.scorer_(ctx)
+        ctx.timings["scoring"] = time.perf_counter() - start
+        for step, seconds in ctx.timings.items():
+            self.seconds_[step] = self.seconds_.get(step, 0.0) + seconds
+        return saliencies
 
     def prune(self, sparsity: float) -> PruneResult:
         """The model pruned to ``sparsity``; it passed onnx.checker and ran on onnxruntime."""
-        scores = {name: s.scores for name, s in self.saliencies_.items()}
-        masks = choose_masks(self.layers_, scores, sparsity, self.scope, self.exclude)
-        shifts = _shifts(self.saliencies_) if self.compensation else None
-        pruned, changes = rewrite(self.model_, self.layers_, masks, shifts)
-        validate(pruned, self.data_)
+        _, steps, do_refit = self._plan
+        fitted_seconds = dict(self.seconds_)
+        current, layers, saliencies = self.model_, self.layers_, self.saliencies_
+        pruned_before = {layer.name: np.zeros((layer.out_features, layer.in_features), bool) for layer in layers}
+        refits = []
+        for step in range(1, steps + 1):
+            target = 1 - (1 - sparsity) ** (step / steps) if step < steps else sparsity
+            if step > 1:
+                saliencies = self._score(current, layers)
+            scores = _keep_pruned({name: s.scores for name, s in saliencies.items()}, pruned_before)
+            masks = choose_masks(layers, scores, target, self.scope, self.exclude)
+            shifts = _shifts(saliencies) if self.compensation else None
+            current, changes = rewrite(current, layers, masks, shifts)
+            layers = _fresh(current, layers)
+            if do_refit:
+                start = time.perf_counter()
+                current, refits = refit_layers(self.model_, current, layers, self.data_, self.output_,
+                                               chained=self.chained, g_weighted=self.g_weighted and step == steps,
+                                               batch_size=self.batch_size, provider=self.provider, threads=self.threads,
+                                               progress=self._progress("refit"))
+                self.seconds_["refit"] = self.seconds_.get("refit", 0.0) + time.perf_counter() - start
+                layers = _fresh(current, layers)
+            pruned_before = masks
+        validate(current, self.data_)
+        seconds, self.seconds_ = dict(self.seconds_), fitted_seconds  # prune() may be called again
         return PruneResult(
-            model=pruned, method=self.method, compensation=shifts is not None, scope=self.scope,
+            model=current, method=self.method, compensation=self.compensation, scope=self.scope,
             target_sparsity=sparsity, protected_output=self.output_, changes=changes, skipped=self.skipped_,
-            excluded=[layer.name for layer in self.layers_ if excluded(layer, self.exclude)],
+            excluded=[layer.name for layer in layers if excluded(layer, self.exclude)],
             predicted_error=float(sum(scores[name][m].sum() for name, m in masks.items())),
-            seconds=dict(self.seconds_))
+            seconds=seconds, steps=steps, refit=refits)
+
+    def _progress(self, step: str):
+        return (lambda done, total: self.progress(step, done, total)) if self.progress else None
+
+
+def _keep_pruned(scores: dict[str, np.ndarray], pruned: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Scores where already-pruned weights rank below every other, so they stay pruned."""
+    if not any(m.any() for m in pruned.values()):
+        return scores
+    floor = min(float(s.min()) for s in scores.values()) - 1.0
+    return {name: np.where(pruned[name], floor, s) for name, s in scores.items()}
+
+
+def _fresh(model: onnx.ModelProto, layers: list[Layer]) -> list[Layer]:
+    """The same layers re-read from ``model`` (a rewrite may have inserted biases)."""
+    found = analyse_graph(model).by_name()
+    return [found[layer.name] for layer in layers]
 
 
 def prune(model, data, sparsity: float, *, method: str = "ecp", **params) -> PruneResult:
-    """Prune ``model`` one-shot to ``sparsity`` with ``method`` scored on calibration ``data``.
+    """Prune ``model`` to ``sparsity`` with ``method`` scored on calibration ``data`` (no training).
 
     ``params`` are Pruner's (compensation, scope, exclude, seed, output, probes, batch_size,
-    labels_key, provider, threads, force, progress). Save the result with ``onnxprune.save_model``.
+    labels_key, provider, threads, force, steps, refit, chained, g_weighted, progress). Save the
+    result with ``onnxprune.save_model``.
     """
     if not 0.0 <= sparsity <= 1.0:
         raise InputError(f"sparsity must be between 0 and 1, got {sparsity}")
