@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +16,7 @@ from .evaluate import evaluate_dataset
 from .layers import GraphLayers, Layer, Skipped, analyse_graph, protected_output, read_initializer
 from .masks import choose_masks, excluded
 from .modelio import load_model
-from .refit import LayerRefit, refit as refit_layers
+from .refit import LayerRefit, bias_rows, refit as refit_layers
 from .rewrite import LayerChange, rewrite
 from .saliency import REFIT_METHOD, Saliency, ScoringContext, make_scorer
 
@@ -180,6 +180,9 @@ class Pruner:
                 self.seconds_["refit"] = self.seconds_.get("refit", 0.0) + time.perf_counter() - start
                 layers = _fresh(current, layers)
             pruned_before = masks
+        if steps > 1 or do_refit:  # report the bias change against the dense model, not the last step
+            changes = [replace(c, max_bias_shift=_bias_change(self.model_, current, before, after))
+                       for c, before, after in zip(changes, self.layers_, layers)]
         validate(current, self.data_)
         seconds, self.seconds_ = dict(self.seconds_), fitted_seconds  # prune() may be called again
         return PruneResult(
@@ -199,6 +202,12 @@ def _keep_pruned(scores: dict[str, np.ndarray], pruned: dict[str, np.ndarray]) -
         return scores
     floor = min(float(s.min()) for s in scores.values()) - 1.0
     return {name: np.where(pruned[name], floor, s) for name, s in scores.items()}
+
+
+def _bias_change(original: onnx.ModelProto, final: onnx.ModelProto, before: Layer, after: Layer) -> float:
+    """Largest |change| of a layer's stored bias between two versions of the model."""
+    old, new = (bias_rows(m, layer) for m, layer in ((original, before), (final, after)))
+    return float(np.max(np.abs(after.bias_shift_to_stored(new - old)))) if len(new) else 0.0
 
 
 def _fresh(model: onnx.ModelProto, layers: list[Layer]) -> list[Layer]:

@@ -16,7 +16,7 @@ from .masks import SCOPES
 from .modelio import save_model
 from .report import evaluation_table, prune_table, skipped_table, table
 from .runtime import PROVIDERS, RuntimeUnavailable
-from .saliency import METHODS
+from .saliency import METHODS, REFIT_METHOD
 
 
 class Ui:
@@ -131,7 +131,16 @@ def main():
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Calibration data (.npz keyed by input name).")
 @click.option("--sparsity", required=True, type=float, help="Fraction of the prunable weights to remove (0..1).")
-@click.option("--method", type=click.Choice(list(METHODS)), default="ecp", show_default=True, help="Saliency.")
+@click.option("--method", type=click.Choice([*METHODS, REFIT_METHOD]), default="ecp", show_default=True,
+              help="Saliency; ecp-refit = ECP in steps with least-squares refits of the surviving weights.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Reach the sparsity in this many steps, re-scoring each time (default 1; ecp-refit 10).")
+@click.option("--refit/--no-refit", default=None,
+              help="Re-solve surviving weights and biases by chained least squares after the mask (on for ecp-refit).")
+@click.option("--chain/--no-chain", "chained", default=True, show_default=True,
+              help="Refit each layer on the pruned network's own inputs (else the dense network's).")
+@click.option("--g-weighting/--no-g-weighting", "g_weighted", default=True, show_default=True,
+              help="Weight the last refit's samples by the output sensitivity G.")
 @click.option("--compensation/--no-compensation", default=True, show_default=True,
               help="Add the removed weights' compensation to the biases (methods that have one).")
 @click.option("--scope", type=click.Choice(SCOPES), default="global", show_default=True,
@@ -151,15 +160,17 @@ def main():
 @click.option("--force", is_flag=True, help="Replace existing output files; run nonlinear above its size limit.")
 @common
 @command_errors
-def prune(model, out, data, sparsity, method, compensation, scope, exclude, seed, probes, batch_size, test_data,
+def prune(model, out, data, sparsity, method, steps, refit, chained, g_weighted, compensation, scope, exclude, seed,
+          probes, batch_size, test_data,
           output, labels_key, provider, threads, json_path, force, verbose, quiet):
-    """Prune MODEL one-shot and write the result to OUT."""
+    """Prune MODEL (one-shot, or in --steps) and write the result to OUT."""
     ui = _ui(verbose, quiet)
     check_output_path(out, force=force, inputs=[model, data])
     original = api.as_model(model)
     result = api.prune(original, data, sparsity, method=method, compensation=compensation, scope=scope,
                        exclude=exclude, seed=seed, output=output, probes=probes, batch_size=batch_size,
-                       labels_key=labels_key, provider=provider, threads=threads, force=force, progress=ui.progress)
+                       labels_key=labels_key, provider=provider, threads=threads, force=force, steps=steps,
+                       refit=refit, chained=chained, g_weighted=g_weighted, progress=ui.progress)
     report = result.to_dict()
     if test_data:
         report["test"] = {name: api.evaluate(m, test_data, reference=original if name == "pruned" else None,

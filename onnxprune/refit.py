@@ -184,7 +184,7 @@ def refit(dense: onnx.ModelProto, current: onnx.ModelProto, layers: list[Layer],
         layer = analyse_graph(model).by_name()[name]  # fresh: an earlier step may have inserted its bias
         weight = layer.to_rows(read_initializer(model, layer.weight))
         survivors = [np.flatnonzero(row) for row in weight]
-        bias = _bias_rows(model, layer)
+        bias = bias_rows(model, layer)
         before, after = np.zeros(layer.out_features), np.zeros(layer.out_features)
         new_weight, new_bias = np.zeros_like(weight), bias.copy()
         dampings = []
@@ -221,7 +221,7 @@ def refit(dense: onnx.ModelProto, current: onnx.ModelProto, layers: list[Layer],
     return model, reports
 
 
-def _bias_rows(model: onnx.ModelProto, layer: Layer) -> np.ndarray:
+def bias_rows(model: onnx.ModelProto, layer: Layer) -> np.ndarray:
     """The layer's bias in pre-activation units (beta * C), broadcast to (out,)."""
     if layer.bias is None:
         return np.zeros(layer.out_features)
