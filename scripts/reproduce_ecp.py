@@ -125,11 +125,15 @@ def run_unit(hidden: tuple[int, ...], seed: int, settings: Settings, data: Data)
                                                            "train_loss": [h["loss"] for h in history]}}
     test = as_dataset({"x": data.test_x, "y": data.test_y}, dense)
     unit["dense"].update(scores(dense, test))
+    start = time.perf_counter()
+    longer, _ = finetune(dense, **train)  # r = 0 fine-tuned: what the extra epochs alone do to the test loss
+    unit["dense_finetuned"] = {**scores(longer, test), "seconds": time.perf_counter() - start}
     rows = np.sort(np.random.default_rng(seed).choice(len(data.train_x), settings.calib_size, replace=False))
     calib = as_dataset({"x": data.train_x[rows], "y": data.train_y[rows]}, dense)
     # one forward pass over the calibration data, the unit of scoring cost (fastest of 5: the machine is shared)
     unit["forward_pass_seconds"] = min(predict(dense, calib, "logits", batch_size=256, threads=1)[1] for _ in range(5))
-    log(f"{name}: dense test loss {unit['dense']['loss']:.4f} ({unit['dense']['train_seconds']:.1f} s)")
+    log(f"{name}: dense test loss {unit['dense']['loss']:.4f} ({unit['dense']['train_seconds']:.1f} s), "
+        f"{unit['dense_finetuned']['loss']:.4f} after {settings.epochs} more epochs")
 
     unit["methods"] = {}
     for key in settings.methods:
@@ -230,6 +234,7 @@ def summarise(units: list[dict], settings: Settings, inputs: int, classes: int) 
         runs = [u for u in units if tuple(u["hidden"]) == tuple(hidden)]
         arch = {"weights": weight_count(hidden, inputs, classes), "seeds": [u["seed"] for u in runs],
                 "dense": {k: stats([u["dense"][k] for u in runs]) for k in ("loss", "accuracy", "train_seconds")},
+                "dense_finetuned": {k: stats([u["dense_finetuned"][k] for u in runs]) for k in ("loss", "accuracy")},
                 "forward_pass_seconds": stats([u["forward_pass_seconds"] for u in runs]), "methods": {}}
         for key in settings.methods:
             rows = [u["methods"][key] for u in runs]
@@ -276,6 +281,9 @@ def plot(summary: dict, settings: Settings, test_samples: int, out: Path) -> lis
                 ax.plot(settings.ratios, [c["mean"] for c in cells], style, marker="o", ms=3.5, color=colour, label=label)
                 ax.fill_between(settings.ratios, [c["min"] for c in cells], [c["max"] for c in cells], color=colour, alpha=0.15, lw=0)
             ax.axhline(s["dense"]["loss"]["mean"], color="grey", ls=":", label="dense (before pruning)")
+            if phase == "after":
+                ax.axhline(s["dense_finetuned"]["loss"]["mean"], color="grey", ls="--",
+                           label=f"dense + {settings.epochs} more epochs (r = 0 fine-tuned)")
             ax.set(title=title, xlabel="pruning ratio r (fraction of weights removed)", yscale="log", xticks=settings.ratios)
             ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
             ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
@@ -311,7 +319,7 @@ def markdown(results: dict, units: list[dict], settings: Settings) -> str:
     for (arch, s), hidden in zip(results["summary"].items(), settings.hidden):
         d = s["dense"]
         lines += ["", f"### {arch} ({s['weights']:,} weights; dense: loss {cell(d)}, trained in "
-                      f"{d['train_seconds']['mean']:.1f} s)"]
+                      f"{d['train_seconds']['mean']:.1f} s; dense + {settings.epochs} more epochs: {cell(s['dense_finetuned'])})"]
         for phase, title in (("before", "one-shot, before fine-tuning"), ("after", f"after {settings.epochs} epochs of fine-tuning")):
             lines += ["", f"Test loss {title}:", "", head, rule]
             lines += [f"| {VARIANTS[k][0]} | " + " | ".join(cell(s["methods"][k]["ratios"][str(r)][phase]) for r in settings.ratios) + " |"
@@ -325,10 +333,11 @@ def markdown(results: dict, units: list[dict], settings: Settings) -> str:
             runs = [u for u in units if tuple(u["hidden"]) == tuple(hidden)]
             lines += ["", "ECP's test-loss change from its own dense model (paired per seed; mean ± std):", "",
                       "| | " + " | ".join(f"r = {r}" for r in settings.ratios) + " |", rule]
-            for phase in ("before", "after"):
-                changes = [stats([u["methods"]["ecp"]["ratios"][str(r)][phase]["loss"] - u["dense"]["loss"] for u in runs])
+            for phase, reference, label in (("before", "dense", "before fine-tuning"), ("after", "dense", "after fine-tuning"),
+                                            ("after", "dense_finetuned", "after, vs dense + as many epochs")):
+                changes = [stats([u["methods"]["ecp"]["ratios"][str(r)][phase]["loss"] - u[reference]["loss"] for u in runs])
                            for r in settings.ratios]
-                lines.append(f"| {phase} fine-tuning | " + " | ".join(f"{c['mean']:+.4f} ±{c['std']:.4f}" for c in changes) + " |")
+                lines.append(f"| {label} | " + " | ".join(f"{c['mean']:+.4f} ±{c['std']:.4f}" for c in changes) + " |")
             high = [r for r in settings.ratios if r >= 0.5]
             others = [b for b in (*BASELINES, "nonlinear", "ecp-nocomp") if b in settings.methods]
             lines += ["", "Seeds on which ECP's test loss is below the other method's (same dense model), before · after "

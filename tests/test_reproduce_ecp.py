@@ -59,7 +59,7 @@ def test_quick_mode_end_to_end(study, mnist, tmp_path):
     results = json.loads(out.with_suffix(".json").read_text())
     assert results["settings"]["ratios"] == [0.5, 0.8, 0.9] and results["settings"]["epochs"] == 2
     (unit,) = results["units"]
-    assert set(unit["methods"]) == set(study.VARIANTS)
+    assert set(unit["methods"]) == set(study.VARIANTS) and np.isfinite(unit["dense_finetuned"]["loss"])
     for row in unit["methods"].values():
         for r, cell in row["ratios"].items():
             assert cell["sparsity"] == pytest.approx(float(r), abs=1e-3)
