@@ -110,11 +110,13 @@ class Pruner:
                  seed: int = 0, output: str | None = None, probes: int | None = None, batch_size: int = 256,
                  labels_key: str | None = None, provider: str = "cpu", threads: int | None = None,
                  force: bool = False, steps: int | None = None, refit: bool | None = None, chained: bool = True,
-                 g_weighted: bool = True, progress: Callable[[str, int, int], None] | None = None):
+                 g_weighted: bool = True, conv_statistics: str = "exact",
+                 progress: Callable[[str, int, int], None] | None = None):
         self.method, self.compensation, self.scope, self.exclude = method, compensation, scope, tuple(exclude)
         self.seed, self.output, self.probes, self.batch_size = seed, output, probes, batch_size
         self.labels_key, self.provider, self.threads, self.force, self.progress = labels_key, provider, threads, force, progress
         self.steps, self.refit, self.chained, self.g_weighted = steps, refit, chained, g_weighted
+        self.conv_statistics = conv_statistics
 
     @property
     def _plan(self) -> tuple[str, int, bool]:
@@ -147,7 +149,8 @@ class Pruner:
         ctx = ScoringContext(
             model=model, layers=layers, weights=effective_weights(model, layers), data=self.data_,
             output=self.output_, seed=self.seed, probes=self.probes, batch_size=self.batch_size,
-            provider=self.provider, threads=self.threads, force=self.force, progress=self.progress)
+            provider=self.provider, threads=self.threads, force=self.force, progress=self.progress,
+            conv_statistics=self.conv_statistics)
         start = time.perf_counter()
         saliencies = self.scorer_(ctx)
         ctx.timings["scoring"] = time.perf_counter() - start

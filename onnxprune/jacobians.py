@@ -6,12 +6,19 @@ GradientGraphBuilder then gives d objective / d offset. Samples do not interact,
 gradient is V_s^T J_s for sample s alone. Tiling each sample R times with R probes gives, in one
 batched pass: the exact Jacobian rows (R = K one-hot probes) or R random Rademacher projections.
 The same construction with a cross-entropy objective gives per-sample loss gradients (gradmag).
+
+The offsets have the pre-activation's full shape per sample ((C, H, W) for a Conv, (S, out) for a
+MatMul on sequences), and the graph inputs are declared with the data's per-sample shape: the
+training build's MaxPool gradient crashes at session creation on tensors of unknown shape.
+Statistics run on a float32 copy of float16 models, and on a copy whose activation fake
+quantization (QuantizeLinear -> DequantizeLinear pairs) is replaced by identities (a straight-through
+estimate: quantization has no gradient); the pruned model keeps its own types.
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from . import runtime
 from .errors import InputError
@@ -20,18 +27,141 @@ from .layers import Layer, tensor_types
 PROBE = "onnxprune__probe"
 LABELS = "onnxprune__labels"
 OBJECTIVE = "onnxprune__objective"
+BATCH = "onnxprune__batch"
+HALF_TYPES = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 def offset_name(layer: Layer) -> str:
     return f"onnxprune__offset__{layer.preact}"
 
 
-def _instrument(model: onnx.ModelProto, layers: list[Layer], extra_outputs: list[str]) -> tuple[onnx.ModelProto, int]:
-    """A runtime copy with an offset input added to every pre-activation; outputs = extra_outputs."""
+def has_half_floats(model: onnx.ModelProto) -> bool:
+    graph = model.graph
+    return any(t.data_type in HALF_TYPES for t in graph.initializer) or any(
+        vi.type.tensor_type.elem_type in HALF_TYPES for vi in [*graph.input, *graph.output])
+
+
+def float32_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` computing in float32 where it used float16/bfloat16: initializers, Constant values,
+    Cast targets, inputs and outputs. Statistics are taken on this copy."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    graph = m.graph
+    for i, t in enumerate(graph.initializer):
+        if t.data_type in HALF_TYPES:
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+    for vi in [*graph.input, *graph.output, *graph.value_info]:
+        if vi.type.tensor_type.elem_type in HALF_TYPES:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type in ("Cast", "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike",
+                                "RandomUniformLike") and attr.name in ("to", "dtype") and attr.i in HALF_TYPES:
+                attr.i = TensorProto.FLOAT
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in HALF_TYPES:
+                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32), attr.t.name))
+    return m
+
+
+def strip_fake_quantization(model: onnx.ModelProto) -> None:
+    """Replace DequantizeLinear(QuantizeLinear(x)) on activations by Identity(x), in place."""
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    for i, node in enumerate(graph.node):
+        if node.op_type != "DequantizeLinear":
+            continue
+        q = producers.get(node.input[0])
+        if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in inits:
+            graph.node[i].CopyFrom(helper.make_node("Identity", [q.input[0]], [node.output[0]], name=node.name))
+
+
+def affine_batchnorm(model: onnx.ModelProto) -> None:
+    """Spell inference-mode BatchNormalization (constant parameters) as Mul + Add, in place.
+
+    The training build differentiates BatchNormalization as in training mode (through the batch
+    statistics), which is not the function an exported model computes; x * f + (B - mean * f) with
+    f = scale / sqrt(var + eps) is, and its gradient is the right one."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    ranks = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+            if vi.type.tensor_type.HasField("shape"):
+                ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+    except Exception:  # no ranks: the nodes stay BatchNormalization
+        pass
+    for i, node in enumerate(graph.node):
+        if node.op_type != "BatchNormalization" or sum(1 for o in node.output if o) != 1:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        rank = ranks.get(node.input[0])
+        if attrs.get("training_mode", 0) or rank is None or rank < 2 or not all(n in inits for n in node.input[1:5]):
+            continue
+        scale, bias, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in node.input[1:5])
+        factor = scale / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
+        shape = (-1,) + (1,) * (rank - 2)
+        dtype = numpy_helper.to_array(inits[node.input[1]]).dtype
+        tag = f"{node.output[0]}__onnxprune_bn"
+        graph.initializer.extend([numpy_helper.from_array(factor.reshape(shape).astype(dtype), f"{tag}_factor"),
+                                  numpy_helper.from_array((bias - mean * factor).reshape(shape).astype(dtype), f"{tag}_shift")])
+        mul = helper.make_node("Mul", [node.input[0], f"{tag}_factor"], [f"{tag}_scaled"], name=f"{tag}_mul")
+        add = helper.make_node("Add", [f"{tag}_scaled", f"{tag}_shift"], [node.output[0]], name=node.name)
+        graph.node[i].CopyFrom(mul)
+        graph.node.insert(i + 1, add)
+
+
+def prepare(model: onnx.ModelProto, min_opset: int | None = None) -> onnx.ModelProto:
+    """The copy statistics run on: runtime-stamped (up-converted below ``min_opset``), float32,
+    without activation fake quantization."""
     m = runtime.runtime_copy(model)
+    if min_opset is not None:
+        m = runtime.upgrade_opset(m, min_opset)
+    if has_half_floats(m):
+        m = float32_copy(m)
+    strip_fake_quantization(m)
+    return m
+
+
+def _needed_nodes(graph: onnx.GraphProto, targets: set[str]) -> list[onnx.NodeProto]:
+    needed, keep = set(targets), []
+    for node in reversed(graph.node):
+        if needed.intersection(node.output):
+            keep.append(node)
+            needed.update(node.input)
+    return list(reversed(keep))
+
+
+def tensor_shapes(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarray],
+                  provider: str = "cpu") -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of tensors ``names`` (graph inputs or computed), from one sample of ``feeds``."""
+    shapes = {k: tuple(v.shape[1:]) for k, v in feeds.items() if k in names}
+    wanted = [n for n in dict.fromkeys(names) if n not in shapes]
+    if wanted:
+        values = runtime.run_tensors(model, {k: v[:1] for k, v in feeds.items()}, wanted, provider)
+        shapes.update({n: tuple(v.shape[1:]) for n, v in zip(wanted, values)})
+    return shapes
+
+
+def output_shape(model: onnx.ModelProto, output: str, feeds: dict[str, np.ndarray], provider: str = "cpu") -> tuple[int, ...]:
+    """Shape of tensor ``output`` for one sample (run on the first sample of ``feeds``)."""
+    return tensor_shapes(model, [output], feeds, provider)[output]
+
+
+def _dims(shape) -> list:
+    return [BATCH, *map(int, shape)]
+
+
+def _instrument(model: onnx.ModelProto, layers: list[Layer], output: str, extra_outputs: list[str],
+                shapes: dict[str, tuple[int, ...]], min_opset: int | None = None) -> tuple[onnx.ModelProto, int]:
+    """A prepared copy with an offset input added to every pre-activation, only the nodes needed
+    for ``output`` and ``extra_outputs`` (which become its outputs), and graph inputs declared with
+    their per-sample shapes from ``shapes``."""
+    m = prepare(model, min_opset)
     graph = m.graph
     types = tensor_types(m)
-    elem = types[layers[0].weight]
+    elem = TensorProto.FLOAT if types.get(output) in (None, TensorProto.FLOAT) else types[output]
     producers = {out: node for node in graph.node for out in node.output}
     new_nodes = []
     for layer in layers:
@@ -40,35 +170,59 @@ def _instrument(model: onnx.ModelProto, layers: list[Layer], extra_outputs: list
         node.output[list(node.output).index(layer.preact)] = raw
         new_nodes.append((node, helper.make_node("Add", [raw, offset_name(layer)], [layer.preact],
                                                  name=f"onnxprune__offset_add__{layer.name}")))
-        graph.input.append(helper.make_tensor_value_info(offset_name(layer), elem, None))
+        graph.input.append(helper.make_tensor_value_info(offset_name(layer), types.get(layer.preact, elem),
+                                                         _dims(shapes[layer.preact])))
     for producer, add in new_nodes:
         graph.node.insert(list(graph.node).index(producer) + 1, add)
-    nodes = [n for node in graph.node for n in runtime.differentiable_nodes(node)]
+    nodes = [n for node in _needed_nodes(graph, {output, *extra_outputs}) for n in runtime.differentiable_nodes(node)]
     del graph.node[:]
     graph.node.extend(nodes)
+    inits = {t.name for t in graph.initializer}
+    for vi in graph.input:
+        if vi.name in shapes and vi.name not in inits:
+            vi.type.tensor_type.ClearField("shape")
+            for d in _dims(shapes[vi.name]):
+                dim = vi.type.tensor_type.shape.dim.add()
+                if isinstance(d, str):
+                    dim.dim_param = d
+                else:
+                    dim.dim_value = d
+    del graph.value_info[:]
+    affine_batchnorm(m)
     del graph.output[:]
     graph.output.extend(helper.make_tensor_value_info(name, types.get(name, elem), None) for name in extra_outputs)
     return m, elem
 
 
-def output_shape(model: onnx.ModelProto, output: str, feeds: dict[str, np.ndarray], provider: str = "cpu") -> tuple[int, ...]:
-    """Shape of tensor ``output`` for one sample (run on the first sample of ``feeds``)."""
-    (value,) = runtime.run_tensors(model, {k: v[:1] for k, v in feeds.items()}, [output], provider)
-    return tuple(value.shape[1:])
-
-
 class _GradientModel:
-    """Shared machinery: objective on top of the instrumented model, gradient graph, session."""
+    """Shared machinery: objective on top of the instrumented model, gradient graph, session.
+
+    The gradient graph is built on the first call, when the data's per-sample shapes are known
+    (and rebuilt if they change)."""
+
+    min_opset: int | None = None
 
     def __init__(self, model, layers, output, objective_nodes, objective_inputs, provider="cpu", threads=None):
-        self.layers = list(layers)
+        self.model, self.layers, self.output = model, list(layers), output
+        self.objective_nodes, self.objective_inputs = objective_nodes, objective_inputs
+        self.provider, self.threads = provider, threads
         self.inputs = {layer.input for layer in self.layers}
-        graph_inputs = {vi.name for vi in model.graph.input}
+        graph_inputs = {vi.name for vi in model.graph.input} - {t.name for t in model.graph.initializer}
         self.z_outputs = sorted(self.inputs - graph_inputs)
-        m, elem = _instrument(model, self.layers, [OBJECTIVE] + self.z_outputs)
-        for name, kind in objective_inputs:
-            m.graph.input.append(helper.make_tensor_value_info(name, elem if kind == "float" else TensorProto.INT64, None))
-        m.graph.node.extend(objective_nodes(output))
+        self.session, self._signature, self.shapes = None, None, {}
+
+    def _build(self, feeds: dict[str, np.ndarray]) -> None:
+        signature = tuple(sorted((k, v.shape[1:]) for k, v in feeds.items()))
+        if signature == self._signature:
+            return
+        names = list(feeds) + [layer.preact for layer in self.layers] + [self.output]
+        self.shapes = tensor_shapes(self.model, names, feeds, self.provider)
+        m, elem = _instrument(self.model, self.layers, self.output, [OBJECTIVE] + self.z_outputs, self.shapes,
+                              self.min_opset)
+        for name, kind in self.objective_inputs:
+            shape = _dims(self.shapes[self.output]) if kind == "float" else [BATCH]
+            m.graph.input.append(helper.make_tensor_value_info(name, elem if kind == "float" else TensorProto.INT64, shape))
+        m.graph.node.extend(self.objective_nodes(self.output))
         builder, optimize, options = runtime.gradient_builder()
         offsets = {offset_name(layer) for layer in self.layers}
         quiet = options()
@@ -80,18 +234,33 @@ class _GradientModel:
             graph_bytes = grad.get_model()
         except Exception as exc:  # the builder raises plain RuntimeErrors with ORT's message
             raise InputError(f"cannot build the gradient graph: {str(exc).splitlines()[0][:300]}") from None
-        self.session = runtime.make_session(graph_bytes, provider, threads)
+        self.session = runtime.make_session(graph_bytes, self.provider, self.threads)
         self.fetch = [f"{offset_name(layer)}_grad" for layer in self.layers] + self.z_outputs
         self.dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+        self.feed_types = {i.name: i.type for i in self.session.get_inputs()}
+        self._signature = signature
+
+    def _cast(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Half-float feeds become float32 for the float32 copy."""
+        return {k: v.astype(np.float32) if v.dtype in (np.float16,) or str(v.dtype) == "bfloat16" else v
+                for k, v in feeds.items()}
 
     def _run(self, feeds: dict[str, np.ndarray], rows: int, extra: dict[str, np.ndarray]):
-        run_feeds = dict(feeds, **extra)
+        run_feeds = dict(self._cast(feeds), **extra)
         for layer in self.layers:
-            run_feeds[offset_name(layer)] = np.zeros((rows, layer.out_features), self.dtype)
+            run_feeds[offset_name(layer)] = np.zeros((rows,) + self.shapes[layer.preact], self.dtype)
         values = self.session.run(self.fetch, run_feeds)
         grads = dict(zip((layer.name for layer in self.layers), values[: len(self.layers)]))
         z = dict(zip(self.z_outputs, values[len(self.layers):]))
         return grads, z
+
+
+def by_position(layer: Layer, g: np.ndarray) -> np.ndarray:
+    """Derivatives at a pre-activation, (rows, *preact shape) -> (rows, out, positions)."""
+    rows = len(g)
+    if layer.kind == "sequence":  # (rows, ..., out): positions are the middle axes
+        return np.moveaxis(g.reshape(rows, -1, layer.out_features), 2, 1)
+    return g.reshape(rows, layer.out_features, -1)  # dense (rows, out) or conv (rows, out, *spatial)
 
 
 class OutputJacobians(_GradientModel):
@@ -107,10 +276,13 @@ class OutputJacobians(_GradientModel):
         self.output_size = int(output_size)
         self.exact = probes is None
         self.repeats = self.output_size if self.exact else int(probes)
+        self.scale = 1.0 if self.exact else 1.0 / self.repeats
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, feeds: dict[str, np.ndarray], output_shape: tuple[int, ...]):
-        """Per-sample G (batch, out) for every layer and the layer inputs z (batch, in)."""
+    def rows(self, feeds: dict[str, np.ndarray], output_shape: tuple[int, ...]):
+        """Per layer the derivatives of every probe, (batch, R, out, positions) (positions = 1 for a
+        2-D layer), and the layer inputs z as the graph has them (batch, ...)."""
+        self._build(feeds)
         n = len(next(iter(feeds.values())))
         r = self.repeats
         tiled = {k: np.repeat(v, r, axis=0) for k, v in feeds.items()}
@@ -120,17 +292,30 @@ class OutputJacobians(_GradientModel):
             probe = self.rng.choice(np.array([-1.0, 1.0], self.dtype), size=(n * r, self.output_size))
         probe = probe.reshape((n * r,) + tuple(output_shape))
         grads, z_tiled = self._run(tiled, n * r, {PROBE: probe})
-        jac = {}
-        for name, g in grads.items():
-            g = g.astype(np.float64).reshape(n, r, -1)
-            jac[name] = np.einsum("srk,srk->sk", g, g) / (1 if self.exact else r)
-        inputs = {layer.name: (z_tiled[layer.input][::r] if layer.input in z_tiled else feeds[layer.input])
+        layers = {layer.name: layer for layer in self.layers}
+        out = {name: by_position(layers[name], g).reshape(n, r, layers[name].out_features, -1) for name, g in grads.items()}
+        inputs = {layer.name: (z_tiled[layer.input][::r] if layer.input in z_tiled else self._cast(feeds)[layer.input])
                   for layer in self.layers}
+        return out, inputs
+
+    def __call__(self, feeds: dict[str, np.ndarray], output_shape: tuple[int, ...]):
+        """Per-sample G for every layer and the layer inputs z: (batch, out) and (batch, in) for a
+        2-D layer; (batch, out, positions) and z as the graph has it for a shared-weight layer."""
+        rows, inputs = self.rows(feeds, output_shape)
+        jac = {}
+        for name, g in rows.items():
+            g = g.astype(np.float64)
+            big_g = np.einsum("srot,srot->sot", g, g) * self.scale
+            jac[name] = big_g[:, :, 0] if big_g.shape[2] == 1 else big_g
+        layers = {layer.name: layer for layer in self.layers}
+        inputs = {name: (z.reshape(len(z), -1) if not layers[name].shared else z) for name, z in inputs.items()}
         return jac, inputs
 
 
 class LossGradients(_GradientModel):
     """Per-sample d(cross-entropy)/d(pre-activation), for saliencies that use the training loss."""
+
+    min_opset = 13  # SoftmaxCrossEntropyLoss
 
     def __init__(self, model: onnx.ModelProto, layers: list[Layer], output: str, provider: str = "cpu",
                  threads: int | None = None):
@@ -141,7 +326,15 @@ class LossGradients(_GradientModel):
         super().__init__(model, layers, output, objective, [(LABELS, "int")], provider, threads)
 
     def __call__(self, feeds: dict[str, np.ndarray], labels: np.ndarray):
+        """Per layer dL/da (batch, out) for a 2-D layer, (batch, out, positions) for a shared-weight
+        one, and the layer inputs as the graph has them."""
+        self._build(feeds)
         n = len(labels)
         grads, z = self._run(feeds, n, {LABELS: labels.astype(np.int64)})
-        inputs = {layer.name: (z[layer.input] if layer.input in z else feeds[layer.input]) for layer in self.layers}
-        return {k: v.astype(np.float64) for k, v in grads.items()}, inputs
+        layers = {layer.name: layer for layer in self.layers}
+        out = {}
+        for name, g in grads.items():
+            g = by_position(layers[name], g.astype(np.float64))
+            out[name] = g[:, :, 0] if not layers[name].shared else g
+        inputs = {layer.name: (z[layer.input] if layer.input in z else self._cast(feeds)[layer.input]) for layer in self.layers}
+        return out, inputs

@@ -1,8 +1,11 @@
 """Apply masks and bias compensations to a copy of the model.
 
-Pruned weights are set to zero and each row's compensation, the sum over its pruned weights of
-Delta a_ij, is added to the bias (divided by Gemm's beta). Initializers keep their names, dtypes and
-shapes; a layer without a bias gets one (a new initializer, plus an Add node after a MatMul).
+Pruned weights are set to zero (to the zero point behind a DequantizeLinear) and each row's
+compensation, the sum over its pruned weights of Delta a_ij, is added to the bias (divided by Gemm's
+beta, multiplied by a following BatchNormalization's scale when its bias carries it, rounded for an
+integer bias). Initializers keep their names, dtypes and shapes (a scalar bias becomes one value per
+output); a layer without a bias gets one (a new initializer: Gemm's C, Conv's B, or an Add node
+after a MatMul).
 """
 from __future__ import annotations
 
@@ -39,8 +42,7 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], masks: dict[str, np.nda
     for layer in layers:
         mask = masks[layer.name]
         stored = inits[layer.weight]
-        weight = numpy_helper.to_array(stored).copy()
-        weight[layer.mask_to_stored(mask)] = 0
+        weight = layer.prune_stored(numpy_helper.to_array(stored), mask)
         stored.CopyFrom(numpy_helper.from_array(weight, layer.weight))
         shift = np.zeros(layer.out_features)
         if shifts is not None and mask.any():
@@ -48,25 +50,30 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], masks: dict[str, np.nda
         inserted = False
         if np.any(shift != 0):
             if layer.bias is None:
-                bias_name = _insert_bias(new, nodes[layer.node], layer, weight.dtype)
+                dtype = weight.dtype if weight.dtype.kind == "f" else np.float32
+                bias_name = _insert_bias(new, nodes[layer.node], layer, dtype)
                 inits[bias_name] = new.graph.initializer[-1]
                 inserted = True
             else:
                 bias_name = layer.bias
-            _add_to_bias(inits[bias_name], shift)
+            _add_to_bias(inits[bias_name], shift, layer.bias_shape)
         changes.append(LayerChange(
             layer=layer.name, weights=layer.size, pruned=int(mask.sum()),
-            sparsity=float(np.count_nonzero(weight == 0) / weight.size),
+            sparsity=float(np.count_nonzero(layer.to_rows(weight) == 0) / weight.size),
             max_bias_shift=float(np.abs(shift).max()) if shift.size else 0.0, bias_inserted=inserted))
     return new, changes
 
 
-def _add_to_bias(init: onnx.TensorProto, shift: np.ndarray) -> None:
+def _add_to_bias(init: onnx.TensorProto, shift: np.ndarray, shape: tuple[int, ...] | None = None) -> None:
+    """Add ``shift`` (one value per output, in stored units) to a bias of ``shape`` (a scalar bias is
+    expanded to it); an integer (quantized) bias gets the rounded shift."""
     bias = numpy_helper.to_array(init)
-    dims = bias.shape
+    shape = tuple(shape) if shape is not None else (bias.shape if bias.size == shift.size else shift.shape)
     updated = bias.astype(np.float64).reshape(-1) + shift  # a scalar bias broadcasts into a vector
-    out_shape = dims if bias.size == shift.size else shift.shape
-    init.CopyFrom(numpy_helper.from_array(updated.reshape(out_shape).astype(bias.dtype), init.name))
+    if bias.dtype.kind in "iu":
+        info = np.iinfo(bias.dtype)
+        updated = np.clip(np.round(updated), info.min, info.max)
+    init.CopyFrom(numpy_helper.from_array(updated.reshape(shape).astype(bias.dtype), init.name))
 
 
 def _unique(model: onnx.ModelProto, base: str) -> str:
@@ -82,10 +89,17 @@ def _insert_bias(model: onnx.ModelProto, node: onnx.NodeProto, layer: Layer, dty
     """Give a bias-less layer a zero bias and return its name."""
     name = _unique(model, f"{layer.weight}__bias")
     model.graph.initializer.append(numpy_helper.from_array(np.zeros(layer.out_features, dtype), name))
-    if layer.op == "Gemm":  # the new C enters with beta = 1, as Layer assumes for bias-less Gemms
-        keep = [a for a in node.attribute if a.name != "beta"]
-        del node.attribute[:]
-        node.attribute.extend(keep)
+    if model.ir_version < 4:  # before IR 4 every initializer is also a graph input
+        model.graph.input.append(helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [layer.out_features]))
+    if layer.op in ("Gemm", "Conv"):
+        if layer.op == "Gemm":  # the new C enters with beta = 1, as Layer assumes for bias-less Gemms
+            keep = [a for a in node.attribute if a.name not in ("beta", "broadcast")]
+            opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+            if opset < 7:  # Gemm-6 broadcasts C only when told
+                keep.append(helper.make_attribute("broadcast", 1))
+            del node.attribute[:]
+            node.attribute.extend(keep)
         if len(node.input) == 2:
             node.input.append(name)
         else:

@@ -104,7 +104,9 @@ def session_options(threads: int | None = None) -> "ort.SessionOptions":
 
 
 def runtime_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` stamped at most IR 10 / opset 21, as this runtime requires.
+    """A copy of ``model`` stamped at most IR 10 / opset 21, as this runtime requires, and
+    converted up to opset 7 when older (onnxruntime has no kernels for opset <= 6 Gemm,
+    BatchNormalization, PRelu, Add, ...; onnx's version converter keeps names).
 
     The copy shares nothing with ``model``; the written model keeps its own stamping.
     """
@@ -115,7 +117,26 @@ def runtime_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     for opset in copy.opset_import:
         if opset.domain in ("", "ai.onnx") and opset.version > MAX_OPSET:
             opset.version = MAX_OPSET
-    return copy
+    return upgrade_opset(copy, MIN_OPSET)
+
+
+MIN_OPSET = 7
+
+
+def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """``model`` converted to default-domain opset ``version`` if it is older (else unchanged); when
+    the converter fails, the model is returned as it was and onnxruntime will name the problem."""
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if current is None or current >= version:
+        return model
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, version)
+    except Exception:  # the converter raises plain RuntimeErrors/ValueErrors on adapters it lacks
+        return model
+    converted.ir_version = max(converted.ir_version, model.ir_version)
+    return converted
 
 
 def make_session(model: onnx.ModelProto | bytes, provider: str = "cpu", threads: int | None = None):

@@ -37,6 +37,7 @@ class ScoringContext:
     output: str
     seed: int = 0
     probes: int | None = None
+    conv_statistics: str = "exact"          # shared-weight layers: "exact" or "positions" (see onnxprune.conv)
     batch_size: int = 256
     provider: str = "cpu"
     threads: int | None = None
@@ -54,7 +55,8 @@ class ScoringContext:
             start = time.perf_counter()
             self._statistics = collect_statistics(
                 self.model, self.layers, self.data, self.output, probes=self.probes, batch_size=self.batch_size,
-                seed=self.seed, provider=self.provider, threads=self.threads, progress=self._report("statistics"))
+                seed=self.seed, provider=self.provider, threads=self.threads, progress=self._report("statistics"),
+                shared=self.conv_statistics)
             self.timings["statistics"] = time.perf_counter() - start
         return self._statistics
 
@@ -101,7 +103,7 @@ class Variance:
         out = {}
         for layer in ctx.layers:
             s, w = ctx.statistics()[layer.name], ctx.weights[layer.name]
-            out[layer.name] = Saliency(w * w * s.var_z[None, :], w * s.mean_z[None, :])
+            out[layer.name] = Saliency(w * w * np.broadcast_to(s.var_z, w.shape), w * np.broadcast_to(s.mean_z, w.shape))
         return out
 
 
@@ -149,6 +151,10 @@ class Nonlinear:
 
     def __call__(self, ctx: ScoringContext) -> dict[str, Saliency]:
         total = sum(layer.size for layer in ctx.layers)
+        shared = [layer.name for layer in ctx.layers if layer.shared]
+        if shared:
+            raise InputError(f"method nonlinear supports 2-D Gemm/MatMul layers only; {shared[0]} shares its "
+                             "weight across positions (Conv or MatMul on sequences)")
         if total > self.max_weights and not ctx.force:
             raise InputError(f"method nonlinear needs |W| x n forward passes; {total} weights exceed its limit of "
                              f"{self.max_weights} (pass --force to run it anyway)")

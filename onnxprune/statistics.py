@@ -2,6 +2,11 @@
 
 For each layer: C_i = E[G_i], B_ij = E[G_i z_j], A_ij = E[G_i z_j^2] (the ECP statistics), and the
 plain activation moments E[z_j], E[z_j^2]. Loss gradients give E[dL/dW] for gradmag.
+
+Layers whose weight is shared across positions (Conv, MatMul on sequences) use the generalisation
+in ``conv``: per sample, u = sum_t g z_t and v = sum_t g replace g z and g, either exactly
+(``shared="exact"``) or without the cross-position terms (``shared="positions"``). Their activation
+moments are over samples and positions (the im2col patch values).
 """
 from __future__ import annotations
 
@@ -11,11 +16,14 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from .conv import CHUNK_ELEMENTS, STATISTICS, accumulate_shared, im2col, shared_loss_gradient
 from .data import Dataset
-from .jacobians import LossGradients, OutputJacobians, output_shape
+from .errors import InputError
+from .jacobians import LossGradients, OutputJacobians, output_shape, tensor_shapes
 from .layers import Layer
 
 Progress = Callable[[int, int], None]  # (samples done, samples total)
+BATCH_ELEMENTS = 1 << 24  # bound on the elements of one tiled batch's largest tensor
 
 
 @dataclass
@@ -26,24 +34,47 @@ class LayerStatistics:
     sum_g: np.ndarray       # (out,)     sum_s G_si
     sum_gz: np.ndarray      # (out, in)  sum_s G_si z_sj
     sum_gz2: np.ndarray     # (out, in)  sum_s G_si z_sj^2
-    sum_z: np.ndarray       # (in,)
-    sum_z2: np.ndarray      # (in,)
+    sum_z: np.ndarray       # (in,) or, for a grouped Conv, (groups, in)
+    sum_z2: np.ndarray      # like sum_z
+    count_z: int = 0        # values summed in sum_z per entry (samples x positions)
 
     @classmethod
     def zeros(cls, layer: Layer) -> "LayerStatistics":
         o, i = layer.out_features, layer.in_features
-        return cls(0, np.zeros(o), np.zeros((o, i)), np.zeros((o, i)), np.zeros(i), np.zeros(i))
+        groups = layer.conv.groups if layer.conv is not None else 1
+        zshape = (i,) if groups == 1 else (groups, i)
+        return cls(0, np.zeros(o), np.zeros((o, i)), np.zeros((o, i)), np.zeros(zshape), np.zeros(zshape))
 
     def add(self, g: np.ndarray, z: np.ndarray) -> None:
         """Accumulate a batch: g = per-sample G (batch, out), z = layer input (batch, in)."""
         z = np.asarray(z, dtype=np.float64).reshape(len(z), -1)
         z2 = z * z
         self.n += len(z)
+        self.count_z += len(z)
         self.sum_g += g.sum(0)
         self.sum_gz += g.T @ z
         self.sum_gz2 += g.T @ z2
         self.sum_z += z.sum(0)
         self.sum_z2 += z2.sum(0)
+
+    def add_shared(self, layer: Layer, g: np.ndarray, z: np.ndarray, scale: float = 1.0, exact: bool = True) -> None:
+        """Accumulate a batch of a shared-weight layer: g (batch, R, out, positions) the probes'
+        derivatives at the pre-activation (scale 1/R for random probes), z the layer input as the
+        graph has it. Patches are built in chunks of samples so memory stays bounded."""
+        n, r, out, positions = g.shape
+        per_sample = r * out * positions + 2 * layer.in_features * positions * (layer.conv.groups if layer.conv else 1)
+        chunk = max(1, CHUNK_ELEMENTS // max(1, per_sample))
+        for start in range(0, n, chunk):
+            patches = layer_patches(layer, z[start:start + chunk])
+            if patches.shape[-1] != positions:
+                raise InputError(f"layer {layer.name}: {patches.shape[-1]} input windows but {positions} output "
+                                 "positions; its geometry is not understood")
+            accumulate_shared(self, g[start:start + chunk], patches, scale, exact)
+            flat = patches.sum(-1).sum(0)
+            self.sum_z += flat.reshape(self.sum_z.shape)
+            self.sum_z2 += np.einsum("ngjt,ngjt->gj", patches, patches).reshape(self.sum_z2.shape)
+        self.n += n
+        self.count_z += n * positions
 
     @property
     def A(self) -> np.ndarray:
@@ -57,29 +88,64 @@ class LayerStatistics:
     def C(self) -> np.ndarray:
         return self.sum_g / self.n
 
+    def _rows(self, values: np.ndarray) -> np.ndarray:
+        """Per-group moments (groups, in) -> one row per output (out, in); (in,) stays."""
+        if values.ndim == 1:
+            return values
+        return np.repeat(values, len(self.sum_g) // len(values), axis=0)
+
     @property
     def mean_z(self) -> np.ndarray:
-        return self.sum_z / self.n
+        """E[z_j] over samples (and positions): (in,), or (out, in) for a grouped Conv."""
+        return self._rows(self.sum_z / max(self.count_z, 1))
 
     @property
     def var_z(self) -> np.ndarray:
-        return np.maximum(self.sum_z2 / self.n - self.mean_z**2, 0.0)
+        mean = self.sum_z / max(self.count_z, 1)
+        return self._rows(np.maximum(self.sum_z2 / max(self.count_z, 1) - mean**2, 0.0))
+
+
+def layer_patches(layer: Layer, z: np.ndarray) -> np.ndarray:
+    """What each weight of a shared-weight layer multiplies, (batch, groups, in, positions)."""
+    z = np.asarray(z)
+    if layer.kind == "conv":
+        return im2col(z, layer.conv)
+    n = len(z)
+    return np.asarray(z, np.float64).reshape(n, -1, layer.in_features).transpose(0, 2, 1)[:, None]
+
+
+def _step(model, layers, data, output, repeats, batch_size, provider) -> int:
+    """Samples per batch: at most batch_size, and few enough that the tiled batch's largest tensor
+    (R copies of a pre-activation or an input) stays under BATCH_ELEMENTS."""
+    names = [layer.preact for layer in layers] + [layer.input for layer in layers]
+    shapes = tensor_shapes(model, names, data.subset(1).feeds, provider)
+    largest = max([int(np.prod(s)) if s else 1 for s in shapes.values()] + [1])
+    return max(1, min(batch_size, 16384 // repeats, BATCH_ELEMENTS // (repeats * largest)))
 
 
 def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,
                        probes: int | None = None, batch_size: int = 256, seed: int = 0, provider: str = "cpu",
-                       threads: int | None = None, progress: Progress | None = None) -> dict[str, LayerStatistics]:
-    """ECP statistics of every layer over ``data`` with exact (or ``probes`` random) output Jacobians."""
+                       threads: int | None = None, progress: Progress | None = None,
+                       shared: str = "exact") -> dict[str, LayerStatistics]:
+    """ECP statistics of every layer over ``data`` with exact (or ``probes`` random) output Jacobians;
+    ``shared`` ("exact" or "positions") chooses how shared-weight layers are summed (see ``conv``)."""
+    if shared not in STATISTICS:
+        raise InputError(f"shared-weight statistics must be one of {STATISTICS}, got {shared!r}")
     shape = output_shape(model, output, data.feeds, provider)
     width = int(np.prod(shape)) if shape else 1
     jac = OutputJacobians(model, layers, output, width, probes=probes, seed=seed, provider=provider, threads=threads)
     stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
-    step = max(1, min(batch_size, 16384 // jac.repeats))
+    step = _step(model, layers, data, output, jac.repeats, batch_size, provider)
     done = 0
     for feeds, _ in data.batches(step):
-        g, z = jac(feeds, shape)
+        rows, inputs = jac.rows(feeds, shape)
         for layer in layers:
-            stats[layer.name].add(g[layer.name], z[layer.name])
+            g = rows[layer.name]
+            if layer.shared:
+                stats[layer.name].add_shared(layer, g, inputs[layer.name], jac.scale, exact=shared == "exact")
+            else:
+                g = g[..., 0].astype(np.float64)
+                stats[layer.name].add(np.einsum("sro,sro->so", g, g) * jac.scale, inputs[layer.name])
         done += len(next(iter(feeds.values())))
         if progress:
             progress(done, len(data))
@@ -92,11 +158,15 @@ def collect_loss_gradients(model: onnx.ModelProto, layers: list[Layer], data: Da
     """E[dL/dW] in the (out, in) view, L = softmax cross-entropy of ``output`` against the labels."""
     grads = LossGradients(model, layers, output, provider=provider, threads=threads)
     sums = {layer.name: np.zeros((layer.out_features, layer.in_features)) for layer in layers}
+    step = _step(model, layers, data, output, 1, batch_size, provider)
     done = 0
-    for feeds, labels in data.batches(batch_size):
+    for feeds, labels in data.batches(step):
         g, z = grads(feeds, labels)
         for layer in layers:
-            sums[layer.name] += g[layer.name].T @ np.asarray(z[layer.name], np.float64).reshape(len(labels), -1)
+            if layer.shared:
+                sums[layer.name] += shared_loss_gradient(g[layer.name], layer_patches(layer, z[layer.name]))
+            else:
+                sums[layer.name] += g[layer.name].T @ np.asarray(z[layer.name], np.float64).reshape(len(labels), -1)
         done += len(labels)
         if progress:
             progress(done, len(data))

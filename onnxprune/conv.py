@@ -1,0 +1,155 @@
+"""Layers whose weight is shared across positions: Conv geometry, im2col, and their ECP sums.
+
+A Conv (or a MatMul on a 3-D input) applies the same weight at every position t of a sample. In the
+(out, in) view a row i of a Conv weight is ``W[i].reshape(-1)`` (in = C/groups * prod(kernel)) and
+the value it multiplies at position t is the im2col patch z_t (the input window, zero padding
+included). Per sample s and probe (output) k, with g_kti = dy_k/da_ti:
+
+    dy_k/dW_ij = u_kij = sum_t g_kti z_tj        dy_k/db_i = v_ki = sum_t g_kti
+
+so ECP's statistics become A_ij = E[sum_k u_kij^2], B_ij = E[sum_k u_kij v_ki], C_i = E[sum_k v_ki^2]
+("exact": K Jacobian rows per sample, as for a 2-D layer, plus one (O x T) @ (T x J) product per row).
+With one position (a 2-D layer) they reduce to E[G z^2], E[G z], E[G].
+
+The cheaper "positions" approximation treats every (sample, position) pair as a sample of its own:
+G_ti = sum_k g_kti^2, A_ij = E[sum_t G_ti z_tj^2], B_ij = E[sum_t G_ti z_tj], C_i = E[sum_t G_ti],
+i.e. the exact sums without the cross terms between different positions (t != t'). It keeps the
+sum over positions (not the mean) so that its scores stay on the same scale as the exact ones and
+as those of 2-D layers in a global ranking.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
+STATISTICS = ("exact", "positions")
+CHUNK_ELEMENTS = 1 << 22  # bound on the float64 temporaries of one accumulation step (32 MB)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A Conv node's attributes, with the kernel taken from the weight when the node omits it."""
+
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]       # begin..., end... (used when auto_pad is NOTSET)
+    auto_pad: str
+    groups: int
+    in_channels: int
+
+    @property
+    def rank(self) -> int:
+        return len(self.kernel)
+
+    def resolved_pads(self, spatial: tuple[int, ...]) -> tuple[list[int], list[int]]:
+        """(begin, end) padding of every spatial axis for an input of size ``spatial``."""
+        n = self.rank
+        if self.auto_pad in ("NOTSET", ""):
+            return list(self.pads[:n]), list(self.pads[n:])
+        if self.auto_pad == "VALID":
+            return [0] * n, [0] * n
+        begin, end = [], []
+        for size, k, s, d in zip(spatial, self.kernel, self.strides, self.dilations):
+            total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
+            small, large = total // 2, total - total // 2
+            begin.append(small if self.auto_pad == "SAME_UPPER" else large)
+            end.append(large if self.auto_pad == "SAME_UPPER" else small)
+        return begin, end
+
+    def output_spatial(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        begin, end = self.resolved_pads(spatial)
+        return tuple((size + b + e - d * (k - 1) - 1) // s + 1
+                     for size, b, e, k, s, d in zip(spatial, begin, end, self.kernel, self.strides, self.dilations))
+
+
+def conv_geometry(attrs: dict, weight_shape: tuple[int, ...]) -> ConvGeometry | str:
+    """The geometry of a Conv with attributes ``attrs`` and a weight of ``weight_shape``, or why not."""
+    if len(weight_shape) < 3:
+        return f"Conv weight has shape {list(weight_shape)}; expected (out, in/groups, kernel...)"
+    n = len(weight_shape) - 2
+    kernel = tuple(int(k) for k in attrs.get("kernel_shape", weight_shape[2:]))
+    if kernel != tuple(weight_shape[2:]):
+        return f"Conv kernel_shape {list(kernel)} differs from the weight's {list(weight_shape[2:])}"
+    strides = tuple(int(s) for s in attrs.get("strides", [1] * n))
+    dilations = tuple(int(d) for d in attrs.get("dilations", [1] * n))
+    pads = tuple(int(p) for p in attrs.get("pads", [0] * (2 * n)))
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    groups = int(attrs.get("group", 1))
+    if auto_pad not in AUTO_PADS:
+        return f"Conv auto_pad {auto_pad!r} is not one of {AUTO_PADS}"
+    if len(strides) != n or len(dilations) != n or len(pads) != 2 * n:
+        return "Conv strides/dilations/pads do not match the kernel's rank"
+    if groups < 1 or weight_shape[0] % groups:
+        return f"Conv group={groups} does not divide its {weight_shape[0]} output channels"
+    return ConvGeometry(kernel, strides, dilations, pads, auto_pad, groups, int(weight_shape[1]) * groups)
+
+
+def im2col(x: np.ndarray, geo: ConvGeometry, dtype=np.float64) -> np.ndarray:
+    """Patches (n, groups, C/groups * prod(kernel), positions) of a Conv input x (n, C, *spatial).
+
+    Column j of group g lines up with ``W[i].reshape(-1)`` for the rows i of that group, so
+    ``W_rows[i] @ patches[:, g]`` is the pre-activation (without bias) at every position.
+    """
+    x = np.asarray(x)
+    n, c = x.shape[:2]
+    spatial = tuple(x.shape[2:])
+    if c != geo.in_channels or len(spatial) != geo.rank:
+        raise ValueError(f"Conv input has shape {list(x.shape)}, the weight expects {geo.in_channels} channels "
+                         f"and {geo.rank} spatial axes")
+    begin, end = geo.resolved_pads(spatial)
+    out = geo.output_spatial(spatial)
+    padded = np.pad(x.astype(dtype, copy=False), [(0, 0), (0, 0)] + list(zip(begin, end)))
+    cols = np.empty((n, c) + geo.kernel + out, dtype)
+    for offset in np.ndindex(*geo.kernel):
+        window = tuple(slice(k * d, k * d + s * (o - 1) + 1, s)
+                       for k, d, s, o in zip(offset, geo.dilations, geo.strides, out))
+        cols[(slice(None), slice(None)) + offset] = padded[(slice(None), slice(None)) + window]
+    positions = int(np.prod(out)) if out else 1
+    return cols.reshape(n, geo.groups, -1, positions)
+
+
+def accumulate_shared(sums, g: np.ndarray, patches: np.ndarray, scale: float, exact: bool) -> None:
+    """Add one batch to ``sums`` (LayerStatistics' sum_g, sum_gz, sum_gz2).
+
+    g: (n, r, out, T) derivatives of the protected output's r probes at every position;
+    patches: (n, groups, J, T) the values each row's weights multiply; scale: 1 for exact
+    Jacobian rows, 1/r for random probes.
+    """
+    n, r, out, positions = g.shape
+    groups, per = patches.shape[1], out // patches.shape[1]
+    width = patches.shape[2]
+    step = max(1, CHUNK_ELEMENTS // max(1, r * per * max(positions, width)))
+    for start in range(0, n, step):
+        gs = np.asarray(g[start:start + step], np.float64)
+        zs = np.asarray(patches[start:start + step], np.float64)
+        for group in range(groups):
+            rows = slice(group * per, (group + 1) * per)
+            gg, zz = gs[:, :, rows], zs[:, group]
+            if exact:
+                u = np.matmul(gg, zz.transpose(0, 2, 1)[:, None])          # (n, r, per, J)
+                v = gg.sum(-1)                                               # (n, r, per)
+                sums.sum_gz2[rows] += scale * np.einsum("nroj,nroj->oj", u, u)
+                sums.sum_gz[rows] += scale * np.einsum("nroj,nro->oj", u, v)
+                sums.sum_g[rows] += scale * np.einsum("nro,nro->o", v, v)
+            else:
+                big_g = scale * np.einsum("nrot,nrot->not", gg, gg)          # (n, per, T)
+                sums.sum_gz2[rows] += np.einsum("not,njt->oj", big_g, zz * zz)
+                sums.sum_gz[rows] += np.einsum("not,njt->oj", big_g, zz)
+                sums.sum_g[rows] += big_g.sum((0, 2))
+
+
+def shared_loss_gradient(g: np.ndarray, patches: np.ndarray) -> np.ndarray:
+    """sum over samples of dL/dW in the (out, in) view: g (n, out, T) loss derivatives at the
+    pre-activation, patches (n, groups, J, T)."""
+    n, out, positions = g.shape
+    groups, per = patches.shape[1], out // patches.shape[1]
+    total = np.zeros((out, patches.shape[2]))
+    for group in range(groups):
+        rows = slice(group * per, (group + 1) * per)
+        total[rows] = np.einsum("not,njt->oj", np.asarray(g[:, rows], np.float64), np.asarray(patches[:, group], np.float64))
+    return total
