@@ -149,6 +149,9 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--probes", type=click.IntRange(min=1), default=None,
               help="Random projections instead of the exact Jacobian (cheaper with many outputs).")
+@click.option("--conv-statistics", type=click.Choice(["exact", "positions"]), default="exact", show_default=True,
+              help="Layers sharing a weight across positions (Conv, MatMul on sequences): exact per-sample sums, or "
+                   "every position as a sample of its own (cheaper, drops cross-position terms).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--test", "test_data", type=click.Path(dir_okay=False), default=None,
               help="Evaluate the original and the pruned model on this .npz and print both.")
@@ -161,7 +164,7 @@ def main():
 @common
 @command_errors
 def prune(model, out, data, sparsity, method, steps, refit, chained, g_weighted, compensation, scope, exclude, seed,
-          probes, batch_size, test_data,
+          probes, conv_statistics, batch_size, test_data,
           output, labels_key, provider, threads, json_path, force, verbose, quiet):
     """Prune MODEL (one-shot, or in --steps) and write the result to OUT."""
     ui = _ui(verbose, quiet)
@@ -170,7 +173,8 @@ def prune(model, out, data, sparsity, method, steps, refit, chained, g_weighted,
     result = api.prune(original, data, sparsity, method=method, compensation=compensation, scope=scope,
                        exclude=exclude, seed=seed, output=output, probes=probes, batch_size=batch_size,
                        labels_key=labels_key, provider=provider, threads=threads, force=force, steps=steps,
-                       refit=refit, chained=chained, g_weighted=g_weighted, progress=ui.progress)
+                       refit=refit, chained=chained, g_weighted=g_weighted, conv_statistics=conv_statistics,
+                       progress=ui.progress)
     report = result.to_dict()
     if test_data:
         report["test"] = {name: api.evaluate(m, test_data, reference=original if name == "pruned" else None,
