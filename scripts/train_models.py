@@ -1,9 +1,10 @@
-"""Train the paper's MNIST MLPs with onnxruntime-training and write them with their data subsets.
+"""Train the paper's MNIST MLPs and a small CNN with onnxruntime-training and write them with their data subsets.
 
     .venv/bin/python scripts/train_models.py --mnist ../shared/data/mnist --out models/ [--seed 0] [--epochs 15]
-        [--hidden 64,64 [--hidden 32,32 ...]] [--force]
+        [--hidden 64,64 [--hidden 32,32 ...]] [--cnn-epochs 8] [--force]
 
 Writes models/mnist_mlp.onnx (784-64-64-10; other sizes as mnist_mlp_<h1>_<h2>...onnx),
+models/mnist_cnn.onnx (Conv-ReLU-MaxPool x2, then Gemm layers; --cnn-epochs 0 skips it),
 models/mnist_calib.npz (2048 training images), models/mnist_test.npz (the 10k test set) and
 models/README.md. MNIST: Yann LeCun and Corinna Cortes, CC BY-SA 3.0.
 """
@@ -26,6 +27,8 @@ from onnxprune.mnist import load_mnist
 from onnxprune.runtime import make_session
 from onnxprune.zoo import build_mlp
 
+CNN_FILE = "mnist_cnn.onnx"
+CNN_ARCHITECTURE = "x[784] -> 1x28x28 -> conv1 8@5x5 -> ReLU -> MaxPool 2 -> conv2 16@5x5 -> ReLU -> MaxPool 2 -> 256 -> fc1 64 -> ReLU -> fc2 10"
 INPUT_SCALE = 1 / 255
 CALIB_SIZE = 2048
 DEFAULT_HIDDEN = (64, 64)
@@ -33,8 +36,71 @@ LR, BATCH = 1e-3, 128
 ATTRIBUTION = "MNIST: Yann LeCun and Corinna Cortes, CC BY-SA 3.0."
 
 
-def model_filename(hidden: tuple[int, ...]) -> str:
+def model_filename(hidden) -> str:
+    if hidden == "cnn":
+        return CNN_FILE
     return "mnist_mlp.onnx" if hidden == DEFAULT_HIDDEN else "mnist_mlp_" + "_".join(map(str, hidden)) + ".onnx"
+
+
+def build_cnn(seed: int = 0) -> onnx.ModelProto:
+    """The MNIST CNN, initialised like PyTorch (Conv2d and Linear: weights and biases uniform in
+    +-1/sqrt(fan_in)). It takes the flat 784-pixel rows the MLP takes (a Reshape inside), so both
+    models share the data files."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def param(name, shape, fan_in):
+        bound = 1.0 / np.sqrt(fan_in)
+        inits.append(numpy_helper.from_array(rng.uniform(-bound, bound, size=shape).astype(np.float32), name))
+
+    param("conv1.weight", (8, 1, 5, 5), 25)
+    param("conv1.bias", (8,), 25)
+    param("conv2.weight", (16, 8, 5, 5), 200)
+    param("conv2.bias", (16,), 200)
+    param("fc1.weight", (64, 256), 256)
+    param("fc1.bias", (64,), 256)
+    param("fc2.weight", (10, 64), 64)
+    param("fc2.bias", (10,), 64)
+    inits.append(numpy_helper.from_array(np.array([-1, 1, 28, 28], np.int64), "image_shape"))
+    make = helper.make_node
+    nodes = [
+        make("Reshape", ["x", "image_shape"], ["image"], name="to_image"),
+        make("Conv", ["image", "conv1.weight", "conv1.bias"], ["conv1.out"], name="conv1", kernel_shape=[5, 5]),
+        make("Relu", ["conv1.out"], ["relu1.out"], name="relu1"),
+        make("MaxPool", ["relu1.out"], ["pool1.out"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+        make("Conv", ["pool1.out", "conv2.weight", "conv2.bias"], ["conv2.out"], name="conv2", kernel_shape=[5, 5]),
+        make("Relu", ["conv2.out"], ["relu2.out"], name="relu2"),
+        make("MaxPool", ["relu2.out"], ["pool2.out"], name="pool2", kernel_shape=[2, 2], strides=[2, 2]),
+        make("Flatten", ["pool2.out"], ["flat"], name="flatten"),
+        make("Gemm", ["flat", "fc1.weight", "fc1.bias"], ["fc1.out"], name="fc1", transB=1),
+        make("Relu", ["fc1.out"], ["relu3.out"], name="relu3"),
+        make("Gemm", ["relu3.out", "fc2.weight", "fc2.bias"], ["logits"], name="fc2", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "mnist_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 784])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="onnxprune.train_models")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def train_cnn(x, y, args) -> tuple[onnx.ModelProto, list[dict], float]:
+    print(f"training the CNN ({args.cnn_epochs} epochs)", file=sys.stderr)
+    began = time.perf_counter()
+    model, history = finetune(build_cnn(args.seed), x, y, epochs=args.cnn_epochs, lr=LR, batch_size=BATCH,
+                              seed=args.seed, progress=print_progress)
+    seconds = time.perf_counter() - began
+    model.doc_string = (
+        f"CNN {CNN_ARCHITECTURE}, PyTorch-style init with seed {args.seed}, trained on the 60,000 MNIST training "
+        f"images scaled to [0,1] for {args.cnn_epochs} epochs with Adam (lr {LR}, batch {BATCH}, shuffle seed "
+        f"{args.seed}) by scripts/train_models.py on onnxruntime-training (no torch). Feed uint8 pixels (N, 784) "
+        f"times onnxprune.input_scale. {ATTRIBUTION}"
+    )
+    onnx.helper.set_model_props(model, {"onnxprune.input_scale": repr(INPUT_SCALE), "onnxprune.dataset": "MNIST"})
+    onnx.checker.check_model(model, full_check=True)
+    return model, history, seconds
 
 
 def flat(images: np.ndarray) -> np.ndarray:
@@ -79,7 +145,12 @@ def command_line(args) -> str:
     parts += ["--seed", str(args.seed), "--epochs", str(args.epochs)]
     for hidden in args.hidden:
         parts += ["--hidden", ",".join(map(str, hidden))]
+    parts += ["--cnn-epochs", str(args.cnn_epochs)]
     return shlex.join(parts)
+
+
+def architecture(hidden) -> str:
+    return "CNN (see above)" if hidden == "cnn" else "-".join(map(str, (784, *hidden, 10)))
 
 
 def readme(args, results, out: Path) -> str:
@@ -105,6 +176,11 @@ def readme(args, results, out: Path) -> str:
         f"- Trained on all 60,000 MNIST training images, pixels scaled to [0, 1] (uint8 times float32(1/255), as the metadata says), {args.epochs} epochs, "
         f"Adam (lr {LR}, betas 0.9/0.999, eps 1e-8, no weight decay), batch {BATCH}, cross-entropy, "
         f"shuffled with `np.random.default_rng({args.seed})` (`onnxprune.finetune.finetune`, one intra-op thread).",
+        f"- CNN `{CNN_FILE}`: input `x` float32 [N, 784] (the same rows as the MLP, reshaped inside to [N, 1, 28, 28]), "
+        "`conv1` 8@5x5 (valid) -> ReLU -> MaxPool 2x2 -> `conv2` 16@5x5 -> ReLU -> MaxPool 2x2 -> Flatten (256) -> "
+        "`fc1` Gemm 64 -> ReLU -> `fc2` Gemm 10 -> `logits`; 20,424 prunable weights (200 + 3,200 in the Convs, "
+        "16,384 + 640 in the Gemms); opset 17, IR 8. Conv and Gemm weights and biases uniform in ±1/sqrt(fan_in) "
+        f"(PyTorch's default), seed {args.seed}; trained like the MLP for {args.cnn_epochs} epochs.",
         "- Metadata: `onnxprune.input_scale` = `0.00392156862745098` (1/255: multiply the uint8 pixels by it), "
         "`onnxprune.dataset` = `MNIST`; the doc_string says how the model was made.",
         "",
@@ -115,7 +191,7 @@ def readme(args, results, out: Path) -> str:
     ]
     for hidden, history, seconds, (loss, accuracy) in results:
         lines.append(
-            f"| {model_filename(hidden)} | {'-'.join(map(str, (784, *hidden, 10)))} | {seconds:.1f} s | "
+            f"| {model_filename(hidden)} | {architecture(hidden)} | {seconds:.1f} s | "
             f"{history[-1]['loss']:.4f} | {loss:.4f} | {100 * accuracy:.2f}% |"
         )
     lines += [
@@ -130,7 +206,8 @@ def readme(args, results, out: Path) -> str:
         "| --- | --- | --- |",
     ]
     for hidden, *_ in results:
-        lines.append(f"| {model_filename(hidden)} | {(out / model_filename(hidden)).stat().st_size:,} | the trained model |")
+        what = "the trained CNN" if hidden == "cnn" else "the trained model"
+        lines.append(f"| {model_filename(hidden)} | {(out / model_filename(hidden)).stat().st_size:,} | {what} |")
     lines += [
         f"| mnist_calib.npz | {(out / 'mnist_calib.npz').stat().st_size:,} | {CALIB_SIZE} training images chosen with "
         f"`np.random.default_rng({args.seed}).choice(60000, {CALIB_SIZE}, replace=False)`, sorted: `x` uint8 ({CALIB_SIZE}, 784), `y` int64 |",
@@ -164,11 +241,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--hidden", type=hidden_sizes, action="append", help="hidden sizes, e.g. 32,32; repeatable (default 64,64)")
+    parser.add_argument("--cnn-epochs", type=int, default=8, help="epochs for the CNN (0: do not train it)")
     parser.add_argument("--force", action="store_true", help="replace existing output files")
     args = parser.parse_args(argv)
     args.hidden = args.hidden or [DEFAULT_HIDDEN]
 
-    names = [model_filename(h) for h in args.hidden] + ["mnist_calib.npz", "mnist_test.npz", "README.md"]
+    names = [model_filename(h) for h in args.hidden] + ([CNN_FILE] if args.cnn_epochs > 0 else []) + ["mnist_calib.npz", "mnist_test.npz", "README.md"]
     paths = {name: fileio.check_output_path(args.out / name, force=args.force) for name in names}
     train_x, train_y = load_mnist(args.mnist, "train")
     test_x, test_y = load_mnist(args.mnist, "test")
@@ -182,6 +260,12 @@ def main(argv=None) -> int:
         print(f"  {model_filename(hidden)}: test loss {metrics[0]:.4f}, accuracy {100 * metrics[1]:.2f}%, {seconds:.1f} s", file=sys.stderr)
         fileio.write_bytes(paths[model_filename(hidden)], model.SerializeToString())
         results.append((hidden, history, seconds, metrics))
+    if args.cnn_epochs > 0:
+        model, history, seconds = train_cnn(train_x.astype(np.float32) * np.float32(INPUT_SCALE), train_y, args)
+        metrics = evaluate(model, test_x, test_y)
+        print(f"  {CNN_FILE}: test loss {metrics[0]:.4f}, accuracy {100 * metrics[1]:.2f}%, {seconds:.1f} s", file=sys.stderr)
+        fileio.write_bytes(paths[CNN_FILE], model.SerializeToString())
+        results.append(("cnn", history, seconds, metrics))
 
     calib = np.sort(np.random.default_rng(args.seed).choice(len(train_x), CALIB_SIZE, replace=False))
     fileio.write_with(paths["mnist_calib.npz"], lambda tmp: np.savez_compressed(tmp, x=train_x[calib], y=train_y[calib]))
