@@ -13,7 +13,7 @@ from . import runtime
 from .data import Dataset, load_dataset, make_dataset, model_inputs
 from .errors import CheckFailed, InputError
 from .evaluate import evaluate_dataset
-from .layers import GraphLayers, Layer, Skipped, analyse_graph, protected_output, read_initializer
+from .layers import GraphLayers, Layer, Skipped, analyse_graph, protected_output, reaching, read_initializer
 from .masks import choose_masks, excluded
 from .modelio import load_model
 from .refit import LayerRefit, bias_rows, refit as refit_layers
@@ -141,6 +141,10 @@ class Pruner:
         self.layers_, self.skipped_ = found.layers, found.skipped
         self.data_ = as_dataset(data, self.model_, self.labels_key, require_labels=method == "gradmag")
         self.output_ = protected_output(self.model_, self.output)
+        self.layers_, unreached = reaching(self.model_, self.layers_, self.output_)
+        self.skipped_ = self.skipped_ + unreached
+        if not self.layers_:
+            raise InputError(f"no prunable layer reaches the protected output {self.output_!r}; choose one with --output")
         self.seconds_ = {}
         self.saliencies_ = self._score(self.model_, self.layers_)
         return self

@@ -552,14 +552,41 @@ def protected_output(model: onnx.ModelProto, output: str | None = None) -> str:
             elem = types.get(name, 0)
         if elem and elem not in FLOAT_TYPES:
             continue  # labels, indices, strings
-        while node is not None and node.op_type in PROBABILITY_OPS:
-            name = node.input[0]
-            node = producers.get(name)
-        return name
+        return _before_probabilities(name, producers)
     from .errors import InputError
 
     raise InputError(f"the model has no float tensor output to protect (outputs: {[o.name for o in graph.output]}); "
                      "name one with --output")
+
+
+def _before_probabilities(name: str, producers: dict) -> str:
+    """The logits behind a final Softmax/LogSoftmax (also through Identity nodes), else ``name``."""
+    node, walked = producers.get(name), name
+    while node is not None and node.op_type in ("Identity", *PROBABILITY_OPS):
+        walked = node.input[0]
+        if node.op_type in PROBABILITY_OPS:
+            name = walked
+        node = producers.get(walked)
+    return name
+
+
+def reaching(model: onnx.ModelProto, layers: list[Layer], output: str) -> tuple[list[Layer], list[Skipped]]:
+    """The layers whose pre-activation ``output`` depends on, and the others as Skipped: ECP would
+    see no output sensitivity for them (G = 0) and prune them first."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    upstream, stack = set(), [output]
+    while stack:
+        name = stack.pop()
+        if name in upstream:
+            continue
+        upstream.add(name)
+        node = producers.get(name)
+        if node is not None:
+            stack.extend(i for i in node.input if i)
+    kept = [layer for layer in layers if layer.preact in upstream]
+    dropped = [Skipped(layer.node, layer.op, f"does not reach the protected output {output!r} (choose it with --output)")
+               for layer in layers if layer.preact not in upstream]
+    return kept, dropped
 
 
 def output_kind(model: onnx.ModelProto, name: str) -> str:
