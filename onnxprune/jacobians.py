@@ -16,6 +16,8 @@ estimate: quantization has no gradient); the pruned model keeps its own types.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -139,9 +141,28 @@ def tensor_shapes(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.
     shapes = {k: tuple(v.shape[1:]) for k, v in feeds.items() if k in names}
     wanted = [n for n in dict.fromkeys(names) if n not in shapes]
     if wanted:
-        values = runtime.run_tensors(model, {k: v[:1] for k, v in feeds.items()}, wanted, provider)
+        values = runtime.run_tensors(free_batch(runtime.runtime_copy(model)), {k: v[:1] for k, v in feeds.items()}, wanted, provider)
         shapes.update({n: tuple(v.shape[1:]) for n, v in zip(wanted, values)})
     return shapes
+
+
+def free_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose real graph inputs have a free first (batch) dimension (exporters often fix it
+    to the example's batch size) and no stale intermediate shapes."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name for t in m.graph.initializer}
+    for vi in m.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name not in inits and vi.type.HasField("tensor_type") and len(dims):
+            dims[0].Clear()
+            dims[0].dim_param = BATCH
+    for vi in m.graph.output:
+        if vi.type.HasField("tensor_type") and len(vi.type.tensor_type.shape.dim):
+            vi.type.tensor_type.shape.dim[0].Clear()
+            vi.type.tensor_type.shape.dim[0].dim_param = BATCH
+    del m.graph.value_info[:]
+    return m
 
 
 def output_shape(model: onnx.ModelProto, output: str, feeds: dict[str, np.ndarray], provider: str = "cpu") -> tuple[int, ...]:
@@ -190,8 +211,16 @@ def _instrument(model: onnx.ModelProto, layers: list[Layer], output: str, extra_
     del graph.value_info[:]
     affine_batchnorm(m)
     del graph.output[:]
-    graph.output.extend(helper.make_tensor_value_info(name, types.get(name, elem), None) for name in extra_outputs)
+    for name in extra_outputs:  # a copy, so that optimizations that remove the tensor (a no-op Cast) keep the output
+        if name != OBJECTIVE:
+            graph.node.append(helper.make_node("Identity", [name], [exposed(name)], name=f"{exposed(name)}_copy"))
+    graph.output.extend(helper.make_tensor_value_info(name if name == OBJECTIVE else exposed(name), types.get(name, elem), None)
+                        for name in extra_outputs)
     return m, elem
+
+
+def exposed(name: str) -> str:
+    return f"{name}__onnxprune_z"
 
 
 class _GradientModel:
@@ -200,7 +229,7 @@ class _GradientModel:
     The gradient graph is built on the first call, when the data's per-sample shapes are known
     (and rebuilt if they change)."""
 
-    min_opset: int | None = None
+    min_opset: int | None = 13  # the gradient of Gemm-9 (C required) is a two-input Gemm
 
     def __init__(self, model, layers, output, objective_nodes, objective_inputs, provider="cpu", threads=None):
         self.model, self.layers, self.output = model, list(layers), output
@@ -233,9 +262,14 @@ class _GradientModel:
             grad.build()
             graph_bytes = grad.get_model()
         except Exception as exc:  # the builder raises plain RuntimeErrors with ORT's message
-            raise InputError(f"cannot build the gradient graph: {str(exc).splitlines()[0][:300]}") from None
-        self.session = runtime.make_session(graph_bytes, self.provider, self.threads)
-        self.fetch = [f"{offset_name(layer)}_grad" for layer in self.layers] + self.z_outputs
+            raise InputError(f"cannot build the gradient graph: {_ort_message(exc)}") from None
+        try:
+            self.session = runtime.make_session(graph_bytes, self.provider, self.threads)
+        except Exception as exc:  # e.g. no kernel for ConvTransposeGrad in the training build
+            raise InputError(f"onnxruntime-training cannot run the gradient graph ({_ort_message(exc)}); methods "
+                             "that need no gradients (magnitude, random) still work, or protect a tensor before "
+                             "that node with --output") from None
+        self.fetch = [f"{offset_name(layer)}_grad" for layer in self.layers] + [exposed(z) for z in self.z_outputs]
         self.dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
         self.feed_types = {i.name: i.type for i in self.session.get_inputs()}
         self._signature = signature
@@ -253,6 +287,12 @@ class _GradientModel:
         grads = dict(zip((layer.name for layer in self.layers), values[: len(self.layers)]))
         z = dict(zip(self.z_outputs, values[len(self.layers):]))
         return grads, z
+
+
+def _ort_message(exc: BaseException) -> str:
+    """The useful part of an onnxruntime error (without the C++ source location), one line."""
+    text = " ".join(str(exc).split())
+    return re.split(r"\] : \d+ : \w+ : |was false\. |\)> ", text)[-1][:400]
 
 
 def by_position(layer: Layer, g: np.ndarray) -> np.ndarray:
@@ -314,8 +354,6 @@ class OutputJacobians(_GradientModel):
 
 class LossGradients(_GradientModel):
     """Per-sample d(cross-entropy)/d(pre-activation), for saliencies that use the training loss."""
-
-    min_opset = 13  # SoftmaxCrossEntropyLoss
 
     def __init__(self, model: onnx.ModelProto, layers: list[Layer], output: str, provider: str = "cpu",
                  threads: int | None = None):
