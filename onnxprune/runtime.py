@@ -7,6 +7,7 @@ default-domain opset <= 21: ``runtime_copy`` down-stamps a copy for it.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 
@@ -101,6 +102,23 @@ def session_options(threads: int | None = None) -> "ort.SessionOptions":
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return so
+
+
+@contextlib.contextmanager
+def blas_threads(threads: int | None = None):
+    """Inside: numpy's BLAS uses at most ``threads`` threads (None: as it is).
+
+    With ``--threads N`` onnxruntime and numpy each get N threads; they alternate (a batch through
+    onnxruntime, then its products in numpy), so neither oversubscribes the other as long as neither
+    spins: onnxruntime's spinning is off (``session_options``), and OpenBLAS's idle workers only yield.
+    """
+    if not threads:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=int(threads), user_api="blas"):
+        yield
 
 
 def runtime_copy(model: onnx.ModelProto) -> onnx.ModelProto:
