@@ -16,7 +16,7 @@ from .evaluate import evaluate_dataset
 from .layers import GraphLayers, Layer, Skipped, analyse_graph, protected_output, reaching, read_initializer
 from .masks import choose_masks, excluded
 from .modelio import load_model
-from .refit import LayerRefit, bias_rows, refit as refit_layers
+from .refit import LayerRefit, current_bias, refit as refit_layers
 from .rewrite import LayerChange, rewrite
 from .saliency import REFIT_METHOD, Saliency, ScoringContext, make_scorer
 
@@ -188,7 +188,8 @@ class Pruner:
                 layers = _fresh(current, layers)
             pruned_before = masks
         if steps > 1 or do_refit:  # report the bias change against the dense model, not the last step
-            changes = [replace(c, max_bias_shift=_bias_change(self.model_, current, before, after))
+            feeds = self.data_.subset(8).feeds
+            changes = [replace(c, max_bias_shift=_bias_change(self.model_, current, before, after, feeds))
                        for c, before, after in zip(changes, self.layers_, layers)]
         validate(current, self.data_)
         seconds, self.seconds_ = dict(self.seconds_), fitted_seconds  # prune() may be called again
@@ -211,10 +212,10 @@ def _keep_pruned(scores: dict[str, np.ndarray], pruned: dict[str, np.ndarray]) -
     return {name: np.where(pruned[name], floor, s) for name, s in scores.items()}
 
 
-def _bias_change(original: onnx.ModelProto, final: onnx.ModelProto, before: Layer, after: Layer) -> float:
+def _bias_change(original: onnx.ModelProto, final: onnx.ModelProto, before: Layer, after: Layer, feeds) -> float:
     """Largest |change| of a layer's stored bias between two versions of the model."""
-    old, new = (bias_rows(m, layer) for m, layer in ((original, before), (final, after)))
-    return float(np.max(np.abs(after.bias_shift_to_stored(new - old)))) if len(new) else 0.0
+    old, new = current_bias(original, before, feeds), current_bias(final, after, feeds)
+    return float(np.max(np.abs(after.bias_shift_to_stored(new - old))))
 
 
 def _fresh(model: onnx.ModelProto, layers: list[Layer]) -> list[Layer]:

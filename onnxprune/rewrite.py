@@ -47,21 +47,30 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], masks: dict[str, np.nda
         shift = np.zeros(layer.out_features)
         if shifts is not None and mask.any():
             shift = layer.bias_shift_to_stored(np.where(mask, shifts[layer.name], 0.0).sum(1))
-        inserted = False
-        if np.any(shift != 0):
-            if layer.bias is None:
-                dtype = weight.dtype if weight.dtype.kind == "f" else np.float32
-                bias_name = _insert_bias(new, nodes[layer.node], layer, dtype)
-                inits[bias_name] = new.graph.initializer[-1]
-                inserted = True
-            else:
-                bias_name = layer.bias
-            _add_to_bias(inits[bias_name], shift, layer.bias_shape)
+        inserted = shift_bias(new, layer, shift, weight.dtype, inits, nodes)
         changes.append(LayerChange(
             layer=layer.name, weights=layer.size, pruned=int(mask.sum()),
             sparsity=float(np.count_nonzero(layer.to_rows(weight) == 0) / weight.size),
             max_bias_shift=float(np.abs(shift).max()) if shift.size else 0.0, bias_inserted=inserted))
     return new, changes
+
+
+def shift_bias(model: onnx.ModelProto, layer: Layer, shift: np.ndarray, weight_dtype, inits=None, nodes=None) -> bool:
+    """Add ``shift`` (stored units, one per output) to the layer's bias, inserting a zero bias first
+    when it has none; returns whether one was inserted. ``inits``/``nodes``: name maps to reuse."""
+    if not np.any(shift != 0):
+        return False
+    inits = inits if inits is not None else {t.name: t for t in model.graph.initializer}
+    inserted = layer.bias is None
+    if inserted:
+        nodes = nodes if nodes is not None else {n.name: n for n in model.graph.node}
+        dtype = weight_dtype if np.dtype(weight_dtype).kind == "f" else np.float32
+        bias_name = _insert_bias(model, nodes[layer.node], layer, dtype)
+        inits[bias_name] = model.graph.initializer[-1]
+    else:
+        bias_name = layer.bias
+    _add_to_bias(inits[bias_name], shift, layer.bias_shape)
+    return inserted
 
 
 def _add_to_bias(init: onnx.TensorProto, shift: np.ndarray, shape: tuple[int, ...] | None = None) -> None:
