@@ -130,16 +130,17 @@ def accumulate_shared(sums, g: np.ndarray, patches: np.ndarray, scale: float, ex
         for group in range(groups):
             rows = slice(group * per, (group + 1) * per)
             gg, zz = gs[:, :, rows], zs[:, group]
+            zt = zz.transpose(0, 2, 1)                                        # (n, T, J)
             if exact:
-                u = np.matmul(gg, zz.transpose(0, 2, 1)[:, None])          # (n, r, per, J)
-                v = gg.sum(-1)                                               # (n, r, per)
-                sums.sum_gz2[rows] += scale * np.einsum("nroj,nroj->oj", u, u)
-                sums.sum_gz[rows] += scale * np.einsum("nroj,nro->oj", u, v)
-                sums.sum_g[rows] += scale * np.einsum("nro,nro->o", v, v)
+                u = np.matmul(gg, zt[:, None])                                # (n, r, per, J)
+                v = gg.sum(-1)                                                # (n, r, per)
+                sums.sum_gz2[rows] += scale * (u * u).sum((0, 1))
+                sums.sum_gz[rows] += scale * (u * v[..., None]).sum((0, 1))
+                sums.sum_g[rows] += scale * (v * v).sum((0, 1))
             else:
-                big_g = scale * np.einsum("nrot,nrot->not", gg, gg)          # (n, per, T)
-                sums.sum_gz2[rows] += np.einsum("not,njt->oj", big_g, zz * zz)
-                sums.sum_gz[rows] += np.einsum("not,njt->oj", big_g, zz)
+                big_g = scale * (gg * gg).sum(1)                              # (n, per, T)
+                sums.sum_gz2[rows] += np.matmul(big_g, zt * zt).sum(0)
+                sums.sum_gz[rows] += np.matmul(big_g, zt).sum(0)
                 sums.sum_g[rows] += big_g.sum((0, 2))
 
 
