@@ -275,9 +275,9 @@ def inspect(model) -> dict:
     layers = []
     for layer in found.layers:
         w = read_initializer(work, layer.weight)
-        layers.append({"layer": layer.name, "op": layer.op, "weight": layer.weight, "bias": layer.bias,
+        layers.append({"layer": layer.name, "op": layer.op, "kind": layer.kind, "weight": layer.weight, "bias": layer.bias,
                        "shape": [layer.out_features, layer.in_features], "dtype": str(w.dtype),
-                       "weights": layer.size, "sparsity": float(np.count_nonzero(w == 0) / w.size)})
+                       "weights": layer.size, "sparsity": float(np.count_nonzero(layer.to_rows(w) == 0) / w.size)})
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     try:
         protected = protected_output(work)
