@@ -21,6 +21,7 @@ from .data import Dataset
 from .errors import InputError
 from .jacobians import LossGradients, OutputJacobians, output_shape, tensor_shapes
 from .layers import Layer
+from .runtime import blas_threads
 
 Progress = Callable[[int, int], None]  # (samples done, samples total)
 BATCH_ELEMENTS = 1 << 24  # bound on the elements of one tiled batch's largest tensor
@@ -28,15 +29,23 @@ BATCH_ELEMENTS = 1 << 24  # bound on the elements of one tiled batch's largest t
 
 @dataclass
 class LayerStatistics:
-    """Sums over n samples; the properties give the expectations the saliencies use."""
+    """Sums over n samples; the properties give the expectations the saliencies use.
+
+    For a 2-D layer (``add``) the products of one batch are taken in float32 (float64 when the data
+    is float64) on z shifted by a fixed per-input value c (the first batch's mean, rounded to
+    float32), and summed across batches in float64: ``sum_gz`` and ``sum_gz2`` then hold
+    sum G (z - c) and sum G (z - c)^2, which the properties A and B undo in float64. The shift
+    keeps the G-weighted variance A - B^2/C, the ECP residual, accurate when |E z| >> std z.
+    """
 
     n: int
     sum_g: np.ndarray       # (out,)     sum_s G_si
-    sum_gz: np.ndarray      # (out, in)  sum_s G_si z_sj
-    sum_gz2: np.ndarray     # (out, in)  sum_s G_si z_sj^2
+    sum_gz: np.ndarray      # (out, in)  sum_s G_si (z_sj - c_j)
+    sum_gz2: np.ndarray     # (out, in)  sum_s G_si (z_sj - c_j)^2
     sum_z: np.ndarray       # (in,) or, for a grouped Conv, (groups, in)
     sum_z2: np.ndarray      # like sum_z
     count_z: int = 0        # values summed in sum_z per entry (samples x positions)
+    shift: np.ndarray | None = None  # c (in,), set by the first ``add``; None: c = 0
 
     @classmethod
     def zeros(cls, layer: Layer) -> "LayerStatistics":
@@ -47,15 +56,23 @@ class LayerStatistics:
 
     def add(self, g: np.ndarray, z: np.ndarray) -> None:
         """Accumulate a batch: g = per-sample G (batch, out), z = layer input (batch, in)."""
-        z = np.asarray(z, dtype=np.float64).reshape(len(z), -1)
-        z2 = z * z
-        self.n += len(z)
-        self.count_z += len(z)
-        self.sum_g += g.sum(0)
-        self.sum_gz += g.T @ z
-        self.sum_gz2 += g.T @ z2
-        self.sum_z += z.sum(0)
-        self.sum_z2 += z2.sum(0)
+        z = np.asarray(z).reshape(len(z), -1)
+        dtype = np.float64 if np.float64 in (np.asarray(g).dtype, z.dtype) else np.float32
+        if self.shift is None:
+            self.shift = z.mean(0, dtype=np.float64).astype(np.float32).astype(np.float64)
+        zc = z.astype(dtype, copy=False) - self.shift.astype(dtype)
+        zc2 = zc * zc
+        g = np.asarray(g, dtype)
+        n = len(z)
+        self.n += n
+        self.count_z += n
+        self.sum_g += g.sum(0, dtype=np.float64)
+        products = g.T @ np.concatenate([zc, zc2], axis=1)  # one (out, 2 in) product: faster than two
+        self.sum_gz += products[:, :zc.shape[1]]
+        self.sum_gz2 += products[:, zc.shape[1]:]
+        first, second = zc.sum(0, dtype=np.float64), zc2.sum(0, dtype=np.float64)
+        self.sum_z += first + n * self.shift
+        self.sum_z2 += second + 2 * self.shift * first + n * self.shift**2
 
     def add_shared(self, layer: Layer, g: np.ndarray, z: np.ndarray, scale: float = 1.0, exact: bool = True) -> None:
         """Accumulate a batch of a shared-weight layer: g (batch, R, out, positions) the probes'
@@ -78,11 +95,16 @@ class LayerStatistics:
 
     @property
     def A(self) -> np.ndarray:
-        return self.sum_gz2 / self.n
+        if self.shift is None:
+            return self.sum_gz2 / self.n
+        c = self.shift[None, :]
+        return (self.sum_gz2 + 2 * c * self.sum_gz + self.sum_g[:, None] * c * c) / self.n
 
     @property
     def B(self) -> np.ndarray:
-        return self.sum_gz / self.n
+        if self.shift is None:
+            return self.sum_gz / self.n
+        return (self.sum_gz + self.sum_g[:, None] * self.shift[None, :]) / self.n
 
     @property
     def C(self) -> np.ndarray:
@@ -136,6 +158,13 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Datase
     jac = OutputJacobians(model, layers, output, width, probes=probes, seed=seed, provider=provider, threads=threads)
     stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
     step = _step(model, layers, data, output, jac.repeats, batch_size, provider)
+    with blas_threads(threads):
+        _accumulate(jac, layers, data, shape, step, stats, shared, progress)
+    return stats
+
+
+def _accumulate(jac, layers, data, shape, step, stats, shared, progress) -> None:
+    """Add every batch of ``data`` to ``stats``: G in the runtime's float type, products in ``add``."""
     done = 0
     for feeds, _ in data.batches(step):
         rows, inputs = jac.rows(feeds, shape)
@@ -144,12 +173,11 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Datase
             if layer.shared:
                 stats[layer.name].add_shared(layer, g, inputs[layer.name], jac.scale, exact=shared == "exact")
             else:
-                g = g[..., 0].astype(np.float64)
-                stats[layer.name].add(np.einsum("sro,sro->so", g, g) * jac.scale, inputs[layer.name])
+                g = g[..., 0]
+                stats[layer.name].add(np.einsum("sro,sro->so", g, g) * g.dtype.type(jac.scale), inputs[layer.name])
         done += len(next(iter(feeds.values())))
         if progress:
             progress(done, len(data))
-    return stats
 
 
 def collect_loss_gradients(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,
@@ -160,14 +188,15 @@ def collect_loss_gradients(model: onnx.ModelProto, layers: list[Layer], data: Da
     sums = {layer.name: np.zeros((layer.out_features, layer.in_features)) for layer in layers}
     step = _step(model, layers, data, output, 1, batch_size, provider)
     done = 0
-    for feeds, labels in data.batches(step):
-        g, z = grads(feeds, labels)
-        for layer in layers:
-            if layer.shared:
-                sums[layer.name] += shared_loss_gradient(g[layer.name], layer_patches(layer, z[layer.name]))
-            else:
-                sums[layer.name] += g[layer.name].T @ np.asarray(z[layer.name], np.float64).reshape(len(labels), -1)
-        done += len(labels)
-        if progress:
-            progress(done, len(data))
+    with blas_threads(threads):
+        for feeds, labels in data.batches(step):
+            g, z = grads(feeds, labels)
+            for layer in layers:
+                if layer.shared:
+                    sums[layer.name] += shared_loss_gradient(g[layer.name], layer_patches(layer, z[layer.name]))
+                else:
+                    sums[layer.name] += g[layer.name].T @ np.asarray(z[layer.name], np.float64).reshape(len(labels), -1)
+            done += len(labels)
+            if progress:
+                progress(done, len(data))
     return {name: s / len(data) for name, s in sums.items()}
