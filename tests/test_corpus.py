@@ -263,3 +263,13 @@ def test_inspect_names_what_it_cannot_prune_in_onnx_light_models(name):
     assert res.exit_code == 0, res.output
     report = json.loads(res.output[res.output.index("{\n"):])
     assert report["skipped"] and all("ConstantOfShape" in s["reason"] or "not" in s["reason"] for s in report["skipped"])
+
+
+def test_a_conv_model_stamped_with_the_newest_ir_and_opset_onnx_knows():
+    model = cnn(bias="none", batchnorm=True, pool=True)
+    model.ir_version = onnx.IR_VERSION
+    model.opset_import[0].version = onnx.defs.onnx_opset_version()
+    result = onnxprune.prune(model, images(10), 0.5)
+    assert result.model.ir_version == onnx.IR_VERSION
+    assert result.model.opset_import[0].version == onnx.defs.onnx_opset_version()
+    onnx.checker.check_model(result.model, full_check=True)
