@@ -6,17 +6,19 @@ import functools
 import json
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
 from . import api
-from .errors import InputError, OnnxPruneError
+from .errors import CheckFailed, InputError, OnnxPruneError
 from .fileio import check_output_path, write_json
 from .masks import SCOPES
 from .modelio import save_model
-from .report import evaluation_table, prune_table, skipped_table, table
+from .report import evaluation_table, prune_table, sensitivity_table, skipped_table, storage_table, table
 from .runtime import PROVIDERS, RuntimeUnavailable
 from .saliency import METHODS, REFIT_METHOD
+from .storage import STORAGES, storage_report
 
 
 class Ui:
@@ -25,6 +27,7 @@ class Ui:
     def __init__(self, verbose: bool = False, quiet: bool = False):
         self.verbose, self.quiet = verbose, quiet
         self._bar, self._step = None, None
+        self.written: list[str] = []  # outputs already in place (an interrupt after them says so)
 
     def out(self, text: str = "") -> None:
         if not self.quiet:
@@ -67,7 +70,8 @@ def command_errors(func):
         except (RuntimeUnavailable, MemoryError) as exc:
             _fail(str(exc) or type(exc).__name__, 1, ui)
         except KeyboardInterrupt:
-            _fail("interrupted; no output was written", 130, ui)
+            done = f"; {', '.join(map(str, ui.written))} had been written" if ui and ui.written else "; no output was written"
+            _fail("interrupted" + done, 130, ui)
         except click.exceptions.Exit:
             raise
         except Exception as exc:  # a bug or an onnxruntime failure we did not foresee: still one line
@@ -128,9 +132,22 @@ def main():
 
 @main.command()
 @model_arg
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False), required=False)
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Calibration data (.npz keyed by input name).")
-@click.option("--sparsity", required=True, type=float, help="Fraction of the prunable weights to remove (0..1).")
+@click.option("--sparsity", type=float, default=None, help="Fraction of the prunable weights to remove (0..1).")
+@click.option("--dry-run", is_flag=True,
+              help="Write no model: report the predicted error (and with --evaluate the loss) for every --ratios value.")
+@click.option("--ratios", default=None, metavar="R1,R2,...",
+              help="Sparsities of the dry run [default: 0.1,0.2,...,0.9,0.95].")
+@click.option("--evaluate", "evaluate_data", type=click.Path(dir_okay=False), default=None,
+              help="Dry run: measure loss, accuracy and output error of every ratio on this .npz.")
+@click.option("--max-loss-increase", default=None, metavar="1%|0.01",
+              help="Dry run: the loss budget relative to the dense loss on --evaluate; report the largest ratio within it.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Dry run: draw the loss-vs-sparsity curve to this PNG (needs matplotlib).")
+@click.option("--storage", type=click.Choice(STORAGES), default="dense", show_default=True,
+              help="Write pruned initializers dense, or as sparse initializers where smaller (disk only: "
+                   "onnxruntime expands them at load).")
 @click.option("--method", type=click.Choice([*METHODS, REFIT_METHOD]), default="ecp", show_default=True,
               help="Saliency; ecp-refit = ECP in steps with least-squares refits of the surviving weights.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
@@ -163,12 +180,35 @@ def main():
 @click.option("--force", is_flag=True, help="Replace existing output files; run nonlinear above its size limit.")
 @common
 @command_errors
-def prune(model, out, data, sparsity, method, steps, refit, chained, g_weighted, compensation, scope, exclude, seed,
+def prune(model, out, data, sparsity, dry_run, ratios, evaluate_data, max_loss_increase, plot_path, storage, method,
+          steps, refit, chained, g_weighted, compensation, scope, exclude, seed,
           probes, conv_statistics, batch_size, test_data,
           output, labels_key, provider, threads, json_path, force, verbose, quiet):
-    """Prune MODEL (one-shot, or in --steps) and write the result to OUT."""
+    """Prune MODEL (one-shot, or in --steps) and write the result to OUT.
+
+    With --dry-run, write no model: report how the error grows over --ratios and, with --evaluate
+    and --max-loss-increase, the largest ratio whose loss stays within the budget (exit 1 if none).
+    """
     ui = _ui(verbose, quiet)
+    params = dict(method=method, compensation=compensation, scope=scope, exclude=exclude, seed=seed, output=output,
+                  probes=probes, batch_size=batch_size, labels_key=labels_key, provider=provider, threads=threads,
+                  force=force, steps=steps, refit=refit, chained=chained, g_weighted=g_weighted,
+                  conv_statistics=conv_statistics, progress=ui.progress)
+    if dry_run:
+        return _dry_run(ui, model, out, data, sparsity, ratios, evaluate_data, max_loss_increase, plot_path, storage,
+                        test_data, json_path, force, params)
+    dry_only = {"--ratios": ratios, "--evaluate": evaluate_data, "--max-loss-increase": max_loss_increase, "--plot": plot_path}
+    given = [name for name, value in dry_only.items() if value is not None]
+    if given:
+        raise InputError(f"{given[0]} is an option of the dry run; add --dry-run (or use --test to evaluate a pruned model)")
+    if out is None:
+        raise InputError("missing OUT, the path of the pruned model (or add --dry-run to write no model)")
+    if sparsity is None:
+        raise InputError("missing --sparsity (or add --dry-run to try several --ratios)")
     check_output_path(out, force=force, inputs=[model, data])
+    if json_path and json_path != "-":
+        check_output_path(json_path, force=force, inputs=[model, data, out])
+    ui.info(f"scoring {model} with {method} on {data}")
     original = api.as_model(model)
     result = api.prune(original, data, sparsity, method=method, compensation=compensation, scope=scope,
                        exclude=exclude, seed=seed, output=output, probes=probes, batch_size=batch_size,
@@ -180,17 +220,63 @@ def prune(model, out, data, sparsity, method, steps, refit, chained, g_weighted,
         report["test"] = {name: api.evaluate(m, test_data, reference=original if name == "pruned" else None,
                                              output=output, provider=provider, labels_key=labels_key, threads=threads)
                           for name, m in (("original", original), ("pruned", result.model))}
-    save_model(result.model, out, force=force, inputs=[model])
+    if storage == "sparse":
+        report["storage"] = storage_report(result.model, storage)
+    save_model(result.model, out, force=force, inputs=[model], storage=storage)
+    ui.written.append(out)
+    if storage == "sparse":
+        report["storage"]["written_bytes"] = Path(out).stat().st_size
     ui.out(prune_table(result))
     if test_data:
         ui.out()
         ui.out(evaluation_table(report["test"]))
+    if storage == "sparse":
+        ui.out()
+        ui.out(storage_table(report["storage"]))
     ui.info(f"method {method}{'' if result.compensation else ' without compensation'}, protected output "
             f"{result.protected_output!r}, seconds " + ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()))
     if result.skipped:
         ui.info(skipped_table(report["skipped"]))
     ui.info(f"wrote {out}")
     _emit_json(json_path, report, force, ui)
+
+
+def _dry_run(ui, model, out, data, sparsity, ratios, evaluate_data, max_loss_increase, plot_path, storage, test_data,
+             json_path, force, params) -> None:
+    """``prune --dry-run``: the sensitivity report; nothing but the JSON report and the plot is written."""
+    from .sensitivity import DEFAULT_RATIOS, check_plotting, parse_budget, parse_ratios, plot, sensitivity
+
+    if out is not None:
+        raise InputError(f"--dry-run writes no model; drop OUT ({out}) or drop --dry-run")
+    refused = {"--sparsity": sparsity, "--test": test_data, "--storage": None if storage == "dense" else storage}
+    given = [name for name, value in refused.items() if value is not None]
+    if given:
+        raise InputError(f"{given[0]} does not apply to --dry-run (use --ratios and --evaluate)")
+    ratio_list = parse_ratios(ratios) if ratios is not None else list(DEFAULT_RATIOS)
+    budget = parse_budget(max_loss_increase) if max_loss_increase is not None else None
+    if budget is not None and evaluate_data is None:
+        raise InputError("--max-loss-increase needs --evaluate TEST.npz (the loss it bounds is measured there)")
+    inputs = [model, data, evaluate_data]
+    for path in (json_path if json_path != "-" else None, plot_path):
+        if path:
+            check_output_path(path, force=force, inputs=inputs)
+    if plot_path:
+        check_plotting()
+    ui.info(f"scoring {model} with {params['method']} on {data}")
+    report = sensitivity(model, data, ratio_list, evaluate=evaluate_data, max_loss_increase=budget, **params)
+    ui.out(sensitivity_table(report.to_dict()))
+    if budget is not None:
+        best = report.best_ratio
+        ui.out()
+        ui.out(f"largest ratio within +{100 * budget:g}% loss: " + ("none" if best is None else f"{best:g}"))
+    ui.info("seconds " + ", ".join(f"{k} {v:.2f}" for k, v in report.seconds.items()))
+    if plot_path:
+        plot(report, plot_path)
+        ui.info(f"plot written to {plot_path}")
+    _emit_json(json_path, report.to_dict(), force, ui)
+    if budget is not None and report.best_ratio is None:
+        raise CheckFailed(f"no ratio keeps the loss within +{100 * budget:g}% of the dense loss "
+                          f"{report.dense['loss']:.4g} (smallest tried: {report.points[0].ratio:g})")
 
 
 @main.command()

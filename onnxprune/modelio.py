@@ -12,6 +12,7 @@ from onnx import external_data_helper
 
 from .errors import InputError
 from .fileio import check_output_path
+from .storage import check_sparse, check_storage, densify, sparsify
 
 PROTOBUF_LIMIT = 2**31 - 2**20  # serialized protos above ~2 GB must keep tensors outside the file
 
@@ -27,6 +28,15 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise InputError(f"{path} is not a readable ONNX model ({_first_line(exc)})") from None
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise InputError(f"{path} is not an ONNX model (no graph nodes)")
+    if len(model.graph.sparse_initializer):
+        try:
+            onnx.checker.check_model(model)
+        except (onnx.checker.ValidationError, ValueError) as exc:
+            raise InputError(f"{path} fails onnx.checker: {_first_line(exc)}") from None
+        try:
+            densify(model)  # as onnxruntime does at load; --storage sparse writes them sparse again
+        except (ValueError, TypeError, IndexError) as exc:
+            raise InputError(f"{path}: cannot read its sparse initializers ({_first_line(exc)})") from None
     if uses_external_data(model):
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
@@ -54,13 +64,21 @@ def had_external_data(model: onnx.ModelProto) -> bool:
     return any(p.key == _EXTERNAL_MARK for p in model.metadata_props)
 
 
-def save_model(model: onnx.ModelProto, path: str | Path, *, force: bool = False, inputs=(), external_data: bool | None = None) -> Path:
+def save_model(model: onnx.ModelProto, path: str | Path, *, force: bool = False, inputs=(), external_data: bool | None = None,
+               storage: str = "dense") -> Path:
     """Write ``model`` atomically; tensors go to ``<name>.data`` when the input had them outside or
-    the model exceeds protobuf's 2 GB limit. Refuses to overwrite an input, or any file without force."""
+    the model exceeds protobuf's 2 GB limit. Refuses to overwrite an input, or any file without force.
+    ``storage="sparse"`` stores initializers as sparse initializers where that is smaller (see
+    ``onnxprune.storage``: it saves disk only; onnxruntime expands them at load)."""
     path = check_output_path(path, force=force, inputs=inputs)
+    check_storage(storage)
     if external_data is None:
         external_data = had_external_data(model)
     model = _without_mark(model)
+    if storage == "sparse":
+        model, converted = sparsify(model)
+        if converted:
+            check_sparse(model)
     external_data = external_data or model.ByteSize() >= PROTOBUF_LIMIT
     data_name = path.name + ".data"
     if external_data:

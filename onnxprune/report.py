@@ -47,3 +47,42 @@ def evaluation_table(reports: dict[str, dict]) -> str:
     rows = [[label] + [reports[n].get(key) for n in names] for key, label in metrics
             if any(key in reports[n] for n in names)]
     return table(["metric"] + names, rows)
+
+
+def sensitivity_table(report: dict) -> str:
+    """One row per ratio of a dry run: sparsity reached, predicted error, and what was measured."""
+    measured = report.get("dense") is not None
+    headers = ["ratio", "sparsity", "pruned", "predicted error"]
+    if measured:
+        headers += ["output error", "loss", "accuracy", "loss change"]
+    if report.get("max_loss_increase") is not None:
+        headers.append("within budget")
+    rows = []
+    if measured:
+        dense = report["dense"]
+        rows.append(["dense", "0.0%", 0, 0.0, 0.0, dense.get("loss"), _percent(dense.get("accuracy")), "-"]
+                    + (["-"] if report.get("max_loss_increase") is not None else []))
+    for p in report["points"]:
+        row = [f"{p['ratio']:g}", f"{100 * p['sparsity']:.1f}%", p["pruned"], p["predicted_error"]]
+        if measured:
+            change = p.get("loss_increase")
+            row += [p["output_error"], p["loss"], _percent(p["accuracy"]),
+                    None if change is None else f"{100 * change:+.2f}%"]
+        if report.get("max_loss_increase") is not None:
+            row.append("yes" if p["within_budget"] else "no")
+        rows.append(row)
+    return table(headers, rows)
+
+
+def storage_table(storage: dict) -> str:
+    """Bytes of the pruned model stored dense and sparse, raw and zlib-compressed."""
+    dense, sparse = storage["dense_bytes"], storage["sparse_bytes"]
+    rows = [["dense", dense, storage["dense_zlib_bytes"], "1.00x"],
+            ["sparse (COO, int64 indices)", sparse, storage["sparse_zlib_bytes"], f"{sparse / dense:.2f}x"]]
+    text = table(["storage", "bytes", "zlib bytes", "raw vs dense"], rows)
+    return text + f"\nwritten: {storage['storage']}, {storage['written_bytes']:,} bytes " \
+                  f"({len(storage['sparse_tensors'])} tensor(s) stored sparse; onnxruntime expands them to dense at load)"
+
+
+def _percent(value) -> str | None:
+    return None if value is None else f"{100 * value:.2f}%"
