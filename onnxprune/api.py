@@ -1,6 +1,7 @@
 """The Python API: load -> find layers -> statistics -> score -> mask -> rewrite -> validate."""
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -91,6 +92,43 @@ def find_layers(model: onnx.ModelProto) -> GraphLayers:
     return found
 
 
+def check_runs(model: onnx.ModelProto, provider: str = "cpu", feeds: dict[str, np.ndarray] | None = None) -> None:
+    """onnxruntime loads ``model`` (and runs it on ``feeds``); else an InputError saying why (an op
+    or a type it does not know, a shape its kernels refuse)."""
+    try:
+        session = runtime.make_session(model, provider)
+        if feeds is not None:
+            session.run(None, feeds)
+    except runtime.RuntimeUnavailable:
+        raise
+    except Exception as exc:  # onnxruntime's own exception types: Fail, NotImplemented, InvalidGraph, ...
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+        raise InputError(f"onnxruntime cannot run the model: {text[:300]}") from None
+
+
+def _few(model: onnx.ModelProto, data: Dataset) -> dict[str, np.ndarray] | None:
+    """Two samples to try ``model`` on, or as many as a fixed batch size asks (None if too few)."""
+    fixed = {vi.type.tensor_type.shape.dim[0].dim_value for vi in model_inputs(model)
+             if vi.type.tensor_type.HasField("shape") and len(vi.type.tensor_type.shape.dim)
+             and vi.type.tensor_type.shape.dim[0].dim_value > 0}
+    if len(fixed) > 1:
+        return None
+    n = fixed.pop() if fixed else 2
+    return data.subset(n).feeds if len(data) >= n else None
+
+
+def check_finite_weights(model: onnx.ModelProto, layers: list[Layer]) -> None:
+    """Layer weights and biases stored as initializers are finite; else an InputError naming one."""
+    names = {init.name for init in model.graph.initializer}
+    for layer in layers:
+        for name in (layer.weight, layer.bias):
+            if name in names:
+                value = read_initializer(model, name)
+                if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+                    raise InputError(f"initializer {name!r} of layer {layer.name} contains NaN or Inf")
+
+
 def effective_weights(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, np.ndarray]:
     return {layer.name: layer.to_rows(read_initializer(model, layer.weight)) for layer in layers}
 
@@ -139,7 +177,9 @@ class Pruner:
         self.model_.CopyFrom(source)  # every node gets a name in this copy; masks refer to it
         found = find_layers(self.model_)
         self.layers_, self.skipped_ = found.layers, found.skipped
+        check_finite_weights(self.model_, self.layers_)
         self.data_ = as_dataset(data, self.model_, self.labels_key, require_labels=method == "gradmag")
+        check_runs(self.model_, self.provider, _few(self.model_, self.data_))
         self.output_ = protected_output(self.model_, self.output)
         self.layers_, unreached = reaching(self.model_, self.layers_, self.output_)
         self.skipped_ = self.skipped_ + unreached
@@ -262,6 +302,9 @@ def evaluate(model, data, *, reference=None, output: str | None = None, provider
     model = as_model(model)
     reference = as_model(reference) if reference is not None else None
     dataset = as_dataset(data, model, labels_key)
+    for m in (model, reference):
+        if m is not None:
+            check_runs(m, provider, _few(m, dataset))
     return evaluate_dataset(model, dataset, reference=reference, output=output, provider=provider,
                             batch_size=batch_size, threads=threads)
 

@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -62,26 +63,32 @@ def command_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        ui = click.get_current_context().find_object(Ui)
+        def ui():  # the command makes its Ui once it has parsed -v/-q: look it up when needed
+            return click.get_current_context().find_object(Ui)
+
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():
+                if not kwargs.get("verbose"):  # numpy's RuntimeWarnings would add lines to a one-line error
+                    warnings.simplefilter("ignore")
+                return func(*args, **kwargs)
         except OnnxPruneError as exc:
-            _fail(str(exc), exc.exit_code, ui)
+            _fail(str(exc), exc.exit_code, ui())
         except (RuntimeUnavailable, MemoryError) as exc:
-            _fail(str(exc) or type(exc).__name__, 1, ui)
+            _fail(str(exc) or type(exc).__name__, 1, ui())
         except KeyboardInterrupt:
-            done = f"; {', '.join(map(str, ui.written))} had been written" if ui and ui.written else "; no output was written"
-            _fail("interrupted" + done, 130, ui)
+            written = ui().written if ui() else []
+            _fail("interrupted" + (f"; {', '.join(map(str, written))} had been written" if written
+                                   else "; no output was written"), 130, ui())
         except click.exceptions.Exit:
             raise
         except Exception as exc:  # a bug or an onnxruntime failure we did not foresee: still one line
-            if ui and ui.verbose:
+            if ui() and ui().verbose:
                 traceback.print_exc()
             _fail(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "
-                  "(run with --verbose for the traceback)", 1, ui)
+                  "(run with --verbose for the traceback)", 1, ui())
         finally:
-            if ui:
-                ui.close()
+            if ui():
+                ui().close()
 
     return wrapper
 

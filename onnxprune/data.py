@@ -122,7 +122,10 @@ def _input_scale(model: onnx.ModelProto) -> float | None:
 
 def _check_input(array: np.ndarray, vi: onnx.ValueInfoProto, scale: float | None, source: str) -> np.ndarray:
     ttype = vi.type.tensor_type
-    want = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+    try:
+        want = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+    except (KeyError, ValueError):
+        raise InputError(f"model input {vi.name!r} has an element type ({ttype.elem_type}) onnx does not know") from None
     name = vi.name
     if array.dtype == object or array.dtype.kind not in "biuf":
         raise InputError(f"{source}: array for {name!r} has dtype {array.dtype}, not numeric")

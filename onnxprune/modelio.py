@@ -47,7 +47,22 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         onnx.checker.check_model(model if model.ByteSize() < PROTOBUF_LIMIT else str(path))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise InputError(f"{path} fails onnx.checker: {_first_line(exc)}") from None
+    _check_element_types(model, path)
     return model
+
+
+def _check_element_types(model: onnx.ModelProto, path: Path) -> None:
+    """Every initializer, graph input and output has an element type onnx knows (the checker lets an
+    unknown number through, and everything after it would fail on it)."""
+    graph = model.graph
+    typed = [(t.name, t.data_type) for t in graph.initializer] + [
+        (vi.name, vi.type.tensor_type.elem_type) for vi in [*graph.input, *graph.output]
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type]
+    for name, elem in typed:
+        try:
+            onnx.helper.tensor_dtype_to_np_dtype(elem)
+        except (KeyError, ValueError):
+            raise InputError(f"{path}: tensor {name!r} has an element type ({elem}) onnx does not know") from None
 
 
 _EXTERNAL_MARK = "onnxprune.loaded_external_data"

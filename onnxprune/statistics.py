@@ -63,11 +63,13 @@ class LayerStatistics:
         zc = z.astype(dtype, copy=False) - self.shift.astype(dtype)
         zc2 = zc * zc
         g = np.asarray(g, dtype)
+        products = g.T @ np.concatenate([zc, zc2], axis=1)  # one (out, 2 in) product: faster than two
+        if dtype == np.float32 and not np.isfinite(products).all():
+            return self.add(np.asarray(g, np.float64), z.astype(np.float64))  # beyond float32's range
         n = len(z)
         self.n += n
         self.count_z += n
         self.sum_g += g.sum(0, dtype=np.float64)
-        products = g.T @ np.concatenate([zc, zc2], axis=1)  # one (out, 2 in) product: faster than two
         self.sum_gz += products[:, :zc.shape[1]]
         self.sum_gz2 += products[:, zc.shape[1]:]
         first, second = zc.sum(0, dtype=np.float64), zc2.sum(0, dtype=np.float64)
@@ -174,7 +176,11 @@ def _accumulate(jac, layers, data, shape, step, stats, shared, progress) -> None
                 stats[layer.name].add_shared(layer, g, inputs[layer.name], jac.scale, exact=shared == "exact")
             else:
                 g = g[..., 0]
-                stats[layer.name].add(np.einsum("sro,sro->so", g, g) * g.dtype.type(jac.scale), inputs[layer.name])
+                big_g = np.einsum("sro,sro->so", g, g) * g.dtype.type(jac.scale)
+                if not np.isfinite(big_g).all():  # beyond float32's range: square in float64
+                    g = g.astype(np.float64)
+                    big_g = np.einsum("sro,sro->so", g, g) * jac.scale
+                stats[layer.name].add(big_g, inputs[layer.name])
         done += len(next(iter(feeds.values())))
         if progress:
             progress(done, len(data))
