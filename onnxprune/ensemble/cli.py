@@ -1,0 +1,318 @@
+"""``onnxprune ensemble fit|curve``: a thin click skin over GibbsEnsemble and the ONNX export.
+
+The main CLI registers this group with ``main.add_command(ensemble)``. Errors are one line
+(``Error: ...``) with exit code 2 for bad input and 1 for failed checks; outputs are written
+atomically and never over an existing file without --force.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..data import read_npz
+from ..errors import CheckFailed, InputError, OnnxPruneError
+from ..fileio import check_output_path, write_bytes, write_json
+from .estimator import GibbsEnsemble, check_features, check_labels, compare_predictions
+from .export import input_scale_metadata, run_onnx, to_onnx
+
+FEATURE_KEYS = ("x", "X")
+LABEL_KEYS = ("y", "labels")
+CHECK_SAMPLES = 2000  # training samples the exported graph is checked on (onnxruntime vs numpy)
+
+
+def _errors(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except OnnxPruneError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except MemoryError:
+            click.echo("Error: out of memory; use fewer members or a smaller --batch-size", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted; no output was written", err=True)
+            sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # a bug or a runtime failure we did not foresee: still one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(f"Error: {type(exc).__name__}: {first}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+# -- parsing ----------------------------------------------------------------------------------------
+def parse_scale(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise InputError(f"--scale must be a number or a fraction like 1/255, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise InputError(f"--scale must be positive, got {text!r}")
+    return value
+
+
+def parse_temperature(text: str):
+    t = str(text).strip().lower()
+    if t in ("auto", "std"):
+        return t
+    try:
+        value = float(t)
+    except ValueError:
+        raise InputError(f"--temperature must be auto, std or a positive number, got {text!r}") from None
+    if math.isnan(value) or value <= 0:
+        raise InputError(f"--temperature must be positive, got {text!r}")
+    return value
+
+
+def parse_grid(text: str | None, option: str) -> np.ndarray | None:
+    """'TMIN:TMAX:NUM' -> a log grid of NUM temperatures from TMIN to TMAX."""
+    if text is None:
+        return None
+    parts = text.split(":")
+    try:
+        lo, hi, num = float(parts[0]), float(parts[1]), int(parts[2])
+        if len(parts) != 3:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise InputError(f"{option} must look like TMIN:TMAX:NUM (e.g. 1e-3:1:31), got {text!r}") from None
+    if not (0 < lo <= hi < math.inf) or num < 1:
+        raise InputError(f"{option} needs 0 < TMIN <= TMAX and NUM >= 1, got {text!r}")
+    return np.logspace(math.log10(lo), math.log10(hi), num)
+
+
+def parse_hidden(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.replace(" ", "").split(",") if w)
+    except ValueError:
+        raise InputError(f"--hidden must be comma-separated widths like 64 or 64,32, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise InputError(f"--hidden must be positive widths, got {text!r}")
+    return widths
+
+
+def load_xy(path: str, features_key: str | None, labels_key: str | None, scale: float | None,
+            n_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Features (float32, flattened to (N, d), uint8 times --scale) and int64 labels from an .npz."""
+    arrays = read_npz(path)
+    if labels_key:
+        if labels_key not in arrays:
+            raise InputError(f"{path}: no labels array {labels_key!r}; found {sorted(arrays)}")
+        lkey = labels_key
+    else:
+        found = [k for k in LABEL_KEYS if k in arrays]
+        if not found:
+            raise InputError(f"{path}: no labels array 'y' or 'labels' (found {sorted(arrays)}); use --labels-key")
+        lkey = found[0]
+    if features_key:
+        if features_key not in arrays:
+            raise InputError(f"{path}: no features array {features_key!r}; found {sorted(arrays)}")
+        fkey = features_key
+    else:
+        found = [k for k in FEATURE_KEYS if k in arrays]
+        others = [k for k in arrays if k not in LABEL_KEYS]
+        if found:
+            fkey = found[0]
+        elif len(others) == 1:
+            fkey = others[0]
+        else:
+            raise InputError(f"{path}: no features array 'x' or 'X' (found {sorted(arrays)}); use --features-key")
+    raw = arrays[fkey]
+    if raw.dtype == object or raw.dtype.kind not in "biuf":
+        raise InputError(f"{path}: features {fkey!r} have dtype {raw.dtype}, not numeric")
+    if raw.ndim < 2:
+        raise InputError(f"{path}: features {fkey!r} must have a sample axis and feature axes, got shape {list(raw.shape)}")
+    if raw.shape[0] == 0:
+        raise InputError(f"{path}: features {fkey!r} have no samples")
+    raw = raw.reshape(len(raw), -1)
+    if raw.dtype == np.uint8:
+        if scale is None:
+            raise InputError(f"{path}: features {fkey!r} are uint8; pass --scale (e.g. 1/255), which the model records "
+                             "for onnxprune evaluate")
+        X = raw.astype(np.float32) * np.float32(scale)  # the same arithmetic as onnxprune evaluate
+    else:
+        if scale is not None:
+            raise InputError(f"{path}: --scale applies to uint8 features only, {fkey!r} is {raw.dtype}")
+        X = raw
+    try:
+        X = check_features(X, name=f"{path}: features {fkey!r}")
+        y = check_labels(arrays[lkey], len(X), n_classes, name=f"{path}: labels {lkey!r}")
+    except InputError as exc:
+        raise InputError(str(exc)) from None
+    return X, y
+
+
+# -- options shared by fit and curve -----------------------------------------------------------------
+def member_options(func):
+    options = [
+        click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training data (.npz: x/X and y/labels)."),
+        click.option("--members", "n_members", type=int, default=1000, show_default=True, help="Number of random members N."),
+        click.option("--kind", default="perceptron", show_default=True, help="perceptron (random linear) or mlp."),
+        click.option("--hidden", default="64", show_default=True, help="Hidden widths of mlp members, e.g. 64 or 64,32."),
+        click.option("--activation", default="tanh", show_default=True, help="tanh or relu (mlp)."),
+        click.option("--weight-scale", type=float, default=1.0, show_default=True,
+                     help="Multiplier of the N(0, gain^2/fan_in) weight std."),
+        click.option("--bias-scale", type=float, default=0.0, show_default=True, help="Std of the biases (0: none)."),
+        click.option("--center/--no-center", default=False, show_default=True,
+                     help="Subtract the training mean inside the model (hyperplanes through the data centre)."),
+        click.option("--energy", default="zero-one", show_default=True, help="zero-one or cross-entropy (per-sample mean)."),
+        click.option("--vote", default="hard", show_default=True, help="hard (weighted votes) or soft (weighted probabilities)."),
+        click.option("--temperature", default="auto", show_default=True,
+                     help="auto (validation split, log grid), std (T = std of the energies) or a positive value."),
+        click.option("--temperature-grid", default=None, help="Validation grid TMIN:TMAX:NUM (default: +-2 decades around std(E))."),
+        click.option("--validation-fraction", type=float, default=0.25, show_default=True),
+        click.option("--classes", "n_classes", type=int, default=None, help="Number of classes (default: max label + 1)."),
+        click.option("--scale", default=None, help="Multiply uint8 features by this (e.g. 1/255); recorded in the model."),
+        click.option("--features-key", default=None, help="Array name of the features (default x or X)."),
+        click.option("--labels-key", default=None, help="Array name of the labels (default y or labels)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the member generator."),
+        click.option("--batch-size", type=int, default=1024, show_default=True, help="Samples per chunk."),
+        click.option("--force", is_flag=True, help="Replace existing output files."),
+        click.option("--verbose", "-v", is_flag=True, help="Print the fitted temperature, effective size, checks."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _make_estimator(kw: dict) -> GibbsEnsemble:
+    return GibbsEnsemble(
+        n_members=kw["n_members"], kind=kw["kind"], hidden=parse_hidden(kw["hidden"]), activation=kw["activation"],
+        weight_scale=kw["weight_scale"], bias_scale=kw["bias_scale"], center=kw["center"], energy=kw["energy"],
+        vote=kw["vote"], temperature=parse_temperature(kw["temperature"]),
+        temperature_grid=parse_grid(kw["temperature_grid"], "--temperature-grid"),
+        validation_fraction=kw["validation_fraction"], n_classes=kw["n_classes"], batch_size=kw["batch_size"],
+        random_state=kw["seed"], progress=sys.stderr.isatty())
+
+
+def _info(verbose: bool, text: str) -> None:
+    if verbose:
+        click.echo(text, err=True)
+
+
+def _describe(est: GibbsEnsemble) -> str:
+    s = est.summary()
+    return (f"{s['members']} {s['kind']} members, {s['classes']} classes, {s['features']} features; "
+            f"T = {s['temperature']:.4g} ({s['temperature_rule']}), std(E) = {s['temperature_std']:.4g}, "
+            f"effective size {s['effective_size']:.1f}, min energy {s['energy_min']:.4f}")
+
+
+@click.group("ensemble")
+def ensemble():
+    """Gibbs-weighted ensembles of random classifiers, exported as one ONNX graph."""
+
+
+@ensemble.command("fit")
+@member_options
+@click.option("--drop-below", type=float, default=None,
+              help="Drop members whose Gibbs weight is below this; prints how many remain and how many "
+                   "training predictions change.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write a JSON summary (temperature, effective size, validation curve, drop report).")
+@click.argument("out", type=click.Path(dir_okay=False))
+@_errors
+def fit(out, drop_below, json_path, **kw):
+    """Fit a Gibbs ensemble on --data and write it as one ONNX graph to OUT (.onnx)."""
+    check_output_path(out, kw["force"], inputs=[kw["data"]])
+    if json_path:
+        check_output_path(json_path, kw["force"], inputs=[kw["data"], out])
+    scale = parse_scale(kw["scale"])
+    est = _make_estimator(kw)
+    X, y = load_xy(kw["data"], kw["features_key"], kw["labels_key"], scale, kw["n_classes"])
+    est.fit(X, y)
+    _info(kw["verbose"], _describe(est))
+    report = {"data": str(kw["data"]), "model": str(out), "summary": est.summary(),
+              "validation_curve": est.validation_curve_}
+    final = est
+    if drop_below is not None:
+        final = est.drop_members(drop_below)
+        change = compare_predictions(est, final, X)
+        report["drop"] = {**final.dropped_, **change}
+        d = report["drop"]
+        click.echo(f"kept {d['members_kept']} of {d['members_total']} members (weight >= {drop_below:g}; "
+                   f"weight dropped {d['weight_dropped']:.3g}); predictions changed on {d['predictions_changed']} "
+                   f"of {d['samples']} training samples ({100 * d['fraction_changed']:.2f}%)")
+    model = to_onnx(final, metadata=input_scale_metadata(scale))
+    n = min(len(X), CHECK_SAMPLES)
+    _, labels = run_onnx(model, X[:n], batch_size=min(256, est.batch_size))
+    mismatch = int(np.sum(labels != final.predict(X[:n])))
+    if mismatch:
+        raise CheckFailed(f"the exported graph disagrees with the estimator on {mismatch} of {n} training samples")
+    _info(kw["verbose"], f"onnxruntime check: predictions equal the estimator's on {n} training samples")
+    report["onnx_check"] = {"samples": n, "mismatches": mismatch}
+    data = model.SerializeToString()
+    write_bytes(out, data)
+    _info(kw["verbose"], f"wrote {out} ({len(data) / 1e6:.1f} MB)")
+    if json_path:
+        write_json(json_path, report)
+        _info(kw["verbose"], f"wrote {json_path}")
+
+
+@ensemble.command("curve")
+@member_options
+@click.option("--eval", "eval_path", default=None, type=click.Path(dir_okay=False),
+              help="Data the curve is measured on (default: a held-out --holdout fraction of --data).")
+@click.option("--holdout", type=float, default=0.25, show_default=True,
+              help="Without --eval: the fraction of --data held out for the curve (energies use the rest).")
+@click.option("--temperatures", default=None, help="Curve grid TMIN:TMAX:NUM (default: +-2 decades around std(E)).")
+@click.option("--png", "png_path", default=None, type=click.Path(dir_okay=False),
+              help="The plot (default: OUT with the suffix .png).")
+@click.argument("out", type=click.Path(dir_okay=False))
+@_errors
+def curve(out, eval_path, holdout, temperatures, png_path, **kw):
+    """Error, loss and effective size against T (JSON to OUT, plot to --png), with T->0 and T->inf."""
+    png_path = png_path or str(Path(out).with_suffix(".png"))
+    if Path(png_path).resolve() == Path(out).resolve():
+        raise InputError("the JSON and the PNG need different paths")
+    inputs = [kw["data"], eval_path]
+    check_output_path(out, kw["force"], inputs=inputs)
+    check_output_path(png_path, kw["force"], inputs=inputs)
+    scale = parse_scale(kw["scale"])
+    grid = parse_grid(temperatures, "--temperatures")
+    est = _make_estimator(kw)
+    X, y = load_xy(kw["data"], kw["features_key"], kw["labels_key"], scale, kw["n_classes"])
+    if eval_path:
+        Xe, ye = load_xy(eval_path, kw["features_key"], kw["labels_key"], scale)
+        source = str(eval_path)
+    else:
+        if not (0 < holdout < 1):
+            raise InputError(f"--holdout must be between 0 and 1, got {holdout}")
+        n_hold = int(round(holdout * len(X)))
+        if n_hold < 1 or n_hold >= len(X):
+            raise InputError(f"--holdout {holdout} of {len(X)} samples leaves an empty part; pass --eval")
+        order = np.random.default_rng(np.random.SeedSequence([kw["seed"], 2])).permutation(len(X))
+        Xe, ye = X[order[:n_hold]], y[order[:n_hold]]
+        X, y = X[order[n_hold:]], y[order[n_hold:]]
+        source = f"{kw['data']} (held-out {n_hold} samples)"
+    est.fit(X, y)
+    if Xe.shape[1] != X.shape[1]:
+        raise InputError(f"{eval_path}: {Xe.shape[1]} features, the training data have {X.shape[1]}")
+    if ye.max() >= est.n_classes_:
+        raise InputError(f"{eval_path}: label {ye.max()} is beyond the {est.n_classes_} training classes")
+    _info(kw["verbose"], _describe(est))
+    result = est.temperature_curve(Xe, ye, grid)
+    report = {"data": str(kw["data"]), "eval": source, "summary": est.summary(), "curve": result,
+              "validation_curve": est.validation_curve_}
+    from .report import plot_curves
+
+    title = (f"{est.members_.n_members} random {est.kind} members, {est.energy} energy, {est.vote} votes\n"
+             f"error on {source}")
+    plot_curves(png_path, [("Gibbs ensemble", result)], title,
+                markers={f"T = std(E) = {est.temperature_std_:.3g}": est.temperature_std_,
+                         f"fitted T ({est.temperature}) = {est.temperature_:.3g}": est.temperature_})
+    write_json(out, report)
+    opt = result.get("optimum", {})
+    _info(kw["verbose"], f"best member error {result['best_member']['error']:.4f}, uniform {result['uniform']['error']:.4f}, "
+          f"optimum {opt.get('error', float('nan')):.4f} at T = {opt.get('temperature', float('nan')):.4g}; "
+          f"wrote {out} and {png_path}")
