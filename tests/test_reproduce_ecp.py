@@ -79,3 +79,10 @@ def test_quick_mode_end_to_end(study, mnist, tmp_path):
     again = json.loads(out.with_suffix(".json").read_text())
     assert again["units"] == results["units"]
     assert out.with_suffix(".md").read_text().startswith("# mine\n\nprose\n\n" + study.START)
+
+    # --redraw rebuilds the same summary from the stored units alone
+    redrawn = tmp_path / "res" / "redrawn"
+    assert study.main(["--mnist", str(mnist), "--redraw", str(out.with_suffix(".json")), "--out", str(redrawn)]) == 0
+    replay = json.loads(redrawn.with_suffix(".json").read_text())
+    assert replay["summary"] == again["summary"] and replay["command"] == again["command"] and "redrawn_by" in replay
+    assert "redrawn by" in redrawn.with_suffix(".md").read_text()
