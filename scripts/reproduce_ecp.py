@@ -61,6 +61,8 @@ START, END = "<!-- reproduce_ecp:start -->", "<!-- reproduce_ecp:end -->"
 
 @dataclass(frozen=True)
 class Settings:
+    """The grid (defaults: the paper's); everything but the seeds must match for --work to reuse a unit."""
+
     hidden: tuple[tuple[int, ...], ...] = ((32, 32), (64, 64))
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     ratios: tuple[float, ...] = RATIOS
@@ -71,6 +73,8 @@ class Settings:
 
 @dataclass
 class Data:
+    """The study's arrays in memory, already scaled: the API takes dicts of arrays, no .npz needed."""
+
     train_x: np.ndarray
     train_y: np.ndarray
     test_x: np.ndarray
