@@ -366,6 +366,7 @@ def finetune(model, out, data, epochs, lr, batch_size, seed, output, labels_key,
     if len(dataset.feeds) != 1:
         raise InputError(f"fine-tuning needs a model with one data input, this one has {len(dataset.feeds)}")
     masks = zero_masks(original)
+    ui.info(f"training {model} for {epochs} epochs on {len(dataset)} samples of {data}")
     bar = None
 
     def progress(epoch, batch, n_batches, loss):

@@ -260,7 +260,7 @@ class _GradientModel:
         builder, optimize, options = runtime.gradient_builder()
         offsets = {offset_name(layer) for layer in self.layers}
         quiet = options()
-        quiet.log_severity_level = 3
+        quiet.log_severity_level = 4
         try:
             optimized = optimize(m.SerializeToString(), offsets, quiet)
             grad = builder(optimized, {OBJECTIVE}, offsets, OBJECTIVE, quiet)

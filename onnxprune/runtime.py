@@ -29,7 +29,7 @@ def _shim_training_optim() -> None:
 _shim_training_optim()
 import onnxruntime as ort  # noqa: E402
 
-ort.set_default_logger_severity(3)
+ort.set_default_logger_severity(4)  # fatal only: errors reach the caller as exceptions, not as log lines on stderr
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -96,7 +96,7 @@ def provider_list(provider: str = "cpu") -> list[str]:
 def session_options(threads: int | None = None) -> "ort.SessionOptions":
     """Session options that do not leave spinning threads behind to slow numpy down."""
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions; their log lines would break one-line CLI errors
     if threads:
         so.intra_op_num_threads = int(threads)
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -1,0 +1,83 @@
+"""Interrupting prune or finetune leaves nothing behind; the same seed gives the same bytes."""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from onnxprune.cli import main
+from onnxprune.zoo import build_mlp
+from tinynets import data, mlp
+
+EXE = Path(sys.executable).with_name("onnxprune")
+
+
+def _interrupt(args: list[str], started: str, folder: Path) -> subprocess.CompletedProcess:
+    """Run the installed command with -v (temporary files in ``folder``/tmp), send SIGINT once it
+    has printed ``started`` (its work has begun) and a moment has passed, and return how it ended."""
+    (folder / "tmp").mkdir()
+    proc = subprocess.Popen([str(EXE), *args, "-v"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(folder / "tmp")})
+    first = proc.stderr.readline()
+    assert started in first, first + proc.stderr.read()
+    time.sleep(0.5)
+    assert proc.poll() is None, "the command finished before it could be interrupted; give it more work"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, first + err)
+
+
+def _left(folder: Path, inputs: set[str]) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name not in inputs)
+
+
+def test_sigint_during_prune_leaves_no_output(tmp_path):
+    # brute force scores ~10k weights with one forward pass of 512 samples each: far longer than the test waits
+    onnx.save(build_mlp((96,), inputs=96, classes=10), tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=rng.random((512, 96), dtype=np.float32))
+    done = _interrupt(["prune", str(tmp_path / "model.onnx"), str(tmp_path / "out.onnx"), "--data",
+                       str(tmp_path / "calib.npz"), "--sparsity", "0.5", "--method", "nonlinear", "--force",
+                       "--json", str(tmp_path / "report.json")], "scoring", tmp_path)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "Error: interrupted; no output was written"
+    assert "Traceback" not in done.stderr
+    assert _left(tmp_path, {"model.onnx", "calib.npz", "tmp"}) == [] and _left(tmp_path / "tmp", set()) == []
+
+
+def test_sigint_during_finetune_leaves_no_output(tmp_path):
+    onnx.save(build_mlp((64,), inputs=64, classes=10), tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", x=rng.random((4000, 64), dtype=np.float32), y=rng.integers(0, 10, 4000))
+    done = _interrupt(["finetune", str(tmp_path / "model.onnx"), str(tmp_path / "out.onnx"), "--data",
+                       str(tmp_path / "train.npz"), "--epochs", "500", "--batch-size", "16"], "training", tmp_path)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "Error: interrupted; no output was written"
+    assert "Traceback" not in done.stderr
+    assert _left(tmp_path, {"model.onnx", "train.npz", "tmp"}) == [] and _left(tmp_path / "tmp", set()) == []
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("method, extra", [("ecp", []), ("random", ["--seed", "7"]), ("ecp", ["--storage", "sparse"]),
+                                           ("ecp", ["--probes", "3", "--seed", "5"])])
+def test_same_seed_same_bytes(tmp_path, method, extra):
+    model, _, _ = mlp((5, 16, 8, 3), activation="relu", softmax=True)
+    onnx.save(model, tmp_path / "model.onnx")
+    np.savez(tmp_path / "calib.npz", **data(120))
+    digests = []
+    for name in ("a.onnx", "b.onnx"):
+        res = CliRunner().invoke(main, ["prune", str(tmp_path / "model.onnx"), str(tmp_path / name), "--data",
+                                        str(tmp_path / "calib.npz"), "--sparsity", "0.9", "--method", method, *extra])
+        assert res.exit_code == 0, res.output
+        digests.append(_digest(tmp_path / name))
+    assert digests[0] == digests[1]
