@@ -10,7 +10,7 @@ import onnx
 from . import runtime
 from .data import Dataset
 from .errors import CheckFailed, InputError
-from .layers import output_kind
+from .layers import output_kind, scored_output
 
 
 def predict(model: onnx.ModelProto, data: Dataset, output: str, provider: str = "cpu", batch_size: int = 1024,
@@ -48,10 +48,7 @@ def evaluate_dataset(model: onnx.ModelProto, data: Dataset, *, reference: onnx.M
                      output: str | None = None, provider: str = "cpu", batch_size: int = 1024,
                      threads: int | None = None) -> dict:
     """The evaluation report of ``model`` on ``data`` (see ``onnxprune.evaluate``)."""
-    names = [o.name for o in model.graph.output]
-    output = output or names[0]
-    if output not in names and not any(output in n.output for n in model.graph.node):
-        raise InputError(f"no tensor named {output!r} in the model (outputs: {names})")
+    output = scored_output(model, output)
     values, seconds = predict(model, data, output, provider, batch_size, threads)
     kind = output_kind(model, output)
     if kind == "logits" and looks_like_probabilities(values):

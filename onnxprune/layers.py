@@ -524,10 +524,18 @@ PROBABILITY_OPS = {"Softmax": "probabilities", "LogSoftmax": "log-probabilities"
 
 
 def protected_output(model: onnx.ModelProto, output: str | None = None) -> str:
-    """The tensor ECP protects: ``output`` if given (a graph output or any node output), else the
-    first graph output that is a float tensor, read before a ZipMap (skl2onnx classifiers: the
-    label output and the ZipMap of probabilities are passed over) and before a final
-    Softmax/LogSoftmax (the logits are protected)."""
+    """The tensor ECP protects: ``output`` if given, else the model's scores (``scored_output``)
+    read before a final Softmax/LogSoftmax (the logits are protected)."""
+    name = scored_output(model, output)
+    if output is not None:
+        return name
+    return _before_probabilities(name, {out: node for node in model.graph.node for out in node.output})
+
+
+def scored_output(model: onnx.ModelProto, output: str | None = None) -> str:
+    """The model's scores: ``output`` if given (a graph output or any node output), else the first
+    graph output that is a float tensor, read before a ZipMap (skl2onnx classifiers: the label
+    output and the ZipMap of probabilities are passed over). What ``evaluate`` scores."""
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
     if output is not None:
@@ -552,7 +560,7 @@ def protected_output(model: onnx.ModelProto, output: str | None = None) -> str:
             elem = types.get(name, 0)
         if elem and elem not in FLOAT_TYPES:
             continue  # labels, indices, strings
-        return _before_probabilities(name, producers)
+        return name
     from .errors import InputError
 
     raise InputError(f"the model has no float tensor output to protect (outputs: {[o.name for o in graph.output]}); "
