@@ -1,0 +1,459 @@
+"""Speed and memory of the statistics, in multiples of one onnxruntime forward pass, and what random
+probes cost in accuracy. Writes docs/benchmarks.md (and a JSON copy).
+
+    .venv/bin/python scripts/bench.py [--samples 10000] [--repeats 2] [--out docs/benchmarks.md]
+        [--json docs/results/benchmarks.json] [--quick] [--inline]
+
+Models: a 784-1024-1024-10 PReLU MLP (``zoo.build_mlp((1024, 1024))``, untrained: timing needs no
+trained weights) and the MNIST CNN (models/mnist_cnn.onnx; an untrained one of the same shape if the
+file is missing), scored on the first --samples MNIST test images. Every measurement runs in a
+fresh subprocess, so its peak RSS (``resource.getrusage``) is its own, and times its own forward
+passes (the median of three before and three after the measured step), so that each ratio compares
+two timings taken under the same load on a shared machine. Ratios are wall-clock; CPU-time ratios
+(all threads) are given beside them because they move less with the load of other processes.
+
+The probes study uses the trained MNIST MLP (K = 10: models/mnist_calib.npz to score,
+models/mnist_test.npz to evaluate) and an untrained 784-256-1000 MLP (K = 1000) for the many-output
+case: ranking agreement (Spearman's rho over all scores, overlap of the pruned sets) and loss or
+measured output error against the exact Jacobian.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import onnxprune  # noqa: E402
+from onnxprune import fileio, runtime  # noqa: E402
+from onnxprune.api import Pruner, as_dataset, as_model  # noqa: E402
+from onnxprune.data import Dataset, read_npz  # noqa: E402
+from onnxprune.jacobians import OutputJacobians, output_shape  # noqa: E402
+from onnxprune.layers import analyse_graph, protected_output, read_initializer  # noqa: E402
+from onnxprune.statistics import collect_loss_gradients, collect_statistics  # noqa: E402
+from onnxprune.zoo import build_mlp  # noqa: E402
+
+BATCH = 256
+
+
+# ---------------------------------------------------------------- one measurement (in a subprocess)
+
+def build_cnn(seed: int = 0):
+    """The MNIST CNN's architecture (scripts/train_models.py), untrained: for timing when the trained
+    file is not there."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = []
+
+    def param(name, shape, fan_in):
+        bound = 1.0 / np.sqrt(fan_in)
+        inits.append(numpy_helper.from_array(rng.uniform(-bound, bound, size=shape).astype(np.float32), name))
+
+    for name, shape, fan_in in [("conv1.weight", (8, 1, 5, 5), 25), ("conv1.bias", (8,), 25),
+                                ("conv2.weight", (16, 8, 5, 5), 200), ("conv2.bias", (16,), 200),
+                                ("fc1.weight", (64, 256), 256), ("fc1.bias", (64,), 256),
+                                ("fc2.weight", (10, 64), 64), ("fc2.bias", (10,), 64)]:
+        param(name, shape, fan_in)
+    inits.append(numpy_helper.from_array(np.array([-1, 1, 28, 28], np.int64), "image_shape"))
+    make = helper.make_node
+    nodes = [make("Reshape", ["x", "image_shape"], ["image"]),
+             make("Conv", ["image", "conv1.weight", "conv1.bias"], ["c1"], name="conv1", kernel_shape=[5, 5]),
+             make("Relu", ["c1"], ["r1"]), make("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+             make("Conv", ["p1", "conv2.weight", "conv2.bias"], ["c2"], name="conv2", kernel_shape=[5, 5]),
+             make("Relu", ["c2"], ["r2"]), make("MaxPool", ["r2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
+             make("Flatten", ["p2"], ["flat"]),
+             make("Gemm", ["flat", "fc1.weight", "fc1.bias"], ["f1"], name="fc1", transB=1), make("Relu", ["f1"], ["r3"]),
+             make("Gemm", ["r3", "fc2.weight", "fc2.bias"], ["logits"], name="fc2", transB=1)]
+    graph = helper.make_graph(nodes, "mnist_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 784])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def images(samples: int, offset: int = 0) -> np.ndarray:
+    x = read_npz(ROOT / "models" / "mnist_test.npz")["x"]
+    if offset + samples > len(x):
+        raise SystemExit(f"only {len(x)} test images; asked for {offset + samples}")
+    return (x[offset:offset + samples].reshape(samples, -1).astype(np.float32) / np.float32(255))
+
+
+def load(name: str, samples: int):
+    if name == "mlp":
+        model = build_mlp((1024, 1024))
+    elif name == "mlp1000":
+        model = build_mlp((256,), classes=1000)
+    elif name == "cnn":
+        path = ROOT / "models" / "mnist_cnn.onnx"
+        model = as_model(path) if path.exists() else build_cnn()
+    else:
+        raise SystemExit(f"unknown model {name}")
+    return model, Dataset({"x": images(samples)})
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def forward_times(model, data: Dataset, threads) -> list[tuple[float, float]]:
+    session = runtime.make_session(model, threads=threads)
+    names = [o.name for o in session.get_outputs()]
+    times = []
+    for _ in range(3):
+        wall, cpu = time.perf_counter(), time.process_time()
+        for feeds, _ in data.batches(BATCH):
+            session.run(names, feeds)
+        times.append((time.perf_counter() - wall, time.process_time() - cpu))
+    return times
+
+
+@contextlib.contextmanager
+def as_before(before: bool):
+    """Inside, with ``before``: the statistics as they were before the split gradient graph and the
+    float32 products (every probe's row through the whole graph, products in float64)."""
+    if not before:
+        yield
+        return
+    from onnxprune import jacobians, statistics
+
+    build, add = jacobians.SplitGradient.build, statistics.LayerStatistics.add
+    jacobians.SplitGradient.build = classmethod(lambda cls, *a, **k: None)
+    statistics.LayerStatistics.add = lambda self, g, z: add(self, np.asarray(g, np.float64), np.asarray(z, np.float64))
+    try:
+        yield
+    finally:
+        jacobians.SplitGradient.build, statistics.LayerStatistics.add = build, add
+
+
+def measure(spec: dict) -> dict:
+    """Time one step on one model; forward passes before and after it give the unit."""
+    model, data = load(spec["model"], spec["samples"])
+    threads = spec.get("threads")
+    forward_times(model, data.subset(BATCH), threads)  # warm-up
+    before_rss = rss_mb()
+    fwd = forward_times(model, data, threads)
+    wall, cpu = time.perf_counter(), time.process_time()
+    extra = {}
+    if spec["kind"] == "forward":
+        pass
+    elif spec["kind"] == "fwdbwd":  # one probe: one forward and one backward pass per sample
+        layers = analyse_graph(model).layers
+        out = protected_output(model)
+        shape = output_shape(model, out, data.subset(1).feeds)
+        jac = OutputJacobians(model, layers, out, int(np.prod(shape)), probes=1, threads=threads)
+        with runtime.blas_threads(threads):
+            for feeds, _ in data.batches(BATCH):
+                jac.rows(feeds, shape)
+    elif spec["kind"] in ("ecp", "gradmag"):  # the statistics each scorer asks for, nothing else
+        layers = analyse_graph(model).layers
+        out = protected_output(model)
+        if spec["kind"] == "ecp":
+            with as_before(spec.get("before", False)):
+                collect_statistics(model, layers, data, out, probes=spec.get("probes"), threads=threads,
+                                   shared=spec.get("shared", "exact"))
+        else:
+            labels = np.asarray(read_npz(ROOT / "models" / "mnist_test.npz")["y"][:len(data)], np.int64)
+            collect_loss_gradients(model, layers, Dataset(data.feeds, labels), out, threads=threads)
+    else:  # a whole Pruner.fit: checks, statistics and scores
+        labels = np.asarray(read_npz(ROOT / "models" / "mnist_test.npz")["y"][:len(data)], np.int64)
+        pruner = Pruner(spec["method"], threads=threads, probes=spec.get("probes"))
+        pruner.fit(model, Dataset(data.feeds, labels))
+        extra = {"steps": {k: round(v, 3) for k, v in pruner.seconds_.items()}}
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    fwd += forward_times(model, data, threads)
+    return {**spec, "seconds": wall, "cpu_seconds": cpu, "forward_seconds": float(np.median([f[0] for f in fwd])),
+            "forward_cpu_seconds": float(np.median([f[1] for f in fwd])), "rss_before_mb": before_rss,
+            "peak_rss_mb": peak_mb(), "load": os.getloadavg()[0], **extra}
+
+
+def run_measure(spec: dict, inline: bool) -> dict:
+    if inline:
+        return measure(spec)
+    done = subprocess.run([sys.executable, __file__, "--measure", json.dumps(spec)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"measurement {spec} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the probes study (in process)
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    sorted_values = values[order]
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end - 1) / 2
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(average_ranks(a), average_ranks(b))[0, 1])
+
+
+def flat_scores(pruner: Pruner) -> np.ndarray:
+    return np.concatenate([pruner.saliencies_[layer.name].scores.ravel() for layer in pruner.layers_])
+
+
+def pruned_set(pruner: Pruner, ratio: float):
+    """The indices (over all layers' (out, in) weights) that ``pruner`` removes at ``ratio``, and the result."""
+    result = pruner.prune(ratio)
+    zeros = [layer.to_rows(read_initializer(result.model, layer.weight)).ravel() == 0 for layer in pruner.layers_]
+    return set(np.flatnonzero(np.concatenate(zeros)).tolist()), result
+
+
+def probes_study(kind: str, quick: bool) -> list[dict]:
+    """Exact Jacobian against random probes: time, ranking agreement, pruned-set overlap, and the
+    loss (trained K = 10 model) or the measured output error (untrained K = 1000 model)."""
+    rows = []
+    if kind == "mnist":
+        model = as_model(ROOT / "models" / "mnist_mlp.onnx")
+        calib = as_dataset(ROOT / "models" / "mnist_calib.npz", model)
+        test = as_dataset(ROOT / "models" / "mnist_test.npz", model)
+        variants = [(None, 0)] + [(p, s) for p in (1, 2, 5) for s in range(3)]
+        if quick:
+            calib, test, variants = calib.subset(128), test.subset(256), variants[:2]
+        ratios = (0.5, 0.8)
+    else:
+        model = build_mlp((256,), classes=1000)
+        n = 32 if quick else 1000
+        calib, test = Dataset({"x": images(n)}), Dataset({"x": images(n, offset=n)})
+        variants = [(None, 0)] + [(p, 0) for p in ((10,) if quick else (10, 50, 200))]
+        ratios = (0.5, 0.8)
+    exact = None
+    for probes, seed in variants:
+        start = time.perf_counter()
+        pruner = Pruner("ecp", probes=probes, seed=seed).fit(model, calib)
+        seconds = time.perf_counter() - start
+        scores = flat_scores(pruner)
+        row = {"model": kind, "probes": probes, "seed": seed, "seconds": seconds,
+               "statistics_seconds": pruner.seconds_.get("statistics", seconds)}
+        sets = {}
+        for ratio in ratios:
+            pruned, result = pruned_set(pruner, ratio)
+            sets[ratio] = pruned
+            if kind == "mnist":
+                row[f"loss@{ratio}"] = onnxprune.evaluate(result.model, test)["loss"]
+            else:
+                row[f"output_error@{ratio}"] = onnxprune.evaluate(result.model, test, reference=model)["mse"] * 1000
+        if exact is None:
+            exact = (scores, sets)
+            row.update({"spearman": 1.0, **{f"overlap@{r}": 1.0 for r in ratios}})
+        else:
+            row["spearman"] = spearman(scores, exact[0])
+            for r in ratios:
+                row[f"overlap@{r}"] = len(sets[r] & exact[1][r]) / max(1, len(exact[1][r]))
+        rows.append(row)
+        print(f"  probes {kind} P={probes} seed={seed}: {seconds:.1f} s, rho {row['spearman']:.3f}", file=sys.stderr)
+    return rows
+
+
+# ---------------------------------------------------------------- the report
+
+def ratio(row: dict, key: str = "seconds", unit: str = "forward_seconds") -> float:
+    return row[key] / row[unit]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import onnxruntime
+
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, onnxruntime-training "
+            f"{onnxruntime.__version__}, numpy {np.__version__}")
+
+
+def report(results: dict, command: str) -> str:
+    lines = ["# Benchmarks: statistics time and memory, probes", "",
+             f"Command: `{command}`", "",
+             f"Machine: {machine()}; load average {results['load_start']:.1f} at the start and "
+             f"{results['load_end']:.1f} at the end (a shared machine: other processes ran meanwhile). "
+             f"Date: {results['date']}.", "",
+             "Every row ran in its own subprocess (its peak RSS is its own) and timed its own forward passes: "
+             f"one forward pass = onnxruntime over the same {results['samples']:,} samples in batches of {BATCH}, "
+             "the median of three runs before and three after the measured step. "
+             "`x forward` is wall-clock time over that; `x forward (CPU)` the same in CPU time of all threads, "
+             "which the other processes on the machine disturb less. "
+             "The floor is K x (one forward + one backward pass), measured as the 1-probe gradient pass. "
+             "Peak RSS includes the interpreter, onnxruntime and the data; `+ RSS` is the growth over the RSS "
+             "once model and data were loaded.", ""]
+    for name, title in (("mlp", "784-1024-1024-10 PReLU MLP (untrained), K = 10"),
+                        ("cnn", "MNIST CNN (Conv-ReLU-MaxPool x2, Gemm 256-64-10), K = 10")):
+        rows = results["models"][name]
+        fwdbwd = next(r for r in rows if r["label"] == "forward + backward (1 probe)")
+        floor = 10 * ratio(fwdbwd)
+        floor_cpu = 10 * ratio(fwdbwd, "cpu_seconds", "forward_cpu_seconds")
+        lines += [f"## {title}", "",
+                  f"One forward pass over {results['samples']:,} samples: {fwdbwd['forward_seconds']:.2f} s; "
+                  f"the floor K x (forward + backward) = {floor:.1f} x forward ({floor_cpu:.1f} x in CPU time).", "",
+                  "| step | seconds | x forward | x forward (CPU) | x floor | peak RSS MB | + RSS MB |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for row in rows:
+            x, xc = ratio(row), ratio(row, "cpu_seconds", "forward_cpu_seconds")
+            lines.append(f"| {row['label']} | {row['seconds']:.2f} | {x:.1f} | {xc:.1f} | {x / floor:.2f} | "
+                         f"{row['peak_rss_mb']:.0f} | {row['peak_rss_mb'] - row['rss_before_mb']:.0f} |")
+        lines.append("")
+    lines += ["## Threads (784-1024-1024-10 MLP, ECP statistics)", "",
+              "`--threads N` sets onnxruntime's intra-op threads and numpy's BLAS threads (threadpoolctl); "
+              "the default leaves both at theirs (onnxruntime: one per physical core; OpenBLAS: one per core). "
+              "onnxruntime's threads never spin (`session.intra_op.allow_spinning = 0`), so they do not slow "
+              "numpy down between batches.", "",
+              "| threads | seconds | x forward | x forward (CPU) |", "| --- | --- | --- | --- |"]
+    for row in results["threads"]:
+        lines.append(f"| {row['threads'] or 'default'} | {row['seconds']:.2f} | {ratio(row):.1f} | "
+                     f"{ratio(row, 'cpu_seconds', 'forward_cpu_seconds'):.1f} |")
+    lines += ["", "## Random probes against the exact Jacobian", "",
+              "`--probes P` replaces the K exact Jacobian rows by P Rademacher projections: E[(v^T J)^2] = sum_k J_k^2, "
+              "so G (and A, B, C) are unbiased, and the cost is P backward passes instead of K. rho is Spearman's "
+              "rank correlation of all the weights' scores with the exact ones; overlap the fraction of the exact "
+              "method's pruned weights that the probed one also prunes.", ""]
+    mnist = [r for r in results["probes"] if r["model"] == "mnist"]
+    if mnist:
+        lines += ["Trained MNIST MLP 784-64-64-10 (K = 10), scored on the 2,048 calibration images, loss on the "
+                  "10,000 test images (one-shot); P > 1 rows are the mean (min-max) over 3 seeds.", "",
+                  "| probes | statistics s | rho | overlap r=0.5 | overlap r=0.8 | loss r=0.5 | loss r=0.8 |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for probes in dict.fromkeys(r["probes"] for r in mnist):
+            group = [r for r in mnist if r["probes"] == probes]
+
+            def cell(key, fmt="{:.3f}"):
+                values = [r[key] for r in group]
+                text = fmt.format(np.mean(values))
+                return text if len(values) == 1 else f"{text} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+            lines.append(f"| {'exact (K = 10)' if probes is None else probes} | {cell('statistics_seconds', '{:.2f}')} | "
+                         f"{cell('spearman', '{:.4f}')} | {cell('overlap@0.5')} | {cell('overlap@0.8')} | "
+                         f"{cell('loss@0.5', '{:.4f}')} | {cell('loss@0.8', '{:.4f}')} |")
+        lines.append("")
+    many = [r for r in results["probes"] if r["model"] == "many"]
+    if many:
+        exact = many[0]
+        lines += [f"Untrained 784-256-1000 MLP (K = 1000), scored on {results['many_samples']:,} MNIST images; "
+                  "output error = measured E||y_pruned - y_dense||^2 on as many other images (the quantity ECP "
+                  "minimises; there is no trained 1000-class model here for a loss).", "",
+                  "| probes | statistics s | x exact time | rho | overlap r=0.5 | overlap r=0.8 | output error r=0.5 | r=0.8 |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in many:
+            lines.append(f"| {'exact (K = 1000)' if r['probes'] is None else r['probes']} | {r['statistics_seconds']:.2f} | "
+                         f"{r['statistics_seconds'] / exact['statistics_seconds']:.3f} | {r['spearman']:.4f} | "
+                         f"{r['overlap@0.5']:.3f} | {r['overlap@0.8']:.3f} | {r['output_error@0.5']:.4g} | "
+                         f"{r['output_error@0.8']:.4g} |")
+        lines.append("")
+    lines += ["## What the numbers say", "", results.get("summary", ""), ""]
+    return "\n".join(lines)
+
+
+def summary(results: dict) -> str:
+    parts = []
+    for name, label in (("mlp", "MLP"), ("cnn", "CNN")):
+        rows = {r["label"]: r for r in results["models"][name]}
+        fwdbwd = rows["forward + backward (1 probe)"]
+        floor = 10 * ratio(fwdbwd)
+        ecp = rows["ecp statistics (exact)"]
+        parts.append(f"{label}: ECP statistics {ratio(ecp):.1f} x forward = {ratio(ecp) / floor:.2f} x the floor "
+                     f"K x (forward + backward) = {floor:.1f} x; peak RSS {ecp['peak_rss_mb']:.0f} MB "
+                     f"(+{ecp['peak_rss_mb'] - ecp['rss_before_mb']:.0f} MB over model and data).")
+    for name, label in (("mlp", "MLP"), ("cnn", "CNN")):
+        rows = results["models"][name]
+        small = next((r for r in rows if r["label"].startswith("ecp statistics (exact, ")), None)
+        big = next(r for r in rows if r["label"] == "ecp statistics (exact)")
+        before = next((r for r in rows if r["label"].startswith("ecp statistics, before")), None)
+        if before:
+            parts.append(f"{label}: {ratio(before):.1f} x forward before this work, {ratio(big):.1f} x now "
+                         f"({ratio(before) / ratio(big):.2f} x faster).")
+        if small:
+            parts.append(f"{label} memory does not grow with the samples: + RSS "
+                         f"{small['peak_rss_mb'] - small['rss_before_mb']:.0f} MB with {small['samples']:,} samples, "
+                         f"{big['peak_rss_mb'] - big['rss_before_mb']:.0f} MB with {big['samples']:,} (the data "
+                         "themselves are loaded before).")
+    return " ".join(parts)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=10_000)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--json", default=str(ROOT / "docs" / "results" / "benchmarks.json"))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that the script runs")
+    parser.add_argument("--inline", action="store_true", help="measure in this process (no separate peak RSS)")
+    parser.add_argument("--force", action="store_true", help="replace existing outputs")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure(json.loads(args.measure))))
+        return 0
+    for path in (args.out, args.json):
+        fileio.check_output_path(path, force=args.force)
+    samples = 200 if args.quick else args.samples
+    results = {"samples": samples, "load_start": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d"),
+               "models": {}, "threads": [], "probes": [], "many_samples": 32 if args.quick else 1000}
+    plan = {
+        "mlp": [("forward + backward (1 probe)", {"kind": "fwdbwd"}),
+                ("ecp statistics (exact)", {"kind": "ecp"}),
+                ("ecp statistics, before this work (forward per probe, float64 products)", {"kind": "ecp", "before": True}),
+                (f"ecp statistics (exact, {samples // 4:,} samples)", {"kind": "ecp", "samples": samples // 4}),
+                ("ecp statistics, --probes 2", {"kind": "ecp", "probes": 2}),
+                ("ecp whole fit (checks, statistics, scores)", {"kind": "fit", "method": "ecp"}),
+                ("gradmag (loss gradients)", {"kind": "gradmag"}),
+                ("magnitude (whole fit)", {"kind": "fit", "method": "magnitude"})],
+        "cnn": [("forward + backward (1 probe)", {"kind": "fwdbwd"}),
+                ("ecp statistics (exact)", {"kind": "ecp"}),
+                ("ecp statistics, before this work (forward per probe, float64 products)", {"kind": "ecp", "before": True}),
+                (f"ecp statistics (exact, {samples // 4:,} samples)", {"kind": "ecp", "samples": samples // 4}),
+                ("ecp statistics, Conv --conv-statistics positions", {"kind": "ecp", "shared": "positions"}),
+                ("ecp whole fit (checks, statistics, scores)", {"kind": "fit", "method": "ecp"}),
+                ("gradmag (loss gradients)", {"kind": "gradmag"}),
+                ("magnitude (whole fit)", {"kind": "fit", "method": "magnitude"})],
+    }
+    for name, steps in plan.items():
+        rows = []
+        for label, spec in steps:
+            row = run_measure({"model": name, "samples": samples, **spec}, args.inline)
+            rows.append({"label": label, **row})
+            print(f"{name} {label}: {row['seconds']:.2f} s = {ratio(row):.1f} x forward, peak {row['peak_rss_mb']:.0f} MB",
+                  file=sys.stderr)
+        results["models"][name] = rows
+    for threads in ((1,) if args.quick else (1, 2, None)):
+        row = run_measure({"model": "mlp", "samples": samples, "kind": "ecp", "threads": threads}, args.inline)
+        results["threads"].append(row)
+        print(f"threads {threads}: {row['seconds']:.2f} s = {ratio(row):.1f} x forward", file=sys.stderr)
+    results["probes"] = probes_study("mnist", args.quick) + probes_study("many", args.quick)
+    results["load_end"] = os.getloadavg()[0]
+    results["summary"] = summary(results)
+    command = "python scripts/bench.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:]) if (argv or sys.argv[1:]) else "")
+    results["command"] = command
+    fileio.write_text(args.out, report(results, command))
+    fileio.write_json(args.json, results)
+    print(f"wrote {args.out} and {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
