@@ -401,5 +401,10 @@ def finetune(model, out, data, epochs, lr, batch_size, seed, output, labels_key,
                            "held_zero": held, "history": history}, force, ui)
 
 
+from .ensemble.cli import ensemble  # noqa: E402  (the ensemble commands share this CLI's conventions)
+
+main.add_command(ensemble)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
