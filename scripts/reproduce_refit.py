@@ -137,14 +137,14 @@ def main(argv=None) -> int:
                 log(f"  ablation {label}: " + ", ".join(f"r={r} {100 * v['accuracy']:.1f}%"
                                                         for r, v in ablation["variants"][label].items()))
             results["ablations"].append(ablation)
-            sizes = {}
+            sizes, dense_calib = {}, {}
             for n in calib_sizes:
                 sub = {"x": train_x[order[:n]], "y": train_y[order[:n]].astype(np.int64)}
                 sizes[str(n)] = run(dict(method="ecp-refit"), dense, sub, test, ablation_ratios)
-                sizes[str(n)]["dense_calib_loss"] = onnxprune.evaluate(dense, sub)["loss"]
+                dense_calib[str(n)] = onnxprune.evaluate(dense, sub)["loss"]
                 log(f"  calibration {n}: " + ", ".join(f"r={r} test {v['loss']:.3f} / calib {v['calib_loss']:.3f}"
                                                        for r, v in sizes[str(n)].items()))
-            results["calibration"].append({"arch": arch, "seed": seed, "sizes": sizes})
+            results["calibration"].append({"arch": arch, "seed": seed, "sizes": sizes, "dense_calib_loss": dense_calib})
     out = Path(args.out)
     fileio.write_json(out.with_suffix(".json"), results)
     fileio.write_text(out.with_suffix(".md"), report(results))
@@ -205,7 +205,7 @@ def report(results: dict) -> str:
         lines.append("")
     if results["calibration"]:
         sizes = list(results["calibration"][0]["sizes"])
-        rs = [r for r in results["calibration"][0]["sizes"][sizes[0]] if r != "dense_calib_loss"]
+        rs = list(results["calibration"][0]["sizes"][sizes[0]])
         lines += ["## Calibration size and overfitting (ecp-refit)", "",
                   "Loss on the calibration images themselves vs on the test set. The calibration images are training "
                   "images, on which the dense model's own loss is lower than on the test set (last column): the refit "
@@ -220,7 +220,8 @@ def report(results: dict) -> str:
                      f"{np.mean([x[r]['calib_loss'] for x in runs]):.3f}" for r in rs]
             cost = np.mean([x[rs[0]]["seconds"] for x in runs])
             dense_test = np.mean([u["dense"]["loss"] for u in results["main"] if u["arch"] == results["calibration"][0]["arch"]])
-            dense_calib = (f"{np.mean([x['dense_calib_loss'] for x in runs]):.3f}" if "dense_calib_loss" in runs[0] else "-")
+            calib_losses = [c["dense_calib_loss"][n] for c in results["calibration"] if "dense_calib_loss" in c]
+            dense_calib = f"{np.mean(calib_losses):.3f}" if calib_losses else "-"
             lines.append(f"| {int(n):,} | " + " | ".join(cells) + f" | {cost:.1f} | {dense_test:.3f} / {dense_calib} |")
         lines.append("")
     return "\n".join(lines) + "\n"
