@@ -2,123 +2,21 @@
 the result failed, 2 bad input (also for usage errors, as click does); 130 interrupted."""
 from __future__ import annotations
 
-import functools
-import json
 import sys
-import traceback
-import warnings
 from pathlib import Path
 
 import click
 
 from . import api
-from .errors import CheckFailed, InputError, OnnxPruneError
-from .fileio import check_output_path, write_json
+from .errors import CheckFailed, InputError
+from .fileio import check_output_path
 from .masks import SCOPES
 from .modelio import save_model
 from .report import evaluation_table, prune_table, sensitivity_table, skipped_table, storage_table, table
-from .runtime import PROVIDERS, RuntimeUnavailable
+from .runtime import PROVIDERS
 from .saliency import METHODS, REFIT_METHOD
 from .storage import STORAGES, storage_report
-
-
-class Ui:
-    """Where messages go: stdout for reports, stderr for progress and errors."""
-
-    def __init__(self, verbose: bool = False, quiet: bool = False):
-        self.verbose, self.quiet = verbose, quiet
-        self._bar, self._step = None, None
-        self.written: list[str] = []  # outputs already in place (an interrupt after them says so)
-
-    def out(self, text: str = "") -> None:
-        if not self.quiet:
-            click.echo(text)
-
-    def info(self, text: str) -> None:
-        if self.verbose and not self.quiet:
-            click.echo(text, err=True)
-
-    def progress(self, step: str, done: int, total: int) -> None:
-        """A progress bar per step, only on a terminal and not with --quiet."""
-        if self.quiet or not sys.stderr.isatty():
-            return
-        if self._step != step:
-            self.close()
-            self._bar = click.progressbar(length=total, label=step, file=sys.stderr)
-            self._bar.__enter__()
-            self._step, self._done = step, 0
-        self._bar.update(done - self._done)
-        self._done = done
-        if done >= total:
-            self.close()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
-            self._bar, self._step = None, None
-
-
-def command_errors(func):
-    """One-line errors with the documented exit codes instead of tracebacks."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        def ui():  # the command makes its Ui once it has parsed -v/-q: look it up when needed
-            return click.get_current_context().find_object(Ui)
-
-        try:
-            with warnings.catch_warnings():
-                if not kwargs.get("verbose"):  # numpy's RuntimeWarnings would add lines to a one-line error
-                    warnings.simplefilter("ignore")
-                return func(*args, **kwargs)
-        except OnnxPruneError as exc:
-            _fail(str(exc), exc.exit_code, ui())
-        except (RuntimeUnavailable, MemoryError) as exc:
-            _fail(str(exc) or type(exc).__name__, 1, ui())
-        except KeyboardInterrupt:
-            written = ui().written if ui() else []
-            _fail("interrupted" + (f"; {', '.join(map(str, written))} had been written" if written
-                                   else "; no output was written"), 130, ui())
-        except click.exceptions.Exit:
-            raise
-        except Exception as exc:  # a bug or an onnxruntime failure we did not foresee: still one line
-            if ui() and ui().verbose:
-                traceback.print_exc()
-            _fail(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "
-                  "(run with --verbose for the traceback)", 1, ui())
-        finally:
-            if ui():
-                ui().close()
-
-    return wrapper
-
-
-def _fail(message: str, code: int, ui) -> None:
-    if ui:
-        ui.close()
-    click.echo(f"Error: {message}", err=True)
-    sys.exit(code)
-
-
-def common(func):
-    """--verbose / --quiet on every command."""
-    func = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors; no progress bars.")(func)
-    func = click.option("--verbose", "-v", is_flag=True, help="Print timings, skipped layers and details.")(func)
-    return func
-
-
-def _ui(verbose: bool, quiet: bool) -> Ui:
-    ui = Ui(verbose, quiet)
-    click.get_current_context().obj = ui
-    return ui
-
-
-def _emit_json(path: str | None, report: dict, force: bool, ui: Ui) -> None:
-    if path == "-":
-        click.echo(json.dumps(report, indent=2, default=str))
-    elif path:
-        write_json(check_output_path(path, force=force), report)
-        ui.info(f"report written to {path}")
+from .ui import common, command_errors, emit_json, make_ui
 
 
 model_arg = click.argument("model", type=click.Path(dir_okay=False))
@@ -196,7 +94,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, evaluate_data, max_loss_i
     With --dry-run, write no model: report how the error grows over --ratios and, with --evaluate
     and --max-loss-increase, the largest ratio whose loss stays within the budget (exit 1 if none).
     """
-    ui = _ui(verbose, quiet)
+    ui = make_ui(verbose, quiet)
     params = dict(method=method, compensation=compensation, scope=scope, exclude=exclude, seed=seed, output=output,
                   probes=probes, batch_size=batch_size, labels_key=labels_key, provider=provider, threads=threads,
                   force=force, steps=steps, refit=refit, chained=chained, g_weighted=g_weighted,
@@ -245,7 +143,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, evaluate_data, max_loss_i
     if result.skipped:
         ui.info(skipped_table(report["skipped"]))
     ui.info(f"wrote {out}")
-    _emit_json(json_path, report, force, ui)
+    emit_json(json_path, report, force, ui)
 
 
 def _dry_run(ui, model, out, data, sparsity, ratios, evaluate_data, max_loss_increase, plot_path, storage, test_data,
@@ -280,7 +178,7 @@ def _dry_run(ui, model, out, data, sparsity, ratios, evaluate_data, max_loss_inc
     if plot_path:
         plot(report, plot_path)
         ui.info(f"plot written to {plot_path}")
-    _emit_json(json_path, report.to_dict(), force, ui)
+    emit_json(json_path, report.to_dict(), force, ui)
     if budget is not None and report.best_ratio is None:
         raise CheckFailed(f"no ratio keeps the loss within +{100 * budget:g}% of the dense loss "
                           f"{report.dense['loss']:.4g} (smallest tried: {report.points[0].ratio:g})")
@@ -301,14 +199,14 @@ def _dry_run(ui, model, out, data, sparsity, ratios, evaluate_data, max_loss_inc
 @command_errors
 def evaluate(model, data, reference, batch_size, output, labels_key, provider, threads, json_path, force, verbose, quiet):
     """Loss, accuracy, discrepancy against --reference, and latency of MODEL on onnxruntime."""
-    ui = _ui(verbose, quiet)
+    ui = make_ui(verbose, quiet)
     if json_path and json_path != "-":
         check_output_path(json_path, force=force)
     report = api.evaluate(model, data, reference=reference, output=output, provider=provider,
                           batch_size=batch_size, labels_key=labels_key, threads=threads)
     ui.out(evaluation_table({"value": report}))
     ui.info(f"{report['samples']} samples, output {report['output']!r} ({report['output_kind']}), provider {provider}")
-    _emit_json(json_path, report, force, ui)
+    emit_json(json_path, report, force, ui)
 
 
 @main.command()
@@ -319,7 +217,7 @@ def evaluate(model, data, reference, batch_size, output, labels_key, provider, t
 @command_errors
 def inspect(model, json_path, force, verbose, quiet):
     """List MODEL's prunable layers (shape, current sparsity) and the nodes it cannot prune, with why."""
-    ui = _ui(verbose, quiet)
+    ui = make_ui(verbose, quiet)
     report = api.inspect(model)
     ui.out(f"IR {report['ir_version']}, opsets {report['opsets']}, inputs {report['inputs']}, outputs {report['outputs']}, "
            f"protected output {report['protected_output']!r}")
@@ -329,7 +227,7 @@ def inspect(model, json_path, force, verbose, quiet):
     if report["skipped"]:
         ui.out()
         ui.out(skipped_table(report["skipped"]))
-    _emit_json(json_path, report, force, ui)
+    emit_json(json_path, report, force, ui)
 
 
 @main.command()
@@ -357,7 +255,7 @@ def finetune(model, out, data, epochs, lr, batch_size, seed, output, labels_key,
     from .finetune import finetune as train, zero_masks
     from .layers import read_initializer
 
-    ui = _ui(verbose, quiet)
+    ui = make_ui(verbose, quiet)
     check_output_path(out, force=force, inputs=[model, data])
     if json_path and json_path != "-":
         check_output_path(json_path, force=force, inputs=[model, data, out])
@@ -396,7 +294,7 @@ def finetune(model, out, data, epochs, lr, batch_size, seed, output, labels_key,
     ui.out(table(["epoch", "loss", "seconds"], [[h["epoch"], f"{h['loss']:.4f}", f"{h['seconds']:.2f}"] for h in history]))
     held = sum(int((~mask).sum()) for mask in masks.values())
     ui.info(f"{len(dataset)} samples, {held} pruned weights held at zero in {len(masks)} layers; wrote {out}")
-    _emit_json(json_path, {"model": model, "out": out, "samples": len(dataset), "epochs": epochs, "lr": lr,
+    emit_json(json_path, {"model": model, "out": out, "samples": len(dataset), "epochs": epochs, "lr": lr,
                            "batch_size": batch_size, "seed": seed, "masked_layers": sorted(masks),
                            "held_zero": held, "history": history}, force, ui)
 

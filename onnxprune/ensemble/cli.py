@@ -6,7 +6,6 @@ atomically and never over an existing file without --force.
 """
 from __future__ import annotations
 
-import functools
 import math
 import sys
 from fractions import Fraction
@@ -16,7 +15,8 @@ import click
 import numpy as np
 
 from ..data import read_npz
-from ..errors import CheckFailed, InputError, OnnxPruneError
+from ..errors import CheckFailed, InputError
+from ..ui import command_errors
 from ..fileio import check_output_path, write_bytes, write_json
 from .estimator import GibbsEnsemble, check_features, check_labels, compare_predictions
 from .export import input_scale_metadata, run_onnx, to_onnx
@@ -24,30 +24,6 @@ from .export import input_scale_metadata, run_onnx, to_onnx
 FEATURE_KEYS = ("x", "X")
 LABEL_KEYS = ("y", "labels")
 CHECK_SAMPLES = 2000  # training samples the exported graph is checked on (onnxruntime vs numpy)
-
-
-def _errors(func):
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except OnnxPruneError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except MemoryError:
-            click.echo("Error: out of memory; use fewer members or a smaller --batch-size", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("Error: interrupted; no output was written", err=True)
-            sys.exit(130)
-        except (click.exceptions.Exit, click.ClickException, SystemExit):
-            raise
-        except Exception as exc:  # a bug or a runtime failure we did not foresee: still one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            click.echo(f"Error: {type(exc).__name__}: {first}", err=True)
-            sys.exit(1)
-
-    return wrapper
 
 
 # -- parsing ----------------------------------------------------------------------------------------
@@ -221,7 +197,7 @@ def ensemble():
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Also write a JSON summary (temperature, effective size, validation curve, drop report).")
 @click.argument("out", type=click.Path(dir_okay=False))
-@_errors
+@command_errors
 def fit(out, drop_below, json_path, **kw):
     """Fit a Gibbs ensemble on --data and write it as one ONNX graph to OUT (.onnx)."""
     check_output_path(out, kw["force"], inputs=[kw["data"]])
@@ -269,7 +245,7 @@ def fit(out, drop_below, json_path, **kw):
 @click.option("--png", "png_path", default=None, type=click.Path(dir_okay=False),
               help="The plot (default: OUT with the suffix .png).")
 @click.argument("out", type=click.Path(dir_okay=False))
-@_errors
+@command_errors
 def curve(out, eval_path, holdout, temperatures, png_path, **kw):
     """Error, loss and effective size against T (JSON to OUT, plot to --png), with T->0 and T->inf."""
     png_path = png_path or str(Path(out).with_suffix(".png"))
