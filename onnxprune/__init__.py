@@ -9,7 +9,8 @@ from .errors import CheckFailed, InputError, OnnxPruneError
 from .finetune import finetune
 from .modelio import load_model, save_model
 from .saliency import METHODS
+from .sensitivity import sensitivity
 
 __all__ = ["prune", "Pruner", "evaluate", "inspect", "PruneResult", "load_model", "save_model", "METHODS",
-           "InputError", "CheckFailed", "OnnxPruneError", "finetune"]
+           "InputError", "CheckFailed", "OnnxPruneError", "finetune", "sensitivity"]
 __version__ = "0.1.0"
