@@ -291,6 +291,7 @@ def finetune(model, out, data, epochs, lr, batch_size, seed, output, labels_key,
     if any(read_initializer(trained, name)[~mask].any() for name, mask in masks.items()):
         raise CheckFailed("a pruned weight became non-zero during fine-tuning")
     save_model(trained, out, force=force, inputs=[model])
+    ui.written.append(out)
     ui.out(table(["epoch", "loss", "seconds"], [[h["epoch"], f"{h['loss']:.4f}", f"{h['seconds']:.2f}"] for h in history]))
     held = sum(int((~mask).sum()) for mask in masks.values())
     ui.info(f"{len(dataset)} samples, {held} pruned weights held at zero in {len(masks)} layers; wrote {out}")

@@ -25,8 +25,11 @@ def _interrupt(args: list[str], started: str, folder: Path) -> subprocess.Comple
     (folder / "tmp").mkdir()
     proc = subprocess.Popen([str(EXE), *args, "-v"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TMPDIR": str(folder / "tmp")})
-    first = proc.stderr.readline()
-    assert started in first, first + proc.stderr.read()
+    first = ""
+    while started not in first:  # -v also shows Python warnings, which may come first
+        line = proc.stderr.readline()
+        assert line, first + proc.stderr.read()
+        first += line
     time.sleep(0.5)
     assert proc.poll() is None, "the command finished before it could be interrupted; give it more work"
     proc.send_signal(signal.SIGINT)
