@@ -42,10 +42,11 @@ def _left(folder: Path, inputs: set[str]) -> list[str]:
 
 
 def test_sigint_during_prune_leaves_no_output(tmp_path):
-    # brute force scores ~10k weights with one forward pass of 512 samples each: far longer than the test waits
-    onnx.save(build_mlp((96,), inputs=96, classes=10), tmp_path / "model.onnx")
+    # brute force scores 68k weights with a forward pass of 512 samples each (~20 s on 2 cores): far
+    # longer than the test waits before interrupting
+    onnx.save(build_mlp((256,), inputs=256, classes=10), tmp_path / "model.onnx")
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "calib.npz", x=rng.random((512, 96), dtype=np.float32))
+    np.savez(tmp_path / "calib.npz", x=rng.random((512, 256), dtype=np.float32))
     done = _interrupt(["prune", str(tmp_path / "model.onnx"), str(tmp_path / "out.onnx"), "--data",
                        str(tmp_path / "calib.npz"), "--sparsity", "0.5", "--method", "nonlinear", "--force",
                        "--json", str(tmp_path / "report.json")], "scoring", tmp_path)
