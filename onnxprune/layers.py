@@ -389,18 +389,27 @@ def _finish(kwargs: dict) -> Layer:
     return Layer(**kwargs)
 
 
-def _gemm(g: _Graph, node: onnx.NodeProto) -> Layer | str:
-    attrs = _attrs(node)
-    if attrs.get("transA", 0):
-        return "Gemm with transA=1"
-    resolved = _weight_path(g, node.input[1])
+def _node_weight(g: _Graph, name: str, rank: int | None = None):
+    """(initializer, steps to the node, shape the node sees) of a node's weight input, or why not."""
+    resolved = _weight_path(g, name)
     if isinstance(resolved, str):
         return resolved
     init, steps = resolved
     steps = _fix_perm(steps, g, init)
     shape = _view_shape(g, init, steps)
-    if len(shape) != 2:
-        return f"weight {node.input[1]!r} has shape {list(shape)}, not 2-D"
+    if rank is not None and len(shape) != rank:
+        return f"weight {name!r} has shape {list(shape)}, not {rank}-D"
+    return init, steps, shape
+
+
+def _gemm(g: _Graph, node: onnx.NodeProto) -> Layer | str:
+    attrs = _attrs(node)
+    if attrs.get("transA", 0):
+        return "Gemm with transA=1"
+    resolved = _node_weight(g, node.input[1], rank=2)
+    if isinstance(resolved, str):
+        return resolved
+    init, steps, shape = resolved
     transposed = not attrs.get("transB", 0)
     out, inp = (shape[1], shape[0]) if transposed else shape
     beta = float(attrs.get("beta", 1.0))
@@ -420,14 +429,10 @@ def _gemm(g: _Graph, node: onnx.NodeProto) -> Layer | str:
 def _matmul(g: _Graph, node: onnx.NodeProto) -> Layer | str:
     if isinstance(_weight_path(g, node.input[0]), tuple) and isinstance(_weight_path(g, node.input[1]), str):
         return "weight on the left of MatMul (W @ z) is not supported"
-    resolved = _weight_path(g, node.input[1])
+    resolved = _node_weight(g, node.input[1], rank=2)
     if isinstance(resolved, str):
         return resolved
-    init, steps = resolved
-    steps = _fix_perm(steps, g, init)
-    shape = _view_shape(g, init, steps)
-    if len(shape) != 2:
-        return f"weight {node.input[1]!r} has shape {list(shape)}, not 2-D"
+    init, steps, shape = resolved
     rank = g.ranks.get(node.input[0])
     if rank is None:
         return "MatMul input has unknown rank (shape inference could not tell)"
@@ -452,12 +457,10 @@ def _matmul(g: _Graph, node: onnx.NodeProto) -> Layer | str:
 
 
 def _conv(g: _Graph, node: onnx.NodeProto) -> Layer | str:
-    resolved = _weight_path(g, node.input[1])
+    resolved = _node_weight(g, node.input[1])
     if isinstance(resolved, str):
         return resolved
-    init, steps = resolved
-    steps = _fix_perm(steps, g, init)
-    shape = _view_shape(g, init, steps)
+    init, steps, shape = resolved
     geo = conv_geometry(_attrs(node), shape)
     if isinstance(geo, str):
         return geo

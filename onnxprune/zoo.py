@@ -60,3 +60,28 @@ def build_mlp(
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     return model
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """Hidden layer widths from text like "64,64" (an InputError, one line, for anything else)."""
+    from .errors import InputError
+
+    try:
+        widths = tuple(int(w) for w in text.replace(" ", "").split(",") if w)
+    except ValueError:
+        raise InputError(f"expected comma-separated layer widths like 64,64, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise InputError(f"layer widths must be positive, got {text!r}")
+    return widths
+
+
+def widths_argument(text: str) -> tuple[int, ...]:
+    """``parse_widths`` as an argparse ``type`` (the scripts' --hidden)."""
+    import argparse
+
+    from .errors import InputError
+
+    try:
+        return parse_widths(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -39,7 +39,7 @@ from onnxprune.api import as_dataset
 from onnxprune.evaluate import predict
 from onnxprune.finetune import finetune, zero_masks
 from onnxprune.mnist import load_mnist
-from onnxprune.zoo import build_mlp
+from onnxprune.zoo import build_mlp, widths_argument
 
 INPUT_SCALE = np.float32(1 / 255)  # as scripts/train_models.py: seed 0 of 784-64-64-10 is the shipped model
 LR, BATCH = 1e-3, 128
@@ -386,16 +386,6 @@ def write_report(path: Path, tables: str) -> None:
     fileio.write_text(path, text)
 
 
-def hidden_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer sizes like 64,64, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"layer sizes must be positive, got {text!r}")
-    return sizes
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mnist", required=True, help="folder with the four original MNIST .gz files")
@@ -403,7 +393,7 @@ def main(argv=None) -> int:
                    help="output prefix (default docs/results/ecp-mnist, with --quick docs/results/ecp-mnist-quick)")
     p.add_argument("--quick", action="store_true", help="1 seed, ratios 0.5/0.8/0.9, 2 epochs")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default 5, quick 1)")
-    p.add_argument("--hidden", type=hidden_sizes, action="append", help="hidden sizes, repeatable (default 32,32 and 64,64)")
+    p.add_argument("--hidden", type=widths_argument, action="append", help="hidden sizes, repeatable (default 32,32 and 64,64)")
     p.add_argument("--methods", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--calib-size", type=int, default=2048)
     p.add_argument("--jobs", type=int, default=1, help="parallel processes, one (architecture, seed) each")

@@ -25,7 +25,7 @@ from onnxprune.errors import OnnxPruneError
 from onnxprune.finetune import finetune
 from onnxprune.mnist import load_mnist
 from onnxprune.runtime import make_session
-from onnxprune.zoo import build_mlp
+from onnxprune.zoo import build_mlp, widths_argument
 
 CNN_FILE = "mnist_cnn.onnx"
 CNN_ARCHITECTURE = "x[784] -> 1x28x28 -> conv1 8@5x5 -> ReLU -> MaxPool 2 -> conv2 16@5x5 -> ReLU -> MaxPool 2 -> 256 -> fc1 64 -> ReLU -> fc2 10"
@@ -224,23 +224,13 @@ def readme(args, results, out: Path) -> str:
     return "\n".join(lines)
 
 
-def hidden_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer sizes like 64,64, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"layer sizes must be positive, got {text!r}")
-    return sizes
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mnist", required=True, type=Path, help="folder with the four original MNIST .gz files")
     parser.add_argument("--out", required=True, type=Path, help="output folder (must exist)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--hidden", type=hidden_sizes, action="append", help="hidden sizes, e.g. 32,32; repeatable (default 64,64)")
+    parser.add_argument("--hidden", type=widths_argument, action="append", help="hidden sizes, e.g. 32,32; repeatable (default 64,64)")
     parser.add_argument("--cnn-epochs", type=int, default=8, help="epochs for the CNN (0: do not train it)")
     parser.add_argument("--force", action="store_true", help="replace existing output files")
     args = parser.parse_args(argv)

@@ -17,6 +17,7 @@ import numpy as np
 from ..data import read_npz
 from ..errors import CheckFailed, InputError
 from ..ui import command_errors
+from ..zoo import parse_widths
 from ..fileio import check_output_path, write_bytes, write_json
 from .estimator import GibbsEnsemble, check_features, check_labels, compare_predictions
 from .export import input_scale_metadata, run_onnx, to_onnx
@@ -66,16 +67,6 @@ def parse_grid(text: str | None, option: str) -> np.ndarray | None:
     if not (0 < lo <= hi < math.inf) or num < 1:
         raise InputError(f"{option} needs 0 < TMIN <= TMAX and NUM >= 1, got {text!r}")
     return np.logspace(math.log10(lo), math.log10(hi), num)
-
-
-def parse_hidden(text: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(w) for w in text.replace(" ", "").split(",") if w)
-    except ValueError:
-        raise InputError(f"--hidden must be comma-separated widths like 64 or 64,32, got {text!r}") from None
-    if not widths or min(widths) < 1:
-        raise InputError(f"--hidden must be positive widths, got {text!r}")
-    return widths
 
 
 def load_xy(path: str, features_key: str | None, labels_key: str | None, scale: float | None,
@@ -164,7 +155,7 @@ def member_options(func):
 
 def _make_estimator(kw: dict) -> GibbsEnsemble:
     return GibbsEnsemble(
-        n_members=kw["n_members"], kind=kw["kind"], hidden=parse_hidden(kw["hidden"]), activation=kw["activation"],
+        n_members=kw["n_members"], kind=kw["kind"], hidden=parse_widths(kw["hidden"]), activation=kw["activation"],
         weight_scale=kw["weight_scale"], bias_scale=kw["bias_scale"], center=kw["center"], energy=kw["energy"],
         vote=kw["vote"], temperature=parse_temperature(kw["temperature"]),
         temperature_grid=parse_grid(kw["temperature_grid"], "--temperature-grid"),
