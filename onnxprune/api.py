@@ -213,8 +213,8 @@ class Pruner:
             target = 1 - (1 - sparsity) ** (step / steps) if step < steps else sparsity
             if step > 1:
                 saliencies = self._score(current, layers)
-            scores = _keep_pruned({name: s.scores for name, s in saliencies.items()}, pruned_before)
-            masks = choose_masks(layers, scores, target, self.scope, self.exclude)
+            scores = {name: s.scores for name, s in saliencies.items()}
+            masks = choose_masks(layers, _keep_pruned(scores, pruned_before), target, self.scope, self.exclude)
             shifts = _shifts(saliencies) if self.compensation else None
             current, changes = rewrite(current, layers, masks, shifts)
             layers = _fresh(current, layers)
@@ -234,7 +234,7 @@ class Pruner:
         validate(current, self.data_)
         seconds, self.seconds_ = dict(self.seconds_), fitted_seconds  # prune() may be called again
         return PruneResult(
-            model=current, method=self.method, compensation=self.compensation, scope=self.scope,
+            model=current, method=self.method, compensation=shifts is not None, scope=self.scope,
             target_sparsity=sparsity, protected_output=self.output_, changes=changes, skipped=self.skipped_,
             excluded=[layer.name for layer in layers if excluded(layer, self.exclude)],
             predicted_error=float(sum(scores[name][m].sum() for name, m in masks.items())),
