@@ -18,3 +18,14 @@ class CheckFailed(OnnxPruneError):
     """The work ran but a check on its result failed (checker, runtime, a budget). Exit 1."""
 
     exit_code = 1
+
+
+def run_script(main) -> None:
+    """Entry point of the scripts/: exit with main()'s code, or one line and the error's exit code."""
+    import sys
+
+    try:
+        sys.exit(main())
+    except OnnxPruneError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

@@ -707,10 +707,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from onnxprune.errors import OnnxPruneError
+    from onnxprune.errors import run_script
 
-    try:
-        sys.exit(main())
-    except OnnxPruneError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    run_script(main)

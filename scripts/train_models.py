@@ -21,7 +21,6 @@ import numpy as np
 import onnx
 
 from onnxprune import fileio
-from onnxprune.errors import OnnxPruneError
 from onnxprune.finetune import finetune
 from onnxprune.mnist import load_mnist
 from onnxprune.runtime import make_session
@@ -265,8 +264,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except OnnxPruneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    from onnxprune.errors import run_script
+
+    run_script(main)
