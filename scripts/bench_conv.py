@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -22,13 +20,13 @@ import onnx
 
 import onnxprune
 from onnxprune import fileio
-from onnxprune.api import as_dataset, as_model
-from onnxprune.evaluate import predict
 from onnxprune.jacobians import OutputJacobians, output_shape
 from onnxprune.layers import analyse_graph, protected_output
 from onnxprune.masks import choose_masks
 from onnxprune.rewrite import rewrite
 from onnxprune.statistics import LayerStatistics
+
+from compare_methods import load_study  # scripts/ is on sys.path when a script runs
 
 RATIOS = (0.5, 0.7, 0.8, 0.9)
 # (label, method, compensation, conv statistics)
@@ -61,15 +59,8 @@ def main(argv=None) -> int:
         fileio.write_text(out.with_suffix(".md"), markdown(results, ratios))
         return 0
 
-    model = as_model(args.model)
-    calib = as_dataset(args.calib, model)
-    test = as_dataset(args.test, model)
-    _, forward_seconds = predict(model, calib, model.graph.output[0].name, batch_size=256)
-    dense = onnxprune.evaluate(model, test)
-    results = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-               "model": args.model, "calibration_samples": len(calib), "test_samples": len(test),
-               "dense": {"loss": dense["loss"], "accuracy": dense["accuracy"]}, "forward_pass_seconds": forward_seconds,
-               "machine": platform.platform(), "methods": []}
+    model, calib, test, results = load_study(args, argv)
+    forward_seconds = results["forward_pass_seconds"]
     fitted = {}
     for label, method, comp, stats in VARIANTS:
         times = []

@@ -49,15 +49,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
 
-    model = as_model(args.model)
-    calib = as_dataset(args.calib, model)
-    test = as_dataset(args.test, model)
-    _, forward_seconds = predict(model, calib, model.graph.output[0].name, batch_size=256)
-    dense = onnxprune.evaluate(model, test)
-    results = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-               "model": args.model, "calibration_samples": len(calib), "test_samples": len(test),
-               "dense": {"loss": dense["loss"], "accuracy": dense["accuracy"]},
-               "forward_pass_seconds": forward_seconds, "machine": platform.platform(), "methods": []}
+    model, calib, test, results = load_study(args, argv)
+    forward_seconds = results["forward_pass_seconds"]
     for label, method, comp in VARIANTS:
         name, refit = (method[:-len("+refit")], True) if method.endswith("+refit") else (method, None)
         row = {"label": label, "method": method, "compensation": comp, "ratios": {}}
@@ -92,6 +85,21 @@ def main(argv=None) -> int:
             raise SystemExit(f"{args.readme}: markers {START} / {END} not found")
         fileio.write_text(args.readme, new)
     return 0
+
+
+def load_study(args, argv) -> tuple:
+    """Model, calibration and test data, and the results header: the command, the dense model's test
+    loss and accuracy, and one forward pass over the calibration data (the unit of cost)."""
+    model = as_model(args.model)
+    calib = as_dataset(args.calib, model)
+    test = as_dataset(args.test, model)
+    _, forward_seconds = predict(model, calib, model.graph.output[0].name, batch_size=256)
+    dense = onnxprune.evaluate(model, test)
+    results = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+               "model": args.model, "calibration_samples": len(calib), "test_samples": len(test),
+               "dense": {"loss": dense["loss"], "accuracy": dense["accuracy"]},
+               "forward_pass_seconds": forward_seconds, "machine": platform.platform(), "methods": []}
+    return model, calib, test, results
 
 
 def markdown(results: dict, ratios: list[float]) -> str:
