@@ -27,7 +27,8 @@ from onnx import numpy_helper
 
 from . import runtime
 from .data import Dataset
-from .jacobians import OutputJacobians, by_position, output_shape
+from .engines import output_jacobians
+from .jacobians import by_position, output_shape
 from .layers import Layer, analyse_graph, read_initializer
 from .rewrite import shift_bias
 from .statistics import layer_patches
@@ -175,7 +176,7 @@ class _Source:
         self.jac = None
         if weighted:
             width = int(np.prod(shape)) if shape else 1
-            self.jac = OutputJacobians(current, [layer], output, width, provider=provider, threads=threads)
+            self.jac = output_jacobians(current, [layer], output, width, provider=provider, threads=threads)
         self.inputs = runtime.tensor_session(current if chained else dense, [layer.input], provider, threads)
 
     def __call__(self, feeds):

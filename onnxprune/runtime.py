@@ -1,15 +1,24 @@
-"""onnxruntime sessions, providers and the training build's entry points, in one place.
+"""onnxruntime sessions, providers, which build is installed, and the training build's entry points.
 
-The training build (onnxruntime-training-cpu 1.19.2) is also our inference runtime. Its
-``onnxruntime.training`` package imports torch through ``optim``; we register an empty module for
-that name before importing so that torch is never needed. It only accepts IR <= 10 and
-default-domain opset <= 21: ``runtime_copy`` down-stamps a copy for it.
+Exactly one onnxruntime build serves as the runtime: onnxruntime (extra ``cpu``), onnxruntime-gpu
+(``gpu``) or onnxruntime-training-cpu 1.19.2 (``training``, which also has the gradient builder).
+They all install the same ``onnxruntime/`` folder, so a second install silently replaces the first
+and pip does not notice: ``check_installation`` names that case, and a missing runtime, in one line
+with the fix. The training build's ``onnxruntime.training`` package imports torch through ``optim``;
+we register an empty module for that name before importing so that torch is never needed. It only
+accepts IR <= 10 and default-domain opset <= 21: ``runtime_copy`` down-stamps a copy for it.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import os
+import re
+import shutil
 import sys
+import tempfile
 import types
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,10 +35,66 @@ def _shim_training_optim() -> None:
     sys.modules.setdefault("onnxruntime.training.optim", types.ModuleType("onnxruntime.training.optim"))
 
 
-_shim_training_optim()
-import onnxruntime as ort  # noqa: E402
+BUILDS = {"onnxruntime": "cpu", "onnxruntime-gpu": "gpu", "onnxruntime-training-cpu": "training",
+          "onnxruntime-training": "training"}
 
-ort.set_default_logger_severity(4)  # fatal only: errors reach the caller as exceptions, not as log lines on stderr
+
+def installed_builds() -> list[str]:
+    """The onnxruntime distributions pip has installed in this environment (normally exactly one)."""
+    found = []
+    for name in BUILDS:
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def installation_problem(builds: list[str], importable: bool) -> str | None:
+    """Why the onnxruntime installation cannot be trusted, with the fix, or None."""
+    if not builds or not importable:
+        return ("no onnxruntime is installed (the base install has none); install exactly one build: "
+                "pip install 'onnxprune[cpu]' (or [gpu], or [training] for onnxruntime-training)")
+    if len(builds) > 1:
+        keep = builds[-1]
+        return (f"several onnxruntime builds are installed over each other ({', '.join(builds)}); they share one "
+                f"onnxruntime/ folder and replace each other's files. Fix: pip uninstall -y {' '.join(builds)} && "
+                f"pip install --force-reinstall {keep} (or a fresh environment with one of the extras cpu, gpu, training)")
+    return None
+
+
+_shim_training_optim()
+# onnxruntime >= 1.2x writes a session-id file (.ses) into $TMPDIR for its telemetry unless this is set;
+# a pruning run must leave nothing behind. A user's own setting wins.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+try:
+    import onnxruntime as ort  # noqa: E402
+
+    ort.set_default_logger_severity(4)  # fatal only: errors reach the caller as exceptions, not as log lines
+    _IMPORTABLE = hasattr(ort, "InferenceSession")
+except ImportError:  # no build installed, or one uninstalled from under another
+    ort, _IMPORTABLE = None, False
+
+
+def check_installation() -> None:
+    """Raise RuntimeUnavailable with the fix when onnxruntime is missing or clobbered."""
+    problem = installation_problem(installed_builds(), _IMPORTABLE)
+    if problem:
+        raise RuntimeUnavailable(problem)
+
+
+def build_name() -> str:
+    """The installed build as the user knows it, e.g. 'onnxruntime 1.32.0'."""
+    builds = installed_builds()
+    name = builds[0] if builds else "onnxruntime"
+    return f"{name} {getattr(ort, '__version__', '?')}"
+
+
+def ort_message(exc: BaseException) -> str:
+    """The useful part of an onnxruntime error (without the C++ source location), one line."""
+    text = " ".join(str(exc).split())
+    return re.split(r"\] : \d+ : \w+ : |was false\. |\)> ", text)[-1][:400]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -81,6 +146,7 @@ def differentiable_nodes(node: onnx.NodeProto) -> list[onnx.NodeProto]:
 
 def provider_list(provider: str = "cpu") -> list[str]:
     """The execution providers for ``provider`` ('cpu' or 'cuda'), or a clear error when absent."""
+    check_installation()
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; choose one of {sorted(PROVIDERS)}")
     name = PROVIDERS[provider]
@@ -88,13 +154,15 @@ def provider_list(provider: str = "cpu") -> list[str]:
         raise RuntimeUnavailable(
             f"provider {provider!r} is not available in this onnxruntime build "
             f"(available: {', '.join(ort.get_available_providers())}); for CUDA install the "
-            "onnxruntime-training CUDA build, see docs/install-gpu.md"
+            "gpu extra (pip install 'onnxprune[gpu]' in an environment without another onnxruntime build), "
+            "see docs/install-gpu.md"
         )
     return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
 
 
 def session_options(threads: int | None = None) -> "ort.SessionOptions":
     """Session options that do not leave spinning threads behind to slow numpy down."""
+    check_installation()
     so = ort.SessionOptions()
     so.log_severity_level = 4  # errors come back as exceptions; their log lines would break one-line CLI errors
     if threads:
@@ -157,11 +225,35 @@ def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     return converted
 
 
-def make_session(model: onnx.ModelProto | bytes, provider: str = "cpu", threads: int | None = None):
-    """An InferenceSession on a runtime-compatible copy of ``model``."""
+def make_session(model: onnx.ModelProto | bytes | str, provider: str = "cpu", threads: int | None = None):
+    """An InferenceSession on a runtime-compatible copy of ``model`` (bytes and paths as they are)."""
+    check_installation()
     if isinstance(model, onnx.ModelProto):
         model = runtime_copy(model).SerializeToString()
     return ort.InferenceSession(model, sess_options=session_options(threads), providers=provider_list(provider))
+
+
+INLINE_BYTES = 1 << 30  # a model above this many initializer bytes goes to onnxruntime as a file with external data
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) or 4 * (len(t.float_data) + len(t.int32_data)) + 8 * (len(t.int64_data) + len(t.double_data))
+               for t in model.graph.initializer)
+
+
+def proto_session(model: onnx.ModelProto, provider: str = "cpu", threads: int | None = None):
+    """A session on ``model`` as built (no re-stamping). Under INLINE_BYTES of weights it goes to
+    onnxruntime serialized; above (a derivative graph of a model near protobuf's 2 GB limit) it is
+    written to a temporary folder with its weights as external data and loaded from that path."""
+    if initializer_bytes(model) <= INLINE_BYTES:
+        return make_session(model.SerializeToString(), provider, threads)
+    folder = Path(tempfile.mkdtemp(prefix="onnxprune-graph-"))
+    try:
+        path = folder / "graph.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True, location="graph.onnx.data", size_threshold=1024)
+        return make_session(str(path), provider, threads)
+    finally:  # onnxruntime has read (or mapped) the weights by now
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def tensor_session(model: onnx.ModelProto, names: list[str], provider: str = "cpu", threads: int | None = None):

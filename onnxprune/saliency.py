@@ -15,6 +15,7 @@ import onnx
 
 from . import runtime
 from .data import Dataset
+from .engines import EngineChoice
 from .errors import InputError
 from .layers import Layer
 from .statistics import LayerStatistics, collect_loss_gradients, collect_statistics
@@ -43,12 +44,17 @@ class ScoringContext:
     threads: int | None = None
     force: bool = False
     progress: Callable[[str, int, int], None] | None = None
+    engine: str = "auto"                    # the gradient engine to try first (onnxprune.engines)
     timings: dict[str, float] = field(default_factory=dict)
+    engine_used: EngineChoice | None = None  # set by the first statistics that needed derivatives
     _statistics: dict[str, LayerStatistics] | None = None
     _loss_gradients: dict[str, np.ndarray] | None = None
 
     def _report(self, step: str):
         return (lambda done, total: self.progress(step, done, total)) if self.progress else None
+
+    def _chosen(self, choice: EngineChoice) -> None:
+        self.engine_used = choice
 
     def statistics(self) -> dict[str, LayerStatistics]:
         if self._statistics is None:
@@ -56,7 +62,7 @@ class ScoringContext:
             self._statistics = collect_statistics(
                 self.model, self.layers, self.data, self.output, probes=self.probes, batch_size=self.batch_size,
                 seed=self.seed, provider=self.provider, threads=self.threads, progress=self._report("statistics"),
-                shared=self.conv_statistics)
+                shared=self.conv_statistics, engine=self.engine, chosen=self._chosen)
             self.timings["statistics"] = time.perf_counter() - start
         return self._statistics
 
@@ -67,7 +73,8 @@ class ScoringContext:
             start = time.perf_counter()
             self._loss_gradients = collect_loss_gradients(
                 self.model, self.layers, self.data, self.output, batch_size=self.batch_size,
-                provider=self.provider, threads=self.threads, progress=self._report("loss gradients"))
+                provider=self.provider, threads=self.threads, progress=self._report("loss gradients"),
+                engine=self.engine, chosen=self._chosen)
             self.timings["loss gradients"] = time.perf_counter() - start
         return self._loss_gradients
 

@@ -19,7 +19,8 @@ import onnx
 from .conv import CHUNK_ELEMENTS, STATISTICS, accumulate_shared, im2col, shared_loss_gradient
 from .data import Dataset
 from .errors import InputError
-from .jacobians import LossGradients, OutputJacobians, output_shape, tensor_shapes
+from .engines import EngineChoice, loss_gradients, output_jacobians
+from .jacobians import output_shape, tensor_shapes
 from .layers import Layer
 from .runtime import blas_threads
 
@@ -150,18 +151,26 @@ def _step(model, layers, data, output, repeats, batch_size, provider) -> int:
 def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,
                        probes: int | None = None, batch_size: int = 256, seed: int = 0, provider: str = "cpu",
                        threads: int | None = None, progress: Progress | None = None,
-                       shared: str = "exact") -> dict[str, LayerStatistics]:
-    """ECP statistics of every layer over ``data`` with exact (or ``probes`` random) output Jacobians;
-    ``shared`` ("exact" or "positions") chooses how shared-weight layers are summed (see ``conv``)."""
+                       shared: str = "exact", engine: str = "auto",
+                       chosen: Callable[[EngineChoice], None] | None = None) -> dict[str, LayerStatistics]:
+    """ECP statistics of every layer over ``data`` with exact (or ``probes`` random) output Jacobians
+    from gradient ``engine``; ``shared`` ("exact" or "positions") chooses how shared-weight layers are
+    summed (see ``conv``); ``chosen`` is told which engine ran, and why."""
     if shared not in STATISTICS:
         raise InputError(f"shared-weight statistics must be one of {STATISTICS}, got {shared!r}")
     shape = output_shape(model, output, data.feeds, provider)
     width = int(np.prod(shape)) if shape else 1
-    jac = OutputJacobians(model, layers, output, width, probes=probes, seed=seed, provider=provider, threads=threads)
+    jac = output_jacobians(model, layers, output, width, probes=probes, seed=seed, provider=provider, threads=threads,
+                           engine=engine)
     stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
     step = _step(model, layers, data, output, jac.repeats, batch_size, provider)
     with blas_threads(threads):
         _accumulate(jac, layers, data, shape, step, stats, shared, progress)
+    if all(not np.any(st.sum_g) for st in stats.values()):
+        raise InputError(f"the derivative of {output!r} is zero at every layer (a piecewise-constant op such as "
+                         "Round, Sign or ArgMax lies on the way?); protect a tensor before it with --output")
+    if chosen:
+        chosen(jac.choice)
     return stats
 
 
@@ -169,18 +178,16 @@ def _accumulate(jac, layers, data, shape, step, stats, shared, progress) -> None
     """Add every batch of ``data`` to ``stats``: G in the runtime's float type, products in ``add``."""
     done = 0
     for feeds, _ in data.batches(step):
-        rows, inputs = jac.rows(feeds, shape)
+        squares, inputs = jac.squares(feeds, shape)
         for layer in layers:
-            g = rows[layer.name]
+            g = squares[layer.name]
             if layer.shared:
                 stats[layer.name].add_shared(layer, g, inputs[layer.name], jac.scale, exact=shared == "exact")
-            else:
-                g = g[..., 0]
-                big_g = np.einsum("sro,sro->so", g, g) * g.dtype.type(jac.scale)
-                if not np.isfinite(big_g).all():  # beyond float32's range: square in float64
-                    g = g.astype(np.float64)
-                    big_g = np.einsum("sro,sro->so", g, g) * jac.scale
-                stats[layer.name].add(big_g, inputs[layer.name])
+                continue
+            if not np.isfinite(g).all():  # beyond float32's range: square the rows in float64
+                rows = jac.rows(feeds, shape)[0][layer.name][..., 0].astype(np.float64)
+                g = np.einsum("sro,sro->so", rows, rows) * jac.scale
+            stats[layer.name].add(g, inputs[layer.name])
         done += len(next(iter(feeds.values())))
         if progress:
             progress(done, len(data))
@@ -188,9 +195,10 @@ def _accumulate(jac, layers, data, shape, step, stats, shared, progress) -> None
 
 def collect_loss_gradients(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,
                            batch_size: int = 256, provider: str = "cpu", threads: int | None = None,
-                           progress: Progress | None = None) -> dict[str, np.ndarray]:
+                           progress: Progress | None = None, engine: str = "auto",
+                           chosen: Callable[[EngineChoice], None] | None = None) -> dict[str, np.ndarray]:
     """E[dL/dW] in the (out, in) view, L = softmax cross-entropy of ``output`` against the labels."""
-    grads = LossGradients(model, layers, output, provider=provider, threads=threads)
+    grads = loss_gradients(model, layers, output, provider=provider, threads=threads, engine=engine)
     sums = {layer.name: np.zeros((layer.out_features, layer.in_features)) for layer in layers}
     step = _step(model, layers, data, output, 1, batch_size, provider)
     done = 0
@@ -205,4 +213,6 @@ def collect_loss_gradients(model: onnx.ModelProto, layers: list[Layer], data: Da
             done += len(labels)
             if progress:
                 progress(done, len(data))
+    if chosen:
+        chosen(grads.choice)
     return {name: s / len(data) for name, s in sums.items()}

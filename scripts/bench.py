@@ -21,7 +21,6 @@ measured output error against the exact Jacobian.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -41,7 +40,9 @@ import onnxprune  # noqa: E402
 from onnxprune import fileio, runtime  # noqa: E402
 from onnxprune.api import Pruner, as_dataset, as_model  # noqa: E402
 from onnxprune.data import Dataset, read_npz  # noqa: E402
-from onnxprune.jacobians import OutputJacobians, output_shape  # noqa: E402
+from onnxprune.engines import output_jacobians  # noqa: E402
+from onnxprune.engines.base import training_build  # noqa: E402
+from onnxprune.jacobians import output_shape  # noqa: E402
 from onnxprune.layers import analyse_graph, protected_output, read_initializer  # noqa: E402
 from onnxprune.statistics import collect_loss_gradients, collect_statistics  # noqa: E402
 from onnxprune.zoo import build_mlp  # noqa: E402
@@ -130,24 +131,6 @@ def forward_times(model, data: Dataset, threads, runs: int = 5) -> list[tuple[fl
     return times
 
 
-@contextlib.contextmanager
-def as_before(before: bool):
-    """Inside, with ``before``: the statistics as they were before the split gradient graph and the
-    float32 products (every probe's row through the whole graph, products in float64)."""
-    if not before:
-        yield
-        return
-    from onnxprune import jacobians, statistics
-
-    build, add = jacobians.SplitGradient.build, statistics.LayerStatistics.add
-    jacobians.SplitGradient.build = classmethod(lambda cls, *a, **k: None)
-    statistics.LayerStatistics.add = lambda self, g, z: add(self, np.asarray(g, np.float64), np.asarray(z, np.float64))
-    try:
-        yield
-    finally:
-        jacobians.SplitGradient.build, statistics.LayerStatistics.add = build, add
-
-
 def measure(spec: dict) -> dict:
     """Time one step on one model; forward passes before and after it give the unit."""
     model, data = load(spec["model"], spec["samples"])
@@ -163,7 +146,7 @@ def measure(spec: dict) -> dict:
         layers = analyse_graph(model).layers
         out = protected_output(model)
         shape = output_shape(model, out, data.subset(1).feeds)
-        jac = OutputJacobians(model, layers, out, int(np.prod(shape)), probes=1, threads=threads)
+        jac = output_jacobians(model, layers, out, int(np.prod(shape)), probes=1, threads=threads, engine=spec["engine"])
         with runtime.blas_threads(threads):
             for feeds, _ in data.batches(BATCH):
                 jac.rows(feeds, shape)
@@ -171,15 +154,15 @@ def measure(spec: dict) -> dict:
         layers = analyse_graph(model).layers
         out = protected_output(model)
         if spec["kind"] == "ecp":
-            with as_before(spec.get("before", False)):
-                collect_statistics(model, layers, data, out, probes=spec.get("probes"), threads=threads,
-                                   shared=spec.get("shared", "exact"))
+            collect_statistics(model, layers, data, out, probes=spec.get("probes"), threads=threads,
+                               shared=spec.get("shared", "exact"), engine=spec["engine"])
         else:
             labels = np.asarray(read_npz(ROOT / "models" / "mnist_test.npz")["y"][:len(data)], np.int64)
-            collect_loss_gradients(model, layers, Dataset(data.feeds, labels), out, threads=threads)
+            collect_loss_gradients(model, layers, Dataset(data.feeds, labels), out, threads=threads,
+                                   engine=spec["engine"])
     else:  # a whole Pruner.fit: checks, statistics and scores
         labels = np.asarray(read_npz(ROOT / "models" / "mnist_test.npz")["y"][:len(data)], np.int64)
-        pruner = Pruner(spec["method"], threads=threads, probes=spec.get("probes"))
+        pruner = Pruner(spec["method"], threads=threads, probes=spec.get("probes"), engine=spec["engine"])
         pruner.fit(model, Dataset(data.feeds, labels))
         extra = {"steps": {k: round(v, 3) for k, v in pruner.seconds_.items()}}
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -255,7 +238,7 @@ def probes_study(kind: str, quick: bool) -> list[dict]:
     exact = None
     for probes, seed in variants:
         start = time.perf_counter()
-        pruner = Pruner("ecp", probes=probes, seed=seed).fit(model, calib)
+        pruner = Pruner("ecp", probes=probes, seed=seed, engine="adjoint").fit(model, calib)
         seconds = time.perf_counter() - start
         scores = flat_scores(pruner)
         row = {"model": kind, "probes": probes, "seed": seed, "seconds": seconds,
@@ -297,10 +280,8 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    import onnxruntime
-
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, onnxruntime-training "
-            f"{onnxruntime.__version__}, numpy {np.__version__}")
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {runtime.build_name()}, "
+            f"numpy {np.__version__}")
 
 
 def report(results: dict, command: str) -> str:
@@ -325,12 +306,11 @@ def report(results: dict, command: str) -> str:
     for name, title in (("mlp", "784-1024-1024-10 PReLU MLP (untrained), K = 10"),
                         ("cnn", "MNIST CNN (Conv-ReLU-MaxPool x2, Gemm 256-64-10), K = 10")):
         rows = results["models"][name]
-        fwdbwd = next(r for r in rows if r["label"] == "forward + backward (1 probe)")
-        floor_cpu = 10 * cpu_ratio(fwdbwd)
+        fwdbwd, floor_cpu = floor(rows)
         lines += [f"## {title}", "",
                   f"One forward pass over {results['samples']:,} samples: {fwdbwd['forward_cpu_seconds']:.3f} s of CPU "
                   f"({fwdbwd['forward_seconds']:.3f} s wall); the floor K x (forward + backward) = "
-                  f"{floor_cpu:.1f} x forward.", "",
+                  f"{floor_cpu:.1f} x forward (10 x the cheaper engine's 1-probe pass, {fwdbwd['engine']}'s).", "",
                   "| step | seconds (wall) | x forward (CPU) | x floor | x forward (wall) | peak RSS MB | + RSS MB |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for row in rows:
@@ -389,24 +369,31 @@ def report(results: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def floor(rows: list[dict]) -> tuple[dict, float]:
+    """The cheaper engine's 1-probe gradient pass, and K x it (K = 10) in forward passes of CPU time."""
+    fwdbwd = min((r for r in rows if r["kind"] == "fwdbwd"), key=cpu_ratio)
+    return fwdbwd, 10 * cpu_ratio(fwdbwd)
+
+
 def summary(results: dict) -> str:
     parts = []
     for name, label in (("mlp", "MLP"), ("cnn", "CNN")):
         rows = {r["label"]: r for r in results["models"][name]}
-        fwdbwd = rows["forward + backward (1 probe)"]
-        floor = 10 * cpu_ratio(fwdbwd)
-        ecp = rows["ecp statistics (exact)"]
-        parts.append(f"{label}: ECP statistics {cpu_ratio(ecp):.1f} x forward (CPU time) = {cpu_ratio(ecp) / floor:.2f} x "
-                     f"the floor K x (forward + backward) = {floor:.1f} x; peak RSS {ecp['peak_rss_mb']:.0f} MB "
-                     f"(+{ecp['peak_rss_mb'] - ecp['rss_before_mb']:.0f} MB over model and data).")
+        _, bound = floor(results["models"][name])
+        stats = {engine: rows.get(f"{engine}: ecp statistics (exact)") for engine in ("adjoint", "ort-training")}
+        for engine, ecp in stats.items():
+            if ecp:
+                parts.append(f"{label}, {engine}: ECP statistics {cpu_ratio(ecp):.1f} x forward (CPU time) = "
+                             f"{cpu_ratio(ecp) / bound:.2f} x the floor K x (forward + backward) = {bound:.1f} x; peak RSS "
+                             f"{ecp['peak_rss_mb']:.0f} MB (+{ecp['peak_rss_mb'] - ecp['rss_before_mb']:.0f} MB over model and data).")
+        if all(stats.values()):
+            a, t = cpu_ratio(stats["adjoint"]), cpu_ratio(stats["ort-training"])
+            parts.append(f"{label}: adjoint / ort-training CPU time = {a / t:.2f} (the adjoint engine is "
+                         f"{'cheaper' if a < t else 'dearer'} here).")
     for name, label in (("mlp", "MLP"), ("cnn", "CNN")):
         rows = results["models"][name]
-        small = next((r for r in rows if r["label"].startswith("ecp statistics (exact, ")), None)
-        big = next(r for r in rows if r["label"] == "ecp statistics (exact)")
-        before = next((r for r in rows if r["label"].startswith("ecp statistics, before")), None)
-        if before:
-            parts.append(f"{label}: {cpu_ratio(before):.1f} x forward before this work, {cpu_ratio(big):.1f} x now "
-                         f"({cpu_ratio(before) / cpu_ratio(big):.2f} x less CPU time).")
+        small = next((r for r in rows if r["label"].startswith("adjoint: ecp statistics (exact, ")), None)
+        big = next(r for r in rows if r["label"] == "adjoint: ecp statistics (exact)")
         if small:
             parts.append(f"{label} memory does not grow with the samples: + RSS "
                          f"{small['peak_rss_mb'] - small['rss_before_mb']:.0f} MB with {small['samples']:,} samples, "
@@ -433,16 +420,13 @@ def summary(results: dict) -> str:
     return " ".join(parts)
 
 
-NOTES = """Where the time goes (cProfile of the statistics on both models, not part of the run above): for the MLP
-the gradient passes in onnxruntime take about two thirds and the float32 products A and B the rest; for the
-CNN the gradient passes (ConvGrad and MaxPoolGrad, one backward pass per probe) take about half and the exact
-shared-weight sums in numpy (`onnxprune/conv.py`, float64, u = sum_t g_t z_t for every probe) about 40%;
-`--conv-statistics positions` drops their cross-position terms and is cheaper. Before this work every probe
-row also re-ran the forward pass (the input tiled K times) and the products were float64; now the gradient
-graph is split at its products (Gemm, MatMul, Conv): a forward session runs once per sample and a backward
-session takes the products' outputs, repeated K times (checked against the tiled graph when built, which
-it replaces only if they agree). Products of a batch are float32 on inputs shifted by a per-feature
-constant and summed in float64 across batches, so the G-weighted variance A - B^2/C keeps float64 accuracy."""
+NOTES = """How the engines compute (a description of the code, not a measurement): `adjoint` runs onnx-ad's
+reverse-mode graph, whose seed axis carries the K one-hot seeds, so the forward pass runs once per sample and
+the backward pass once for all K; for single-use layers the graph itself reduces G = sum_k (dy_k/da)^2, so only
+(batch, out) leaves the session. `ort-training` runs onnxruntime-training's gradient graph cut at its forward
+products: a forward session once per sample, a backward session on the products' outputs repeated K times.
+Both then take the products A and B of a batch in float32 on inputs shifted by a per-feature constant, summed
+in float64 across batches; shared-weight (Conv) layers use the exact sums of `onnxprune/conv.py` on the rows."""
 
 
 def main(argv=None) -> int:
@@ -464,24 +448,23 @@ def main(argv=None) -> int:
     samples = 200 if args.quick else args.samples
     results = {"samples": samples, "repeats": args.repeats, "load_start": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d"),
                "models": {}, "threads": [], "probes": [], "many_samples": 32 if args.quick else 1000}
-    plan = {
-        "mlp": [("forward + backward (1 probe)", {"kind": "fwdbwd"}),
-                ("ecp statistics (exact)", {"kind": "ecp"}),
-                ("ecp statistics, before this work (forward per probe, float64 products)", {"kind": "ecp", "before": True}),
-                (f"ecp statistics (exact, {samples // 4:,} samples)", {"kind": "ecp", "samples": samples // 4}),
-                ("ecp statistics, --probes 2", {"kind": "ecp", "probes": 2}),
-                ("ecp whole fit (checks, statistics, scores)", {"kind": "fit", "method": "ecp"}),
-                ("gradmag (loss gradients)", {"kind": "gradmag"}),
-                ("magnitude (whole fit)", {"kind": "fit", "method": "magnitude"})],
-        "cnn": [("forward + backward (1 probe)", {"kind": "fwdbwd"}),
-                ("ecp statistics (exact)", {"kind": "ecp"}),
-                ("ecp statistics, before this work (forward per probe, float64 products)", {"kind": "ecp", "before": True}),
-                (f"ecp statistics (exact, {samples // 4:,} samples)", {"kind": "ecp", "samples": samples // 4}),
-                ("ecp statistics, Conv --conv-statistics positions", {"kind": "ecp", "shared": "positions"}),
-                ("ecp whole fit (checks, statistics, scores)", {"kind": "fit", "method": "ecp"}),
-                ("gradmag (loss gradients)", {"kind": "gradmag"}),
-                ("magnitude (whole fit)", {"kind": "fit", "method": "magnitude"})],
-    }
+    engines = ["adjoint", "ort-training"] if training_build() else ["adjoint"]
+    plan = {}
+    for name in ("mlp", "cnn"):
+        steps = []
+        for engine in engines:  # side by side, one after the other in the same run
+            steps += [(f"{engine}: forward + backward (1 probe)", {"kind": "fwdbwd", "engine": engine}),
+                      (f"{engine}: ecp statistics (exact)", {"kind": "ecp", "engine": engine}),
+                      (f"{engine}: gradmag (loss gradients)", {"kind": "gradmag", "engine": engine})]
+        steps += [(f"adjoint: ecp statistics (exact, {samples // 4:,} samples)",
+                   {"kind": "ecp", "samples": samples // 4, "engine": "adjoint"}),
+                  ("adjoint: ecp statistics, --probes 2", {"kind": "ecp", "probes": 2, "engine": "adjoint"}),
+                  ("adjoint: ecp whole fit (checks, statistics, scores)", {"kind": "fit", "method": "ecp", "engine": "adjoint"}),
+                  ("magnitude (whole fit)", {"kind": "fit", "method": "magnitude", "engine": "adjoint"})]
+        if name == "cnn":
+            steps.insert(-2, ("adjoint: ecp statistics, Conv --conv-statistics positions",
+                              {"kind": "ecp", "shared": "positions", "engine": "adjoint"}))
+        plan[name] = steps
     for name, steps in plan.items():
         rows = []
         for label, spec in steps:
@@ -491,7 +474,8 @@ def main(argv=None) -> int:
                   file=sys.stderr)
         results["models"][name] = rows
     for threads in ((1,) if args.quick else (1, 2, None)):
-        row = run_measure({"model": "mlp", "samples": samples, "kind": "ecp", "threads": threads}, args.inline, args.repeats)
+        row = run_measure({"model": "mlp", "samples": samples, "kind": "ecp", "threads": threads, "engine": "adjoint"},
+                          args.inline, args.repeats)
         results["threads"].append(row)
         print(f"threads {threads}: {row['seconds']:.2f} s = {ratio(row):.1f} x forward", file=sys.stderr)
     results["probes"] = probes_study("mnist", args.quick) + probes_study("many", args.quick)

@@ -21,7 +21,8 @@ def test_quick_run_writes_the_report(tmp_path):
                    "exact (K = 10)", "exact (K = 1000)", "What the numbers say"):
         assert needle in text, needle
     results = json.loads((tmp_path / "b.json").read_text())
-    assert {row["label"] for row in results["models"]["mlp"]} >= {"forward + backward (1 probe)", "ecp statistics (exact)"}
+    assert {row["label"] for row in results["models"]["mlp"]} >= {"adjoint: forward + backward (1 probe)",
+                                                                   "adjoint: ecp statistics (exact)"}
 
 
 def test_a_measurement_in_its_own_process():

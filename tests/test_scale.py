@@ -5,10 +5,11 @@ import pytest
 
 from onnxprune import jacobians
 from onnxprune.data import Dataset
-from onnxprune.jacobians import OutputJacobians
+from onnxprune.engines.ort_training import OutputJacobians
 from onnxprune.layers import analyse_graph, protected_output
 from onnxprune.runtime import blas_threads
 from onnxprune.statistics import LayerStatistics, collect_statistics
+from engines import requires_training
 from tinyconv import cnn, images, sequence_mlp
 from tinynets import data, mlp
 
@@ -21,6 +22,7 @@ MODELS = {
 }
 
 
+@requires_training
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("probes", [None, 4])
 def test_split_gradient_is_used_and_gives_the_tiled_rows(name, probes):

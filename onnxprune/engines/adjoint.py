@@ -1,0 +1,233 @@
+"""The ``adjoint`` engine: onnx-ad's reverse-mode derivative graph, run by any onnxruntime build.
+
+onnx-ad turns the instrumented copy into its vector-Jacobian-product model: the original inputs,
+one seed input shaped like the protected output with a trailing seed axis, and one derivative
+output per offset, shaped like the pre-activation with the same trailing axis. The forward pass
+runs once per sample whatever the number of seeds (K one-hot seeds: the exact Jacobian rows; P
+Rademacher seeds: an unbiased estimate of G). For layers whose weight is used once, the graph also
+reduces G = sum over seeds of the squared derivative, so that only (batch, out) leaves the session.
+The graph is plain ONNX: CPUExecutionProvider, CUDAExecutionProvider, any Python.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .. import runtime
+from ..errors import InputError
+from ..jacobians import by_position, exposed, instrument, offset_name, tensor_shapes
+from ..layers import Layer
+from .base import EngineFailure
+
+MIN_OPSET = 16  # onnx-ad needs ScatterND with reduction (16) for MaxPool, Softmax-13, ReduceSum's axes input (13)
+SQUARES = "onnxprune__G__"
+LOSS = "onnxprune__loss"
+ONE_HOT = "onnxprune__one_hot"
+
+
+class _AdjointModel:
+    """Instrumented copy -> reverse-mode graph -> session, built on the first batch and rebuilt when
+    the per-sample shapes change or a larger batch comes.
+
+    onnx-ad's Conv, pooling and Slice rules need every dimension declared, the batch included, so
+    the graph is built for the first batch's size; a smaller batch (the last one) is padded by
+    repeating its samples and the padded rows are dropped from every result."""
+
+    def __init__(self, model: onnx.ModelProto, layers: list[Layer], output: str, provider: str = "cpu",
+                 threads: int | None = None):
+        self.model, self.layers, self.output = model, list(layers), output
+        self.provider, self.threads = provider, threads
+        graph_inputs = {vi.name for vi in model.graph.input} - {t.name for t in model.graph.initializer}
+        self.z_outputs = sorted({layer.input for layer in self.layers} - graph_inputs)
+        self.session, self._signature, self.shapes, self.batch = None, None, {}, 0
+
+    def _head(self, m: onnx.ModelProto, elem: int) -> str:
+        """Add what is seeded on top of the instrumented copy ``m``; return its name."""
+        raise NotImplementedError
+
+    def _build(self, feeds: dict[str, np.ndarray]) -> None:
+        signature = tuple(sorted((k, v.shape[1:]) for k, v in feeds.items()))
+        n = len(next(iter(feeds.values())))
+        if signature == self._signature and n <= self.batch:
+            return
+        names = list(feeds) + [layer.preact for layer in self.layers] + [self.output]
+        self.shapes = tensor_shapes(self.model, names, feeds, self.provider)
+        m, elem = instrument(self.model, self.layers, self.output, [self.output] + self.z_outputs, self.shapes,
+                             MIN_OPSET)
+        self.batch = n
+        _fix_batch(m, n)
+        seeded = self._head(m, elem)
+        offsets = [offset_name(layer) for layer in self.layers]
+        try:
+            m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        except Exception:  # noqa: BLE001 - inference is a help, not a requirement; onnx-ad says what it misses
+            pass
+        from onnx_ad import UnsupportedOperator, reverse
+
+        try:
+            grad = reverse(m, inputs=offsets, outputs=[seeded], layout="onnx", prefix="onnxprune__adj__")
+        except UnsupportedOperator as exc:
+            raise EngineFailure(f"onnx-ad cannot differentiate the model: {_one_line(exc)}") from None
+        except Exception as exc:  # noqa: BLE001 - onnx-ad raises plain errors on graphs it does not understand
+            raise EngineFailure(f"onnx-ad cannot build the derivative graph: {type(exc).__name__}: {_one_line(exc)}") from None
+        self.seed_name = grad.graph.input[-1].name
+        derivatives = [vi.name for vi in grad.graph.output[-len(offsets):]]
+        self.rows_of = dict(zip((layer.name for layer in self.layers), derivatives))
+        self._reduce_squares(grad, elem)
+        self.dtype = helper.tensor_dtype_to_np_dtype(elem)
+        try:
+            self.session = runtime.proto_session(grad, self.provider, self.threads)
+        except runtime.RuntimeUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types
+            raise EngineFailure(f"onnxruntime cannot load the derivative graph: {runtime.ort_message(exc)}") from None
+        self._signature, self._seeds, self._zeros = signature, {}, {}
+
+    def _reduce_squares(self, grad: onnx.ModelProto, elem: int) -> None:
+        """Outputs G = sum over the seed axis of the squared derivative, for single-use layers."""
+        axis = f"{SQUARES}axis"  # a Constant, not an initializer: IR < 4 models need initializers declared as inputs
+        grad.graph.node.append(helper.make_node("Constant", [], [axis], name=axis,
+                                                value=numpy_helper.from_array(np.array([-1], np.int64))))
+        for layer in self.layers:
+            if layer.shared:
+                continue
+            rows, name = self.rows_of[layer.name], SQUARES + layer.name
+            grad.graph.node.extend([
+                helper.make_node("Mul", [rows, rows], [f"{name}__sq"], name=f"{name}__sq"),
+                helper.make_node("ReduceSum", [f"{name}__sq", axis], [name], keepdims=0, name=f"{name}__sum")])
+            grad.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+
+    def _cast(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Half-float feeds become float32 for the float32 copy."""
+        return {k: v.astype(np.float32) if v.dtype == np.float16 or str(v.dtype) == "bfloat16" else v
+                for k, v in feeds.items()}
+
+    def _run(self, feeds: dict[str, np.ndarray], seed: np.ndarray, fetch: list[str], extra=None) -> list[np.ndarray]:
+        """The fetched tensors and the layer inputs for ``feeds`` (padded to the graph's batch, and the
+        padding dropped again); ``seed`` and ``extra`` are already of the graph's batch size."""
+        n = len(next(iter(feeds.values())))
+        if not self._zeros:
+            self._zeros = {offset_name(layer): np.zeros((self.batch,) + self.shapes[layer.preact], self.dtype)
+                           for layer in self.layers}
+        rows = np.arange(self.batch) % n
+        padded = {k: v if n == self.batch else v[rows] for k, v in self._cast(feeds).items()}
+        run_feeds = {**padded, **self._zeros, **(extra or {}), self.seed_name: seed}
+        try:
+            values = self.session.run(fetch + [exposed(z) for z in self.z_outputs], run_feeds)
+        except Exception as exc:  # noqa: BLE001 - a kernel refusing a shape or a value inside the derivative graph
+            raise InputError(f"onnxruntime failed running the derivative graph: {runtime.ort_message(exc)}") from None
+        return values if n == self.batch else [v[:n] for v in values]
+
+    def _inputs(self, feeds: dict[str, np.ndarray], values: list[np.ndarray]) -> dict[str, np.ndarray]:
+        z = dict(zip(self.z_outputs, values[len(values) - len(self.z_outputs):]))
+        cast = self._cast(feeds)
+        return {layer.name: z[layer.input] if layer.input in z else cast[layer.input] for layer in self.layers}
+
+
+def _fix_batch(m: onnx.ModelProto, batch: int) -> None:
+    """Declare the first dimension of every graph input as ``batch``."""
+    inits = {t.name for t in m.graph.initializer}
+    for vi in m.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name not in inits and len(dims):
+            dims[0].Clear()
+            dims[0].dim_value = batch
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:400]
+
+
+class OutputJacobians(_AdjointModel):
+    """Per-sample output derivatives at the pre-activations with K exact or ``probes`` random seeds."""
+
+    def __init__(self, model: onnx.ModelProto, layers: list[Layer], output: str, output_size: int,
+                 probes: int | None = None, seed: int = 0, provider: str = "cpu", threads: int | None = None):
+        super().__init__(model, layers, output, provider, threads)
+        self.output_size = int(output_size)
+        self.exact = probes is None
+        self.repeats = self.output_size if self.exact else int(probes)
+        self.scale = 1.0 if self.exact else 1.0 / self.repeats
+        self.rng = np.random.default_rng(seed)
+
+    def _head(self, m: onnx.ModelProto, elem: int) -> str:
+        return exposed(self.output)
+
+    def _seed(self, n: int, output_shape: tuple[int, ...]) -> np.ndarray:
+        """(graph batch, *output_shape, R): the identity per sample (exact), or Rademacher signs, fresh
+        for the ``n`` real samples (the padding rows repeat them)."""
+        if not self.exact:
+            signs = self.rng.choice(np.array([-1.0, 1.0], self.dtype), size=(n,) + tuple(output_shape) + (self.repeats,))
+            return signs if n == self.batch else signs[np.arange(self.batch) % n]
+        if "eye" not in self._seeds:
+            eye = np.eye(self.output_size, dtype=self.dtype).reshape(tuple(output_shape) + (self.repeats,))
+            self._seeds["eye"] = np.ascontiguousarray(np.broadcast_to(eye, (self.batch,) + eye.shape))
+        return self._seeds["eye"]
+
+    def _layer_rows(self, layer: Layer, d: np.ndarray) -> np.ndarray:
+        """(n, *preact, R) -> (n, R, out, positions)."""
+        n, r = len(d), d.shape[-1]
+        moved = np.moveaxis(d, -1, 1).reshape((n * r,) + d.shape[1:-1])
+        return by_position(layer, moved).reshape(n, r, layer.out_features, -1)
+
+    def rows(self, feeds: dict[str, np.ndarray], output_shape: tuple[int, ...]):
+        """Per layer the derivatives of every seed, (batch, R, out, positions), and the layer inputs."""
+        self._build(feeds)
+        n = len(next(iter(feeds.values())))
+        fetch = [self.rows_of[layer.name] for layer in self.layers]
+        values = self._run(feeds, self._seed(n, output_shape), fetch)
+        out = {layer.name: self._layer_rows(layer, d) for layer, d in zip(self.layers, values)}
+        return out, self._inputs(feeds, values)
+
+    def squares(self, feeds: dict[str, np.ndarray], output_shape: tuple[int, ...]):
+        """Per layer G = sum_k (dy_k/da)^2 (batch, out) for single-use layers (reduced in the graph,
+        scaled for random seeds), the rows (batch, R, out, positions) for shared-weight layers; and
+        the layer inputs."""
+        self._build(feeds)
+        n = len(next(iter(feeds.values())))
+        fetch = [self.rows_of[layer.name] if layer.shared else SQUARES + layer.name for layer in self.layers]
+        values = self._run(feeds, self._seed(n, output_shape), fetch)
+        out = {}
+        for layer, value in zip(self.layers, values):
+            if layer.shared:
+                out[layer.name] = self._layer_rows(layer, value)
+            else:
+                out[layer.name] = value if self.exact else value * value.dtype.type(self.scale)
+        return out, self._inputs(feeds, values)
+
+
+class LossGradients(_AdjointModel):
+    """Per-sample d(cross-entropy)/d(pre-activation), for saliencies that use the training loss."""
+
+    def _head(self, m: onnx.ModelProto, elem: int) -> str:
+        """-sum(one_hot * log_softmax(y)) per sample, seeded with 1."""
+        width = self.shapes[self.output]
+        m.graph.input.append(helper.make_tensor_value_info(ONE_HOT, elem, [self.batch, *width]))
+        axis = f"{LOSS}__axis"
+        m.graph.node.extend([
+            helper.make_node("Constant", [], [axis], name=axis, value=numpy_helper.from_array(np.array([-1], np.int64))),
+            helper.make_node("LogSoftmax", [self.output], [f"{LOSS}__log_p"], axis=-1, name=f"{LOSS}__log_p"),
+            helper.make_node("Mul", [ONE_HOT, f"{LOSS}__log_p"], [f"{LOSS}__picked"], name=f"{LOSS}__picked"),
+            helper.make_node("ReduceSum", [f"{LOSS}__picked", axis], [f"{LOSS}__neg"], keepdims=0, name=f"{LOSS}__sum"),
+            helper.make_node("Neg", [f"{LOSS}__neg"], [LOSS], name=LOSS)])
+        m.graph.output.append(helper.make_tensor_value_info(LOSS, elem, [self.batch]))
+        return LOSS
+
+    def __call__(self, feeds: dict[str, np.ndarray], labels: np.ndarray):
+        """Per layer dL/da (batch, out) for a 2-D layer, (batch, out, positions) for a shared-weight
+        one, and the layer inputs as the graph has them."""
+        self._build(feeds)
+        n = len(labels)
+        width = int(np.prod(self.shapes[self.output]))
+        one_hot = np.zeros((n, width), self.dtype)
+        one_hot[np.arange(n), labels.astype(np.int64)] = 1
+        fetch = [self.rows_of[layer.name] for layer in self.layers]
+        if n < self.batch:
+            one_hot = one_hot[np.arange(self.batch) % n]
+        values = self._run(feeds, np.ones((self.batch, 1), self.dtype), fetch, {ONE_HOT: one_hot})
+        out = {}
+        for layer, d in zip(self.layers, values):
+            g = by_position(layer, d[..., 0].astype(np.float64))
+            out[layer.name] = g[:, :, 0] if not layer.shared else g
+        return out, self._inputs(feeds, values)
