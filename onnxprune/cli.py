@@ -13,7 +13,8 @@ from .fileio import check_output_path
 from .masks import SCOPES
 from .modelio import save_model
 from .report import evaluation_table, prune_table, sensitivity_table, skipped_table, storage_table, table
-from .runtime import PROVIDERS
+from .engines import ENGINES
+from .runtime import PROVIDERS, build_name, check_installation
 from .saliency import METHODS, REFIT_METHOD
 from .storage import STORAGES, storage_report
 from .ui import common, command_errors, emit_json, make_ui
@@ -27,12 +28,19 @@ output_opt = click.option("--output", "output", default=None, metavar="NAME",
 labels_opt = click.option("--labels-key", default=None, metavar="KEY", help="Labels array in the .npz (default: y or labels).")
 json_opt = click.option("--json", "json_path", default=None, metavar="PATH", help="Also write the report as JSON ('-' for stdout).")
 threads_opt = click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+engine_opt = click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
+                          help="Gradient engine: adjoint (onnx-ad graphs, any onnxruntime), ort-training (the training "
+                               "build's gradient builder), auto (ort-training on the training build, else adjoint; "
+                               "either falls back to the other for an op it cannot differentiate).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnxprune")
+@command_errors
 def main():
     """Prune ONNX models with elimination-compensation (ECP) and check them on onnxruntime."""
+    if not {"-h", "--help"} & set(sys.argv):
+        check_installation()  # a missing or clobbered onnxruntime: one line with the fix, before any work
 
 
 @main.command()
@@ -81,6 +89,7 @@ def main():
 @labels_opt
 @provider_opt
 @threads_opt
+@engine_opt
 @json_opt
 @click.option("--force", is_flag=True, help="Replace existing output files; run nonlinear above its size limit.")
 @common
@@ -88,7 +97,7 @@ def main():
 def prune(model, out, data, sparsity, dry_run, ratios, evaluate_data, max_loss_increase, plot_path, storage, method,
           steps, refit, chained, g_weighted, compensation, scope, exclude, seed,
           probes, conv_statistics, batch_size, test_data,
-          output, labels_key, provider, threads, json_path, force, verbose, quiet):
+          output, labels_key, provider, threads, engine, json_path, force, verbose, quiet):
     """Prune MODEL (one-shot, or in --steps) and write the result to OUT.
 
     With --dry-run, write no model: report how the error grows over --ratios and, with --evaluate
@@ -98,7 +107,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, evaluate_data, max_loss_i
     params = dict(method=method, compensation=compensation, scope=scope, exclude=exclude, seed=seed, output=output,
                   probes=probes, batch_size=batch_size, labels_key=labels_key, provider=provider, threads=threads,
                   force=force, steps=steps, refit=refit, chained=chained, g_weighted=g_weighted,
-                  conv_statistics=conv_statistics, progress=ui.progress)
+                  conv_statistics=conv_statistics, engine=engine, progress=ui.progress)
     if dry_run:
         return _dry_run(ui, model, out, data, sparsity, ratios, evaluate_data, max_loss_increase, plot_path, storage,
                         test_data, json_path, force, params)
@@ -119,7 +128,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, evaluate_data, max_loss_i
                        exclude=exclude, seed=seed, output=output, probes=probes, batch_size=batch_size,
                        labels_key=labels_key, provider=provider, threads=threads, force=force, steps=steps,
                        refit=refit, chained=chained, g_weighted=g_weighted, conv_statistics=conv_statistics,
-                       progress=ui.progress)
+                       engine=engine, progress=ui.progress)
     report = result.to_dict()
     if test_data:
         report["test"] = {name: api.evaluate(m, test_data, reference=original if name == "pruned" else None,
@@ -138,12 +147,19 @@ def prune(model, out, data, sparsity, dry_run, ratios, evaluate_data, max_loss_i
     if storage == "sparse":
         ui.out()
         ui.out(storage_table(report["storage"]))
+    ui.info(engine_line(result.engine))
     ui.info(f"method {method}{'' if result.compensation else ' without compensation'}, protected output "
             f"{result.protected_output!r}, seconds " + ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()))
     if result.skipped:
         ui.info(skipped_table(report["skipped"]))
     ui.info(f"wrote {out}")
     emit_json(json_path, report, force, ui)
+
+
+def engine_line(engine: dict | None) -> str:
+    if not engine or engine["name"] is None:
+        return "gradient engine: none needed" + (f" ({engine['reason']})" if engine else "")
+    return f"gradient engine: {engine['name']} ({engine['reason']}; {build_name()})"
 
 
 def _dry_run(ui, model, out, data, sparsity, ratios, evaluate_data, max_loss_increase, plot_path, storage, test_data,
@@ -174,6 +190,7 @@ def _dry_run(ui, model, out, data, sparsity, ratios, evaluate_data, max_loss_inc
         best = report.best_ratio
         ui.out()
         ui.out(f"largest ratio within +{100 * budget:g}% loss: " + ("none" if best is None else f"{best:g}"))
+    ui.info(engine_line(report.engine))
     ui.info("seconds " + ", ".join(f"{k} {v:.2f}" for k, v in report.seconds.items()))
     if plot_path:
         plot(report, plot_path)

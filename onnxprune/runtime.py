@@ -94,7 +94,9 @@ def build_name() -> str:
 def ort_message(exc: BaseException) -> str:
     """The useful part of an onnxruntime error (without the C++ source location), one line."""
     text = " ".join(str(exc).split())
-    return re.split(r"\] : \d+ : \w+ : |was false\. |\)> ", text)[-1][:400]
+    parts = [p for p in re.split(r"\] : \d+ : \w+ : |was false\. |\)> ", text) if p.strip()]
+    last = parts[-1] if parts else text
+    return re.sub(r"/\S+:\d+ ", "", last)[:400]  # C++ source locations say nothing to a user
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 

@@ -48,11 +48,12 @@ class SensitivityReport:
     max_loss_increase: float | None = None  # the budget, relative
     best_ratio: float | None = None         # the largest ratio within budget (every smaller one too)
     seconds: dict[str, float] = field(default_factory=dict)
+    engine: dict | None = None              # the gradient engine that scored, and why
 
     def to_dict(self) -> dict:
         return {"method": self.method, "weights": self.weights, "protected_output": self.protected_output,
                 "dense": self.dense, "max_loss_increase": self.max_loss_increase, "best_ratio": self.best_ratio,
-                "points": [asdict(p) for p in self.points], "seconds": self.seconds}
+                "points": [asdict(p) for p in self.points], "seconds": self.seconds, "engine": self.engine}
 
 
 def parse_ratios(text: str | list | tuple) -> list[float]:
@@ -142,7 +143,8 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
             best = point.ratio
     weights = sum(layer.size for layer in pruner.layers_)
     return SensitivityReport(method=method, weights=weights, protected_output=pruner.output_, points=points,
-                             dense=dense, max_loss_increase=budget, best_ratio=best, seconds=seconds)
+                             dense=dense, max_loss_increase=budget, best_ratio=best, seconds=seconds,
+                             engine=pruner.engine_)
 
 
 def _metrics(report: dict) -> dict:

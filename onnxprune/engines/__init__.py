@@ -44,7 +44,7 @@ class _Chosen:
                 if not self._todo:
                     from ..errors import InputError
 
-                    raise InputError("; ".join(self._failures)) from None
+                    raise InputError("no gradient engine can differentiate the model: " + "; ".join(self._failures)) from None
                 self._next()
                 self.choice = EngineChoice(self.choice.name, f"fallback: {self._failures[-1]}")
 

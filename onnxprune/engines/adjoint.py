@@ -10,6 +10,8 @@ The graph is plain ONNX: CPUExecutionProvider, CUDAExecutionProvider, any Python
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -68,7 +70,7 @@ class _AdjointModel:
         try:
             grad = reverse(m, inputs=offsets, outputs=[seeded], layout="onnx", prefix="onnxprune__adj__")
         except UnsupportedOperator as exc:
-            raise EngineFailure(f"onnx-ad cannot differentiate the model: {_one_line(exc)}") from None
+            raise EngineFailure(f"onnx-ad cannot differentiate {_culprit(m, str(exc))}: {_one_line(exc)}") from None
         except Exception as exc:  # noqa: BLE001 - onnx-ad raises plain errors on graphs it does not understand
             raise EngineFailure(f"onnx-ad cannot build the derivative graph: {type(exc).__name__}: {_one_line(exc)}") from None
         self.seed_name = grad.graph.input[-1].name
@@ -133,6 +135,15 @@ def _fix_batch(m: onnx.ModelProto, batch: int) -> None:
         if vi.name not in inits and len(dims):
             dims[0].Clear()
             dims[0].dim_value = batch
+
+
+def _culprit(m: onnx.ModelProto, message: str) -> str:
+    """'<op> node <name>' for the first node whose op type the message names (onnx-ad names the op,
+    not the node), else 'the model'."""
+    for node in m.graph.node:
+        if re.search(rf"\b{re.escape(node.op_type)}\b", message):
+            return f"{node.op_type} node {node.name or node.output[0]!r}"
+    return "the model"
 
 
 def _one_line(exc: BaseException) -> str:
