@@ -24,8 +24,13 @@ def run_script(main) -> None:
     """Entry point of the scripts/: exit with main()'s code, or one line and the error's exit code."""
     import sys
 
+    from .runtime import RuntimeUnavailable
+
     try:
         sys.exit(main())
     except OnnxPruneError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except RuntimeUnavailable as exc:  # no CUDA, no training build: the work cannot start here
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(1)
