@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from .. import runtime
 from ..errors import InputError
-from ..jacobians import by_position, exposed, instrument, offset_name, tensor_shapes
+from ..jacobians import by_position, exposed, instrument, needed_nodes, offset_name, tensor_shapes
 from ..layers import Layer
 from .base import EngineFailure
 
@@ -77,6 +77,7 @@ class _AdjointModel:
         derivatives = [vi.name for vi in grad.graph.output[-len(offsets):]]
         self.rows_of = dict(zip((layer.name for layer in self.layers), derivatives))
         self._reduce_squares(grad, elem)
+        _drop_dead_nodes(grad)
         self.dtype = helper.tensor_dtype_to_np_dtype(elem)
         try:
             self.session = runtime.proto_session(grad, self.provider, self.threads)
@@ -125,6 +126,14 @@ class _AdjointModel:
         z = dict(zip(self.z_outputs, values[len(values) - len(self.z_outputs):]))
         cast = self._cast(feeds)
         return {layer.name: z[layer.input] if layer.input in z else cast[layer.input] for layer in self.layers}
+
+
+def _drop_dead_nodes(grad: onnx.ModelProto) -> None:
+    """Keep only the nodes the outputs need: onnx-ad's Gemm/MatMul rules also build the weights'
+    adjoints (a (seeds, out, in) product per layer), which onnxruntime would compute and drop."""
+    keep = needed_nodes(grad.graph.node, {vi.name for vi in grad.graph.output})
+    del grad.graph.node[:]
+    grad.graph.node.extend(keep)
 
 
 def _fix_batch(m: onnx.ModelProto, batch: int) -> None:
