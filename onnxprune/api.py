@@ -20,6 +20,7 @@ from .modelio import load_model
 from .refit import LayerRefit, current_bias, refit as refit_layers
 from .rewrite import LayerChange, rewrite
 from .saliency import REFIT_METHOD, Saliency, ScoringContext, make_scorer
+from .statistics import MEMORY_BUDGET
 
 ModelLike = "str | Path | onnx.ModelProto"
 DataLike = "str | Path | Dataset | dict[str, np.ndarray]"
@@ -43,6 +44,7 @@ class PruneResult:
     steps: int = 1
     refit: list[LayerRefit] = field(default_factory=list)  # the last refit, when one was done
     engine: dict | None = None  # the gradient engine that ran and why ({"name", "reason"}), see onnxprune.engines
+    derivatives: dict = field(default_factory=dict)  # probes (None: exact), exact, automatic_probes, outputs, batch
 
     @property
     def weights(self) -> int:
@@ -63,6 +65,7 @@ class PruneResult:
             "weights": self.weights, "pruned": self.pruned, "protected_output": self.protected_output,
             "predicted_error": self.predicted_error, "seconds": self.seconds,
             "steps": self.steps, "refit": [asdict(r) for r in self.refit], "engine": self.engine,
+            "derivatives": self.derivatives,
             "layers": [asdict(c) for c in self.changes], "excluded": self.excluded,
             "skipped": [asdict(s) for s in self.skipped],
         }
@@ -150,12 +153,12 @@ class Pruner:
                  labels_key: str | None = None, provider: str = "cpu", threads: int | None = None,
                  force: bool = False, steps: int | None = None, refit: bool | None = None, chained: bool = True,
                  g_weighted: bool = True, conv_statistics: str = "exact", engine: str = "auto",
-                 progress: Callable[[str, int, int], None] | None = None):
+                 memory_budget: int = MEMORY_BUDGET, progress: Callable[[str, int, int], None] | None = None):
         self.method, self.compensation, self.scope, self.exclude = method, compensation, scope, tuple(exclude)
         self.seed, self.output, self.probes, self.batch_size = seed, output, probes, batch_size
         self.labels_key, self.provider, self.threads, self.force, self.progress = labels_key, provider, threads, force, progress
         self.steps, self.refit, self.chained, self.g_weighted = steps, refit, chained, g_weighted
-        self.conv_statistics, self.engine = conv_statistics, engine
+        self.conv_statistics, self.engine, self.memory_budget = conv_statistics, engine, memory_budget
 
     @property
     def _plan(self) -> tuple[str, int, bool]:
@@ -195,11 +198,13 @@ class Pruner:
             model=model, layers=layers, weights=effective_weights(model, layers), data=self.data_,
             output=self.output_, seed=self.seed, probes=self.probes, batch_size=self.batch_size,
             provider=self.provider, threads=self.threads, force=self.force, progress=self.progress,
-            conv_statistics=self.conv_statistics, engine=self.engine)
+            conv_statistics=self.conv_statistics, engine=self.engine, memory_budget=self.memory_budget)
         start = time.perf_counter()
         saliencies = self.scorer_(ctx)
-        self.engine_ = ctx.engine_used.as_json() if ctx.engine_used else {
+        used = ctx.derivatives
+        self.engine_ = used["engine"].as_json() if "engine" in used else {
             "name": None, "reason": f"method {self.method!r} needs no derivatives"}
+        self.derivatives_ = {k: v for k, v in used.items() if k != "engine"}
         ctx.timings["scoring"] = time.perf_counter() - start
         for step, seconds in ctx.timings.items():
             self.seconds_[step] = self.seconds_.get(step, 0.0) + seconds
@@ -241,7 +246,7 @@ class Pruner:
             target_sparsity=sparsity, protected_output=self.output_, changes=changes, skipped=self.skipped_,
             excluded=[layer.name for layer in layers if excluded(layer, self.exclude)],
             predicted_error=float(sum(scores[name][m].sum() for name, m in masks.items())),
-            seconds=seconds, steps=steps, refit=refits, engine=self.engine_)
+            seconds=seconds, steps=steps, refit=refits, engine=self.engine_, derivatives=self.derivatives_)
 
     def _progress(self, step: str):
         return (lambda done, total: self.progress(step, done, total)) if self.progress else None
@@ -271,7 +276,7 @@ def prune(model, data, sparsity: float, *, method: str = "ecp", **params) -> Pru
     """Prune ``model`` to ``sparsity`` with ``method`` scored on calibration ``data`` (no training).
 
     ``params`` are Pruner's (compensation, scope, exclude, seed, output, probes, batch_size,
-    labels_key, provider, threads, force, steps, refit, chained, g_weighted, engine, progress). Save the
+    labels_key, provider, threads, force, steps, refit, chained, g_weighted, engine, memory_budget, progress). Save the
     result with ``onnxprune.save_model``.
     """
     if not 0.0 <= sparsity <= 1.0:

@@ -28,6 +28,21 @@ output_opt = click.option("--output", "output", default=None, metavar="NAME",
 labels_opt = click.option("--labels-key", default=None, metavar="KEY", help="Labels array in the .npz (default: y or labels).")
 json_opt = click.option("--json", "json_path", default=None, metavar="PATH", help="Also write the report as JSON ('-' for stdout).")
 threads_opt = click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+def parse_size(text: str) -> int:
+    """'4G', '512M', '1.5GB', '1000000' -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)i?[bB]?\s*", str(text))
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size like 4G, 512M or 1000000")
+    value = float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " ")
+    if value < 1:
+        raise click.BadParameter("the memory budget must be at least one byte")
+    return int(value)
+
+
+memory_opt = click.option("--memory-budget", type=str, default="4G", show_default=True, callback=lambda c, p, v: parse_size(v),
+                          help="Bytes one batch of activations and derivatives may hold; batches are sized from it.")
 engine_opt = click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
                           help="Gradient engine: adjoint (onnx-ad graphs, any onnxruntime), ort-training (the training "
                                "build's gradient builder), auto (ort-training on the training build, else adjoint; "
@@ -90,6 +105,7 @@ def main():
 @provider_opt
 @threads_opt
 @engine_opt
+@memory_opt
 @json_opt
 @click.option("--force", is_flag=True, help="Replace existing output files; run nonlinear above its size limit.")
 @common
@@ -97,7 +113,7 @@ def main():
 def prune(model, out, data, sparsity, dry_run, ratios, evaluate_data, max_loss_increase, plot_path, storage, method,
           steps, refit, chained, g_weighted, compensation, scope, exclude, seed,
           probes, conv_statistics, batch_size, test_data,
-          output, labels_key, provider, threads, engine, json_path, force, verbose, quiet):
+          output, labels_key, provider, threads, engine, memory_budget, json_path, force, verbose, quiet):
     """Prune MODEL (one-shot, or in --steps) and write the result to OUT.
 
     With --dry-run, write no model: report how the error grows over --ratios and, with --evaluate
@@ -107,7 +123,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, evaluate_data, max_loss_i
     params = dict(method=method, compensation=compensation, scope=scope, exclude=exclude, seed=seed, output=output,
                   probes=probes, batch_size=batch_size, labels_key=labels_key, provider=provider, threads=threads,
                   force=force, steps=steps, refit=refit, chained=chained, g_weighted=g_weighted,
-                  conv_statistics=conv_statistics, engine=engine, progress=ui.progress)
+                  conv_statistics=conv_statistics, engine=engine, memory_budget=memory_budget, progress=ui.progress)
     if dry_run:
         return _dry_run(ui, model, out, data, sparsity, ratios, evaluate_data, max_loss_increase, plot_path, storage,
                         test_data, json_path, force, params)
@@ -128,7 +144,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, evaluate_data, max_loss_i
                        exclude=exclude, seed=seed, output=output, probes=probes, batch_size=batch_size,
                        labels_key=labels_key, provider=provider, threads=threads, force=force, steps=steps,
                        refit=refit, chained=chained, g_weighted=g_weighted, conv_statistics=conv_statistics,
-                       engine=engine, progress=ui.progress)
+                       engine=engine, memory_budget=memory_budget, progress=ui.progress)
     report = result.to_dict()
     if test_data:
         report["test"] = {name: api.evaluate(m, test_data, reference=original if name == "pruned" else None,
@@ -147,7 +163,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, evaluate_data, max_loss_i
     if storage == "sparse":
         ui.out()
         ui.out(storage_table(report["storage"]))
-    ui.info(engine_line(result.engine))
+    ui.info(engine_line(result.engine, result.derivatives))
     ui.info(f"method {method}{'' if result.compensation else ' without compensation'}, protected output "
             f"{result.protected_output!r}, seconds " + ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()))
     if result.skipped:
@@ -156,10 +172,22 @@ def prune(model, out, data, sparsity, dry_run, ratios, evaluate_data, max_loss_i
     emit_json(json_path, report, force, ui)
 
 
-def engine_line(engine: dict | None) -> str:
+def engine_line(engine: dict | None, derivatives: dict | None = None) -> str:
+    """What computed the derivatives, for -v: the engine and why, exact or random probes, the batch."""
     if not engine or engine["name"] is None:
         return "gradient engine: none needed" + (f" ({engine['reason']})" if engine else "")
-    return f"gradient engine: {engine['name']} ({engine['reason']}; {build_name()})"
+    line = f"gradient engine: {engine['name']} ({engine['reason']}; {build_name()})"
+    d = derivatives or {}
+    if d.get("automatic_probes"):
+        line += (f"; {d['probes']} random probes instead of the exact Jacobian's {d['outputs']:,} rows (automatic above "
+                 "100 output elements; --probes N to choose)")
+    elif d.get("probes"):
+        line += f"; {d['probes']} random probes"
+    elif "outputs" in d:
+        line += f"; exact Jacobian ({d['outputs']} outputs)"
+    if "batch" in d:
+        line += f"; batches of {d['batch']}"
+    return line
 
 
 def _dry_run(ui, model, out, data, sparsity, ratios, evaluate_data, max_loss_increase, plot_path, storage, test_data,
@@ -190,7 +218,7 @@ def _dry_run(ui, model, out, data, sparsity, ratios, evaluate_data, max_loss_inc
         best = report.best_ratio
         ui.out()
         ui.out(f"largest ratio within +{100 * budget:g}% loss: " + ("none" if best is None else f"{best:g}"))
-    ui.info(engine_line(report.engine))
+    ui.info(engine_line(report.engine, report.derivatives))
     ui.info("seconds " + ", ".join(f"{k} {v:.2f}" for k, v in report.seconds.items()))
     if plot_path:
         plot(report, plot_path)

@@ -15,10 +15,9 @@ import onnx
 
 from . import runtime
 from .data import Dataset
-from .engines import EngineChoice
 from .errors import InputError
 from .layers import Layer
-from .statistics import LayerStatistics, collect_loss_gradients, collect_statistics
+from .statistics import MEMORY_BUDGET, LayerStatistics, collect_loss_gradients, collect_statistics
 
 
 @dataclass
@@ -45,16 +44,14 @@ class ScoringContext:
     force: bool = False
     progress: Callable[[str, int, int], None] | None = None
     engine: str = "auto"                    # the gradient engine to try first (onnxprune.engines)
+    memory_budget: int = MEMORY_BUDGET      # bytes one batch of derivatives may hold
     timings: dict[str, float] = field(default_factory=dict)
-    engine_used: EngineChoice | None = None  # set by the first statistics that needed derivatives
+    derivatives: dict = field(default_factory=dict)  # what computed them: engine, probes, exact, batch
     _statistics: dict[str, LayerStatistics] | None = None
     _loss_gradients: dict[str, np.ndarray] | None = None
 
     def _report(self, step: str):
         return (lambda done, total: self.progress(step, done, total)) if self.progress else None
-
-    def _chosen(self, choice: EngineChoice) -> None:
-        self.engine_used = choice
 
     def statistics(self) -> dict[str, LayerStatistics]:
         if self._statistics is None:
@@ -62,7 +59,8 @@ class ScoringContext:
             self._statistics = collect_statistics(
                 self.model, self.layers, self.data, self.output, probes=self.probes, batch_size=self.batch_size,
                 seed=self.seed, provider=self.provider, threads=self.threads, progress=self._report("statistics"),
-                shared=self.conv_statistics, engine=self.engine, chosen=self._chosen)
+                shared=self.conv_statistics, engine=self.engine, memory_budget=self.memory_budget,
+                info=self.derivatives)
             self.timings["statistics"] = time.perf_counter() - start
         return self._statistics
 
@@ -74,7 +72,7 @@ class ScoringContext:
             self._loss_gradients = collect_loss_gradients(
                 self.model, self.layers, self.data, self.output, batch_size=self.batch_size,
                 provider=self.provider, threads=self.threads, progress=self._report("loss gradients"),
-                engine=self.engine, chosen=self._chosen)
+                engine=self.engine, memory_budget=self.memory_budget, info=self.derivatives)
             self.timings["loss gradients"] = time.perf_counter() - start
         return self._loss_gradients
 

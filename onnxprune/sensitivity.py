@@ -49,11 +49,13 @@ class SensitivityReport:
     best_ratio: float | None = None         # the largest ratio within budget (every smaller one too)
     seconds: dict[str, float] = field(default_factory=dict)
     engine: dict | None = None              # the gradient engine that scored, and why
+    derivatives: dict = field(default_factory=dict)  # probes, exact, batch (see PruneResult)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "weights": self.weights, "protected_output": self.protected_output,
                 "dense": self.dense, "max_loss_increase": self.max_loss_increase, "best_ratio": self.best_ratio,
-                "points": [asdict(p) for p in self.points], "seconds": self.seconds, "engine": self.engine}
+                "points": [asdict(p) for p in self.points], "seconds": self.seconds, "engine": self.engine,
+                "derivatives": self.derivatives}
 
 
 def parse_ratios(text: str | list | tuple) -> list[float]:
@@ -144,7 +146,7 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
     weights = sum(layer.size for layer in pruner.layers_)
     return SensitivityReport(method=method, weights=weights, protected_output=pruner.output_, points=points,
                              dense=dense, max_loss_increase=budget, best_ratio=best, seconds=seconds,
-                             engine=pruner.engine_)
+                             engine=pruner.engine_, derivatives=pruner.derivatives_)
 
 
 def _metrics(report: dict) -> dict:

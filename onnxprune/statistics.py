@@ -19,13 +19,16 @@ import onnx
 from .conv import CHUNK_ELEMENTS, STATISTICS, accumulate_shared, im2col, shared_loss_gradient
 from .data import Dataset
 from .errors import InputError
-from .engines import EngineChoice, loss_gradients, output_jacobians
+from .engines import loss_gradients, output_jacobians
 from .jacobians import output_shape, tensor_shapes
-from .layers import Layer
+from .layers import Layer, tensor_types
 from .runtime import blas_threads
 
 Progress = Callable[[int, int], None]  # (samples done, samples total)
 BATCH_ELEMENTS = 1 << 24  # bound on the elements of one tiled batch's largest tensor
+MEMORY_BUDGET = 4 << 30   # bytes of activations and derivatives one batch may hold (a 2-core, 24 GB machine)
+EXACT_LIMIT = 100         # above this many output elements, exact Jacobians give way to random probes
+AUTO_PROBES = 32          # ... this many (unbiased for G; see docs/benchmarks.md for the accuracy)
 
 
 @dataclass
@@ -139,38 +142,60 @@ def layer_patches(layer: Layer, z: np.ndarray) -> np.ndarray:
     return np.asarray(z, np.float64).reshape(n, -1, layer.in_features).transpose(0, 2, 1)[:, None]
 
 
-def _step(model, layers, data, output, repeats, batch_size, provider) -> int:
-    """Samples per batch: at most batch_size, and few enough that the tiled batch's largest tensor
-    (R copies of a pre-activation or an input) stays under BATCH_ELEMENTS."""
+def sample_bytes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str = "cpu") -> int:
+    """Bytes of every float tensor the model computes for one sample (measured on the first sample of
+    ``feeds``); 0 when onnxruntime cannot return them all."""
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    types = tensor_types(model)
+    names = [out for node in model.graph.node for out in node.output if out and types.get(out) in float_types]
+    try:
+        values = tensor_shapes(model, list(dict.fromkeys(names)), {k: v[:1] for k, v in feeds.items()}, provider)
+    except Exception:  # noqa: BLE001 - an estimate only; the element bound still applies
+        return 0
+    return 4 * sum(int(np.prod(shape)) if shape else 1 for shape in values.values())
+
+
+def batch_step(model, layers, data, repeats, batch_size, provider, memory_budget: int = MEMORY_BUDGET) -> int:
+    """Samples per batch: at most batch_size; few enough that the tiled batch's largest tensor (R
+    copies of a pre-activation or an input) stays under BATCH_ELEMENTS; and few enough that the
+    forward activations and R derivatives of every tensor, twice over for temporaries, fit
+    ``memory_budget`` bytes (at least one sample)."""
     names = [layer.preact for layer in layers] + [layer.input for layer in layers]
     shapes = tensor_shapes(model, names, data.subset(1).feeds, provider)
     largest = max([int(np.prod(s)) if s else 1 for s in shapes.values()] + [1])
-    return max(1, min(batch_size, 16384 // repeats, BATCH_ELEMENTS // (repeats * largest)))
+    per_sample = sample_bytes(model, data.subset(1).feeds, provider) * (1 + 2 * repeats)
+    by_memory = memory_budget // per_sample if per_sample else batch_size
+    return max(1, min(batch_size, 16384 // repeats, BATCH_ELEMENTS // (repeats * largest), by_memory))
 
 
 def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,
                        probes: int | None = None, batch_size: int = 256, seed: int = 0, provider: str = "cpu",
                        threads: int | None = None, progress: Progress | None = None,
-                       shared: str = "exact", engine: str = "auto",
-                       chosen: Callable[[EngineChoice], None] | None = None) -> dict[str, LayerStatistics]:
+                       shared: str = "exact", engine: str = "auto", memory_budget: int = MEMORY_BUDGET,
+                       info: dict | None = None) -> dict[str, LayerStatistics]:
     """ECP statistics of every layer over ``data`` with exact (or ``probes`` random) output Jacobians
     from gradient ``engine``; ``shared`` ("exact" or "positions") chooses how shared-weight layers are
-    summed (see ``conv``); ``chosen`` is told which engine ran, and why."""
+    summed (see ``conv``). Above EXACT_LIMIT output elements and without ``probes``, AUTO_PROBES
+    random probes replace the exact Jacobian. ``info`` receives what ran: the engine (an
+    EngineChoice), the probes (None: exact), whether they were chosen automatically, the batch."""
     if shared not in STATISTICS:
         raise InputError(f"shared-weight statistics must be one of {STATISTICS}, got {shared!r}")
     shape = output_shape(model, output, data.feeds, provider)
     width = int(np.prod(shape)) if shape else 1
+    automatic = probes is None and width > EXACT_LIMIT
+    probes = AUTO_PROBES if automatic else probes
     jac = output_jacobians(model, layers, output, width, probes=probes, seed=seed, provider=provider, threads=threads,
                            engine=engine)
     stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
-    step = _step(model, layers, data, output, jac.repeats, batch_size, provider)
+    step = batch_step(model, layers, data, jac.repeats, batch_size, provider, memory_budget)
     with blas_threads(threads):
         _accumulate(jac, layers, data, shape, step, stats, shared, progress)
     if all(not np.any(st.sum_g) for st in stats.values()):
         raise InputError(f"the derivative of {output!r} is zero at every layer (a piecewise-constant op such as "
                          "Round, Sign or ArgMax lies on the way?); protect a tensor before it with --output")
-    if chosen:
-        chosen(jac.choice)
+    if info is not None:
+        info.update(engine=jac.choice, probes=probes, exact=probes is None, automatic_probes=automatic,
+                    outputs=width, batch=step)
     return stats
 
 
@@ -196,11 +221,11 @@ def _accumulate(jac, layers, data, shape, step, stats, shared, progress) -> None
 def collect_loss_gradients(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,
                            batch_size: int = 256, provider: str = "cpu", threads: int | None = None,
                            progress: Progress | None = None, engine: str = "auto",
-                           chosen: Callable[[EngineChoice], None] | None = None) -> dict[str, np.ndarray]:
+                           memory_budget: int = MEMORY_BUDGET, info: dict | None = None) -> dict[str, np.ndarray]:
     """E[dL/dW] in the (out, in) view, L = softmax cross-entropy of ``output`` against the labels."""
     grads = loss_gradients(model, layers, output, provider=provider, threads=threads, engine=engine)
     sums = {layer.name: np.zeros((layer.out_features, layer.in_features)) for layer in layers}
-    step = _step(model, layers, data, output, 1, batch_size, provider)
+    step = batch_step(model, layers, data, 1, batch_size, provider, memory_budget)
     done = 0
     with blas_threads(threads):
         for feeds, labels in data.batches(step):
@@ -213,6 +238,6 @@ def collect_loss_gradients(model: onnx.ModelProto, layers: list[Layer], data: Da
             done += len(labels)
             if progress:
                 progress(done, len(data))
-    if chosen:
-        chosen(grads.choice)
+    if info is not None and "engine" not in info:
+        info.update(engine=grads.choice, batch=step)
     return {name: s / len(data) for name, s in sums.items()}

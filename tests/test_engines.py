@@ -274,3 +274,28 @@ def test_the_command_refuses_to_start_on_a_clobbered_runtime(monkeypatch, tmp_pa
     assert res.exit_code == 1
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: several onnxruntime builds"), res.output
+
+
+def test_many_outputs_switch_to_random_probes_and_say_so():
+    from onnxprune.statistics import AUTO_PROBES, EXACT_LIMIT
+    from onnxprune.zoo import build_mlp
+
+    model = build_mlp((8,), inputs=6, classes=EXACT_LIMIT + 20)
+    x = {"x": RNG.normal(size=(16, 6)).astype(np.float32)}
+    auto = api.prune(model, x, 0.5).to_dict()["derivatives"]
+    assert auto["probes"] == AUTO_PROBES and auto["exact"] is False and auto["automatic_probes"] is True
+    chosen = api.prune(model, x, 0.5, probes=3).to_dict()["derivatives"]
+    assert chosen["probes"] == 3 and chosen["automatic_probes"] is False
+
+
+def test_a_small_memory_budget_gives_smaller_batches_and_the_same_statistics():
+    model, x, _ = conv_bn()
+    layers = analyse_graph(model).layers
+    data = api.as_dataset({"x": np.concatenate([x] * 8).astype(np.float32)}, model)
+    roomy, tight = {}, {}
+    big = collect_statistics(model, layers, data, "y", engine="adjoint", info=roomy)
+    small = collect_statistics(model, layers, data, "y", engine="adjoint", memory_budget=20_000, info=tight)
+    assert tight["batch"] < roomy["batch"] and tight["batch"] >= 1
+    for layer in layers:
+        for field in ("A", "B", "C"):
+            np.testing.assert_allclose(getattr(small[layer.name], field), getattr(big[layer.name], field), rtol=1e-5)

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper
 from .. import runtime
 from ..jacobians import (BATCH, LABELS, OBJECTIVE, PROBE, batch_dims, needed_nodes, by_position, exposed, instrument,
                          offset_name, tensor_shapes)
+from ..errors import InputError
 from ..layers import Layer, tensor_types
 from .base import EngineFailure
 
@@ -94,7 +95,10 @@ class _GradientModel:
     def _run(self, feeds: dict[str, np.ndarray], rows: int, extra: dict[str, np.ndarray]):
         run_feeds = dict(self._cast(feeds), **extra)
         run_feeds.update(self._offsets(rows))
-        values = self.session.run(self.fetch, run_feeds)
+        try:
+            values = self.session.run(self.fetch, run_feeds)
+        except Exception as exc:  # noqa: BLE001 - a kernel refusing a shape or a value inside the gradient graph
+            raise InputError(f"onnxruntime failed running the gradient graph: {runtime.ort_message(exc)}") from None
         grads = dict(zip((layer.name for layer in self.layers), values[: len(self.layers)]))
         z = dict(zip(self.z_outputs, values[len(self.layers):]))
         return grads, z
