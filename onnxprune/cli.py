@@ -181,9 +181,9 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
             if storage == "sparse":
                 report["storage"] = storage_report(result.model, storage)
             stage_model(result.model, out, outputs, storage=storage)
-            report["written_bytes"] = outputs.staged_size(out)
+            report["written"] = outputs.staged_size(out)
             if storage == "sparse":
-                report["storage"]["written_bytes"] = report["written_bytes"]
+                report["storage"]["written_bytes"] = report["written"]["bytes"]
             stage_json(outputs, json_path, report)
     finish(ui, outputs)
     if sweep is not None:
@@ -196,6 +196,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
         ui.out(f"wrote the model pruned to {sweep.best_ratio:g}")
         ui.out()
     ui.out(prune_table(result))
+    ui.out(f"wrote {out}: {report['written']['bytes']:,} bytes ({report['written']['zlib_bytes']:,} zlib-compressed)")
     if test_data:
         ui.out()
         ui.out(evaluation_table(report["test"]))

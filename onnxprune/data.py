@@ -127,9 +127,7 @@ class NpzColumn:
         return self.shape[0]
 
     def convert(self, raw: np.ndarray) -> np.ndarray:
-        if self.scale is not None:
-            return raw.astype(self.dtype) * self.dtype.type(self.scale)
-        return np.ascontiguousarray(raw.astype(self.dtype, copy=False))
+        return _convert(raw, self.dtype, self.scale)
 
     def __getitem__(self, index) -> np.ndarray:
         if not isinstance(index, slice) or index.step not in (None, 1):
@@ -288,37 +286,41 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _check_input(array, vi: onnx.ValueInfoProto, scale: float | None, source: str):
-    """``array`` (a numpy array, or a lazy .npz member) checked against model input ``vi``: the
-    array converted to the model's dtype, or an NpzColumn that converts batch by batch."""
-    if isinstance(array, _Lazy):
-        return _check_member(array.get(), vi, scale, source)
+    """``array`` (a numpy array, or a lazy .npz member) checked against model input ``vi``
+    (dtype, shape, finiteness): the array converted to the model's dtype, or for a member an
+    NpzColumn that converts batch by batch (checked in one streamed pass)."""
     ttype = vi.type.tensor_type
     try:
         want = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
     except (KeyError, ValueError):
         raise InputError(f"model input {vi.name!r} has an element type ({ttype.elem_type}) onnx does not know") from None
     name = vi.name
-    if array.dtype == object or array.dtype.kind not in "biuf":
-        raise InputError(f"{source}: array for {name!r} has dtype {array.dtype}, not numeric")
-    if array.ndim == 0 or len(array) == 0:
+    member = array.get() if isinstance(array, _Lazy) else None
+    have = member if member is not None else array
+    if have.dtype.kind not in "biuf":
+        raise InputError(f"{source}: array for {name!r} has dtype {have.dtype}, not numeric")
+    if have.ndim == 0 or have.shape[0] == 0:
         raise InputError(f"{source}: array for {name!r} has no samples")
-    if want.kind == "f" and array.dtype.kind in "iub":
-        if array.dtype != np.uint8 or scale is None:
-            raise InputError(
-                f"{source}: {name!r} is {array.dtype} but the model wants {want}; "
-                f"store {want} values, or uint8 images with the model's {SCALE_KEY} metadata set")
-        array = array.astype(want) * want.type(scale)
-    elif want.kind == "f":
-        array = array.astype(want, copy=False)
-    elif array.dtype != want:
-        if array.dtype.kind in "iu" and want.kind in "iu" and np.can_cast(array, want, casting="same_kind"):
-            array = array.astype(want)
-        else:
-            raise InputError(f"{source}: {name!r} has dtype {array.dtype}, the model wants {want}")
-    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-        raise InputError(f"{source}: {name!r} contains NaN or Inf")
-    _check_shape(array.shape, ttype, name, source)
-    return np.ascontiguousarray(array)
+    dtype, applied = _target_dtype(have.dtype, want, scale, name, source)
+    _check_shape(have.shape, ttype, name, source)
+    if member is None:
+        converted = _convert(array, dtype, applied)
+        chunks = [converted]
+    else:
+        converted = NpzColumn(member, dtype, applied)
+        rows = max(1, CHECK_CHUNK // max(member.row_bytes, 1))
+        chunks = (converted.convert(raw) for raw in converted.chunks(rows)) if dtype.kind == "f" else []
+    for chunk in chunks:
+        if chunk.dtype.kind == "f" and not np.all(np.isfinite(chunk)):
+            raise InputError(f"{source}: {name!r} contains NaN or Inf")
+    return converted
+
+
+def _convert(raw: np.ndarray, dtype: np.dtype, scale: float | None) -> np.ndarray:
+    """Data as the model takes it: its dtype, uint8 images times the model's input scale."""
+    if scale is not None:
+        return raw.astype(dtype) * dtype.type(scale)
+    return np.ascontiguousarray(raw.astype(dtype, copy=False))
 
 
 def _check_shape(shape: tuple[int, ...], ttype, name: str, source: str) -> None:
@@ -330,9 +332,7 @@ def _check_shape(shape: tuple[int, ...], ttype, name: str, source: str) -> None:
 
 
 def _target_dtype(have: np.dtype, want: np.dtype, scale: float | None, name: str, source: str):
-    """(dtype the column converts to, scale applied) for data of dtype ``have``, or an InputError."""
-    if have.kind not in "biuf":
-        raise InputError(f"{source}: array for {name!r} has dtype {have}, not numeric")
+    """(dtype the data converts to, scale applied) for data of dtype ``have``, or an InputError."""
     if want.kind == "f" and have.kind in "iub":
         if have != np.uint8 or scale is None:
             raise InputError(
@@ -344,24 +344,3 @@ def _target_dtype(have: np.dtype, want: np.dtype, scale: float | None, name: str
     if have.kind in "iu" and want.kind in "iu" and np.can_cast(have, want, casting="same_kind"):
         return want, None
     raise InputError(f"{source}: {name!r} has dtype {have}, the model wants {want}")
-
-
-def _check_member(member: NpzMember, vi: onnx.ValueInfoProto, scale: float | None, source: str) -> NpzColumn:
-    """The lazy form of _check_input: dtype and shape from the header, finiteness in one streamed pass."""
-    ttype = vi.type.tensor_type
-    try:
-        want = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
-    except (KeyError, ValueError):
-        raise InputError(f"model input {vi.name!r} has an element type ({ttype.elem_type}) onnx does not know") from None
-    name = vi.name
-    if member.ndim == 0 or member.shape[0] == 0:
-        raise InputError(f"{source}: array for {name!r} has no samples")
-    dtype, applied = _target_dtype(member.dtype, want, scale, name, source)
-    _check_shape(member.shape, ttype, name, source)
-    column = NpzColumn(member, dtype, applied)
-    if dtype.kind == "f" and member.dtype.kind == "f":
-        rows = max(1, CHECK_CHUNK // max(member.row_bytes, 1))
-        for chunk in column.chunks(rows):
-            if not np.all(np.isfinite(column.convert(chunk))):
-                raise InputError(f"{source}: {name!r} contains NaN or Inf")
-    return column

@@ -16,6 +16,7 @@ import shutil
 import signal
 import stat
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -129,11 +130,13 @@ class Outputs:
         self._scratch.append(folder)
         return folder
 
-    def staged_size(self, path: str | Path) -> int:
-        """Bytes staged for ``path`` (its external data file included)."""
+    def staged_size(self, path: str | Path) -> dict[str, int]:
+        """Bytes staged for ``path`` (its external data file included), raw and zlib-compressed."""
         path = Path(path)
         data = path.parent / (path.name + ".data")
-        return sum(tmp.stat().st_size for tmp, final in self._staged if final in (path, data))
+        files = [tmp for tmp, final in self._staged if final in (path, data)]
+        return {"bytes": sum(f.stat().st_size for f in files),
+                "zlib_bytes": sum(len(zlib.compress(f.read_bytes(), 6)) for f in files)}
 
     def commit(self) -> None:
         with _signals_held():

@@ -110,3 +110,16 @@ def test_same_seed_same_bytes(tmp_path, method, extra):
         assert res.exit_code == 0, res.output
         digests.append(_digest(tmp_path / name))
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_same_seed_same_threads_same_bytes(tmp_path, threads):
+    onnx.save(build_mlp((64,), inputs=256, classes=10), tmp_path / "model.onnx")
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).random((600, 256), dtype=np.float32))
+    digests = []
+    for name in ("a.onnx", "b.onnx"):
+        res = CliRunner().invoke(main, ["prune", str(tmp_path / "model.onnx"), str(tmp_path / name), "--data",
+                                        str(tmp_path / "calib.npz"), "--sparsity", "0.7", "--threads", threads])
+        assert res.exit_code == 0, res.output
+        digests.append(_digest(tmp_path / name))
+    assert digests[0] == digests[1]

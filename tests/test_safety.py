@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tracemalloc
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -320,6 +321,24 @@ def test_a_model_over_the_protobuf_limit_is_inspected_without_bytesize(tmp_path,
     assert [layer["weights"] for layer in report["layers"]] == [64 * 32, 32 * 3]
 
 
+# -- 14: opset < 7 -----------------------------------------------------------------------------------
+@pytest.mark.xfail(strict=False, reason="runtime.upgrade_opset: onnx's version converter (Gemm 6->7) refuses symbolic "
+                                         "dims such as the batch 'N'; the fix belongs in onnxprune/runtime.py (issue 14)")
+def test_an_opset_6_model_is_pruned_on_an_up_converted_copy(tmp_path):
+    model, _, forward = mlp((5, 4, 3), softmax=True, opset=6, ir=3)
+    for t in model.graph.initializer:  # IR 3: initializers are also graph inputs, as in old PyTorch exports
+        model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    onnx.checker.check_model(model)
+    onnx.save(model, tmp_path / "old.onnx")
+    np.savez(tmp_path / "calib.npz", **data(40))
+    res = invoke("prune", tmp_path / "old.onnx", tmp_path / "out.onnx", "--data", tmp_path / "calib.npz",
+                 "--sparsity", "0.5", "--test", tmp_path / "calib.npz")
+    assert res.exit_code == 0, res.output
+    written = onnx.load(str(tmp_path / "out.onnx"))
+    assert [o.version for o in written.opset_import] == [6] and written.ir_version == 3  # its own stamping
+    onnx.checker.check_model(written)
+
+
 # -- 12: usage errors -------------------------------------------------------------------------------
 @pytest.mark.parametrize("args", [["prune", "--nope"], ["prune", "M.onnx", "--data", "D.npz", "--seed", "-1"],
                                   ["prune", "M.onnx", "--data", "D.npz", "--threads", str(MAX_THREADS + 1)],
@@ -361,7 +380,8 @@ def test_latency_is_paired_repeated_and_sizes_are_reported(files):
     res = invoke(*prune_args(files, "out.onnx", "--test", files / "test.npz", "--json", files / "r.json"))
     assert res.exit_code == 0, res.output
     report = json.loads((files / "r.json").read_text())
-    assert report["written_bytes"] == (files / "out.onnx").stat().st_size
+    written = (files / "out.onnx").read_bytes()
+    assert report["written"] == {"bytes": len(written), "zlib_bytes": len(zlib.compress(written, 6))}
     pruned, original = report["test"]["pruned"], report["test"]["original"]
     assert pruned["size"]["bytes"] == len(onnx.load(str(files / "out.onnx")).SerializeToString())
     assert pruned["size"]["zlib_bytes"] < pruned["size"]["bytes"]
