@@ -11,7 +11,6 @@ import click
 
 from . import api
 from .errors import CheckFailed, InputError
-from .fileio import Outputs
 from .masks import SCOPES
 from .modelio import stage_model
 from .report import evaluation_table, prune_table, sensitivity_table, skipped_table, storage_table, table
@@ -154,7 +153,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
             raise InputError("--sparsity and a budget exclude each other: the budget chooses the sparsity")
         if sparsity is None and not budgeted:
             raise InputError("missing --sparsity (or give a budget, or add --dry-run to try several --ratios)")
-    with Outputs([model, data, test_data], force) as outputs:
+    with ui.outputs([model, data, test_data], force) as outputs:
         for path in (out, None if json_path == "-" else json_path, plot_path):
             if path:
                 outputs.claim(path)
@@ -163,7 +162,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
         _hint_probes(ui, original, output, probes, method)
         sweep = None
         if dry_run or budgeted:
-            sweep = _sweep(ui, original, data, ratios, test_data, max_loss_increase, max_accuracy_drop, plot_path,
+            sweep = _sweep(original, data, ratios, test_data, max_loss_increase, max_accuracy_drop, plot_path,
                            params, keep_best=not dry_run)
             if plot_path:
                 from .sensitivity import plot
@@ -193,7 +192,6 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
         _check_budget(sweep)
         return
     if sweep is not None:
-        ui.out(f"wrote the model pruned to {sweep.best_ratio:g}")
         ui.out()
     ui.out(prune_table(result))
     ui.out(f"wrote {out}: {report['written']['bytes']:,} bytes ({report['written']['zlib_bytes']:,} zlib-compressed)")
@@ -246,7 +244,7 @@ def _hint_probes(ui, model, output, probes, method) -> None:
                 f"per sample; --probes 10 estimates them with 10 (see README, Speed and memory)")
 
 
-def _sweep(ui, model, data, ratios, test_data, max_loss_increase, max_accuracy_drop, plot_path, params, keep_best):
+def _sweep(model, data, ratios, test_data, max_loss_increase, max_accuracy_drop, plot_path, params, keep_best):
     """The dry run's sensitivity report (scored once); with ``keep_best`` it keeps the model of the
     largest ratio within the budget."""
     from .sensitivity import DEFAULT_RATIOS, check_plotting, parse_budget, parse_ratios, sensitivity
@@ -294,7 +292,7 @@ def _check_budget(sweep) -> None:
 def evaluate(model, data, reference, batch_size, output, labels_key, provider, threads, json_path, force, verbose, quiet):
     """Loss, accuracy, discrepancy against --reference, latency and size of MODEL on onnxruntime."""
     ui = make_ui(verbose, quiet, json_path)
-    with Outputs([model, data, reference], force) as outputs:
+    with ui.outputs([model, data, reference], force) as outputs:
         if json_path and json_path != "-":
             outputs.claim(json_path)
         report = api.evaluate(model, data, reference=reference, output=output, provider=provider,
@@ -315,7 +313,7 @@ def evaluate(model, data, reference, batch_size, output, labels_key, provider, t
 def inspect(model, json_path, force, verbose, quiet):
     """List MODEL's prunable layers (shape, current sparsity) and the nodes it cannot prune, with why."""
     ui = make_ui(verbose, quiet, json_path)
-    with Outputs([model], force) as outputs:
+    with ui.outputs([model], force) as outputs:
         if json_path and json_path != "-":
             outputs.claim(json_path)
         report = api.inspect(model)
@@ -359,7 +357,7 @@ def finetune(model, out, data, epochs, lr, batch_size, seed, output, labels_key,
     from .layers import read_initializer
 
     ui = make_ui(verbose, quiet, json_path)
-    with Outputs([model, data], force) as outputs:
+    with ui.outputs([model, data], force) as outputs:
         for path in (out, None if json_path == "-" else json_path):
             if path:
                 outputs.claim(path)

@@ -40,6 +40,7 @@ def interrupt_exit(exc: KeyboardInterrupt) -> tuple[str, int]:
 
 
 def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
     raise Terminated()
 
 

@@ -97,6 +97,7 @@ class Outputs:
         self.inputs = [Path(p) for p in inputs if p is not None and str(p) != STDOUT]
         self.force = force
         self.claimed: list[Path] = []
+        self.committed: list[Path] = []              # renamed into place
         self._staged: list[tuple[Path, Path]] = []   # (temporary, final)
         self._scratch: list[Path] = []               # temporary folders to remove at the end
 
@@ -142,6 +143,7 @@ class Outputs:
         with _signals_held():
             for tmp, final in self._staged:
                 os.replace(tmp, final)
+                self.committed.append(final)
             self._staged = []
         self._clean()
 

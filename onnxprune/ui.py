@@ -28,9 +28,19 @@ class Ui:
         self.verbose, self.quiet = verbose, quiet
         self.json_to_stdout = json_path == STDOUT
         self._bar, self._step = None, None
-        self.written: list[str] = []  # outputs already in place (an interrupt after them says so)
+        self._outputs: list[Outputs] = []
         self.steps = 1                # a multi-step run labels its bars "step k/S"
         self._first_step, self._rounds = None, 0
+
+    def outputs(self, inputs, force: bool) -> Outputs:
+        """The command's set of outputs (written all or none when its ``with`` block ends)."""
+        self._outputs.append(Outputs(inputs, force))
+        return self._outputs[-1]
+
+    @property
+    def written(self) -> list[str]:
+        """Outputs already in place (an interruption after them says so)."""
+        return [str(path) for outputs in self._outputs for path in outputs.committed]
 
     def out(self, text: str = "") -> None:
         if not self.quiet:
@@ -139,10 +149,8 @@ def print_json(path: str | None, report: dict) -> None:
 
 
 def finish(ui: Ui, outputs: Outputs) -> None:
-    """Rename every staged output into place together (or none) and remember them as written."""
-    outputs.commit()
-    ui.written.extend(map(str, outputs.claimed))
-    for path in outputs.claimed:
+    """After the outputs' ``with`` block (which renamed them into place): say what was written."""
+    for path in outputs.committed:
         ui.info(f"wrote {path}")
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..data import open_npz
 from ..errors import CheckFailed, InputError
-from ..fileio import STDOUT, Outputs
+from ..fileio import STDOUT
 from ..ui import Group, command_errors, common, finish, make_ui, print_json, stage_json
 from ..zoo import parse_widths
 from .estimator import GibbsEnsemble, check_features, check_labels, compare_predictions
@@ -192,7 +192,7 @@ def fit(out, drop_below, json_path, plot_path, verbose, quiet, **kw):
     ui = make_ui(verbose, quiet, json_path)
     if plot_path and kw["temperature"].strip().lower() != "auto":
         raise InputError("--plot draws the validation curve, which only --temperature auto computes")
-    with Outputs([kw["data"]], kw["force"]) as outputs:
+    with ui.outputs([kw["data"]], kw["force"]) as outputs:
         for path in (out, None if json_path == STDOUT else json_path, plot_path):
             if path:
                 outputs.claim(path)
@@ -253,7 +253,7 @@ def curve(out, eval_path, holdout, temperatures, plot_path, png_alias, verbose, 
     """Error, loss and effective size against T (JSON to OUT, '-' for stdout; plot to --plot), with T->0 and T->inf."""
     ui = make_ui(verbose, quiet, out)
     plot_path = plot_path or png_alias or (None if out == STDOUT else str(Path(out).with_suffix(".png")))
-    with Outputs([kw["data"], eval_path], kw["force"]) as outputs:
+    with ui.outputs([kw["data"], eval_path], kw["force"]) as outputs:
         for path in (None if out == STDOUT else out, plot_path):
             if path:
                 outputs.claim(path)
