@@ -309,7 +309,7 @@ def _check_input(array, vi: onnx.ValueInfoProto, scale: float | None, source: st
     else:
         converted = NpzColumn(member, dtype, applied)
         rows = max(1, CHECK_CHUNK // max(member.row_bytes, 1))
-        chunks = (converted.convert(raw) for raw in converted.chunks(rows)) if dtype.kind == "f" else []
+        chunks = (converted.convert(raw) for raw in converted.chunks(rows)) if member.dtype.kind == "f" else []
     for chunk in chunks:
         if chunk.dtype.kind == "f" and not np.all(np.isfinite(chunk)):
             raise InputError(f"{source}: {name!r} contains NaN or Inf")

@@ -170,6 +170,9 @@ class Group(click.Group):
             code = 0
         except click.exceptions.Exit as exc:
             code = exc.exit_code
+        except click.exceptions.NoArgsIsHelpError as exc:  # a bare `onnxprune`: the help, as click shows it
+            exc.show()
+            code = exc.exit_code
         except click.UsageError as exc:
             command = exc.ctx.command_path if exc.ctx else (prog_name or self.name)
             click.echo(f"Error: {exc.format_message()} (see '{command} --help')", err=True)
