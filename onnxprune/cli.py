@@ -28,9 +28,6 @@ class Fraction(click.ParamType):
 
     name = "fraction"
 
-    def __init__(self, upper: float | None = 1.0):
-        self.upper = upper
-
     def convert(self, value, param, ctx):
         if isinstance(value, float):
             return value
@@ -39,9 +36,8 @@ class Fraction(click.ParamType):
             number = float(text[:-1]) / 100 if text.endswith("%") else float(text)
         except ValueError:
             self.fail(f"{value!r} is not a fraction (0.5) or a percentage (50%)", param, ctx)
-        if not (number >= 0 and (self.upper is None or number <= self.upper)):
-            self.fail(f"{value!r} is not between 0 and {self.upper:g}" if self.upper is not None
-                      else f"{value!r} is negative", param, ctx)
+        if not 0 <= number <= 1:
+            self.fail(f"{value!r} is not between 0 and 1 (0% and 100%)", param, ctx)
         return number
 
 
@@ -77,7 +73,7 @@ def main():
 @click.option("--max-loss-increase", default=None, metavar="1%|0.01",
               help="Loss budget relative to the dense loss on --test: the largest --ratios value within it is chosen "
                    "(and written, without --dry-run).")
-@click.option("--max-accuracy-drop", type=Fraction(upper=100), default=None, metavar="POINTS",
+@click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=None, metavar="POINTS",
               help="Accuracy budget in percentage points on --test (0.5: at most 0.5 points below dense).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Dry run or budget: draw the loss-vs-sparsity curve to this PNG (needs matplotlib).")
