@@ -130,7 +130,7 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
     dense, dense_values = None, None
     if test is not None:
         dense = _metrics(evaluate_dataset(source, test, output=output, provider=provider, threads=threads,
-                                                latency=False))
+                                          latency=False))
         dense_values = predict(pruner.model_, test, pruner.output_, provider, threads=threads)[0]
         if budget is not None and dense.get("loss") is None:
             raise InputError("--max-loss-increase needs a loss: the evaluation data has no labels")
@@ -142,7 +142,7 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
                                  predicted_error=result.predicted_error)
         if test is not None:
             measured = _metrics(evaluate_dataset(result.model, test, output=output, provider=provider,
-                                                       threads=threads, latency=False))
+                                                 threads=threads, latency=False))
             values = predict(result.model, test, pruner.output_, provider, threads=threads)[0]
             diff = (values.astype(np.float64) - dense_values.astype(np.float64)).reshape(len(values), -1)
             point.output_error = float((diff**2).sum(1).mean())
