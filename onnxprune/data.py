@@ -3,9 +3,17 @@
 A single-input model may take its array under any key; labels live under ``labels_key`` (default
 ``y`` or ``labels``). uint8 images are scaled by the model's ``onnxprune.input_scale`` metadata, the
 preprocessing its README documents.
+
+An .npz file is read lazily: only the members a command uses are ever decompressed, each member's
+.npy header is checked against the member's real size before any data is read, and the feeds are
+``NpzColumn``s that decompress the rows of one batch at a time (a forward stream through the zip
+member), converted to the model's dtype per batch. Memory therefore holds one batch of inputs, not
+the data set; what stays per sample is the labels (8 bytes) and what the caller keeps (evaluation
+keeps the scored outputs).
 """
 from __future__ import annotations
 
+import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +28,128 @@ DEFAULT_LABEL_KEYS = ("y", "labels")
 SCALE_KEY = "onnxprune.input_scale"
 
 
+MAX_LABEL = 2**31 - 1   # class indices beyond this are not class indices (and overflow onnxruntime's int32 paths)
+CHECK_CHUNK = 1 << 20   # bytes of a member checked (finiteness) at a time
+
+
+class NpzMember:
+    """One array of an .npz file, not yet read: shape and dtype from its .npy header (checked
+    against the member's size), rows decompressed on request."""
+
+    def __init__(self, archive: zipfile.ZipFile, name: str, source: str):
+        self.archive, self.name, self.source = archive, name, source
+        info = archive.getinfo(name)
+        key = name[:-4] if name.endswith(".npy") else name
+        self.key = key
+        try:
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version in ((2, 0), (3, 0)):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"unknown .npy version {version}")
+                self.offset = f.tell()
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, SyntaxError, TypeError) as exc:
+            raise InputError(f"{source}: array {key!r} has a corrupt .npy header ({_first_line(exc)})") from None
+        if dtype.hasobject:
+            raise InputError(f"{source}: array {key!r} holds Python objects (pickled data is not read)")
+        if any(int(d) < 0 for d in shape):
+            raise InputError(f"{source}: array {key!r} has a negative dimension {list(shape)}")
+        self.shape, self.dtype, self.fortran = tuple(int(d) for d in shape), dtype, fortran
+        size = math.prod(self.shape) * dtype.itemsize
+        if size != info.file_size - self.offset:
+            raise InputError(f"{source}: array {key!r} claims shape {list(self.shape)} of {dtype} ({size:,} bytes) "
+                             f"but holds {max(info.file_size - self.offset, 0):,} bytes")
+        self._stream, self._position = None, 0
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d array")
+        return self.shape[0]
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as a new array (a forward read continues the open stream)."""
+        if not self.shape or self.fortran:  # 0-d, or column-major: rows are not contiguous, read it whole
+            whole = self.read()
+            return whole if not self.shape else np.ascontiguousarray(whole[start:stop])
+        start, stop = max(0, min(start, len(self))), max(0, min(stop, len(self)))
+        stop = max(start, stop)
+        begin = self.offset + start * self.row_bytes
+        if self._stream is None or begin < self._position:
+            self.close()
+            self._stream, self._position = self.archive.open(self.name), 0
+        if begin > self._position:
+            self._stream.seek(begin)
+        count = (stop - start) * self.row_bytes
+        raw = self._stream.read(count)
+        self._position = begin + len(raw)
+        if len(raw) != count:
+            raise InputError(f"{self.source}: array {self.key!r} is truncated")
+        return np.frombuffer(raw, self.dtype).reshape((stop - start,) + self.shape[1:]).copy()
+
+    def read(self) -> np.ndarray:
+        """The whole array."""
+        try:
+            with self.archive.open(self.name) as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise InputError(f"{self.source}: cannot read array {self.key!r} ({_first_line(exc)})") from None
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+
+class NpzColumn:
+    """A model input read from an .npz member batch by batch, converted to the model's dtype (and
+    scaled for uint8 images) on the way: it slices like the array it stands for."""
+
+    def __init__(self, member: NpzMember, dtype: np.dtype, scale: float | None):
+        self.member, self.dtype, self.scale = member, np.dtype(dtype), scale
+        self.shape = member.shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def convert(self, raw: np.ndarray) -> np.ndarray:
+        return _convert(raw, self.dtype, self.scale)
+
+    def __getitem__(self, index) -> np.ndarray:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            return np.asarray(self)[index]
+        start, stop, _ = index.indices(len(self))
+        return self.convert(self.member.rows(start, stop))
+
+    def __array__(self, dtype=None, copy=None):
+        value = self[:]
+        return value if dtype is None else value.astype(dtype)
+
+    def chunks(self, rows: int) -> Iterator[np.ndarray]:
+        for start in range(0, len(self), rows):
+            yield self.member.rows(start, start + rows)
+
+
 @dataclass
 class Dataset:
-    """Feeds for every model input (all with the same first dimension) and optional int64 labels."""
+    """Feeds for every model input (all with the same first dimension; arrays, or NpzColumns
+    read batch by batch) and optional int64 labels."""
 
-    feeds: dict[str, np.ndarray]
+    feeds: dict[str, "np.ndarray | NpzColumn"]
     labels: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -46,25 +171,54 @@ def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [vi for vi in model.graph.input if vi.name not in inits]
 
 
-def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+def open_npz(path: str | Path) -> dict[str, NpzMember]:
+    """The members of an .npz file by array name, none of them read yet (see NpzMember)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        kind = "an .npy file (one array)" if path.read_bytes()[:6] == b"\x93NUMPY" else "not a zip archive"
+        raise InputError(f"{path} is not a readable .npz file ({kind}); save the arrays with numpy.savez")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
+        archive = zipfile.ZipFile(path)
+        names = [n for n in archive.namelist() if not n.endswith("/")]
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise InputError(f"{path} is not a readable .npz file ({str(exc).splitlines()[0][:200]})") from None
+        raise InputError(f"{path} is not a readable .npz file ({_first_line(exc)})") from None
+    members = {}
+    for name in names:
+        key = name[:-4] if name.endswith(".npy") else name
+        members[key] = _Lazy(archive, name, str(path))
+    return members
+
+
+class _Lazy:
+    """A member whose header is parsed only when the member is used."""
+
+    def __init__(self, archive, name, source):
+        self.args, self._member = (archive, name, source), None
+
+    def get(self) -> NpzMember:
+        if self._member is None:
+            self._member = NpzMember(*self.args)
+        return self._member
+
+
+def read_npz(path: str | Path, keys=None) -> dict[str, np.ndarray]:
+    """Arrays of an .npz file, only those named in ``keys`` (all when None) decompressed."""
+    members = open_npz(path)
+    return {k: m.get().read() for k, m in members.items() if keys is None or k in keys}
 
 
 def load_dataset(path: str | Path, model: onnx.ModelProto, labels_key: str | None = None,
                  require_labels: bool = False) -> Dataset:
-    """Read ``path`` and check it against ``model``'s inputs (names, shapes, dtypes, finiteness)."""
-    return make_dataset(read_npz(path), model, labels_key, require_labels, source=str(path))
+    """Open ``path`` and check it against ``model``'s inputs (names, shapes, dtypes, finiteness),
+    reading only the members it uses, batch by batch."""
+    return make_dataset(open_npz(path), model, labels_key, require_labels, source=str(path))
 
 
-def make_dataset(arrays: dict[str, np.ndarray], model: onnx.ModelProto, labels_key: str | None = None,
+def make_dataset(arrays: dict, model: onnx.ModelProto, labels_key: str | None = None,
                  require_labels: bool = False, source: str = "data") -> Dataset:
+    """``arrays``: numpy arrays by name, or the lazy members of ``open_npz``."""
     arrays = dict(arrays)
     labels = _pop_labels(arrays, labels_key, source)
     if require_labels and labels is None:
@@ -98,6 +252,11 @@ def _pop_labels(arrays: dict[str, np.ndarray], labels_key: str | None, source: s
     if not keys:
         return None
     labels = arrays.pop(keys[0])
+    if isinstance(labels, _Lazy):
+        member = labels.get()
+        if member.ndim != 1:
+            raise InputError(f"{source}: labels {keys[0]!r} must be 1-D integers, got shape {list(member.shape)}")
+        labels = member.read()
     if labels.ndim != 1:
         raise InputError(f"{source}: labels {keys[0]!r} must be 1-D integers, got shape {labels.shape}")
     if labels.dtype.kind == "f":
@@ -107,6 +266,8 @@ def _pop_labels(arrays: dict[str, np.ndarray], labels_key: str | None, source: s
         raise InputError(f"{source}: labels {keys[0]!r} must be integers, got {labels.dtype}")
     if labels.size and labels.min() < 0:
         raise InputError(f"{source}: labels {keys[0]!r} contain negative values")
+    if labels.size and labels.max() > MAX_LABEL:
+        raise InputError(f"{source}: labels {keys[0]!r} go up to {labels.max():.6g}, which is no class index")
     return labels.astype(np.int64)
 
 
@@ -120,35 +281,66 @@ def _input_scale(model: onnx.ModelProto) -> float | None:
     return None
 
 
-def _check_input(array: np.ndarray, vi: onnx.ValueInfoProto, scale: float | None, source: str) -> np.ndarray:
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _check_input(array, vi: onnx.ValueInfoProto, scale: float | None, source: str):
+    """``array`` (a numpy array, or a lazy .npz member) checked against model input ``vi``
+    (dtype, shape, finiteness): the array converted to the model's dtype, or for a member an
+    NpzColumn that converts batch by batch (checked in one streamed pass)."""
     ttype = vi.type.tensor_type
     try:
         want = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
     except (KeyError, ValueError):
         raise InputError(f"model input {vi.name!r} has an element type ({ttype.elem_type}) onnx does not know") from None
     name = vi.name
-    if array.dtype == object or array.dtype.kind not in "biuf":
-        raise InputError(f"{source}: array for {name!r} has dtype {array.dtype}, not numeric")
-    if array.ndim == 0 or len(array) == 0:
+    member = array.get() if isinstance(array, _Lazy) else None
+    have = member if member is not None else array
+    if have.dtype.kind not in "biuf":
+        raise InputError(f"{source}: array for {name!r} has dtype {have.dtype}, not numeric")
+    if have.ndim == 0 or have.shape[0] == 0:
         raise InputError(f"{source}: array for {name!r} has no samples")
-    if want.kind == "f" and array.dtype.kind in "iub":
-        if array.dtype != np.uint8 or scale is None:
-            raise InputError(
-                f"{source}: {name!r} is {array.dtype} but the model wants {want}; "
-                f"store {want} values, or uint8 images with the model's {SCALE_KEY} metadata set")
-        array = array.astype(want) * want.type(scale)
-    elif want.kind == "f":
-        array = array.astype(want, copy=False)
-    elif array.dtype != want:
-        if array.dtype.kind in "iu" and want.kind in "iu" and np.can_cast(array, want, casting="same_kind"):
-            array = array.astype(want)
-        else:
-            raise InputError(f"{source}: {name!r} has dtype {array.dtype}, the model wants {want}")
-    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-        raise InputError(f"{source}: {name!r} contains NaN or Inf")
+    dtype, applied = _target_dtype(have.dtype, want, scale, name, source)
+    _check_shape(have.shape, ttype, name, source)
+    if member is None:
+        converted = _convert(array, dtype, applied)
+        chunks = [converted]
+    else:
+        converted = NpzColumn(member, dtype, applied)
+        rows = max(1, CHECK_CHUNK // max(member.row_bytes, 1))
+        chunks = (converted.convert(raw) for raw in converted.chunks(rows)) if member.dtype.kind == "f" else []
+    for chunk in chunks:
+        if chunk.dtype.kind == "f" and not np.all(np.isfinite(chunk)):
+            raise InputError(f"{source}: {name!r} contains NaN or Inf")
+    return converted
+
+
+def _convert(raw: np.ndarray, dtype: np.dtype, scale: float | None) -> np.ndarray:
+    """Data as the model takes it: its dtype, uint8 images times the model's input scale."""
+    if scale is not None:
+        return raw.astype(dtype) * dtype.type(scale)
+    return np.ascontiguousarray(raw.astype(dtype, copy=False))
+
+
+def _check_shape(shape: tuple[int, ...], ttype, name: str, source: str) -> None:
     if ttype.HasField("shape"):
         dims = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
-        if len(dims) != array.ndim or any(d not in (None, 0) and d != s for d, s in zip(dims[1:], array.shape[1:])):
+        if len(dims) != len(shape) or any(d not in (None, 0) and d != s for d, s in zip(dims[1:], shape[1:])):
             shown = ["N" if d is None else d for d in dims]
-            raise InputError(f"{source}: {name!r} has shape {list(array.shape)}, the model wants {shown}")
-    return np.ascontiguousarray(array)
+            raise InputError(f"{source}: {name!r} has shape {list(shape)}, the model wants {shown}")
+
+
+def _target_dtype(have: np.dtype, want: np.dtype, scale: float | None, name: str, source: str):
+    """(dtype the data converts to, scale applied) for data of dtype ``have``, or an InputError."""
+    if want.kind == "f" and have.kind in "iub":
+        if have != np.uint8 or scale is None:
+            raise InputError(
+                f"{source}: {name!r} is {have} but the model wants {want}; "
+                f"store {want} values, or uint8 images with the model's {SCALE_KEY} metadata set")
+        return want, scale
+    if want.kind == "f" or have == want:
+        return want, None
+    if have.kind in "iu" and want.kind in "iu" and np.can_cast(have, want, casting="same_kind"):
+        return want, None
+    raise InputError(f"{source}: {name!r} has dtype {have}, the model wants {want}")

@@ -1,5 +1,10 @@
-"""The two kinds of failure a user sees, each with its exit code (see README, "Exit codes")."""
+"""The kinds of failure a user sees, each with its exit code (see README, "Exit codes")."""
 from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from pathlib import Path
 
 
 class OnnxPruneError(Exception):
@@ -18,6 +23,53 @@ class CheckFailed(OnnxPruneError):
     """The work ran but a check on its result failed (checker, runtime, a budget). Exit 1."""
 
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same clean-ups run. Exit 143."""
+
+
+INTERRUPT_EXIT = {KeyboardInterrupt: 130, Terminated: 128 + signal.SIGTERM}
+
+
+def interrupt_exit(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """('interrupted' or 'terminated', exit code) for an interruption."""
+    if isinstance(exc, Terminated):
+        return "terminated", INTERRUPT_EXIT[Terminated]
+    return "interrupted", INTERRUPT_EXIT[KeyboardInterrupt]
+
+
+def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """From now on SIGTERM unwinds the program like Ctrl-C (temporary files are removed on the way)."""
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave the default
+        pass
+
+
+COMMAND = "onnxprune"
+
+
+@contextlib.contextmanager
+def loading():
+    """Around the package's imports. Under the ``onnxprune`` command, SIGTERM is handled from here
+    on, and an interruption while the libraries load ends with one line and its exit code (nothing
+    has been written yet). Imported as a library, nothing changes."""
+    if Path(sys.argv[0] if sys.argv else "").name != COMMAND:
+        yield
+        return
+    handle_sigterm()
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        what, code = interrupt_exit(exc)
+        sys.stderr.write(f"Error: {what} while starting; no output was written\n")
+        sys.exit(code)
 
 
 def run_script(main) -> None:

@@ -1,8 +1,10 @@
 """Evaluate a model on onnxruntime: loss and accuracy against labels, discrepancy against a
-reference model, and latency."""
+reference model, latency (paired with the reference's, repeated) and size in bytes."""
 from __future__ import annotations
 
+import math
 import time
+import zlib
 
 import numpy as np
 import onnx
@@ -13,12 +15,15 @@ from .errors import CheckFailed, InputError
 from .layers import output_kind, scored_output
 
 
+REPEATS = 7            # timings per model and batch size; the report gives their median, min and max
+MIN_TIMING = 0.005     # seconds: one timing runs the batch this long at least (clock resolution, noise)
+MAX_RUNS = 1000
+
+
 def predict(model: onnx.ModelProto, data: Dataset, output: str, provider: str = "cpu", batch_size: int = 1024,
             threads: int | None = None) -> tuple[np.ndarray, float]:
-    """All values of tensor ``output`` over ``data``, and the seconds the runs took (after a warm-up)."""
+    """All values of tensor ``output`` over ``data``, and the seconds the runs took."""
     session = runtime.tensor_session(model, [output], provider, threads)
-    first = next(data.batches(batch_size))[0]
-    session.run([output], first)  # warm-up: allocations and kernel selection are not latency
     chunks, seconds = [], 0.0
     for feeds, _ in data.batches(batch_size):
         start = time.perf_counter()
@@ -26,6 +31,54 @@ def predict(model: onnx.ModelProto, data: Dataset, output: str, provider: str = 
         seconds += time.perf_counter() - start
         chunks.append(value)
     return np.concatenate(chunks), seconds
+
+
+def measure_latency(models: dict[str, onnx.ModelProto], data: Dataset, batch_sizes: tuple[int, ...],
+                    provider: str = "cpu", threads: int | None = None, repeats: int = REPEATS) -> dict:
+    """Seconds per sample of every model, paired: for each batch size the models run in turns
+    (the order alternating between repeats, after a warm-up), each turn long enough to time, so
+    that drift of the machine hits them alike. Per model: median, min and max over the repeats;
+    with two models, the median of the per-repeat ratios second / first."""
+    sessions = {name: runtime.make_session(m, provider, threads) for name, m in models.items()}
+    names = list(sessions)
+    result = {"repeats": repeats, "batches": []}
+    for batch in sorted({min(b, len(data)) for b in batch_sizes}):
+        feeds = data.subset(batch).feeds
+        runs = 1
+        for session in sessions.values():
+            session.run(None, feeds)  # warm-up: allocations and kernel selection are not latency
+            start = time.perf_counter()
+            session.run(None, feeds)
+            once = max(time.perf_counter() - start, 1e-7)
+            runs = max(runs, min(MAX_RUNS, math.ceil(MIN_TIMING / once)))
+        times = {name: [] for name in names}
+        for r in range(repeats):
+            for name in names if r % 2 == 0 else names[::-1]:
+                session = sessions[name]
+                start = time.perf_counter()
+                for _ in range(runs):
+                    session.run(None, feeds)
+                times[name].append((time.perf_counter() - start) / (runs * batch))
+        entry = {"batch_size": batch, "runs_per_timing": runs}
+        for name, values in times.items():
+            us = 1e6 * np.asarray(values)
+            entry[name] = {"median_us": float(np.median(us)), "min_us": float(us.min()), "max_us": float(us.max())}
+        if len(names) == 2:
+            ratios = np.asarray(times[names[1]]) / np.asarray(times[names[0]])
+            entry[f"{names[1]}/{names[0]}"] = float(np.median(ratios))
+        result["batches"].append(entry)
+    return result
+
+
+def model_bytes(model: onnx.ModelProto) -> dict:
+    """Bytes of the serialized model, raw and zlib-compressed (level 6): what it costs on disk and to download."""
+    from .modelio import PROTOBUF_LIMIT, serialized_size
+
+    size = serialized_size(model)
+    if size >= PROTOBUF_LIMIT:  # cannot be serialized in one piece: its tensors go to external data
+        return {"bytes": size, "zlib_bytes": None}
+    raw = model.SerializeToString()
+    return {"bytes": len(raw), "zlib_bytes": len(zlib.compress(raw, 6))}
 
 
 def log_probabilities(values: np.ndarray, kind: str) -> np.ndarray:
@@ -46,10 +99,11 @@ def looks_like_probabilities(values: np.ndarray) -> bool:
 
 def evaluate_dataset(model: onnx.ModelProto, data: Dataset, *, reference: onnx.ModelProto | None = None,
                      output: str | None = None, provider: str = "cpu", batch_size: int = 1024,
-                     threads: int | None = None) -> dict:
-    """The evaluation report of ``model`` on ``data`` (see ``onnxprune.evaluate``)."""
+                     threads: int | None = None, latency: bool = True) -> dict:
+    """The evaluation report of ``model`` on ``data`` (see ``onnxprune.evaluate``); ``latency``
+    times ``model`` (paired with ``reference`` when given) at batch 1 and at ``batch_size``."""
     output = scored_output(model, output)
-    values, seconds = predict(model, data, output, provider, batch_size, threads)
+    values, _ = predict(model, data, output, provider, batch_size, threads)
     kind = output_kind(model, output)
     if kind == "logits" and looks_like_probabilities(values):
         kind = "probabilities"
@@ -74,6 +128,11 @@ def evaluate_dataset(model: onnx.ModelProto, data: Dataset, *, reference: onnx.M
         diff = values.astype(np.float64) - ref_values.astype(np.float64)
         report["mse"] = float(np.mean(diff**2))
         report["max_abs"] = float(np.max(np.abs(diff)))
-    report["latency_us_per_sample"] = 1e6 * seconds / len(data)
     report["batch_size"] = batch_size
+    report["size"] = model_bytes(model)
+    if reference is not None:
+        report["reference_size"] = model_bytes(reference)
+    if latency:
+        pair = {"reference": reference, "model": model} if reference is not None else {"model": model}
+        report["latency"] = measure_latency(pair, data, (1, batch_size), provider, threads)
     return report

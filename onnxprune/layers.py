@@ -207,9 +207,20 @@ class _Graph:
                 self.consumers[name].append(node)
         self.outputs = {o.name for o in graph.output}
         self.ranks = _tensor_ranks(model)
+        # names read inside the subgraphs of If/Loop/Scan (outer-scope references), by the node holding them
+        self.subgraph_readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for name in sorted(_subgraph_reads(node)):
+                self.subgraph_readers[name].append(node)
 
     def users(self, name: str) -> int:
-        return len(self.consumers[name]) + (name in self.outputs)
+        return len(self.consumers[name]) + (name in self.outputs) + len(self.subgraph_readers.get(name, ()))
+
+    def shared_reason(self, name: str, what: str) -> str:
+        inner = self.subgraph_readers.get(name)
+        if inner:
+            return f"{what} {name!r} is also read inside the subgraph of {inner[0].op_type} {inner[0].name!r}"
+        return f"{what} {name!r} is shared by {self.users(name)} nodes"
 
     def array(self, name: str) -> np.ndarray:
         return numpy_helper.to_array(self.inits[name])
@@ -225,6 +236,19 @@ class _Graph:
         return None
 
 
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name read by the nodes of ``node``'s subgraphs (If branches, Loop and Scan
+    bodies), nested ones included: a superset of its outer-scope references."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for sub in graphs:
+            for inner in sub.node:
+                names.update(i for i in inner.input if i)
+                names |= _subgraph_reads(inner)
+    return names
+
+
 def _weight_path(g: _Graph, name: str, what: str = "weight") -> tuple[str, tuple[WeightStep, ...]] | str:
     """Follow ``name`` back to its initializer through Identity/Cast/Transpose/DequantizeLinear."""
     steps: list[WeightStep] = []
@@ -236,7 +260,7 @@ def _weight_path(g: _Graph, name: str, what: str = "weight") -> tuple[str, tuple
         if node.op_type not in WEIGHT_PATH_OPS:
             return f"{what} {name!r} is produced by {node.op_type} {node.name!r}, not an initializer"
         if g.users(current) > 1:
-            return f"{what} {name!r} is shared by {g.users(current)} nodes"
+            return g.shared_reason(current, what)
         attrs = _attrs(node)
         if node.op_type == "Transpose":
             step = WeightStep("Transpose", node.name, perm=tuple(int(p) for p in attrs["perm"]) if "perm" in attrs else None)
@@ -262,7 +286,7 @@ def _weight_path(g: _Graph, name: str, what: str = "weight") -> tuple[str, tuple
         steps.insert(0, step)
         current = node.input[0]
     if g.users(current) > 1:
-        return f"{what} {current!r} is shared by {g.users(current)} nodes"
+        return g.shared_reason(current, what)
     dtype = g.inits[current].data_type
     if steps and steps[0].op == "DequantizeLinear":
         if dtype not in QUANT_TYPES:

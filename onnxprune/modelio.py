@@ -1,9 +1,6 @@
 """Loading and saving ONNX models: corrupt files, external data and atomic writes in one place."""
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -11,7 +8,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from .errors import InputError
-from .fileio import check_output_path
+from .fileio import Outputs
 from .storage import check_sparse, check_storage, densify, sparsify
 
 PROTOBUF_LIMIT = 2**31 - 2**20  # serialized protos above ~2 GB must keep tensors outside the file
@@ -40,11 +37,11 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     if uses_external_data(model):
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             raise InputError(f"{path}: cannot read its external data ({_first_line(exc)})") from None
         model.metadata_props.add(key=_EXTERNAL_MARK, value="1")
     try:
-        onnx.checker.check_model(model if model.ByteSize() < PROTOBUF_LIMIT else str(path))
+        onnx.checker.check_model(str(path) if _oversized(model) else model)
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise InputError(f"{path} fails onnx.checker: {_first_line(exc)}") from None
     _check_element_types(model, path)
@@ -85,7 +82,16 @@ def save_model(model: onnx.ModelProto, path: str | Path, *, force: bool = False,
     the model exceeds protobuf's 2 GB limit. Refuses to overwrite an input, or any file without force.
     ``storage="sparse"`` stores initializers as sparse initializers where that is smaller (see
     ``onnxprune.storage``: it saves disk only; onnxruntime expands them at load)."""
-    path = check_output_path(path, force=force, inputs=inputs)
+    with Outputs(inputs, force) as outputs:
+        path = stage_model(model, path, outputs, external_data=external_data, storage=storage)
+    return path
+
+
+def stage_model(model: onnx.ModelProto, path: str | Path, outputs: Outputs, *, external_data: bool | None = None,
+                storage: str = "dense") -> Path:
+    """Claim ``path`` (and ``path.data`` when tensors go outside) in ``outputs`` and stage the model's
+    files there; they appear when ``outputs`` commits."""
+    path = outputs.claimed_or_claim(path)
     check_storage(storage)
     if external_data is None:
         external_data = had_external_data(model)
@@ -94,23 +100,43 @@ def save_model(model: onnx.ModelProto, path: str | Path, *, force: bool = False,
         model, converted = sparsify(model)
         if converted:
             check_sparse(model)
-    external_data = external_data or model.ByteSize() >= PROTOBUF_LIMIT
-    data_name = path.name + ".data"
-    if external_data:
-        check_output_path(path.parent / data_name, force=force, inputs=inputs)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        tmp_model = workdir / path.name
-        if external_data:
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            os.replace(workdir / data_name, path.parent / data_name)
-        else:
-            onnx.save_model(model, str(tmp_model))
-        os.replace(tmp_model, path)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    external_data = external_data or _oversized(model)
+    if not external_data:
+        outputs.stage(path, lambda tmp: onnx.save_model(model, str(tmp)))
+        return path
+    data_path = outputs.claim(path.parent / (path.name + ".data"))
+    workdir = outputs.scratch_folder(path)
+    # onnx.save_model(save_as_external_data=True) looks for an existing data file relative to the
+    # working directory, and keeps tensors under 1 KB inside; we mark every tensor with raw data
+    # ourselves and write them into the scratch folder, which is then renamed into place.
+    for tensor in external_data_helper._get_initializer_tensors(model):
+        if tensor.HasField("raw_data"):
+            external_data_helper.set_external_data(tensor, data_path.name)
+    external_data_helper.write_external_data_tensors(model, str(workdir))
+    onnx.save_model(model, str(workdir / path.name))
+    if (workdir / data_path.name).exists():
+        outputs.stage_file(workdir / data_path.name, data_path)
+    outputs.stage_file(workdir / path.name, path)
     return path
+
+
+def _oversized(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is over protobuf's limit; without ByteSize, which fails above 2 GB."""
+    return serialized_size(model) >= PROTOBUF_LIMIT
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """An upper bound of ``model``'s serialized size that never serializes more than the graph's
+    structure: the tensors' raw bytes are counted by their lengths."""
+    tensors = [t for t in external_data_helper._get_all_tensors(model) if t.HasField("raw_data")]
+    raw = sum(len(t.raw_data) for t in tensors)
+    if raw < PROTOBUF_LIMIT // 2:
+        return model.ByteSize()
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    for t in external_data_helper._get_all_tensors(skeleton):
+        t.ClearField("raw_data")
+    return skeleton.ByteSize() + raw + 16 * len(tensors)
 
 
 def _without_mark(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -40,13 +40,35 @@ def skipped_table(skipped: list[dict]) -> str:
 
 
 def evaluation_table(reports: dict[str, dict]) -> str:
-    """Metrics side by side, one column per evaluated model (e.g. original / pruned)."""
+    """Metrics side by side, one column per evaluated model (e.g. original / pruned): quality,
+    size on disk, and latency per sample (median and min-max of the repeated timings)."""
     names = list(reports)
     metrics = [("loss", "loss"), ("accuracy", "accuracy"), ("mse", "mse vs reference"),
-               ("max_abs", "max abs vs reference"), ("latency_us_per_sample", "latency µs/sample")]
+               ("max_abs", "max abs vs reference")]
     rows = [[label] + [reports[n].get(key) for n in names] for key, label in metrics
             if any(key in reports[n] for n in names)]
+    rows.append(["bytes"] + [reports[n].get("size", {}).get("bytes") for n in names])
+    rows.append(["zlib bytes"] + [reports[n].get("size", {}).get("zlib_bytes") for n in names])
+    for i, batch in enumerate(next((r["latency"]["batches"] for r in reports.values() if "latency" in r), [])):
+        label = f"µs/sample, batch {batch['batch_size']}"
+        cells = [_latency(reports[n]["latency"]["batches"][i].get("model")) if "latency" in reports[n] else None
+                 for n in names]
+        rows.append([label + " (median, min-max)"] + cells)
+        ratios = [_ratio(reports[n]["latency"]["batches"][i]) if "latency" in reports[n] else None for n in names]
+        if any(ratios):
+            rows.append([f"time vs reference (paired), batch {batch['batch_size']}"] + ratios)
     return table(["metric"] + names, rows)
+
+
+def _ratio(batch: dict) -> str | None:
+    value = batch.get("model/reference")
+    return None if value is None else f"{value:.2f}x"
+
+
+def _latency(entry: dict | None) -> str | None:
+    if entry is None:
+        return None
+    return f"{entry['median_us']:.3g} ({entry['min_us']:.3g}-{entry['max_us']:.3g})"
 
 
 def sensitivity_table(report: dict) -> str:

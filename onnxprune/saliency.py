@@ -16,6 +16,7 @@ import onnx
 from . import runtime
 from .data import Dataset
 from .errors import InputError
+from .jacobians import output_shape
 from .layers import Layer
 from .statistics import MEMORY_BUDGET, LayerStatistics, collect_loss_gradients, collect_statistics
 
@@ -68,6 +69,10 @@ class ScoringContext:
         if self._loss_gradients is None:
             if self.data.labels is None:
                 raise InputError("this method needs labels in the calibration data (array 'y' or 'labels')")
+            classes = int(np.prod(output_shape(self.model, self.output, self.data.feeds, self.provider)))
+            if self.data.labels.max() >= classes:  # onnxruntime's loss kernel would read out of bounds
+                raise InputError(f"labels go up to {self.data.labels.max()} but output {self.output!r} has "
+                                 f"{classes} classes")
             start = time.perf_counter()
             self._loss_gradients = collect_loss_gradients(
                 self.model, self.layers, self.data, self.output, batch_size=self.batch_size,

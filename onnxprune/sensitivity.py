@@ -14,13 +14,16 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .api import Pruner, as_dataset, as_model
 from .errors import InputError, OnnxPruneError
 from .evaluate import evaluate_dataset, predict
+
+if TYPE_CHECKING:
+    from .api import PruneResult
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
@@ -48,12 +51,22 @@ class SensitivityReport:
     max_loss_increase: float | None = None  # the budget, relative
     best_ratio: float | None = None         # the largest ratio within budget (every smaller one too)
     seconds: dict[str, float] = field(default_factory=dict)
+    max_accuracy_drop: float | None = None  # the accuracy budget, in percentage points
+    best_result: "PruneResult | None" = field(default=None, repr=False)  # with keep_best: the model at best_ratio
     engine: dict | None = None              # the gradient engine that scored, and why
     derivatives: dict = field(default_factory=dict)  # probes, exact, batch (see PruneResult)
 
+    @property
+    def budget_text(self) -> str:
+        """The budget in words ('' when there is none)."""
+        parts = ([f"the loss within +{100 * self.max_loss_increase:g}%"] if self.max_loss_increase is not None else []) + (
+            [f"the accuracy within {self.max_accuracy_drop:g} points"] if self.max_accuracy_drop is not None else [])
+        return " and ".join(parts)
+
     def to_dict(self) -> dict:
         return {"method": self.method, "weights": self.weights, "protected_output": self.protected_output,
-                "dense": self.dense, "max_loss_increase": self.max_loss_increase, "best_ratio": self.best_ratio,
+                "dense": self.dense, "max_loss_increase": self.max_loss_increase,
+                "max_accuracy_drop": self.max_accuracy_drop, "best_ratio": self.best_ratio,
                 "points": [asdict(p) for p in self.points], "seconds": self.seconds, "engine": self.engine,
                 "derivatives": self.derivatives}
 
@@ -89,6 +102,7 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
                 max_loss_increase: float | str | None = None, labels_key: str | None = None,
                 output: str | None = None, provider: str = "cpu", threads: int | None = None,
                 batch_size: int = 256, progress: Callable[[str, int, int], None] | None = None,
+                max_accuracy_drop: float | None = None, keep_best: bool = False,
                 **params) -> SensitivityReport:
     """The loss-vs-sparsity curve of ``model`` pruned with ``method`` (scored once on ``data``).
 
@@ -96,16 +110,21 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
     model is measured against the dense one. ``max_loss_increase`` (0.01 or "1%"): the budget
     relative to the dense loss on that data; the report's ``best_ratio`` is the largest ratio that
     keeps the loss within it, every smaller ratio included (None when even the smallest does not).
+    ``max_accuracy_drop`` (percentage points) bounds the accuracy the same way, alone or with the
+    loss budget. With ``keep_best`` the report's ``best_result`` is the PruneResult at ``best_ratio``
+    (what ``prune --max-loss-increase`` writes, without scoring again).
     ``params`` are Pruner's (compensation, scope, exclude, seed, probes, ...). Nothing is written.
     """
     ratios = parse_ratios(ratios)
     budget = None if max_loss_increase is None else parse_budget(max_loss_increase)
     if budget is not None and evaluate is None:
-        raise InputError("--max-loss-increase needs evaluation data with labels (--evaluate TEST.npz)")
+        raise InputError("--max-loss-increase needs evaluation data with labels (--test TEST.npz)")
+    if max_accuracy_drop is not None and (evaluate is None or not 0 <= max_accuracy_drop <= 100):
+        raise InputError("--max-accuracy-drop needs evaluation data with labels (--test TEST.npz) and 0..100 points")
     source = as_model(model)
     test = None
     if evaluate is not None:
-        test = as_dataset(evaluate, source, labels_key, require_labels=budget is not None)
+        test = as_dataset(evaluate, source, labels_key, require_labels=budget is not None or max_accuracy_drop is not None)
     start = time.perf_counter()
     pruner = Pruner(method, labels_key=labels_key, output=output, provider=provider, threads=threads,
                     batch_size=batch_size, progress=progress, **params).fit(source, data)
@@ -113,18 +132,20 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
     seconds["fit"] = time.perf_counter() - start
     dense, dense_values = None, None
     if test is not None:
-        dense = _metrics(evaluate_dataset(source, test, output=output, provider=provider, threads=threads))
+        dense = _metrics(evaluate_dataset(source, test, output=output, provider=provider, threads=threads,
+                                          latency=False))
         dense_values = predict(pruner.model_, test, pruner.output_, provider, threads=threads)[0]
         if budget is not None and dense.get("loss") is None:
             raise InputError("--max-loss-increase needs a loss: the evaluation data has no labels")
-    points = []
+    points, best_result, all_within = [], None, True
     start = time.perf_counter()
     for done, ratio in enumerate(ratios, start=1):
         result = pruner.prune(ratio)
         point = SensitivityPoint(ratio=ratio, sparsity=result.sparsity, pruned=result.pruned,
                                  predicted_error=result.predicted_error)
         if test is not None:
-            measured = _metrics(evaluate_dataset(result.model, test, output=output, provider=provider, threads=threads))
+            measured = _metrics(evaluate_dataset(result.model, test, output=output, provider=provider,
+                                                 threads=threads, latency=False))
             values = predict(result.model, test, pruner.output_, provider, threads=threads)[0]
             diff = (values.astype(np.float64) - dense_values.astype(np.float64)).reshape(len(values), -1)
             point.output_error = float((diff**2).sum(1).mean())
@@ -133,12 +154,19 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
                 point.loss_increase = (point.loss - dense["loss"]) / abs(dense["loss"])
             if budget is not None:
                 point.within_budget = bool(point.loss <= dense["loss"] + budget * abs(dense["loss"]))
+            # -- the accuracy budget, and the model kept for prune with a budget (issue 14) --
+            if max_accuracy_drop is not None:
+                kept = point.accuracy >= dense["accuracy"] - max_accuracy_drop / 100 - 1e-12
+                point.within_budget = kept and point.within_budget is not False
+            all_within = all_within and bool(point.within_budget)
+            if keep_best and all_within:
+                best_result = result
         points.append(point)
         if progress:
             progress("ratios", done, len(ratios))
     seconds["prune and evaluate"] = time.perf_counter() - start
     best = None
-    if budget is not None:
+    if budget is not None or max_accuracy_drop is not None:
         for point in points:
             if not point.within_budget:
                 break
@@ -146,6 +174,7 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
     weights = sum(layer.size for layer in pruner.layers_)
     return SensitivityReport(method=method, weights=weights, protected_output=pruner.output_, points=points,
                              dense=dense, max_loss_increase=budget, best_ratio=best, seconds=seconds,
+                             max_accuracy_drop=max_accuracy_drop, best_result=best_result if best is not None else None,
                              engine=pruner.engine_, derivatives=pruner.derivatives_)
 
 

@@ -66,7 +66,7 @@ def test_cli_dry_run_writes_no_model_but_json_and_plot(files, tmp_path):
                  "--evaluate", files / "test.npz", "--max-loss-increase", "1000%", "--json", tmp_path / "r.json",
                  "--plot", tmp_path / "curve.png")
     assert res.exit_code == 0, res.output
-    assert "predicted error" in res.output and "within budget" in res.output and "largest ratio within" in res.output
+    assert "predicted error" in res.output and "within budget" in res.output and "largest ratio within budget" in res.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert [p["ratio"] for p in report["points"]] == [0.1, 0.5, 0.9] and report["best_ratio"] is not None
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -92,7 +92,7 @@ def test_cli_budget_nobody_meets_exits_1_after_the_report(files, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["OUT"], "--dry-run writes no model"),
     (["--sparsity", "0.5"], "--sparsity does not apply"),
-    (["--max-loss-increase", "1%"], "needs --evaluate"),
+    (["--max-loss-increase", "1%"], "needs --test"),
     (["--max-loss-increase", "lots", "--evaluate", "TEST"], "--max-loss-increase must be"),
     (["--ratios", "0.2,2"], "ratios must lie between 0 and 1"),
     (["--storage", "sparse"], "--storage does not apply"),
@@ -107,7 +107,9 @@ def test_cli_dry_run_refuses_bad_combinations(files, tmp_path, args, message):
 @pytest.mark.parametrize("args, message", [
     ([], "missing OUT"),
     (["OUT"], "missing --sparsity"),
-    (["OUT", "--sparsity", "0.5", "--evaluate", "TEST"], "--evaluate is an option of the dry run"),
+    (["OUT", "--sparsity", "0.5", "--ratios", "0.5"], "--ratios is an option of the dry run or of a budget"),
+    (["OUT", "--max-loss-increase", "1%"], "--max-loss-increase needs --test"),
+    (["OUT", "--sparsity", "0.5", "--max-loss-increase", "1%", "--test", "TEST"], "exclude each other"),
 ])
 def test_cli_prune_without_dry_run_needs_out_and_sparsity(files, tmp_path, args, message):
     args = [str(tmp_path / "out.onnx") if a == "OUT" else str(files / "test.npz") if a == "TEST" else a for a in args]

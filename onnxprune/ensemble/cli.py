@@ -2,7 +2,8 @@
 
 The main CLI registers this group with ``main.add_command(ensemble)``. Errors are one line
 (``Error: ...``) with exit code 2 for bad input and 1 for failed checks; outputs are written
-atomically and never over an existing file without --force.
+atomically (all of a command's outputs or none) and never over an existing file without --force;
+-v/-q, --plot and ``--json -`` behave as in the other commands.
 """
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..data import read_npz
+from ..data import open_npz
 from ..errors import CheckFailed, InputError
-from ..ui import command_errors
+from ..fileio import STDOUT
+from ..ui import Group, command_errors, common, finish, make_ui, print_json, stage_json
 from ..zoo import parse_widths
-from ..fileio import check_output_path, write_bytes, write_json
 from .estimator import GibbsEnsemble, check_features, check_labels, compare_predictions
 from .export import input_scale_metadata, run_onnx, to_onnx
 
@@ -71,8 +72,9 @@ def parse_grid(text: str | None, option: str) -> np.ndarray | None:
 
 def load_xy(path: str, features_key: str | None, labels_key: str | None, scale: float | None,
             n_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Features (float32, flattened to (N, d), uint8 times --scale) and int64 labels from an .npz."""
-    arrays = read_npz(path)
+    """Features (float32, flattened to (N, d), uint8 times --scale) and int64 labels from an .npz
+    (only those two members are decompressed)."""
+    arrays = open_npz(path)
     if labels_key:
         if labels_key not in arrays:
             raise InputError(f"{path}: no labels array {labels_key!r}; found {sorted(arrays)}")
@@ -95,7 +97,7 @@ def load_xy(path: str, features_key: str | None, labels_key: str | None, scale: 
             fkey = others[0]
         else:
             raise InputError(f"{path}: no features array 'x' or 'X' (found {sorted(arrays)}); use --features-key")
-    raw = arrays[fkey]
+    raw = arrays[fkey].get().read()
     if raw.dtype == object or raw.dtype.kind not in "biuf":
         raise InputError(f"{path}: features {fkey!r} have dtype {raw.dtype}, not numeric")
     if raw.ndim < 2:
@@ -114,7 +116,7 @@ def load_xy(path: str, features_key: str | None, labels_key: str | None, scale: 
         X = raw
     try:
         X = check_features(X, name=f"{path}: features {fkey!r}")
-        y = check_labels(arrays[lkey], len(X), n_classes, name=f"{path}: labels {lkey!r}")
+        y = check_labels(arrays[lkey].get().read(), len(X), n_classes, name=f"{path}: labels {lkey!r}")
     except InputError as exc:
         raise InputError(str(exc)) from None
     return X, y
@@ -143,14 +145,13 @@ def member_options(func):
         click.option("--scale", default=None, help="Multiply uint8 features by this (e.g. 1/255); recorded in the model."),
         click.option("--features-key", default=None, help="Array name of the features (default x or X)."),
         click.option("--labels-key", default=None, help="Array name of the labels (default y or labels)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the member generator."),
-        click.option("--batch-size", type=int, default=1024, show_default=True, help="Samples per chunk."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the member generator."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Samples per chunk."),
         click.option("--force", is_flag=True, help="Replace existing output files."),
-        click.option("--verbose", "-v", is_flag=True, help="Print the fitted temperature, effective size, checks."),
     ]
     for option in reversed(options):
         func = option(func)
-    return func
+    return common(func)
 
 
 def _make_estimator(kw: dict) -> GibbsEnsemble:
@@ -163,11 +164,6 @@ def _make_estimator(kw: dict) -> GibbsEnsemble:
         random_state=kw["seed"], progress=sys.stderr.isatty())
 
 
-def _info(verbose: bool, text: str) -> None:
-    if verbose:
-        click.echo(text, err=True)
-
-
 def _describe(est: GibbsEnsemble) -> str:
     s = est.summary()
     return (f"{s['members']} {s['kind']} members, {s['classes']} classes, {s['features']} features; "
@@ -175,7 +171,7 @@ def _describe(est: GibbsEnsemble) -> str:
             f"effective size {s['effective_size']:.1f}, min energy {s['energy_min']:.4f}")
 
 
-@click.group("ensemble")
+@click.group("ensemble", cls=Group)
 def ensemble():
     """Gibbs-weighted ensembles of random classifiers, exported as one ONNX graph."""
 
@@ -185,45 +181,60 @@ def ensemble():
 @click.option("--drop-below", type=float, default=None,
               help="Drop members whose Gibbs weight is below this; prints how many remain and how many "
                    "training predictions change.")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
-              help="Also write a JSON summary (temperature, effective size, validation curve, drop report).")
+@click.option("--json", "json_path", default=None, metavar="PATH",
+              help="Also write a JSON summary (temperature, effective size, validation curve, drop report; '-' for stdout).")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Draw the validation curve of --temperature auto to this PNG (needs matplotlib).")
 @click.argument("out", type=click.Path(dir_okay=False))
 @command_errors
-def fit(out, drop_below, json_path, **kw):
+def fit(out, drop_below, json_path, plot_path, verbose, quiet, **kw):
     """Fit a Gibbs ensemble on --data and write it as one ONNX graph to OUT (.onnx)."""
-    check_output_path(out, kw["force"], inputs=[kw["data"]])
-    if json_path:
-        check_output_path(json_path, kw["force"], inputs=[kw["data"], out])
-    scale = parse_scale(kw["scale"])
-    est = _make_estimator(kw)
-    X, y = load_xy(kw["data"], kw["features_key"], kw["labels_key"], scale, kw["n_classes"])
-    est.fit(X, y)
-    _info(kw["verbose"], _describe(est))
-    report = {"data": str(kw["data"]), "model": str(out), "summary": est.summary(),
-              "validation_curve": est.validation_curve_}
-    final = est
+    ui = make_ui(verbose, quiet, json_path)
+    if plot_path and kw["temperature"].strip().lower() != "auto":
+        raise InputError("--plot draws the validation curve, which only --temperature auto computes")
+    with ui.outputs([kw["data"]], kw["force"]) as outputs:
+        for path in (out, None if json_path == STDOUT else json_path, plot_path):
+            if path:
+                outputs.claim(path)
+        scale = parse_scale(kw["scale"])
+        est = _make_estimator(kw)
+        X, y = load_xy(kw["data"], kw["features_key"], kw["labels_key"], scale, kw["n_classes"])
+        est.fit(X, y)
+        ui.info(_describe(est))
+        report = {"data": str(kw["data"]), "model": str(out), "summary": est.summary(),
+                  "validation_curve": est.validation_curve_}
+        final = est
+        if drop_below is not None:
+            final = est.drop_members(drop_below)
+            change = compare_predictions(est, final, X)
+            report["drop"] = {**final.dropped_, **change}
+        model = to_onnx(final, metadata=input_scale_metadata(scale))
+        n = min(len(X), CHECK_SAMPLES)
+        _, labels = run_onnx(model, X[:n], batch_size=min(256, est.batch_size))
+        mismatch = int(np.sum(labels != final.predict(X[:n])))
+        if mismatch:
+            raise CheckFailed(f"the exported graph disagrees with the estimator on {mismatch} of {n} training samples")
+        ui.info(f"onnxruntime check: predictions equal the estimator's on {n} training samples")
+        report["onnx_check"] = {"samples": n, "mismatches": mismatch}
+        data = model.SerializeToString()
+        outputs.stage(out, lambda tmp: tmp.write_bytes(data))
+        if plot_path:
+            from .report import plot_curves
+
+            outputs.stage(plot_path, lambda tmp: plot_curves(tmp, [("validation split", est.validation_curve_)],
+                                                             f"{est.members_.n_members} random {est.kind} members: "
+                                                             "validation error", {f"fitted T = {est.temperature_:.3g}":
+                                                                                   est.temperature_},
+                                                             ylabel="validation error"))
+        stage_json(outputs, json_path, report)
+    finish(ui, outputs)
     if drop_below is not None:
-        final = est.drop_members(drop_below)
-        change = compare_predictions(est, final, X)
-        report["drop"] = {**final.dropped_, **change}
         d = report["drop"]
-        click.echo(f"kept {d['members_kept']} of {d['members_total']} members (weight >= {drop_below:g}; "
-                   f"weight dropped {d['weight_dropped']:.3g}); predictions changed on {d['predictions_changed']} "
-                   f"of {d['samples']} training samples ({100 * d['fraction_changed']:.2f}%)")
-    model = to_onnx(final, metadata=input_scale_metadata(scale))
-    n = min(len(X), CHECK_SAMPLES)
-    _, labels = run_onnx(model, X[:n], batch_size=min(256, est.batch_size))
-    mismatch = int(np.sum(labels != final.predict(X[:n])))
-    if mismatch:
-        raise CheckFailed(f"the exported graph disagrees with the estimator on {mismatch} of {n} training samples")
-    _info(kw["verbose"], f"onnxruntime check: predictions equal the estimator's on {n} training samples")
-    report["onnx_check"] = {"samples": n, "mismatches": mismatch}
-    data = model.SerializeToString()
-    write_bytes(out, data)
-    _info(kw["verbose"], f"wrote {out} ({len(data) / 1e6:.1f} MB)")
-    if json_path:
-        write_json(json_path, report)
-        _info(kw["verbose"], f"wrote {json_path}")
+        ui.out(f"kept {d['members_kept']} of {d['members_total']} members (weight >= {drop_below:g}; "
+               f"weight dropped {d['weight_dropped']:.3g}); predictions changed on {d['predictions_changed']} "
+               f"of {d['samples']} training samples ({100 * d['fraction_changed']:.2f}%)")
+    ui.info(f"{out}: {len(data) / 1e6:.1f} MB")
+    print_json(json_path, report)
 
 
 @ensemble.command("curve")
@@ -233,53 +244,56 @@ def fit(out, drop_below, json_path, **kw):
 @click.option("--holdout", type=float, default=0.25, show_default=True,
               help="Without --eval: the fraction of --data held out for the curve (energies use the rest).")
 @click.option("--temperatures", default=None, help="Curve grid TMIN:TMAX:NUM (default: +-2 decades around std(E)).")
-@click.option("--png", "png_path", default=None, type=click.Path(dir_okay=False),
-              help="The plot (default: OUT with the suffix .png).")
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="The plot (default: OUT with the suffix .png; none when OUT is '-').")
+@click.option("--png", "png_alias", default=None, type=click.Path(dir_okay=False), hidden=True)
+@click.argument("out")
 @command_errors
-def curve(out, eval_path, holdout, temperatures, png_path, **kw):
-    """Error, loss and effective size against T (JSON to OUT, plot to --png), with T->0 and T->inf."""
-    png_path = png_path or str(Path(out).with_suffix(".png"))
-    if Path(png_path).resolve() == Path(out).resolve():
-        raise InputError("the JSON and the PNG need different paths")
-    inputs = [kw["data"], eval_path]
-    check_output_path(out, kw["force"], inputs=inputs)
-    check_output_path(png_path, kw["force"], inputs=inputs)
-    scale = parse_scale(kw["scale"])
-    grid = parse_grid(temperatures, "--temperatures")
-    est = _make_estimator(kw)
-    X, y = load_xy(kw["data"], kw["features_key"], kw["labels_key"], scale, kw["n_classes"])
-    if eval_path:
-        Xe, ye = load_xy(eval_path, kw["features_key"], kw["labels_key"], scale)
-        source = str(eval_path)
-    else:
-        if not (0 < holdout < 1):
-            raise InputError(f"--holdout must be between 0 and 1, got {holdout}")
-        n_hold = int(round(holdout * len(X)))
-        if n_hold < 1 or n_hold >= len(X):
-            raise InputError(f"--holdout {holdout} of {len(X)} samples leaves an empty part; pass --eval")
-        order = np.random.default_rng(np.random.SeedSequence([kw["seed"], 2])).permutation(len(X))
-        Xe, ye = X[order[:n_hold]], y[order[:n_hold]]
-        X, y = X[order[n_hold:]], y[order[n_hold:]]
-        source = f"{kw['data']} (held-out {n_hold} samples)"
-    est.fit(X, y)
-    if Xe.shape[1] != X.shape[1]:
-        raise InputError(f"{eval_path}: {Xe.shape[1]} features, the training data have {X.shape[1]}")
-    if ye.max() >= est.n_classes_:
-        raise InputError(f"{eval_path}: label {ye.max()} is beyond the {est.n_classes_} training classes")
-    _info(kw["verbose"], _describe(est))
-    result = est.temperature_curve(Xe, ye, grid)
-    report = {"data": str(kw["data"]), "eval": source, "summary": est.summary(), "curve": result,
-              "validation_curve": est.validation_curve_}
-    from .report import plot_curves
+def curve(out, eval_path, holdout, temperatures, plot_path, png_alias, verbose, quiet, **kw):
+    """Error, loss and effective size against T (JSON to OUT, '-' for stdout; plot to --plot), with T->0 and T->inf."""
+    ui = make_ui(verbose, quiet, out)
+    plot_path = plot_path or png_alias or (None if out == STDOUT else str(Path(out).with_suffix(".png")))
+    with ui.outputs([kw["data"], eval_path], kw["force"]) as outputs:
+        for path in (None if out == STDOUT else out, plot_path):
+            if path:
+                outputs.claim(path)
+        scale = parse_scale(kw["scale"])
+        grid = parse_grid(temperatures, "--temperatures")
+        est = _make_estimator(kw)
+        X, y = load_xy(kw["data"], kw["features_key"], kw["labels_key"], scale, kw["n_classes"])
+        if eval_path:
+            Xe, ye = load_xy(eval_path, kw["features_key"], kw["labels_key"], scale)
+            source = str(eval_path)
+        else:
+            if not (0 < holdout < 1):
+                raise InputError(f"--holdout must be between 0 and 1, got {holdout}")
+            n_hold = int(round(holdout * len(X)))
+            if n_hold < 1 or n_hold >= len(X):
+                raise InputError(f"--holdout {holdout} of {len(X)} samples leaves an empty part; pass --eval")
+            order = np.random.default_rng(np.random.SeedSequence([kw["seed"], 2])).permutation(len(X))
+            Xe, ye = X[order[:n_hold]], y[order[:n_hold]]
+            X, y = X[order[n_hold:]], y[order[n_hold:]]
+            source = f"{kw['data']} (held-out {n_hold} samples)"
+        est.fit(X, y)
+        if Xe.shape[1] != X.shape[1]:
+            raise InputError(f"{eval_path}: {Xe.shape[1]} features, the training data have {X.shape[1]}")
+        if ye.max() >= est.n_classes_:
+            raise InputError(f"{eval_path}: label {ye.max()} is beyond the {est.n_classes_} training classes")
+        ui.info(_describe(est))
+        result = est.temperature_curve(Xe, ye, grid)
+        report = {"data": str(kw["data"]), "eval": source, "summary": est.summary(), "curve": result,
+                  "validation_curve": est.validation_curve_}
+        if plot_path:
+            from .report import plot_curves
 
-    title = (f"{est.members_.n_members} random {est.kind} members, {est.energy} energy, {est.vote} votes\n"
-             f"error on {source}")
-    plot_curves(png_path, [("Gibbs ensemble", result)], title,
-                markers={f"T = std(E) = {est.temperature_std_:.3g}": est.temperature_std_,
-                         f"fitted T ({est.temperature}) = {est.temperature_:.3g}": est.temperature_})
-    write_json(out, report)
+            title = (f"{est.members_.n_members} random {est.kind} members, {est.energy} energy, {est.vote} votes\n"
+                     f"error on {source}")
+            markers = {f"T = std(E) = {est.temperature_std_:.3g}": est.temperature_std_,
+                       f"fitted T ({est.temperature}) = {est.temperature_:.3g}": est.temperature_}
+            outputs.stage(plot_path, lambda tmp: plot_curves(tmp, [("Gibbs ensemble", result)], title, markers=markers))
+        stage_json(outputs, out, report)
+    finish(ui, outputs)
     opt = result.get("optimum", {})
-    _info(kw["verbose"], f"best member error {result['best_member']['error']:.4f}, uniform {result['uniform']['error']:.4f}, "
-          f"optimum {opt.get('error', float('nan')):.4f} at T = {opt.get('temperature', float('nan')):.4g}; "
-          f"wrote {out} and {png_path}")
+    ui.info(f"best member error {result['best_member']['error']:.4f}, uniform {result['uniform']['error']:.4f}, "
+            f"optimum {opt.get('error', float('nan')):.4f} at T = {opt.get('temperature', float('nan')):.4g}")
+    print_json(out, report)
