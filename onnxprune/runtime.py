@@ -191,6 +191,21 @@ def blas_threads(threads: int | None = None):
         yield
 
 
+_CONTROLLER = None
+
+
+def one_blas_thread():
+    """A context in which numpy's BLAS uses one thread: its float32 products then round the same way
+    whatever --threads says (a multi-threaded GEMM splits the sums differently), and on a busy 2-core
+    machine one thread was also the cheaper (scripts/bench.py, Threads)."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=1, user_api="blas")
+
+
 def runtime_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` stamped at most IR 10 / opset 21, as this runtime requires, and
     converted up to opset 7 when older (onnxruntime has no kernels for opset <= 6 Gemm,
@@ -220,11 +235,30 @@ def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     from onnx import version_converter
 
     try:
-        converted = version_converter.convert_version(model, version)
+        converted = version_converter.convert_version(_concrete_dims(model), version)
     except Exception:  # the converter raises plain RuntimeErrors/ValueErrors on adapters it lacks
         return model
     converted.ir_version = max(converted.ir_version, model.ir_version)
+    for mine, theirs in ((model.graph.input, converted.graph.input), (model.graph.output, converted.graph.output)):
+        types = {vi.name: vi.type for vi in mine}
+        for vi in theirs:  # the original (symbolic) types back: the sizes of 1 only served the converter
+            if vi.name in types:
+                vi.type.CopyFrom(types[vi.name])
+    del converted.graph.value_info[:]
     return converted
+
+
+def _concrete_dims(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose symbolic dimensions (the batch 'N', ...) are 1: onnx's version converter runs
+    shape inference and refuses symbolic dimensions in some adapters (Gemm 6 -> 7)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for vi in [*copy.graph.input, *copy.graph.output, *copy.graph.value_info]:
+        for dim in vi.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.Clear()
+                dim.dim_value = 1
+    return copy
 
 
 def make_session(model: onnx.ModelProto | bytes | str, provider: str = "cpu", threads: int | None = None):

@@ -22,7 +22,7 @@ from .errors import InputError
 from .engines import loss_gradients, output_jacobians
 from .jacobians import output_shape, tensor_shapes
 from .layers import Layer, tensor_types
-from .runtime import blas_threads
+from .runtime import blas_threads, one_blas_thread
 
 Progress = Callable[[int, int], None]  # (samples done, samples total)
 BATCH_ELEMENTS = 1 << 24  # bound on the elements of one tiled batch's largest tensor
@@ -67,7 +67,8 @@ class LayerStatistics:
         zc = z.astype(dtype, copy=False) - self.shift.astype(dtype)
         zc2 = zc * zc
         g = np.asarray(g, dtype)
-        products = g.T @ np.concatenate([zc, zc2], axis=1)  # one (out, 2 in) product: faster than two
+        with one_blas_thread():  # OpenBLAS rounds differently with other thread counts: same bytes for any --threads
+            products = g.T @ np.concatenate([zc, zc2], axis=1)  # one (out, 2 in) product: faster than two
         if dtype == np.float32 and not np.isfinite(products).all():
             return self.add(np.asarray(g, np.float64), z.astype(np.float64))  # beyond float32's range
         n = len(z)
@@ -92,7 +93,8 @@ class LayerStatistics:
             if patches.shape[-1] != positions:
                 raise InputError(f"layer {layer.name}: {patches.shape[-1]} input windows but {positions} output "
                                  "positions; its geometry is not understood")
-            accumulate_shared(self, g[start:start + chunk], patches, scale, exact)
+            with one_blas_thread():  # the same rounding whatever --threads says, as in ``add``
+                accumulate_shared(self, g[start:start + chunk], patches, scale, exact)
             flat = patches.sum(-1).sum(0)
             self.sum_z += flat.reshape(self.sum_z.shape)
             self.sum_z2 += (patches * patches).sum(-1).sum(0).reshape(self.sum_z2.shape)

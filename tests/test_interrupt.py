@@ -125,8 +125,6 @@ def test_same_seed_same_threads_same_bytes(tmp_path, threads):
     assert digests[0] == digests[1]
 
 
-@pytest.mark.xfail(strict=False, reason="statistics.LayerStatistics.add: OpenBLAS's float32 product g.T @ [z, z^2] "
-                                         "rounds differently with 1 and 2 threads (fix in onnxprune/statistics.py)")
 def test_same_seed_across_threads_same_bytes(tmp_path):
     onnx.save(build_mlp((64,), inputs=256, classes=10), tmp_path / "model.onnx")
     np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).random((600, 256), dtype=np.float32))

@@ -322,8 +322,6 @@ def test_a_model_over_the_protobuf_limit_is_inspected_without_bytesize(tmp_path,
 
 
 # -- 14: opset < 7 -----------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=False, reason="runtime.upgrade_opset: onnx's version converter (Gemm 6->7) refuses symbolic "
-                                         "dims such as the batch 'N'; the fix belongs in onnxprune/runtime.py (issue 14)")
 def test_an_opset_6_model_is_pruned_on_an_up_converted_copy(tmp_path):
     model, _, forward = mlp((5, 4, 3), softmax=True, opset=6, ir=3)
     for t in model.graph.initializer:  # IR 3: initializers are also graph inputs, as in old PyTorch exports

@@ -58,6 +58,7 @@ class _AdjointModel:
         m, elem = instrument(self.model, self.layers, self.output, [self.output] + self.z_outputs, self.shapes,
                              MIN_OPSET)
         self.batch = n
+        m.ir_version = max(m.ir_version, 8)  # IR 8 goes with opset 16; below IR 4 onnx-ad's constants would need to be inputs
         _fix_batch(m, n)
         seeded = self._head(m, elem)
         offsets = [offset_name(layer) for layer in self.layers]
