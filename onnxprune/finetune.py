@@ -1,14 +1,19 @@
-"""Fine-tune an ONNX classifier with onnxruntime-training (no torch): cross-entropy + Adam.
+"""Fine-tune an ONNX classifier without torch: mean softmax cross-entropy + Adam, on one of two
+gradient engines.
 
-Pruned weights stay exactly zero: their masks are re-applied to the checkpoint's parameters after
-every optimizer step. Adam is element-wise and has no weight decay here, so the kept weights follow
-the same path as when the mask multiplies the weight inside the graph; both cost the same (~15% per
-step on the MNIST 784-64-64-10 MLP, ~0.33 s per epoch instead of ~0.29 s on 2 cores) and this way
-needs no graph surgery.
+- ``adjoint``: the trainable weights are lifted to graph inputs, the loss is appended to the
+  logits, and onnx-ad turns that into its reverse-mode graph (loss and weight gradients in one
+  plain inference session, so it runs on any onnxruntime build); Adam steps in numpy.
+- ``ort-training``: onnxruntime-training's artifacts (training, eval, checkpoint and optimizer
+  graphs) driven by its api.Module/Optimizer. ORT's AdamW block is used with PyTorch's Adam
+  settings: it defaults to eps 1e-6 and to ``adam_mode=1`` (HuggingFace: bias correction folded
+  into the learning rate, eps not corrected); we set eps 1e-8, weight_decay 0 and ``adam_mode=0``.
 
-ORT's AdamW block is used with PyTorch's Adam settings: it defaults to eps 1e-6 and to
-``adam_mode=1`` (HuggingFace: bias correction folded into the learning rate, eps not corrected);
-we set eps 1e-8, weight_decay 0 and ``adam_mode=0`` (torch.optim.Adam/AdamW's update).
+Both take torch.optim.Adam's update (betas 0.9/0.999, eps 1e-8, no weight decay), so the same
+seed gives the same training on either engine up to float32 rounding. Pruned weights stay exactly
+zero: their masks are re-applied to the parameters after every optimizer step. Adam is
+element-wise and has no weight decay here, so the kept weights follow the same path as when the
+mask multiplies the weight inside the graph, and this way needs no graph surgery.
 """
 from __future__ import annotations
 
@@ -26,12 +31,39 @@ from onnx import numpy_helper
 
 from .errors import InputError
 from .layers import analyse_graph, protected_output, read_initializer
-from .runtime import differentiable_nodes, make_session, runtime_copy, session_options, training_modules
+from .runtime import (RuntimeUnavailable, differentiable_nodes, make_session, runtime_copy, session_options,
+                      training_modules, upgrade_opset)
 
+ENGINES = ("auto", "adjoint", "ort-training")
 # Initializer inputs that carry state, not parameters: no gradient flows to them.
 _NOT_TRAINABLE_INPUTS = {"BatchNormalization": (3, 4)}
+# onnx-ad's reverse mode wants Softmax-family ops (and ReduceSum's axes) at opset 13 or later.
+_ADJOINT_MIN_OPSET = 13
+BETAS, EPS = (0.9, 0.999), 1e-8
 
 Progress = Callable[[int, int, int, float], None]
+
+
+def choose_engine(engine: str = "auto") -> dict:
+    """{"name", "reason"} of the gradient engine ``engine`` resolves to on this installation.
+
+    ``auto`` takes onnxruntime-training when the installed onnxruntime is the training build
+    (the user chose it), the adjoint engine otherwise; ``ort-training`` without the training
+    build is a RuntimeUnavailable naming the fix.
+    """
+    if engine not in ENGINES:
+        raise InputError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "adjoint":
+        return {"name": "adjoint", "reason": "asked for"}
+    try:
+        training_modules()
+    except RuntimeUnavailable:
+        if engine == "ort-training":
+            raise
+        return {"name": "adjoint", "reason": "auto: the installed onnxruntime has no training support"}
+    if engine == "ort-training":
+        return {"name": "ort-training", "reason": "asked for"}
+    return {"name": "ort-training", "reason": "auto: the installed onnxruntime is the training build"}
 
 
 def trainable_names(model: onnx.ModelProto) -> list[str]:
@@ -63,9 +95,8 @@ def zero_masks(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return masks
 
 
-def _training_copy(model: onnx.ModelProto, logits: str) -> onnx.ModelProto:
-    """A runtime-stamped copy whose only output is ``logits``, without the nodes after it, and
-    with PRelu spelled in differentiable ops."""
+def _logits_copy(model: onnx.ModelProto, logits: str) -> onnx.ModelProto:
+    """A runtime-stamped copy whose only output is ``logits``, without the nodes after it."""
     copy = runtime_copy(model)
     graph = copy.graph
     needed, keep = {logits}, []
@@ -74,7 +105,7 @@ def _training_copy(model: onnx.ModelProto, logits: str) -> onnx.ModelProto:
             keep.append(node)
             needed.update(node.input)
     del graph.node[:]
-    graph.node.extend(n for node in reversed(keep) for n in differentiable_nodes(node))
+    graph.node.extend(reversed(keep))
     unused = [t for t in graph.initializer if t.name not in needed]
     for tensor in unused:
         graph.initializer.remove(tensor)
@@ -118,6 +149,98 @@ def _check_masks(masks: dict[str, np.ndarray], model: onnx.ModelProto, trainable
             raise InputError(f"mask for {name!r} must be a boolean array of shape {shapes[name]}")
 
 
+class AdjointLoss:
+    """The mean softmax cross-entropy of ``logits_model`` and its gradient with respect to the
+    weights ``trainable``, from one onnx-ad reverse-mode graph run in an InferenceSession.
+
+    The weights become graph inputs (fed at every call, so numpy owns them), the labels come in as
+    one-hot rows divided by the batch size (the mean is then a plain sum), and the loss is seeded
+    by a scalar 1. ``sample_shape`` is the per-sample shape of the data: Conv and Slice need
+    declared shapes in reverse mode.
+    """
+
+    def __init__(self, logits_model: onnx.ModelProto, trainable: list[str], sample_shape: tuple[int, ...],
+                 classes: int, threads: int | None = 1):
+        from onnx_ad import UnsupportedOperator, reverse
+
+        model = upgrade_opset(logits_model, _ADJOINT_MIN_OPSET)
+        if model is logits_model:
+            model = onnx.ModelProto()
+            model.CopyFrom(logits_model)
+        graph, tag = model.graph, "onnxprune.finetune"
+        self.input, self.targets, self.loss = _model_input(model).name, f"{tag}.targets", f"{tag}.loss"
+        self.classes = classes
+        data = next(i for i in graph.input if i.name == self.input)
+        dims = data.type.tensor_type.shape.dim
+        del dims[1:]
+        for size in sample_shape:
+            dims.add().dim_value = size
+        lifted = [t for t in graph.initializer if t.name in trainable]
+        declared = {i.name for i in graph.input}
+        for tensor in lifted:
+            graph.initializer.remove(tensor)
+            if tensor.name not in declared:
+                graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        (logits,) = [o.name for o in graph.output]
+        make = onnx.helper.make_node
+        graph.input.append(onnx.helper.make_tensor_value_info(self.targets, onnx.TensorProto.FLOAT, ["batch", classes]))
+        graph.node.extend([
+            make("LogSoftmax", [logits], [f"{tag}.log_p"], name=f"{tag}.log_softmax", axis=1),
+            make("Mul", [f"{tag}.log_p", self.targets], [f"{tag}.weighted"], name=f"{tag}.weigh"),
+            make("ReduceSum", [f"{tag}.weighted"], [f"{tag}.sum"], name=f"{tag}.sum", keepdims=0),
+            make("Neg", [f"{tag}.sum"], [self.loss], name=f"{tag}.neg"),
+        ])
+        del graph.output[:]
+        graph.output.append(onnx.helper.make_tensor_value_info(self.loss, onnx.TensorProto.FLOAT, []))
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        try:
+            derivative = reverse(model, inputs=trainable, outputs=[self.loss], layout="onnx")
+        except UnsupportedOperator as exc:
+            raise InputError(f"onnx-ad cannot differentiate this model: {exc}") from exc
+        self.seed = derivative.graph.input[-1].name
+        self.gradients = [o.name for o in derivative.graph.output[-len(trainable):]]
+        self.trainable = list(trainable)
+        self.session = make_session(derivative, threads=threads)
+
+    def __call__(self, x: np.ndarray, labels: np.ndarray, weights: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+        """(mean cross-entropy, {weight name: d loss / d weight}) on the batch (x, labels)."""
+        targets = np.zeros((len(x), self.classes), np.float32)
+        targets[np.arange(len(x)), labels] = np.float32(1 / len(x))
+        feeds = {self.input: x, self.targets: targets, self.seed: np.ones(1, np.float32), **weights}
+        loss, *gradients = self.session.run([self.loss, *self.gradients], feeds)
+        return float(loss), {name: g.reshape(weights[name].shape) for name, g in zip(self.trainable, gradients)}
+
+
+class _AdjointTraining:
+    """AdjointLoss + torch.optim.Adam's update in numpy, float32 like ORT's AdamWOptimizer."""
+
+    def __init__(self, loss: AdjointLoss, start: dict[str, np.ndarray], lr: float):
+        self.loss, self.lr, self.t = loss, lr, 0
+        self.weights = {name: value.astype(np.float32, copy=True) for name, value in start.items()}
+        self.m = {name: np.zeros_like(value) for name, value in self.weights.items()}
+        self.v = {name: np.zeros_like(value) for name, value in self.weights.items()}
+
+    def step(self, x: np.ndarray, labels: np.ndarray) -> float:
+        loss, gradients = self.loss(x, labels, self.weights)
+        self.t += 1
+        (b1, b2), t = BETAS, self.t
+        step_size, root_c2 = np.float32(self.lr / (1 - b1**t)), np.float32(np.sqrt(1 - b2**t))
+        for name, g in gradients.items():
+            m, v = self.m[name], self.v[name]
+            m *= np.float32(b1)
+            m += np.float32(1 - b1) * g
+            v *= np.float32(b2)
+            v += np.float32(1 - b2) * g * g
+            self.weights[name] -= step_size * m / (np.sqrt(v) / root_c2 + np.float32(EPS))
+        return loss
+
+    def read(self, name: str) -> np.ndarray:
+        return self.weights[name]
+
+    def write(self, name: str, value: np.ndarray) -> None:
+        self.weights[name] = value
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """Send fd 2 to /dev/null: generate_artifacts' native logger prints ~20 INFO lines there whatever
@@ -141,12 +264,12 @@ def _artifacts(model: onnx.ModelProto, trainable: list[str], folder: Path) -> No
                 model,
                 requires_grad=trainable,
                 loss=artifacts.LossType.CrossEntropyLoss,
-                optimizer=onnxblock.optim.AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
+                optimizer=onnxblock.optim.AdamW(betas=BETAS, eps=EPS, weight_decay=0.0),
                 artifact_directory=folder,
             )
     except RuntimeError as exc:  # e.g. "The gradient builder has not been registered: <Op> for node <name>"
         reason = re.split(r"was false\. |\] : \d+ : \w+ : ", str(exc).strip().splitlines()[-1])[-1]
-        raise InputError(f"onnxruntime-training cannot differentiate this model: {reason}") from exc
+        raise InputError(f"onnxruntime-training cannot differentiate this model: {reason} (try --engine adjoint)") from exc
     path = folder / "optimizer_model.onnx"
     optimizer = onnx.load(path)
     optimizer.ir_version = min(optimizer.ir_version, 10)  # written at IR 14 by onnx >= 1.18
@@ -155,6 +278,36 @@ def _artifacts(model: onnx.ModelProto, trainable: list[str], folder: Path) -> No
             if node.op_type == "AdamWOptimizer" and attribute.name == "adam_mode":
                 attribute.i = 0  # torch's update, not HuggingFace's
     onnx.save(optimizer, path)
+
+
+class _OrtTraining:
+    """onnxruntime-training's Module and Optimizer on artifacts written to ``folder``; PRelu is
+    spelled in ops that have a gradient there."""
+
+    def __init__(self, logits_model: onnx.ModelProto, trainable: list[str], lr: float, threads: int | None, folder: Path):
+        graph = logits_model.graph
+        nodes = [n for node in graph.node for n in differentiable_nodes(node)]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        _artifacts(logits_model, trainable, folder)
+        _, api, _ = training_modules()
+        self.state = api.CheckpointState.load_checkpoint(folder / "checkpoint")
+        self.module = api.Module(folder / "training_model.onnx", self.state, session_options=session_options(threads))
+        self.optimizer = api.Optimizer(folder / "optimizer_model.onnx", self.module)
+        self.optimizer.set_learning_rate(lr)
+        self.module.train()
+
+    def step(self, x: np.ndarray, labels: np.ndarray) -> float:
+        loss = float(self.module(x, labels))
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        return loss
+
+    def read(self, name: str) -> np.ndarray:
+        return self.state.parameters[name].data
+
+    def write(self, name: str, value: np.ndarray) -> None:
+        self.state.parameters[name] = value
 
 
 def finetune(
@@ -170,6 +323,7 @@ def finetune(
     output: str | None = None,
     progress: Progress | None = None,
     threads: int = 1,
+    engine: str = "auto",
 ) -> tuple[onnx.ModelProto, list[dict]]:
     """Train the float parameters of ``model`` on (x, y); return a copy with the trained values.
 
@@ -177,16 +331,18 @@ def finetune(
     values change. ``masks`` maps initializer names to boolean keep-masks whose False entries are
     zero before, during and after training. History: one dict {epoch, loss, seconds} per epoch,
     loss being the mean training cross-entropy over the epoch's batches (weighted by batch size).
-    Same seed and ``threads`` give identical weights on a given CPU; the thread count changes the
-    float summation order (1e-8 differences), so it is pinned, and one thread is as fast as two
-    for MLPs of this size.
+    ``engine``: "auto", "adjoint" or "ort-training" (see ``choose_engine``). Same seed, engine and
+    ``threads`` give identical weights on a given CPU; the thread count changes the float
+    summation order (1e-8 differences), so it is pinned, and one thread is as fast as two for
+    MLPs of this size.
     """
+    chosen = choose_engine(engine)["name"]
     if epochs < 0 or batch_size < 1 or not lr > 0:
         raise InputError(f"need epochs >= 0, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
     masks = masks or {}
     _check_data(model, x, y)
     logits = protected_output(model, output)
-    training = _training_copy(model, logits)
+    training = _logits_copy(model, logits)
     trainable = trainable_names(training)
     if not trainable:
         raise InputError("the model has no float initializers to train")
@@ -200,35 +356,29 @@ def finetune(
     labels = y.astype(np.int64)
 
     start = {t.name: numpy_helper.to_array(t) for t in training.graph.initializer if t.name in trainable}
-    _, api, _ = training_modules()
     history = []
     with tempfile.TemporaryDirectory(prefix="onnxprune-finetune-") as tmp:
-        folder = Path(tmp)
-        _artifacts(training, trainable, folder)
-        state = api.CheckpointState.load_checkpoint(folder / "checkpoint")
-        module = api.Module(folder / "training_model.onnx", state, session_options=session_options(threads))
-        optimizer = api.Optimizer(folder / "optimizer_model.onnx", module)
-        optimizer.set_learning_rate(lr)
+        if chosen == "adjoint":
+            trainer = _AdjointTraining(AdjointLoss(training, trainable, x.shape[1:], classes, threads), start, lr)
+        else:
+            trainer = _OrtTraining(training, trainable, lr, threads, Path(tmp))
         for name, mask in masks.items():
-            state.parameters[name] = np.where(mask, start[name], np.float32(0))
+            trainer.write(name, np.where(mask, start[name], np.float32(0)))
         rng = np.random.default_rng(seed)
         n_batches = -(-len(x) // batch_size)
-        module.train()
         for epoch in range(1, epochs + 1):
             began, total, seen = time.perf_counter(), 0.0, 0
             order = rng.permutation(len(x))
             for batch in range(n_batches):
                 rows = order[batch * batch_size:(batch + 1) * batch_size]
-                loss = float(module(x[rows], labels[rows]))
-                optimizer.step()
-                module.lazy_reset_grad()
+                loss = trainer.step(x[rows], labels[rows])
                 for name, mask in masks.items():
-                    state.parameters[name] = np.where(mask, state.parameters[name].data, np.float32(0))
+                    trainer.write(name, np.where(mask, trainer.read(name), np.float32(0)))
                 total, seen = total + loss * len(rows), seen + len(rows)
                 if progress is not None:
                     progress(epoch, batch + 1, n_batches, total / seen)
             history.append({"epoch": epoch, "loss": total / seen, "seconds": time.perf_counter() - began})
-        trained = {name: state.parameters[name].data.copy() for name in trainable}
+        trained = {name: trainer.read(name).copy() for name in trainable}
 
     result = onnx.ModelProto()
     result.CopyFrom(model)
