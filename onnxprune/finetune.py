@@ -155,11 +155,13 @@ class AdjointLoss:
 
     The weights become graph inputs (fed at every call, so numpy owns them), the labels come in as
     one-hot rows divided by the batch size (the mean is then a plain sum), and the loss is seeded
-    by a scalar 1. ``sample_shape`` is the per-sample shape of the data: Conv and Slice need
-    declared shapes in reverse mode.
+    by a scalar 1. onnx-ad's Conv and Slice rules need fully static shapes, batch included, so the
+    graph is built for ``batch`` samples of ``sample_shape``; a smaller batch is padded with copies
+    of its rows whose targets are zero, which adds exactly nothing to the loss and its gradient
+    (an inference-mode classifier treats samples independently).
     """
 
-    def __init__(self, logits_model: onnx.ModelProto, trainable: list[str], sample_shape: tuple[int, ...],
+    def __init__(self, logits_model: onnx.ModelProto, trainable: list[str], batch: int, sample_shape: tuple[int, ...],
                  classes: int, threads: int | None = 1):
         from onnx_ad import UnsupportedOperator, reverse
 
@@ -169,11 +171,11 @@ class AdjointLoss:
             model.CopyFrom(logits_model)
         graph, tag = model.graph, "onnxprune.finetune"
         self.input, self.targets, self.loss = _model_input(model).name, f"{tag}.targets", f"{tag}.loss"
-        self.classes = classes
+        self.batch, self.classes = batch, classes
         data = next(i for i in graph.input if i.name == self.input)
         dims = data.type.tensor_type.shape.dim
-        del dims[1:]
-        for size in sample_shape:
+        del dims[:]
+        for size in (batch, *sample_shape):
             dims.add().dim_value = size
         lifted = [t for t in graph.initializer if t.name in trainable]
         declared = {i.name for i in graph.input}
@@ -183,7 +185,7 @@ class AdjointLoss:
                 graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
         (logits,) = [o.name for o in graph.output]
         make = onnx.helper.make_node
-        graph.input.append(onnx.helper.make_tensor_value_info(self.targets, onnx.TensorProto.FLOAT, ["batch", classes]))
+        graph.input.append(onnx.helper.make_tensor_value_info(self.targets, onnx.TensorProto.FLOAT, [batch, classes]))
         graph.node.extend([
             make("LogSoftmax", [logits], [f"{tag}.log_p"], name=f"{tag}.log_softmax", axis=1),
             make("Mul", [f"{tag}.log_p", self.targets], [f"{tag}.weighted"], name=f"{tag}.weigh"),
@@ -204,9 +206,12 @@ class AdjointLoss:
 
     def __call__(self, x: np.ndarray, labels: np.ndarray, weights: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
         """(mean cross-entropy, {weight name: d loss / d weight}) on the batch (x, labels)."""
-        targets = np.zeros((len(x), self.classes), np.float32)
+        if not 0 < len(x) <= self.batch:
+            raise ValueError(f"this loss graph takes 1 to {self.batch} samples, got {len(x)}")
+        targets = np.zeros((self.batch, self.classes), np.float32)
         targets[np.arange(len(x)), labels] = np.float32(1 / len(x))
-        feeds = {self.input: x, self.targets: targets, self.seed: np.ones(1, np.float32), **weights}
+        padded = x if len(x) == self.batch else x[np.resize(np.arange(len(x)), self.batch)]
+        feeds = {self.input: padded, self.targets: targets, self.seed: np.ones(1, np.float32), **weights}
         loss, *gradients = self.session.run([self.loss, *self.gradients], feeds)
         return float(loss), {name: g.reshape(weights[name].shape) for name, g in zip(self.trainable, gradients)}
 
@@ -359,7 +364,7 @@ def finetune(
     history = []
     with tempfile.TemporaryDirectory(prefix="onnxprune-finetune-") as tmp:
         if chosen == "adjoint":
-            trainer = _AdjointTraining(AdjointLoss(training, trainable, x.shape[1:], classes, threads), start, lr)
+            trainer = _AdjointTraining(AdjointLoss(training, trainable, min(batch_size, len(x)), x.shape[1:], classes, threads), start, lr)
         else:
             trainer = _OrtTraining(training, trainable, lr, threads, Path(tmp))
         for name, mask in masks.items():
