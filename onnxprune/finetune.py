@@ -240,7 +240,7 @@ def _one_seed(derivative: onnx.ModelProto) -> onnx.ModelProto:
         before, after = shapes.get(node.input[0]) if node.input else None, shapes.get(node.output[0])
         if node.op_type != "Transpose" or not before or not after or None in before or None in after:
             continue
-        perm = next(list(a.ints) for a in node.attribute if a.name == "perm") if node.attribute else list(range(len(before)))[::-1]
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(len(before)))[::-1])
         moved = [axis for axis in perm if before[axis] != 1]
         if moved == sorted(moved):
             shape = f"{node.output[0]}.as_reshape"
@@ -326,11 +326,11 @@ class _OrtTraining:
     spelled in ops that have a gradient there."""
 
     def __init__(self, logits_model: onnx.ModelProto, trainable: list[str], lr: float, threads: int | None, folder: Path):
-        graph = logits_model.graph
-        nodes = [n for node in graph.node for n in differentiable_nodes(node)]
-        del graph.node[:]
-        graph.node.extend(nodes)
-        _artifacts(logits_model, trainable, folder)
+        model = onnx.ModelProto()
+        model.CopyFrom(logits_model)
+        del model.graph.node[:]
+        model.graph.node.extend(n for node in logits_model.graph.node for n in differentiable_nodes(node))
+        _artifacts(model, trainable, folder)
         _, api, _ = training_modules()
         self.state = api.CheckpointState.load_checkpoint(folder / "checkpoint")
         self.module = api.Module(folder / "training_model.onnx", self.state, session_options=session_options(threads))
