@@ -138,14 +138,14 @@ def markdown(results: dict) -> str:
     ]
     for row in rows:
         lines.append(f"| {row['config']} | {row['epoch_cpu_ms']:.1f} | {row['epoch_wall_ms']:.1f} | {row['ratio_median']:.2f} "
-                     f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f}) | {row['setup_cpu_s']:.2f} | {row['final_loss']:.6f} |")
+                     f"({row['ratio_min']:.3f}-{row['ratio_max']:.3f}) | {row['setup_cpu_s']:.2f} | {row['final_loss']:.6f} |")
     lines += ["", "## What the numbers say", ""]
     for row in rows[1:]:
         verdict = ("faster in every repeat" if row["ratio_max"] < 1 else "slower in every repeat" if row["ratio_min"] > 1
                    else "faster in some repeats and slower in others")
         lines.append(f"- {row['config']} took {row['epoch_cpu_ms']:.1f} ms CPU per epoch, {row['ratio_median']:.2f}x "
-                     f"{reference['config']}'s {reference['epoch_cpu_ms']:.1f} ms (paired ratio {row['ratio_min']:.2f}-"
-                     f"{row['ratio_max']:.2f} over {results['repeats']} repeats): {verdict}.")
+                     f"{reference['config']}'s {reference['epoch_cpu_ms']:.1f} ms (paired ratio {row['ratio_min']:.3f}-"
+                     f"{row['ratio_max']:.3f} over {results['repeats']} repeats): {verdict}.")
     setups = ", ".join(f"{r['setup_cpu_s']:.2f} s" for r in rows)
     quickest = min(rows, key=lambda r: r["setup_cpu_s"])
     lines.append(f"- Setup (checks, gradient graph, session, optimizer) took {setups} CPU in the order of the table; "
