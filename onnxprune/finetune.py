@@ -37,8 +37,8 @@ from .runtime import (RuntimeUnavailable, differentiable_nodes, make_session, ru
 ENGINES = ("auto", "adjoint", "ort-training")
 # Initializer inputs that carry state, not parameters: no gradient flows to them.
 _NOT_TRAINABLE_INPUTS = {"BatchNormalization": (3, 4)}
-# onnx-ad's reverse mode wants Softmax-family ops (and ReduceSum's axes) at opset 13 or later.
-_ADJOINT_MIN_OPSET = 13
+# onnx-ad's reverse mode wants Softmax-family ops at opset 13 or later, MaxPool at 16 (ScatterND with reduction).
+_ADJOINT_MIN_OPSET = 16
 BETAS, EPS = (0.9, 0.999), 1e-8
 _SEEDS = "onnxprune_seeds"  # the adjoint graph's seed axis: one seed, the scalar loss's
 
@@ -188,6 +188,7 @@ class AdjointLoss:
             graph.initializer.remove(tensor)
             if tensor.name not in declared:
                 graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        _ungroup_convs(graph, trainable)
         (logits,) = [o.name for o in graph.output]
         make = onnx.helper.make_node
         graph.input.append(onnx.helper.make_tensor_value_info(self.targets, onnx.TensorProto.FLOAT, [batch, classes]))
@@ -220,6 +221,35 @@ class AdjointLoss:
         feeds = {self.input: padded, self.targets: targets, self.seed: np.ones(1, np.float32), **weights}
         loss, *gradients = self.session.run([self.loss, *self.gradients], feeds)
         return float(loss), {name: g.reshape(weights[name].shape) for name, g in zip(self.trainable, gradients)}
+
+
+def _ungroup_convs(graph: onnx.GraphProto, trainable: list[str]) -> None:
+    """Every grouped Conv whose weight is trained, as one Conv per group between Splits (of the
+    input channels, the weight, the bias) and a Concat: the same function, and onnx-ad 0.3 has no
+    rule for a grouped Conv's weight adjoint. ``graph`` declares the trained weights as inputs."""
+    declared = {value.name: [d.dim_value for d in value.type.tensor_type.shape.dim] for value in graph.input}
+    make, nodes = onnx.helper.make_node, []
+    for node in graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type != "Conv" or group == 1 or node.input[1] not in trainable:
+            nodes.append(node)
+            continue
+        out_channels, in_per_group = declared[node.input[1]][:2]
+        tag = f"{node.name or node.output[0]}.ungrouped"
+        graph.initializer.extend([numpy_helper.from_array(np.full(group, in_per_group, np.int64), f"{tag}.in_split"),
+                                  numpy_helper.from_array(np.full(group, out_channels // group, np.int64), f"{tag}.out_split")])
+        operands = [(name, f"{tag}.{role}", "in_split" if role == "x" else "out_split", 1 if role == "x" else 0)
+                    for name, role in zip(node.input, ("x", "w", "b")) if name]
+        for name, role, split, axis in operands:
+            nodes.append(make("Split", [name, f"{tag}.{split}"], [f"{role}{g}" for g in range(group)], name=f"{role}.split", axis=axis))
+        attributes = [a for a in node.attribute if a.name != "group"]
+        for g in range(group):
+            conv = make("Conv", [f"{role}{g}" for _, role, _, _ in operands], [f"{tag}.y{g}"], name=f"{tag}.conv{g}")
+            conv.attribute.extend(attributes)
+            nodes.append(conv)
+        nodes.append(make("Concat", [f"{tag}.y{g}" for g in range(group)], [node.output[0]], name=f"{tag}.concat", axis=1))
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _one_seed(derivative: onnx.ModelProto) -> onnx.ModelProto:

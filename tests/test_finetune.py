@@ -191,7 +191,8 @@ def float64_loss(model, x, y):
     (lambda: build_mlp((6,), inputs=5, classes=3), blobs(n=24)[0]),
     (lambda: tinyconv.cnn(batchnorm=True, bias="none"), np.random.default_rng(4).normal(size=(24, 2, 6, 6)).astype(np.float32)),
     (lambda: tinyconv.cnn(activation="HardSwish", pool=True), np.random.default_rng(4).normal(size=(24, 2, 6, 6)).astype(np.float32)),
-], ids=["mlp-prelu", "conv-bn", "conv-hardswish-maxpool"])
+    (lambda: tinyconv.cnn(groups=2, pool=True, opset=11), np.random.default_rng(4).normal(size=(24, 2, 6, 6)).astype(np.float32)),
+], ids=["mlp-prelu", "conv-bn", "conv-hardswish-maxpool", "grouped-conv-maxpool-opset11"])
 def test_adjoint_gradient_matches_float64_central_differences(make, x):
     """d(mean cross-entropy)/d(weight) of the onnx-ad graph against central differences of a float64 copy,
     on a batch smaller than the graph's (so the zero-target padding is exercised too)."""
@@ -216,7 +217,8 @@ def test_adjoint_gradient_matches_float64_central_differences(make, x):
 @pytest.mark.parametrize("model, x", [
     (build_mlp((8, 8), inputs=5, classes=3), blobs()[0]),
     (tinyconv.cnn(), np.random.default_rng(7).normal(size=(40, 2, 6, 6)).astype(np.float32)),
-], ids=["mlp-prelu", "conv"])
+    (tinyconv.cnn(groups=2, pool=True), np.random.default_rng(7).normal(size=(40, 2, 6, 6)).astype(np.float32)),
+], ids=["mlp-prelu", "conv", "grouped-conv-maxpool"])
 def test_the_two_engines_train_the_same_way(model, x):
     """Same seed, same masks: the same loss history and weights within float32 rounding (a model without
     BatchNormalization: onnxruntime-training trains that in training mode, on batch statistics)."""
