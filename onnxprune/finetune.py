@@ -119,6 +119,15 @@ def _logits_copy(model: onnx.ModelProto, logits: str) -> onnx.ModelProto:
     return copy
 
 
+def _converted_copy(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """A copy of ``model`` converted up to ``opset`` where it is older (names kept)."""
+    converted = upgrade_opset(model, opset)
+    if converted is model:
+        converted = onnx.ModelProto()
+        converted.CopyFrom(model)
+    return converted
+
+
 def _model_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -170,10 +179,7 @@ class AdjointLoss:
                  classes: int, threads: int | None = 1):
         from onnx_ad import UnsupportedOperator, reverse
 
-        model = upgrade_opset(logits_model, _ADJOINT_MIN_OPSET)
-        if model is logits_model:
-            model = onnx.ModelProto()
-            model.CopyFrom(logits_model)
+        model = _converted_copy(logits_model, _ADJOINT_MIN_OPSET)
         graph, tag = model.graph, "onnxprune.finetune"
         self.input, self.targets, self.loss = _model_input(model).name, f"{tag}.targets", f"{tag}.loss"
         self.batch, self.classes = batch, classes
@@ -353,13 +359,14 @@ def _artifacts(model: onnx.ModelProto, trainable: list[str], folder: Path) -> No
 
 class _OrtTraining:
     """onnxruntime-training's Module and Optimizer on artifacts written to ``folder``; PRelu is
-    spelled in ops that have a gradient there."""
+    spelled in ops that have a gradient there, and the copy is at opset 12 or later, where its
+    loss block's SoftmaxCrossEntropyLoss exists."""
 
     def __init__(self, logits_model: onnx.ModelProto, trainable: list[str], lr: float, threads: int | None, folder: Path):
-        model = onnx.ModelProto()
-        model.CopyFrom(logits_model)
+        model = _converted_copy(logits_model, 12)
+        nodes = [n for node in model.graph.node for n in differentiable_nodes(node)]
         del model.graph.node[:]
-        model.graph.node.extend(n for node in logits_model.graph.node for n in differentiable_nodes(node))
+        model.graph.node.extend(nodes)
         _artifacts(model, trainable, folder)
         _, api, _ = training_modules()
         self.state = api.CheckpointState.load_checkpoint(folder / "checkpoint")
@@ -417,7 +424,9 @@ def finetune(
     trainable = trainable_names(training)
     if not trainable:
         raise InputError("the model has no float initializers to train")
-    _check_masks(masks, model, trainable)
+    _check_masks(masks, model, trainable_names(model))
+    untrained = {name: mask for name, mask in masks.items() if name not in trainable}  # not before the logits: zeroed only
+    masks = {name: mask for name, mask in masks.items() if name in trainable}
     probe = make_session(training).run(None, {_model_input(training).name: x[:1]})[0]
     if probe.ndim != 2 or probe.dtype != np.float32:
         raise InputError(f"logits {logits!r} must be float32 of shape (N, classes), got {probe.dtype} {probe.shape}")
@@ -450,6 +459,7 @@ def finetune(
                     progress(epoch, batch + 1, n_batches, total / seen)
             history.append({"epoch": epoch, "loss": total / seen, "seconds": time.perf_counter() - began})
         trained = {name: trainer.read(name).copy() for name in trainable}
+    trained.update({name: np.where(mask, read_initializer(model, name), np.float32(0)) for name, mask in untrained.items()})
 
     result = onnx.ModelProto()
     result.CopyFrom(model)
