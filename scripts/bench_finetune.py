@@ -2,10 +2,12 @@
 ort-training = onnxruntime-training's artifacts), paired and repeated. Writes OUT.md and OUT.json.
 
     .venv/bin/python scripts/bench_finetune.py [--python .venv/bin/python --python .venv-cpu/bin/python]
-        [--epochs 6] [--repeats 5] [--sparsity 0.5] [--out docs/results/finetune-engines] [--force]
+        [--model mlp --model cnn] [--epochs 6] [--repeats 5] [--sparsity 0.5] [--samples N]
+        [--out docs/results/finetune-engines] [--force]
 
-The model is models/mnist_mlp.onnx pruned to --sparsity by magnitude (so the masks are held at every
-step, as `onnxprune finetune` does), trained on the shipped calibration data (models/mnist_calib.npz)
+The models are models/mnist_mlp.onnx and models/mnist_cnn.onnx, each pruned to --sparsity by magnitude
+(so the masks are held at every step, as `onnxprune finetune` does), trained on the shipped calibration
+data (models/mnist_calib.npz)
 with finetune's defaults (Adam, lr 1e-3, batch 128, seed 0, one thread). Every (interpreter, engine)
 pair runs in a fresh subprocess, in an order that alternates between repeats; an epoch's time is the
 CPU and wall time between the ends of two consecutive epochs (epoch 1 is left out: it carries the
@@ -33,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 from onnxprune import fileio  # noqa: E402
 from onnxprune.errors import InputError, run_script  # noqa: E402
 
-MODEL, DATA = ROOT / "models" / "mnist_mlp.onnx", ROOT / "models" / "mnist_calib.npz"
+MODELS = {"mlp": ROOT / "models" / "mnist_mlp.onnx", "cnn": ROOT / "models" / "mnist_cnn.onnx"}
+DATA = ROOT / "models" / "mnist_calib.npz"
 
 
 def environment() -> dict:
@@ -58,7 +61,7 @@ def measure(spec: dict) -> dict:
     from onnxprune.api import as_dataset, as_model
     from onnxprune.finetune import finetune, zero_masks
 
-    model = as_model(str(MODEL))
+    model = as_model(str(MODELS[spec["model"]]))
     data = as_dataset(str(DATA), model, require_labels=True)
     x = next(iter(data.feeds.values()))
     if spec["samples"]:
@@ -119,45 +122,53 @@ def loss_agreement(runs: list[dict]) -> float:
 
 
 def markdown(results: dict) -> str:
-    rows, reference = results["summary"], results["summary"][0]
-    head = results["runs"][0]
     lines = [
         "# Fine-tuning: time per epoch of the gradient engines",
         "",
         f"Command: `{results['command']}` ({results['date']}, {results['machine']}; load average "
         f"{results['load_start']:.1f} at the start, {results['load_end']:.1f} at the end).",
         "",
-        f"models/mnist_mlp.onnx pruned by magnitude to {head['sparsity']:.0%} ({head['held_zero']:,} weights held at zero), "
-        f"fine-tuned on {results['samples']:,} samples of models/mnist_calib.npz, batch 128, Adam lr 1e-3, seed 0, one thread; "
-        f"{head['epochs']} epochs per run, {results['repeats']} repeats of every configuration in alternating order. "
-        "An epoch is the time between two consecutive epoch ends (epoch 1 left out); the ratio compares, repeat by repeat, "
-        f"the median epoch CPU time with the same repeat's {reference['config']}.",
-        "",
+        f"Each model pruned by magnitude to {results['sparsity']:.0%}, fine-tuned on {results['samples']:,} samples of "
+        f"models/mnist_calib.npz, batch 128, Adam lr 1e-3, seed 0, one thread; {results['epochs']} epochs per run, "
+        f"{results['repeats']} repeats of every configuration in alternating order. An epoch is the time between two "
+        "consecutive epoch ends (epoch 1 left out); the ratio compares, repeat by repeat, the median epoch CPU time with "
+        "the same repeat's first row.",
+    ]
+    for name, study in results["models"].items():
+        lines += ["", f"## {MODELS[name].relative_to(ROOT)} ({study['runs'][0]['held_zero']:,} weights held at zero)", ""]
+        lines += model_section(study, results["repeats"])
+    return "\n".join(lines) + "\n"
+
+
+def model_section(study: dict, repeats: int) -> list[str]:
+    rows, reference = study["summary"], study["summary"][0]
+    lines = [
         "| engine | epoch CPU ms | epoch wall ms | CPU ratio (median, min-max) | setup CPU s | final loss |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         lines.append(f"| {row['config']} | {row['epoch_cpu_ms']:.1f} | {row['epoch_wall_ms']:.1f} | {row['ratio_median']:.2f} "
                      f"({row['ratio_min']:.3f}-{row['ratio_max']:.3f}) | {row['setup_cpu_s']:.2f} | {row['final_loss']:.6f} |")
-    lines += ["", "## What the numbers say", ""]
+    lines += ["", "What the numbers say:", ""]
     for row in rows[1:]:
         verdict = ("faster in every repeat" if row["ratio_max"] < 1 else "slower in every repeat" if row["ratio_min"] > 1
                    else "faster in some repeats and slower in others")
         lines.append(f"- {row['config']} took {row['epoch_cpu_ms']:.1f} ms CPU per epoch, {row['ratio_median']:.2f}x "
                      f"{reference['config']}'s {reference['epoch_cpu_ms']:.1f} ms (paired ratio {row['ratio_min']:.3f}-"
-                     f"{row['ratio_max']:.3f} over {results['repeats']} repeats): {verdict}.")
+                     f"{row['ratio_max']:.3f} over {repeats} repeats): {verdict}.")
     setups = ", ".join(f"{r['setup_cpu_s']:.2f} s" for r in rows)
     quickest = min(rows, key=lambda r: r["setup_cpu_s"])
     lines.append(f"- Setup (checks, gradient graph, session, optimizer) took {setups} CPU in the order of the table; "
                  f"{quickest['config']} was the quickest to set up.")
-    lines.append(f"- With the same seed the loss histories of all runs differ by at most {results['loss_agreement']:.1e} "
+    lines.append(f"- With the same seed the loss histories of all runs differ by at most {study['loss_agreement']:.1e} "
                  "relative (float32 rounding; the engines take the same Adam update).")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--python", action="append", default=None, help="interpreter to measure (repeatable; default: this one)")
+    parser.add_argument("--model", action="append", choices=sorted(MODELS), default=None, help="repeatable; default: both")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sparsity", type=float, default=0.5)
@@ -182,16 +193,18 @@ def main(argv=None) -> int:
     configs = [(python, engine) for python in pythons for engine in run(python, "1", "--environment")["engines"]]
     configs.sort(key=lambda config: config[1] != "ort-training")  # today's engine first: the ratios' reference
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-               "load_start": os.getloadavg()[0], "repeats": args.repeats, "runs": []}
-    for repeat in range(args.repeats):
-        for python, engine in (configs if repeat % 2 == 0 else configs[::-1]):
-            row = run(python, json.dumps({"engine": engine, "epochs": args.epochs, "sparsity": args.sparsity,
-                                          "samples": args.samples}), "--measure")
-            results["runs"].append({**row, "repeat": repeat})
-            print(f"repeat {repeat} {label(row)}: {1e3 * np.median(row['epoch_cpu_seconds']):.1f} ms CPU per epoch", file=sys.stderr)
-    results["samples"] = args.samples or int(np.load(DATA)["y"].shape[0])
-    results["summary"] = summarise(results["runs"])
-    results["loss_agreement"] = loss_agreement(results["runs"])
+               "load_start": os.getloadavg()[0], "repeats": args.repeats, "epochs": args.epochs, "sparsity": args.sparsity,
+               "samples": args.samples or int(np.load(DATA)["y"].shape[0]), "models": {}}
+    for name in args.model or list(MODELS):
+        runs = []
+        for repeat in range(args.repeats):
+            for python, engine in (configs if repeat % 2 == 0 else configs[::-1]):
+                row = run(python, json.dumps({"model": name, "engine": engine, "epochs": args.epochs,
+                                              "sparsity": args.sparsity, "samples": args.samples}), "--measure")
+                runs.append({**row, "repeat": repeat})
+                print(f"{name} repeat {repeat} {label(row)}: {1e3 * np.median(row['epoch_cpu_seconds']):.1f} ms CPU per epoch",
+                      file=sys.stderr)
+        results["models"][name] = {"runs": runs, "summary": summarise(runs), "loss_agreement": loss_agreement(runs)}
     results["load_end"] = os.getloadavg()[0]
     results["command"] = "python scripts/bench_finetune.py" + ("" if not (argv if argv is not None else sys.argv[1:]) else
                                                                " " + shlex.join(argv if argv is not None else sys.argv[1:]))
