@@ -383,13 +383,16 @@ def inspect(model, json_path, force, verbose, quiet):
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Adam learning rate.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Shuffling seed.")
+@click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
+              help="Gradient engine: onnx-ad's adjoint graphs (any onnxruntime) or onnxruntime-training; "
+                   "auto takes the training build when it is installed.")
 @output_opt
 @labels_opt
 @json_option
 @click.option("--force", is_flag=True, help="Replace existing output files.")
 @common
 @command_errors
-def finetune(model, out, data, epochs, lr, batch_size, seed, output, labels_key, json_path, force, verbose, quiet):
+def finetune(model, out, data, epochs, lr, batch_size, seed, engine, output, labels_key, json_path, force, verbose, quiet):
     """Train a pruned MODEL (cross-entropy, Adam) with its zero weights held at zero; write OUT.
 
     The mask is the model's own zeros in its prunable layers. OUT is written only once training
@@ -398,7 +401,7 @@ def finetune(model, out, data, epochs, lr, batch_size, seed, output, labels_key,
     import numpy as np
 
     from .data import load_dataset
-    from .finetune import finetune as train, zero_masks
+    from .finetune import choose_engine, finetune as train, zero_masks
     from .layers import read_initializer
 
     ui = make_ui(verbose, quiet, json_path)
@@ -411,7 +414,9 @@ def finetune(model, out, data, epochs, lr, batch_size, seed, output, labels_key,
         if len(dataset.feeds) != 1:
             raise InputError(f"fine-tuning needs a model with one data input, this one has {len(dataset.feeds)}")
         masks = zero_masks(original)
+        chosen = choose_engine(engine)
         ui.info(f"training {model} for {epochs} epochs on {len(dataset)} samples of {data}")
+        ui.info(f"engine: {chosen['name']} ({chosen['reason']})")
         bar = None
 
         def progress(epoch, batch, n_batches, loss):
@@ -431,7 +436,8 @@ def finetune(model, out, data, epochs, lr, batch_size, seed, output, labels_key,
         try:
             features = np.asarray(next(iter(dataset.feeds.values())))
             trained, history = train(original, features, dataset.labels, epochs=epochs, lr=lr,
-                                     batch_size=batch_size, seed=seed, masks=masks, output=output, progress=progress)
+                                     batch_size=batch_size, seed=seed, masks=masks, output=output, progress=progress,
+                                     engine=chosen["name"])
         finally:
             if bar is not None:
                 bar.__exit__(None, None, None)
@@ -440,7 +446,7 @@ def finetune(model, out, data, epochs, lr, batch_size, seed, output, labels_key,
             raise CheckFailed("a pruned weight became non-zero during fine-tuning")
         held = sum(int((~mask).sum()) for mask in masks.values())
         report = {"model": model, "out": out, "samples": len(dataset), "epochs": epochs, "lr": lr,
-                  "batch_size": batch_size, "seed": seed, "masked_layers": sorted(masks), "held_zero": held,
+                  "batch_size": batch_size, "seed": seed, "engine": chosen, "masked_layers": sorted(masks), "held_zero": held,
                   "history": history}
         stage_model(trained, out, outputs)
         stage_json(outputs, json_path, report)

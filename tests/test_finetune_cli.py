@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 import onnxprune
+from conftest import requires_training
 from onnxprune.cli import main
 from onnxprune.finetune import zero_masks
 from onnxprune.zoo import build_mlp
@@ -39,9 +40,10 @@ def weights(path):
     return {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
 
 
-def test_finetune_holds_the_zeros_and_writes_a_checked_model(files):
+@pytest.mark.parametrize("engine", ["adjoint", pytest.param("ort-training", marks=requires_training)])
+def test_finetune_holds_the_zeros_and_writes_a_checked_model(files, engine):
     res = invoke("finetune", files / "pruned.onnx", files / "out.onnx", "--data", files / "train.npz", "--epochs", 3,
-                 "--lr", 0.01, "--batch-size", 32, "--json", files / "r.json")
+                 "--lr", 0.01, "--batch-size", 32, "--engine", engine, "--json", files / "r.json")
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[0].split() == ["epoch", "loss", "seconds"] and len(res.output.splitlines()) == 5
     onnx.checker.check_model(str(files / "out.onnx"), full_check=True)
@@ -53,6 +55,26 @@ def test_finetune_holds_the_zeros_and_writes_a_checked_model(files):
     report = json.loads((files / "r.json").read_text())
     assert report["held_zero"] == sum(int((~m).sum()) for m in masks.values())
     assert report["history"][-1]["loss"] < report["history"][0]["loss"]
+    assert report["engine"] == {"name": engine, "reason": "asked for"}
+
+
+def test_auto_engine_is_reported_in_verbose_output_and_json(files):
+    from onnxprune.finetune import choose_engine
+
+    res = invoke("finetune", files / "pruned.onnx", files / "out.onnx", "--data", files / "train.npz", "--epochs", 1,
+                 "-v", "--json", files / "r.json")
+    assert res.exit_code == 0, res.output
+    expected = choose_engine("auto")
+    assert expected["reason"].startswith("auto: ")
+    assert f"engine: {expected['name']} ({expected['reason']})" in res.output
+    assert json.loads((files / "r.json").read_text())["engine"] == expected
+
+
+def test_unknown_engine_is_a_usage_error(files):
+    res = invoke("finetune", files / "pruned.onnx", files / "out.onnx", "--data", files / "train.npz", "--epochs", 1,
+                 "--engine", "torch")
+    assert res.exit_code == 2 and "'torch' is not one of" in res.output
+    assert not (files / "out.onnx").exists()
 
 
 def test_existing_output_is_refused_without_force(files):
@@ -90,3 +112,17 @@ def test_interrupted_training_writes_nothing(files, monkeypatch):
     res = invoke("finetune", files / "pruned.onnx", files / "out.onnx", "--data", files / "train.npz", "--epochs", 1)
     assert res.exit_code == 130 and "no output was written" in res.output
     assert not (files / "out.onnx").exists() and not list(files.glob(".*tmp*"))
+
+
+def test_ort_training_without_the_training_build_is_a_one_line_error(files, monkeypatch):
+    from onnxprune.runtime import RuntimeUnavailable
+
+    def absent():
+        raise RuntimeUnavailable("this onnxruntime build has no training support; install onnxruntime-training-cpu==1.19.2")
+
+    monkeypatch.setattr(importlib.import_module("onnxprune.finetune"), "training_modules", absent)
+    res = invoke("finetune", files / "pruned.onnx", files / "out.onnx", "--data", files / "train.npz", "--epochs", 1,
+                 "--engine", "ort-training")
+    assert res.exit_code == 1 and res.output.strip().splitlines() == [
+        "Error: this onnxruntime build has no training support; install onnxruntime-training-cpu==1.19.2"]
+    assert not (files / "out.onnx").exists()
