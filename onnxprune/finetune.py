@@ -29,12 +29,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .engines.base import ENGINES, candidates
 from .errors import InputError
 from .layers import analyse_graph, protected_output, read_initializer
 from .runtime import (RuntimeUnavailable, differentiable_nodes, make_session, runtime_copy, session_options,
                       training_modules, upgrade_opset)
 
-ENGINES = ("auto", "adjoint", "ort-training")
 # Initializer inputs that carry state, not parameters: no gradient flows to them.
 _NOT_TRAINABLE_INPUTS = {"BatchNormalization": (3, 4)}
 # onnx-ad's reverse mode wants Softmax-family ops at opset 13 or later, MaxPool at 16 (ScatterND with reduction).
@@ -52,19 +52,10 @@ def choose_engine(engine: str = "auto") -> dict:
     (the user chose it), the adjoint engine otherwise; ``ort-training`` without the training
     build is a RuntimeUnavailable naming the fix.
     """
-    if engine not in ENGINES:
-        raise InputError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if engine == "adjoint":
-        return {"name": "adjoint", "reason": "asked for"}
     try:
-        training_modules()
-    except RuntimeUnavailable:
-        if engine == "ort-training":
-            raise
-        return {"name": "adjoint", "reason": "auto: the installed onnxruntime has no training support"}
-    if engine == "ort-training":
-        return {"name": "ort-training", "reason": "asked for"}
-    return {"name": "ort-training", "reason": "auto: the installed onnxruntime is the training build"}
+        return candidates(engine)[0].as_json()  # the statistics' rule (onnxprune.engines.base)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def trainable_names(model: onnx.ModelProto) -> list[str]:

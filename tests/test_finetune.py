@@ -9,11 +9,12 @@ import numpy as np
 import onnx
 import pytest
 import tinyconv
-from conftest import requires_training
+from engines import requires_training
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnxprune.errors import InputError
+from onnxprune.engines.base import candidates
 from onnxprune.finetune import AdjointLoss, choose_engine, finetune, trainable_names
 from onnxprune.layers import analyse_graph
 from onnxprune.runtime import RuntimeUnavailable, make_session
@@ -240,22 +241,19 @@ def test_the_two_engines_train_the_same_way(model, x):
 
 
 def test_auto_takes_the_training_build_when_installed_and_the_adjoint_engine_otherwise(monkeypatch):
-    module = importlib.import_module("onnxprune.finetune")  # the package attribute is the function
-    assert choose_engine("adjoint") == {"name": "adjoint", "reason": "asked for"}
+    assert choose_engine("adjoint") == {"name": "adjoint", "reason": "requested (--engine adjoint)"}
     with pytest.raises(InputError, match="unknown engine 'torch'"):
         choose_engine("torch")
 
-    def absent():
-        raise RuntimeUnavailable("this onnxruntime build has no training support; install ...")
-
-    monkeypatch.setattr(module, "training_modules", absent)
-    assert choose_engine("auto") == {"name": "adjoint", "reason": "auto: the installed onnxruntime has no training support"}
-    with pytest.raises(RuntimeUnavailable, match="no training support"):
+    base = importlib.import_module("onnxprune.engines.base")
+    monkeypatch.setattr(base, "training_build", lambda: False)
+    assert choose_engine("auto") == {"name": "adjoint", "reason": candidates("auto")[0].reason}
+    with pytest.raises(RuntimeUnavailable, match="needs the onnxruntime training build"):
         choose_engine("ort-training")
     x, y = blobs()
     trained, history = finetune(build_mlp((4,), inputs=5, classes=3), x, y, epochs=1)  # auto runs without the training build
     assert len(history) == 1 and weights(trained)["fc1.weight"].shape == (4, 5)
-    monkeypatch.setattr(module, "training_modules", lambda: None)
+    monkeypatch.setattr(base, "training_build", lambda: True)
     assert choose_engine("auto")["name"] == "ort-training"
 
 

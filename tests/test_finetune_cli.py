@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 import onnxprune
-from conftest import requires_training
+from engines import requires_training
 from onnxprune.cli import main
 from onnxprune.finetune import zero_masks
 from onnxprune.zoo import build_mlp
@@ -55,7 +55,7 @@ def test_finetune_holds_the_zeros_and_writes_a_checked_model(files, engine):
     report = json.loads((files / "r.json").read_text())
     assert report["held_zero"] == sum(int((~m).sum()) for m in masks.values())
     assert report["history"][-1]["loss"] < report["history"][0]["loss"]
-    assert report["engine"] == {"name": engine, "reason": "asked for"}
+    assert report["engine"] == {"name": engine, "reason": f"requested (--engine {engine})"}
 
 
 def test_auto_engine_is_reported_in_verbose_output_and_json(files):
@@ -115,14 +115,10 @@ def test_interrupted_training_writes_nothing(files, monkeypatch):
 
 
 def test_ort_training_without_the_training_build_is_a_one_line_error(files, monkeypatch):
-    from onnxprune.runtime import RuntimeUnavailable
-
-    def absent():
-        raise RuntimeUnavailable("this onnxruntime build has no training support; install onnxruntime-training-cpu==1.19.2")
-
-    monkeypatch.setattr(importlib.import_module("onnxprune.finetune"), "training_modules", absent)
+    monkeypatch.setattr(importlib.import_module("onnxprune.engines.base"), "training_build", lambda: False)
     res = invoke("finetune", files / "pruned.onnx", files / "out.onnx", "--data", files / "train.npz", "--epochs", 1,
                  "--engine", "ort-training")
-    assert res.exit_code == 1 and res.output.strip().splitlines() == [
-        "Error: this onnxruntime build has no training support; install onnxruntime-training-cpu==1.19.2"]
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith(
+        "Error: engine 'ort-training' needs the onnxruntime training build")
     assert not (files / "out.onnx").exists()
