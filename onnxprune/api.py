@@ -17,6 +17,7 @@ from .evaluate import evaluate_dataset
 from .layers import GraphLayers, Layer, Skipped, analyse_graph, protected_output, reaching, read_initializer
 from .masks import choose_masks, excluded
 from .modelio import load_model
+from .prepare import AnalysisCopy, declared_shapes_for
 from .refit import LayerRefit, current_bias, refit as refit_layers
 from .rewrite import LayerChange, rewrite
 from .saliency import REFIT_METHOD, Saliency, ScoringContext, make_scorer
@@ -177,13 +178,18 @@ class Pruner:
         if steps < 1:
             raise InputError(f"--steps must be a positive number, got {steps}")
         source = as_model(model)
-        self.model_ = onnx.ModelProto()
-        self.model_.CopyFrom(source)  # every node gets a name in this copy; masks refer to it
+        # Constants read as initializers, shared initializers unshared; every node gets a name in this
+        # copy, and masks refer to it. ``prune`` gives the result the source's own form back.
+        self.analysis_ = AnalysisCopy.of(source)
+        self.model_ = self.analysis_.model
+        self.data_ = as_dataset(data, self.model_, self.labels_key, require_labels=method == "gradmag")
+        check_runs(self.model_, self.provider, _few(self.model_, self.data_))
+        shapes = declared_shapes_for(self.model_, self.data_.subset(1).feeds, self.provider)
+        if shapes is not None:  # ranks shape inference cannot tell (dynamic H/W): measured on one sample
+            self.analysis_.apply(shapes)
         found = find_layers(self.model_)
         self.layers_, self.skipped_ = found.layers, found.skipped
         check_finite_weights(self.model_, self.layers_)
-        self.data_ = as_dataset(data, self.model_, self.labels_key, require_labels=method == "gradmag")
-        check_runs(self.model_, self.provider, _few(self.model_, self.data_))
         self.output_ = protected_output(self.model_, self.output)
         self.layers_, unreached = reaching(self.model_, self.layers_, self.output_)
         self.skipped_ = self.skipped_ + unreached
@@ -239,6 +245,7 @@ class Pruner:
             feeds = self.data_.subset(8).feeds
             changes = [replace(c, max_bias_shift=_bias_change(self.model_, current, before, after, feeds))
                        for c, before, after in zip(changes, self.layers_, layers)]
+        current = self.analysis_.restore(_copy(current))
         validate(current, self.data_)
         seconds, self.seconds_ = dict(self.seconds_), fitted_seconds  # prune() may be called again
         return PruneResult(
@@ -250,6 +257,12 @@ class Pruner:
 
     def _progress(self, step: str):
         return (lambda done, total: self.progress(step, done, total)) if self.progress else None
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def _keep_pruned(scores: dict[str, np.ndarray], pruned: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

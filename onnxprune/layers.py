@@ -210,7 +210,7 @@ class _Graph:
         # names read inside the subgraphs of If/Loop/Scan (outer-scope references), by the node holding them
         self.subgraph_readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for node in graph.node:
-            for name in sorted(_subgraph_reads(node)):
+            for name in sorted(subgraph_reads(node)):
                 self.subgraph_readers[name].append(node)
 
     def users(self, name: str) -> int:
@@ -236,7 +236,7 @@ class _Graph:
         return None
 
 
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     """Every tensor name read by the nodes of ``node``'s subgraphs (If branches, Loop and Scan
     bodies), nested ones included: a superset of its outer-scope references."""
     names: set[str] = set()
@@ -245,7 +245,7 @@ def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
         for sub in graphs:
             for inner in sub.node:
                 names.update(i for i in inner.input if i)
-                names |= _subgraph_reads(inner)
+                names |= subgraph_reads(inner)
     return names
 
 

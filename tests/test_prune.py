@@ -4,6 +4,7 @@ import hashlib
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 import onnxprune
 from onnxprune import runtime
@@ -83,19 +84,41 @@ def test_new_ir_and_opset_are_handled_on_a_copy_and_kept_on_output():
     assert result.model.opset_import[0].version == 23
 
 
-def test_shared_weights_are_skipped_and_reported():
+def test_a_shared_weight_is_pruned_per_reader_and_stays_shared_where_equal():
+    """Exporters deduplicate equal tensors: a weight read by two Gemms gets a copy per reader on the
+    analysis copy, each layer is pruned on its own, and the written model shares what stayed equal."""
     model, _, _ = mlp((4, 4, 4, 4))
     fc2 = next(n for n in model.graph.node if n.name == "fc2")
     fc2.input[1] = "W0"  # the last Gemm reuses the first one's weight
     model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "W2"))
-    result = onnxprune.prune(model, data(20, d=4), 0.5)
-    assert [c.layer for c in result.changes] == ["fc1"]
-    assert {s.node for s in result.skipped} == {"fc0", "fc2"}
-    assert all("shared by 2 nodes" in s.reason for s in result.skipped)
-    with pytest.raises(onnxprune.InputError, match="no prunable layers"):
-        fc1 = next(n for n in model.graph.node if n.name == "fc1")
-        fc1.input[1] = "W0"
-        onnxprune.prune(model, data(20, d=4), 0.5)
+    x = data(20, d=4)
+    result = onnxprune.prune(model, x, 0.5)
+    assert [c.layer for c in result.changes] == ["fc0", "fc1", "fc2"] and not result.skipped
+    written = {t.name for t in result.model.graph.initializer}
+    readers = [n.input[1] for n in result.model.graph.node if n.name in ("fc0", "fc2")]
+    assert readers[0] == "W0" and readers[1] in written and readers[1] != "W0"  # pruned apart: two tensors
+    onnx.checker.check_model(result.model)
+    assert [i.name for i in result.model.graph.input] == [i.name for i in model.graph.input]
+    untouched = onnxprune.prune(model, x, 0.0)  # nothing pruned: the copies equal the original and merge back
+    assert [n.input[1] for n in untouched.model.graph.node if n.name in ("fc0", "fc2")] == ["W0", "W0"]
+    assert sorted(t.name for t in untouched.model.graph.initializer) == sorted(t.name for t in model.graph.initializer)
+    np.testing.assert_array_equal(run(untouched.model, x["x"]), run(model, x["x"]))
+
+
+def test_weights_in_constant_nodes_are_pruned_and_stay_constants():
+    model, _, _ = mlp((5, 4, 3))
+    for t in list(model.graph.initializer):
+        model.graph.node.insert(0, onnx.helper.make_node("Constant", [], [t.name], value=t))
+    del model.graph.initializer[:]
+    x = data(20)
+    result = onnxprune.prune(model, x, 0.5)
+    assert result.sparsity == pytest.approx(0.5, abs=0.05) and not list(result.model.graph.initializer)
+    constants = [n for n in result.model.graph.node if n.op_type == "Constant"]
+    assert len(constants) == len([n for n in model.graph.node if n.op_type == "Constant"])
+    zeros = sum(int((numpy_helper.to_array(n.attribute[0].t) == 0).sum()) for n in constants)
+    assert zeros >= result.pruned
+    onnx.checker.check_model(result.model)
+    assert np.isfinite(run(result.model, x["x"])).all()
 
 
 def test_same_seed_gives_byte_identical_models(tmp_path):

@@ -1,0 +1,237 @@
+"""The analysis copy: small declared passes that make an export's weights findable, and undo.
+
+Exporters store weights in forms the layer matchers cannot use as they are: Constant nodes
+(paddle2onnx, older tf2onnx and caffe2), one initializer read by several nodes because equal tensors
+were deduplicated (all-zero biases, all-one LayerNorm scales), tensors whose shapes inference leaves
+unknown under dynamic sizes. Each pass below rewrites the analysis copy in place and returns what it
+changed; ``AnalysisCopy.restore`` gives the pruned model its own form back: Constants stay Constants,
+copies of a shared initializer that still equal it are merged into it again, declared shapes go.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .layers import subgraph_reads
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+COPY = "__onnxprune_copy"
+
+
+@dataclass
+class PassResult:
+    """What a pass did: whether the model changed, and a line for -v."""
+
+    changed: bool
+    note: str = ""
+
+
+class ConstantsToInitializers:
+    """Constant nodes holding a float tensor of rank >= 1 become initializers of the same name (in place).
+
+    ensures: no such Constant is left in the main graph; ``restored`` puts them back as Constants
+    with the (possibly pruned) values."""
+
+    in_place = True
+
+    def __init__(self):
+        self.moved: list[str] = []
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        graph = model.graph
+        keep = []
+        for node in graph.node:
+            value = _constant_tensor(node)
+            if value is None or value.data_type not in FLOAT_TYPES or len(value.dims) == 0:
+                keep.append(node)
+                continue
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            self.moved.append(tensor.name)
+        if self.moved:
+            del graph.node[:]
+            graph.node.extend(keep)
+        return PassResult(bool(self.moved), f"{len(self.moved)} Constant nodes read as initializers" if self.moved else "")
+
+    def restore(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        inits = {t.name: t for t in graph.initializer}
+        constants = []
+        for name in self.moved:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(inits[name])
+            tensor.name = ""
+            constants.append(helper.make_node("Constant", [], [name], name=f"{name}__constant", value=tensor))
+        kept = [t for t in graph.initializer if t.name not in set(self.moved)]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        nodes = constants + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+        return None
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            return attr.t
+    return None
+
+
+class UnshareInitializers:
+    """A float initializer of rank >= 1 read by several nodes of the main graph gets its own copy per
+    reader after the first (in place), so that pruning or compensating one layer changes no other.
+
+    requires: the initializer is not also read inside a subgraph (then it stays shared, and the layer
+    matchers name it); ensures: every such initializer has one reader; ``restore`` merges every copy
+    that still equals the original back into it."""
+
+    in_place = True
+
+    def __init__(self):
+        self.copies: dict[str, str] = {}  # copy name -> original name
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        graph = model.graph
+        inits = {t.name: t for t in graph.initializer}
+        inner = set().union(*(subgraph_reads(node) for node in graph.node)) if len(graph.node) else set()
+        outputs = {o.name for o in graph.output}
+        readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name in inits:
+                    readers.setdefault(name, []).append((node, i))
+        for name, uses in readers.items():
+            tensor = inits[name]
+            if len(uses) < 2 or name in inner or name in outputs or tensor.data_type not in FLOAT_TYPES or not len(tensor.dims):
+                continue
+            for k, (node, i) in enumerate(uses[1:], start=1):
+                copy = onnx.TensorProto()
+                copy.CopyFrom(tensor)
+                copy.name = f"{name}{COPY}{k}"
+                graph.initializer.append(copy)
+                node.input[i] = copy.name
+                self.copies[copy.name] = name
+        count = len(set(self.copies.values()))
+        return PassResult(bool(self.copies), f"{count} shared initializers copied per reader" if count else "")
+
+    def restore(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        arrays = {t.name: t for t in graph.initializer}
+        merged = set()
+        for copy, original in self.copies.items():
+            if copy in arrays and original in arrays and _same(arrays[copy], arrays[original]):
+                for node in graph.node:
+                    for i, name in enumerate(node.input):
+                        if name == copy:
+                            node.input[i] = original
+                merged.add(copy)
+        kept = [t for t in graph.initializer if t.name not in merged]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+
+
+def _same(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
+    x, y = numpy_helper.to_array(a), numpy_helper.to_array(b)
+    return x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+
+
+class DeclareShapes:
+    """Value infos for the main graph's float tensors whose rank shape inference leaves unknown, from
+    one run on a calibration sample (in place); dims are the measured per-sample sizes after a
+    symbolic batch. ``restore`` removes them again."""
+
+    in_place = True
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.shapes, self.declared = shapes, []
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        known = {vi.name for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]
+                 if vi.type.tensor_type.HasField("shape")}
+        types = _elem_types(model)
+        for name, shape in self.shapes.items():
+            if name in known or types.get(name) not in FLOAT_TYPES:
+                continue
+            model.graph.value_info.append(helper.make_tensor_value_info(name, types[name], ["batch", *shape]))
+            self.declared.append(name)
+        return PassResult(bool(self.declared), f"{len(self.declared)} shapes declared from the data" if self.declared else "")
+
+    def restore(self, model: onnx.ModelProto) -> None:
+        declared = set(self.declared)
+        kept = [vi for vi in model.graph.value_info if vi.name not in declared]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - types only; unknown ones are left alone
+        inferred = model
+    return {vi.name: vi.type.tensor_type.elem_type
+            for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+
+
+def unknown_rank_tensors(model: onnx.ModelProto) -> list[str]:
+    """Float node outputs of the main graph whose rank shape inference cannot tell."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001
+        inferred = model
+    known = {vi.name for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+             if vi.type.tensor_type.HasField("shape")}
+    inits = {t.name for t in model.graph.initializer}
+    return [out for node in model.graph.node for out in node.output if out and out not in known and out not in inits]
+
+
+@dataclass
+class AnalysisCopy:
+    """The passes applied to a copy of a model, in order, and how to give a pruned copy its form back."""
+
+    model: onnx.ModelProto
+    passes: list = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, source: onnx.ModelProto) -> "AnalysisCopy":
+        """A copy of ``source`` with Constants read as initializers and shared initializers unshared."""
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        copy = cls(model)
+        for step in (ConstantsToInitializers(), UnshareInitializers()):
+            copy.apply(step)
+        return copy
+
+    def apply(self, step) -> PassResult:
+        result = step(self.model)
+        if result.changed:
+            self.passes.append(step)
+            self.notes.append(result.note)
+        return result
+
+    def restore(self, pruned: onnx.ModelProto) -> onnx.ModelProto:
+        """``pruned`` (a rewrite of this copy) in the source's own form: the passes undone, last first."""
+        for step in reversed(self.passes):
+            step.restore(pruned)
+        return pruned
+
+
+def declared_shapes_for(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str = "cpu") -> DeclareShapes | None:
+    """A DeclareShapes pass for the tensors of unknown rank, measured on the first sample of ``feeds``
+    (None when there are none, or onnxruntime cannot produce them)."""
+    names = unknown_rank_tensors(model)
+    if not names:
+        return None
+    from .jacobians import tensor_shapes
+
+    try:
+        return DeclareShapes(tensor_shapes(model, names, {k: v[:1] for k, v in feeds.items()}, provider))
+    except Exception:  # noqa: BLE001 - the matchers then name the unknown ranks themselves
+        return None
