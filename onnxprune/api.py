@@ -17,6 +17,7 @@ from .evaluate import evaluate_dataset
 from .layers import GraphLayers, Layer, Skipped, analyse_graph, protected_output, reaching, read_initializer
 from .masks import choose_masks, excluded
 from .modelio import load_model
+from .inventory import unpruned_weights
 from .prepare import AnalysisCopy, declared_shapes_for
 from .refit import LayerRefit, current_bias, refit as refit_layers
 from .rewrite import LayerChange, rewrite
@@ -333,8 +334,8 @@ def evaluate(model, data, *, reference=None, output: str | None = None, provider
 def inspect(model) -> dict:
     """Prunable layers with shapes and current sparsity, skipped nodes with reasons, model stamping."""
     model = as_model(model)
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    analysis = AnalysisCopy.of(model)  # what prune analyses: Constants as initializers, shared ones unshared
+    work = analysis.model
     found = analyse_graph(work)
     layers = []
     for layer in found.layers:
@@ -352,6 +353,8 @@ def inspect(model) -> dict:
         "inputs": [vi.name for vi in model_inputs(model)], "outputs": [o.name for o in model.graph.output],
         "protected_output": protected, "layers": layers,
         "skipped": [asdict(s) for s in found.skipped],
+        "unpruned_weights": [asdict(s) for s in unpruned_weights(work, found)],
+        "analysis_copy": analysis.notes,
         "runtime_copy": model.ir_version > runtime.MAX_IR_VERSION or any(
             v > runtime.MAX_OPSET for d, v in opsets.items() if d == "ai.onnx"),
     }

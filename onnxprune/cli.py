@@ -13,7 +13,7 @@ from . import api
 from .errors import CheckFailed, InputError
 from .masks import SCOPES
 from .modelio import stage_model
-from .report import evaluation_table, prune_table, sensitivity_table, skipped_table, storage_table, table
+from .report import evaluation_table, prune_table, sensitivity_table, skipped_table, storage_table, table, unpruned_table
 from .engines import ENGINES
 from .statistics import EXACT_LIMIT
 from .runtime import PROVIDERS, build_name, check_installation
@@ -231,6 +231,10 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
             f"{result.protected_output!r}, seconds " + ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()))
     if result.skipped:
         ui.info(skipped_table(report["skipped"]))
+    if ui.verbose:
+        others = api.inspect(original)["unpruned_weights"]
+        if others:
+            ui.info(unpruned_table(others))
     print_json(json_path, report)
 
 
@@ -372,6 +376,11 @@ def inspect(model, json_path, force, verbose, quiet):
     if report["skipped"]:
         ui.out()
         ui.out(skipped_table(report["skipped"]))
+    if report["unpruned_weights"]:
+        ui.out()
+        ui.out(unpruned_table(report["unpruned_weights"]))
+    if report["analysis_copy"]:
+        ui.info("analysis copy: " + "; ".join(report["analysis_copy"]))
     print_json(json_path, report)
 
 

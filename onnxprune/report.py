@@ -39,6 +39,11 @@ def skipped_table(skipped: list[dict]) -> str:
     return table(["node", "op", "why it is not pruned"], [[s["node"], s["op"], s["reason"]] for s in skipped], right=set())
 
 
+def unpruned_table(weights: list[dict]) -> str:
+    return table(["weight", "read by", "why it is not pruned"], [[w["node"], w["op"], w["reason"]] for w in weights],
+                 right=set())
+
+
 def evaluation_table(reports: dict[str, dict]) -> str:
     """Metrics side by side, one column per evaluated model (e.g. original / pruned): quality,
     size on disk, and latency per sample (median and min-max of the repeated timings)."""

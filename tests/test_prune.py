@@ -139,3 +139,25 @@ def test_evaluate_against_numpy():
     assert report["loss"] == pytest.approx(-logp[np.arange(50), arrays["y"]].mean(), rel=1e-5)
     assert report["accuracy"] == pytest.approx((logits.argmax(1) == arrays["y"]).mean())
     assert report["mse"] == 0 and report["max_abs"] == 0
+
+
+def test_inspect_accounts_for_every_weight_it_does_not_prune():
+    """Recurrent matrices, a Gather's embedding and a subgraph's initializer are listed with why."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    init = lambda name, shape: numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)  # noqa: E731
+    branch = helper.make_graph([helper.make_node("MatMul", ["h", "Wb"], ["o"])], "branch", [],
+                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)], [init("Wb", (4, 4))])
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["emb"], name="embed"),
+             helper.make_node("LSTM", ["emb", "Wi", "Ri"], ["seq", "h"], name="lstm", hidden_size=4),
+             helper.make_node("If", ["flag"], ["y"], name="choose", then_branch=branch, else_branch=branch)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [3, 1]),
+                                           helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [init("E", (10, 4)), init("Wi", (1, 16, 4)), init("Ri", (1, 16, 4))])
+    report = onnxprune.inspect(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    reasons = {w["node"]: w["reason"] for w in report["unpruned_weights"]}
+    assert set(reasons) == {"E", "Wi", "Ri", "Wb"}
+    assert "Gather 'embed'" in reasons["E"] and "recurrent" in reasons["Wi"] and "recurrent" in reasons["Ri"]
+    assert "subgraph of If 'choose'" in reasons["Wb"]

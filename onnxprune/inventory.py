@@ -1,0 +1,55 @@
+"""Every weight of a model accounted for: the initializers of rank >= 2 that no layer prunes, and why.
+
+The layer matchers name the Gemm/MatMul/Conv nodes they refuse; a user also needs to know about the
+weights that are not read by such a node at all (recurrent LSTM/GRU matrices, embeddings read by a
+Gather, tensors inside If/Loop/Scan subgraphs), so that "x% prunable" is never a silent claim.
+"""
+from __future__ import annotations
+
+import onnx
+
+from .layers import GraphLayers, Skipped, subgraph_reads
+
+RECURRENT = ("LSTM", "GRU", "RNN")
+
+
+def unpruned_weights(model: onnx.ModelProto, found: GraphLayers) -> list[Skipped]:
+    """One entry per initializer of rank >= 2 that ``found``'s layers do not prune: node = the tensor,
+    op = what reads it, reason = why it is not pruned."""
+    pruned = {layer.weight for layer in found.layers}
+    refused = {s.node: s.reason for s in found.skipped}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    inner: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+        for name in subgraph_reads(node):
+            inner.setdefault(name, []).append(node)
+    out = []
+    for tensor in model.graph.initializer:
+        if len(tensor.dims) < 2 or tensor.name in pruned:
+            continue
+        nodes = readers.get(tensor.name, [])
+        recurrent = next((n for n in nodes if n.op_type in RECURRENT), None)
+        refusing = next((n for n in nodes if n.name in refused), None)
+        holder = (inner.get(tensor.name) or [None])[0]
+        if recurrent is not None:
+            op, reason = recurrent.op_type, (f"input or recurrent weight of {recurrent.op_type} {recurrent.name!r}: "
+                                              "recurrent cells are not pruned")
+        elif refusing is not None:
+            op, reason = refusing.op_type, f"read by {refusing.op_type} {refusing.name!r}: {refused[refusing.name]}"
+        elif holder is not None:
+            op, reason = holder.op_type, f"read inside the subgraph of {holder.op_type} {holder.name!r}"
+        elif nodes:
+            op, reason = nodes[0].op_type, (f"read by {nodes[0].op_type} {nodes[0].name!r}, which is not a "
+                                             "Gemm, MatMul or Conv layer")
+        else:
+            op, reason = "", "read by no node"
+        out.append(Skipped(tensor.name, op, reason))
+    for node in model.graph.node:
+        for attr in node.attribute:
+            for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                out += [Skipped(t.name, node.op_type, f"initializer of the subgraph of {node.op_type} {node.name!r}: "
+                                                      "subgraphs are not pruned")
+                        for t in graph.initializer if len(t.dims) >= 2]
+    return out
