@@ -124,6 +124,26 @@ def _few(model: onnx.ModelProto, data: Dataset) -> dict[str, np.ndarray] | None:
     return data.subset(n).feeds if len(data) >= n else None
 
 
+def per_sample(model: onnx.ModelProto, layers: list[Layer], data: Dataset, provider: str = "cpu"):
+    """(layers whose pre-activation has one row per sample, Skipped for the others). An export may fold
+    a sequence into the batch (Reshape to (N*S, F) before a Gemm): its rows are not samples, and the
+    per-sample statistics do not apply (measured on two samples)."""
+    if len(data) < 2 or not layers:
+        return layers, []
+    try:
+        values = runtime.run_tensors(model, data.subset(2).feeds, [layer.preact for layer in layers], provider)
+    except Exception:  # noqa: BLE001 - the statistics will name what fails
+        return layers, []
+    kept, skipped = [], []
+    for layer, value in zip(layers, values):
+        if value.ndim and value.shape[0] != 2:
+            skipped.append(Skipped(layer.name, layer.op, f"its output has {value.shape[0]} rows for 2 samples (a Reshape "
+                                                         "folds another axis into the batch): rows are not samples"))
+        else:
+            kept.append(layer)
+    return kept, skipped
+
+
 def check_finite_weights(model: onnx.ModelProto, layers: list[Layer]) -> None:
     """Layer weights and biases stored as initializers are finite; else an InputError naming one."""
     names = {init.name for init in model.graph.initializer}
@@ -193,7 +213,8 @@ class Pruner:
         check_finite_weights(self.model_, self.layers_)
         self.output_ = protected_output(self.model_, self.output)
         self.layers_, unreached = reaching(self.model_, self.layers_, self.output_)
-        self.skipped_ = self.skipped_ + unreached
+        self.layers_, folded = per_sample(self.model_, self.layers_, self.data_, self.provider)
+        self.skipped_ = self.skipped_ + unreached + folded
         if not self.layers_:
             raise InputError(f"no prunable layer reaches the protected output {self.output_!r}; choose one with --output")
         self.seconds_ = {}

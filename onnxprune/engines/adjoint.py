@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 from .. import runtime
 from ..errors import InputError
 from ..jacobians import by_position, exposed, instrument, needed_nodes, offset_name, tensor_shapes
-from ..layers import Layer
+from ..layers import Layer, tensor_types
 from .base import EngineFailure
 
 MIN_OPSET = 16  # onnx-ad needs ScatterND with reduction (16) for MaxPool, Softmax-13, ReduceSum's axes input (13)
@@ -66,6 +66,7 @@ class _AdjointModel:
             m = onnx.shape_inference.infer_shapes(m, data_prop=True)
         except Exception:  # noqa: BLE001 - inference is a help, not a requirement; onnx-ad says what it misses
             pass
+        self._declare_unknown(m, feeds)
         from onnx_ad import UnsupportedOperator, reverse
 
         try:
@@ -87,6 +88,30 @@ class _AdjointModel:
         except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types
             raise EngineFailure(f"onnxruntime cannot load the derivative graph: {runtime.ort_message(exc)}") from None
         self._signature, self._seeds, self._zeros = signature, {}, {}
+
+    def _declare_unknown(self, m: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+        """Shapes inference leaves unknown (onnx-ad needs every differentiated value's rank), measured
+        on one sample of the model itself and declared with the graph's batch."""
+        known = {vi.name for vi in [*m.graph.input, *m.graph.output, *m.graph.value_info]
+                 if vi.type.tensor_type.HasField("shape")} | {t.name for t in m.graph.initializer}
+        original = {out for node in self.model.graph.node for out in node.output if out}
+        missing = [out for node in m.graph.node for out in node.output if out and out not in known and out in original]
+        if not missing:
+            return
+        try:
+            shapes = tensor_shapes(self.model, missing, feeds, self.provider)
+        except Exception:  # noqa: BLE001 - onnx-ad will name what it still misses
+            return
+        types = tensor_types(self.model)
+        declared = {vi.name for vi in m.graph.value_info}
+        for name, shape in shapes.items():
+            if name in types and name not in declared:
+                m.graph.value_info.append(helper.make_tensor_value_info(name, types[name], [self.batch, *shape]))
+        for vi in m.graph.output:  # the exposed copies of those tensors
+            source = vi.name[: -len("__onnxprune_z")] if vi.name.endswith("__onnxprune_z") else None
+            if source in shapes and not vi.type.tensor_type.HasField("shape"):
+                vi.CopyFrom(helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type,
+                                                          [self.batch, *shapes[source]]))
 
     def _reduce_squares(self, grad: onnx.ModelProto, elem: int) -> None:
         """Outputs G = sum over the seed axis of the squared derivative, for single-use layers."""
