@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 from .. import runtime
 from ..errors import InputError
 from ..jacobians import by_position, exposed, instrument, needed_nodes, offset_name, tensor_shapes
-from ..layers import Layer, tensor_types
+from ..layers import Layer, subgraph_reads, tensor_types
 from .base import EngineFailure
 
 MIN_OPSET = 16  # onnx-ad needs ScatterND with reduction (16) for MaxPool, Softmax-13, ReduceSum's axes input (13)
@@ -67,6 +67,7 @@ class _AdjointModel:
         except Exception:  # noqa: BLE001 - inference is a help, not a requirement; onnx-ad says what it misses
             pass
         self._declare_unknown(m, feeds)
+        m = self._split_prefix(m, offsets)
         from onnx_ad import UnsupportedOperator, reverse
 
         try:
@@ -87,7 +88,55 @@ class _AdjointModel:
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types
             raise EngineFailure(f"onnxruntime cannot load the derivative graph: {runtime.ort_message(exc)}") from None
+        self.inputs_of = {i.name for i in self.session.get_inputs()}
         self._signature, self._seeds, self._zeros = signature, {}, {}
+
+    def _split_prefix(self, m: onnx.ModelProto, offsets: list[str]) -> onnx.ModelProto:
+        """Cut off the nodes no offset reaches (everything before the first layer: a recurrent front
+        end, an If on a sample rate, the embedding): a plain forward session runs them, and onnx-ad
+        only sees the part it differentiates. Returns that part; sets ``self.prefix``."""
+        graph = m.graph
+        tainted = set(offsets)
+        late = []
+        for node in graph.node:
+            if tainted.intersection(node.input) or tainted.intersection(subgraph_reads(node)):
+                tainted.update(node.output)
+                late.append(node)
+        early = [node for node in graph.node if not tainted.intersection(node.output)]
+        self.prefix, self.prefix_outputs = None, []
+        produced_early = {out for node in early for out in node.output}
+        needed = {name for node in late for name in [*node.input, *subgraph_reads(node)]}
+        outputs = {vi.name for vi in graph.output}
+        frontier = sorted(name for name in produced_early if name in needed or name in outputs)
+        if not early or not frontier:
+            return m
+        info = {vi.name: vi for vi in [*graph.value_info, *graph.output]}
+        if any(name not in info or not info[name].type.tensor_type.HasField("shape") for name in frontier):
+            return m  # a cut tensor without a declared shape: differentiate the whole graph
+        prefix, rest = (onnx.ModelProto(), onnx.ModelProto())
+        for part, nodes, ins, outs in ((prefix, early, [vi for vi in graph.input if vi.name not in tainted],
+                                        [info[n] for n in frontier]),
+                                       (rest, late, [vi for vi in graph.input] + [info[n] for n in frontier
+                                                                                   if n not in outputs],
+                                        [vi for vi in graph.output if vi.name not in produced_early])):
+            part.CopyFrom(m)
+            used = {name for node in nodes for name in [*node.input, *subgraph_reads(node)]}
+            part.graph.ClearField("node")
+            part.graph.node.extend(nodes)
+            kept = [t for t in m.graph.initializer if t.name in used]
+            part.graph.ClearField("initializer")
+            part.graph.initializer.extend(kept)
+            part.graph.ClearField("input")
+            part.graph.input.extend(vi for vi in ins if vi.name in used or vi.name in tainted)
+            part.graph.ClearField("output")
+            part.graph.output.extend(outs)
+        try:
+            self.prefix = runtime.proto_session(prefix, self.provider, self.threads)
+        except Exception:  # noqa: BLE001 - the whole graph then goes to onnx-ad, as before
+            return m
+        self.prefix_outputs = frontier
+        self.prefix_inputs = {i.name for i in self.prefix.get_inputs()}
+        return rest
 
     def _declare_unknown(self, m: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
         """Shapes inference leaves unknown (onnx-ad needs every differentiated value's rank), measured
@@ -142,10 +191,18 @@ class _AdjointModel:
         rows = np.arange(self.batch) % n
         padded = {k: v if n == self.batch else v[rows] for k, v in self._cast(feeds).items()}
         run_feeds = {**padded, **self._zeros, **(extra or {}), self.seed_name: seed}
+        wanted = fetch + [exposed(z) for z in self.z_outputs]
         try:
-            values = self.session.run(fetch + [exposed(z) for z in self.z_outputs], run_feeds)
+            found = {}
+            if self.prefix is not None:
+                early = self.prefix.run(self.prefix_outputs, {k: v for k, v in padded.items() if k in self.prefix_inputs})
+                found = dict(zip(self.prefix_outputs, early))
+                run_feeds.update(found)
+            late = [name for name in wanted if name not in found]
+            found.update(zip(late, self.session.run(late, {k: v for k, v in run_feeds.items() if k in self.inputs_of})))
         except Exception as exc:  # noqa: BLE001 - a kernel refusing a shape or a value inside the derivative graph
             raise InputError(f"onnxruntime failed running the derivative graph: {runtime.ort_message(exc)}") from None
+        values = [found[name] for name in wanted]
         return values if n == self.batch else [v[:n] for v in values]
 
     def _inputs(self, feeds: dict[str, np.ndarray], values: list[np.ndarray]) -> dict[str, np.ndarray]:
