@@ -299,3 +299,28 @@ def test_a_small_memory_budget_gives_smaller_batches_and_the_same_statistics():
     for layer in layers:
         for field in ("A", "B", "C"):
             np.testing.assert_allclose(getattr(small[layer.name], field), getattr(big[layer.name], field), rtol=1e-5)
+
+
+def test_a_front_end_no_offset_reaches_runs_apart():
+    """An LSTM before the first layer runs in a forward session of its own (onnx-ad's LSTM-as-Scan
+    graph does not load in onnxruntime; it need not be differentiated); the rows are y = tanh(a)'s
+    exact derivative and the layer input is the LSTM's output as onnxruntime computes it."""
+    hidden = 5
+    p = {"Wi": RNG.normal(size=(1, 4 * hidden, 4)) * 0.5, "Ri": RNG.normal(size=(1, 4 * hidden, hidden)) * 0.5,
+         "W": RNG.normal(size=(3, hidden)), "b": RNG.normal(size=3)}
+    nodes = [helper.make_node("Transpose", ["x"], ["seq"], perm=[1, 0, 2]),  # (N, T, F) -> (T, N, F)
+             helper.make_node("LSTM", ["seq", "Wi", "Ri"], ["", "h"], name="lstm", hidden_size=hidden),
+             helper.make_node("Transpose", ["h"], ["hb"], perm=[1, 0, 2]),
+             helper.make_node("Flatten", ["hb"], ["f"]),
+             helper.make_node("Gemm", ["f", "W", "b"], ["a"], name="fc", transB=1),
+             helper.make_node("Tanh", ["a"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])], p, opset=17)
+    layers = analyse_graph(model).layers
+    feeds = {"x": RNG.normal(size=(6, 3, 4)).astype(np.float32)}
+    split = output_jacobians(model, layers, "y", 3, engine="adjoint")
+    rows, inputs = split.rows(feeds, (3,))
+    assert split.impl.prefix is not None
+    f, y = runtime.run_tensors(model, feeds, ["f", "y"])
+    np.testing.assert_allclose(inputs["fc"], f, rtol=1e-6)
+    want = np.einsum("nk,ki->nki", 1 - y.astype(np.float64) ** 2, np.eye(3))[..., None]
+    np.testing.assert_allclose(rows["fc"], want, rtol=1e-5, atol=1e-6)

@@ -67,15 +67,11 @@ class _AdjointModel:
         except Exception:  # noqa: BLE001 - inference is a help, not a requirement; onnx-ad says what it misses
             pass
         self._declare_unknown(m, feeds)
-        m = self._split_prefix(m, offsets)
-        from onnx_ad import UnsupportedOperator, reverse
-
-        try:
-            grad = reverse(m, inputs=offsets, outputs=[seeded], layout="onnx", prefix="onnxprune__adj__")
-        except UnsupportedOperator as exc:
-            raise EngineFailure(f"onnx-ad cannot differentiate {_culprit(m, str(exc))}: {_one_line(exc)}") from None
-        except Exception as exc:  # noqa: BLE001 - onnx-ad raises plain errors on graphs it does not understand
-            raise EngineFailure(f"onnx-ad cannot build the derivative graph: {type(exc).__name__}: {_one_line(exc)}") from None
+        try:  # the part the offsets reach; when onnx-ad refuses it (a cut made a bound a graph input), the whole
+            grad = _reverse(self._split_prefix(m, offsets), offsets, seeded)
+        except EngineFailure:
+            self.prefix = None
+            grad = _reverse(m, offsets, seeded)
         self.seed_name = grad.graph.input[-1].name
         derivatives = [vi.name for vi in grad.graph.output[-len(offsets):]]
         self.rows_of = dict(zip((layer.name for layer in self.layers), derivatives))
@@ -104,7 +100,14 @@ class _AdjointModel:
                 late.append(node)
         early = [node for node in graph.node if not tainted.intersection(node.output)]
         self.prefix, self.prefix_outputs = None, []
-        produced_early = {out for node in early for out in node.output}
+        inputs = {vi.name for vi in graph.input}
+        constant = {t.name for t in graph.initializer}
+        for node in early:  # computed from constants alone (axes, shapes of weights): copied, never cut
+            if all(not name or name in constant for name in node.input) and not inputs.intersection(subgraph_reads(node)):
+                constant.update(node.output)
+        folded = [node for node in early if constant.issuperset(o for o in node.output if o)]
+        late = [node for node in folded if not tainted.intersection(node.output)] + late
+        produced_early = {out for node in early for out in node.output} - constant
         needed = {name for node in late for name in [*node.input, *subgraph_reads(node)]}
         outputs = {vi.name for vi in graph.output}
         frontier = sorted(name for name in produced_early if name in needed or name in outputs)
@@ -209,6 +212,17 @@ class _AdjointModel:
         z = dict(zip(self.z_outputs, values[len(values) - len(self.z_outputs):]))
         cast = self._cast(feeds)
         return {layer.name: z[layer.input] if layer.input in z else cast[layer.input] for layer in self.layers}
+
+
+def _reverse(m: onnx.ModelProto, offsets: list[str], seeded: str) -> onnx.ModelProto:
+    from onnx_ad import UnsupportedOperator, reverse
+
+    try:
+        return reverse(m, inputs=offsets, outputs=[seeded], layout="onnx", prefix="onnxprune__adj__")
+    except UnsupportedOperator as exc:
+        raise EngineFailure(f"onnx-ad cannot differentiate {_culprit(m, str(exc))}: {_one_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - onnx-ad raises plain errors on graphs it does not understand
+        raise EngineFailure(f"onnx-ad cannot build the derivative graph: {type(exc).__name__}: {_one_line(exc)}") from None
 
 
 def _drop_dead_nodes(grad: onnx.ModelProto) -> None:
