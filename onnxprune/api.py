@@ -18,7 +18,7 @@ from .layers import GraphLayers, Layer, Skipped, analyse_graph, protected_output
 from .masks import choose_masks, excluded
 from .modelio import load_model
 from .inventory import unpruned_weights
-from .prepare import AnalysisCopy, declared_shapes_for
+from .prepare import AnalysisCopy, FoldFixedInputs, declared_shapes_for
 from .refit import LayerRefit, current_bias, refit as refit_layers
 from .rewrite import LayerChange, rewrite
 from .saliency import REFIT_METHOD, Saliency, ScoringContext, make_scorer
@@ -121,7 +121,7 @@ def _few(model: onnx.ModelProto, data: Dataset) -> dict[str, np.ndarray] | None:
     if len(fixed) > 1:
         return None
     n = fixed.pop() if fixed else 2
-    return data.subset(n).feeds if len(data) >= n else None
+    return data.subset(n).inputs() if len(data) >= n else None
 
 
 def per_sample(model: onnx.ModelProto, layers: list[Layer], data: Dataset, provider: str = "cpu"):
@@ -203,7 +203,10 @@ class Pruner:
         # copy, and masks refer to it. ``prune`` gives the result the source's own form back.
         self.analysis_ = AnalysisCopy.of(source)
         self.model_ = self.analysis_.model
-        self.data_ = as_dataset(data, self.model_, self.labels_key, require_labels=method == "gradmag")
+        self.full_data_ = as_dataset(data, self.model_, self.labels_key, require_labels=method == "gradmag")
+        if self.full_data_.fixed:  # inputs without a batch axis: constants of the analysis copy
+            self.analysis_.apply(FoldFixedInputs(self.full_data_.fixed))
+        self.data_ = self.full_data_.per_sample()
         check_runs(self.model_, self.provider, _few(self.model_, self.data_))
         shapes = declared_shapes_for(self.model_, self.data_.subset(1).feeds, self.provider)
         if shapes is not None:  # ranks shape inference cannot tell (dynamic H/W): measured on one sample
@@ -268,7 +271,7 @@ class Pruner:
             changes = [replace(c, max_bias_shift=_bias_change(self.model_, current, before, after, feeds))
                        for c, before, after in zip(changes, self.layers_, layers)]
         current = self.analysis_.restore(_copy(current))
-        validate(current, self.data_)
+        validate(current, self.full_data_)
         seconds, self.seconds_ = dict(self.seconds_), fitted_seconds  # prune() may be called again
         return PruneResult(
             model=current, method=self.method, compensation=shifts is not None, scope=self.scope,
@@ -333,7 +336,7 @@ def validate(model: onnx.ModelProto, data: Dataset | None = None) -> None:
         raise CheckFailed(f"the pruned model fails onnx.checker: {str(exc).splitlines()[0]}") from None
     if data is not None:
         session = runtime.make_session(model)
-        for value in session.run(None, data.subset(8).feeds):
+        for value in session.run(None, data.subset(8).inputs()):
             if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.all(np.isfinite(value)):
                 raise CheckFailed("the pruned model produces NaN or Inf on the calibration data")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -146,11 +146,13 @@ class NpzColumn:
 
 @dataclass
 class Dataset:
-    """Feeds for every model input (all with the same first dimension; arrays, or NpzColumns
-    read batch by batch) and optional int64 labels."""
+    """Feeds for every per-sample model input (all with the same first dimension; arrays, or
+    NpzColumns read batch by batch), optional int64 labels, and the ``fixed`` inputs that have no
+    batch axis (a scalar sample rate): those are fed as given with every batch."""
 
     feeds: dict[str, "np.ndarray | NpzColumn"]
     labels: np.ndarray | None = None
+    fixed: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(next(iter(self.feeds.values())))
@@ -159,10 +161,19 @@ class Dataset:
         for start in range(0, len(self), batch_size):
             stop = start + batch_size
             labels = None if self.labels is None else self.labels[start:stop]
-            yield {k: v[start:stop] for k, v in self.feeds.items()}, labels
+            yield {**{k: v[start:stop] for k, v in self.feeds.items()}, **self.fixed}, labels
 
     def subset(self, n: int) -> "Dataset":
-        return Dataset({k: v[:n] for k, v in self.feeds.items()}, None if self.labels is None else self.labels[:n])
+        return Dataset({k: v[:n] for k, v in self.feeds.items()}, None if self.labels is None else self.labels[:n],
+                       self.fixed)
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        """Every model input: the per-sample feeds and the fixed ones."""
+        return {**self.feeds, **self.fixed}
+
+    def per_sample(self) -> "Dataset":
+        """The same data without the fixed inputs (for a model in which they are constants)."""
+        return Dataset(self.feeds, self.labels)
 
 
 def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -235,14 +246,42 @@ def make_dataset(arrays: dict, model: onnx.ModelProto, labels_key: str | None = 
     if missing:
         raise InputError(f"{source}: no array for model input(s) {missing}; found {sorted(arrays)}")
     scale = _input_scale(model)
-    feeds = {vi.name: _check_input(arrays[vi.name], vi, scale, source) for vi in inputs}
+    fixed = {vi.name: _fixed_input(arrays[vi.name], vi, source) for vi in inputs if _no_batch_axis(vi)}
+    feeds = {vi.name: _check_input(arrays[vi.name], vi, scale, source) for vi in inputs if vi.name not in fixed}
+    if not feeds:
+        raise InputError(f"{source}: every model input is a fixed value; there are no samples")
     sizes = {name: len(a) for name, a in feeds.items()}
     if len(set(sizes.values())) > 1:
         raise InputError(f"{source}: inputs have different numbers of samples {sizes}")
     n = next(iter(sizes.values()))
     if labels is not None and len(labels) != n:
         raise InputError(f"{source}: {len(labels)} labels for {n} samples")
-    return Dataset(feeds, labels)
+    return Dataset(feeds, labels, fixed)
+
+
+def _no_batch_axis(vi: onnx.ValueInfoProto) -> bool:
+    """A model input declared as a scalar has no batch axis: it is fed as given with every batch."""
+    ttype = vi.type.tensor_type
+    return ttype.HasField("shape") and len(ttype.shape.dim) == 0
+
+
+def _fixed_input(array, vi: onnx.ValueInfoProto, source: str) -> np.ndarray:
+    """The value of a scalar input, in the model's dtype."""
+    want = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+    if isinstance(array, _Lazy):
+        member = array.get()
+        if member.ndim > 1 or (member.ndim == 1 and len(member) != 1):  # never decompress a large member for this
+            raise InputError(f"{source}: {vi.name!r} is a scalar input of the model; store one value")
+        array = member.read()
+    value = np.asarray(array)
+    if value.size != 1:
+        raise InputError(f"{source}: {vi.name!r} is a scalar input of the model, but its array has shape "
+                         f"{list(value.shape)}; store one value")
+    if value.dtype.kind not in "biuf" or (want.kind in "iub" and value.dtype.kind == "f"):
+        raise InputError(f"{source}: {vi.name!r} has dtype {value.dtype}, the model wants {want}")
+    if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+        raise InputError(f"{source}: {vi.name!r} contains NaN or Inf")
+    return value.reshape(()).astype(want)
 
 
 def _pop_labels(arrays: dict[str, np.ndarray], labels_key: str | None, source: str) -> np.ndarray | None:

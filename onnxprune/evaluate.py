@@ -43,7 +43,7 @@ def measure_latency(models: dict[str, onnx.ModelProto], data: Dataset, batch_siz
     names = list(sessions)
     result = {"repeats": repeats, "batches": []}
     for batch in sorted({min(b, len(data)) for b in batch_sizes}):
-        feeds = data.subset(batch).feeds
+        feeds = data.subset(batch).inputs()
         runs = 1
         for session in sessions.values():
             session.run(None, feeds)  # warm-up: allocations and kernel selection are not latency

@@ -142,6 +142,39 @@ def _same(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
     return x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
 
 
+class FoldFixedInputs:
+    """Graph inputs the data gives one value for (no batch axis: a scalar sample rate) become
+    initializers holding that value (in place): the analysis sees them as the constants they are for
+    this data. ``restore`` makes them inputs again, where they were."""
+
+    in_place = True
+
+    def __init__(self, values: dict[str, np.ndarray]):
+        self.values, self.inputs = values, []
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        graph = model.graph
+        for index, vi in enumerate(graph.input):
+            if vi.name in self.values:
+                copy = onnx.ValueInfoProto()
+                copy.CopyFrom(vi)
+                self.inputs.append((index, copy))
+        for _, vi in self.inputs:
+            graph.input.remove(next(i for i in graph.input if i.name == vi.name))
+            graph.initializer.append(numpy_helper.from_array(np.asarray(self.values[vi.name]), vi.name))
+        names = ", ".join(repr(vi.name) for _, vi in self.inputs)
+        return PassResult(bool(self.inputs), f"inputs without a batch axis fed as constants: {names}" if names else "")
+
+    def restore(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        names = {vi.name for _, vi in self.inputs}
+        kept = [t for t in graph.initializer if t.name not in names]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        for index, vi in self.inputs:
+            graph.input.insert(index, vi)
+
+
 class DeclareShapes:
     """Value infos for the main graph's float tensors whose rank shape inference leaves unknown, from
     one run on a calibration sample (in place); dims are the measured per-sample sizes after a

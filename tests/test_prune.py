@@ -161,3 +161,29 @@ def test_inspect_accounts_for_every_weight_it_does_not_prune():
     assert set(reasons) == {"E", "Wi", "Ri", "Wb"}
     assert "Gather 'embed'" in reasons["E"] and "recurrent" in reasons["Wi"] and "recurrent" in reasons["Ri"]
     assert "subgraph of If 'choose'" in reasons["Wb"]
+
+
+def test_a_scalar_input_is_fed_as_given_with_every_batch(tmp_path):
+    """A model input declared as a scalar (a sample rate) has no batch axis: one value is stored and fed
+    with every batch; the written model keeps it as an input."""
+    from onnx import TensorProto, helper
+
+    model, _, _ = mlp((5, 4, 3))
+    graph = model.graph
+    last = graph.node[-1]
+    scaled = last.output[0]
+    last.output[0] = "unscaled"
+    graph.node.append(helper.make_node("Mul", ["unscaled", "rate"], [scaled], name="by_rate"))
+    graph.input.append(helper.make_tensor_value_info("rate", TensorProto.FLOAT, []))
+    onnx.checker.check_model(model)
+    x = data(30)
+    result = onnxprune.prune(model, {**x, "rate": np.float32(2.0)}, 0.5)
+    assert [i.name for i in result.model.graph.input] == [i.name for i in graph.input]
+    assert "rate" not in {t.name for t in result.model.graph.initializer}
+    out = runtime.make_session(result.model).run(None, {"x": x["x"], "rate": np.array(2.0, np.float32)})[0]
+    assert np.isfinite(out).all()
+    np.savez(tmp_path / "calib.npz", x=x["x"], rate=np.float32(2.0))
+    evaluated = onnxprune.evaluate(result.model, str(tmp_path / "calib.npz"), reference=model)
+    assert evaluated["mse"] >= 0
+    with pytest.raises(onnxprune.InputError, match="scalar input"):
+        onnxprune.prune(model, {**x, "rate": np.ones(30, np.float32)}, 0.5)
