@@ -4,7 +4,7 @@
     onnxprune.save_model(result.model, "pruned.onnx")
     onnxprune.evaluate("pruned.onnx", "test.npz", reference="model.onnx")
 """
-from .api import Pruner, PruneResult, evaluate, inspect, prune
+from .api import Pruner, PruneResult, evaluate, inspect, prune, prune_structured
 from .errors import CheckFailed, InputError, OnnxPruneError
 from .finetune import finetune
 from .modelio import load_model, save_model
@@ -12,5 +12,6 @@ from .saliency import METHODS
 from .sensitivity import sensitivity
 
 __all__ = ["prune", "Pruner", "evaluate", "inspect", "PruneResult", "load_model", "save_model", "METHODS",
-           "InputError", "CheckFailed", "OnnxPruneError", "finetune", "sensitivity"]
+           "InputError", "CheckFailed", "OnnxPruneError", "finetune", "sensitivity",
+           "prune_structured"]
 __version__ = "0.1.0"

@@ -331,6 +331,22 @@ def inspect(model) -> dict:
         "inputs": [vi.name for vi in model_inputs(model)], "outputs": [o.name for o in model.graph.output],
         "protected_output": protected, "layers": layers,
         "skipped": [asdict(s) for s in found.skipped],
+        "units": _unit_groups(work),
         "runtime_copy": model.ir_version > runtime.MAX_IR_VERSION or any(
             v > runtime.MAX_OPSET for d, v in opsets.items() if d == "ai.onnx"),
     }
+
+
+def _unit_groups(model: onnx.ModelProto) -> dict:
+    """inspect's section on structured pruning: the unit groups and the layers whose units cannot go."""
+    from .units import find_units
+
+    units = find_units(model)
+    return {"groups": [g.to_dict() for g in units.groups], "rejected": [asdict(r) for r in units.rejected]}
+
+
+def prune_structured(model, data, **params):
+    """Remove whole units (neurons, channels) of ``model``: see ``onnxprune.shrink.prune_structured``."""
+    from .shrink import prune_structured as run
+
+    return run(model, data, **params)

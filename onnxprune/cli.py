@@ -12,10 +12,12 @@ from .errors import CheckFailed, InputError
 from .fileio import check_output_path
 from .masks import SCOPES
 from .modelio import save_model
-from .report import evaluation_table, prune_table, sensitivity_table, skipped_table, storage_table, table
+from .report import evaluation_table, prune_table, sensitivity_table, skipped_table, storage_table, table, units_table
 from .runtime import PROVIDERS
 from .saliency import METHODS, REFIT_METHOD
 from .storage import STORAGES, storage_report
+from .structured import METHODS as STRUCTURED_METHODS
+from .structured_cli import STRUCTURED_ONLY, refuse_outside, run_structured, structured_options
 from .ui import common, command_errors, emit_json, make_ui
 
 
@@ -53,8 +55,9 @@ def main():
 @click.option("--storage", type=click.Choice(STORAGES), default="dense", show_default=True,
               help="Write pruned initializers dense, or as sparse initializers where smaller (disk only: "
                    "onnxruntime expands them at load).")
-@click.option("--method", type=click.Choice([*METHODS, REFIT_METHOD]), default="ecp", show_default=True,
-              help="Saliency; ecp-refit = ECP in steps with least-squares refits of the surviving weights.")
+@click.option("--method", type=click.Choice([*METHODS, REFIT_METHOD, *STRUCTURED_ONLY]), default="ecp", show_default=True,
+              help="Saliency; ecp-refit = ECP in steps with least-squares refits of the surviving weights; "
+                   f"with --structured one of {', '.join(STRUCTURED_METHODS)}.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Reach the sparsity in this many steps, re-scoring each time (default 1; ecp-refit 10).")
 @click.option("--refit/--no-refit", default=None,
@@ -83,18 +86,31 @@ def main():
 @threads_opt
 @json_opt
 @click.option("--force", is_flag=True, help="Replace existing output files; run nonlinear above its size limit.")
+@structured_options
 @common
 @command_errors
 def prune(model, out, data, sparsity, dry_run, ratios, evaluate_data, max_loss_increase, plot_path, storage, method,
           steps, refit, chained, g_weighted, compensation, scope, exclude, seed,
           probes, conv_statistics, batch_size, test_data,
-          output, labels_key, provider, threads, json_path, force, verbose, quiet):
+          output, labels_key, provider, threads, json_path, force, structured, macs, multiple, time_batches,
+          verbose, quiet):
     """Prune MODEL (one-shot, or in --steps) and write the result to OUT.
 
     With --dry-run, write no model: report how the error grows over --ratios and, with --evaluate
     and --max-loss-increase, the largest ratio whose loss stays within the budget (exit 1 if none).
     """
     ui = make_ui(verbose, quiet)
+    # --- structured pruning (issue 12): its own path, see structured_cli ---
+    if structured:
+        return run_structured(
+            ui, model=model, out=out, data=data, sparsity=sparsity, macs=macs, method=method, scope=scope,
+            multiple=multiple, steps=steps, refit=refit, exclude=exclude, seed=seed, output=output, probes=probes,
+            batch_size=batch_size, labels_key=labels_key, provider=provider, threads=threads, test_data=test_data,
+            json_path=json_path, force=force, time_batches=time_batches,
+            refused={"--dry-run": dry_run, "--storage sparse": storage != "dense", "--no-compensation": not compensation,
+                     "--no-chain": not chained, "--conv-statistics positions": conv_statistics != "exact"})
+    refuse_outside(macs, multiple, method)
+    # --- end of structured pruning ---
     params = dict(method=method, compensation=compensation, scope=scope, exclude=exclude, seed=seed, output=output,
                   probes=probes, batch_size=batch_size, labels_key=labels_key, provider=provider, threads=threads,
                   force=force, steps=steps, refit=refit, chained=chained, g_weighted=g_weighted,
@@ -227,6 +243,8 @@ def inspect(model, json_path, force, verbose, quiet):
     if report["skipped"]:
         ui.out()
         ui.out(skipped_table(report["skipped"]))
+    ui.out()
+    ui.out(units_table(report["units"]))  # structured pruning's unit groups
     emit_json(json_path, report, force, ui)
 
 

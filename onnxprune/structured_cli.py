@@ -1,0 +1,99 @@
+"""``onnxprune prune --structured``: the options, and the run (prune, check, time, print, write)."""
+from __future__ import annotations
+
+import functools
+
+import click
+
+from .errors import InputError
+from .fileio import check_output_path
+from .modelio import save_model
+from .structured import METHODS
+
+STRUCTURED_ONLY = tuple(m for m in METHODS if m != "ecp")
+
+
+def structured_options(func):
+    """The options of ``prune --structured``, applied as one block."""
+    options = [
+        click.option("--structured", is_flag=True,
+                     help="Remove whole units (neurons, channels): smaller shapes, real speed. --sparsity is then "
+                          "the fraction of prunable units removed."),
+        click.option("--macs", type=float, default=None,
+                     help="--structured: remove this fraction of the MACs instead (units ranked by error per MAC saved)."),
+        click.option("--multiple", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="--structured: round every layer's kept units to a multiple of N (onnxruntime's fast Conv path: 8)."),
+        click.option("--time-batches", default="1,256", show_default=True, metavar="B1,B2",
+                     help="--structured: batch sizes at which both models are timed (paired, repeated)."),
+    ]
+    return functools.reduce(lambda f, option: option(f), reversed(options), func)
+
+
+def refuse_outside(macs, multiple, method) -> None:
+    """Options that only mean something with --structured."""
+    if macs is not None:
+        raise InputError("--macs applies to --structured pruning; add --structured (or use --sparsity)")
+    if multiple != 1:
+        raise InputError("--multiple applies to --structured pruning; add --structured")
+    if method in STRUCTURED_ONLY:
+        raise InputError(f"--method {method} is a structured method; add --structured")
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise InputError(f"--time-batches must be positive integers separated by commas, got {text!r}")
+    return values
+
+
+def run_structured(ui, *, model, out, data, sparsity, macs, method, scope, multiple, steps, refit, exclude, seed,
+                   output, probes, batch_size, labels_key, provider, threads, test_data, json_path, force,
+                   time_batches, refused: dict) -> None:
+    from . import api
+    from .report import structured_table, timing_table
+    from .shrink import prune_structured
+    from .speed import time_models
+    from .ui import emit_json
+
+    given = [name for name, value in refused.items() if value]
+    if given:
+        raise InputError(f"{given[0]} does not apply to --structured pruning")
+    if method not in METHODS:
+        raise InputError(f"--method {method} is not a structured method; choose one of {', '.join(METHODS)}")
+    batches = _batches(time_batches)
+    if out is None:
+        raise InputError("missing OUT, the path of the pruned model")
+    check_output_path(out, force=force, inputs=[model, data])
+    if json_path and json_path != "-":
+        check_output_path(json_path, force=force, inputs=[model, data, out])
+    original = api.as_model(model)
+    ui.info(f"structured pruning of {model} with {method} on {data}")
+    result = prune_structured(original, data, sparsity=sparsity, macs=macs, method=method, scope=scope,
+                              multiple=multiple, steps=steps, refit=refit is not False, exclude=exclude, output=output,
+                              probes=probes, batch_size=batch_size, seed=seed, labels_key=labels_key,
+                              provider=provider, threads=threads)
+    feeds = api.as_dataset(data, original, labels_key).subset(max(batches)).feeds
+    result.timing = time_models(original, result.model, feeds, batches, threads=threads or 1, provider=provider)
+    report = result.to_dict()
+    if test_data:
+        report["test"] = {name: api.evaluate(m, test_data, reference=original if name == "pruned" else None,
+                                             output=output, provider=provider, labels_key=labels_key, threads=threads)
+                          for name, m in (("original", original), ("pruned", result.model))}
+    save_model(result.model, out, force=force, inputs=[model])
+    ui.written.append(out)
+    ui.out(structured_table(report))
+    ui.out()
+    ui.out(timing_table(report["timing"]))
+    if test_data:
+        from .report import evaluation_table
+
+        ui.out()
+        ui.out(evaluation_table(report["test"]))
+    ui.info("seconds " + ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()))
+    if result.rejected:
+        ui.info("not removable: " + "; ".join(f"{r.layer}: {r.reason}" for r in result.rejected))
+    ui.info(f"wrote {out}")
+    emit_json(json_path, report, force, ui)
