@@ -1,0 +1,231 @@
+"""Unit groups on tiny graphs: every coupling pattern is found (or rejected with its reason), and the
+shrunk model computes what the dense model computes with the removed units replaced by constants."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxprune import runtime
+from onnxprune.slicing import remove_units
+from onnxprune.units import find_units
+
+RNG = np.random.default_rng(0)
+
+
+def _w(name, *shape, scale=0.5):
+    return numpy_helper.from_array((RNG.normal(size=shape) * scale).astype(np.float32), name)
+
+
+def _model(nodes, inits, in_shape, out_shape, opset=17):
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def mlp_gemm():
+    """Gemm (transB=1) -> Relu -> Gemm (transB=0, alpha, beta) -> Tanh -> Gemm."""
+    n = helper.make_node
+    return _model([n("Gemm", ["x", "W0", "b0"], ["a0"], name="fc0", transB=1), n("Relu", ["a0"], ["h0"], name="r0"),
+                   n("Gemm", ["h0", "W1", "b1"], ["a1"], name="fc1", alpha=0.7, beta=1.5),
+                   n("Tanh", ["a1"], ["h1"], name="t1"), n("Gemm", ["h1", "W2", "b2"], ["y"], name="fc2", transB=1)],
+                  [_w("W0", 6, 5), _w("b0", 6), _w("W1", 6, 7), _w("b1", 7), _w("W2", 3, 7), _w("b2", 3)], ["N", 5], ["N", 3])
+
+
+def mlp_matmul_prelu():
+    """MatMul + Add -> PRelu (one slope per unit) -> per-unit Mul -> MatMul (no bias) -> Sigmoid -> MatMul + Add."""
+    n = helper.make_node
+    return _model([n("MatMul", ["x", "W0"], ["m0"], name="mm0"), n("Add", ["b0", "m0"], ["a0"], name="add0"),
+                   n("PRelu", ["a0", "slope"], ["p0"], name="prelu0"), n("Mul", ["p0", "scale"], ["h0"], name="mul0"),
+                   n("MatMul", ["h0", "W1"], ["a1"], name="mm1"), n("Sigmoid", ["a1"], ["h1"], name="s1"),
+                   n("MatMul", ["h1", "W2"], ["m2"], name="mm2"), n("Add", ["m2", "b2"], ["y"], name="add2")],
+                  [_w("W0", 5, 6), _w("b0", 6), _w("slope", 6), _w("scale", 6), _w("W1", 6, 4), _w("W2", 4, 3),
+                   _w("b2", 3)], ["N", 5], ["N", 3])
+
+
+def cnn(flatten="Flatten", bn=False, depthwise=False, pool="MaxPool"):
+    """Conv -> [BatchNormalization] -> Relu -> [per-channel Add] -> pool -> [depthwise Conv] -> Conv -> Relu
+    -> Flatten or Reshape -> Gemm. No padding: a constant channel folds exactly into the next bias."""
+    n = helper.make_node
+    nodes = [n("Reshape", ["x", "img"], ["x4"], name="to_img"), n("Conv", ["x4", "C0"], ["c0"], name="conv0",
+                                                                     kernel_shape=[3, 3])]
+    inits = [numpy_helper.from_array(np.array([-1, 2, 9, 9], np.int64), "img"), _w("C0", 4, 2, 3, 3)]
+    t = "c0"
+    if bn:
+        nodes.append(n("BatchNormalization", [t, "bn_s", "bn_b", "bn_m", "bn_v"], ["bn"], name="bn0"))
+        inits += [_w("bn_s", 4), _w("bn_b", 4), _w("bn_m", 4), numpy_helper.from_array(RNG.uniform(0.5, 2, 4).astype(np.float32), "bn_v")]
+        t = "bn"
+    else:
+        nodes.append(n("Add", [t, "cb0"], ["c0b"], name="bias0"))
+        inits.append(_w("cb0", 1, 4, 1, 1))
+        t = "c0b"
+    nodes += [n("Relu", [t], ["r0"], name="relu0"), n("Add", ["r0", "shift"], ["r0s"], name="shift0"),
+              n(pool, ["r0s"], ["p0"], name="pool0", kernel_shape=[2, 2], strides=[1, 1])]
+    inits.append(_w("shift", 4, 1, 1))
+    t = "p0"
+    if depthwise:
+        nodes.append(n("Conv", [t, "D", "db"], ["d0"], name="dw", kernel_shape=[2, 2], group=4))
+        inits += [_w("D", 4, 1, 2, 2), _w("db", 4)]
+        t = "d0"
+    nodes += [n("Conv", [t, "C1", "cb1"], ["c1"], name="conv1", kernel_shape=[3, 3]), n("Relu", ["c1"], ["r1"], name="relu1")]
+    inits += [_w("C1", 5, 4, 3, 3), _w("cb1", 5)]
+    side = 9 - 2 - 1 - (1 if depthwise else 0) - 2
+    if flatten == "Flatten":
+        nodes.append(n("Flatten", ["r1"], ["f"], name="flat"))
+    else:
+        nodes.append(n("Reshape", ["r1", "fshape"], ["f"], name="flat"))
+        inits.append(numpy_helper.from_array(np.array([-1, 5 * side * side], np.int64), "fshape"))
+    nodes.append(n("Gemm", ["f", "G", "gb"], ["y"], name="fc", transB=1))
+    inits += [_w("G", 3, 5 * side * side, scale=0.2), _w("gb", 3)]
+    return _model(nodes, inits, ["N", 162], ["N", 3])
+
+
+def sequence_ffn():
+    """A transformer FFN on (batch, sequence, features): MatMul + Add -> Gelu -> MatMul + Add."""
+    n = helper.make_node
+    return _model([n("MatMul", ["x", "W0"], ["m0"], name="up"), n("Add", ["m0", "b0"], ["a0"], name="up_bias"),
+                   n("Gelu", ["a0"], ["h0"], name="gelu"), n("MatMul", ["h0", "W1"], ["m1"], name="down"),
+                   n("Add", ["m1", "b1"], ["y"], name="down_bias")],
+                  [_w("W0", 4, 8), _w("b0", 8), _w("W1", 8, 4), _w("b1", 4)], ["N", 3, 4], ["N", 3, 4], opset=20)
+
+
+def _inputs(model, n=6):
+    vi = model.graph.input[0]
+    shape = [n] + [d.dim_value for d in vi.type.tensor_type.shape.dim[1:]]
+    return {vi.name: RNG.normal(size=shape).astype(np.float32)}
+
+
+def _replaced(model, group, removed, constants):
+    """The dense model with the removed units of ``group`` replaced by their constants: z*m + k at the
+    tensor the consumers read (the independent reference of the fold-and-slice rewrite)."""
+    ref = onnx.ModelProto()
+    ref.CopyFrom(model)
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+              for vi in onnx.shape_inference.infer_shapes(ref).graph.value_info}
+    shape = shapes[group.tensor]
+    m, k = np.ones(group.units, np.float32), np.zeros(group.units, np.float32)
+    m[removed], k[removed] = 0, constants[removed]
+    block = group.consumers[0].block
+    if len(shape) == 2:  # (N, units x block)
+        m, k = np.repeat(m, block)[None], np.repeat(k, block)[None]
+    elif len(shape) == 3:  # (N, S, units)
+        m, k = m[None, None], k[None, None]
+    else:  # (N, C, *spatial)
+        m, k = m.reshape(1, -1, *[1] * (len(shape) - 2)), k.reshape(1, -1, *[1] * (len(shape) - 2))
+    for node in ref.graph.node:
+        for i, name in enumerate(node.input):
+            if name == group.tensor:
+                node.input[i] = "ref_replaced"
+    ref.graph.initializer.extend([numpy_helper.from_array(m, "ref_m"), numpy_helper.from_array(k, "ref_k")])
+    ref.graph.node.extend([helper.make_node("Mul", [group.tensor, "ref_m"], ["ref_masked"]),
+                           helper.make_node("Add", ["ref_masked", "ref_k"], ["ref_replaced"])])
+    ref.graph.ClearField("value_info")
+    sorted_nodes = _toposort(ref.graph)
+    del ref.graph.node[:]
+    ref.graph.node.extend(sorted_nodes)
+    return ref
+
+
+def _toposort(graph):
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    nodes, out = list(graph.node), []
+    while nodes:
+        for node in nodes:
+            if all(not i or i in ready for i in node.input):
+                out.append(node)
+                ready.update(node.output)
+                nodes.remove(node)
+                break
+    return out
+
+
+PATTERNS = {
+    "gemm-relu-gemm": (mlp_gemm, {"fc0": ["fc1"], "fc1": ["fc2"]}),
+    "matmul-prelu-mul-matmul": (mlp_matmul_prelu, {"mm0": ["mm1"], "mm1": ["mm2"]}),
+    "conv-relu-add-maxpool-conv-flatten-gemm": (cnn, {"conv0": ["conv1"], "conv1": ["fc"]}),
+    "conv-bn-relu-averagepool-conv-reshape-gemm": (lambda: cnn("Reshape", bn=True, pool="AveragePool"),
+                                                   {"conv0": ["conv1"], "conv1": ["fc"]}),
+    "conv-maxpool-depthwise-conv": (lambda: cnn(depthwise=True), {"conv0": ["conv1"], "conv1": ["fc"]}),
+    "sequence-ffn-gelu": (sequence_ffn, {"up": ["down"]}),
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_pattern_shrinks_to_the_masked_model(pattern):
+    build, expected = PATTERNS[pattern]
+    model = build()
+    groups = find_units(model).by_name()
+    assert {name: [c.layer for c in g.consumers] for name, g in groups.items()} == expected
+    feeds = _inputs(model)
+    for name, group in groups.items():
+        removed = np.array(sorted(RNG.choice(group.units, size=group.units // 2, replace=False)))
+        constants = RNG.normal(size=group.units)
+        shrunk = remove_units(model, {name: removed}, {name: constants})
+        onnx.checker.check_model(shrunk, full_check=True)
+        assert [i.name for i in shrunk.graph.input] == [i.name for i in model.graph.input]
+        assert [o.name for o in shrunk.graph.output] == [o.name for o in model.graph.output]
+        reference = _replaced(model, group, removed, constants)
+        got = runtime.make_session(shrunk).run(None, feeds)[0]
+        want = runtime.make_session(reference).run(None, feeds)[0]
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+        assert sum(int(np.prod(t.dims)) for t in shrunk.graph.initializer) < \
+            sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+
+
+def test_all_groups_at_once_keep_names_and_dtypes():
+    model = cnn(depthwise=True)
+    groups = find_units(model).by_name()
+    removed = {"conv0": np.array([1, 2]), "conv1": np.array([0, 3, 4])}
+    shrunk = remove_units(model, removed, {k: np.zeros(groups[k].units) for k in removed})
+    before = {t.name: t for t in model.graph.initializer}
+    after = {t.name: t for t in shrunk.graph.initializer}
+    assert set(before) == set(after) and all(after[k].data_type == before[k].data_type for k in before)
+    assert list(after["C0"].dims) == [2, 2, 3, 3] and list(after["D"].dims) == [2, 1, 2, 2]
+    assert list(after["C1"].dims) == [2, 2, 3, 3] and list(after["G"].dims) == [3, 2 * 9]
+    dw = next(n for n in shrunk.graph.node if n.name == "dw")
+    assert helper.get_attribute_value(next(a for a in dw.attribute if a.name == "group")) == 2
+    assert shrunk.opset_import == model.opset_import
+    runtime.make_session(shrunk).run(None, _inputs(shrunk))
+
+
+def test_reshape_constant_follows_the_channels():
+    model = cnn("Reshape")
+    shrunk = remove_units(model, {"conv1": np.array([0, 1])}, None)
+    shape = numpy_helper.to_array(next(t for t in shrunk.graph.initializer if t.name == "fshape"))
+    assert shape.tolist() == [-1, 3 * 16]  # 5 -> 3 channels of 4 x 4 positions
+
+
+def _rejected(model):
+    return {r.layer: r.reason for r in find_units(model).rejected}
+
+
+def test_unsafe_couplings_are_rejected_with_their_reason():
+    n = helper.make_node
+    residual = _model([n("Gemm", ["x", "W0", "b0"], ["a0"], name="fc0", transB=1), n("Relu", ["a0"], ["h0"]),
+                       n("Gemm", ["h0", "W1", "b1"], ["a1"], name="fc1", transB=1), n("Add", ["a1", "h0"], ["s"]),
+                       n("Gemm", ["s", "W2"], ["y"], name="fc2", transB=1)],
+                      [_w("W0", 4, 5), _w("b0", 4), _w("W1", 4, 4), _w("b1", 4), _w("W2", 3, 4)], ["N", 5], ["N", 3])
+    reasons = _rejected(residual)
+    assert "residual" in reasons["fc0"] and "residual" in reasons["fc1"]
+    assert "graph output" in reasons["fc2"]
+    concat = _model([n("Gemm", ["x", "W0"], ["a0"], name="fc0", transB=1), n("Gemm", ["x", "W1"], ["a1"], name="fc1", transB=1),
+                     n("Concat", ["a0", "a1"], ["c"], axis=1), n("Gemm", ["c", "W2"], ["y"], name="fc2", transB=1)],
+                    [_w("W0", 4, 5), _w("W1", 4, 5), _w("W2", 3, 8)], ["N", 5], ["N", 3])
+    assert "Concat" in _rejected(concat)["fc0"]
+    grouped = _model([n("Reshape", ["x", "s"], ["x4"]), n("Conv", ["x4", "C0"], ["c0"], name="conv0", kernel_shape=[1, 1]),
+                      n("Conv", ["c0", "C1"], ["c1"], name="conv1", kernel_shape=[1, 1], group=2),
+                      n("Flatten", ["c1"], ["f"]), n("Gemm", ["f", "G"], ["y"], name="fc", transB=1)],
+                     [numpy_helper.from_array(np.array([-1, 2, 2, 2], np.int64), "s"), _w("C0", 4, 2, 1, 1),
+                      _w("C1", 4, 2, 1, 1), _w("G", 3, 16)], ["N", 8], ["N", 3])
+    reasons = _rejected(grouped)
+    assert "grouped Conv" in reasons["conv0"] and "grouped Conv" in reasons["conv1"]
+
+
+def test_inspect_lists_groups_and_rejections():
+    import onnxprune
+
+    report = onnxprune.inspect(mlp_gemm())
+    assert [g["group"] for g in report["units"]["groups"]] == ["fc0", "fc1"]
+    assert report["units"]["rejected"][0]["layer"] == "fc2"
