@@ -12,6 +12,12 @@ from onnxprune.units import find_units
 RNG = np.random.default_rng(0)
 
 
+def _seed(seed=0):
+    """Builders draw their weights from a fresh generator, so a model does not depend on test order."""
+    global RNG
+    RNG = np.random.default_rng(seed)
+
+
 def _w(name, *shape, scale=0.5):
     return numpy_helper.from_array((RNG.normal(size=shape) * scale).astype(np.float32), name)
 
@@ -27,6 +33,7 @@ def _model(nodes, inits, in_shape, out_shape, opset=17):
 
 def mlp_gemm():
     """Gemm (transB=1) -> Relu -> Gemm (transB=0, alpha, beta) -> Tanh -> Gemm."""
+    _seed()
     n = helper.make_node
     return _model([n("Gemm", ["x", "W0", "b0"], ["a0"], name="fc0", transB=1), n("Relu", ["a0"], ["h0"], name="r0"),
                    n("Gemm", ["h0", "W1", "b1"], ["a1"], name="fc1", alpha=0.7, beta=1.5),
@@ -36,6 +43,7 @@ def mlp_gemm():
 
 def mlp_matmul_prelu():
     """MatMul + Add -> PRelu (one slope per unit) -> per-unit Mul -> MatMul (no bias) -> Sigmoid -> MatMul + Add."""
+    _seed()
     n = helper.make_node
     return _model([n("MatMul", ["x", "W0"], ["m0"], name="mm0"), n("Add", ["b0", "m0"], ["a0"], name="add0"),
                    n("PRelu", ["a0", "slope"], ["p0"], name="prelu0"), n("Mul", ["p0", "scale"], ["h0"], name="mul0"),
@@ -48,6 +56,7 @@ def mlp_matmul_prelu():
 def cnn(flatten="Flatten", bn=False, depthwise=False, pool="MaxPool"):
     """Conv -> [BatchNormalization] -> Relu -> [per-channel Add] -> pool -> [depthwise Conv] -> Conv -> Relu
     -> Flatten or Reshape -> Gemm. No padding: a constant channel folds exactly into the next bias."""
+    _seed()
     n = helper.make_node
     nodes = [n("Reshape", ["x", "img"], ["x4"], name="to_img"), n("Conv", ["x4", "C0"], ["c0"], name="conv0",
                                                                      kernel_shape=[3, 3])]
@@ -84,6 +93,7 @@ def cnn(flatten="Flatten", bn=False, depthwise=False, pool="MaxPool"):
 
 def sequence_ffn():
     """A transformer FFN on (batch, sequence, features): MatMul + Add -> Gelu -> MatMul + Add."""
+    _seed()
     n = helper.make_node
     return _model([n("MatMul", ["x", "W0"], ["m0"], name="up"), n("Add", ["m0", "b0"], ["a0"], name="up_bias"),
                    n("Gelu", ["a0"], ["h0"], name="gelu"), n("MatMul", ["h0", "W1"], ["m1"], name="down"),
