@@ -127,7 +127,7 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
     reached, _ = reaching(dense, found.layers, out_name)
     units = find_units(dense, reached)
     groups = [g for g in units.groups if not any(excluded(found.by_name()[n], exclude) for n in
-                                                 (g.producer, *(c.layer for c in g.consumers)))]
+                                                 (*g.producers, *(c.layer for c in g.consumers)))]
     if not groups:
         reasons = "; ".join(f"{r.layer}: {r.reason}" for r in units.rejected[:3])
         raise InputError(f"the model has no unit group that can be removed ({reasons or 'no prunable layers'})")
@@ -136,7 +136,7 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
     kept_index = {name: np.arange(n) for name, n in original.items()}
     costs = layer_costs(dense, found.layers, groups, dataset.feeds)
     order = [layer.name for layer in found.layers]
-    producer_of = {g.producer: g.name for g in groups}
+    producer_of = {p: g.name for g in groups for p in g.producers}
     current, refits, seconds = dense, [], {"scoring": 0.0, "slicing": 0.0, "refit": 0.0}
     for step in range(1, steps + 1):
         target = 1 - (1 - fraction) ** (step / steps) if step < steps else fraction
@@ -146,9 +146,7 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
         stats = unit_statistics(current, now_groups, layers_now, dataset, out_name,
                                 jacobians=method in JACOBIAN_METHODS, probes=probes, batch_size=batch_size,
                                 seed=seed, provider=provider, threads=threads)
-        scores = {g.name: score_group(method, stats[g.name],
-                                      layers_now[g.producer].to_rows(read_initializer(current, layers_now[g.producer].weight)))
-                  for g in now_groups}
+        scores = {g.name: score_group(method, stats[g.name], _producer_rows(current, layers_now, g)) for g in now_groups}
         counts = {name: len(kept_index[name]) for name in names}
         kept = choose_counts(scores, counts, original, costs, sparsity=target if sparsity is not None else None,
                              macs=target if macs is not None else None, scope=scope, multiple=multiple,
@@ -178,6 +176,11 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
         rejected=units.rejected, macs_before=total_macs(costs, original), macs_after=total_macs(costs, final_counts),
         seconds=seconds, refits=refits)
     return result
+
+
+def _producer_rows(model, layers, group) -> np.ndarray:
+    """The rows of every producer of ``group`` side by side, (units, sum of their inputs)."""
+    return np.hstack([layers[p].to_rows(read_initializer(model, layers[p].weight)) for p in group.producers])
 
 
 def _layer_report(dense, pruned, layers, costs, original, final) -> list:

@@ -247,7 +247,7 @@ class LayerCost:
 def layer_costs(model: onnx.ModelProto, layers: list[Layer], groups: list[UnitGroup], feeds) -> list[LayerCost]:
     """MAC accounting of every layer, from one sample's pre-activation shapes."""
     shapes = tensor_shapes(model, [layer.preact for layer in layers], {k: v[:1] for k, v in feeds.items()})
-    produced = {g.producer: g for g in groups}
+    produced = {p: g for g in groups for p in g.producers}
     consumed = {c.layer: (g, c.block) for g in groups for c in g.consumers}
     depthwise = {node: g for g in groups for node in g.group_attributes}
     costs = []

@@ -41,18 +41,20 @@ class Cut:
 
 @dataclass(frozen=True)
 class Consumer:
-    """A layer reading the units: unit j is columns [j*block, (j+1)*block) of its (out, in) view."""
+    """A layer reading the units (from ``tensor``): unit j is columns [j*block, (j+1)*block) of its (out, in) view."""
 
     layer: str
     block: int
+    tensor: str = ""
 
 
 @dataclass(frozen=True)
 class UnitGroup:
-    """Units removed together: rows of ``producer``, the columns of ``consumers``, and every cut between."""
+    """Units removed together: rows of the ``producers`` (several when they add into one residual
+    stream), the columns of the ``consumers``, and every cut between."""
 
     name: str
-    producer: str
+    producers: tuple[str, ...]
     units: int
     tensor: str                                # the unit values as the consumers read them
     consumers: tuple[Consumer, ...]
@@ -61,8 +63,12 @@ class UnitGroup:
     reshapes: tuple[tuple[str, int, int], ...] = ()  # (shape initializer, index, entries per unit)
     path: tuple[str, ...] = ()                 # nodes walked between producer and consumers
 
+    @property
+    def producer(self) -> str:
+        return self.producers[0]
+
     def to_dict(self) -> dict:
-        return {"group": self.name, "producer": self.producer, "units": self.units, "tensor": self.tensor,
+        return {"group": self.name, "producers": list(self.producers), "units": self.units, "tensor": self.tensor,
                 "consumers": [c.layer for c in self.consumers], "path": list(self.path)}
 
 
@@ -233,68 +239,128 @@ def _reshape(g: _Graph, walk: _Walk, node, tensor, shapes, out):
     return out
 
 
-def _reads_units(layer: Layer, tensor: str) -> bool:
-    return layer.input == tensor
+def match_group(g: _Graph, layers: dict[str, Layer], by_node: dict[str, Layer], start: Layer, shapes) -> UnitGroup | Rejected:
+    """The unit group of ``start``'s output rows, or why it has none.
 
-
-def match_group(g: _Graph, layers: dict[str, Layer], by_node: dict[str, Layer], producer: Layer, shapes) -> UnitGroup | Rejected:
-    """The unit group of ``producer``'s output rows, or why it has none."""
+    The group is the connected set of tensors that carry the same units: walked forward through
+    per-unit nodes to the consumer layers, and, at an Add (or Sum) of computed tensors, backward
+    from its other inputs to every producer writing into the same channels (a residual stream:
+    all of them share one mask), then forward again from every tensor reached (skip connections).
+    """
     def reject(reason: str) -> Rejected:
-        return Rejected(producer.name, producer.op, reason)
+        return Rejected(start.name, start.op, reason)
 
-    if any(step.op == "DequantizeLinear" for step in producer.weight_path):
-        return reject("quantized weights are not sliced")
-    if producer.op == "Conv" and producer.conv.groups != 1:
-        return reject(f"grouped Conv (groups={producer.conv.groups}): its channels follow its input's")
-    walk = _Walk(producer, g.ranks.get(producer.input))
-    walk.cuts.append(Cut(producer.weight, _stored_axis(producer, _out_axis(producer))))
-    if producer.bias is not None:
-        bias = g.constant(producer.bias)
-        # a BatchNormalization holding the bias is sliced by its own step, its bias included
-        if not (producer.bias_node and _is_batchnorm(g, producer.bias_node)) and bias is not None and bias.size > 1:
-            walk.cuts.append(Cut(producer.bias, bias.ndim - (walk.axis_from_end if producer.bias_node else 1)))
-    tensor = producer.preact
-    consumers: list[Consumer] = []
-    while True:
-        if tensor in g.outputs:
-            return reject(f"its units reach the graph output {tensor!r}")
-        users = g.consumers[tensor]
-        if not users:
-            return reject(f"tensor {tensor!r} is not read by any node")
-        readers = [by_node.get(n.name) for n in users]
-        if all(layer is not None and _reads_units(layer, tensor) and not _depthwise(layer, walk) for layer in readers):
-            for layer in readers:
-                if layer.op == "Conv" and layer.conv.groups != 1:
-                    return reject(f"grouped Conv {layer.name!r} (groups={layer.conv.groups}) reads the units")
-                if any(step.op == "DequantizeLinear" for step in layer.weight_path):
-                    return reject(f"consumer {layer.name!r} has quantized weights")
-                if layer.op == "Conv" and walk.block != 1:
-                    return reject("a Conv reads flattened units")
-                block = int(np.prod(layer.weight_shape[2:])) if layer.op == "Conv" else walk.block
-                if layer.in_features != walk.units * block:
-                    return reject(f"consumer {layer.name!r} has {layer.in_features} inputs, not {walk.units} x {block}")
-                consumers.append(Consumer(layer.name, block))
-                axis = _stored_axis(layer, _in_axis(layer))
-                walk.cuts.append(Cut(layer.weight, axis, walk.block if layer.op != "Conv" else 1))
-            break
-        if len(users) > 1:
-            ops = sorted({n.op_type for n in users})
-            return reject(f"tensor {tensor!r} is read by {len(users)} nodes ({', '.join(ops)}): "
-                          "residual Add / Concat / shared branches are not coupled")
-        node = users[0]
-        if node.op_type in ("Add", "Concat", "Sum", "Mul") and all(g.constant(i) is None for i in node.input if i != tensor):
-            return reject(f"{node.op_type} {node.name!r} joins it with another computed tensor "
-                          "(residual / Concat / gating groups are not coupled)")
-        if (layer := by_node.get(node.name)) is not None and node.op_type != "Conv":
-            return reject(f"{layer.op} {layer.name!r} reads it in an unsupported position")
-        walk.path.append(node.name)
-        try:
-            tensor = _step(g, layers, walk, node, tensor, shapes)
-        except _Stop as stop:
-            return reject(str(stop))
-    return UnitGroup(name=producer.name, producer=producer.name, units=producer.out_features, tensor=tensor,
-                     consumers=tuple(consumers), cuts=tuple(dict.fromkeys(walk.cuts)),
-                     group_attributes=tuple(walk.groups), reshapes=tuple(walk.reshapes), path=tuple(walk.path))
+    by_preact = {layer.preact: layer for layer in layers.values()}
+    walk = _Walk(start, g.ranks.get(start.input))
+    axis0 = walk.axis_from_end
+    producers: list[Layer] = []
+    consumers: dict[str, Consumer] = {}
+    seen_tensors, seen_nodes = set(), set()
+    forward, backward = [(start.preact, axis0, 1)], []
+    try:
+        _add_producer(g, walk, producers, start)
+        while forward or backward:
+            if backward:
+                tensor, axis, block = backward.pop()
+                layer = by_preact.get(tensor)
+                if layer is not None and not _depthwise(layer, walk):
+                    if layer not in producers:
+                        _add_producer(g, walk, producers, layer)
+                    forward.append((tensor, axis, block))
+                    continue
+                node = g.producers.get(tensor)
+                if node is None:
+                    raise _Stop(f"the units' channels come from the graph input {tensor!r}")
+                if node.name in seen_nodes:
+                    continue
+                seen_nodes.add(node.name)
+                walk.path.append(node.name)
+                computed = [i for i in node.input if i and g.constant(i) is None]
+                if node.op_type in JOINS and len(computed) > 1:
+                    backward.extend((i, axis, block) for i in computed)
+                else:
+                    walk.axis_from_end, walk.block = axis, block
+                    if _step(g, layers, walk, node, computed[0], shapes) != tensor or walk.block != block:
+                        raise _Stop(f"{node.op_type} {node.name!r} cannot be walked back to the producers")
+                    backward.append((computed[0], axis, block))
+                forward.append((tensor, axis, block))
+                continue
+            tensor, axis, block = forward.pop()
+            if tensor in seen_tensors:
+                continue
+            seen_tensors.add(tensor)
+            if tensor in g.outputs:
+                raise _Stop(f"its units reach the graph output {tensor!r}")
+            if not g.consumers[tensor]:
+                raise _Stop(f"tensor {tensor!r} is not read by any node")
+            for node in g.consumers[tensor]:
+                layer = by_node.get(node.name)
+                if layer is not None and layer.input == tensor and not _depthwise(layer, walk):
+                    if layer.name not in consumers:
+                        consumers[layer.name] = _add_consumer(walk, layer, tensor, block)
+                    continue
+                if node.name in seen_nodes:
+                    continue
+                seen_nodes.add(node.name)
+                walk.path.append(node.name)
+                computed = [i for i in node.input if i and g.constant(i) is None]
+                if node.op_type in JOINS and len(computed) > 1:
+                    if block != 1:
+                        raise _Stop(f"{node.op_type} {node.name!r} joins flattened units")
+                    backward.extend((i, axis, block) for i in computed if i != tensor)
+                    forward.append((node.output[0], axis, block))
+                    continue
+                if node.op_type == "Concat":
+                    raise _Stop(f"Concat {node.name!r} joins the units with other channels (not coupled yet)")
+                if layer is not None and node.op_type != "Conv":
+                    raise _Stop(f"{layer.op} {layer.name!r} reads the units in an unsupported position")
+                walk.axis_from_end, walk.block = axis, block
+                out = _step(g, layers, walk, node, tensor, shapes)
+                forward.append((out, walk.axis_from_end, walk.block))
+    except _Stop as stop:
+        return reject(str(stop))
+    position = {node.name: i for i, node in enumerate(g.model.graph.node)}
+    readers = sorted(consumers.values(), key=lambda c: position[layers[c.layer].node])
+    writers = sorted(producers, key=lambda p: position[p.node])
+    return UnitGroup(name=start.name, producers=tuple(p.name for p in writers), units=start.out_features,
+                     tensor=readers[0].tensor, consumers=tuple(readers), cuts=tuple(dict.fromkeys(walk.cuts)),
+                     group_attributes=tuple(dict.fromkeys(walk.groups)), reshapes=tuple(walk.reshapes),
+                     path=tuple(walk.path))
+
+
+JOINS = ("Add", "Sum")
+
+
+def _add_producer(g: _Graph, walk: _Walk, producers: list, layer: Layer) -> None:
+    """A layer writing the units: its rows (and bias) are cut."""
+    if any(step.op == "DequantizeLinear" for step in layer.weight_path):
+        raise _Stop(f"{layer.name!r} has quantized weights, which are not sliced")
+    if layer.op == "Conv" and layer.conv.groups != 1:
+        raise _Stop(f"grouped Conv {layer.name!r} (groups={layer.conv.groups}): its channels follow its input's")
+    if layer.out_features != walk.units:
+        raise _Stop(f"{layer.name!r} writes {layer.out_features} channels into a group of {walk.units}")
+    producers.append(layer)
+    walk.cuts.append(Cut(layer.weight, _stored_axis(layer, _out_axis(layer))))
+    bias = g.constant(layer.bias) if layer.bias is not None else None
+    # a BatchNormalization holding the bias is sliced by its own step, its bias included
+    if bias is not None and bias.size > 1 and not (layer.bias_node and _is_batchnorm(g, layer.bias_node)):
+        from_end = (len(layer.weight_shape) - 1 if layer.op == "Conv" else 1) if layer.bias_node else 1
+        walk.cuts.append(Cut(layer.bias, bias.ndim - from_end))
+
+
+def _add_consumer(walk: _Walk, layer: Layer, tensor: str, block: int) -> Consumer:
+    """A layer reading the units: its columns are cut."""
+    if layer.op == "Conv" and layer.conv.groups != 1:
+        raise _Stop(f"grouped Conv {layer.name!r} (groups={layer.conv.groups}) reads the units")
+    if any(step.op == "DequantizeLinear" for step in layer.weight_path):
+        raise _Stop(f"consumer {layer.name!r} has quantized weights")
+    if layer.op == "Conv" and block != 1:
+        raise _Stop("a Conv reads flattened units")
+    per = int(np.prod(layer.weight_shape[2:])) if layer.op == "Conv" else block
+    if layer.in_features != walk.units * per:
+        raise _Stop(f"consumer {layer.name!r} has {layer.in_features} inputs, not {walk.units} x {per}")
+    walk.cuts.append(Cut(layer.weight, _stored_axis(layer, _in_axis(layer)), block if layer.op != "Conv" else 1))
+    return Consumer(layer.name, per, tensor)
 
 
 def _depthwise(layer: Layer, walk: _Walk) -> bool:
@@ -313,13 +379,16 @@ def find_units(model: onnx.ModelProto, layers: list[Layer] | None = None) -> Uni
     shapes = _shapes(model)
     by_name = {layer.name: layer for layer in found.layers}
     by_node = {layer.node: layer for layer in found.layers}
-    depthwise_followers = set()
+    depthwise_followers, grouped = set(), set()
     groups, rejected = [], []
     for producer in layers:
+        if producer.name in grouped:
+            continue  # already in a residual group
         result = match_group(g, by_name, by_node, producer, shapes)
         if isinstance(result, UnitGroup):
             groups.append(result)
             depthwise_followers.update(result.group_attributes)
+            grouped.update(result.producers)
         else:
             rejected.append(result)
     kept = [r for r in rejected if not (r.layer in depthwise_followers and r.reason.startswith("grouped Conv"))]

@@ -108,29 +108,28 @@ def _inputs(model, n=6):
 
 
 def _replaced(model, group, removed, constants):
-    """The dense model with the removed units of ``group`` replaced by their constants: z*m + k at the
-    tensor the consumers read (the independent reference of the fold-and-slice rewrite)."""
+    """The dense model with the removed units of ``group`` replaced by their constants: z*m + k at
+    every tensor a consumer reads (the independent reference of the fold-and-slice rewrite)."""
     ref = onnx.ModelProto()
     ref.CopyFrom(model)
     shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
               for vi in onnx.shape_inference.infer_shapes(ref).graph.value_info}
-    shape = shapes[group.tensor]
-    m, k = np.ones(group.units, np.float32), np.zeros(group.units, np.float32)
-    m[removed], k[removed] = 0, constants[removed]
-    block = group.consumers[0].block
-    if len(shape) == 2:  # (N, units x block)
-        m, k = np.repeat(m, block)[None], np.repeat(k, block)[None]
-    elif len(shape) == 3:  # (N, S, units)
-        m, k = m[None, None], k[None, None]
-    else:  # (N, C, *spatial)
-        m, k = m.reshape(1, -1, *[1] * (len(shape) - 2)), k.reshape(1, -1, *[1] * (len(shape) - 2))
-    for node in ref.graph.node:
-        for i, name in enumerate(node.input):
-            if name == group.tensor:
-                node.input[i] = "ref_replaced"
-    ref.graph.initializer.extend([numpy_helper.from_array(m, "ref_m"), numpy_helper.from_array(k, "ref_k")])
-    ref.graph.node.extend([helper.make_node("Mul", [group.tensor, "ref_m"], ["ref_masked"]),
-                           helper.make_node("Add", ["ref_masked", "ref_k"], ["ref_replaced"])])
+    for index, consumer in enumerate(group.consumers):
+        shape = shapes[consumer.tensor]
+        m, k = np.ones(group.units, np.float32), np.zeros(group.units, np.float32)
+        m[removed], k[removed] = 0, constants[removed]
+        if len(shape) == 2:  # (N, units x block)
+            m, k = np.repeat(m, consumer.block)[None], np.repeat(k, consumer.block)[None]
+        elif len(shape) == 3:  # (N, S, units)
+            m, k = m[None, None], k[None, None]
+        else:  # (N, C, *spatial)
+            m, k = m.reshape(1, -1, *[1] * (len(shape) - 2)), k.reshape(1, -1, *[1] * (len(shape) - 2))
+        node = next(n for n in ref.graph.node if n.name == consumer.layer)
+        tag = f"ref{index}"
+        node.input[list(node.input).index(consumer.tensor)] = f"{tag}_replaced"
+        ref.graph.initializer.extend([numpy_helper.from_array(m, f"{tag}_m"), numpy_helper.from_array(k, f"{tag}_k")])
+        ref.graph.node.extend([helper.make_node("Mul", [consumer.tensor, f"{tag}_m"], [f"{tag}_masked"]),
+                               helper.make_node("Add", [f"{tag}_masked", f"{tag}_k"], [f"{tag}_replaced"])])
     ref.graph.ClearField("value_info")
     sorted_nodes = _toposort(ref.graph)
     del ref.graph.node[:]
@@ -151,7 +150,46 @@ def _toposort(graph):
     return out
 
 
+def residual_mlp():
+    """fc0 -> Relu -> h0; s = fc1(h0) + h0 (a residual stream: fc0 and fc1 share its mask) -> Relu -> fc2,
+    plus a second block s2 = fc3(relu(s)) + s read by fc4."""
+    _seed()
+    n = helper.make_node
+    return _model([n("Gemm", ["x", "W0", "b0"], ["a0"], name="fc0", transB=1), n("Relu", ["a0"], ["h0"], name="r0"),
+                   n("Gemm", ["h0", "W1", "b1"], ["a1"], name="fc1", transB=1), n("Add", ["a1", "h0"], ["s"], name="res1"),
+                   n("Relu", ["s"], ["rs"], name="r1"), n("Gemm", ["rs", "W3", "b3"], ["a3"], name="fc3", transB=1),
+                   n("Add", ["s", "a3"], ["s2"], name="res2"), n("Gemm", ["s2", "W4"], ["y"], name="fc4", transB=1)],
+                  [_w("W0", 6, 5), _w("b0", 6), _w("W1", 6, 6), _w("b1", 6), _w("W3", 6, 6), _w("b3", 6), _w("W4", 3, 6)],
+                  ["N", 5], ["N", 3])
+
+
+def residual_cnn():
+    """conv0 -> BatchNormalization -> Relu; two residual blocks of 1x1 Convs (r + conv(relu(conv(r))))
+    -> GlobalAveragePool -> Flatten -> Gemm: conv0 and both blocks' second Convs share one mask."""
+    _seed()
+    n = helper.make_node
+    nodes = [n("Reshape", ["x", "img"], ["x4"], name="to_img"), n("Conv", ["x4", "C0"], ["c0"], name="conv0", kernel_shape=[1, 1]),
+             n("BatchNormalization", ["c0", "s", "b", "m", "v"], ["bn"], name="bn0"), n("Relu", ["bn"], ["r0"], name="relu0")]
+    inits = [numpy_helper.from_array(np.array([-1, 2, 4, 4], np.int64), "img"), _w("C0", 4, 2, 1, 1), _w("s", 4), _w("b", 4),
+             _w("m", 4), numpy_helper.from_array(RNG.uniform(0.5, 2, 4).astype(np.float32), "v")]
+    stream = "r0"
+    for k in (1, 2):
+        nodes += [n("Conv", [stream, f"A{k}", f"ab{k}"], [f"ca{k}"], name=f"block{k}a", kernel_shape=[1, 1]),
+                  n("Relu", [f"ca{k}"], [f"ra{k}"], name=f"relu{k}"),
+                  n("Conv", [f"ra{k}", f"B{k}", f"bb{k}"], [f"cb{k}"], name=f"block{k}b", kernel_shape=[1, 1]),
+                  n("Add", [stream, f"cb{k}"], [f"res{k}"], name=f"add{k}")]
+        inits += [_w(f"A{k}", 3, 4, 1, 1), _w(f"ab{k}", 3), _w(f"B{k}", 4, 3, 1, 1), _w(f"bb{k}", 4)]
+        stream = f"res{k}"
+    nodes += [n("GlobalAveragePool", [stream], ["gap"], name="gap"), n("Flatten", ["gap"], ["f"], name="flat"),
+              n("Gemm", ["f", "G", "gb"], ["y"], name="fc", transB=1)]
+    inits += [_w("G", 3, 4), _w("gb", 3)]
+    return _model(nodes, inits, ["N", 32], ["N", 3])
+
+
 PATTERNS = {
+    "residual-conv-blocks": (residual_cnn, {"conv0": ["block1a", "block2a", "fc"], "block1a": ["block1b"],
+                                            "block2a": ["block2b"]}),
+    "residual-add-stream": (residual_mlp, {"fc0": ["fc1", "fc3", "fc4"]}),
     "gemm-relu-gemm": (mlp_gemm, {"fc0": ["fc1"], "fc1": ["fc2"]}),
     "matmul-prelu-mul-matmul": (mlp_matmul_prelu, {"mm0": ["mm1"], "mm1": ["mm2"]}),
     "conv-relu-add-maxpool-conv-flatten-gemm": (cnn, {"conv0": ["conv1"], "conv1": ["fc"]}),
@@ -213,13 +251,15 @@ def _rejected(model):
 
 def test_unsafe_couplings_are_rejected_with_their_reason():
     n = helper.make_node
-    residual = _model([n("Gemm", ["x", "W0", "b0"], ["a0"], name="fc0", transB=1), n("Relu", ["a0"], ["h0"]),
-                       n("Gemm", ["h0", "W1", "b1"], ["a1"], name="fc1", transB=1), n("Add", ["a1", "h0"], ["s"]),
-                       n("Gemm", ["s", "W2"], ["y"], name="fc2", transB=1)],
-                      [_w("W0", 4, 5), _w("b0", 4), _w("W1", 4, 4), _w("b1", 4), _w("W2", 3, 4)], ["N", 5], ["N", 3])
-    reasons = _rejected(residual)
-    assert "residual" in reasons["fc0"] and "residual" in reasons["fc1"]
-    assert "graph output" in reasons["fc2"]
+    from_input = _model([n("Gemm", ["x", "W0", "b0"], ["a0"], name="fc0", transB=1), n("Add", ["a0", "x"], ["s"]),
+                         n("Gemm", ["s", "W2"], ["y"], name="fc2", transB=1)],
+                        [_w("W0", 5, 5), _w("b0", 5), _w("W2", 3, 5)], ["N", 5], ["N", 3])
+    reasons = _rejected(from_input)
+    assert "graph input" in reasons["fc0"] and "graph output" in reasons["fc2"]
+    gated = _model([n("Gemm", ["x", "W0"], ["a0"], name="fc0", transB=1), n("Gemm", ["x", "W1"], ["a1"], name="fc1", transB=1),
+                    n("Sigmoid", ["a1"], ["g"]), n("Mul", ["a0", "g"], ["m"]), n("Gemm", ["m", "W2"], ["y"], name="fc2", transB=1)],
+                   [_w("W0", 4, 5), _w("W1", 4, 5), _w("W2", 3, 4)], ["N", 5], ["N", 3])
+    assert "computed" in _rejected(gated)["fc0"]
     concat = _model([n("Gemm", ["x", "W0"], ["a0"], name="fc0", transB=1), n("Gemm", ["x", "W1"], ["a1"], name="fc1", transB=1),
                      n("Concat", ["a0", "a1"], ["c"], axis=1), n("Gemm", ["c", "W2"], ["y"], name="fc2", transB=1)],
                     [_w("W0", 4, 5), _w("W1", 4, 5), _w("W2", 3, 8)], ["N", 5], ["N", 3])
