@@ -92,8 +92,8 @@ def main():
 def prune(model, out, data, sparsity, dry_run, ratios, evaluate_data, max_loss_increase, plot_path, storage, method,
           steps, refit, chained, g_weighted, compensation, scope, exclude, seed,
           probes, conv_statistics, batch_size, test_data,
-          output, labels_key, provider, threads, json_path, force, structured, macs, multiple, time_batches,
-          verbose, quiet):
+          output, labels_key, provider, threads, json_path, force, structured, macs, multiple, slice_inputs,
+          prune_inputs, time_batches, verbose, quiet):
     """Prune MODEL (one-shot, or in --steps) and write the result to OUT.
 
     With --dry-run, write no model: report how the error grows over --ratios and, with --evaluate
@@ -106,10 +106,11 @@ def prune(model, out, data, sparsity, dry_run, ratios, evaluate_data, max_loss_i
             ui, model=model, out=out, data=data, sparsity=sparsity, macs=macs, method=method, scope=scope,
             multiple=multiple, steps=steps, refit=refit, exclude=exclude, seed=seed, output=output, probes=probes,
             batch_size=batch_size, labels_key=labels_key, provider=provider, threads=threads, test_data=test_data,
-            json_path=json_path, force=force, time_batches=time_batches,
+            json_path=json_path, force=force, time_batches=time_batches, slice_inputs=slice_inputs,
+            prune_inputs=prune_inputs,
             refused={"--dry-run": dry_run, "--storage sparse": storage != "dense", "--no-compensation": not compensation,
                      "--no-chain": not chained, "--conv-statistics positions": conv_statistics != "exact"})
-    refuse_outside(macs, multiple, method)
+    refuse_outside(macs, multiple, method, slice_inputs, prune_inputs)
     # --- end of structured pruning ---
     params = dict(method=method, compensation=compensation, scope=scope, exclude=exclude, seed=seed, output=output,
                   probes=probes, batch_size=batch_size, labels_key=labels_key, provider=provider, threads=threads,

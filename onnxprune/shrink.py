@@ -18,12 +18,13 @@ import onnx
 from .errors import InputError
 from .layers import analyse_graph, protected_output, reaching, read_initializer
 from .masks import SCOPES, excluded
-from .slicing import remove_units
+from .slicing import input_contract, remove_units
 from .structured import JACOBIAN_METHODS, METHODS, choose_counts, layer_costs, score_group, total_macs, unit_statistics
 from .units import Rejected, find_units
 from .unitrefit import UnitRefit, refit_layer
 
 DEFAULT_STEPS = {"ecp": 5}
+INPUT_MODES = {"keep": None, "slice": "slice", "prune": "gather"}
 
 
 @dataclass
@@ -60,6 +61,7 @@ class StructuredResult:
     seconds: dict[str, float] = field(default_factory=dict)
     refits: list[UnitRefit] = field(default_factory=list)
     timing: list[dict] = field(default_factory=list)
+    kept_inputs: dict[str, list[int]] = field(default_factory=dict)  # --prune-inputs: the features to feed
 
     @property
     def units_before(self) -> int:
@@ -85,7 +87,8 @@ class StructuredResult:
                 "macs_before": self.macs_before, "macs_after": self.macs_after,
                 "layers": [asdict(r) for r in self.layers], "groups": self.groups,
                 "rejected": [asdict(r) for r in self.rejected], "seconds": self.seconds,
-                "refits": [asdict(r) for r in self.refits], "timing": self.timing}
+                "refits": [asdict(r) for r in self.refits], "timing": self.timing, "kept_inputs": self.kept_inputs,
+                "inputs_changed": bool(self.kept_inputs)}
 
 
 def _check_request(sparsity, macs, method, scope, steps, multiple) -> float:
@@ -111,11 +114,19 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
                      scope: str = "global", multiple: int = 1, steps: int | None = None, refit: bool = True,
                      exclude=(), output: str | None = None, probes: int | None = None, batch_size: int = 256,
                      seed: int = 0, labels_key: str | None = None, provider: str = "cpu",
-                     threads: int | None = None) -> StructuredResult:
-    """``model`` with ``sparsity`` of its prunable units (or ``macs`` of its MACs) removed by ``method``."""
+                     threads: int | None = None, inputs: str = "keep") -> StructuredResult:
+    """``model`` with ``sparsity`` of its prunable units (or ``macs`` of its MACs) removed by ``method``.
+
+    ``inputs``: "keep" (default) never removes input features; "slice" makes the input features of
+    a first dense layer units too, kept as one contiguous range by a Slice inside the model (its
+    inputs do not change); "prune" lets any of them go and changes the model's input to the kept
+    features (``result.kept_inputs`` lists them, as does the model's metadata)."""
     from .api import as_dataset, as_model, check_finite_weights, check_runs, find_layers, validate, _few
 
     fraction = _check_request(sparsity, macs, method, scope, steps, multiple)
+    if inputs not in INPUT_MODES:
+        raise InputError(f"inputs must be one of {', '.join(INPUT_MODES)}, got {inputs!r}")
+    selection = INPUT_MODES[inputs]
     steps = steps or DEFAULT_STEPS.get(method, 1)
     dense = onnx.ModelProto()
     dense.CopyFrom(as_model(model))
@@ -125,7 +136,7 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
     check_runs(dense, provider, _few(dense, dataset))
     out_name = protected_output(dense, output)
     reached, _ = reaching(dense, found.layers, out_name)
-    units = find_units(dense, reached)
+    units = find_units(dense, reached, inputs=selection)
     groups = [g for g in units.groups if not any(excluded(found.by_name()[n], exclude) for n in
                                                  (*g.producers, *(c.layer for c in g.consumers)))]
     if not groups:
@@ -141,21 +152,22 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
     for step in range(1, steps + 1):
         target = 1 - (1 - fraction) ** (step / steps) if step < steps else fraction
         start = time.perf_counter()
-        now_groups = [g for g in find_units(current).groups if g.name in original]
+        now_groups = [g for g in find_units(current, inputs=selection).groups if g.name in original]
         layers_now = analyse_graph(current).by_name()
         stats = unit_statistics(current, now_groups, layers_now, dataset, out_name,
                                 jacobians=method in JACOBIAN_METHODS, probes=probes, batch_size=batch_size,
                                 seed=seed, provider=provider, threads=threads)
-        scores = {g.name: score_group(method, stats[g.name], _producer_rows(current, layers_now, g)) for g in now_groups}
+        scores = {g.name: score_group(method, stats[g.name], _producer_rows(current, layers_now, g),
+                                      contiguous=g.selection == "Slice") for g in now_groups}
         counts = {name: len(kept_index[name]) for name in names}
         kept = choose_counts(scores, counts, original, costs, sparsity=target if sparsity is not None else None,
                              macs=target if macs is not None else None, scope=scope, multiple=multiple,
                              final=step == steps)
         seconds["scoring"] += time.perf_counter() - start
         start = time.perf_counter()
-        removed = {name: np.sort(scores[name].order[:counts[name] - kept[name]]) for name in names}
+        removed = {name: scores[name].removal(counts[name] - kept[name]) for name in names}
         constants = {name: s.constants for name, s in scores.items() if s.constants is not None}
-        current = remove_units(current, removed, constants)
+        current = remove_units(current, removed, constants, inputs=selection)
         kept_index = {name: np.delete(kept_index[name], removed[name]) for name in names}
         seconds["slicing"] += time.perf_counter() - start
         if refit:
@@ -166,6 +178,9 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
                       for name in order if name in changed]
             seconds["refit"] += time.perf_counter() - start
     validate(current, dataset)
+    kept_inputs = {}
+    if inputs == "prune":
+        current, kept_inputs = input_contract(current)
     final_counts = {name: len(kept_index[name]) for name in names}
     result = StructuredResult(
         model=current, method=method, scope=scope, target={"sparsity": sparsity, "macs": macs, "multiple": multiple},
@@ -174,12 +189,14 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
         groups={name: {"units_before": original[name], "units_after": final_counts[name],
                        "removed": np.setdiff1d(np.arange(original[name]), kept_index[name]).tolist()} for name in names},
         rejected=units.rejected, macs_before=total_macs(costs, original), macs_after=total_macs(costs, final_counts),
-        seconds=seconds, refits=refits)
+        seconds=seconds, refits=refits, kept_inputs=kept_inputs)
     return result
 
 
 def _producer_rows(model, layers, group) -> np.ndarray:
-    """The rows of every producer of ``group`` side by side, (units, sum of their inputs)."""
+    """The rows of every producer of ``group`` side by side, (units, sum of their inputs); None for inputs."""
+    if not group.producers:
+        return None
     return np.hstack([layers[p].to_rows(read_initializer(model, layers[p].weight)) for p in group.producers])
 
 

@@ -25,17 +25,20 @@ def _time(session, feeds: dict[str, np.ndarray], runs: int) -> float:
 
 
 def paired_times(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray], *, repeats: int = 15,
-                 min_seconds: float = 0.02, threads: int | None = 1, provider: str = "cpu") -> dict:
-    """Seconds per run of ``a`` and ``b`` on ``feeds`` and their paired ratios b/a."""
+                 min_seconds: float = 0.02, threads: int | None = 1, provider: str = "cpu",
+                 feeds_b: dict[str, np.ndarray] | None = None) -> dict:
+    """Seconds per run of ``a`` on ``feeds`` and ``b`` on ``feeds_b`` (default the same), and their
+    paired ratios b/a."""
     sa, sb = runtime.make_session(a, provider, threads), runtime.make_session(b, provider, threads)
-    for s in (sa, sb):  # warm-up
-        s.run(None, feeds)
+    feeds_b = feeds if feeds_b is None else feeds_b
+    sa.run(None, feeds)  # warm-up
+    sb.run(None, feeds_b)
     one = max(_time(sa, feeds, 1), 1e-6)
     runs = max(1, int(min_seconds / one))
     ta, tb = [], []
     for r in range(repeats):
-        first, second = (sa, sb) if r % 2 == 0 else (sb, sa)
-        t1, t2 = _time(first, feeds, runs), _time(second, feeds, runs)
+        (first, f1), (second, f2) = ((sa, feeds), (sb, feeds_b)) if r % 2 == 0 else ((sb, feeds_b), (sa, feeds))
+        t1, t2 = _time(first, f1, runs), _time(second, f2, runs)
         ta.append(t1 if r % 2 == 0 else t2)
         tb.append(t2 if r % 2 == 0 else t1)
     ratios = np.array(tb) / np.array(ta)
@@ -47,11 +50,18 @@ def paired_times(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.nda
 
 
 def time_models(dense: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                batches=BATCHES, **kwargs) -> list[dict]:
-    """``paired_times`` at every batch size of ``batches`` (the samples of ``feeds`` tiled as needed)."""
+                batches=BATCHES, kept_inputs: dict[str, list[int]] | None = None, **kwargs) -> list[dict]:
+    """``paired_times`` at every batch size of ``batches`` (the samples of ``feeds`` tiled as needed);
+    ``kept_inputs``: the pruned model takes only these features of its inputs (--prune-inputs)."""
     n = len(next(iter(feeds.values())))
     results = []
     for batch in batches:
         index = np.arange(batch) % n
-        results.append(paired_times(dense, pruned, {k: v[index] for k, v in feeds.items()}, **kwargs))
+        tiled = {k: v[index] for k, v in feeds.items()}
+        results.append(paired_times(dense, pruned, tiled, feeds_b=select_inputs(tiled, kept_inputs), **kwargs))
     return results
+
+
+def select_inputs(feeds: dict[str, np.ndarray], kept_inputs: dict[str, list[int]] | None) -> dict[str, np.ndarray]:
+    """The feeds a --prune-inputs model takes: only its kept features."""
+    return {k: (v[:, kept_inputs[k]] if kept_inputs and k in kept_inputs else v) for k, v in feeds.items()}

@@ -54,6 +54,7 @@ class UnitStatistics:
     sum_z2: np.ndarray
     count_z: int
     fluctuation: np.ndarray     # sum over consumer columns of ||W[:, col]||^2 * Var(x_col), per unit
+    column_norm2: np.ndarray    # sum over consumer columns of ||W[:, col]||^2, per unit
 
     @property
     def mean_z(self) -> np.ndarray:
@@ -156,16 +157,17 @@ def _add_batch(acc: dict, group: UnitGroup, layers, weights, rows, inputs, scale
 
 
 def _finish(acc: dict, group: UnitGroup, weights, jacobians: bool) -> UnitStatistics:
-    fluctuation = np.zeros(group.units)
+    fluctuation, norm2 = np.zeros(group.units), np.zeros(group.units)
     for consumer in group.consumers:
         count, first, second = acc["col"][consumer.layer]
         var = np.maximum(second / np.maximum(count, 1) - (first / np.maximum(count, 1)) ** 2, 0.0)
-        per_column = (weights[consumer.layer] ** 2).sum(0) * var
-        fluctuation += per_column.reshape(group.units, consumer.block).sum(1)
+        squares = (weights[consumer.layer] ** 2).sum(0)
+        fluctuation += (squares * var).reshape(group.units, consumer.block).sum(1)
+        norm2 += squares.reshape(group.units, consumer.block).sum(1)
     n = acc["n"]
     scaled = {k: acc[k] / n if jacobians else None for k in ("vv", "vu", "uu")}
     return UnitStatistics(n=n, sum_z=acc["sum_z"], sum_z2=acc["sum_z2"], count_z=acc["count"],
-                          fluctuation=fluctuation, **scaled)
+                          fluctuation=fluctuation, column_norm2=norm2, **scaled)
 
 
 @dataclass
@@ -176,6 +178,35 @@ class UnitScores:
     order: np.ndarray
     costs: np.ndarray
     constants: np.ndarray | None
+    bands: np.ndarray | None = None  # contiguous groups: the best offset of a kept range of each length
+
+    def removal(self, count: int) -> np.ndarray:
+        """The units to remove, ``count`` of them (for a contiguous group: all outside the best range)."""
+        if self.bands is None:
+            return np.sort(self.order[:count])
+        n = len(self.order)
+        start = int(self.bands[n - count])
+        return np.setdiff1d(np.arange(n), np.arange(start, start + n - count))
+
+
+def best_bands(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every length L of a kept contiguous range [a, a+L): the offset a whose removed complement
+    has the least joint error 1' M_out 1, and that error (index L = 0..n)."""
+    n = len(m)
+    total = m.sum()
+    rows = np.concatenate([[0.0], np.cumsum(m.sum(1))])
+    square = np.zeros((n + 1, n + 1))
+    square[1:, 1:] = m.cumsum(0).cumsum(1)
+    offsets, errors = np.zeros(n + 1, int), np.zeros(n + 1)
+    errors[0] = total
+    for length in range(1, n + 1):
+        a = np.arange(n - length + 1)
+        b = a + length
+        inside = square[b, b] - square[a, b] - square[b, a] + square[a, a]
+        error = total - 2 * (rows[b] - rows[a]) + inside
+        best = int(np.argmin(error))
+        offsets[length], errors[length] = best, error[best]
+    return offsets, errors
 
 
 def ecp_constants(stats: UnitStatistics) -> tuple[np.ndarray, np.ndarray]:
@@ -201,8 +232,23 @@ def greedy_joint(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, costs
 
 
-def score_group(method: str, stats: UnitStatistics, producer_rows: np.ndarray) -> UnitScores:
-    """The removal order of one group under ``method`` (producer_rows: the producer's (out, in) weight)."""
+def score_group(method: str, stats: UnitStatistics, producer_rows: np.ndarray | None,
+                contiguous: bool = False) -> UnitScores:
+    """The removal order of one group under ``method`` (producer_rows: the producers' (out, in) weights,
+    None for input features, whose l2/wanda use the consumer columns); ``contiguous``: only the
+    complement of one range may go (input features kept by a Slice)."""
+    scores = _score(method, stats, producer_rows)
+    if not contiguous:
+        return scores
+    m = ecp_constants(stats)[1] if method == "ecp" else np.diag(scores.costs[np.argsort(scores.order)])
+    offsets, errors = best_bands(m)
+    # costs[t]: the joint error's rise from t to t + 1 features removed (kept length n - t to n - t - 1)
+    return UnitScores(np.arange(len(m)), np.diff(errors[::-1]), scores.constants, offsets)
+
+
+def _score(method: str, stats: UnitStatistics, producer_rows: np.ndarray | None) -> UnitScores:
+    if producer_rows is None:
+        producer_rows = np.sqrt(stats.column_norm2)[:, None]
     if method == "ecp":
         c, m = ecp_constants(stats)
         order, costs = greedy_joint(m)

@@ -23,14 +23,22 @@ def structured_options(func):
                      help="--structured: remove this fraction of the MACs instead (units ranked by error per MAC saved)."),
         click.option("--multiple", type=click.IntRange(min=1), default=1, show_default=True,
                      help="--structured: round every layer's kept units to a multiple of N (onnxruntime's fast Conv path: 8)."),
+        click.option("--slice-inputs", is_flag=True,
+                     help="--structured: input features of a first dense layer may go too, as long as one contiguous "
+                          "range is kept (a Slice inside the model; its inputs do not change)."),
+        click.option("--prune-inputs", is_flag=True,
+                     help="--structured: any input features of a first dense layer may go; CHANGES THE MODEL'S INPUT to "
+                          "the kept features (listed in the report and the model's metadata)."),
         click.option("--time-batches", default="1,256", show_default=True, metavar="B1,B2",
                      help="--structured: batch sizes at which both models are timed (paired, repeated)."),
     ]
     return functools.reduce(lambda f, option: option(f), reversed(options), func)
 
 
-def refuse_outside(macs, multiple, method) -> None:
+def refuse_outside(macs, multiple, method, slice_inputs=False, prune_inputs=False) -> None:
     """Options that only mean something with --structured."""
+    if slice_inputs or prune_inputs:
+        raise InputError(f"--{'slice' if slice_inputs else 'prune'}-inputs applies to --structured pruning; add --structured")
     if macs is not None:
         raise InputError("--macs applies to --structured pruning; add --structured (or use --sparsity)")
     if multiple != 1:
@@ -51,11 +59,12 @@ def _batches(text: str) -> tuple[int, ...]:
 
 def run_structured(ui, *, model, out, data, sparsity, macs, method, scope, multiple, steps, refit, exclude, seed,
                    output, probes, batch_size, labels_key, provider, threads, test_data, json_path, force,
-                   time_batches, refused: dict) -> None:
+                   time_batches, slice_inputs, prune_inputs, refused: dict) -> None:
     from . import api
     from .report import structured_table, timing_table
     from .shrink import prune_structured
-    from .speed import time_models
+    from .data import Dataset
+    from .speed import select_inputs, time_models
     from .ui import emit_json
 
     given = [name for name, value in refused.items() if value]
@@ -64,6 +73,9 @@ def run_structured(ui, *, model, out, data, sparsity, macs, method, scope, multi
     if method not in METHODS:
         raise InputError(f"--method {method} is not a structured method; choose one of {', '.join(METHODS)}")
     batches = _batches(time_batches)
+    if slice_inputs and prune_inputs:
+        raise InputError("--slice-inputs and --prune-inputs exclude each other")
+    inputs = "slice" if slice_inputs else "prune" if prune_inputs else "keep"
     if out is None:
         raise InputError("missing OUT, the path of the pruned model")
     check_output_path(out, force=force, inputs=[model, data])
@@ -74,14 +86,18 @@ def run_structured(ui, *, model, out, data, sparsity, macs, method, scope, multi
     result = prune_structured(original, data, sparsity=sparsity, macs=macs, method=method, scope=scope,
                               multiple=multiple, steps=steps, refit=refit is not False, exclude=exclude, output=output,
                               probes=probes, batch_size=batch_size, seed=seed, labels_key=labels_key,
-                              provider=provider, threads=threads)
+                              provider=provider, threads=threads, inputs=inputs)
     feeds = api.as_dataset(data, original, labels_key).subset(max(batches)).feeds
-    result.timing = time_models(original, result.model, feeds, batches, threads=threads or 1, provider=provider)
+    result.timing = time_models(original, result.model, feeds, batches, kept_inputs=result.kept_inputs,
+                                threads=threads or 1, provider=provider)
     report = result.to_dict()
     if test_data:
-        report["test"] = {name: api.evaluate(m, test_data, reference=original if name == "pruned" else None,
-                                             output=output, provider=provider, labels_key=labels_key, threads=threads)
-                          for name, m in (("original", original), ("pruned", result.model))}
+        test = api.as_dataset(test_data, original, labels_key)
+        pruned_test = Dataset(select_inputs(test.feeds, result.kept_inputs), test.labels)
+        report["test"] = {"original": api.evaluate(original, test, output=output, provider=provider, threads=threads),
+                          "pruned": api.evaluate(result.model, pruned_test, output=output, provider=provider,
+                                                 threads=threads,
+                                                 reference=None if result.kept_inputs else original)}
     save_model(result.model, out, force=force, inputs=[model])
     ui.written.append(out)
     ui.out(structured_table(report))
@@ -92,6 +108,9 @@ def run_structured(ui, *, model, out, data, sparsity, macs, method, scope, multi
 
         ui.out()
         ui.out(evaluation_table(report["test"]))
+    for name, kept in result.kept_inputs.items():
+        ui.out(f"\nThe model's input {name!r} changed: it takes {len(kept)} of its features; feed x[:, kept] with "
+               "the kept indices of the JSON report (kept_inputs) or the model's metadata onnxprune.kept_input_features.")
     ui.info("seconds " + ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()))
     if result.rejected:
         ui.info("not removable: " + "; ".join(f"{r.layer}: {r.reason}" for r in result.rejected))

@@ -62,10 +62,11 @@ class UnitGroup:
     group_attributes: tuple[str, ...] = ()     # depthwise Conv nodes whose ``group`` equals the unit count
     reshapes: tuple[tuple[str, int, int], ...] = ()  # (shape initializer, index, entries per unit)
     path: tuple[str, ...] = ()                 # nodes walked between producer and consumers
+    selection: str | None = None               # input features: "Slice" (contiguous) or "Gather" (--prune-inputs)
 
     @property
-    def producer(self) -> str:
-        return self.producers[0]
+    def producer(self) -> str | None:
+        return self.producers[0] if self.producers else None
 
     def to_dict(self) -> dict:
         return {"group": self.name, "producers": list(self.producers), "units": self.units, "tensor": self.tensor,
@@ -371,8 +372,44 @@ def _is_batchnorm(g: _Graph, node_name: str) -> bool:
     return any(n.name == node_name and n.op_type == "BatchNormalization" for n in g.model.graph.node)
 
 
-def find_units(model: onnx.ModelProto, layers: list[Layer] | None = None) -> Units:
-    """Every producer layer's unit group, or its rejection; ``model`` gets node names in place."""
+INPUT_SELECTIONS = {"slice": "Slice", "gather": "Gather"}
+
+
+def selection_node(name: str) -> str:
+    """Name of the node that selects the kept features of graph input ``name``."""
+    return f"onnxprune__inputs__{name}"
+
+
+def _input_groups(g: _Graph, model: onnx.ModelProto, layers: list[Layer], mode: str | None) -> tuple[list, list]:
+    """Groups of input features (no producer): a graph input read only by dense layers, directly or
+    through the selection node (a contiguous Slice, or a Gather for --prune-inputs) an earlier step
+    inserted. Found when ``mode`` asks for them or a selection node is already there."""
+    groups, rejected = [], []
+    inits = set(g.inits)
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        node = next((n for n in g.consumers[vi.name] if n.name == selection_node(vi.name)), None)
+        if node is None and mode is None:
+            continue
+        tensor = node.output[0] if node is not None else vi.name
+        readers = [layer for layer in layers if layer.input == tensor]
+        others = [n.op_type for n in g.consumers[tensor] if n.name not in {r.node for r in readers}]
+        if others or not readers or any(r.kind != "dense" or r.weight_path for r in readers) or g.ranks.get(vi.name) != 2:
+            rejected.append(Rejected(f"input:{vi.name}", "input", f"input {vi.name!r} is read by "
+                                     f"{', '.join(sorted(set(others))) or 'no dense layer'}, not only by 2-D dense layers"))
+            continue
+        units = readers[0].in_features
+        groups.append(UnitGroup(name=f"input:{vi.name}", producers=(), units=units, tensor=tensor,
+                                consumers=tuple(Consumer(r.name, 1, tensor) for r in readers),
+                                cuts=tuple(Cut(r.weight, _stored_axis(r, _in_axis(r))) for r in readers),
+                                selection=node.op_type if node is not None else INPUT_SELECTIONS[mode]))
+    return groups, rejected
+
+
+def find_units(model: onnx.ModelProto, layers: list[Layer] | None = None, inputs: str | None = None) -> Units:
+    """Every producer layer's unit group, or its rejection, and with ``inputs`` ("slice" or
+    "gather") the groups of input features; ``model`` gets node names in place."""
     found = analyse_graph(model)
     layers = found.layers if layers is None else layers
     g = _Graph(model)
@@ -392,4 +429,5 @@ def find_units(model: onnx.ModelProto, layers: list[Layer] | None = None) -> Uni
         else:
             rejected.append(result)
     kept = [r for r in rejected if not (r.layer in depthwise_followers and r.reason.startswith("grouped Conv"))]
-    return Units(groups, kept)
+    input_groups, input_rejected = _input_groups(g, model, found.layers if layers is None else layers, inputs)
+    return Units(input_groups + groups, input_rejected + kept)

@@ -14,7 +14,7 @@ from onnxprune.cli import main
 from onnxprune.data import Dataset
 from onnxprune.layers import analyse_graph
 from onnxprune.slicing import remove_units
-from onnxprune.structured import (choose_counts, ecp_constants, greedy_joint, layer_costs, score_group, total_macs,
+from onnxprune.structured import (best_bands, choose_counts, ecp_constants, greedy_joint, layer_costs, score_group, total_macs,
                                   unit_statistics)
 from onnxprune.units import find_units
 from onnxprune.unitrefit import refit_layer
@@ -127,6 +127,16 @@ def test_conv_unit_statistics_match_finite_differences_through_onnxruntime():
     np.testing.assert_allclose(stats.vv[j, j], (v ** 2).sum(1).mean(), rtol=2e-2)
 
 
+def test_best_bands_against_brute_force():
+    a = RNG.normal(size=(7, 7))
+    m = a @ a.T
+    offsets, errors = best_bands(m)
+    for length in range(1, 8):
+        best = min((m[np.ix_(out, out)].sum(), start) for start in range(8 - length)
+                   for out in [np.setdiff1d(np.arange(7), np.arange(start, start + length))])
+        assert np.isclose(errors[length], best[0]) and offsets[length] == best[1]
+
+
 def test_mac_accounting_matches_the_shapes():
     model = cnn()
     groups = find_units(model).groups
@@ -229,6 +239,20 @@ def test_cli_structured_writes_a_smaller_model(files):
     assert all(k % 2 == 0 for k in after) and sum(after) < 10
     assert [t["batch"] for t in report["timing"]] == [1, 8]
     assert report["params_after"] < report["params_before"]
+
+
+def test_cli_input_features(files):
+    res = invoke("prune", files / "model.onnx", files / "sliced.onnx", "--data", files / "calib.npz", "--structured",
+                 "--macs", 0.4, "--slice-inputs", "--steps", 1, "--time-batches", "2")
+    assert res.exit_code == 0, res.output
+    assert onnx.load(files / "sliced.onnx").graph.input == onnx.load(files / "model.onnx").graph.input
+    res = invoke("prune", files / "model.onnx", files / "pruned.onnx", "--data", files / "calib.npz", "--structured",
+                 "--macs", 0.4, "--prune-inputs", "--steps", 1, "--time-batches", "2", "--test", files / "calib.npz")
+    assert res.exit_code == 0, res.output
+    assert "input 'x' changed" in res.output
+    res = invoke("prune", files / "model.onnx", files / "p2.onnx", "--data", files / "calib.npz", "--structured",
+                 "--sparsity", 0.5, "--prune-inputs", "--slice-inputs")
+    assert res.exit_code == 2 and "exclude each other" in res.output
 
 
 @pytest.mark.parametrize("args, message", [

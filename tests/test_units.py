@@ -1,5 +1,7 @@
 """Unit groups on tiny graphs: every coupling pattern is found (or rejected with its reason), and the
 shrunk model computes what the dense model computes with the removed units replaced by constants."""
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -112,8 +114,8 @@ def _replaced(model, group, removed, constants):
     every tensor a consumer reads (the independent reference of the fold-and-slice rewrite)."""
     ref = onnx.ModelProto()
     ref.CopyFrom(model)
-    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
-              for vi in onnx.shape_inference.infer_shapes(ref).graph.value_info}
+    inferred = onnx.shape_inference.infer_shapes(ref).graph
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in [*inferred.input, *inferred.value_info]}
     for index, consumer in enumerate(group.consumers):
         shape = shapes[consumer.tensor]
         m, k = np.ones(group.units, np.float32), np.zeros(group.units, np.float32)
@@ -279,3 +281,42 @@ def test_inspect_lists_groups_and_rejections():
     report = onnxprune.inspect(mlp_gemm())
     assert [g["group"] for g in report["units"]["groups"]] == ["fc0", "fc1"]
     assert report["units"]["rejected"][0]["layer"] == "fc2"
+
+
+def test_input_features_by_a_contiguous_slice_keep_the_inputs():
+    model = mlp_gemm()
+    group = find_units(model, inputs="slice").by_name()["input:x"]
+    assert [c.layer for c in group.consumers] == ["fc0"] and group.selection == "Slice"
+    removed, constants = np.array([0, 4]), RNG.normal(size=5)
+    shrunk = remove_units(model, {"input:x": removed}, {"input:x": constants}, inputs="slice")
+    onnx.checker.check_model(shrunk, full_check=True)
+    assert shrunk.graph.input == model.graph.input and shrunk.graph.node[0].op_type == "Slice"
+    feeds = _inputs(model)
+    want = runtime.make_session(_replaced(model, group, removed, constants)).run(None, feeds)[0]
+    np.testing.assert_allclose(runtime.make_session(shrunk).run(None, feeds)[0], want, atol=1e-5, rtol=1e-5)
+    again = remove_units(shrunk, {"input:x": np.array([2])}, None)  # narrowed, not a second Slice
+    assert [n.op_type for n in again.graph.node].count("Slice") == 1
+    starts = numpy_helper.to_array(next(t for t in again.graph.initializer if t.name.endswith("__starts")))
+    assert starts.tolist() == [1] and list(next(t for t in again.graph.initializer if t.name == "W0").dims) == [6, 2]
+
+
+def test_pruned_inputs_change_the_input_contract():
+    from onnxprune.slicing import input_contract
+
+    model = mlp_gemm()
+    group = find_units(model, inputs="gather").by_name()["input:x"]
+    removed, constants = np.array([1, 3]), RNG.normal(size=5)
+    gathered = remove_units(model, {"input:x": removed}, {"input:x": constants}, inputs="gather")
+    contract, kept = input_contract(gathered)
+    onnx.checker.check_model(contract, full_check=True)
+    assert kept == {"x": [0, 2, 4]} and contract.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 3
+    assert json.loads({p.key: p.value for p in contract.metadata_props}["onnxprune.kept_input_features"]) == kept
+    feeds = _inputs(model)
+    want = runtime.make_session(_replaced(model, group, removed, constants)).run(None, feeds)[0]
+    got = runtime.make_session(contract).run(None, {"x": feeds["x"][:, kept["x"]]})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_inputs_read_by_other_nodes_are_not_units():
+    reasons = {r.layer: r.reason for r in find_units(cnn(), inputs="slice").rejected}
+    assert "Reshape" in reasons["input:x"]
