@@ -272,11 +272,9 @@ def match_group(g: _Graph, layers: dict[str, Layer], by_node: dict[str, Layer], 
                 node = g.producers.get(tensor)
                 if node is None:
                     raise _Stop(f"the units' channels come from the graph input {tensor!r}")
-                if node.name in seen_nodes:
+                computed = _visit(g, walk, seen_nodes, node)
+                if computed is None:
                     continue
-                seen_nodes.add(node.name)
-                walk.path.append(node.name)
-                computed = [i for i in node.input if i and g.constant(i) is None]
                 if node.op_type in JOINS and len(computed) > 1:
                     backward.extend((i, axis, block) for i in computed)
                 else:
@@ -300,11 +298,9 @@ def match_group(g: _Graph, layers: dict[str, Layer], by_node: dict[str, Layer], 
                     if layer.name not in consumers:
                         consumers[layer.name] = _add_consumer(walk, layer, tensor, block)
                     continue
-                if node.name in seen_nodes:
+                computed = _visit(g, walk, seen_nodes, node)
+                if computed is None:
                     continue
-                seen_nodes.add(node.name)
-                walk.path.append(node.name)
-                computed = [i for i in node.input if i and g.constant(i) is None]
                 if node.op_type in JOINS and len(computed) > 1:
                     if block != 1:
                         raise _Stop(f"{node.op_type} {node.name!r} joins flattened units")
@@ -330,6 +326,15 @@ def match_group(g: _Graph, layers: dict[str, Layer], by_node: dict[str, Layer], 
 
 
 JOINS = ("Add", "Sum")
+
+
+def _visit(g: _Graph, walk: _Walk, seen: set, node: onnx.NodeProto) -> list[str] | None:
+    """Mark ``node`` walked; its computed (non-constant) inputs, or None if it was walked before."""
+    if node.name in seen:
+        return None
+    seen.add(node.name)
+    walk.path.append(node.name)
+    return [i for i in node.input if i and g.constant(i) is None]
 
 
 def _add_producer(g: _Graph, walk: _Walk, producers: list, layer: Layer) -> None:
