@@ -64,8 +64,8 @@ class UnitStatistics:
 def _unit_values(layer: Layer, block: int, units: int, z: np.ndarray) -> np.ndarray:
     """The unit values a consumer reads, (samples, units, positions)."""
     z = np.asarray(z, np.float64)
-    if layer.kind == "sequence":
-        return np.moveaxis(z.reshape(len(z), -1, units), 2, 1)
+    if layer.kind == "sequence":  # (samples, ..., units x block): positions and the block's features
+        return z.reshape(len(z), -1, units, block).transpose(0, 2, 1, 3).reshape(len(z), units, -1)
     if layer.kind == "conv":
         return z.reshape(len(z), units, -1)
     return z.reshape(len(z), units, block)
@@ -305,13 +305,16 @@ def layer_costs(model: onnx.ModelProto, layers: list[Layer], groups: list[UnitGr
             costs.append(LayerCost(layer.name, g.name, layer.out_features, None, 1,
                                    layer.in_features * positions, depthwise=True))
             continue
-        out_group = produced[layer.name].name if layer.name in produced else None
+        out_group, out_units = None, layer.out_features
+        if layer.name in produced:  # counted in units of its group (an attention head is D outputs)
+            out_group, out_units = produced[layer.name].name, produced[layer.name].units
+            positions *= layer.out_features // out_units
         if layer.name in consumed:
             g, block = consumed[layer.name]
-            costs.append(LayerCost(layer.name, out_group, layer.out_features, g.name, g.units,
+            costs.append(LayerCost(layer.name, out_group, out_units, g.name, g.units,
                                    layer.in_features // g.units * positions))
         else:
-            costs.append(LayerCost(layer.name, out_group, layer.out_features, None, layer.in_features, positions))
+            costs.append(LayerCost(layer.name, out_group, out_units, None, layer.in_features, positions))
     return costs
 
 

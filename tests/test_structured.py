@@ -18,7 +18,7 @@ from onnxprune.structured import (best_bands, choose_counts, ecp_constants, gree
                                   unit_statistics)
 from onnxprune.units import find_units
 from onnxprune.unitrefit import refit_layer
-from test_units import cnn, mlp_gemm, sequence_ffn
+from test_units import attention, cnn, mlp_gemm, residual_cnn, sequence_ffn
 from tinynets import mlp
 
 RNG = np.random.default_rng(3)
@@ -194,6 +194,18 @@ def test_prune_structured_every_method(method):
     dense_out = runtime.make_session(model).run(None, {"x": x})[0]
     out = runtime.make_session(result.model).run(None, {"x": x})[0]
     assert out.shape == dense_out.shape and np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("build, shape", [(attention, (4, 5)), (residual_cnn, (32,))])
+def test_prune_structured_heads_and_residual_streams(build, shape):
+    model = build()
+    x = RNG.normal(size=(30, *shape)).astype(np.float32)
+    result = onnxprune.prune_structured(model, {"x": x}, sparsity=0.5, scope="layer", steps=2)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert all(g["units_after"] == round(0.5 * g["units_before"]) for g in result.groups.values())
+    assert result.macs_after < result.macs_before
+    dense = runtime.make_session(model).run(None, {"x": x})[0]
+    assert runtime.make_session(result.model).run(None, {"x": x})[0].shape == dense.shape
 
 
 def test_refit_brings_the_output_back_on_a_sequence_ffn():

@@ -122,8 +122,8 @@ def _replaced(model, group, removed, constants):
         m[removed], k[removed] = 0, constants[removed]
         if len(shape) == 2:  # (N, units x block)
             m, k = np.repeat(m, consumer.block)[None], np.repeat(k, consumer.block)[None]
-        elif len(shape) == 3:  # (N, S, units)
-            m, k = m[None, None], k[None, None]
+        elif len(shape) == 3:  # (N, S, units x block)
+            m, k = np.repeat(m, consumer.block)[None, None], np.repeat(k, consumer.block)[None, None]
         else:  # (N, C, *spatial)
             m, k = m.reshape(1, -1, *[1] * (len(shape) - 2)), k.reshape(1, -1, *[1] * (len(shape) - 2))
         node = next(n for n in ref.graph.node if n.name == consumer.layer)
@@ -188,7 +188,32 @@ def residual_cnn():
     return _model(nodes, inits, ["N", 32], ["N", 3])
 
 
+def attention(heads=2, size=3, width=5):
+    """Self-attention on (batch, sequence, width): Q, K, V projections split into heads, softmax(Q K^T /
+    sqrt(d)) V, heads merged, output projection, then an FFN-style MatMul."""
+    _seed()
+    n = helper.make_node
+    hd = heads * size
+    nodes, inits = [], [numpy_helper.from_array(np.array([0, 0, heads, size], np.int64), f"split_{p}") for p in "qkv"]
+    for p, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [n("MatMul", ["x", f"W{p}"], [f"{p}m"], name=f"{p}_proj"), n("Add", [f"{p}m", f"b{p}"], [f"{p}a"], name=f"{p}_bias"),
+                  n("Reshape", [f"{p}a", f"split_{p}"], [f"{p}r"], name=f"{p}_split"),
+                  n("Transpose", [f"{p}r"], [f"{p}h"], name=f"{p}_heads", perm=perm)]
+        inits += [_w(f"W{p}", width, hd), _w(f"b{p}", hd)]
+    nodes += [n("MatMul", ["qh", "kh"], ["scores"], name="qk"), n("Div", ["scores", "scale"], ["scaled"], name="scale"),
+              n("Softmax", ["scaled"], ["probs"], name="softmax", axis=-1), n("MatMul", ["probs", "vh"], ["ctx_h"], name="pv"),
+              n("Transpose", ["ctx_h"], ["ctx_t"], name="merge_t", perm=[0, 2, 1, 3]),
+              n("Reshape", ["ctx_t", "merge"], ["ctx"], name="merge"), n("MatMul", ["ctx", "Wo"], ["om"], name="o_proj"),
+              n("Add", ["om", "bo"], ["o"], name="o_bias"), n("Relu", ["o"], ["h"], name="relu"),
+              n("MatMul", ["h", "Wf"], ["y"], name="ffn")]
+    inits += [numpy_helper.from_array(np.array(np.sqrt(size), np.float32), "scale"),
+              numpy_helper.from_array(np.array([0, 0, hd], np.int64), "merge"), _w("Wo", hd, width), _w("bo", width),
+              _w("Wf", width, 3)]
+    return _model(nodes, inits, ["N", 4, width], ["N", 4, 3])
+
+
 PATTERNS = {
+    "attention-heads": (attention, {"heads:o_proj": ["o_proj"], "o_proj": ["ffn"]}),
     "residual-conv-blocks": (residual_cnn, {"conv0": ["block1a", "block2a", "fc"], "block1a": ["block1b"],
                                             "block2a": ["block2b"]}),
     "residual-add-stream": (residual_mlp, {"fc0": ["fc1", "fc3", "fc4"]}),
