@@ -329,10 +329,6 @@ def unit_macs(costs: list[LayerCost], kept: dict[str, int], group: str) -> int:
     return total_macs(costs, kept) - total_macs(costs, fewer)
 
 
-def _floor(units: int, multiple: int) -> int:
-    return min(units, max(1, multiple))
-
-
 def round_kept(kept: int, units: int, multiple: int) -> int:
     """``kept`` rounded to the nearest multiple of ``multiple`` (at least one multiple, at most all)."""
     if multiple <= 1 or units <= multiple:
@@ -376,7 +372,6 @@ def _layer_counts(counts, original, costs, sparsity, macs) -> dict[str, int]:
 
 def _global_counts(scores, counts, original, costs, sparsity, macs) -> dict[str, int]:
     kept = dict(counts)
-    floors = {name: _floor(n, 1) for name, n in original.items()}
 
     def priority(name: str) -> float:
         cost = float(scores[name].costs[counts[name] - kept[name]])  # scores rank the current units
@@ -394,7 +389,7 @@ def _global_counts(scores, counts, original, costs, sparsity, macs) -> dict[str,
         def reached():
             return sum(original[n] - kept[n] for n in kept) >= goal
 
-    heap = [(priority(name), name) for name in kept if kept[name] > floors[name]]
+    heap = [(priority(name), name) for name in kept if kept[name] > 1]  # every group keeps a unit
     heapq.heapify(heap)
     while not reached():
         if not heap:
@@ -402,7 +397,7 @@ def _global_counts(scores, counts, original, costs, sparsity, macs) -> dict[str,
                              "before the target is reached")
         _, name = heapq.heappop(heap)
         kept[name] -= 1
-        if kept[name] > floors[name]:
+        if kept[name] > 1:
             heapq.heappush(heap, (priority(name), name))
         if macs is not None:  # removing a unit changes the MACs saved by its neighbours' units
             heap = [(priority(n), n) for _, n in heap]

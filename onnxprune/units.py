@@ -10,9 +10,12 @@ constants. The walk from a producer is a small matcher per op kind: each either 
 through (saying what to slice) or stops with the reason the group cannot be coupled safely
 (``Rejected``), which ``inspect`` lists.
 
-Not coupled yet (rejected with their reason): tensors read by a residual Add or a Concat (their
-channel masks would be shared by several producers), grouped (non-depthwise) Convs, attention
-heads, graph outputs, quantized weights.
+Several producers adding into one tensor (a residual stream) share its mask: the walk goes back
+from every join to all of them and forward again from every tensor it reaches. Attention heads are
+matched as a pattern of their own (``match_heads``); the input features of a first dense layer are
+units when asked for (a Slice or a Gather in front of it, see ``slicing``). Not coupled (rejected
+with their reason): Concat, grouped (non-depthwise) Convs, gating products of two computed tensors,
+graph outputs, quantized weights.
 """
 from __future__ import annotations
 
