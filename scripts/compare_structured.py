@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/compare_structured.py [--models mlp,cnn] [--fractions 0.25,0.5,0.75]
         [--macs 0.2,0.3,0.4,0.5,0.6] [--onnxsim-python ../onnxsim-venv/bin/python] [--repeats 15]
-        [--out docs/results/structured] [--readme README.md]
+        [--out docs/results/structured] [--readme README.md] [--render RECORDED.json]
 
 For each shipped model (one-shot, unlabelled calibration: models/mnist_calib.npz, 2,048 images; test:
 the 10,000 test images) and each fraction f of every layer's units removed (the same count per layer
@@ -278,7 +278,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/results/structured")
     p.add_argument("--readme", default=None)
+    p.add_argument("--render", default=None, metavar="OUT.json",
+                   help="write the markdown (and --readme block) again from a recorded JSON, measuring nothing")
     args = p.parse_args(argv)
+    if args.render:
+        return write(json.loads(Path(args.render).read_text()), args.out, args.readme)
     args.fractions = [float(v) for v in args.fractions.split(",")]
     args.macs = [float(v) for v in args.macs.split(",")]
     peer_python = Path(args.onnxsim_python) if Path(args.onnxsim_python).exists() else None
@@ -291,15 +295,20 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             results["studies"][name] = study(name, MODELS[name], args, peer_python, Path(tmp))
-    text = markdown(results)
     fileio.write_json(args.out + ".json", results)
-    fileio.write_text(args.out + ".md", "# Structured pruning compared\n\n" + text + "\n")
-    if args.readme:
-        readme = Path(args.readme).read_text()
+    return write(results, args.out, args.readme)
+
+
+def write(results: dict, out: str, readme_path: str | None) -> int:
+    """OUT.md and, with ``readme_path``, the README block, from the results."""
+    text = markdown(results)
+    fileio.write_text(out + ".md", "# Structured pruning compared\n\n" + text + "\n")
+    if readme_path:
+        readme = Path(readme_path).read_text()
         block = f"{START}\n{text}\n{END}"
         readme = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, readme, flags=re.S) if START in readme \
             else readme + "\n" + block + "\n"
-        fileio.write_text(args.readme, readme)
+        fileio.write_text(readme_path, readme)
     return 0
 
 
