@@ -285,3 +285,28 @@ def test_cli_bad_structured_requests_fail_with_one_line(files, args, message):
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], res.output
     assert not (files / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("name", ["torch_legacy_cnn_fp16.onnx", "torch_dynamo_cnn.onnx", "skl2onnx_mlp_zipmap.onnx",
+                                  "torch_legacy_seq.onnx"])
+def test_exported_models_shrink_and_keep_their_stamping(name):
+    from pathlib import Path
+
+    from onnxprune.data import model_inputs
+
+    model = onnx.load(Path(__file__).parent / "fixtures" / name)
+    feeds = {}
+    for vi in model_inputs(model):
+        shape = [d.dim_value or 24 for d in vi.type.tensor_type.shape.dim]
+        shape[0] = 24
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        feeds[vi.name] = np.random.default_rng(0).normal(size=shape).astype(dtype)
+    result = onnxprune.prune_structured(model, feeds, sparsity=0.5, steps=1)
+    out = result.model
+    onnx.checker.check_model(out)
+    assert result.params_after < result.params_before
+    assert out.opset_import == model.opset_import and out.ir_version == model.ir_version
+    before = {t.name: t.data_type for t in model.graph.initializer}
+    assert all(before[t.name] == t.data_type for t in out.graph.initializer if t.name in before)
+    assert [o.name for o in out.graph.output] == [o.name for o in model.graph.output]
+    runtime.make_session(out).run(None, {k: v[:2] for k, v in feeds.items()})
