@@ -159,10 +159,12 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
                                 seed=seed, provider=provider, threads=threads)
         scores = {g.name: score_group(method, stats[g.name], _producer_rows(current, layers_now, g),
                                       contiguous=g.selection == "Slice") for g in now_groups}
+        for g in now_groups:
+            scores[g.name].lanes = g.lanes
         counts = {name: len(kept_index[name]) for name in names}
         kept = choose_counts(scores, counts, original, costs, sparsity=target if sparsity is not None else None,
                              macs=target if macs is not None else None, scope=scope, multiple=multiple,
-                             final=step == steps)
+                             final=step == steps, lanes={g.name: g.lanes for g in groups})
         seconds["scoring"] += time.perf_counter() - start
         start = time.perf_counter()
         removed = {name: scores[name].removal(counts[name] - kept[name]) for name in names}

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .layers import analyse_graph, read_initializer
+from .layers import Layer, analyse_graph, read_initializer
 from .rewrite import shift_bias
-from .units import UnitGroup, find_units, selection_node
+from .units import Cut, UnitGroup, find_units, selection_node
 
 
 def fold_constants(model: onnx.ModelProto, groups: list[UnitGroup], removed: dict[str, np.ndarray],
@@ -35,7 +35,7 @@ def fold_constants(model: onnx.ModelProto, groups: list[UnitGroup], removed: dic
         for consumer in group.consumers:
             layer = analyse_graph(new).by_name()[consumer.layer]  # fresh: a fold may have inserted a bias
             stored = read_initializer(new, layer.weight)
-            rows = layer.to_rows(stored)
+            rows = full_rows(layer, layer.to_rows(stored))
             per_column = np.zeros(rows.shape[1])
             cols = _columns(gone, consumer.block)
             per_column[cols] = np.repeat(constants[group.name][gone], consumer.block)
@@ -47,6 +47,29 @@ def fold_constants(model: onnx.ModelProto, groups: list[UnitGroup], removed: dic
 def _columns(units: np.ndarray, block: int) -> np.ndarray:
     units = np.asarray(units, int)
     return (units[:, None] * block + np.arange(block)[None, :]).ravel()
+
+
+def full_rows(layer: Layer, rows: np.ndarray) -> np.ndarray:
+    """A grouped Conv's (out, in per group) rows spread over all input columns (zeros outside each
+    row's group), so that column j is input channel j's block for every layer alike."""
+    groups = layer.conv.groups if layer.op == "Conv" else 1
+    if groups == 1:
+        return rows
+    per_out, width = layer.out_features // groups, rows.shape[1]
+    full = np.zeros((layer.out_features, groups * width))
+    for g in range(groups):
+        full[g * per_out:(g + 1) * per_out, g * width:(g + 1) * width] = rows[g * per_out:(g + 1) * per_out]
+    return full
+
+
+def _take(value: np.ndarray, kept: np.ndarray, cut: Cut, units: int) -> np.ndarray:
+    """``value`` with only the ``kept`` units along the cut (per row block for a grouped Conv)."""
+    if cut.groups == 1:
+        return np.take(value, _columns(kept, cut.block), axis=cut.axis)
+    lane, rows = units // cut.groups, value.shape[0] // cut.groups
+    parts = [np.take(value[g * rows:(g + 1) * rows], _columns(kept[(kept // lane) == g] - g * lane, cut.block), axis=cut.axis)
+             for g in range(cut.groups)]
+    return np.concatenate(parts, axis=0)
 
 
 def slice_units(model: onnx.ModelProto, keep: dict[str, np.ndarray], inputs: str | None = None) -> onnx.ModelProto:
@@ -65,7 +88,7 @@ def slice_units(model: onnx.ModelProto, keep: dict[str, np.ndarray], inputs: str
         for cut in group.cuts:
             init = inits[cut.tensor]
             value = numpy_helper.to_array(init)
-            init.CopyFrom(numpy_helper.from_array(np.take(value, _columns(kept, cut.block), axis=cut.axis), cut.tensor))
+            init.CopyFrom(numpy_helper.from_array(_take(value, kept, cut, group.units), cut.tensor))
         if group.selection:
             _select_inputs(new, group, kept)
             inits = {t.name: t for t in new.graph.initializer}

@@ -23,6 +23,7 @@ and ``l2`` (Li et al. / onnxsim: ||producer row j||_2, no constant).
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,7 @@ from .errors import InputError
 from .jacobians import OutputJacobians, output_shape, tensor_shapes
 from .layers import Layer, read_initializer
 from .statistics import layer_patches
+from .slicing import full_rows
 from .units import UnitGroup
 
 METHODS = ("ecp", "ecp-unit", "flap", "wanda", "l2")
@@ -79,7 +81,8 @@ def _uv(layer: Layer, weight: np.ndarray, g: np.ndarray, z: np.ndarray, units: i
         x = np.asarray(z, np.float64).reshape(s, -1)
         u, v = d * x[:, None, :], d
     else:
-        patches = layer_patches(layer, z)[:, 0]  # (s, in, T), groups == 1
+        patches = layer_patches(layer, z)
+        patches = patches.reshape(s, -1, patches.shape[-1])  # (s, in of every group, T)
         per = max(1, CHUNK // max(1, r * weight.shape[1] * patches.shape[-1]))
         u, v = np.empty((s, r, weight.shape[1])), np.empty((s, r, weight.shape[1]))
         for start in range(0, s, per):
@@ -94,7 +97,8 @@ def _consumer_columns(layer: Layer, z: np.ndarray) -> np.ndarray:
     """The values each consumer column multiplies, (samples x positions, in)."""
     if not layer.shared:
         return np.asarray(z, np.float64).reshape(len(z), -1)
-    p = layer_patches(layer, z)[:, 0]
+    p = layer_patches(layer, z)
+    p = p.reshape(len(p), -1, p.shape[-1])  # every group's columns side by side
     return p.transpose(0, 2, 1).reshape(-1, p.shape[1])
 
 
@@ -103,13 +107,13 @@ def unit_statistics(model: onnx.ModelProto, groups: list[UnitGroup], layers: dic
                     seed: int = 0, provider: str = "cpu", threads: int | None = None) -> dict[str, UnitStatistics]:
     """Streamed statistics of every group over ``data`` (the Jacobian sums only when ``jacobians``)."""
     consumers = list({c.layer: layers[c.layer] for g in groups for c in g.consumers}.values())
-    weights = {layer.name: layer.to_rows(read_initializer(model, layer.weight)) for layer in consumers}
+    weights = {layer.name: full_rows(layer, layer.to_rows(read_initializer(model, layer.weight))) for layer in consumers}
     sums = {}
     for g in groups:
         k = g.units
         sums[g.name] = dict(vv=np.zeros((k, k)), vu=np.zeros((k, k)), uu=np.zeros((k, k)), sum_z=np.zeros(k),
                             sum_z2=np.zeros(k), count=0, n=0,
-                            col={c.layer: np.zeros((3, layers[c.layer].in_features)) for c in g.consumers})
+                            col={c.layer: np.zeros((3, weights[c.layer].shape[1])) for c in g.consumers})
     if jacobians:
         shape = output_shape(model, output, data.feeds, provider)
         width = int(np.prod(shape)) if shape else 1
@@ -179,9 +183,15 @@ class UnitScores:
     costs: np.ndarray
     constants: np.ndarray | None
     bands: np.ndarray | None = None  # contiguous groups: the best offset of a kept range of each length
+    lanes: int = 1                   # grouped Convs: the same number removed from each block of units
 
     def removal(self, count: int) -> np.ndarray:
-        """The units to remove, ``count`` of them (for a contiguous group: all outside the best range)."""
+        """The units to remove, ``count`` of them (for a contiguous group: all outside the best range;
+        with lanes: count / lanes from each block, in the order's ranking)."""
+        if self.lanes > 1:
+            lane = len(self.order) // self.lanes
+            return np.sort(np.concatenate([self.order[self.order // lane == k][:count // self.lanes]
+                                           for k in range(self.lanes)]))
         if self.bands is None:
             return np.sort(self.order[:count])
         n = len(self.order)
@@ -281,13 +291,14 @@ class LayerCost:
     in_units: int
     per: int            # MACs per (output unit, input unit) pair: positions x kernel taps / block
     depthwise: bool = False
+    groups: int = 1     # a grouped Conv reads 1/groups of its input units per output
 
     def macs(self, kept: dict[str, int]) -> int:
         out = kept.get(self.out_group, self.out_units) if self.out_group else self.out_units
         if self.depthwise:
             return out * self.per
         inp = kept.get(self.in_group, self.in_units) if self.in_group else self.in_units
-        return out * inp * self.per
+        return out * inp * self.per // self.groups
 
 
 def layer_costs(model: onnx.ModelProto, layers: list[Layer], groups: list[UnitGroup], feeds) -> list[LayerCost]:
@@ -311,8 +322,9 @@ def layer_costs(model: onnx.ModelProto, layers: list[Layer], groups: list[UnitGr
             positions *= layer.out_features // out_units
         if layer.name in consumed:
             g, block = consumed[layer.name]
+            groups = layer.conv.groups if layer.op == "Conv" else 1
             costs.append(LayerCost(layer.name, out_group, out_units, g.name, g.units,
-                                   layer.in_features // g.units * positions))
+                                   layer.in_features * groups // g.units * positions, groups=groups))
         else:
             costs.append(LayerCost(layer.name, out_group, out_units, None, layer.in_features, positions))
     return costs
@@ -338,17 +350,27 @@ def round_kept(kept: int, units: int, multiple: int) -> int:
 
 def choose_counts(scores: dict[str, UnitScores], counts: dict[str, int], original: dict[str, int],
                   costs: list[LayerCost], *, sparsity: float | None, macs: float | None, scope: str,
-                  multiple: int = 1, final: bool = True) -> dict[str, int]:
+                  multiple: int = 1, final: bool = True, lanes: dict[str, int] | None = None) -> dict[str, int]:
     """How many units each group keeps: ``sparsity`` of the original units or ``macs`` of the dense
     MACs removed, over all groups at once (``global``: by cost, per MAC saved for ``macs``) or the
     same fraction in each (``layer``). ``counts``: units each group has now (earlier steps removed
-    the others; a group never gets units back)."""
+    the others; a group never gets units back). ``lanes``: groups whose count must be a multiple
+    of that many (grouped Convs), at every step."""
     if scope == "layer":
         kept = _layer_counts(counts, original, costs, sparsity, macs)
     else:
         kept = _global_counts(scores, counts, original, costs, sparsity, macs)
-    if final and multiple > 1:
-        kept = {name: min(counts[name], round_kept(k, original[name], multiple)) for name, k in kept.items()}
+    lanes = lanes or {}
+    for name, k in kept.items():
+        lane = lanes.get(name, 1)
+        step = math.lcm(multiple, lane) if final else lane
+        if step == 1:
+            continue
+        if original[name] <= step:  # too few to round: a grouped Conv's group then keeps all
+            kept[name] = counts[name] if lane > 1 else k
+            continue
+        rounded = round_kept(k, original[name], step)
+        kept[name] = rounded if rounded <= counts[name] else counts[name]
     for name, k in kept.items():
         if k < 1:
             raise InputError(f"layer {name} would be left with no unit (it has {original[name]}); "

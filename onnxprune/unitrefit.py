@@ -41,13 +41,13 @@ class UnitRefit:
 
 
 def _inputs(layer: Layer, z: np.ndarray) -> np.ndarray:
-    """[x, 1] rows, one per (sample, position)."""
+    """[x, 1] rows, one per (sample, position) and group of a grouped Conv: (M, groups, in + 1)."""
     if layer.shared:
-        p = layer_patches(layer, z)[:, 0]
-        x = p.transpose(0, 2, 1).reshape(-1, p.shape[1])
+        p = layer_patches(layer, z)  # (n, groups, in, positions)
+        x = p.transpose(0, 3, 1, 2).reshape(-1, p.shape[1], p.shape[2])
     else:
-        x = np.asarray(z, np.float64).reshape(len(z), -1)
-    return np.concatenate([x, np.ones((len(x), 1))], axis=1)
+        x = np.asarray(z, np.float64).reshape(len(z), 1, -1)
+    return np.concatenate([x, np.ones(x.shape[:2] + (1,))], axis=2)
 
 
 def _targets(layer: Layer, a: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
@@ -81,33 +81,44 @@ def _error(theta, gram, cross, tt) -> float:
 
 def refit_layer(dense: onnx.ModelProto, model: onnx.ModelProto, name: str, rows: np.ndarray | None, data: Dataset,
                 batch_size: int = 256, provider: str = "cpu", threads: int | None = None) -> UnitRefit:
-    """Refit layer ``name`` of ``model`` in place towards ``dense``'s pre-activation rows ``rows``."""
+    """Refit layer ``name`` of ``model`` in place towards ``dense``'s pre-activation rows ``rows``
+    (a grouped Conv: each group's rows on its own inputs)."""
     layer = analyse_graph(model).by_name()[name]
     targets = runtime.tensor_session(dense, [layer.preact], provider, threads)
     current = runtime.tensor_session(model, [layer.input, layer.preact], provider, threads)
-    d = layer.in_features + 1
-    fit, held = [np.zeros((d, d)), np.zeros((d, layer.out_features)), 0.0], [np.zeros((d, d)), np.zeros((d, layer.out_features)), 0.0]
-    weight = layer.to_rows(read_initializer(model, layer.weight))
+    groups = layer.conv.groups if layer.op == "Conv" else 1
+    d, per_out = layer.in_features + 1, layer.out_features // groups
+    fit, held = ([np.zeros((groups, d, d)), np.zeros((groups, d, per_out)), np.zeros(groups)] for _ in range(2))
+    weight = layer.to_rows(read_initializer(model, layer.weight)).reshape(groups, per_out, -1)
     bias_now, n_held = None, 0
     for feeds, _ in data.batches(batch_size):
         (a_dense,) = targets.run([layer.preact], feeds)
         z, a_now = (feeds[layer.input], current.run([layer.preact], feeds)[0]) if layer.input in feeds else current.run(
             [layer.input, layer.preact], feeds)
-        x, t = _inputs(layer, z), _targets(layer, a_dense, rows)
+        x = _inputs(layer, z)
+        t = _targets(layer, a_dense, rows).reshape(len(x), groups, per_out)
         if bias_now is None:  # the layer's constant term as the model has it (a - W x)
-            bias_now = (_targets(layer, a_now, None) - x[:, :-1] @ weight.T).mean(0)
+            linear = np.einsum("mgi,goi->mgo", x[:, :, :-1], weight)
+            bias_now = (_targets(layer, a_now, None).reshape(len(x), groups, per_out) - linear).mean(0)
         n = len(z)
         hold = np.repeat(np.arange(n) % HOLDOUT_EVERY == 0, len(x) // n)
         for acc, part in ((fit, ~hold), (held, hold)):
-            acc[0] += x[part].T @ x[part]
-            acc[1] += x[part].T @ t[part]
-            acc[2] += float((t[part] ** 2).sum())
+            xp, tp = x[part], t[part]
+            acc[0] += np.einsum("mgi,mgj->gij", xp, xp)
+            acc[1] += np.einsum("mgi,mgo->gio", xp, tp)
+            acc[2] += (tp ** 2).sum((0, 2))
         n_held += int(hold.sum())
-    errors = [_error(solve(*fit[:2], delta), *held) for delta in DAMPING_GRID]
+
+    def held_error(thetas) -> float:
+        return sum(_error(theta, held[0][g], held[1][g], held[2][g]) for g, theta in enumerate(thetas))
+
+    errors = [held_error([solve(fit[0][g], fit[1][g], delta) for g in range(groups)]) for delta in DAMPING_GRID]
     delta = DAMPING_GRID[int(np.argmin(errors))]
-    before = _error(np.vstack([weight.T, bias_now]), *held)
-    theta = solve(fit[0] + held[0], fit[1] + held[1], delta)
-    _write(model, layer, theta[:-1].T, theta[-1] - bias_now)
+    before = held_error([np.vstack([weight[g].T, bias_now[g]]) for g in range(groups)])
+    thetas = [solve(fit[0][g] + held[0][g], fit[1][g] + held[1][g], delta) for g in range(groups)]
+    new_rows = np.concatenate([theta[:-1].T for theta in thetas])
+    new_bias = np.concatenate([theta[-1] for theta in thetas])
+    _write(model, layer, new_rows, new_bias - bias_now.reshape(-1))
     count = max(n_held, 1) * layer.out_features
     return UnitRefit(name, delta, before / count, min(errors) / count)
 

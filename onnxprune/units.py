@@ -13,9 +13,10 @@ through (saying what to slice) or stops with the reason the group cannot be coup
 Several producers adding into one tensor (a residual stream) share its mask: the walk goes back
 from every join to all of them and forward again from every tensor it reaches. Attention heads are
 matched as a pattern of their own (``match_heads``); the input features of a first dense layer are
-units when asked for (a Slice or a Gather in front of it, see ``slicing``). Not coupled (rejected
-with their reason): Concat, grouped (non-depthwise) Convs, gating products of two computed tensors,
-graph outputs, quantized weights.
+units when asked for (a Slice or a Gather in front of it, see ``slicing``). A grouped Conv reading or
+writing the units splits them into ``lanes`` (its groups), each losing as many. Not coupled
+(rejected with their reason): Concat, gating products of two computed tensors, graph outputs,
+quantized weights.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class Cut:
     tensor: str
     axis: int
     block: int = 1
+    groups: int = 1  # a grouped Conv's weight: rows in ``groups`` blocks, each keeps its own units (local indices)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class UnitGroup:
     reshapes: tuple[tuple[str, int, int], ...] = ()  # (shape initializer, index, entries per unit)
     path: tuple[str, ...] = ()                 # nodes walked between producer and consumers
     selection: str | None = None               # input features: "Slice" (contiguous) or "Gather" (--prune-inputs)
+    lanes: int = 1                             # grouped Convs: units in this many equal blocks, each losing as many
 
     @property
     def producer(self) -> str | None:
@@ -141,6 +144,14 @@ class _Walk:
         self.groups: list[str] = []
         self.reshapes: list[tuple[str, int, int]] = []
         self.path: list[str] = []
+        self.lanes = 1
+
+    def set_lanes(self, groups: int, name: str) -> None:
+        """A grouped Conv reads or writes the units: every one of its groups must keep as many."""
+        if self.lanes not in (1, groups) or self.units % groups:
+            raise _Stop(f"grouped Conv {name!r} (groups={groups}) does not divide the {self.units} units "
+                        f"into the same blocks as the rest of the group")
+        self.lanes = groups
 
 
 def _per_channel_cut(g: _Graph, walk: _Walk, name: str, what: str) -> Cut | None:
@@ -325,7 +336,7 @@ def match_group(g: _Graph, layers: dict[str, Layer], by_node: dict[str, Layer], 
     return UnitGroup(name=start.name, producers=tuple(p.name for p in writers), units=start.out_features,
                      tensor=readers[0].tensor, consumers=tuple(readers), cuts=tuple(dict.fromkeys(walk.cuts)),
                      group_attributes=tuple(dict.fromkeys(walk.groups)), reshapes=tuple(walk.reshapes),
-                     path=tuple(walk.path))
+                     path=tuple(walk.path), lanes=walk.lanes)
 
 
 JOINS = ("Add", "Sum")
@@ -345,7 +356,9 @@ def _add_producer(g: _Graph, walk: _Walk, producers: list, layer: Layer) -> None
     if any(step.op == "DequantizeLinear" for step in layer.weight_path):
         raise _Stop(f"{layer.name!r} has quantized weights, which are not sliced")
     if layer.op == "Conv" and layer.conv.groups != 1:
-        raise _Stop(f"grouped Conv {layer.name!r} (groups={layer.conv.groups}): its channels follow its input's")
+        if layer.conv.groups == layer.out_features:
+            raise _Stop(f"depthwise Conv {layer.name!r}: its channels follow its input's")
+        walk.set_lanes(layer.conv.groups, layer.name)
     if layer.out_features != walk.units:
         raise _Stop(f"{layer.name!r} writes {layer.out_features} channels into a group of {walk.units}")
     producers.append(layer)
@@ -359,16 +372,19 @@ def _add_producer(g: _Graph, walk: _Walk, producers: list, layer: Layer) -> None
 
 def _add_consumer(walk: _Walk, layer: Layer, tensor: str, block: int) -> Consumer:
     """A layer reading the units: its columns are cut."""
-    if layer.op == "Conv" and layer.conv.groups != 1:
-        raise _Stop(f"grouped Conv {layer.name!r} (groups={layer.conv.groups}) reads the units")
+    groups = layer.conv.groups if layer.op == "Conv" else 1
+    if groups != 1:
+        walk.set_lanes(groups, layer.name)
     if any(step.op == "DequantizeLinear" for step in layer.weight_path):
         raise _Stop(f"consumer {layer.name!r} has quantized weights")
     if layer.op == "Conv" and block != 1:
         raise _Stop("a Conv reads flattened units")
     per = int(np.prod(layer.weight_shape[2:])) if layer.op == "Conv" else block
-    if layer.in_features != walk.units * per:
-        raise _Stop(f"consumer {layer.name!r} has {layer.in_features} inputs, not {walk.units} x {per}")
-    walk.cuts.append(Cut(layer.weight, _stored_axis(layer, _in_axis(layer)), block if layer.op != "Conv" else 1))
+    if layer.in_features * groups != walk.units * per:
+        raise _Stop(f"consumer {layer.name!r} has {layer.in_features * groups} inputs, not {walk.units} x {per}")
+    if groups != 1 and any(step.op == "Transpose" for step in layer.weight_path):
+        raise _Stop(f"grouped Conv {layer.name!r} with a transposed weight")
+    walk.cuts.append(Cut(layer.weight, _stored_axis(layer, _in_axis(layer)), block if layer.op != "Conv" else 1, groups))
     return Consumer(layer.name, per, tensor)
 
 
@@ -524,6 +540,6 @@ def find_units(model: onnx.ModelProto, layers: list[Layer] | None = None, inputs
             grouped.update(result.producers)
         else:
             rejected.append(result)
-    kept = [r for r in rejected if not (r.layer in depthwise_followers and r.reason.startswith("grouped Conv"))]
+    kept = [r for r in rejected if not (r.layer in depthwise_followers and r.reason.startswith("depthwise Conv"))]
     input_groups, input_rejected = _input_groups(g, model, found.layers if layers is None else layers, inputs)
     return Units(input_groups + groups, input_rejected + kept)

@@ -18,7 +18,7 @@ from onnxprune.structured import (best_bands, choose_counts, ecp_constants, gree
                                   unit_statistics)
 from onnxprune.units import find_units
 from onnxprune.unitrefit import refit_layer
-from test_units import attention, cnn, mlp_gemm, residual_cnn, sequence_ffn
+from test_units import attention, cnn, grouped_cnn, mlp_gemm, residual_cnn, sequence_ffn
 from tinynets import mlp
 
 RNG = np.random.default_rng(3)
@@ -196,13 +196,17 @@ def test_prune_structured_every_method(method):
     assert out.shape == dense_out.shape and np.all(np.isfinite(out))
 
 
-@pytest.mark.parametrize("build, shape", [(attention, (4, 5)), (residual_cnn, (32,))])
+@pytest.mark.parametrize("build, shape", [(attention, (4, 5)), (residual_cnn, (32,)), (grouped_cnn, (98,))])
 def test_prune_structured_heads_and_residual_streams(build, shape):
     model = build()
     x = RNG.normal(size=(30, *shape)).astype(np.float32)
     result = onnxprune.prune_structured(model, {"x": x}, sparsity=0.5, scope="layer", steps=2)
     onnx.checker.check_model(result.model, full_check=True)
-    assert all(g["units_after"] == round(0.5 * g["units_before"]) for g in result.groups.values())
+    lanes = {g.name: g.lanes for g in find_units(model).groups}  # a grouped Conv's groups keep as many each
+    for name, g in result.groups.items():
+        assert g["units_after"] < g["units_before"] and g["units_after"] % lanes[name] == 0
+        if lanes[name] == 1:
+            assert g["units_after"] == round(0.5 * g["units_before"])
     assert result.macs_after < result.macs_before
     dense = runtime.make_session(model).run(None, {"x": x})[0]
     assert runtime.make_session(result.model).run(None, {"x": x})[0].shape == dense.shape
