@@ -65,5 +65,7 @@ def time_models(dense: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str
 
 
 def select_inputs(feeds: dict[str, np.ndarray], kept_inputs: dict[str, list[int]] | None) -> dict[str, np.ndarray]:
-    """The feeds a --prune-inputs model takes: only its kept features."""
-    return {k: (v[:, kept_inputs[k]] if kept_inputs and k in kept_inputs else v) for k, v in feeds.items()}
+    """The feeds a --prune-inputs model takes: only its kept features (C-contiguous, as a caller would
+    pass them; a strided view would add onnxruntime's copy of it to the time)."""
+    return {k: (np.ascontiguousarray(v[:, kept_inputs[k]]) if kept_inputs and k in kept_inputs else v)
+            for k, v in feeds.items()}
