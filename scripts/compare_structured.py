@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/compare_structured.py [--models mlp,cnn] [--fractions 0.25,0.5,0.75]
         [--macs 0.2,0.3,0.4,0.5,0.6] [--onnxsim-python ../onnxsim-venv/bin/python] [--repeats 15]
-        [--out docs/results/structured] [--readme README.md] [--render RECORDED.json]
+        [--out docs/results/structured] [--readme README.md] [--render RECORDED.json [--remeasure mlp:prune]]
 
 For each shipped model (one-shot, unlabelled calibration: models/mnist_calib.npz, 2,048 images; test:
 the 10,000 test images) and each fraction f of every layer's units removed (the same count per layer
@@ -152,15 +152,39 @@ def study(name: str, path: str, args, peer_python: Path | None, calib_float_dir:
                          "refit": True, "at_peer_macs": peer["label"],
                          **measure(model, result.model, test, feeds, args.repeats)})
         out["fractions"][str(f)] = rows
+    out["macs_sweep"] = sweep(name, model, calib, test, feeds, args)
+    return out
+
+
+def sweep(name, model, calib, test, feeds, args, only: str | None = None) -> list[dict]:
+    """The --macs speed points of one model (``only``: of that input-feature variant alone)."""
+    rows = []
     for inputs, multiple, count in SWEEPS[name]:
+        if only is not None and inputs != only:
+            continue
         for m in args.macs[:count]:
             result = onnxprune.prune_structured(model, calib, macs=m, multiple=multiple, inputs=inputs, seed=args.seed)
             row = {"macs_target": m, "multiple": multiple, "inputs": inputs,
                    **measure(model, result.model, test, feeds, args.repeats, result.kept_inputs)}
-            out["macs_sweep"].append(row)
+            rows.append(row)
             print(f"{name} macs={m} multiple={multiple} inputs={inputs}: {100 * row['accuracy']:.2f}% time "
                   f"{row['time']['256']['ratio']:.3f}", file=sys.stderr)
-    return out
+    return rows
+
+
+def remeasure(recorded: str, what: str, args) -> dict:
+    """Measure again the sweep rows ``what`` = MODEL:INPUTS of a recorded run and put them in its place
+    (the command is recorded under "remeasured")."""
+    results = json.loads(Path(recorded).read_text())
+    name, inputs = what.split(":")
+    model = as_model(MODELS[name])
+    calib, test = as_dataset(args.calib, model), as_dataset(args.test, model)
+    rows = sweep(name, model, calib, test, calib.subset(256).feeds, args, only=inputs)
+    study_ = results["studies"][name]
+    study_["macs_sweep"] = [r for r in study_["macs_sweep"] if r["inputs"] != inputs] + rows
+    results.setdefault("remeasured", []).append(
+        {"rows": what, "command": "python scripts/compare_structured.py " + " ".join(map(shlex.quote, sys.argv[1:]))})
+    return results
 
 
 def _cell(row) -> str:
@@ -170,7 +194,8 @@ def _cell(row) -> str:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Command: `{results['command']}`", "",
+    again = [f"Rows {r['rows']} measured again: `{r['command']}`" for r in results.get("remeasured", [])]
+    lines = [f"Command: `{results['command']}`", ""] + (again + [""] if again else []) + [
              f"onnxruntime {results['onnxruntime']}, {results['machine']}; time ratios pruned/dense, median of "
              f"{results['repeats']} paired alternating repeats on 1 intra-op thread (quartiles in the JSON). "
              "One-shot, no labels used, test accuracy in % on the 10,000 test images.", ""]
@@ -280,11 +305,17 @@ def main(argv=None) -> int:
     p.add_argument("--readme", default=None)
     p.add_argument("--render", default=None, metavar="OUT.json",
                    help="write the markdown (and --readme block) again from a recorded JSON, measuring nothing")
+    p.add_argument("--remeasure", default=None, metavar="MODEL:INPUTS",
+                   help="with --render: measure that model's sweep rows of one input variant (keep, slice, prune) again")
     args = p.parse_args(argv)
-    if args.render:
-        return write(json.loads(Path(args.render).read_text()), args.out, args.readme)
     args.fractions = [float(v) for v in args.fractions.split(",")]
     args.macs = [float(v) for v in args.macs.split(",")]
+    if args.render and args.remeasure:
+        results = remeasure(args.render, args.remeasure, args)
+        fileio.write_json(args.out + ".json", results)
+        return write(results, args.out, args.readme)
+    if args.render:
+        return write(json.loads(Path(args.render).read_text()), args.out, args.readme)
     peer_python = Path(args.onnxsim_python) if Path(args.onnxsim_python).exists() else None
     import onnxruntime
 
