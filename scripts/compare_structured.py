@@ -326,7 +326,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             results["studies"][name] = study(name, MODELS[name], args, peer_python, Path(tmp))
-    fileio.write_json(args.out + ".json", results)
+            fileio.write_json(args.out + ".json", results)  # every finished study is kept
     return write(results, args.out, args.readme)
 
 
