@@ -379,6 +379,22 @@ def inspect(model) -> dict:
         "skipped": [asdict(s) for s in found.skipped],
         "unpruned_weights": [asdict(s) for s in unpruned_weights(work, found)],
         "analysis_copy": analysis.notes,
+        "units": _unit_groups(work),
         "runtime_copy": model.ir_version > runtime.MAX_IR_VERSION or any(
             v > runtime.MAX_OPSET for d, v in opsets.items() if d == "ai.onnx"),
     }
+
+
+def _unit_groups(model: onnx.ModelProto) -> dict:
+    """inspect's section on structured pruning: the unit groups and the layers whose units cannot go."""
+    from .units import find_units
+
+    units = find_units(model)
+    return {"groups": [g.to_dict() for g in units.groups], "rejected": [asdict(r) for r in units.rejected]}
+
+
+def prune_structured(model, data, **params):
+    """Remove whole units (neurons, channels) of ``model``: see ``onnxprune.shrink.prune_structured``."""
+    from .shrink import prune_structured as run
+
+    return run(model, data, **params)

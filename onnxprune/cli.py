@@ -13,12 +13,15 @@ from . import api
 from .errors import CheckFailed, InputError
 from .masks import SCOPES
 from .modelio import stage_model
-from .report import evaluation_table, prune_table, sensitivity_table, skipped_table, storage_table, table, unpruned_table
+from .report import (evaluation_table, prune_table, sensitivity_table, skipped_table, storage_table, table,
+                     unpruned_table, units_table)
 from .engines import ENGINES
 from .statistics import EXACT_LIMIT
 from .runtime import PROVIDERS, build_name, check_installation
 from .saliency import METHODS, REFIT_METHOD
 from .storage import STORAGES, storage_report
+from .structured import METHODS as STRUCTURED_METHODS
+from .structured_cli import STRUCTURED_ONLY, refuse_outside, run_structured, structured_options
 from .ui import Group, command_errors, common, finish, json_option, make_ui, print_json, stage_json
 
 MAX_THREADS = 4 * (os.cpu_count() or 1)
@@ -106,8 +109,9 @@ def main():
 @click.option("--storage", type=click.Choice(STORAGES), default="dense", show_default=True,
               help="Write pruned initializers dense, or as sparse initializers where smaller (disk only: "
                    "onnxruntime expands them at load).")
-@click.option("--method", type=click.Choice([*METHODS, REFIT_METHOD]), default="ecp", show_default=True,
-              help="Saliency; ecp-refit = ECP in steps with least-squares refits of the surviving weights.")
+@click.option("--method", type=click.Choice([*METHODS, REFIT_METHOD, *STRUCTURED_ONLY]), default="ecp", show_default=True,
+              help="Saliency; ecp-refit = ECP in steps with least-squares refits of the surviving weights; "
+                   f"with --structured one of {', '.join(STRUCTURED_METHODS)}.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Reach the sparsity in this many steps, re-scoring each time (default 1; ecp-refit 10).")
 @click.option("--refit/--no-refit", default=None,
@@ -136,12 +140,13 @@ def main():
 @memory_opt
 @json_option
 @click.option("--force", is_flag=True, help="Replace existing output files; run nonlinear above its size limit.")
+@structured_options
 @common
 @command_errors
 def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias, max_loss_increase, max_accuracy_drop,
           plot_path, storage, method, steps, refit, chained, g_weighted, compensation, scope, exclude, seed,
-          probes, conv_statistics, batch_size, output, labels_key, provider, threads, engine, memory_budget, json_path, force, verbose,
-          quiet):
+          probes, conv_statistics, batch_size, output, labels_key, provider, threads, engine, memory_budget, json_path, force,
+          structured, macs, multiple, slice_inputs, prune_inputs, time_batches, verbose, quiet):
     """Prune MODEL (one-shot, or in --steps) and write the result to OUT.
 
     With --max-loss-increase or --max-accuracy-drop (and --test), the largest of --ratios within
@@ -154,6 +159,18 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
         if test_data is not None and test_data != evaluate_alias:
             raise InputError("--evaluate is another name of --test; give one of them")
         test_data = evaluate_alias
+    # --- structured pruning (issue 12): its own path, see structured_cli ---
+    if structured:
+        return run_structured(
+            ui, model=model, out=out, data=data, sparsity=sparsity, macs=macs, method=method, scope=scope,
+            multiple=multiple, steps=steps, refit=refit, exclude=exclude, seed=seed, output=output, probes=probes,
+            batch_size=batch_size, labels_key=labels_key, provider=provider, threads=threads, test_data=test_data,
+            json_path=json_path, force=force, time_batches=time_batches, slice_inputs=slice_inputs,
+            prune_inputs=prune_inputs,
+            refused={"--dry-run": dry_run, "--storage sparse": storage != "dense", "--no-compensation": not compensation,
+                     "--no-chain": not chained, "--conv-statistics positions": conv_statistics != "exact"})
+    refuse_outside(macs, multiple, method, slice_inputs, prune_inputs)
+    # --- end of structured pruning ---
     params = dict(method=method, compensation=compensation, scope=scope, exclude=exclude, seed=seed, output=output,
                   probes=probes, batch_size=batch_size, labels_key=labels_key, provider=provider, threads=threads,
                   force=force, steps=steps, refit=refit, chained=chained, g_weighted=g_weighted,
@@ -381,6 +398,8 @@ def inspect(model, json_path, force, verbose, quiet):
         ui.out(unpruned_table(report["unpruned_weights"]))
     if report["analysis_copy"]:
         ui.info("analysis copy: " + "; ".join(report["analysis_copy"]))
+    ui.out()
+    ui.out(units_table(report["units"]))  # structured pruning's unit groups
     print_json(json_path, report)
 
 

@@ -113,3 +113,34 @@ def storage_table(storage: dict) -> str:
 
 def _percent(value) -> str | None:
     return None if value is None else f"{100 * value:.2f}%"
+
+
+# --- structured pruning (prune --structured, inspect's unit groups) -------------------------------
+
+def structured_table(report: dict) -> str:
+    """Per layer: units out/in before -> after, parameters, MACs and bytes; then the totals."""
+    rows = [[r["layer"], f"{r['out_before']} -> {r['out_after']}", f"{r['in_before']} -> {r['in_after']}",
+             r["params_before"], r["params_after"], r["macs_before"], r["macs_after"], r["bytes_before"], r["bytes_after"]]
+            for r in report["layers"]]
+    rows.append(["total", f"{report['units_before']} -> {report['units_after']} units", "",
+                 report["params_before"], report["params_after"], report["macs_before"], report["macs_after"],
+                 sum(r["bytes_before"] for r in report["layers"]), sum(r["bytes_after"] for r in report["layers"])])
+    return table(["layer", "outputs", "inputs", "params", "params after", "MACs", "MACs after", "bytes",
+                  "bytes after"], rows)
+
+
+def timing_table(timing: list[dict]) -> str:
+    """Measured onnxruntime time of both models: medians and the spread of the paired ratios."""
+    rows = [[t["batch"], 1e3 * t["dense_seconds"], 1e3 * t["pruned_seconds"], f"{t['ratio']:.3f}",
+             f"{t['ratio_q25']:.3f}-{t['ratio_q75']:.3f}", f"{t['repeats']} x {t['runs_per_repeat']}"] for t in timing]
+    return table(["batch", "dense ms", "pruned ms", "time ratio", "ratio quartiles", "paired repeats x runs"], rows)
+
+
+def units_table(units: dict) -> str:
+    """inspect: the unit groups found and the layers whose units cannot be removed, with why."""
+    rows = [[g["group"], g["units"], ", ".join(g["consumers"]), " -> ".join(g["path"]) or "-"] for g in units["groups"]]
+    text = table(["unit group (producer)", "units", "consumers", "through"], rows, right={1})
+    if units["rejected"]:
+        text += "\n\n" + table(["layer", "op", "why its units are not removable"],
+                               [[r["layer"], r["op"], r["reason"]] for r in units["rejected"]], right=set())
+    return text

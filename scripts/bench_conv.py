@@ -20,7 +20,8 @@ import onnx
 
 import onnxprune
 from onnxprune import fileio
-from onnxprune.jacobians import OutputJacobians, output_shape
+from onnxprune.engines import output_jacobians
+from onnxprune.jacobians import output_shape
 from onnxprune.layers import analyse_graph, protected_output
 from onnxprune.masks import choose_masks
 from onnxprune.rewrite import rewrite
@@ -115,7 +116,7 @@ def timing_split(model, calib) -> dict:
     shape = output_shape(work, output, calib.feeds)
     out = {}
     for mode in ("exact", "positions"):
-        jac = OutputJacobians(work, layers, output, int(np.prod(shape)))
+        jac = output_jacobians(work, layers, output, int(np.prod(shape)))
         stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
         t_jac = t_sum = 0.0
         for feeds, _ in calib.batches(256):

@@ -1,0 +1,174 @@
+"""The structured rewrite: fold each removed unit's constant into its consumers' biases, then slice.
+
+Removing unit j of a group and feeding the constant c_j in its place changes every consumer's
+pre-activation by W[:, cols_j] c_j (one constant per unit, spread over its block of columns: a
+Conv's kernel taps, a Flatten's positions), which is added to the consumer's bias (Gemm's beta, a
+BatchNormalization holding the bias and a missing bias handled as in ``rewrite.shift_bias``). Then
+every initializer of the group (``units.Cut``) keeps only the surviving entries, depthwise Convs'
+``group`` shrinks, and Reshape constants follow. Names, dtypes, opset, metadata and the graph's
+inputs and outputs are kept; stale intermediate shapes (value_info) are dropped.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .layers import Layer, analyse_graph, read_initializer
+from .rewrite import shift_bias
+from .units import Cut, UnitGroup, find_units, selection_node
+
+
+def fold_constants(model: onnx.ModelProto, groups: list[UnitGroup], removed: dict[str, np.ndarray],
+                   constants: dict[str, np.ndarray] | None) -> onnx.ModelProto:
+    """A copy of ``model`` whose consumer biases carry the constants of the removed units."""
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    if constants is None:
+        return new
+    for group in groups:
+        gone = removed.get(group.name, np.zeros(0, int))
+        if not len(gone) or group.name not in constants:
+            continue
+        for consumer in group.consumers:
+            layer = analyse_graph(new).by_name()[consumer.layer]  # fresh: a fold may have inserted a bias
+            stored = read_initializer(new, layer.weight)
+            rows = full_rows(layer, layer.to_rows(stored))
+            per_column = np.zeros(rows.shape[1])
+            cols = _columns(gone, consumer.block)
+            per_column[cols] = np.repeat(constants[group.name][gone], consumer.block)
+            shift = rows @ per_column
+            shift_bias(new, layer, layer.bias_shift_to_stored(shift), stored.dtype)
+    return new
+
+
+def _columns(units: np.ndarray, block: int) -> np.ndarray:
+    units = np.asarray(units, int)
+    return (units[:, None] * block + np.arange(block)[None, :]).ravel()
+
+
+def full_rows(layer: Layer, rows: np.ndarray) -> np.ndarray:
+    """A grouped Conv's (out, in per group) rows spread over all input columns (zeros outside each
+    row's group), so that column j is input channel j's block for every layer alike."""
+    groups = layer.conv.groups if layer.op == "Conv" else 1
+    if groups == 1:
+        return rows
+    per_out, width = layer.out_features // groups, rows.shape[1]
+    full = np.zeros((layer.out_features, groups * width))
+    for g in range(groups):
+        full[g * per_out:(g + 1) * per_out, g * width:(g + 1) * width] = rows[g * per_out:(g + 1) * per_out]
+    return full
+
+
+def _take(value: np.ndarray, kept: np.ndarray, cut: Cut, units: int) -> np.ndarray:
+    """``value`` with only the ``kept`` units along the cut (per row block for a grouped Conv)."""
+    if cut.groups == 1:
+        return np.take(value, _columns(kept, cut.block), axis=cut.axis)
+    lane, rows = units // cut.groups, value.shape[0] // cut.groups
+    parts = [np.take(value[g * rows:(g + 1) * rows], _columns(kept[(kept // lane) == g] - g * lane, cut.block), axis=cut.axis)
+             for g in range(cut.groups)]
+    return np.concatenate(parts, axis=0)
+
+
+def slice_units(model: onnx.ModelProto, keep: dict[str, np.ndarray], inputs: str | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` with only the ``keep`` units (sorted indices per group name) of each group;
+    ``inputs`` ("slice" or "gather") says how input features are selected the first time."""
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    groups = find_units(new, inputs=inputs).by_name()
+    inits = {t.name: t for t in new.graph.initializer}
+    nodes = {n.name: n for n in new.graph.node}
+    for name, kept in keep.items():
+        group = groups[name]
+        kept = np.asarray(kept, int)
+        if len(kept) == group.units:
+            continue
+        for cut in group.cuts:
+            init = inits[cut.tensor]
+            value = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array(_take(value, kept, cut, group.units), cut.tensor))
+        if group.selection:
+            _select_inputs(new, group, kept)
+            inits = {t.name: t for t in new.graph.initializer}
+        for node_name in group.group_attributes:
+            for attr in nodes[node_name].attribute:
+                if attr.name == "group":
+                    attr.i = len(kept)
+        for tensor, index, per_unit in group.reshapes:
+            value = numpy_helper.to_array(inits[tensor]).copy()
+            value[index] = len(kept) * per_unit
+            inits[tensor].CopyFrom(numpy_helper.from_array(value, tensor))
+    del new.graph.value_info[:]
+    return new
+
+
+def _select_inputs(model: onnx.ModelProto, group: UnitGroup, kept: np.ndarray) -> None:
+    """Keep input features ``kept`` (of those the group has now) by a Slice (contiguous) or a Gather
+    in front of the consumers, inserted the first time and narrowed afterwards."""
+    graph = model.graph
+    source = group.tensor if group.tensor in {i.name for i in graph.input} else None
+    node = next((n for n in graph.node if n.output and n.output[0] == group.tensor), None) if source is None else None
+    x = source or node.input[0]
+    name = selection_node(x)
+    inits = {t.name: t for t in graph.initializer}
+    if group.selection == "Slice":
+        if len(kept) != kept[-1] - kept[0] + 1:
+            raise ValueError("a Slice keeps a contiguous range of input features")
+        start = int(numpy_helper.to_array(inits[f"{name}__starts"])[0]) if node is not None else 0
+        values = {"starts": [start + int(kept[0])], "ends": [start + int(kept[-1]) + 1], "axes": [1]}
+    else:
+        old = numpy_helper.to_array(inits[f"{name}__indices"]) if node is not None else np.arange(group.units)
+        values = {"indices": old[kept]}
+    for key, value in values.items():
+        tensor = numpy_helper.from_array(np.asarray(value, np.int64), f"{name}__{key}")
+        if tensor.name in inits:
+            inits[tensor.name].CopyFrom(tensor)
+        else:
+            graph.initializer.append(tensor)
+    if node is None:
+        out = f"{x}__onnxprune_selected"
+        args = [x, f"{name}__starts", f"{name}__ends", f"{name}__axes"] if group.selection == "Slice" else [x, f"{name}__indices"]
+        extra = {} if group.selection == "Slice" else {"axis": 1}
+        graph.node.insert(0, helper.make_node(group.selection, args, [out], name=name, **extra))
+        for n in graph.node[1:]:
+            n.input[:] = [out if i == x and n.name in {c.layer for c in group.consumers} else i for i in n.input]
+
+
+def input_contract(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """--prune-inputs: the Gathers of input features removed, so the model takes only the kept
+    features (its input shape changes); returns it and the kept indices per input."""
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    graph = new.graph
+    kept = {}
+    for vi in graph.input:
+        name = selection_node(vi.name)
+        node = next((n for n in graph.node if n.name == name and n.op_type == "Gather"), None)
+        if node is None:
+            continue
+        indices = next(t for t in graph.initializer if t.name == node.input[1])
+        kept[vi.name] = numpy_helper.to_array(indices).tolist()
+        graph.node.remove(node)
+        graph.initializer.remove(indices)
+        for n in graph.node:
+            n.input[:] = [vi.name if i == node.output[0] else i for i in n.input]
+        vi.type.tensor_type.shape.dim[1].Clear()
+        vi.type.tensor_type.shape.dim[1].dim_value = len(kept[vi.name])
+    if kept:
+        entry = new.metadata_props.add()
+        entry.key, entry.value = "onnxprune.kept_input_features", json.dumps(kept)
+    return new, kept
+
+
+def remove_units(model: onnx.ModelProto, removed: dict[str, np.ndarray],
+                 constants: dict[str, np.ndarray] | None = None, inputs: str | None = None) -> onnx.ModelProto:
+    """``model`` without the ``removed`` units (indices per group), their constants folded first;
+    ``inputs`` ("slice" or "gather") when input features are among them."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)  # find_units names unnamed nodes
+    groups = find_units(work, inputs=inputs).by_name()
+    folded = fold_constants(work, list(groups.values()), removed, constants)
+    keep = {name: np.setdiff1d(np.arange(groups[name].units), gone) for name, gone in removed.items() if len(gone)}
+    return slice_units(folded, keep, inputs)
