@@ -14,7 +14,6 @@ from .masks import SCOPES
 from .modelio import save_model
 from .report import evaluation_table, prune_table, sensitivity_table, skipped_table, storage_table, table
 from .runtime import PROVIDERS
-from .saliency import METHODS, REFIT_METHOD
 from .storage import STORAGES, storage_report
 from .ui import common, command_errors, emit_json, make_ui
 
@@ -41,7 +40,7 @@ def main():
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Calibration data (.npz keyed by input name).")
 @click.option("--sparsity", type=float, default=None, help="Fraction of the prunable weights to remove (0..1).")
 @click.option("--dry-run", is_flag=True,
-              help="Write no model: report the predicted error (and with --evaluate the loss) for every --ratios value.")
+              help="Write no model: report the score sum (and with --evaluate the loss) for every --ratios value.")
 @click.option("--ratios", default=None, metavar="R1,R2,...",
               help="Sparsities of the dry run [default: 0.1,0.2,...,0.9,0.95].")
 @click.option("--evaluate", "evaluate_data", type=click.Path(dir_okay=False), default=None,
@@ -53,7 +52,7 @@ def main():
 @click.option("--storage", type=click.Choice(STORAGES), default="dense", show_default=True,
               help="Write pruned initializers dense, or as sparse initializers where smaller (disk only: "
                    "onnxruntime expands them at load).")
-@click.option("--method", type=click.Choice([*METHODS, REFIT_METHOD]), default="ecp", show_default=True,
+@click.option("--method", type=click.Choice(api.METHOD_NAMES), default="ecp", show_default=True,
               help="Saliency; ecp-refit = ECP in steps with least-squares refits of the surviving weights.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Reach the sparsity in this many steps, re-scoring each time (default 1; ecp-refit 10).")

@@ -18,13 +18,14 @@ def weights_of(model):
     return inits
 
 
-def ridge(x, t, delta, w=None):
-    """min sum_s w_s (t_s - x_s.theta - b)^2 + lambda |theta|^2, lambda = delta * mean diag(x' W x)."""
+def ridge(x, cols, t, delta, w=None):
+    """min sum_s w_s (t_s - x_s[cols].theta - b)^2 + lambda |theta|^2 over the kept columns, with
+    lambda = delta * mean diag(x' W x) over all of the layer's inputs x."""
     w = np.ones(len(x)) if w is None else w
-    xb = np.hstack([x, np.ones((len(x), 1))])
+    xb = np.hstack([x[:, cols], np.ones((len(x), 1))])
     gram = (xb * w[:, None]).T @ xb
     reg = np.zeros(len(gram))
-    reg[:-1] = delta * np.mean(np.diag(gram)[:-1])
+    reg[:-1] = delta * np.mean(w @ x**2)
     return np.linalg.solve(gram + np.diag(reg), (xb * w[:, None]).T @ t)
 
 
@@ -62,7 +63,7 @@ def test_refit_solves_each_rows_ridge_problem_on_the_chained_inputs(pattern):
         bias = w[f"b{l}"]
         for i in range(layer.out_features):
             cols = np.flatnonzero(mask[i])
-            expected = ridge(z[:, cols], target[:, i], reports[l].damping)
+            expected = ridge(z, cols, target[:, i], reports[l].damping)
             np.testing.assert_allclose(rows[i, cols], expected[:-1], rtol=2e-4, atol=2e-5)
             assert bias[i] == pytest.approx(expected[-1], rel=2e-4, abs=2e-5)
 
@@ -90,7 +91,7 @@ def test_g_weighted_refit_weights_samples_by_output_sensitivity():
     mask = params[0][0] != 0
     for i in range(5):
         cols = np.flatnonzero(mask[i])
-        expected = ridge(x[:, cols].astype(np.float64), dense_trace[0][1][:, i], reports[0].damping, g[:, i])
+        expected = ridge(x.astype(np.float64), cols, dense_trace[0][1][:, i], reports[0].damping, g[:, i])
         np.testing.assert_allclose(w0[i, cols], expected[:-1], rtol=1e-3, atol=1e-4)
     assert reports[0].weighted
 
@@ -160,7 +161,7 @@ def test_conv_refit_fits_patches_and_writes_back_through_bias_add_and_batchnorm(
         p = patches_2d(x[:, g * per_in:(g + 1) * per_in])
         t = target[:, i].reshape(-1)
         cols = np.flatnonzero(mask[i])
-        theta = ridge(p[:, cols], t, reports[0].damping)
+        theta = ridge(p, cols, t, reports[0].damping)
         np.testing.assert_allclose(got[:, i].reshape(-1), p[:, cols] @ theta[:-1] + theta[-1], rtol=1e-3, atol=1e-4)
     assert np.all(numpy_helper.to_array(next(t for t in new.graph.initializer if t.name == "conv1.weight"))[a == 0] == 0)
 
@@ -182,7 +183,7 @@ def test_sequence_matmul_refit_counts_positions_as_samples():
     z = x.reshape(-1, 5).astype(np.float64)
     for i in range(6):
         cols = np.flatnonzero(a[:, i])
-        theta = ridge(z[:, cols], target[:, i], reports[0].damping)
+        theta = ridge(z, cols, target[:, i], reports[0].damping)
         np.testing.assert_allclose(got[:, i], z[:, cols] @ theta[:-1] + theta[-1], rtol=1e-3, atol=1e-4)
 
 
