@@ -73,25 +73,28 @@ def refit_problem(layer: Layer) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Row solves
 
-def _padded_solve(matrix, index: np.ndarray, valid: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Solve matrix[idx_r, idx_r] y_r = rhs_r for every row r at once, padded to one size with
-    identity blocks (``matrix`` one (d, d) array shared by all rows, or one (k, k) per row already
-    gathered); chunks keep each stack within SOLVE_BYTES."""
+def _padded_solve(matrix: np.ndarray, index: np.ndarray, valid: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Solve matrix[S_r, S_r] y_r = rhs_r for every row r's index set S_r (``index`` padded, ``valid``)
+    at once: padding points at identity rows appended to ``matrix``, so every row's system is one
+    gather of the same size; chunks keep each stack within SOLVE_BYTES."""
     rows, k = index.shape
     out = np.zeros((rows, k))
     if k == 0:
         return out
+    d = len(matrix)
+    augmented = np.zeros((d + k, d + k))
+    augmented[:d, :d] = matrix
+    augmented[np.arange(d, d + k), np.arange(d, d + k)] = 1.0
+    index = np.where(valid, index, d + np.arange(k))
+    rhs = np.where(valid, rhs, 0.0)
     step = max(1, SOLVE_BYTES // (8 * k * k))
     for start in range(0, rows, step):
-        idx, ok, b = index[start:start + step], valid[start:start + step], rhs[start:start + step]
-        a = matrix[idx[:, :, None], idx[:, None, :]] if matrix.ndim == 2 else matrix[start:start + step].copy()
-        both = ok[:, :, None] & ok[:, None, :]
-        a = np.where(both, a, 0.0)
-        a[:, np.arange(k), np.arange(k)] += ~ok
+        idx, b = index[start:start + step], rhs[start:start + step]
+        a = augmented[idx[:, :, None], idx[:, None, :]]
         try:
-            out[start:start + step] = np.linalg.solve(a, np.where(ok, b, 0.0)[..., None])[..., 0]
+            out[start:start + step] = np.linalg.solve(a, b[..., None])[..., 0]
         except np.linalg.LinAlgError:
-            out[start:start + step] = [np.linalg.lstsq(m, v, rcond=None)[0] for m, v in zip(a, np.where(ok, b, 0.0))]
+            out[start:start + step] = [np.linalg.lstsq(m, v, rcond=None)[0] for m, v in zip(a, b)]
     return out
 
 
@@ -363,19 +366,22 @@ class _Moments:
         return both
 
 
-def _candidates(previous: float | None) -> list[float]:
-    """Dampings to try: the whole grid first, then the previous step's choice and its neighbours."""
+def _candidates(previous: float | None, fixed: float | None = None) -> list[float]:
+    """Dampings to try: the whole grid first, then the previous step's choice and its neighbours
+    (only ``fixed`` when given)."""
+    if fixed is not None:
+        return [fixed]
     if previous is None:
         return list(DAMPING_GRID)
     return [d for d in DAMPING_GRID if previous / 10.01 <= d <= previous * 10.01]
 
 
-def _shared_fit(layer, fit: _Moments, held: _Moments, keep: np.ndarray, theta_now: np.ndarray, previous):
+def _shared_fit(layer, fit: _Moments, held: _Moments, keep: np.ndarray, theta_now: np.ndarray, previous, fixed=None):
     """Unweighted rows: (damping, theta on all samples, held-out error before and after), the errors
     summed over the GRID_ROWS rows spread over the layer whose held-out solves chose the damping."""
     per_group = fit.per_group
     sample = np.unique(np.linspace(0, layer.out_features - 1, GRID_ROWS).astype(int))
-    candidates = _candidates(previous)
+    candidates = _candidates(previous, fixed)
     scores, before = np.zeros(len(candidates)), 0.0
     for g in range(fit.gram.shape[0]):
         mine = sample[sample // per_group == g]
@@ -394,12 +400,13 @@ def _shared_fit(layer, fit: _Moments, held: _Moments, keep: np.ndarray, theta_no
     return candidates[best], theta, before, scores[best]
 
 
-def _weighted_fit(fit: _Moments, held: _Moments, survivors, in_features: int, theta_now: np.ndarray, previous):
+def _weighted_fit(fit: _Moments, held: _Moments, survivors, in_features: int, theta_now: np.ndarray, previous,
+                  fixed=None):
     """G-weighted rows of one block: (damping, theta (rows, in + 1) on all samples, held-out error
     before and after summed over the GRID_ROWS rows whose solves chose the damping)."""
     rows = fit.rows
     sample = np.unique(np.linspace(0, len(rows) - 1, GRID_ROWS).astype(int))
-    candidates = _candidates(previous)
+    candidates = _candidates(previous, fixed)
 
     def held_error(slot, theta):
         return float(theta @ held.gram[slot] @ theta - 2 * theta @ held.cross[slot] + held.tt[rows[slot]])
@@ -460,6 +467,7 @@ class Refit:
 
     chained: bool = True
     g_weighted: bool = False
+    damping: float | None = None  # a fixed delta instead of the held-out choice
 
     @property
     def name(self) -> str:
@@ -569,10 +577,11 @@ class RefitRun:
             theta_now = np.concatenate([weight, bias[:, None]], axis=1)
             previous = self.damping.get(layer.name)
             if weighted:
-                delta, theta, before, after = _weighted_fit(fit, held, survivors, layer.in_features, theta_now, previous)
+                delta, theta, before, after = _weighted_fit(fit, held, survivors, layer.in_features, theta_now, previous,
+                                                            self.spec.damping)
             else:
                 rows = np.arange(layer.out_features)
-                delta, theta, before, after = _shared_fit(layer, fit, held, keep, theta_now, previous)
+                delta, theta, before, after = _shared_fit(layer, fit, held, keep, theta_now, previous, self.spec.damping)
             results.append((rows, delta, theta, before, after))
         new_weight, new_bias = weight.copy(), bias.copy()
         for rows, _, theta, _, _ in results:
@@ -606,11 +615,11 @@ class RefitRun:
 
 
 def refit(dense: onnx.ModelProto, current: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,
-          chained: bool = True, g_weighted: bool = False, batch_size: int = 256, provider: str = "cpu",
-          threads: int | None = None, progress: Callable[[int, int], None] | None = None):
+          chained: bool = True, g_weighted: bool = False, damping: float | None = None, batch_size: int = 256,
+          provider: str = "cpu", threads: int | None = None, progress: Callable[[int, int], None] | None = None):
     """One refit of every layer of ``current`` (pruned; zeros are the mask) towards ``dense``, in
     graph order: the refit model and one LayerRefit per layer."""
-    run = Refit(chained, g_weighted).start(dense, layers, data, output, batch_size=batch_size, provider=provider,
+    run = Refit(chained, g_weighted, damping).start(dense, layers, data, output, batch_size=batch_size, provider=provider,
                                            threads=threads, progress=progress)
     return run(current, layers, final=True)
 

@@ -205,3 +205,95 @@ def test_ecp_refit_runs_on_shared_weight_layers_and_improves_on_ecp(kind):
         out = runtime.make_session(result.model).run(None, {"x": arrays["x"]})[0]
         errors[method] = float(np.mean((out - reference) ** 2))
     assert errors["ecp-refit"] < errors["ecp"]
+
+
+def _conv_pruned(model, fraction=0.5, seed=0):
+    """``model`` with the same random half of conv1's weights zeroed."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    w = next(t for t in m.graph.initializer if t.name == "conv1.weight")
+    a = numpy_helper.to_array(w).copy()
+    a[np.random.default_rng(seed).random(a.shape) < fraction] = 0
+    w.CopyFrom(numpy_helper.from_array(a, w.name))
+    return m
+
+
+def _folded(model):
+    """The same function with the BatchNormalization folded into conv1's weight and bias."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in m.graph.initializer}
+    factor = inits["bn.scale"] / np.sqrt(inits["bn.var"] + 1e-5)
+    weight = inits["conv1.weight"] * factor[:, None, None, None]
+    bias = inits["bn.bias"] - inits["bn.mean"] * factor
+    keep = [t for t in m.graph.initializer if not t.name.startswith("bn.") and t.name != "conv1.weight"]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep + [numpy_helper.from_array(weight.astype(np.float32), "conv1.weight"),
+                                       numpy_helper.from_array(bias.astype(np.float32), "conv1.bias")])
+    nodes = [n for n in m.graph.node if n.op_type != "BatchNormalization"]
+    conv = next(n for n in nodes if n.name == "conv1")
+    conv.input.append("conv1.bias")
+    conv.output[0] = "bn"
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
+def test_refit_of_a_refit_model_changes_nothing_when_a_batchnorm_holds_the_bias():
+    from tinyconv import cnn, images
+
+    dense = cnn(bias="none", batchnorm=True)
+    x = images(40)["x"]
+    data_ = Dataset({"x": x})
+    once, _ = refit(dense, _conv_pruned(dense), analyse_graph(_conv_pruned(dense)).layers, data_, "logits", batch_size=16)
+    twice, _ = refit(dense, once, analyse_graph(once).layers, data_, "logits", batch_size=16)
+    y1, y2 = (runtime.make_session(m).run(None, {"x": x})[0] for m in (once, twice))
+    np.testing.assert_allclose(y2, y1, atol=1e-5)
+    for a, b in zip(once.graph.initializer, twice.graph.initializer):
+        np.testing.assert_allclose(numpy_helper.to_array(b), numpy_helper.to_array(a), atol=1e-5, err_msg=a.name)
+
+
+def test_conv_with_batchnorm_and_its_folded_form_refit_to_the_same_function():
+    from tinyconv import cnn, images
+
+    dense = cnn(bias="none", batchnorm=True)
+    folded = _folded(dense)
+    x = images(40)["x"]
+    np.testing.assert_allclose(*(runtime.make_session(m).run(None, {"x": x})[0] for m in (dense, folded)), atol=1e-5)
+    outputs = []
+    for model in (dense, folded):
+        current = _conv_pruned(model)
+        for _ in range(2):  # a second refit must not count the bias again
+            current, _ = refit(model, current, analyse_graph(current).layers, Dataset({"x": x}), "logits",
+                               damping=1e-3, batch_size=16)
+        outputs.append(runtime.make_session(current).run(None, {"x": x})[0])
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-4)
+
+
+def test_excluded_layers_stay_byte_identical_through_ecp_refit():
+    dense, _, _ = mlp((8, 16, 16, 4), pattern="gemm_t", seed=5)
+    result = onnxprune.prune(dense, data(200, d=8, classes=4), 0.7, method="ecp-refit", steps=3, exclude=["fc1"])
+    before = {t.name: t.raw_data or numpy_helper.to_array(t).tobytes() for t in dense.graph.initializer}
+    after = {t.name: t.raw_data or numpy_helper.to_array(t).tobytes() for t in result.model.graph.initializer}
+    assert after["W1"] == before["W1"] and after["b1"] == before["b1"]
+    assert after["W0"] != before["W0"] and after["W2"] != before["W2"]
+    assert result.excluded == ["fc1"] and "fc1" not in [r.layer for r in result.refit]
+
+
+def test_score_sum_is_the_single_weight_errors_and_misses_the_cross_terms_numpy_gives():
+    """On a linear layer y = W x + b with ECP's bias shift, removing the set P changes row i by
+    -sum_{j in P_i} W_ij (x_j - E x_j): E||dy||^2 = sum_i w_P' Cov(x) w_P. score_sum is its diagonal."""
+    dense, params, _ = mlp((6, 4), pattern="gemm_t", seed=7)
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6))).astype(np.float32)  # correlated inputs
+    result = onnxprune.prune(dense, {"x": x}, 0.5, method="ecp")
+    w = params[0][0].astype(np.float64)
+    pruned = numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == "W0")) == 0
+    cov = np.cov(x.astype(np.float64).T, bias=True)
+    removed = np.where(pruned, w, 0.0)
+    singles = float((removed**2 @ np.diag(cov)).sum())
+    joint = float(np.einsum("ij,jk,ik->", removed, cov, removed))
+    assert result.score_sum == pytest.approx(singles, rel=1e-5)
+    y0, y1 = (runtime.make_session(m).run(None, {"x": x})[0].astype(np.float64) for m in (dense, result.model))
+    assert float(((y1 - y0) ** 2).sum(1).mean()) == pytest.approx(joint, rel=1e-4)
+    assert abs(joint - singles) > 0.05 * singles  # the cross terms are not negligible here
