@@ -17,7 +17,7 @@ from .evaluate import evaluate_dataset
 from .layers import GraphLayers, Layer, Skipped, analyse_graph, protected_output, reaching, read_initializer
 from .masks import choose_masks, excluded
 from .modelio import load_model
-from .refit import NONE, LayerRefit, Refit, current_bias
+from .refit import NONE, Compose, Distill, LayerRefit, Refit, current_bias
 from .rewrite import LayerChange, rewrite
 from .saliency import METHODS, Saliency, ScoringContext, make_scorer
 from .schedule import Schedule, geometric, one_shot, path
@@ -134,8 +134,8 @@ def effective_weights(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, 
     return {layer.name: layer.to_rows(read_initializer(model, layer.weight)) for layer in layers}
 
 
-PRESETS = {  # method name -> (scorer, schedule, whether a refit repairs every step)
-    "ecp-refit": ("ecp", geometric(10), True),
+PRESETS = {  # method name -> (scorer, schedule, whether a refit repairs every step, what follows the refit)
+    "ecp-refit": ("ecp", geometric(10), True, Distill(epochs=60, lr=1e-2)),
 }
 METHOD_NAMES = (*METHODS, *PRESETS)
 
@@ -150,7 +150,8 @@ class Pruner:
     a ``repair`` (``onnxprune.refit``: ``NONE``, ``Refit(chained, g_weighted)``) is applied after
     every step. ``steps``, ``refit``, ``chained`` and ``g_weighted`` are the CLI's spelling of the
     same: geometric(steps), and a Refit (G-weighted on the last step) when ``refit``. Method
-    ``ecp-refit`` is the preset ECP + geometric(10) + Refit(chained, G-weighted).
+    ``ecp-refit`` is the preset ECP + geometric(10) + Refit(chained, G-weighted) followed, at the
+    final step, by a label-free distillation (``refit.Distill``).
     """
 
     def __init__(self, method: str = "ecp", *, schedule: Schedule | None = None, repair=None,
@@ -171,7 +172,7 @@ class Pruner:
         """(scorer name, schedule, repair): the preset's, unless given."""
         if self.method not in METHOD_NAMES:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHOD_NAMES)}")
-        scorer, schedule, refit = PRESETS.get(self.method, (self.method, one_shot, False))
+        scorer, schedule, refit, then = PRESETS.get(self.method, (self.method, one_shot, False, None))
         if self.schedule is not None:
             schedule = self.schedule
         elif self.steps is not None:
@@ -180,6 +181,8 @@ class Pruner:
         if repair is None:
             refit = refit if self.refit is None else self.refit
             repair = Refit(chained=self.chained, g_weighted=self.g_weighted) if refit else NONE
+            if refit and then is not None:
+                repair = Compose((repair, then))
         return scorer, schedule, repair
 
     def fit(self, model, data) -> "Pruner":
@@ -255,7 +258,7 @@ class Pruner:
                 start = time.perf_counter()
                 current, refits = run(current, [layer for layer in layers if layer.name in repaired],
                                       final=target in ratios)
-                self.seconds_["refit"] = self.seconds_.get("refit", 0.0) + time.perf_counter() - start
+                self.seconds_["repair"] = self.seconds_.get("repair", 0.0) + time.perf_counter() - start
                 layers = _fresh(current, layers)
             pruned_before = masks
             if target in ratios:

@@ -254,6 +254,18 @@ def _structure(model: onnx.ModelProto) -> tuple:
     return tuple((n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node)
 
 
+def _parametric(m: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """``m`` (changed in place) with the initializers ``names`` turned into graph inputs."""
+    kept = [t for t in m.graph.initializer if t.name not in names]
+    moved = {t.name: t for t in m.graph.initializer if t.name in names}
+    declared = {vi.name for vi in m.graph.input}
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(kept)
+    m.graph.input.extend(onnx.helper.make_tensor_value_info(n, t.data_type, list(t.dims))
+                         for n, t in moved.items() if n not in declared)
+    return m
+
+
 class _Network:
     """The pruned network as one session whose refit layers' weights and biases are inputs, so a
     new step (or a refit layer) feeds new values instead of building a new model."""
@@ -261,15 +273,8 @@ class _Network:
     def __init__(self, model: onnx.ModelProto, layers: list[Layer], outputs: list[str], provider, threads):
         self.key = _structure(model)
         self.names = [n for layer in layers for n in (layer.weight, layer.bias) if n]
-        m = runtime.runtime_copy(model)
+        m = _parametric(runtime.runtime_copy(model), self.names)
         types = tensor_types(m)
-        kept = [t for t in m.graph.initializer if t.name not in self.names]
-        moved = {t.name: t for t in m.graph.initializer if t.name in self.names}
-        declared = {vi.name for vi in m.graph.input}
-        del m.graph.initializer[:]
-        m.graph.initializer.extend(kept)
-        m.graph.input.extend(onnx.helper.make_tensor_value_info(n, t.data_type, list(t.dims))
-                             for n, t in moved.items() if n not in declared)
         del m.graph.output[:]
         m.graph.output.extend(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None)
                               for n in dict.fromkeys(outputs))
@@ -631,3 +636,154 @@ def _write_layer(model: onnx.ModelProto, layer: Layer, weight_rows: np.ndarray, 
     dtype = numpy_helper.to_array(stored).dtype
     stored.CopyFrom(numpy_helper.from_array(layer.mask_to_stored(weight_rows / layer.alpha).astype(dtype), layer.weight))
     return shift_bias(model, layer, layer.bias_shift_to_stored(bias_shift), dtype)
+
+
+class _DistillRun:
+    def __init__(self, spec: "Distill", dense, data: Dataset, output: str, provider, threads, batch_size):
+        self.spec, self.dense, self.data, self.output = spec, dense, data, output
+        self.provider, self.threads, self.batch_size = provider, threads, batch_size
+        self.sessions = 0
+
+    def __call__(self, current: onnx.ModelProto, layers: list[Layer], final: bool):
+        if not final:
+            return current, []
+        layers = [layer for layer in layers if refit_problem(layer) is None]
+        names = [n for layer in layers for n in (layer.weight, layer.bias) if n]
+        inits = {t.name: t for t in current.graph.initializer}
+        if not names or any(inits[n].data_type != onnx.TensorProto.FLOAT for n in names):
+            return current, [LayerRefit(layer.name, skipped="distillation needs float32 weights") for layer in layers]
+        (dense_y,) = runtime.tensor_session(self.dense, [self.output], self.provider, self.threads).run(
+            [self.output], self.data.feeds)
+        try:
+            session = self._session(current, names, dense_y.shape[1:])
+        except Exception as exc:  # onnx-ad refuses an op or a shape: keep the refit's model
+            reason = f"distillation unavailable: {str(exc).splitlines()[0][:200]}"
+            return current, [LayerRefit(layer.name, skipped=reason) for layer in layers]
+        self.sessions += 2
+        n = len(dense_y)
+        held = np.arange(n) % HOLDOUT_EVERY == 0
+        fit_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
+        values = {k: numpy_helper.to_array(inits[k]).astype(np.float32) for k in names}
+        masks = {layer.weight: values[layer.weight] != 0 for layer in layers}
+        seed = np.ones(1, np.float32)
+
+        def run(params, rows, grads):
+            feeds = {k: v[rows] for k, v in self.data.feeds.items()}
+            feeds.update(params)
+            feeds.update({DISTILL_TARGET: dense_y[rows], f"adj_{DISTILL_LOSS}": seed})
+            wanted = [DISTILL_LOSS] + ([f"adj_{k}" for k in names] if grads else [])
+            return session.run(wanted, feeds)
+
+        def held_error(params):
+            return sum(float(run(params, held_rows[i:i + self.batch_size], False)[0])
+                       for i in range(0, len(held_rows), self.batch_size)) / max(len(held_rows), 1)
+
+        rng = np.random.default_rng(self.spec.seed)
+        moment = {k: np.zeros_like(v, np.float64) for k, v in values.items()}
+        second = {k: np.zeros_like(v, np.float64) for k, v in values.items()}
+        params = {k: v.astype(np.float64) for k, v in values.items()}
+        best_error, best, best_epoch = held_error(values), values, 0
+        start_error, t = best_error, 0
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        for epoch in range(1, self.spec.epochs + 1):
+            order = rng.permutation(fit_rows)
+            for i in range(0, len(order), self.spec.batch):
+                rows = np.sort(order[i:i + self.spec.batch])
+                as32 = {k: v.astype(np.float32) for k, v in params.items()}
+                grads = run(as32, rows, True)[1:]
+                t += 1
+                for k, g in zip(names, grads):
+                    g = g[..., 0].astype(np.float64) / len(rows)
+                    if k in masks:
+                        g = np.where(masks[k], g, 0.0)
+                    moment[k] = b1 * moment[k] + (1 - b1) * g
+                    second[k] = b2 * second[k] + (1 - b2) * g * g
+                    step = self.spec.lr * (moment[k] / (1 - b1**t)) / (np.sqrt(second[k] / (1 - b2**t)) + eps)
+                    params[k] = params[k] - step
+                    if k in masks:
+                        params[k] = np.where(masks[k], params[k], 0.0)
+            candidate = {k: v.astype(np.float32) for k, v in params.items()}
+            error = held_error(candidate)
+            if error < best_error:
+                best_error, best, best_epoch = error, candidate, epoch
+        model = onnx.ModelProto()
+        model.CopyFrom(current)
+        for t_ in model.graph.initializer:
+            if t_.name in best:
+                t_.CopyFrom(numpy_helper.from_array(best[t_.name], t_.name))
+        report = [LayerRefit(layer.name, heldout_error_before=start_error, heldout_error_after=best_error,
+                             skipped=None if best_epoch else "distillation did not lower the held-out error")
+                  for layer in layers]
+        self.epochs_kept = best_epoch
+        return model, report
+
+    def _session(self, model: onnx.ModelProto, names: list[str], shape: tuple[int, ...]):
+        """The loss sum ||y - T||^2 of the network with ``names`` as inputs, and its gradients."""
+        from onnx import helper
+        from onnx_ad import reverse
+
+        m = _parametric(runtime.runtime_copy(model), names)
+        graph = m.graph
+        for vi in graph.input:  # reverse mode needs declared shapes (Conv, Slice): the data's per sample
+            if vi.name in self.data.feeds:
+                vi.CopyFrom(helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type,
+                                                          ["N", *self.data.feeds[vi.name].shape[1:]]))
+        y = next(o for o in graph.output if o.name == self.output)
+        graph.input.append(helper.make_tensor_value_info(DISTILL_TARGET, onnx.TensorProto.FLOAT, ["N", *shape]))
+        graph.node.extend([helper.make_node("Sub", [self.output, DISTILL_TARGET], [f"{DISTILL_LOSS}__d"]),
+                           helper.make_node("Mul", [f"{DISTILL_LOSS}__d"] * 2, [f"{DISTILL_LOSS}__dd"]),
+                           helper.make_node("ReduceSum", [f"{DISTILL_LOSS}__dd"], [DISTILL_LOSS], keepdims=0)])
+        del graph.output[:]
+        graph.output.append(helper.make_tensor_value_info(DISTILL_LOSS, y.type.tensor_type.elem_type, []))
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        return runtime.make_session(reverse(inferred, inputs=names, outputs=[DISTILL_LOSS], layout="onnx"),
+                                    self.provider, self.threads)
+
+
+DISTILL_TARGET = "onnxprune__distill_target"
+DISTILL_LOSS = "onnxprune__distill_loss"
+
+
+@dataclass(frozen=True)
+class Distill:
+    """Label-free distillation at the final step, masks fixed: Adam on the layers' surviving
+    weights and biases towards the dense model's protected output on the calibration data (mean
+    squared difference), gradients from onnx-ad's reverse-mode graph (any onnxruntime). Trained on
+    four fifths of the samples; the epoch with the least error on the held-out fifth is kept, the
+    model as it came when none lowers it."""
+
+    epochs: int = 30
+    lr: float = 1e-3
+    batch: int = 128
+    seed: int = 0
+    name = "distill"
+
+    def start(self, dense, layers, data, output, *, batch_size=256, provider="cpu", threads=None, **_) -> _DistillRun:
+        return _DistillRun(self, dense, data, output, provider, threads, batch_size)
+
+
+class _ComposedRun:
+    def __init__(self, runs):
+        self.runs = runs
+
+    def __call__(self, current, layers, final):
+        reports = []
+        for run in self.runs:
+            current, report = run(current, layers, final)
+            reports += report
+            layers = [analyse_graph(current).by_name()[layer.name] for layer in layers]
+        return current, reports
+
+
+@dataclass(frozen=True)
+class Compose:
+    """Repairs applied one after the other at every step."""
+
+    repairs: tuple
+
+    @property
+    def name(self) -> str:
+        return " + ".join(r.name for r in self.repairs)
+
+    def start(self, dense, layers, data, output, **options) -> _ComposedRun:
+        return _ComposedRun([r.start(dense, layers, data, output, **options) for r in self.repairs])
