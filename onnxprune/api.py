@@ -135,7 +135,7 @@ def effective_weights(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, 
 
 
 PRESETS = {  # method name -> (scorer, schedule, whether a refit repairs every step, what follows the refit)
-    "ecp-refit": ("ecp", geometric(10), True, Distill(epochs=60, lr=1e-2)),
+    "ecp-refit": ("ecp", geometric(5), True, Distill(epochs=60, lr=1e-2)),
 }
 METHOD_NAMES = (*METHODS, *PRESETS)
 
@@ -150,7 +150,7 @@ class Pruner:
     a ``repair`` (``onnxprune.refit``: ``NONE``, ``Refit(chained, g_weighted)``) is applied after
     every step. ``steps``, ``refit``, ``chained`` and ``g_weighted`` are the CLI's spelling of the
     same: geometric(steps), and a Refit (G-weighted on the last step) when ``refit``. Method
-    ``ecp-refit`` is the preset ECP + geometric(10) + Refit(chained, G-weighted) followed, at the
+    ``ecp-refit`` is the preset ECP + geometric(5) + Refit(chained, G-weighted) followed, at the
     final step, by a label-free distillation (``refit.Distill``).
     """
 

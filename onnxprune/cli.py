@@ -55,7 +55,7 @@ def main():
 @click.option("--method", type=click.Choice(api.METHOD_NAMES), default="ecp", show_default=True,
               help="Saliency; ecp-refit = ECP in steps with least-squares refits of the surviving weights.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="Reach the sparsity in this many steps, re-scoring each time (default 1; ecp-refit 10).")
+              help="Reach the sparsity in this many steps, re-scoring each time (default 1; ecp-refit 5).")
 @click.option("--refit/--no-refit", default=None,
               help="Re-solve surviving weights and biases by chained least squares after the mask (on for ecp-refit).")
 @click.option("--chain/--no-chain", "chained", default=True, show_default=True,

@@ -345,13 +345,14 @@ class _Moments:
                 self.cross[group] += xg.T @ t
             self.tt += (t * t).sum(0)
             return
+        square = (x[:, :, :-1] ** 2).mean(2)  # (M, groups)
         for slot, i in enumerate(self.rows):
             xg = x[:, i // self.per_group]
             xs = xg[:, np.append(self.survivors[i], xg.shape[1] - 1)]
             w = g[:, i]
             self.gram[slot] += (xs * w[:, None]).T @ xs
             self.cross[slot] += xs.T @ (w * t[:, i])
-            self.diag[slot] += w @ (xg[:, :-1] ** 2).sum(1) / max(xg.shape[1] - 1, 1)
+            self.diag[slot] += w @ square[:, i // self.per_group]
             self.tt[i] += w @ (t[:, i] ** 2)
 
     def __iadd__(self, other: "_Moments") -> "_Moments":
