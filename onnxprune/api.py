@@ -149,9 +149,9 @@ class Pruner:
     ``geometric(S)``) gives the steps that reach the target, the current network re-scored at each;
     a ``repair`` (``onnxprune.refit``: ``NONE``, ``Refit(chained, g_weighted)``) is applied after
     every step. ``steps``, ``refit``, ``chained`` and ``g_weighted`` are the CLI's spelling of the
-    same: geometric(steps), and a Refit (G-weighted on the last step) when ``refit``. Method
-    ``ecp-refit`` is the preset ECP + geometric(5) + Refit(chained, G-weighted) followed, at the
-    final step, by a label-free distillation (``refit.Distill``).
+    same: geometric(steps), and a Refit (G-weighted on the last step with ``g_weighted``) when
+    ``refit``. Method ``ecp-refit`` is the preset ECP + geometric(5) + Refit(chained) followed, at
+    the final step, by a label-free distillation (``refit.Distill``).
     """
 
     def __init__(self, method: str = "ecp", *, schedule: Schedule | None = None, repair=None,
@@ -159,7 +159,7 @@ class Pruner:
                  seed: int = 0, output: str | None = None, probes: int | None = None, batch_size: int = 256,
                  labels_key: str | None = None, provider: str = "cpu", threads: int | None = None,
                  force: bool = False, steps: int | None = None, refit: bool | None = None, chained: bool = True,
-                 g_weighted: bool = True, conv_statistics: str = "exact",
+                 g_weighted: bool = False, conv_statistics: str = "exact",
                  progress: Callable[[str, int, int], None] | None = None):
         self.method, self.compensation, self.scope, self.exclude = method, compensation, scope, tuple(exclude)
         self.seed, self.output, self.probes, self.batch_size = seed, output, probes, batch_size

@@ -60,7 +60,7 @@ def main():
               help="Re-solve surviving weights and biases by chained least squares after the mask (on for ecp-refit).")
 @click.option("--chain/--no-chain", "chained", default=True, show_default=True,
               help="Refit each layer on the pruned network's own inputs (else the dense network's).")
-@click.option("--g-weighting/--no-g-weighting", "g_weighted", default=True, show_default=True,
+@click.option("--g-weighting/--no-g-weighting", "g_weighted", default=False, show_default=True,
               help="Weight the last refit's samples by the output sensitivity G.")
 @click.option("--compensation/--no-compensation", default=True, show_default=True,
               help="Add the removed weights' compensation to the biases (methods that have one).")

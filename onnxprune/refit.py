@@ -646,7 +646,7 @@ class _DistillRun:
         self.sessions = 0
 
     def __call__(self, current: onnx.ModelProto, layers: list[Layer], final: bool):
-        if not final:
+        if not (final or self.spec.every_step):
             return current, []
         layers = [layer for layer in layers if refit_problem(layer) is None]
         names = [n for layer in layers for n in (layer.weight, layer.bias) if n]
@@ -757,6 +757,7 @@ class Distill:
     lr: float = 1e-3
     batch: int = 128
     seed: int = 0
+    every_step: bool = False  # also after the refits of the steps before the last
     name = "distill"
 
     def start(self, dense, layers, data, output, *, batch_size=256, provider="cpu", threads=None, **_) -> _DistillRun:

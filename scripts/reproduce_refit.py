@@ -6,7 +6,7 @@
 For each paper architecture (784-32-32-10, 784-64-64-10) and seed: trains the dense model (15
 epochs, Adam, onnxruntime-training), prunes it with every method at r in {0.7, 0.8, 0.9, 0.95}
 (no fine-tuning, no labels for the refit) and evaluates on the 10k test set. Then ablations on
-784-64-64-10 (no distillation, no iteration, 10 steps), a calibration-size study at r = 0.9 on
+784-64-64-10 (no distillation, G-weighted last refit, no iteration, 10 steps), a calibration-size study at r = 0.9 on
 the first seed (512 / 2048 / 8192 images; loss on the calibration images vs the
 test set as an overfitting check) and the cost of every variant as a multiple of one-shot ECP
 measured in the same run, and of one forward pass. The brute-force method is left out: at
@@ -51,7 +51,8 @@ METHODS = {
 }
 ABLATIONS = {
     PRESET: dict(method="ecp-refit"),
-    "no distillation (5 steps of refits only)": dict(method="ecp-refit", repair=Refit(chained=True, g_weighted=True)),
+    "no distillation (5 steps of refits only)": dict(method="ecp-refit", repair=Refit(chained=True)),
+    "G-weighted last refit": dict(method="ecp-refit", g_weighted=True),
     "no iteration (1 step)": dict(method="ecp-refit", steps=1),
     "10 steps": dict(method="ecp-refit", steps=10),
 }
