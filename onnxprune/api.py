@@ -17,7 +17,7 @@ from .evaluate import evaluate_dataset
 from .layers import GraphLayers, Layer, Skipped, analyse_graph, protected_output, reaching, read_initializer
 from .masks import choose_masks, excluded
 from .modelio import load_model
-from .refit import NONE, Compose, Distill, LayerRefit, Refit, current_bias
+from .refit import HOLDOUT_EVERY, NONE, Compose, Distill, LayerRefit, Refit, current_bias
 from .rewrite import LayerChange, rewrite
 from .saliency import METHODS, Saliency, ScoringContext, make_scorer
 from .schedule import Schedule, geometric, one_shot, path
@@ -43,6 +43,8 @@ class PruneResult:
     seconds: dict[str, float] = field(default_factory=dict)
     steps: int = 1
     refit: list[LayerRefit] = field(default_factory=list)  # the last step's refit, when one was done
+    heldout_error: float | None = None  # a fallback's judge: E||y - y_dense||^2 on the held-out calibration fifth
+    fell_back: bool = False             # the one-shot model was kept (its held-out error was the lower)
 
     @property
     def weights(self) -> int:
@@ -63,6 +65,7 @@ class PruneResult:
             "weights": self.weights, "pruned": self.pruned, "protected_output": self.protected_output,
             "score_sum": self.score_sum, "seconds": self.seconds,
             "steps": self.steps, "refit": [asdict(r) for r in self.refit],
+            "heldout_error": self.heldout_error, "fell_back": self.fell_back,
             "layers": [asdict(c) for c in self.changes], "excluded": self.excluded,
             "skipped": [asdict(s) for s in self.skipped],
         }
@@ -134,8 +137,20 @@ def effective_weights(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, 
     return {layer.name: layer.to_rows(read_initializer(model, layer.weight)) for layer in layers}
 
 
-PRESETS = {  # method name -> (scorer, schedule, whether a refit repairs every step, what follows the refit)
-    "ecp-refit": ("ecp", geometric(5), True, Distill(epochs=60, lr=1e-2)),
+@dataclass(frozen=True)
+class Preset:
+    """A method name for a scorer, a schedule and a repair; with ``fallback`` the one-shot model
+    is kept instead when its held-out calibration error is the lower (``Pruner.prune``)."""
+
+    scorer: str
+    schedule: Schedule = one_shot
+    refit: bool = False
+    then: object = None          # a repair that follows the refit
+    fallback: bool = False
+
+
+PRESETS = {
+    "ecp-refit": Preset("ecp", geometric(5), refit=True, then=Distill(epochs=60, lr=1e-2), fallback=True),
 }
 METHOD_NAMES = (*METHODS, *PRESETS)
 
@@ -172,7 +187,9 @@ class Pruner:
         """(scorer name, schedule, repair): the preset's, unless given."""
         if self.method not in METHOD_NAMES:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHOD_NAMES)}")
-        scorer, schedule, refit, then = PRESETS.get(self.method, (self.method, one_shot, False, None))
+        preset = PRESETS.get(self.method, Preset(self.method))
+        scorer, schedule, refit, then = preset.scorer, preset.schedule, preset.refit, preset.then
+        self.fallback_ = preset.fallback
         if self.schedule is not None:
             schedule = self.schedule
         elif self.steps is not None:
@@ -262,8 +279,8 @@ class Pruner:
                 layers = _fresh(current, layers)
             pruned_before = masks
             if target in ratios:
-                results.append(self._result(current, layers, changes, masks, scores, shifts, target, step + 1,
-                                            refits))
+                result = self._result(current, layers, changes, masks, scores, shifts, target, step + 1, refits)
+                results.append(self._fall_back(result) if self.fallback_ and self.repair_ is not NONE else result)
         self.seconds_ = fitted_seconds  # prune() may be called again
         return results
 
@@ -279,6 +296,32 @@ class Pruner:
             excluded=[layer.name for layer in layers if excluded(layer, self.exclude)],
             score_sum=float(sum(scores[name][m].sum() for name, m in masks.items())),
             seconds=dict(self.seconds_), steps=steps, refit=refits)
+
+    def _fall_back(self, result: PruneResult) -> PruneResult:
+        """The one-shot model at the same sparsity (the dense scores' mask and compensation) when its
+        error on the held-out fifth of the calibration data (unseen by the refits and the
+        distillation) is below ``result``'s; else ``result``. Both errors are recorded."""
+        held = self.data_.subset(len(self.data_))
+        rows = np.flatnonzero(np.arange(len(held)) % HOLDOUT_EVERY == 0)
+        feeds = {k: v[rows] for k, v in held.feeds.items()}
+
+        def error(model):
+            (y,) = runtime.tensor_session(model, [self.output_], self.provider, self.threads).run([self.output_], feeds)
+            return float(((np.asarray(y, np.float64) - dense) ** 2).reshape(len(y), -1).sum(1).mean())
+
+        (dense,) = runtime.tensor_session(self.model_, [self.output_], self.provider, self.threads).run([self.output_], feeds)
+        dense = np.asarray(dense, np.float64)
+        scores = {name: s.scores for name, s in self.saliencies_.items()}
+        masks = choose_masks(self.layers_, scores, result.target_sparsity, self.scope, self.exclude)
+        shifts = _shifts(self.saliencies_) if self.compensation else None
+        one_shot_model, changes = rewrite(self.model_, self.layers_, masks, shifts)
+        result.heldout_error, one_shot_error = error(result.model), error(one_shot_model)
+        if one_shot_error >= result.heldout_error:
+            return result
+        validate(one_shot_model, self.data_)
+        return replace(result, model=one_shot_model, changes=changes, refit=[], steps=1, fell_back=True,
+                       heldout_error=one_shot_error,
+                       score_sum=float(sum(scores[name][m].sum() for name, m in masks.items())))
 
     def _progress(self, step: str):
         return (lambda done, total: self.progress(step, done, total)) if self.progress else None

@@ -17,8 +17,9 @@ Per layer this is one streamed pass over the calibration data accumulating the G
 [x, 1] (one per group; one per row over its survivors when weighted) and cross-terms with the
 dense targets. Rows are solved together from one factorisation per layer (``solve_rows``). The
 ridge damping lambda = delta * mean(diag Gram) is chosen per layer by the error on held-out
-calibration samples (every fifth), never on test data, from a few rows' solves; the final solve
-uses all samples. A layer whose refit does not lower its held-out error keeps its weights.
+calibration samples (every fifth), never on test data, from a few rows' solves. Rows are fit on
+the other four fifths only, so the held-out fifth stays unseen by every choice made on it (the
+damping, the distillation's epoch, the ecp-refit preset's fallback). A layer whose refit does not lower its held-out error keeps its weights.
 
 A run keeps, across steps, one session of the dense model (its targets, cached while they fit in
 memory), one session of the pruned network with the layers' weights and biases as inputs (a step
@@ -383,8 +384,8 @@ def _candidates(previous: float | None, fixed: float | None = None) -> list[floa
 
 
 def _shared_fit(layer, fit: _Moments, held: _Moments, keep: np.ndarray, theta_now: np.ndarray, previous, fixed=None):
-    """Unweighted rows: (damping, theta on all samples, held-out error before and after), the errors
-    summed over the GRID_ROWS rows spread over the layer whose held-out solves chose the damping."""
+    """Unweighted rows: (damping, theta on the fit samples, held-out error before and after), the
+    errors summed over the GRID_ROWS rows spread over the layer whose held-out solves chose the damping."""
     per_group = fit.per_group
     sample = np.unique(np.linspace(0, layer.out_features - 1, GRID_ROWS).astype(int))
     candidates = _candidates(previous, fixed)
@@ -401,14 +402,13 @@ def _shared_fit(layer, fit: _Moments, held: _Moments, keep: np.ndarray, theta_no
     theta = np.zeros((layer.out_features, layer.in_features + 1))
     for g in range(fit.gram.shape[0]):
         rows = np.arange(g * per_group, (g + 1) * per_group)
-        theta[rows] = solve_rows(fit.gram[g] + held.gram[g], fit.cross[g][:, rows] + held.cross[g][:, rows],
-                                 keep[rows], candidates[best])
+        theta[rows] = solve_rows(fit.gram[g], fit.cross[g][:, rows], keep[rows], candidates[best])
     return candidates[best], theta, before, scores[best]
 
 
 def _weighted_fit(fit: _Moments, held: _Moments, survivors, in_features: int, theta_now: np.ndarray, previous,
                   fixed=None):
-    """G-weighted rows of one block: (damping, theta (rows, in + 1) on all samples, held-out error
+    """G-weighted rows of one block: (damping, theta (rows, in + 1) on the fit samples, held-out error
     before and after summed over the GRID_ROWS rows whose solves chose the damping)."""
     rows = fit.rows
     sample = np.unique(np.linspace(0, len(rows) - 1, GRID_ROWS).astype(int))
@@ -422,8 +422,7 @@ def _weighted_fit(fit: _Moments, held: _Moments, survivors, in_features: int, th
         [fit.gram[s] for s in sample], [fit.cross[s] for s in sample], scales[sample], delta))) for delta in candidates]
     best = int(np.argmin(scores))
     before = sum(held_error(s, np.append(theta_now[rows[s], survivors[rows[s]]], theta_now[rows[s], -1])) for s in sample)
-    final = _solve_own([a + b for a, b in zip(fit.gram, held.gram)], [a + b for a, b in zip(fit.cross, held.cross)],
-                       np.maximum(fit.diag + held.diag, 1e-12), candidates[best])
+    final = _solve_own(fit.gram, fit.cross, scales, candidates[best])
     theta = np.zeros((len(rows), in_features + 1))
     for slot, (i, th) in enumerate(zip(rows, final)):
         theta[slot, survivors[i]], theta[slot, -1] = th[:-1], th[-1]
@@ -568,6 +567,7 @@ class RefitRun:
             else:
                 fit = _Moments(layer, survivors if weighted else None, rows)
                 held = _Moments(layer, survivors if weighted else None, rows)
+                offset = 0
                 for index, (feeds, _) in enumerate(self.data.batches(self.batch_size)):
                     z = feeds[layer.input] if layer.input in feeds else source.run([layer.input], feeds)[0]
                     x, t, g = _patch_rows(layer, z), self.targets(index, feeds, layer), None
@@ -575,7 +575,8 @@ class RefitRun:
                         g = jac(feeds, self.shape)[0][layer.name]  # (batch, out) or (batch, out, positions)
                         g = g.reshape(len(g), layer.out_features, -1).transpose(0, 2, 1).reshape(-1, layer.out_features)
                     n = len(next(iter(feeds.values())))
-                    hold = np.repeat(np.arange(n) % HOLDOUT_EVERY == 0, len(x) // n)  # whole samples
+                    hold = np.repeat((offset + np.arange(n)) % HOLDOUT_EVERY == 0, len(x) // n)  # whole samples
+                    offset += n
                     fit.add(x[~hold], t[~hold], None if g is None else g[~hold])
                     held.add(x[hold], t[hold], None if g is None else g[hold])
                 if fixed:

@@ -18,10 +18,13 @@ def weights_of(model):
     return inits
 
 
-def ridge(x, cols, t, delta, w=None):
+def ridge(x, cols, t, delta, w=None, per_sample=1):
     """min sum_s w_s (t_s - x_s[cols].theta - b)^2 + lambda |theta|^2 over the kept columns, with
-    lambda = delta * mean diag(x' W x) over all of the layer's inputs x."""
+    lambda = delta * mean diag(x' W x) over all of the layer's inputs x, on the refit's fit samples
+    (every fifth sample is held out; ``per_sample`` rows of x per sample)."""
+    fit = np.repeat(np.arange(len(x) // per_sample) % 5 != 0, per_sample)
     w = np.ones(len(x)) if w is None else w
+    x, t, w = x[fit], t[fit], w[fit]
     xb = np.hstack([x[:, cols], np.ones((len(x), 1))])
     gram = (xb * w[:, None]).T @ xb
     reg = np.zeros(len(gram))
@@ -161,7 +164,7 @@ def test_conv_refit_fits_patches_and_writes_back_through_bias_add_and_batchnorm(
         p = patches_2d(x[:, g * per_in:(g + 1) * per_in])
         t = target[:, i].reshape(-1)
         cols = np.flatnonzero(mask[i])
-        theta = ridge(p, cols, t, reports[0].damping)
+        theta = ridge(p, cols, t, reports[0].damping, per_sample=36)
         np.testing.assert_allclose(got[:, i].reshape(-1), p[:, cols] @ theta[:-1] + theta[-1], rtol=1e-3, atol=1e-4)
     assert np.all(numpy_helper.to_array(next(t for t in new.graph.initializer if t.name == "conv1.weight"))[a == 0] == 0)
 
@@ -183,7 +186,7 @@ def test_sequence_matmul_refit_counts_positions_as_samples():
     z = x.reshape(-1, 5).astype(np.float64)
     for i in range(6):
         cols = np.flatnonzero(a[:, i])
-        theta = ridge(z, cols, target[:, i], reports[0].damping)
+        theta = ridge(z, cols, target[:, i], reports[0].damping, per_sample=4)
         np.testing.assert_allclose(got[:, i], z[:, cols] @ theta[:-1] + theta[-1], rtol=1e-3, atol=1e-4)
 
 

@@ -76,3 +76,18 @@ def test_distillation_keeps_the_mask_and_never_raises_the_held_out_error():
     errors = [float(((runtime.make_session(m).run(None, {"x": x[held]})[0] - y0) ** 2).sum(1).mean())
               for m in (refit_only.model, result.model)]
     assert errors[1] <= errors[0]
+
+
+def test_ecp_refit_falls_back_to_one_shot_when_its_held_out_error_is_lower():
+    dense, _, _ = mlp((8, 12, 4), pattern="gemm_t", seed=2)
+    arrays = data(150, d=8, classes=4)
+    kept = onnxprune.prune(dense, arrays, 0.0, method="ecp-refit", steps=2)  # one-shot at r = 0 is the dense model
+    assert kept.fell_back and kept.heldout_error == 0.0
+    for a, b in zip(dense.graph.initializer, kept.model.graph.initializer):
+        assert np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    refit = onnxprune.prune(dense, arrays, 0.8, method="ecp-refit", steps=2)
+    one_shot_ = onnxprune.prune(dense, arrays, 0.8, method="ecp")
+    x = arrays["x"][np.arange(150) % 5 == 0]
+    y0, y1, y2 = (runtime.make_session(m).run(None, {"x": x})[0] for m in (dense, refit.model, one_shot_.model))
+    assert not refit.fell_back and refit.heldout_error == pytest.approx(float(((y1 - y0) ** 2).sum(1).mean()), rel=1e-5)
+    assert refit.heldout_error < float(((y2 - y0) ** 2).sum(1).mean())
