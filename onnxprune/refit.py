@@ -356,22 +356,6 @@ class _Moments:
             self.diag[slot] += w @ square[:, i // self.per_group]
             self.tt[i] += w @ (t[:, i] ** 2)
 
-    def __iadd__(self, other: "_Moments") -> "_Moments":
-        if self.weighted:
-            self.gram = [a + b for a, b in zip(self.gram, other.gram)]
-            self.cross = [a + b for a, b in zip(self.cross, other.cross)]
-            self.diag = self.diag + other.diag
-        else:
-            self.gram, self.cross = self.gram + other.gram, self.cross + other.cross
-        self.tt, self.count = self.tt + other.tt, self.count + other.count
-        return self
-
-    def total(self, other: "_Moments") -> "_Moments":
-        both = _Moments.__new__(_Moments)
-        both.__dict__.update(self.__dict__)
-        both += other
-        return both
-
 
 def _candidates(previous: float | None, fixed: float | None = None) -> list[float]:
     """Dampings to try: the whole grid first, then the previous step's choice and its neighbours
@@ -498,13 +482,11 @@ class RefitRun:
         self.fixed: dict[str, tuple[_Moments, _Moments]] = {}   # moments whose inputs never change
         self.damping: dict[str, float] = {}
         self.shape = output_shape(dense, output, data.feeds, provider) if spec.g_weighted else None
-        self.sessions = 1
 
     def _session(self, model: onnx.ModelProto, layers: list[Layer]) -> _Network:
         if self.network is None or self.network.key != _structure(model):
             outputs = [n for layer in layers for n in (layer.input, fit_target(model, layer)[0])]
             self.network = _Network(model, layers, outputs, self.provider, self.threads)
-            self.sessions += 1
         else:
             self.network.update(model)
         return self.network
@@ -532,7 +514,6 @@ class RefitRun:
         if weighted:
             width = int(np.prod(self.shape)) if self.shape else 1
             jac = OutputJacobians(model, layers, self.output, width, provider=self.provider, threads=self.threads)
-            self.sessions += 1
         reports, inserted = [], True
         for done, name in enumerate(names):
             if inserted:  # fresh: a written bias may have been inserted
@@ -617,7 +598,6 @@ class RefitRun:
         if self.dense_network is None:
             outputs = [layer.input for layer in layers]
             self.dense_network = _Network(self.dense, [], outputs, self.provider, self.threads)
-            self.sessions += 1
         return self.dense_network
 
 
@@ -644,7 +624,6 @@ class _DistillRun:
     def __init__(self, spec: "Distill", dense, data: Dataset, output: str, provider, threads, batch_size):
         self.spec, self.dense, self.data, self.output = spec, dense, data, output
         self.provider, self.threads, self.batch_size = provider, threads, batch_size
-        self.sessions = 0
 
     def __call__(self, current: onnx.ModelProto, layers: list[Layer], final: bool):
         if not (final or self.spec.every_step):
@@ -661,7 +640,6 @@ class _DistillRun:
         except Exception as exc:  # onnx-ad refuses an op or a shape: keep the refit's model
             reason = f"distillation unavailable: {str(exc).splitlines()[0][:200]}"
             return current, [LayerRefit(layer.name, skipped=reason) for layer in layers]
-        self.sessions += 2
         n = len(dense_y)
         held = np.arange(n) % HOLDOUT_EVERY == 0
         fit_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)

@@ -300,3 +300,30 @@ def test_score_sum_is_the_single_weight_errors_and_misses_the_cross_terms_numpy_
     y0, y1 = (runtime.make_session(m).run(None, {"x": x})[0].astype(np.float64) for m in (dense, result.model))
     assert float(((y1 - y0) ** 2).sum(1).mean()) == pytest.approx(joint, rel=1e-4)
     assert abs(joint - singles) > 0.05 * singles  # the cross terms are not negligible here
+
+
+def test_refit_rows_solves_each_rows_ridge_problem_over_its_kept_inputs():
+    from onnxprune.refit import DAMPING_GRID, refit_rows, solve_rows
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(200, 40)) @ rng.normal(size=(40, 40)) + 2.0
+    t = x @ rng.normal(size=(40, 6)) + rng.normal(size=(200, 6))
+    keep = rng.random((6, 40)) < 0.9   # most inputs kept: together, from the one inverse
+    keep[4, 1:] = False                 # one input: solved directly
+    keep[5] = rng.random(40) < 0.5
+    weights, bias, delta = refit_rows(x, t, keep, damping=1e-3)
+    lam = 1e-3 * np.mean((x**2).sum(0))
+    for i in range(6):
+        cols = np.flatnonzero(keep[i])
+        xb = np.hstack([x[:, cols], np.ones((200, 1))])
+        reg = np.diag(np.append(np.full(len(cols), lam), 0.0))
+        expected = np.linalg.solve(xb.T @ xb + reg, xb.T @ t[:, i])
+        np.testing.assert_allclose(weights[i, cols], expected[:-1], rtol=1e-7, atol=1e-9)
+        assert bias[i] == pytest.approx(expected[-1], rel=1e-7) and np.all(weights[i, ~keep[i]] == 0)
+    _, _, chosen = refit_rows(x, t, keep)
+    assert chosen in DAMPING_GRID
+    # one row alone is solved directly; together, the rows keeping most inputs go through the inverse
+    xb = np.hstack([x, np.ones((200, 1))])
+    gram, cross = xb.T @ xb, xb.T @ t
+    by_row = np.vstack([solve_rows(gram, cross[:, [i]], keep[[i]], 1e-3) for i in range(6)])
+    np.testing.assert_allclose(solve_rows(gram, cross, keep, 1e-3), by_row, rtol=1e-7, atol=1e-9)
