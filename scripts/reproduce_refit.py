@@ -1,4 +1,4 @@
-"""ecp-refit study: one-shot methods vs iterative ECP with chained least-squares refits, on MNIST MLPs.
+"""ecp-refit study: one-shot methods vs iterative ECP with chained refits and distillation, on MNIST MLPs.
 
     .venv/bin/python scripts/reproduce_refit.py --mnist ../shared/data/mnist [--quick] [--out docs/results/ecp-refit]
     .venv/bin/python scripts/reproduce_refit.py --mnist ../shared/data/mnist --redraw docs/results/ecp-refit.json
@@ -163,7 +163,7 @@ def mean_std(values) -> str:
 
 
 def report(results: dict) -> str:
-    lines = ["# ecp-refit: iterative ECP with chained least-squares refits", "",
+    lines = ["# ecp-refit: iterative ECP with chained least-squares refits and a label-free distillation", "",
              f"Produced by `{results['command']}` ({results['machine']}). {results['seeds']} seeds, dense models "
              f"trained {results['epochs']} epochs; 2,048 unlabelled training images as calibration (labels only for "
              "gradmag); test accuracy (%) on the 10,000 MNIST test images, mean ± std over seeds; one-shot, no "
