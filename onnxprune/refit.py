@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from threadpoolctl import threadpool_limits
 
 from . import runtime
 from .data import Dataset
@@ -109,6 +110,14 @@ def _index(sets: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def solve_rows(gram: np.ndarray, cross: np.ndarray, keep: np.ndarray, delta: float) -> np.ndarray:
+    """Ridge least squares of every row over its kept inputs (see ``_solve_rows``), on one BLAS
+    thread: the stacked systems are small, and BLAS threads fighting over shared cores made them
+    20x slower."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _solve_rows(gram, cross, keep, delta)
+
+
+def _solve_rows(gram: np.ndarray, cross: np.ndarray, keep: np.ndarray, delta: float) -> np.ndarray:
     """Ridge least squares of every row over its kept inputs and an undamped bias, from moments.
 
     ``gram`` (d + 1, d + 1) = sum [x, 1][x, 1]', ``cross`` (d + 1, rows) = sum [x, 1] t', ``keep``
