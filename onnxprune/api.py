@@ -19,9 +19,10 @@ from .masks import choose_masks, excluded
 from .modelio import load_model
 from .inventory import unpruned_weights
 from .prepare import AnalysisCopy, FoldFixedInputs, declared_shapes_for
-from .refit import LayerRefit, current_bias, refit as refit_layers
+from .refit import HOLDOUT_EVERY, NONE, Compose, Distill, LayerRefit, Refit, current_bias
 from .rewrite import LayerChange, rewrite
-from .saliency import REFIT_METHOD, Saliency, ScoringContext, make_scorer
+from .saliency import METHODS, Saliency, ScoringContext, make_scorer
+from .schedule import Schedule, geometric, one_shot, path
 from .statistics import MEMORY_BUDGET
 
 ModelLike = "str | Path | onnx.ModelProto"
@@ -41,10 +42,12 @@ class PruneResult:
     changes: list[LayerChange]
     skipped: list[Skipped]
     excluded: list[str]
-    predicted_error: float      # sum of the pruned weights' scores (for ecp: first-order E||dy||^2)
+    score_sum: float            # sum over the pruned weights of each one's own score (no cross terms; see README)
     seconds: dict[str, float] = field(default_factory=dict)
     steps: int = 1
-    refit: list[LayerRefit] = field(default_factory=list)  # the last refit, when one was done
+    refit: list[LayerRefit] = field(default_factory=list)  # the last step's refit, when one was done
+    heldout_error: float | None = None  # a fallback's judge: E||y - y_dense||^2 on the held-out calibration fifth
+    fell_back: bool = False             # the one-shot model was kept (its held-out error was the lower)
     engine: dict | None = None  # the gradient engine that ran and why ({"name", "reason"}), see onnxprune.engines
     derivatives: dict = field(default_factory=dict)  # probes (None: exact), exact, automatic_probes, outputs, batch
 
@@ -65,9 +68,10 @@ class PruneResult:
             "method": self.method, "compensation": self.compensation, "scope": self.scope,
             "target_sparsity": self.target_sparsity, "sparsity": self.sparsity,
             "weights": self.weights, "pruned": self.pruned, "protected_output": self.protected_output,
-            "predicted_error": self.predicted_error, "seconds": self.seconds,
-            "steps": self.steps, "refit": [asdict(r) for r in self.refit], "engine": self.engine,
-            "derivatives": self.derivatives,
+            "score_sum": self.score_sum, "seconds": self.seconds,
+            "steps": self.steps, "refit": [asdict(r) for r in self.refit],
+            "heldout_error": self.heldout_error, "fell_back": self.fell_back,
+            "engine": self.engine, "derivatives": self.derivatives,
             "layers": [asdict(c) for c in self.changes], "excluded": self.excluded,
             "skipped": [asdict(s) for s in self.skipped],
         }
@@ -159,45 +163,78 @@ def effective_weights(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, 
     return {layer.name: layer.to_rows(read_initializer(model, layer.weight)) for layer in layers}
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A method name for a scorer, a schedule and a repair; with ``fallback`` the one-shot model
+    is kept instead when its held-out calibration error is the lower (``Pruner.prune``)."""
+
+    scorer: str
+    schedule: Schedule = one_shot
+    refit: bool = False
+    then: object = None          # a repair that follows the refit
+    fallback: bool = False
+
+
+PRESETS = {
+    "ecp-refit": Preset("ecp", geometric(5), refit=True, then=Distill(epochs=60, lr=1e-2), fallback=True),
+}
+METHOD_NAMES = (*METHODS, *PRESETS)
+
+
 class Pruner:
     """Score once, prune to any sparsity: ``Pruner(method="ecp").fit(model, data).prune(0.8)``.
 
     Parameters are set in ``__init__``; ``fit`` computes the saliencies of the dense model on the
     calibration data and leaves its state in attributes ending in ``_``; ``prune`` reuses them, so a
-    sweep over ratios scores once. With ``steps`` > 1 the target is reached in steps of a geometric
-    density schedule (1-r)^(t/steps), re-scoring the current network each step; with ``refit`` the
-    surviving weights and biases are re-solved by chained least squares after every step (the last
-    refit G-weighted when ``g_weighted``). Method ``ecp-refit`` is ECP with steps=10 and refit.
+    sweep over ratios scores once. A ``schedule`` (``onnxprune.schedule``: ``one_shot``,
+    ``geometric(S)``) gives the steps that reach the target, the current network re-scored at each;
+    a ``repair`` (``onnxprune.refit``: ``NONE``, ``Refit(chained, g_weighted)``) is applied after
+    every step. ``steps``, ``refit``, ``chained`` and ``g_weighted`` are the CLI's spelling of the
+    same: geometric(steps), and a Refit (G-weighted on the last step with ``g_weighted``) when
+    ``refit``. Method ``ecp-refit`` is the preset ECP + geometric(5) + Refit(chained) followed, at
+    the final step, by a label-free distillation (``refit.Distill``).
     """
 
-    def __init__(self, method: str = "ecp", *, compensation: bool = True, scope: str = "global", exclude=(),
+    def __init__(self, method: str = "ecp", *, schedule: Schedule | None = None, repair=None,
+                 compensation: bool = True, scope: str = "global", exclude=(),
                  seed: int = 0, output: str | None = None, probes: int | None = None, batch_size: int = 256,
                  labels_key: str | None = None, provider: str = "cpu", threads: int | None = None,
                  force: bool = False, steps: int | None = None, refit: bool | None = None, chained: bool = True,
-                 g_weighted: bool = True, conv_statistics: str = "exact", engine: str = "auto",
+                 g_weighted: bool = False, conv_statistics: str = "exact", engine: str = "auto",
                  memory_budget: int = MEMORY_BUDGET, progress: Callable[[str, int, int], None] | None = None):
         self.method, self.compensation, self.scope, self.exclude = method, compensation, scope, tuple(exclude)
         self.seed, self.output, self.probes, self.batch_size = seed, output, probes, batch_size
         self.labels_key, self.provider, self.threads, self.force, self.progress = labels_key, provider, threads, force, progress
+        self.schedule, self.repair = schedule, repair
         self.steps, self.refit, self.chained, self.g_weighted = steps, refit, chained, g_weighted
         self.conv_statistics, self.engine, self.memory_budget = conv_statistics, engine, memory_budget
 
-    @property
-    def _plan(self) -> tuple[str, int, bool]:
-        """(scorer name, steps, refit) with ecp-refit's defaults filled in."""
-        if self.method == REFIT_METHOD:
-            return "ecp", self.steps or 10, True if self.refit is None else self.refit
-        return self.method, self.steps or 1, bool(self.refit)
+    def _plan(self) -> tuple[str, Schedule, object]:
+        """(scorer name, schedule, repair): the preset's, unless given."""
+        if self.method not in METHOD_NAMES:
+            raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHOD_NAMES)}")
+        preset = PRESETS.get(self.method, Preset(self.method))
+        scorer, schedule, refit, then = preset.scorer, preset.schedule, preset.refit, preset.then
+        self.fallback_ = preset.fallback
+        if self.schedule is not None:
+            schedule = self.schedule
+        elif self.steps is not None:
+            schedule = geometric(self.steps)
+        repair = self.repair
+        if repair is None:
+            refit = refit if self.refit is None else self.refit
+            repair = Refit(chained=self.chained, g_weighted=self.g_weighted) if refit else NONE
+            if refit and then is not None:
+                repair = Compose((repair, then))
+        return scorer, schedule, repair
 
     def fit(self, model, data) -> "Pruner":
         """Find the layers of ``model`` (a path or ModelProto, never modified) and score their weights
         on ``data`` (a .npz path, a Dataset, or a dict of arrays keyed by input name)."""
-        method, steps, _ = self._plan
+        method, self.schedule_, self.repair_ = self._plan()
         self.scorer_ = make_scorer(method)
         if self.probes is not None and self.probes < 1:
             raise InputError(f"--probes must be a positive number, got {self.probes}")
-        if steps < 1:
-            raise InputError(f"--steps must be a positive number, got {steps}")
         source = as_model(model)
         # Constants read as initializers, shared initializers unshared; every node gets a name in this
         # copy, and masks refer to it. ``prune`` gives the result the source's own form back.
@@ -243,42 +280,96 @@ class Pruner:
 
     def prune(self, sparsity: float) -> PruneResult:
         """The model pruned to ``sparsity``; it passed onnx.checker and ran on onnxruntime."""
-        _, steps, do_refit = self._plan
+        return self._run(self.schedule_(sparsity), [sparsity])[0]
+
+    def prune_many(self, ratios: list[float]) -> list[PruneResult]:
+        """The model pruned to every ratio. One-shot, each ratio is pruned from the dense model's
+        scores; with a schedule of several steps, one run of it to the largest ratio with the others
+        inserted as steps (``schedule.path``) gives every ratio: the model at a ratio is that run's
+        state after the step reaching it (its repair then counts as the final one)."""
+        ratios = sorted(ratios)
+        if len(self.schedule_(max(ratios))) == 1:
+            return [self.prune(r) for r in ratios]
+        return self._run(path(self.schedule_, ratios), ratios)
+
+    def _run(self, targets: list[float], ratios: list[float]) -> list[PruneResult]:
+        """Prune in steps to ``targets``, repairing after each; a result at every one of ``ratios``."""
         fitted_seconds = dict(self.seconds_)
         current, layers, saliencies = self.model_, self.layers_, self.saliencies_
+        repaired = [layer.name for layer in layers if not excluded(layer, self.exclude)]
         pruned_before = {layer.name: np.zeros((layer.out_features, layer.in_features), bool) for layer in layers}
-        refits = []
-        for step in range(1, steps + 1):
-            target = 1 - (1 - sparsity) ** (step / steps) if step < steps else sparsity
-            if step > 1:
+        run = self.repair_.start(self.model_, [layer for layer in layers if layer.name in repaired], self.data_,
+                                 self.output_, batch_size=self.batch_size, provider=self.provider,
+                                 threads=self.threads, progress=self._progress("refit"))
+        results, refits = [], []
+        for step, target in enumerate(targets):
+            if step:
                 saliencies = self._score(current, layers)
             scores = {name: s.scores for name, s in saliencies.items()}
             masks = choose_masks(layers, _keep_pruned(scores, pruned_before), target, self.scope, self.exclude)
             shifts = _shifts(saliencies) if self.compensation else None
             current, changes = rewrite(current, layers, masks, shifts)
             layers = _fresh(current, layers)
-            if do_refit:
+            if self.repair_ is not NONE:
                 start = time.perf_counter()
-                current, refits = refit_layers(self.model_, current, layers, self.data_, self.output_,
-                                               chained=self.chained, g_weighted=self.g_weighted and step == steps,
-                                               batch_size=self.batch_size, provider=self.provider, threads=self.threads,
-                                               progress=self._progress("refit"))
-                self.seconds_["refit"] = self.seconds_.get("refit", 0.0) + time.perf_counter() - start
+                current, refits = run(current, [layer for layer in layers if layer.name in repaired],
+                                      final=target in ratios)
+                self.seconds_["repair"] = self.seconds_.get("repair", 0.0) + time.perf_counter() - start
                 layers = _fresh(current, layers)
             pruned_before = masks
-        if steps > 1 or do_refit:  # report the bias change against the dense model, not the last step
+            if target in ratios:
+                result = self._result(current, layers, changes, masks, scores, shifts, target, step + 1, refits)
+                result = self._fall_back(result) if self.fallback_ and self.repair_ is not NONE else result
+                results.append(self._own_form(result))
+        self.seconds_ = fitted_seconds  # prune() may be called again
+        return results
+
+    def _own_form(self, result: PruneResult) -> PruneResult:
+        """``result`` with the source's own form back (Constants, shared tensors, fixed inputs; see
+        onnxprune.prepare), checked again on every input."""
+        model = self.analysis_.restore(_copy(result.model))
+        validate(model, self.full_data_)
+        return replace(result, model=model)
+
+    def _result(self, current, layers, changes, masks, scores, shifts, sparsity, steps, refits) -> PruneResult:
+        if steps > 1 or self.repair_ is not NONE:  # report the bias change against the dense model, not the last step
             feeds = self.data_.subset(8).feeds
             changes = [replace(c, max_bias_shift=_bias_change(self.model_, current, before, after, feeds))
                        for c, before, after in zip(changes, self.layers_, layers)]
-        current = self.analysis_.restore(_copy(current))
-        validate(current, self.full_data_)
-        seconds, self.seconds_ = dict(self.seconds_), fitted_seconds  # prune() may be called again
+        validate(current, self.data_)
         return PruneResult(
             model=current, method=self.method, compensation=shifts is not None, scope=self.scope,
             target_sparsity=sparsity, protected_output=self.output_, changes=changes, skipped=self.skipped_,
             excluded=[layer.name for layer in layers if excluded(layer, self.exclude)],
-            predicted_error=float(sum(scores[name][m].sum() for name, m in masks.items())),
-            seconds=seconds, steps=steps, refit=refits, engine=self.engine_, derivatives=self.derivatives_)
+            score_sum=float(sum(scores[name][m].sum() for name, m in masks.items())),
+            seconds=dict(self.seconds_), steps=steps, refit=refits, engine=self.engine_,
+            derivatives=self.derivatives_)
+
+    def _fall_back(self, result: PruneResult) -> PruneResult:
+        """The one-shot model at the same sparsity (the dense scores' mask and compensation) when its
+        error on the held-out fifth of the calibration data (unseen by the refits and the
+        distillation) is below ``result``'s; else ``result``. Both errors are recorded."""
+        held = self.data_.subset(len(self.data_))
+        rows = np.flatnonzero(np.arange(len(held)) % HOLDOUT_EVERY == 0)
+        feeds = {k: v[rows] for k, v in held.feeds.items()}
+
+        def error(model):
+            (y,) = runtime.tensor_session(model, [self.output_], self.provider, self.threads).run([self.output_], feeds)
+            return float(((np.asarray(y, np.float64) - dense) ** 2).reshape(len(y), -1).sum(1).mean())
+
+        (dense,) = runtime.tensor_session(self.model_, [self.output_], self.provider, self.threads).run([self.output_], feeds)
+        dense = np.asarray(dense, np.float64)
+        scores = {name: s.scores for name, s in self.saliencies_.items()}
+        masks = choose_masks(self.layers_, scores, result.target_sparsity, self.scope, self.exclude)
+        shifts = _shifts(self.saliencies_) if self.compensation else None
+        one_shot_model, changes = rewrite(self.model_, self.layers_, masks, shifts)
+        result.heldout_error, one_shot_error = error(result.model), error(one_shot_model)
+        if one_shot_error >= result.heldout_error:
+            return result
+        validate(one_shot_model, self.data_)
+        return replace(result, model=one_shot_model, changes=changes, refit=[], steps=1, fell_back=True,
+                       heldout_error=one_shot_error,
+                       score_sum=float(sum(scores[name][m].sum() for name, m in masks.items())))
 
     def _progress(self, step: str):
         return (lambda done, total: self.progress(step, done, total)) if self.progress else None
@@ -314,7 +405,8 @@ def prune(model, data, sparsity: float, *, method: str = "ecp", **params) -> Pru
     """Prune ``model`` to ``sparsity`` with ``method`` scored on calibration ``data`` (no training).
 
     ``params`` are Pruner's (compensation, scope, exclude, seed, output, probes, batch_size,
-    labels_key, provider, threads, force, steps, refit, chained, g_weighted, engine, memory_budget, progress). Save the
+    labels_key, provider, threads, force, schedule, repair, steps, refit, chained, g_weighted, engine,
+    memory_budget, progress). Save the
     result with ``onnxprune.save_model``.
     """
     if not 0.0 <= sparsity <= 1.0:

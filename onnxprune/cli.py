@@ -12,13 +12,12 @@ import click
 from . import api
 from .errors import CheckFailed, InputError
 from .masks import SCOPES
+from .engines import ENGINES
 from .modelio import stage_model
 from .report import (evaluation_table, prune_table, sensitivity_table, skipped_table, storage_table, table,
                      unpruned_table, units_table)
-from .engines import ENGINES
-from .statistics import EXACT_LIMIT
 from .runtime import PROVIDERS, build_name, check_installation
-from .saliency import METHODS, REFIT_METHOD
+from .statistics import EXACT_LIMIT
 from .storage import STORAGES, storage_report
 from .structured import METHODS as STRUCTURED_METHODS
 from .structured_cli import STRUCTURED_ONLY, refuse_outside, run_structured, structured_options
@@ -93,7 +92,7 @@ def main():
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Calibration data (.npz keyed by input name).")
 @click.option("--sparsity", type=Fraction(), default=None, help="Fraction of the prunable weights to remove (0.8 or 80%).")
 @click.option("--dry-run", is_flag=True,
-              help="Write no model: report the predicted error (and with --test the loss) for every --ratios value.")
+              help="Write no model: report the score sum (and with --test the loss) for every --ratios value.")
 @click.option("--ratios", default=None, metavar="R1,R2,...",
               help="Sparsities of the dry run or of a budget [default: 0.1,0.2,...,0.9,0.95].")
 @click.option("--test", "test_data", type=click.Path(dir_okay=False), default=None,
@@ -109,16 +108,16 @@ def main():
 @click.option("--storage", type=click.Choice(STORAGES), default="dense", show_default=True,
               help="Write pruned initializers dense, or as sparse initializers where smaller (disk only: "
                    "onnxruntime expands them at load).")
-@click.option("--method", type=click.Choice([*METHODS, REFIT_METHOD, *STRUCTURED_ONLY]), default="ecp", show_default=True,
+@click.option("--method", type=click.Choice([*api.METHOD_NAMES, *STRUCTURED_ONLY]), default="ecp", show_default=True,
               help="Saliency; ecp-refit = ECP in steps with least-squares refits of the surviving weights; "
                    f"with --structured one of {', '.join(STRUCTURED_METHODS)}.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="Reach the sparsity in this many steps, re-scoring each time (default 1; ecp-refit 10).")
+              help="Reach the sparsity in this many steps, re-scoring each time (default 1; ecp-refit 5).")
 @click.option("--refit/--no-refit", default=None,
               help="Re-solve surviving weights and biases by chained least squares after the mask (on for ecp-refit).")
 @click.option("--chain/--no-chain", "chained", default=True, show_default=True,
               help="Refit each layer on the pruned network's own inputs (else the dense network's).")
-@click.option("--g-weighting/--no-g-weighting", "g_weighted", default=True, show_default=True,
+@click.option("--g-weighting/--no-g-weighting", "g_weighted", default=False, show_default=True,
               help="Weight the last refit's samples by the output sensitivity G.")
 @click.option("--compensation/--no-compensation", default=True, show_default=True,
               help="Add the removed weights' compensation to the biases (methods that have one).")
@@ -154,7 +153,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
     no model: report how the error grows over --ratios.
     """
     ui = make_ui(verbose, quiet, json_path)
-    ui.steps = steps or (10 if method == REFIT_METHOD else 1)
+    ui.steps = steps or (len(api.PRESETS[method].schedule(0.5)) if method in api.PRESETS else 1)
     if evaluate_alias is not None:
         if test_data is not None and test_data != evaluate_alias:
             raise InputError("--evaluate is another name of --test; give one of them")
@@ -289,7 +288,7 @@ def _compare(original, pruned, test_data, output, provider, labels_key, threads)
 
 def _hint_probes(ui, model, output, probes, method) -> None:
     """With -v: exact statistics cost one backward pass per output; say when --probes would be much cheaper."""
-    if probes is not None or method not in ("ecp", REFIT_METHOD) or not ui.verbose:
+    if probes is not None or method not in ("ecp", *api.PRESETS) or not ui.verbose:
         return
     import numpy as np
     import onnx

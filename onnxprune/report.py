@@ -77,9 +77,9 @@ def _latency(entry: dict | None) -> str | None:
 
 
 def sensitivity_table(report: dict) -> str:
-    """One row per ratio of a dry run: sparsity reached, predicted error, and what was measured."""
+    """One row per ratio of a dry run: sparsity reached, score sum, and what was measured."""
     measured = report.get("dense") is not None
-    headers = ["ratio", "sparsity", "pruned", "predicted error"]
+    headers = ["ratio", "sparsity", "pruned", "score sum"]
     if measured:
         headers += ["output error", "loss", "accuracy", "loss change"]
     if report.get("max_loss_increase") is not None:
@@ -90,7 +90,7 @@ def sensitivity_table(report: dict) -> str:
         rows.append(["dense", "0.0%", 0, 0.0, 0.0, dense.get("loss"), _percent(dense.get("accuracy")), "-"]
                     + (["-"] if report.get("max_loss_increase") is not None else []))
     for p in report["points"]:
-        row = [f"{p['ratio']:g}", f"{100 * p['sparsity']:.1f}%", p["pruned"], p["predicted_error"]]
+        row = [f"{p['ratio']:g}", f"{100 * p['sparsity']:.1f}%", p["pruned"], p["score_sum"]]
         if measured:
             change = p.get("loss_increase")
             row += [p["output_error"], p["loss"], _percent(p["accuracy"]),

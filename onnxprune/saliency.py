@@ -229,12 +229,9 @@ class _Tail:
 METHODS: dict[str, type] = {cls.name: cls for cls in (ECP, Magnitude, Random, GradMag, Variance, Nonlinear)}
 
 
-REFIT_METHOD = "ecp-refit"  # ECP in steps with chained least-squares refits: a schedule, not a scorer (api.Pruner)
-
-
 def make_scorer(method: str):
     try:
         return METHODS[method]()
     except KeyError:
-        names = ", ".join([*METHODS, REFIT_METHOD])
+        names = ", ".join(METHODS)
         raise InputError(f"unknown method {method!r}; choose one of {names}") from None

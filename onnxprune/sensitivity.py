@@ -1,10 +1,12 @@
 """The dry run: how the output error and the loss grow with sparsity, before anything is written.
 
 ``sensitivity`` scores the weights once (``Pruner.fit``) and prunes to every ratio of a list
-(``Pruner.prune``, which checks each result on onnxruntime). For each ratio it reports the
-predicted output error (the sum of the pruned weights' scores: for ECP, the first-order
-E||Δy||² of the protected output) and, with evaluation data, the measured one, the loss and the
-accuracy. With a loss budget (``max_loss_increase``, relative to the dense model's loss on the
+(``Pruner.prune_many``, which checks each result on onnxruntime): one-shot, every ratio from the
+dense scores; with a schedule of several steps, one run of it through every ratio. For each ratio
+it reports the score sum (the pruned weights' own scores added up: for ECP, each weight's
+first-order E||Δy||² when removed alone, so cross terms between pruned weights are missing; a
+ranking aid, not the error of the pruned model) and, with evaluation data, the measured output
+error, the loss and the accuracy. With a loss budget (``max_loss_increase``, relative to the dense model's loss on the
 same data) it names the largest ratio that keeps the loss within it, which is what a deployment
 pipeline wants to know.
 """
@@ -33,7 +35,7 @@ class SensitivityPoint:
     ratio: float                       # the target sparsity
     sparsity: float                    # the sparsity reached (exact counts round)
     pruned: int
-    predicted_error: float             # sum of the pruned weights' scores
+    score_sum: float                   # sum of the pruned weights' own scores (no cross terms)
     output_error: float | None = None  # measured E||y_pruned - y_dense||^2 of the protected output
     loss: float | None = None
     accuracy: float | None = None
@@ -139,10 +141,9 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
             raise InputError("--max-loss-increase needs a loss: the evaluation data has no labels")
     points, best_result, all_within = [], None, True
     start = time.perf_counter()
-    for done, ratio in enumerate(ratios, start=1):
-        result = pruner.prune(ratio)
+    for done, (ratio, result) in enumerate(zip(ratios, pruner.prune_many(ratios)), start=1):
         point = SensitivityPoint(ratio=ratio, sparsity=result.sparsity, pruned=result.pruned,
-                                 predicted_error=result.predicted_error)
+                                 score_sum=result.score_sum)
         if test is not None:
             measured = _metrics(evaluate_dataset(result.model, test, output=output, provider=provider,
                                                  threads=threads, latency=False))
@@ -192,8 +193,8 @@ def check_plotting() -> None:
 
 def plot(report: SensitivityReport, path: str | Path) -> None:
     """Draw the dry run's curve as a PNG (atomically): the measured loss against the sparsity
-    reached when there is one (the budget as a line, the best ratio marked), else the predicted
-    output error on a log scale."""
+    reached when there is one (the budget as a line, the best ratio marked), else the score sum on
+    a log scale."""
     check_plotting()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -205,7 +206,7 @@ def plot(report: SensitivityReport, path: str | Path) -> None:
     ax = fig.add_subplot()
     x = [100 * p.sparsity for p in report.points]
     if report.dense is not None and report.dense.get("loss") is not None:
-        ax.plot(x, [p.loss for p in report.points], "o-", color="C0", label=f"{report.method} (one-shot)")
+        ax.plot(x, [p.loss for p in report.points], "o-", color="C0", label=report.method)
         ax.axhline(report.dense["loss"], color="0.5", lw=1, ls=":", label="dense")
         if report.max_loss_increase is not None:
             limit = report.dense["loss"] * (1 + report.max_loss_increase)
@@ -219,9 +220,9 @@ def plot(report: SensitivityReport, path: str | Path) -> None:
             ax.set_yscale("log")  # the budget region stays visible next to a collapse
         ax.set_ylabel("loss on the evaluation data")
     else:
-        ax.semilogy(x, [max(p.predicted_error, 1e-30) for p in report.points], "o-", color="C0",
-                    label=f"{report.method}: predicted output error")
-        ax.set_ylabel("predicted output error (sum of pruned scores)")
+        ax.semilogy(x, [max(p.score_sum, 1e-30) for p in report.points], "o-", color="C0",
+                    label=f"{report.method}: score sum")
+        ax.set_ylabel("score sum (pruned weights' own scores)")
     ax.set_xlabel("weights removed (%)")
     ax.set_title(f"{report.weights:,} prunable weights, output {report.protected_output}")
     ax.grid(alpha=0.3)

@@ -24,7 +24,7 @@ from onnxprune.evaluate import predict
 RATIOS = (0.5, 0.7, 0.8, 0.9, 0.95)
 # (label, method, compensation)
 VARIANTS = [
-    ("ecp-refit (10 steps, chained least-squares refits)", "ecp-refit", True),
+    ("ecp-refit (5 steps, chained least-squares refits, distillation)", "ecp-refit", True),
     ("ecp + one chained refit (--refit)", "ecp+refit", True),
     ("ecp", "ecp", True),
     ("ecp --no-compensation", "ecp", False),

@@ -45,11 +45,11 @@ def test_sensitivity_matches_pruning_each_ratio_and_finds_the_budget(files):
     assert [p.ratio for p in report.points] == ratios
     dense = onnxprune.evaluate(model, files / "test.npz")["loss"]
     assert report.dense["loss"] == pytest.approx(dense)
-    errors = [p.predicted_error for p in report.points]
+    errors = [p.score_sum for p in report.points]
     assert errors == sorted(errors) and errors[0] == 0
     for point in report.points:
         alone = onnxprune.prune(model, files / "calib.npz", point.ratio)
-        assert point.pruned == alone.pruned and point.predicted_error == pytest.approx(alone.predicted_error)
+        assert point.pruned == alone.pruned and point.score_sum == pytest.approx(alone.score_sum)
         assert point.loss == pytest.approx(onnxprune.evaluate(alone.model, files / "test.npz")["loss"])
         assert point.within_budget == (point.loss <= dense * 1.05)
     assert report.points[0].output_error == pytest.approx(0, abs=1e-9) and report.points[0].within_budget
@@ -66,7 +66,7 @@ def test_cli_dry_run_writes_no_model_but_json_and_plot(files, tmp_path):
                  "--evaluate", files / "test.npz", "--max-loss-increase", "1000%", "--json", tmp_path / "r.json",
                  "--plot", tmp_path / "curve.png")
     assert res.exit_code == 0, res.output
-    assert "predicted error" in res.output and "within budget" in res.output and "largest ratio within budget" in res.output
+    assert "score sum" in res.output and "within budget" in res.output and "largest ratio within budget" in res.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert [p["ratio"] for p in report["points"]] == [0.1, 0.5, 0.9] and report["best_ratio"] is not None
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -74,7 +74,7 @@ def test_cli_dry_run_writes_no_model_but_json_and_plot(files, tmp_path):
     assert sorted(p.name for p in files.iterdir()) == ["calib.npz", "model.onnx", "test.npz"]
 
 
-def test_cli_dry_run_without_evaluation_reports_predicted_errors(files):
+def test_cli_dry_run_without_evaluation_reports_score_sums(files):
     res = invoke("prune", files / "model.onnx", "--data", files / "calib.npz", "--dry-run", "--json", "-")
     assert res.exit_code == 0, res.output
     report = json.loads(res.output[res.output.index("{"):])
