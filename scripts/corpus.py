@@ -215,7 +215,7 @@ def study(name, entry, corpus, work, args):
     path = corpus / f"{name}.onnx"
     model = onnx.load(str(path))
     top, inner = op_counts(model)
-    row = {"model": name, "exporter": entry["exporter"], "architecture": entry["architecture"],
+    row = {"model": name, "family": entry["family"], "exporter": entry["exporter"], "architecture": entry["architecture"],
            "weights": entry["weights"], "trained": entry["trained"], "bytes": path.stat().st_size,
            "ops": dict(top.most_common()), "subgraph_ops": dict(inner.most_common()),
            "category": category(top, inner), "inputs": entry["inputs"]}
@@ -327,7 +327,7 @@ def markdown(rows, meta):
            f"{meta['onnxruntime']}; each prune a subprocess limited to {meta['timeout_s']:.0f} s and "
            f"{meta['memory_limit_gb']} GB of address space. Relative error = mean squared difference of the compared "
            f"tensor (the protected output) from the dense model's / its mean square, on the test data. "
-           f"{meta['models']} models from {meta['exporters']} exporter families.", ""]
+           f"{meta['models']} models from {len(meta['exporters'])} exporters ({', '.join(meta['exporters'])}).", ""]
     out += ["## Summary", ""] + [f"- {s}" for s in summary(rows)] + [""]
     out += ["## Per model", "",
             "| model | exporter | kind | weights | prunable (of conv/dense) | engine | ECP rel. error | magnitude rel. error | "
@@ -384,14 +384,22 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            rows.append(study(name, manifest[name], args.corpus, Path(tmp), args))
+            rows.append({**study(name, manifest[name], args.corpus, Path(tmp), args),
+                         "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+    previous = Path(f"{args.out}.json")
+    if args.only and previous.exists():         # --only re-measures those models and keeps the other rows
+        kept = [r for r in json.loads(previous.read_text())["models"] if r["model"] not in args.only
+                and r["model"] in manifest and "export_error" not in manifest[r["model"]]]
+        rows = sorted(kept + rows, key=lambda r: r["model"])
     failed_exports = {n: e["export_error"] for n, e in manifest.items() if "export_error" in e}
     import importlib.metadata as md
     import onnxruntime
-    meta = {"command": "python scripts/corpus.py" + (" --only " + " ".join(args.only) if args.only else ""),
+    meta = {"command": "python scripts/corpus.py" + (" (rows re-measured with --only kept beside earlier rows; each "
+                                                      "row's time is under 'measured' in the JSON)" if args.only else ""),
             "onnxprune": md.version("onnxprune"), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "timeout_s": args.timeout, "memory_limit_gb": args.memory_limit_gb, "models": len(rows),
-            "exporters": len({r["exporter"].split(" ")[0] for r in rows}), "failed_exports": failed_exports,
+            "exporters": sorted({r["exporter"].split(" (")[0].split(" ")[0] if r["family"] == "wheel" else r["family"]
+                                 for r in rows}), "failed_exports": failed_exports,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "models": rows}, indent=1, default=str) + "\n")

@@ -16,6 +16,7 @@ seeded random weights. Nothing is downloaded at run time but the wheels named in
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import shutil
@@ -220,6 +221,7 @@ def train_mnist(key, make, layout, args, steps=None):
     if key in _trained:
         return _trained[key]
     import torch
+    torch.set_num_threads(1)            # a shared 2-core machine: one thread per exporting process
     torch.manual_seed(args.seed)
     net = make()
     x, y = mnist("train", args.train_samples, args.mnist)
@@ -254,7 +256,8 @@ def torch_export(net, example, path, dynamo, input_names, opset, **kw):
     if dynamo:
         batch = torch.export.Dim("batch", min=1, max=1024)
         shapes = tuple({0: batch} for _ in names)
-        torch.onnx.export(net, example, str(path), dynamo=True, dynamic_shapes=shapes, **common, **kw)
+        torch.onnx.export(net, example, str(path), dynamo=True, dynamic_shapes=shapes, external_data=False,
+                          **common, **kw)
     else:
         axes = {n: {0: "batch"} for n in names + ["output"]}
         torch.onnx.export(net, example, str(path), dynamo=False, dynamic_axes=axes, **common, **kw)
@@ -361,27 +364,28 @@ def _mobile224(args, path):
 
 
 # ----------------------------------------------------------------------------------------------- transformers
-def hf_export(net, inputs, path, names):
-    import torch
+def hf_export(net, inputs, path, names, dynamo=False):
     net.eval()
-    axes = {n: {0: "batch"} for n in names + ["output"]}
-    torch.onnx.export(net, inputs, str(path), dynamo=False, input_names=names, output_names=["output"],
-                      dynamic_axes=axes, opset_version=17)
+    torch_export(net, inputs, path, dynamo, names, 18 if dynamo else 17)
 
 
-class _Logits:
-    """Wraps a transformers model so the export has one output, the logits."""
-    def __new__(cls, net):
-        import torch
+def logits_only(net, two_inputs=False):
+    """The transformers model with one output, the logits (explicit arguments: torch.export maps dynamic
+    shapes onto the signature)."""
+    import torch
 
-        class Wrapped(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.net = net
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
 
-            def forward(self, *a):
-                return self.net(*a).logits
-        return Wrapped()
+        def forward(self, x):
+            return self.net(x).logits
+
+    class Two(One):
+        def forward(self, x, mask):
+            return self.net(x, mask).logits
+    return (Two if two_inputs else One)()
 
 
 @model("hf_bert_tiny_classifier", "transformers")
@@ -392,7 +396,7 @@ def _bert(args, path):
     cfg = transformers.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=128, max_position_embeddings=64, num_labels=2,
                                   attn_implementation="eager")
-    net = _Logits(transformers.BertForSequenceClassification(cfg))
+    net = logits_only(transformers.BertForSequenceClassification(cfg), two_inputs=True)
     ids = torch.randint(0, 1000, (2, 16))
     hf_export(net, (ids, torch.ones_like(ids)), path, ["input_ids", "attention_mask"])
     return {"architecture": "BertForSequenceClassification (2 layers, hidden 64, 2 heads, vocab 1000, 2 labels)",
@@ -409,22 +413,22 @@ def _vit(args, path):
     cfg = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
                                  num_attention_heads=2, intermediate_size=128, num_labels=10,
                                  attn_implementation="eager")
-    net = _Logits(transformers.ViTForImageClassification(cfg))
+    net = logits_only(transformers.ViTForImageClassification(cfg))
     hf_export(net, (torch.randn(2, 3, 32, 32),), path, ["pixel_values"])
     return {"architecture": "ViTForImageClassification (32x32, patch 8, 2 layers, hidden 64, 10 labels)",
             "weights": "random (transformers init, seed 0)", "trained": False,
             "inputs": [spec("pixel_values", ["N", 3, 32, 32])]}
 
 
-@model("hf_gpt2_tiny_lm", "transformers")
+@model("hf_gpt2_tiny_lm", "hf-dynamo")
 def _gpt2(args, path):
     import torch
     import transformers
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=500, n_embd=64, n_layer=2, n_head=2, n_positions=64,
                                   attn_implementation="eager", use_cache=False)
-    net = _Logits(transformers.GPT2LMHeadModel(cfg))
-    hf_export(net, (torch.randint(0, 500, (2, 16)),), path, ["input_ids"])
+    net = logits_only(transformers.GPT2LMHeadModel(cfg))
+    hf_export(net, (torch.randint(0, 500, (2, 16)),), path, ["input_ids"], dynamo=True)   # legacy: no aten::diff
     return {"architecture": "GPT2LMHeadModel (2 layers, n_embd 64, 2 heads, vocab 500, tied embeddings; "
                             "logits 16 x 500 per sample)",
             "weights": "random (transformers init, seed 0)", "trained": False,
@@ -522,13 +526,10 @@ def _keras_cnn(args, path):
         "NHWC", args, path, "Keras Sequential CNN (NHWC) conv16-BN-ReLU-pool, conv32-pool, fc64, fc10")
 
 
-@model("jax2tf_mlp", "jax2tf")
-def _jax(args, path):
+def jax_mnist_mlp(args):
+    """A JAX MLP 784-128-64-10 (GELU) trained by plain SGD for one pass; its forward function and accuracy."""
     import jax
     import jax.numpy as jnp
-    import tensorflow as tf
-    import tf2onnx
-    from jax.experimental import jax2tf
     key = jax.random.PRNGKey(args.seed)
     sizes = [784, 128, 64, 10]
     params = []
@@ -552,13 +553,35 @@ def _jax(args, path):
     xt, yt = mnist("test", 2000, args.mnist)
     acc = float((np.asarray(forward(params, xt.reshape(len(xt), -1))).argmax(1) == yt).mean())
     frozen = jax.tree_util.tree_map(np.asarray, params)
-    tf_fn = tf.function(jax2tf.convert(lambda t: forward(frozen, t), native_serialization=False,
+    return (lambda t: forward(frozen, t)), acc
+
+
+def jax_entry(args, acc, how):
+    return {"architecture": f"JAX MLP 784-128-64-10 (GELU), {how}", "trained": True,
+            "inputs": [spec("input", ["N", 784], data="mnist", layout="flat")],
+            "weights": f"trained on MNIST ({args.train_samples} images, one epoch of SGD, test accuracy {acc:.3f})"}
+
+
+@model("jax2tf_mlp", "jax2tf")
+def _jax2tf(args, path):
+    import tensorflow as tf
+    import tf2onnx
+    from jax.experimental import jax2tf
+    fn, acc = jax_mnist_mlp(args)
+    tf_fn = tf.function(jax2tf.convert(fn, native_serialization=False,
                                        polymorphic_shapes=["(b, 784)"]), autograph=False)
     sig = (tf.TensorSpec([None, 784], tf.float32, name="input"),)
     tf2onnx.convert.from_function(tf_fn, input_signature=sig, opset=17, output_path=str(path))
-    return {"architecture": "JAX MLP 784-128-64-10 (GELU) via jax2tf (non-native) and tf2onnx", "trained": True,
-            "inputs": [spec("input", ["N", 784], data="mnist", layout="flat")],
-            "weights": f"trained on MNIST ({args.train_samples} images, one epoch of SGD, test accuracy {acc:.3f})"}
+    return jax_entry(args, acc, "via jax2tf (non-native) and tf2onnx")
+
+
+@model("jax2onnx_mlp", "jax2onnx")
+def _jax2onnx(args, path):
+    from jax2onnx import to_onnx
+    fn, acc = jax_mnist_mlp(args)
+    onx = to_onnx(fn, inputs=[("B", 784)], model_name="jax_mlp", opset=17)
+    path.write_bytes(onx.SerializeToString())
+    return jax_entry(args, acc, "via jax2onnx")
 
 
 # ------------------------------------------------------------------------------------------- shipped in wheels
@@ -612,12 +635,23 @@ _vad("silero_vad_16k_op15", "silero_vad_16k_op15.onnx", "Silero VAD v5, 16 kHz o
 
 
 # ---------------------------------------------------------------------------------------------------- driver
+def merge(manifest_path: Path, name: str, entry: dict | None):
+    """Re-read and update one entry, so runs from several environments add to the same manifest."""
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    if entry is None:
+        manifest.pop(name, None)
+    else:
+        manifest[name] = entry
+    if manifest or manifest_path.exists():
+        manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
 FAMILY_MODULES = {"torch-legacy": ["torch"], "torch-dynamo": ["torch", "onnxscript"],
-                  "transformers": ["torch", "transformers"], "timm": ["torch", "timm"],
+                  "transformers": ["torch", "transformers"], "hf-dynamo": ["torch", "transformers", "onnxscript"], "timm": ["torch", "timm"],
                   "skl2onnx": ["skl2onnx", "sklearn"], "tf2onnx": ["tensorflow", "tf2onnx"],
-                  "jax2tf": ["jax", "tensorflow", "tf2onnx"], "wheel": []}
-VERSION_OF = {"torch-legacy": "torch", "torch-dynamo": "torch", "transformers": "transformers", "timm": "timm",
-              "skl2onnx": "skl2onnx", "tf2onnx": "tf2onnx", "jax2tf": "jax"}
+                  "jax2tf": ["jax", "tensorflow", "tf2onnx"], "jax2onnx": ["jax", "jax2onnx"], "wheel": []}
+VERSION_OF = {"torch-legacy": "torch", "torch-dynamo": "torch", "transformers": "transformers", "hf-dynamo": "transformers", "timm": "timm",
+              "skl2onnx": "skl2onnx", "tf2onnx": "tf2onnx", "jax2tf": "jax", "jax2onnx": "jax2onnx"}
 
 
 def available(family):
@@ -628,13 +662,17 @@ def exporter_name(family, entry):
     if family == "wheel":
         return entry.pop("exporter_override")
     import importlib.metadata as md
-    pkg = VERSION_OF[family]
-    extra = {"torch-legacy": " (torch.onnx.export, dynamo=False)", "torch-dynamo": " (torch.onnx.export, dynamo=True)",
-             "transformers": f" + torch {md.version('torch')} legacy export",
-             "timm": f" + torch {md.version('torch')} legacy export",
-             "jax2tf": f" + tf2onnx {md.version('tf2onnx')}", "tf2onnx": f" + tensorflow {md.version('tensorflow')}",
-             "skl2onnx": f" + scikit-learn {md.version('scikit-learn')}"}[family]
-    return f"{family.split('-')[0]} {md.version(pkg)}{extra}"
+    v = lambda module: getattr(importlib.import_module(module), "__version__", None) or md.version(module)
+    extra = {"torch-legacy": lambda: " (torch.onnx.export, dynamo=False)",
+             "torch-dynamo": lambda: f" (torch.onnx.export, dynamo=True, onnxscript {v('onnxscript')})",
+             "transformers": lambda: f" + torch {v('torch')} legacy export",
+             "timm": lambda: f" + torch {v('torch')} legacy export",
+             "hf-dynamo": lambda: f" + torch {v('torch')} dynamo export (onnxscript {v('onnxscript')})",
+             "jax2tf": lambda: f" + tensorflow {v('tensorflow')} + tf2onnx {v('tf2onnx')}",
+             "tf2onnx": lambda: f" + tensorflow {v('tensorflow')}",
+             "jax2onnx": lambda: f" + jax {v('jax')}",
+             "skl2onnx": lambda: f" + scikit-learn {v('sklearn')}"}[family]
+    return f"{VERSION_OF[family]} {v(VERSION_OF[family])}{extra()}"
 
 
 def main():
@@ -648,10 +686,6 @@ def main():
     ap.add_argument("--no-fixtures", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    manifest_path = args.out / "MANIFEST.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    fixtures_path = FIXTURES / "MANIFEST.json"
-    fixtures = json.loads(fixtures_path.read_text()) if fixtures_path.exists() else {}
     failed = 0
     for name, (family, fn) in MODELS.items():
         if args.only and name not in args.only:
@@ -666,23 +700,18 @@ def main():
             failed += 1
             print(f"FAILED {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             traceback.print_exc(limit=3)
-            manifest[name] = {"family": family, "export_error": f"{type(exc).__name__}: {exc}"[:500]}
+            merge(args.out / "MANIFEST.json", name, {"family": family, "export_error": f"{type(exc).__name__}: {exc}"[:500]})
             continue
-        entry = {"family": family, "exporter": exporter_name(family, entry), **entry,
-                 "bytes": path.stat().st_size}
-        manifest[name] = entry
+        entry = {"family": family, "exporter": exporter_name(family, entry), **entry, "bytes": path.stat().st_size}
+        merge(args.out / "MANIFEST.json", name, entry)
         print(f"wrote {path} ({entry['bytes']:,} bytes): {entry['exporter']}")
-        if not args.no_fixtures and entry["bytes"] <= args.fixture_limit:
+        small = not args.no_fixtures and entry["bytes"] <= args.fixture_limit
+        if small:
             FIXTURES.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, FIXTURES / path.name)
-            fixtures[name] = entry
-        elif name in fixtures:
-            fixtures.pop(name)
+        else:
             (FIXTURES / path.name).unlink(missing_ok=True)
-        manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        if fixtures:
-            fixtures_path.write_text(json.dumps(fixtures, indent=1, sort_keys=True) + "\n")
-    manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        merge(FIXTURES / "MANIFEST.json", name, entry if small else None)
     return 1 if failed else 0
 
 
