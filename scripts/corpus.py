@@ -119,7 +119,7 @@ def category(top, inner):
     ops = set(top) | set(inner)
     if ops & {"LSTM", "GRU", "RNN", "Scan", "Loop"}:
         return "recurrent"
-    if "LayerNormalization" in ops or ("Softmax" in ops and "MatMul" in ops and ops & {"ReduceMean", "Erf", "Gelu"}):
+    if "Softmax" in ops and "MatMul" in ops and ops & {"LayerNormalization", "ReduceMean"}:   # attention blocks
         return "transformer"
     if ops & {"Conv", "ConvTranspose"}:
         return "cnn"
@@ -364,6 +364,14 @@ def markdown(rows, meta):
     return "\n".join(out) + "\n"
 
 
+def render(rows, meta):
+    text = markdown(rows, meta)
+    if meta["failed_exports"]:
+        text += "\n## Exports that failed (not in the tables)\n\n" + "".join(
+            f"- {n}: `{e.splitlines()[0][:300]}`\n" for n, e in sorted(meta["failed_exports"].items()))
+    return text
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", type=Path, default=ROOT / "out" / "corpus")
@@ -377,7 +385,15 @@ def main():
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--memory-limit-gb", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--render", action="store_true", help="rewrite the markdown from the JSON, measuring nothing")
     args = ap.parse_args()
+    if args.render:
+        recorded = json.loads(Path(f"{args.out}.json").read_text())
+        for r in recorded["models"]:
+            r["category"] = category(Counter(r["ops"]), Counter(r["subgraph_ops"]))
+        Path(f"{args.out}.json").write_text(json.dumps(recorded, indent=1, default=str) + "\n")
+        Path(f"{args.out}.md").write_text(render(recorded["models"], recorded["meta"]))
+        return 0
     args.onnxprune = str(Path(sys.executable).parent / "onnxprune")
     manifest = json.loads((args.corpus / "MANIFEST.json").read_text())
     names = [n for n in sorted(manifest) if "export_error" not in manifest[n] and (not args.only or n in args.only)]
@@ -403,11 +419,7 @@ def main():
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "models": rows}, indent=1, default=str) + "\n")
-    text = markdown(rows, meta)
-    if failed_exports:
-        text += "\n## Exports that failed (not in the tables)\n\n" + "".join(
-            f"- {n}: `{e.splitlines()[0][:300]}`\n" for n, e in sorted(failed_exports.items()))
-    Path(f"{args.out}.md").write_text(text)
+    Path(f"{args.out}.md").write_text(render(rows, meta))
     print(f"wrote {args.out}.md and .json")
 
 
