@@ -438,9 +438,7 @@ def _gemm(g: _Graph, node: onnx.NodeProto) -> Layer | str:
     out, inp = (shape[1], shape[0]) if transposed else shape
     beta = float(attrs.get("beta", 1.0))
     bias = None
-    if len(node.input) > 2 and node.input[2]:
-        if beta == 0.0:
-            return "Gemm with beta=0 ignores its bias"
+    if len(node.input) > 2 and node.input[2] and beta != 0.0:  # beta = 0 (jax2onnx): C is ignored, no bias
         bias = _bias(g, node.input[2], out, 1)
         if isinstance(bias, str):
             return bias
