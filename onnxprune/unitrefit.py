@@ -22,11 +22,10 @@ from onnx import numpy_helper
 from . import runtime
 from .data import Dataset
 from .layers import Layer, analyse_graph, read_initializer
+from .refit import DAMPING_GRID, HOLDOUT_EVERY, solve_rows
 from .rewrite import shift_bias
 from .statistics import layer_patches
 
-DAMPING_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-HOLDOUT_EVERY = 5
 
 
 @dataclass
@@ -62,17 +61,9 @@ def _targets(layer: Layer, a: np.ndarray, rows: np.ndarray | None) -> np.ndarray
 
 
 def solve(gram: np.ndarray, cross: np.ndarray, delta: float) -> np.ndarray:
-    """Ridge least squares over [x, 1] with an undamped bias (last coordinate): theta (d + 1, out)."""
-    h_ww, h_wb, h_bb = gram[:-1, :-1], gram[:-1, -1], max(gram[-1, -1], 1e-12)
-    schur = h_ww - np.outer(h_wb, h_wb) / h_bb
-    reduced = cross[:-1] - np.outer(h_wb, cross[-1]) / h_bb
-    scale = max(float(np.mean(np.diag(h_ww))), 1e-12)
-    a = schur + delta * scale * np.eye(len(schur))
-    try:
-        w = np.linalg.solve(a, reduced)
-    except np.linalg.LinAlgError:
-        w = np.linalg.lstsq(a, reduced, rcond=None)[0]
-    return np.vstack([w, (cross[-1] - h_wb @ w) / h_bb])
+    """Ridge least squares over [x, 1] with an undamped bias (last coordinate), every input kept:
+    theta (d + 1, out). The unstructured refit's solver (``refit.solve_rows``) with a full mask."""
+    return solve_rows(gram, cross, np.ones((cross.shape[1], len(gram) - 1), bool), delta).T
 
 
 def _error(theta, gram, cross, tt) -> float:
