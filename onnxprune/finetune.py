@@ -29,10 +29,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .engines.base import ENGINES, candidates
+from .engines.base import candidates
 from .errors import InputError
 from .layers import analyse_graph, protected_output, read_initializer
-from .runtime import (RuntimeUnavailable, differentiable_nodes, make_session, runtime_copy, session_options,
+from .runtime import (differentiable_nodes, make_session, runtime_copy, session_options,
                       training_modules, upgrade_opset)
 
 # Initializer inputs that carry state, not parameters: no gradient flows to them.

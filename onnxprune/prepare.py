@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .layers import subgraph_reads
+from .layers import subgraph_reads, tensor_types
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 COPY = "__onnxprune_copy"
@@ -188,7 +188,7 @@ class DeclareShapes:
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         known = {vi.name for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]
                  if vi.type.tensor_type.HasField("shape")}
-        types = _elem_types(model)
+        types = tensor_types(model)
         for name, shape in self.shapes.items():
             if name in known or types.get(name) not in FLOAT_TYPES:
                 continue
@@ -201,15 +201,6 @@ class DeclareShapes:
         kept = [vi for vi in model.graph.value_info if vi.name not in declared]
         del model.graph.value_info[:]
         model.graph.value_info.extend(kept)
-
-
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - types only; unknown ones are left alone
-        inferred = model
-    return {vi.name: vi.type.tensor_type.elem_type
-            for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
 
 
 def unknown_rank_tensors(model: onnx.ModelProto) -> list[str]:

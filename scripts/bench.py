@@ -55,7 +55,6 @@ BATCH = 256
 def build_cnn(seed: int = 0):
     """The MNIST CNN's architecture (scripts/train_models.py), untrained: for timing when the trained
     file is not there."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)

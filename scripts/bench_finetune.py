@@ -43,7 +43,8 @@ def environment() -> dict:
     """This interpreter's versions and the engines it can run."""
     import onnxruntime
 
-    from onnxprune.finetune import ENGINES, choose_engine
+    from onnxprune.engines import ENGINES
+    from onnxprune.finetune import choose_engine
     from onnxprune.runtime import RuntimeUnavailable
 
     engines = []

@@ -10,7 +10,6 @@ from onnxprune import runtime
 from onnxprune.conv import conv_geometry, im2col
 from onnxprune.data import Dataset
 from onnxprune.layers import analyse_graph
-from onnxprune.masks import choose_masks
 from onnxprune.rewrite import rewrite
 from onnxprune.saliency import ECP, ScoringContext
 from onnxprune.api import effective_weights

@@ -1,6 +1,5 @@
 """Each scorer against an independent numpy computation of what it claims to measure."""
 import numpy as np
-import onnx
 import pytest
 
 import onnxprune

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 ACTIVATIONS = {"tanh": np.tanh, "relu": lambda a: np.maximum(a, 0)}
