@@ -17,7 +17,7 @@ from .layers import GraphLayers, Layer, Skipped, analyse_graph, protected_output
 from .masks import choose_masks, excluded
 from .modelio import load_model
 from .inventory import unpruned_weights
-from .prepare import AnalysisCopy, FoldFixedInputs, declared_shapes_for
+from .prepare import AnalysisCopy, BatchFirstInputs, FoldFixedInputs, declared_shapes_for
 from .refit import HOLDOUT_EVERY, NONE, Compose, Distill, LayerRefit, Refit, current_bias
 from .rewrite import LayerChange, rewrite
 from .saliency import METHODS, Saliency, ScoringContext, make_scorer
@@ -242,6 +242,8 @@ class Pruner:
         self.full_data_ = as_dataset(data, self.model_, self.labels_key, require_labels=method == "gradmag")
         if self.full_data_.fixed:  # inputs without a batch axis: constants of the analysis copy
             self.analysis_.apply(FoldFixedInputs(self.full_data_.fixed))
+        if self.full_data_.axes:  # the batch on another axis: batch-first in the analysis copy
+            self.analysis_.apply(BatchFirstInputs(self.full_data_.axes))
         self.data_ = self.full_data_.per_sample()
         check_runs(self.model_, self.provider, _few(self.model_, self.data_))
         shapes = declared_shapes_for(self.model_, self.data_.subset(1).feeds, self.provider)

@@ -146,34 +146,45 @@ class NpzColumn:
 
 @dataclass
 class Dataset:
-    """Feeds for every per-sample model input (all with the same first dimension; arrays, or
-    NpzColumns read batch by batch), optional int64 labels, and the ``fixed`` inputs that have no
-    batch axis (a scalar sample rate): those are fed as given with every batch."""
+    """Feeds for every per-sample model input (arrays, or NpzColumns read batch by batch), optional
+    int64 labels, the ``fixed`` inputs that have no batch axis (a scalar sample rate: fed as given
+    with every batch), and the ``axes`` of inputs whose batch is not their first axis (a recurrent
+    state shaped (2, batch, 128)); feeds are in the model's own layout."""
 
     feeds: dict[str, "np.ndarray | NpzColumn"]
     labels: np.ndarray | None = None
     fixed: dict[str, np.ndarray] = field(default_factory=dict)
+    axes: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(next(iter(self.feeds.values())))
+        name, value = next(iter(self.feeds.items()))
+        return value.shape[self.axes[name]] if name in self.axes else len(value)
+
+    def _rows(self, name: str, value, start: int, stop: int):
+        axis = self.axes.get(name, 0)
+        return value[start:stop] if axis == 0 else value[(slice(None),) * axis + (slice(start, stop),)]
 
     def batches(self, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
         for start in range(0, len(self), batch_size):
             stop = start + batch_size
             labels = None if self.labels is None else self.labels[start:stop]
-            yield {**{k: v[start:stop] for k, v in self.feeds.items()}, **self.fixed}, labels
+            yield {**{k: self._rows(k, v, start, stop) for k, v in self.feeds.items()}, **self.fixed}, labels
 
     def subset(self, n: int) -> "Dataset":
-        return Dataset({k: v[:n] for k, v in self.feeds.items()}, None if self.labels is None else self.labels[:n],
-                       self.fixed)
+        return Dataset({k: self._rows(k, v, 0, n) for k, v in self.feeds.items()},
+                       None if self.labels is None else self.labels[:n], self.fixed, self.axes)
 
     def inputs(self) -> dict[str, np.ndarray]:
         """Every model input: the per-sample feeds and the fixed ones."""
         return {**self.feeds, **self.fixed}
 
     def per_sample(self) -> "Dataset":
-        """The same data without the fixed inputs (for a model in which they are constants)."""
-        return Dataset(self.feeds, self.labels)
+        """The same samples with the batch first in every feed and without the fixed inputs: the data
+        of an analysis copy in which the fixed inputs are constants and the others batch-first
+        (``prepare.FoldFixedInputs``, ``prepare.BatchFirstInputs``)."""
+        feeds = {k: np.ascontiguousarray(np.moveaxis(v, self.axes[k], 0)) if k in self.axes else v
+                 for k, v in self.feeds.items()}
+        return Dataset(feeds, self.labels)
 
 
 def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -250,13 +261,27 @@ def make_dataset(arrays: dict, model: onnx.ModelProto, labels_key: str | None = 
     feeds = {vi.name: _check_input(arrays[vi.name], vi, scale, source) for vi in inputs if vi.name not in fixed}
     if not feeds:
         raise InputError(f"{source}: every model input is a fixed value; there are no samples")
-    sizes = {name: len(a) for name, a in feeds.items()}
+    axes = {vi.name: axis for vi in inputs if vi.name in feeds and (axis := _batch_axis(vi, inputs))}
+    for name in axes:  # batch not first (a recurrent state): small, read whole
+        feeds[name] = np.asarray(feeds[name])
+    sizes = {name: a.shape[axes[name]] if name in axes else len(a) for name, a in feeds.items()}
     if len(set(sizes.values())) > 1:
         raise InputError(f"{source}: inputs have different numbers of samples {sizes}")
     n = next(iter(sizes.values()))
     if labels is not None and len(labels) != n:
         raise InputError(f"{source}: {len(labels)} labels for {n} samples")
-    return Dataset(feeds, labels, fixed)
+    return Dataset(feeds, labels, fixed, axes)
+
+
+def _batch_axis(vi: onnx.ValueInfoProto, inputs: list[onnx.ValueInfoProto]) -> int:
+    """Where the batch is in input ``vi``: 0, unless its declared first dimension is a number and a
+    later one is the symbol another input has first (the batch), as in a state (2, 'batch', 128)."""
+    dims = vi.type.tensor_type.shape.dim if vi.type.tensor_type.HasField("shape") else []
+    if not len(dims) or not dims[0].HasField("dim_value"):
+        return 0
+    firsts = {i.type.tensor_type.shape.dim[0].dim_param for i in inputs if i.name != vi.name
+              and i.type.tensor_type.HasField("shape") and len(i.type.tensor_type.shape.dim)} - {""}
+    return next((k for k, d in enumerate(dims) if k and d.dim_param and d.dim_param in firsts), 0)
 
 
 def _no_batch_axis(vi: onnx.ValueInfoProto) -> bool:

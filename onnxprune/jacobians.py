@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import runtime
-from .layers import Layer, tensor_types
+from .layers import Layer, subgraph_reads, tensor_types
 
 PROBE = "onnxprune__probe"
 LABELS = "onnxprune__labels"
@@ -130,12 +130,13 @@ def needed_graph_nodes(graph: onnx.GraphProto, targets: set[str]) -> list[onnx.N
 
 
 def needed_nodes(nodes, targets: set[str]) -> list[onnx.NodeProto]:
-    """The nodes (in order) that ``targets`` depend on."""
+    """The nodes (in order) that ``targets`` depend on, through subgraph (If/Loop/Scan) reads too."""
     needed, keep = set(targets), []
     for node in reversed(list(nodes)):
         if needed.intersection(node.output):
             keep.append(node)
             needed.update(node.input)
+            needed.update(subgraph_reads(node))
     return list(reversed(keep))
 
 

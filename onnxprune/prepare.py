@@ -175,6 +175,67 @@ class FoldFixedInputs:
             graph.input.insert(index, vi)
 
 
+class BatchFirstInputs:
+    """Inputs whose batch is not their first axis (a recurrent state (2, batch, 128)) are declared
+    batch-first, and a Transpose gives the graph its own layout back (in place): the engines slice,
+    pad and tile every input along its first axis. ``restore`` undoes it."""
+
+    in_place = True
+
+    def __init__(self, axes: dict[str, int]):
+        self.axes, self.moved = axes, []
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        graph = model.graph
+        transposes = []
+        for index, vi in enumerate(graph.input):
+            axis = self.axes.get(vi.name)
+            if not axis:
+                continue
+            original = onnx.ValueInfoProto()
+            original.CopyFrom(vi)
+            self.moved.append((index, original))
+            dims = list(vi.type.tensor_type.shape.dim)
+            order = [axis] + [k for k in range(len(dims)) if k != axis]
+            permuted = [onnx.TensorShapeProto.Dimension() for _ in dims]
+            for new, old in zip(permuted, order):
+                new.CopyFrom(dims[old])
+            del vi.type.tensor_type.shape.dim[:]
+            vi.type.tensor_type.shape.dim.extend(permuted)
+            layout = f"{vi.name}__model_layout"
+            _rename_reads(graph, vi.name, layout)
+            perm = list(range(1, axis + 1)) + [0] + list(range(axis + 1, len(dims)))
+            transposes.append(helper.make_node("Transpose", [vi.name], [layout], name=layout, perm=perm))
+        nodes = transposes + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        names = ", ".join(f"{vi.name!r} (axis {self.axes[vi.name]})" for _, vi in self.moved)
+        return PassResult(bool(self.moved), f"batch moved first in {names}" if names else "")
+
+    def restore(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        layouts = {f"{vi.name}__model_layout": vi.name for _, vi in self.moved}
+        kept = [node for node in graph.node if not (node.op_type == "Transpose" and node.output[0] in layouts)]
+        del graph.node[:]
+        graph.node.extend(kept)
+        for layout, name in layouts.items():
+            _rename_reads(graph, layout, name)
+        for index, original in self.moved:
+            graph.input[index].CopyFrom(original)
+
+
+def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Every read of tensor ``old`` in ``graph`` and its subgraphs (outer-scope references) reads ``new``."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for attr in node.attribute:
+            for inner in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                if old not in {vi.name for vi in inner.input} | {t.name for t in inner.initializer}:
+                    _rename_reads(inner, old, new)
+
+
 class DeclareShapes:
     """Value infos for the main graph's float tensors whose rank shape inference leaves unknown, from
     one run on a calibration sample (in place); dims are the measured per-sample sizes after a

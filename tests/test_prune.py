@@ -187,3 +187,31 @@ def test_a_scalar_input_is_fed_as_given_with_every_batch(tmp_path):
     assert evaluated["mse"] >= 0
     with pytest.raises(onnxprune.InputError, match="scalar input"):
         onnxprune.prune(model, {**x, "rate": np.ones(30, np.float32)}, 0.5)
+
+
+def test_an_input_with_the_batch_on_its_second_axis(tmp_path):
+    """A state shaped (2, batch, 4) (the batch symbol is the one another input has first): its samples
+    are read along axis 1, the analysis sees it batch-first, the written model keeps its layout."""
+    from onnx import TensorProto, helper
+
+    model, _, _ = mlp((5, 4, 3))
+    graph = model.graph
+    first = graph.node[0]
+    hidden = first.output[0]
+    first.output[0] = "pre"
+    graph.node.insert(1, helper.make_node("ReduceSum", ["state", "axis0"], ["summed"], keepdims=0))
+    graph.node.insert(2, helper.make_node("Add", ["pre", "summed"], [hidden]))
+    graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "axis0"))
+    batch = graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    graph.input.append(helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, batch, 4]))
+    onnx.checker.check_model(model)
+    x = data(30)
+    state = np.random.default_rng(3).normal(size=(2, 30, 4)).astype(np.float32)
+    result = onnxprune.prune(model, {**x, "state": state}, 0.5)
+    assert result.sparsity == pytest.approx(0.5, abs=0.05)
+    written = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in result.model.graph.input}
+    assert written["state"] == [2, batch, 4] and [n.op_type for n in result.model.graph.node].count("Transpose") == 0
+    want = runtime.make_session(model).run(None, {"x": x["x"][:7], "state": state[:, :7]})[0]
+    assert want.shape[0] == 7
+    np.savez(tmp_path / "d.npz", x=x["x"], state=state)
+    assert onnxprune.evaluate(model, str(tmp_path / "d.npz"))["samples"] == 30

@@ -22,10 +22,7 @@ _spec.loader.exec_module(corpus)
 
 # What today's code does not do yet (issue 11): the start of the exact one-line error each gives. Strict, and
 # only this error counts as the expected failure, so a fix (or a different failure) shows up here.
-XFAIL = {
-    # its recurrent state is shaped (2, batch, 128): inputs with the batch on another axis are not supported yet
-    "silero_vad_16k_op15": "inputs have different numbers of samples {'input': 8, 'state': 2}",
-}
+XFAIL: dict[str, str] = {}
 # Models whose layers inspect does not find today.
 NOT_FOUND: set[str] = set()
 # Models none of whose ops is a prunable layer: a clear exit 2 is the right answer.

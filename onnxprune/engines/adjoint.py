@@ -155,9 +155,11 @@ class _AdjointModel:
         except Exception:  # noqa: BLE001 - onnx-ad will name what it still misses
             return
         types = tensor_types(self.model)
-        declared = {vi.name for vi in m.graph.value_info}
+        shapeless = [vi for vi in m.graph.value_info if vi.name in shapes]  # typed but without a shape
+        for vi in shapeless:
+            m.graph.value_info.remove(vi)
         for name, shape in shapes.items():
-            if name in types and name not in declared:
+            if name in types:
                 m.graph.value_info.append(helper.make_tensor_value_info(name, types[name], [self.batch, *shape]))
         for vi in m.graph.output:  # the exposed copies of those tensors
             source = vi.name[: -len("__onnxprune_z")] if vi.name.endswith("__onnxprune_z") else None

@@ -51,6 +51,11 @@ class _GradientModel:
             shape = batch_dims(self.shapes[self.output]) if kind == "float" else [BATCH]
             m.graph.input.append(helper.make_tensor_value_info(name, elem if kind == "float" else TensorProto.INT64, shape))
         m.graph.node.extend(self.objective_nodes(self.output))
+        control = next((node for node in m.graph.node if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                              for a in node.attribute)), None)
+        if control is not None:  # its builder aborts the process on some If/Loop/Scan graphs (no exception to catch)
+            raise EngineFailure(f"onnxruntime-training does not differentiate graphs with {control.op_type} node "
+                                f"{control.name!r} (subgraphs)")
         builder, optimize, options = runtime.gradient_builder()
         offsets = {offset_name(layer) for layer in self.layers}
         quiet = options()
