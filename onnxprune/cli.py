@@ -68,7 +68,7 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-memory_opt = click.option("--memory-budget", type=str, default="4G", show_default=True, callback=lambda c, p, v: parse_size(v),
+memory_opt = click.option("--memory-budget", type=str, default="1.5G", show_default=True, callback=lambda c, p, v: parse_size(v),
                           help="Bytes one batch of activations and derivatives may hold; batches are sized from it.")
 engine_opt = click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
                           help="Gradient engine: adjoint (onnx-ad graphs, any onnxruntime), ort-training (the training "

@@ -26,9 +26,10 @@ from .runtime import blas_threads, one_blas_thread
 
 Progress = Callable[[int, int], None]  # (samples done, samples total)
 BATCH_ELEMENTS = 1 << 24  # bound on the elements of one tiled batch's largest tensor
-MEMORY_BUDGET = 4 << 30   # bytes of activations and derivatives one batch may hold (a 2-core, 24 GB machine)
+MEMORY_BUDGET = 3 << 29   # 1.5 GiB of activations and derivatives per batch: a 224x224 CNN stays under 2 GB
 EXACT_LIMIT = 100         # above this many output elements, exact Jacobians give way to random probes
-AUTO_PROBES = 32          # ... this many (unbiased for G; see docs/benchmarks.md for the accuracy)
+AUTO_PROBES = 32          # ... at most this many, fewer when one sample's would not fit the memory budget
+                          # (unbiased for G at any number; see docs/benchmarks.md for the accuracy)
 
 
 @dataclass
@@ -185,7 +186,10 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Datase
     shape = output_shape(model, output, data.feeds, provider)
     width = int(np.prod(shape)) if shape else 1
     automatic = probes is None and width > EXACT_LIMIT
-    probes = AUTO_PROBES if automatic else probes
+    if automatic:  # as many as one sample's activations and derivatives fit the budget, up to AUTO_PROBES
+        per_sample = sample_bytes(model, data.subset(1).feeds, provider)
+        fit = (memory_budget // per_sample - 1) // 2 if per_sample else AUTO_PROBES
+        probes = int(max(1, min(AUTO_PROBES, fit)))
     jac = output_jacobians(model, layers, output, width, probes=probes, seed=seed, provider=provider, threads=threads,
                            engine=engine)
     stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
