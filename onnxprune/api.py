@@ -428,8 +428,14 @@ def validate(model: onnx.ModelProto, data: Dataset | None = None) -> None:
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise CheckFailed(f"the pruned model fails onnx.checker: {str(exc).splitlines()[0]}") from None
     if data is not None:
-        session = runtime.make_session(model)
-        for value in session.run(None, data.subset(8).inputs()):
+        try:
+            values = runtime.make_session(model).run(None, data.subset(8).inputs())
+        except runtime.RuntimeUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types
+            raise CheckFailed(f"onnxruntime cannot run the pruned model on 8 calibration samples: "
+                              f"{runtime.ort_message(exc)}") from None
+        for value in values:
             if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.all(np.isfinite(value)):
                 raise CheckFailed("the pruned model produces NaN or Inf on the calibration data")
 
