@@ -158,15 +158,19 @@ def sample_bytes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider:
     return 4 * sum(int(np.prod(shape)) if shape else 1 for shape in values.values())
 
 
-def batch_step(model, layers, data, repeats, batch_size, provider, memory_budget: int = MEMORY_BUDGET) -> int:
+def batch_step(model, layers, data, repeats, batch_size, provider, memory_budget: int = MEMORY_BUDGET,
+               activation_bytes: int | None = None) -> int:
     """Samples per batch: at most batch_size; few enough that the tiled batch's largest tensor (R
     copies of a pre-activation or an input) stays under BATCH_ELEMENTS; and few enough that the
     forward activations and R derivatives of every tensor, twice over for temporaries, fit
-    ``memory_budget`` bytes (at least one sample)."""
+    ``memory_budget`` bytes (at least one sample). ``activation_bytes``: ``sample_bytes`` when the
+    caller has measured it already."""
     names = [layer.preact for layer in layers] + [layer.input for layer in layers]
     shapes = tensor_shapes(model, names, data.subset(1).feeds, provider)
     largest = max([int(np.prod(s)) if s else 1 for s in shapes.values()] + [1])
-    per_sample = sample_bytes(model, data.subset(1).feeds, provider) * (1 + 2 * repeats)
+    if activation_bytes is None:
+        activation_bytes = sample_bytes(model, data.subset(1).feeds, provider)
+    per_sample = activation_bytes * (1 + 2 * repeats)
     by_memory = memory_budget // per_sample if per_sample else batch_size
     return max(1, min(batch_size, 16384 // repeats, BATCH_ELEMENTS // (repeats * largest), by_memory))
 
@@ -186,14 +190,14 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Datase
     shape = output_shape(model, output, data.feeds, provider)
     width = int(np.prod(shape)) if shape else 1
     automatic = probes is None and width > EXACT_LIMIT
+    activation_bytes = sample_bytes(model, data.subset(1).feeds, provider)
     if automatic:  # as many as one sample's activations and derivatives fit the budget, up to AUTO_PROBES
-        per_sample = sample_bytes(model, data.subset(1).feeds, provider)
-        fit = (memory_budget // per_sample - 1) // 2 if per_sample else AUTO_PROBES
+        fit = (memory_budget // activation_bytes - 1) // 2 if activation_bytes else AUTO_PROBES
         probes = int(max(1, min(AUTO_PROBES, fit)))
     jac = output_jacobians(model, layers, output, width, probes=probes, seed=seed, provider=provider, threads=threads,
                            engine=engine)
     stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
-    step = batch_step(model, layers, data, jac.repeats, batch_size, provider, memory_budget)
+    step = batch_step(model, layers, data, jac.repeats, batch_size, provider, memory_budget, activation_bytes)
     with blas_threads(threads):
         _accumulate(jac, layers, data, shape, step, stats, shared, progress)
     if all(not np.any(st.sum_g) for st in stats.values()):

@@ -324,3 +324,22 @@ def test_a_front_end_no_offset_reaches_runs_apart():
     np.testing.assert_allclose(inputs["fc"], f, rtol=1e-6)
     want = np.einsum("nk,ki->nki", 1 - y.astype(np.float64) ** 2, np.eye(3))[..., None]
     np.testing.assert_allclose(rows["fc"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_automatic_probes_shrink_when_one_sample_would_not_fit_the_budget():
+    """Fewer random probes (down to 1) when one sample's activations and derivatives exceed the
+    budget; still random probes, still reported."""
+    from onnxprune.statistics import AUTO_PROBES, EXACT_LIMIT, sample_bytes
+    from onnxprune.zoo import build_mlp
+
+    model = build_mlp((8,), inputs=6, classes=EXACT_LIMIT + 20)
+    x = {"x": RNG.normal(size=(16, 6)).astype(np.float32)}
+    per_sample = sample_bytes(model, x)
+    layers = analyse_graph(model).layers
+    info = {}
+    collect_statistics(model, layers, api.as_dataset(x, model), protected_output(model), engine="adjoint",
+                       memory_budget=per_sample * 9, info=info)
+    assert info["automatic_probes"] and info["probes"] == 4 < AUTO_PROBES
+    collect_statistics(model, layers, api.as_dataset(x, model), protected_output(model), engine="adjoint",
+                       memory_budget=1, info=info)
+    assert info["probes"] == 1
