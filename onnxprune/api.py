@@ -13,10 +13,12 @@ from . import runtime
 from .data import Dataset, load_dataset, make_dataset, model_inputs
 from .errors import CheckFailed, InputError
 from .evaluate import evaluate_dataset
-from .layers import GraphLayers, Layer, Skipped, analyse_graph, protected_output, reaching, read_initializer
+from .graph import read_initializer
+from .inventory import unpruned_weights
+from .layers import GraphLayers, Layer, Skipped, analyse_graph
 from .masks import choose_masks, excluded
 from .modelio import load_model
-from .inventory import unpruned_weights
+from .outputs import protected_output, reaching
 from .prepare import AnalysisCopy, BatchFirstInputs, FoldFixedInputs, declared_shapes_for
 from .refit import HOLDOUT_EVERY, NONE, Compose, Distill, LayerRefit, Refit, current_bias
 from .rewrite import LayerChange, rewrite

@@ -9,12 +9,20 @@ import sys
 import click
 
 from . import api
+from .engines import ENGINES
 from .errors import CheckFailed, InputError
 from .masks import SCOPES
-from .engines import ENGINES
 from .modelio import stage_model
-from .report import (evaluation_table, prune_table, sensitivity_table, skipped_table, storage_table, table,
-                     unpruned_table, units_table)
+from .report import (
+    evaluation_table,
+    prune_table,
+    sensitivity_table,
+    skipped_table,
+    storage_table,
+    table,
+    units_table,
+    unpruned_table,
+)
 from .runtime import PROVIDERS, build_name, check_installation
 from .statistics import EXACT_LIMIT
 from .storage import STORAGES, storage_report
@@ -292,7 +300,7 @@ def _hint_probes(ui, model, output, probes, method) -> None:
     import numpy as np
     import onnx
 
-    from .layers import protected_output
+    from .outputs import protected_output
 
     try:
         name = protected_output(model, output)
@@ -427,8 +435,9 @@ def finetune(model, out, data, epochs, lr, batch_size, seed, engine, output, lab
     import numpy as np
 
     from .data import load_dataset
-    from .finetune import choose_engine, finetune as train, zero_masks
-    from .layers import read_initializer
+    from .finetune import choose_engine, zero_masks
+    from .finetune import finetune as train
+    from .graph import read_initializer
 
     ui = make_ui(verbose, quiet, json_path)
     with ui.outputs([model, data], force) as outputs:

@@ -31,9 +31,10 @@ from onnx import numpy_helper
 
 from .engines.base import candidates
 from .errors import InputError
-from .layers import analyse_graph, protected_output, read_initializer
-from .runtime import (differentiable_nodes, make_session, runtime_copy, session_options,
-                      training_modules, upgrade_opset)
+from .graph import read_initializer
+from .layers import analyse_graph
+from .outputs import protected_output
+from .runtime import differentiable_nodes, make_session, runtime_copy, session_options, training_modules, upgrade_opset
 
 # Initializer inputs that carry state, not parameters: no gradient flows to them.
 _NOT_TRAINABLE_INPUTS = {"BatchNormalization": (3, 4)}

@@ -23,7 +23,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import runtime
-from .layers import Layer, subgraph_reads, tensor_types
+from .graph import subgraph_reads, tensor_types
+from .layers import Layer
 
 PROBE = "onnxprune__probe"
 LABELS = "onnxprune__labels"

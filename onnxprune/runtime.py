@@ -5,12 +5,14 @@ Exactly one onnxruntime build serves as the runtime: onnxruntime (extra ``cpu``)
 They all install the same ``onnxruntime/`` folder, so a second install silently replaces the first
 and pip does not notice: ``check_installation`` names that case, and a missing runtime, in one line
 with the fix. The training build's ``onnxruntime.training`` package imports torch through ``optim``;
-we register an empty module for that name before importing so that torch is never needed. It only
+``training_modules`` registers an empty module for that name before importing it, so that torch
+is never needed. onnxruntime itself is imported on first use (``_ort``). It only
 accepts IR <= 10 and default-domain opset <= 21: ``runtime_copy`` down-stamps a copy for it.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import os
 import re
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -64,22 +67,27 @@ def installation_problem(builds: list[str], importable: bool) -> str | None:
     return None
 
 
-_shim_training_optim()
-# onnxruntime >= 1.2x writes a session-id file (.ses) into $TMPDIR for its telemetry unless this is set;
-# a pruning run must leave nothing behind. A user's own setting wins.
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-try:
-    import onnxruntime as ort  # noqa: E402
+@functools.cache
+def _ort():
+    """The installed onnxruntime module, imported on first use (None when no build imports).
 
-    ort.set_default_logger_severity(4)  # fatal only: errors reach the caller as exceptions, not as log lines
-    _IMPORTABLE = hasattr(ort, "InferenceSession")
-except ImportError:  # no build installed, or one uninstalled from under another
-    ort, _IMPORTABLE = None, False
+    Importing onnxprune changes nothing global; the first session does: onnxruntime >= 1.2x writes a
+    session-id file (.ses) into $TMPDIR for its telemetry unless ORT_DISABLE_TELEMETRY is set (a
+    pruning run must leave nothing behind; a user's own setting wins), and its default logger goes to
+    fatal only (errors reach the caller as exceptions, not as log lines that break one-line errors)."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    try:
+        import onnxruntime
+    except ImportError:  # no build installed, or one uninstalled from under another
+        return None
+    if hasattr(onnxruntime, "set_default_logger_severity"):
+        onnxruntime.set_default_logger_severity(4)
+    return onnxruntime
 
 
 def check_installation() -> None:
     """Raise RuntimeUnavailable with the fix when onnxruntime is missing or clobbered."""
-    problem = installation_problem(installed_builds(), _IMPORTABLE)
+    problem = installation_problem(installed_builds(), hasattr(_ort(), "InferenceSession"))
     if problem:
         raise RuntimeUnavailable(problem)
 
@@ -88,7 +96,7 @@ def build_name() -> str:
     """The installed build as the user knows it, e.g. 'onnxruntime 1.32.0'."""
     builds = installed_builds()
     name = builds[0] if builds else "onnxruntime"
-    return f"{name} {getattr(ort, '__version__', '?')}"
+    return f"{name} {getattr(_ort(), '__version__', '?')}"
 
 
 def ort_message(exc: BaseException) -> str:
@@ -152,20 +160,20 @@ def provider_list(provider: str = "cpu") -> list[str]:
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; choose one of {sorted(PROVIDERS)}")
     name = PROVIDERS[provider]
-    if name not in ort.get_available_providers():
+    if name not in _ort().get_available_providers():
         raise RuntimeUnavailable(
             f"provider {provider!r} is not available in this onnxruntime build "
-            f"(available: {', '.join(ort.get_available_providers())}); for CUDA install the "
+            f"(available: {', '.join(_ort().get_available_providers())}); for CUDA install the "
             "gpu extra (pip install 'onnxprune[gpu]' in an environment without another onnxruntime build), "
             "see docs/install-gpu.md"
         )
     return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
 
 
-def session_options(threads: int | None = None) -> "ort.SessionOptions":
+def session_options(threads: int | None = None) -> Any:
     """Session options that do not leave spinning threads behind to slow numpy down."""
     check_installation()
-    so = ort.SessionOptions()
+    so = _ort().SessionOptions()
     so.log_severity_level = 4  # errors come back as exceptions; their log lines would break one-line CLI errors
     if threads:
         so.intra_op_num_threads = int(threads)
@@ -266,7 +274,7 @@ def make_session(model: onnx.ModelProto | bytes | str, provider: str = "cpu", th
     check_installation()
     if isinstance(model, onnx.ModelProto):
         model = runtime_copy(model).SerializeToString()
-    return ort.InferenceSession(model, sess_options=session_options(threads), providers=provider_list(provider))
+    return _ort().InferenceSession(model, sess_options=session_options(threads), providers=provider_list(provider))
 
 
 INLINE_BYTES = 1 << 30  # a model above this many initializer bytes goes to onnxruntime as a file with external data
@@ -294,7 +302,7 @@ def proto_session(model: onnx.ModelProto, provider: str = "cpu", threads: int | 
 
 def tensor_session(model: onnx.ModelProto, names: list[str], provider: str = "cpu", threads: int | None = None):
     """A session whose outputs are the tensors ``names`` (graph outputs or intermediates)."""
-    from .layers import tensor_types
+    from .graph import tensor_types
 
     m = runtime_copy(model)
     types = tensor_types(m)

@@ -17,17 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from compare_methods import load_study  # scripts/ is on sys.path when a script runs
 
 import onnxprune
 from onnxprune import fileio
 from onnxprune.engines import output_jacobians
 from onnxprune.jacobians import output_shape
-from onnxprune.layers import analyse_graph, protected_output
+from onnxprune.layers import analyse_graph
 from onnxprune.masks import choose_masks
+from onnxprune.outputs import protected_output
 from onnxprune.rewrite import rewrite
 from onnxprune.statistics import LayerStatistics
-
-from compare_methods import load_study  # scripts/ is on sys.path when a script runs
 
 RATIOS = (0.5, 0.7, 0.8, 0.9)
 # (label, method, compensation, conv statistics)

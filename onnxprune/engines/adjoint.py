@@ -18,8 +18,9 @@ from onnx import helper, numpy_helper
 
 from .. import runtime
 from ..errors import InputError
+from ..graph import subgraph_reads, tensor_types
 from ..jacobians import by_position, exposed, instrument, needed_nodes, offset_name, tensor_shapes
-from ..layers import Layer, subgraph_reads, tensor_types
+from ..layers import Layer
 from .base import EngineFailure
 
 MIN_OPSET = 16  # onnx-ad needs ScatterND with reduction (16) for MaxPool, Softmax-13, ReduceSum's axes input (13)

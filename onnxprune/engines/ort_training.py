@@ -15,10 +15,22 @@ import onnx
 from onnx import TensorProto, helper
 
 from .. import runtime
-from ..jacobians import (BATCH, LABELS, OBJECTIVE, PROBE, batch_dims, needed_nodes, by_position, exposed, instrument,
-                         offset_name, tensor_shapes)
 from ..errors import InputError
-from ..layers import Layer, tensor_types
+from ..graph import tensor_types
+from ..jacobians import (
+    BATCH,
+    LABELS,
+    OBJECTIVE,
+    PROBE,
+    batch_dims,
+    by_position,
+    exposed,
+    instrument,
+    needed_nodes,
+    offset_name,
+    tensor_shapes,
+)
+from ..layers import Layer
 from .base import EngineFailure
 
 
