@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from . import runtime
+from . import passes, runtime
 from .data import Dataset, load_dataset, make_dataset, model_inputs
 from .errors import CheckFailed, InputError
 from .evaluate import evaluate_dataset
@@ -481,8 +481,8 @@ def inspect(model) -> dict:
         "unpruned_weights": [asdict(s) for s in unpruned_weights(work, found)],
         "analysis_copy": analysis.notes,
         "units": _unit_groups(work),
-        "runtime_copy": model.ir_version > runtime.MAX_IR_VERSION or any(
-            v > runtime.MAX_OPSET for d, v in opsets.items() if d == "ai.onnx"),
+        "runtime_copy": model.ir_version > passes.MAX_IR_VERSION or any(
+            v > passes.MAX_OPSET for d, v in opsets.items() if d == "ai.onnx"),
     }
 
 

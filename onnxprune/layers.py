@@ -192,9 +192,10 @@ def match_gemm(g: GraphIndex, node: onnx.NodeProto) -> Layer | Rejection:
     beta = float(attrs.get("beta", 1.0))
     stored = None
     if len(node.input) > 2 and node.input[2] and beta != 0.0:  # beta = 0 (jax2onnx): C is ignored, no bias
-        stored = bias(g, node.input[2], out, 1)
-        if isinstance(stored, Rejection):
-            return stored
+        found = bias(g, node.input[2], out, 1)
+        if isinstance(found, Rejection):
+            return found
+        stored = found
     return Layer(name=node.name, op="Gemm", node=node.name, weight=weight.init, input=node.input[0],
                  preact=node.output[0], out_features=int(out), in_features=int(inp), transposed=transposed,
                  alpha=float(attrs.get("alpha", 1.0)), weight_path=weight.steps, weight_shape=weight.shape,
@@ -229,7 +230,8 @@ def match_conv(g: GraphIndex, node: onnx.NodeProto) -> Layer | Rejection:
     if isinstance(geo, str):
         return fail(geo)
     out, spatial = int(weight.shape[0]), len(weight.shape) - 2
-    stored, preact = None, node.output[0]
+    stored: StoredBias | None = None
+    preact = node.output[0]
     if len(node.input) > 2 and node.input[2]:
         own = bias(g, node.input[2], out, 1)
         if isinstance(own, Rejection):

@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-MAX_IR_VERSION = 10
-MAX_OPSET = 21
+from .passes import runtime_copy
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -212,61 +211,6 @@ def one_blas_thread():
 
         _CONTROLLER = ThreadpoolController()
     return _CONTROLLER.limit(limits=1, user_api="blas")
-
-
-def runtime_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` stamped at most IR 10 / opset 21, as this runtime requires, and
-    converted up to opset 7 when older (onnxruntime has no kernels for opset <= 6 Gemm,
-    BatchNormalization, PRelu, Add, ...; onnx's version converter keeps names).
-
-    The copy shares nothing with ``model``; the written model keeps its own stamping.
-    """
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    if copy.ir_version > MAX_IR_VERSION:
-        copy.ir_version = MAX_IR_VERSION
-    for opset in copy.opset_import:
-        if opset.domain in ("", "ai.onnx") and opset.version > MAX_OPSET:
-            opset.version = MAX_OPSET
-    return upgrade_opset(copy, MIN_OPSET)
-
-
-MIN_OPSET = 7
-
-
-def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
-    """``model`` converted to default-domain opset ``version`` if it is older (else unchanged); when
-    the converter fails, the model is returned as it was and onnxruntime will name the problem."""
-    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if current is None or current >= version:
-        return model
-    from onnx import version_converter
-
-    try:
-        converted = version_converter.convert_version(_concrete_dims(model), version)
-    except Exception:  # the converter raises plain RuntimeErrors/ValueErrors on adapters it lacks
-        return model
-    converted.ir_version = max(converted.ir_version, model.ir_version)
-    for mine, theirs in ((model.graph.input, converted.graph.input), (model.graph.output, converted.graph.output)):
-        types = {vi.name: vi.type for vi in mine}
-        for vi in theirs:  # the original (symbolic) types back: the sizes of 1 only served the converter
-            if vi.name in types:
-                vi.type.CopyFrom(types[vi.name])
-    del converted.graph.value_info[:]
-    return converted
-
-
-def _concrete_dims(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose symbolic dimensions (the batch 'N', ...) are 1: onnx's version converter runs
-    shape inference and refuses symbolic dimensions in some adapters (Gemm 6 -> 7)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for vi in [*copy.graph.input, *copy.graph.output, *copy.graph.value_info]:
-        for dim in vi.type.tensor_type.shape.dim:
-            if not dim.HasField("dim_value"):
-                dim.Clear()
-                dim.dim_value = 1
-    return copy
 
 
 def make_session(model: onnx.ModelProto | bytes | str, provider: str = "cpu", threads: int | None = None):

@@ -49,7 +49,7 @@ class WeightStep:
     def backward(self, a: np.ndarray) -> np.ndarray:
         """The layout inverse of forward (values are not de-scaled): for masks and positions."""
         if self.op == "Transpose":
-            return np.transpose(a, np.argsort(self.perm))
+            return np.transpose(a, np.argsort(self.perm or ()))
         return a
 
     def stored_zero(self, shape: tuple[int, ...]) -> np.ndarray:

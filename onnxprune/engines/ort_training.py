@@ -10,6 +10,8 @@ builder; ``onnxprune.engines.adjoint`` needs none.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -18,7 +20,6 @@ from .. import runtime
 from ..errors import InputError
 from ..graph import tensor_types
 from ..jacobians import (
-    BATCH,
     LABELS,
     OBJECTIVE,
     PROBE,
@@ -26,11 +27,11 @@ from ..jacobians import (
     by_position,
     exposed,
     instrument,
-    needed_nodes,
     offset_name,
     tensor_shapes,
 )
 from ..layers import Layer
+from ..passes import BATCH, needed_nodes
 from .base import EngineFailure
 
 
@@ -99,9 +100,10 @@ class _GradientModel:
 
     def _offsets(self, rows: int) -> dict[str, np.ndarray]:
         """Zero offsets for ``rows`` rows (kept for the next batch of the same size: inputs are read only)."""
-        cache = getattr(self, "_zero_offsets", None)
+        cache: tuple | None = getattr(self, "_zero_offsets", None)
         if cache is None or cache[0] != self._signature:
-            cache = self._zero_offsets = (self._signature, {})
+            cache = (self._signature, {})
+            self._zero_offsets = cache
         if rows not in cache[1]:
             if len(cache[1]) > 4:  # a last, smaller batch; one gradient pass and its split use two sizes
                 cache[1].clear()
@@ -148,7 +150,7 @@ def split_graph(grad: onnx.ModelProto, probe: str, fetch: list[str], forward_out
 
 
 def _submodel(grad: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list[str], types: dict[str, int],
-              new_inputs: list[onnx.ValueInfoProto] = ()) -> bytes:
+              new_inputs: Sequence[onnx.ValueInfoProto] = ()) -> bytes:
     """``grad`` reduced to ``nodes`` with ``outputs``, the graph inputs they use, and ``new_inputs``.
 
     The gradient graph's value_info is kept: without the shapes it records, the training build
@@ -186,7 +188,8 @@ class SplitGradient:
 
     def __init__(self, forward, backward, cut: list[str], fetch: list[str], z_outputs: list[str], jac):
         self.forward, self.backward, self.cut, self.fetch, self.z_outputs = forward, backward, cut, fetch, z_outputs
-        self.jac, self._buffers = jac, {}
+        self.jac = jac
+        self._buffers: dict[str, np.ndarray] = {}
         self.forward_inputs = {i.name for i in forward.get_inputs()}
         self.backward_inputs = {i.name for i in backward.get_inputs()}
 
@@ -266,7 +269,7 @@ class OutputJacobians(_GradientModel):
         super().__init__(model, layers, output, objective, [(PROBE, "float")], provider, threads)
         self.output_size = int(output_size)
         self.exact = probes is None
-        self.repeats = self.output_size if self.exact else int(probes)
+        self.repeats = self.output_size if probes is None else int(probes)
         self.scale = 1.0 if self.exact else 1.0 / self.repeats
         self.rng = np.random.default_rng(seed)
 
