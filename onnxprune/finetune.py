@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -170,8 +170,10 @@ def finetune(
     start = {t.name: numpy_helper.to_array(t) for t in training.graph.initializer if t.name in trainable}
     history = []
     with tempfile.TemporaryDirectory(prefix="onnxprune-finetune-") as tmp:
+        trainer: AdjointTrainer | OrtTrainer
         if chosen == "adjoint":
-            trainer = AdjointTrainer(AdjointLoss(training, trainable, min(batch_size, len(x)), x.shape[1:], classes, threads), start, lr)
+            graph = AdjointLoss(training, trainable, min(batch_size, len(x)), x.shape[1:], classes, threads)
+            trainer = AdjointTrainer(graph, start, lr)
         else:
             trainer = OrtTrainer(training, trainable, lr, threads, Path(tmp))
         for name, mask in masks.items():

@@ -16,7 +16,7 @@ own types.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -52,7 +52,8 @@ def tensor_shapes(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.
     shapes = {k: tuple(v.shape[1:]) for k, v in feeds.items() if k in names}
     wanted = [n for n in dict.fromkeys(names) if n not in shapes]
     if wanted:
-        values = runtime.run_tensors(copied(model, [StampForRuntime(), UpgradeOpset(MIN_OPSET), FreeBatch()]), {k: v[:1] for k, v in feeds.items()}, wanted, provider)
+        free = copied(model, [StampForRuntime(), UpgradeOpset(MIN_OPSET), FreeBatch()])
+        values = runtime.run_tensors(free, {k: v[:1] for k, v in feeds.items()}, wanted, provider)
         shapes.update({n: tuple(v.shape[1:]) for n, v in zip(wanted, values)})
     return shapes
 

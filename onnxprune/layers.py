@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from .conv import ConvGeometry, conv_geometry
-from .graph import GraphIndex, Rejection, attributes, fail, name_nodes
+from .graph import GraphIndex, Rejection, attributes, fail, name_nodes, read_initializer
 from .weights import StoredBias, WeightStep, batchnorm_bias, bias, node_weight, weight_path
 
 KINDS = ("dense", "sequence", "conv")
@@ -128,6 +128,11 @@ class GraphLayers:
 
     def by_name(self) -> dict[str, Layer]:
         return {layer.name: layer for layer in self.layers}
+
+
+def effective_weights(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, np.ndarray]:
+    """Each layer's effective (out, in) weight matrix, float64, by layer name."""
+    return {layer.name: layer.to_rows(read_initializer(model, layer.weight)) for layer in layers}
 
 
 LINEAR_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose", "Einsum", "QLinearMatMul", "MatMulInteger", "QLinearConv",

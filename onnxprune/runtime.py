@@ -255,6 +255,7 @@ def tensor_session(model: onnx.ModelProto, names: list[str], provider: str = "cp
     return make_session(m, provider, threads)
 
 
-def run_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str], provider: str = "cpu") -> list[np.ndarray]:
+def run_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str],
+                provider: str = "cpu") -> list[np.ndarray]:
     """Values of the tensors ``names`` for ``feeds`` (one-off; build a tensor_session to loop)."""
     return tensor_session(model, names, provider).run(names, feeds)

@@ -119,7 +119,8 @@ def _ungroup_convs(graph: onnx.GraphProto, trainable: list[str]) -> None:
         operands = [(name, f"{tag}.{role}", "in_split" if role == "x" else "out_split", 1 if role == "x" else 0)
                     for name, role in zip(node.input, ("x", "w", "b")) if name]
         for name, role, split, axis in operands:
-            nodes.append(make("Split", [name, f"{tag}.{split}"], [f"{role}{g}" for g in range(group)], name=f"{role}.split", axis=axis))
+            nodes.append(make("Split", [name, f"{tag}.{split}"], [f"{role}{g}" for g in range(group)], name=f"{role}.split",
+                              axis=axis))
         attributes = [a for a in node.attribute if a.name != "group"]
         for g in range(group):
             conv = make("Conv", [f"{role}{g}" for _, role, _, _ in operands], [f"{tag}.y{g}"], name=f"{tag}.conv{g}")
@@ -143,7 +144,7 @@ def _one_seed(derivative: onnx.ModelProto) -> onnx.ModelProto:
     derivative = onnx.shape_inference.infer_shapes(derivative, data_prop=True)
     graph = derivative.graph
     shapes = {value.name: [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
-              for value in list(graph.input) + list(graph.value_info) + list(graph.output) if value.type.tensor_type.HasField("shape")}
+              for value in [*graph.input, *graph.value_info, *graph.output] if value.type.tensor_type.HasField("shape")}
     for node in graph.node:
         before, after = shapes.get(node.input[0]) if node.input else None, shapes.get(node.output[0])
         if node.op_type != "Transpose" or not before or not after or None in before or None in after:
@@ -218,7 +219,8 @@ def _artifacts(model: onnx.ModelProto, trainable: list[str], folder: Path) -> No
             )
     except RuntimeError as exc:  # e.g. "The gradient builder has not been registered: <Op> for node <name>"
         reason = re.split(r"was false\. |\] : \d+ : \w+ : ", str(exc).strip().splitlines()[-1])[-1]
-        raise InputError(f"onnxruntime-training cannot differentiate this model: {reason} (try the adjoint engine: --engine adjoint)") from exc
+        raise InputError(f"onnxruntime-training cannot differentiate this model: {reason} "
+                         "(try the adjoint engine: --engine adjoint)") from exc
     path = folder / "optimizer_model.onnx"
     optimizer = onnx.load(path)
     optimizer.ir_version = min(optimizer.ir_version, 10)  # written at IR 14 by onnx >= 1.18

@@ -194,7 +194,7 @@ class SplitGradient:
         self.backward_inputs = {i.name for i in backward.get_inputs()}
 
     @classmethod
-    def build(cls, jac, graph_bytes: bytes, fetch: list[str], feeds: dict[str, np.ndarray]) -> "SplitGradient | None":
+    def build(cls, jac, graph_bytes: bytes, fetch: list[str], feeds: dict[str, np.ndarray]) -> SplitGradient | None:
         """The split sessions for ``jac``'s gradient graph, or None (use the tiled graph)."""
         grad = onnx.load_from_string(graph_bytes)
         parts = split_graph(grad, PROBE, fetch, jac.z_outputs)
