@@ -286,7 +286,7 @@ def machine() -> str:
 def report(results: dict, command: str) -> str:
     lines = ["# Benchmarks: statistics time and memory, probes", "",
              f"Command: `{command}`", "",
-             f"Machine: {machine()}; load average {results['load_start']:.1f} at the start and "
+             f"Machine: {results['machine']}; load average {results['load_start']:.1f} at the start and "
              f"{results['load_end']:.1f} at the end (a shared machine: other processes ran meanwhile). "
              f"Date: {results['date']}.", "",
              "Every row ran in its own subprocess (its peak RSS is its own) and timed its own forward passes: "
@@ -295,10 +295,7 @@ def report(results: dict, command: str) -> str:
              f"time). Each measurement ran {results['repeats']} times (`--repeats`), each in a new process, and "
              "the run with the lowest CPU ratio is shown. "
              "`x forward (CPU)` divides the CPU time of all threads by the forward pass's; `x forward (wall)` "
-             "does the same with wall-clock time. On this shared machine other processes came and went during "
-             "the run and moved wall-clock forward passes by up to 3x (a 0.1 s pass is easily disturbed); "
-             "CPU times moved much less (about 10% between repeats), so the CPU ratios are the ones to read; "
-             "the wall ratios are there to show the spread. "
+             "does the same with wall-clock time. " + spread(results) + " "
              "The floor is K x (one forward + one backward pass), measured as the 1-probe gradient pass "
              "(`x floor` in CPU time). Peak RSS includes the interpreter, onnxruntime and the data; `+ RSS` is "
              "the growth over the RSS once model and data were loaded.", ""]
@@ -319,10 +316,9 @@ def report(results: dict, command: str) -> str:
     lines += ["## Threads (784-1024-1024-10 MLP, ECP statistics)", "",
               "`--threads N` sets onnxruntime's intra-op threads and numpy's BLAS threads (threadpoolctl); "
               "the default leaves both at theirs (onnxruntime: one per physical core; OpenBLAS: one per core). "
-              "onnxruntime's threads never spin (`session.intra_op.allow_spinning = 0`), so they do not slow "
-              "numpy down between batches.", "",
-              "Here wall-clock time is the measure (more threads cost more CPU time for less wall time); "
-              "each row's forward pass ran with the same thread setting.", "",
+              "onnxruntime's threads never spin (`session.intra_op.allow_spinning = 0`): they do not busy-wait "
+              "between batches.", "",
+              "Here wall-clock time is the measure; each row's forward pass ran with the same thread setting.", "",
               "| threads | seconds (wall) | x forward (wall) | CPU seconds | load average |", "| --- | --- | --- | --- | --- |"]
     for row in results["threads"]:
         lines.append(f"| {row['threads'] or 'default'} | {row['seconds']:.2f} | {ratio(row):.1f} | "
@@ -364,8 +360,24 @@ def report(results: dict, command: str) -> str:
                          f"{r['overlap@0.5']:.3f} | {r['overlap@0.8']:.3f} | {r['output_error@0.5']:.4g} | "
                          f"{r['output_error@0.8']:.4g} |")
         lines.append("")
-    lines += ["## What the numbers say", "", results.get("summary", ""), "", NOTES, ""]
+    lines += ["## What the numbers say", "", summary(results), "", NOTES, ""]
     return "\n".join(lines)
+
+
+def spread(results: dict) -> str:
+    """How far the forward pass (the unit) moved between the rows of one model, in wall and CPU time,
+    and so which ratios are the steadier to read."""
+    parts, wall_spread, cpu_spread = [], [], []
+    for name, rows in results["models"].items():
+        full = [r for r in rows if r["samples"] == results["samples"]]
+        wall = max(r["forward_seconds"] for r in full) / min(r["forward_seconds"] for r in full)
+        cpu = max(r["forward_cpu_seconds"] for r in full) / min(r["forward_cpu_seconds"] for r in full)
+        wall_spread.append(wall)
+        cpu_spread.append(cpu)
+        parts.append(f"{name} {wall:.2f}x wall, {cpu:.2f}x CPU")
+    steadier = "CPU" if max(cpu_spread) < max(wall_spread) else "wall-clock"
+    return (f"The forward pass, measured anew for every row, moved between the rows of one model by (largest / "
+            f"smallest) {'; '.join(parts)}: the {steadier} ratios are the steadier ones to read.")
 
 
 def floor(rows: list[dict]) -> tuple[dict, float]:
@@ -388,34 +400,36 @@ def summary(results: dict) -> str:
         if all(stats.values()):
             a, t = cpu_ratio(stats["adjoint"]), cpu_ratio(stats["ort-training"])
             parts.append(f"{label}: adjoint / ort-training CPU time = {a / t:.2f} (the adjoint engine is "
-                         f"{'cheaper' if a < t else 'dearer'} here).")
+                         f"{'cheaper' if a < t else 'dearer' if a > t else 'as dear'} here, in one measurement).")
     for name, label in (("mlp", "MLP"), ("cnn", "CNN")):
         rows = results["models"][name]
         small = next((r for r in rows if r["label"].startswith("adjoint: ecp statistics (exact, ")), None)
         big = next(r for r in rows if r["label"] == "adjoint: ecp statistics (exact)")
         if small:
-            parts.append(f"{label} memory does not grow with the samples: + RSS "
-                         f"{small['peak_rss_mb'] - small['rss_before_mb']:.0f} MB with {small['samples']:,} samples, "
-                         f"{big['peak_rss_mb'] - big['rss_before_mb']:.0f} MB with {big['samples']:,} (the data "
-                         "themselves are loaded before).")
+            grow_small = small["peak_rss_mb"] - small["rss_before_mb"]
+            grow_big = big["peak_rss_mb"] - big["rss_before_mb"]
+            verdict = (f"grows {grow_big / max(grow_small, 1):.1f}x" if grow_big > 1.2 * grow_small + 10 else
+                       "does not grow (within 20% + 10 MB)")
+            parts.append(f"{label}: the memory of the statistics with {big['samples'] // small['samples']}x the "
+                         f"samples {verdict}: + RSS {grow_small:.0f} MB with {small['samples']:,} samples, "
+                         f"{grow_big:.0f} MB with {big['samples']:,} (the data themselves are loaded before).")
     if results["threads"]:
         fastest = min(results["threads"], key=lambda row: row["seconds"])
         parts.append(f"Threads: --threads {fastest['threads'] or 'default'} was the fastest in wall-clock time "
-                     f"({fastest['seconds']:.2f} s; load average {fastest['load']:.1f} on {os.cpu_count()} cores).")
+                     f"({fastest['seconds']:.2f} s; load average {fastest['load']:.1f}).")
     mnist = [r for r in results["probes"] if r["model"] == "mnist"]
     if len(mnist) > 1:
         exact, one = mnist[0], [r for r in mnist if r["probes"] == min(r["probes"] or 99 for r in mnist[1:])]
         worst = max(abs(r["loss@0.8"] - exact["loss@0.8"]) / exact["loss@0.8"] for r in one)
-        parts.append(f"Probes, K = 10: with P = {one[0]['probes']} the scores rank like the exact ones "
-                     f"(rho >= {min(r['spearman'] for r in one):.4f}) and the test loss at r = 0.8 moves by at most "
+        parts.append(f"Probes, K = 10: with P = {one[0]['probes']} the scores' rank correlation with the exact "
+                     f"ones is rho >= {min(r['spearman'] for r in one):.4f} and the test loss at r = 0.8 moves by at most "
                      f"{100 * worst:.1f}%.")
     many = [r for r in results["probes"] if r["model"] == "many"]
     if len(many) > 1:
         exact, few = many[0], many[1]
         parts.append(f"K = 1000: P = {few['probes']} takes {100 * few['statistics_seconds'] / exact['statistics_seconds']:.1f}% "
                      f"of the exact time with rho {few['spearman']:.4f} and output error at r = 0.5 "
-                     f"{few['output_error@0.5']:.4g} against {exact['output_error@0.5']:.4g} (the probes' noise "
-                     "averages over the samples, so few probes suffice when there are many samples).")
+                     f"{few['output_error@0.5']:.4g} against {exact['output_error@0.5']:.4g}.")
     return " ".join(parts)
 
 
@@ -437,15 +451,21 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that the script runs")
     parser.add_argument("--inline", action="store_true", help="measure in this process (no separate peak RSS)")
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
+    parser.add_argument("--render", metavar="JSON", help="measure nothing: rewrite --out from this run's JSON")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
         print(json.dumps(measure(json.loads(args.measure))))
         return 0
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        fileio.write_text(args.out, report(results, results["command"]))
+        return 0
     for path in (args.out, args.json):
         fileio.check_output_path(path, force=args.force)
     samples = 200 if args.quick else args.samples
-    results = {"samples": samples, "repeats": args.repeats, "load_start": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d"),
+    results = {"samples": samples, "repeats": args.repeats, "load_start": os.getloadavg()[0],
+               "date": time.strftime("%Y-%m-%d"), "machine": machine(),
                "models": {}, "threads": [], "probes": [], "many_samples": 32 if args.quick else 1000}
     engines = ["adjoint", "ort-training"] if training_build() else ["adjoint"]
     plan = {}
@@ -479,7 +499,6 @@ def main(argv=None) -> int:
         print(f"threads {threads}: {row['seconds']:.2f} s = {ratio(row):.1f} x forward", file=sys.stderr)
     results["probes"] = probes_study("mnist", args.quick) + probes_study("many", args.quick)
     results["load_end"] = os.getloadavg()[0]
-    results["summary"] = summary(results)
     command = "python scripts/bench.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:]) if (argv or sys.argv[1:]) else "")
     results["command"] = command
     fileio.write_text(args.out, report(results, command))
