@@ -17,6 +17,7 @@ members' one-hot decisions (``vote="hard"``) or their probabilities (``vote="sof
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import sys
 
@@ -24,18 +25,30 @@ import numpy as np
 
 from ..errors import InputError
 from . import gibbs
-from .members import (KINDS, MemberBank, draw_members, labels_from_logits, logits, losses_from_logits,
-                      member_block_size, proba_from_logits)
+from .members import (
+    KINDS,
+    MemberBank,
+    draw_members,
+    labels_from_logits,
+    logits,
+    losses_from_logits,
+    member_block_size,
+    proba_from_logits,
+)
 
 ENERGIES = ("zero-one", "cross-entropy")
 VOTES = ("hard", "soft")
-_PARAMS = ("n_members", "kind", "hidden", "activation", "weight_scale", "bias_scale", "center", "energy",
-           "vote", "temperature", "temperature_grid", "validation_fraction", "refit", "n_classes",
-           "batch_size", "random_state", "progress")
 
 
 class NotFittedError(InputError):
     pass
+
+
+def _same(value, default) -> bool:
+    """Whether a parameter still holds its default (arrays compared by value)."""
+    if isinstance(value, np.ndarray) or isinstance(default, np.ndarray):
+        return isinstance(value, np.ndarray) and isinstance(default, np.ndarray) and np.array_equal(value, default)
+    return bool(value == default) and type(value) is type(default)
 
 
 def check_features(X, n_features: int | None = None, name: str = "X") -> np.ndarray:
@@ -108,18 +121,30 @@ class GibbsEnsemble:
         self.progress = progress
 
     # -- scikit-learn protocol -------------------------------------------------------------------
-    def get_params(self, deep: bool = True) -> dict:
-        return {name: getattr(self, name) for name in _PARAMS}
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        """The parameters are the constructor's keyword arguments, each stored under its own name
+        (scikit-learn's ``BaseEstimator._get_param_names``), sorted."""
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return sorted(p.name for p in parameters if p.name != "self" and p.kind is not p.VAR_KEYWORD)
 
-    def set_params(self, **params) -> "GibbsEnsemble":
+    def get_params(self, deep: bool = True) -> dict:
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params) -> GibbsEnsemble:
+        valid = self._get_param_names()
         for name, value in params.items():
-            if name not in _PARAMS:
-                raise InputError(f"unknown parameter {name!r}")
+            if name not in valid:
+                raise InputError(f"unknown parameter {name!r} for {type(self).__name__}; valid: {', '.join(valid)}")
             setattr(self, name, value)
         return self
 
     def __repr__(self) -> str:
-        return f"GibbsEnsemble(n_members={self.n_members}, kind={self.kind!r}, temperature={self.temperature!r})"
+        """The parameters that differ from the constructor's defaults, as scikit-learn prints them."""
+        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}
+        changed = [f"{name}={value!r}" for name, value in self.get_params().items()
+                   if not _same(value, defaults[name])]
+        return f"{type(self).__name__}({', '.join(changed)})"
 
     def _check_params(self) -> None:
         if self.kind not in KINDS:
@@ -147,7 +172,7 @@ class GibbsEnsemble:
             raise InputError(f"n_classes must be an integer >= 2, got {self.n_classes!r}")
 
     # -- fitting -------------------------------------------------------------------------------
-    def fit(self, X, y) -> "GibbsEnsemble":
+    def fit(self, X, y) -> GibbsEnsemble:
         self._check_params()
         X = check_features(X)
         y = check_labels(y, len(X), self.n_classes)
@@ -354,7 +379,7 @@ class GibbsEnsemble:
         return curve
 
     # -- dropping members ----------------------------------------------------------------------
-    def select_members(self, index) -> "GibbsEnsemble":
+    def select_members(self, index) -> GibbsEnsemble:
         """A copy with only the members selected by ``index`` (mask or indices), weights renormalised."""
         self._check_fitted()
         index = np.asarray(index)
@@ -376,7 +401,7 @@ class GibbsEnsemble:
         new.effective_size_ = gibbs.effective_size(new.log_weights_)
         return new
 
-    def drop_members(self, threshold: float) -> "GibbsEnsemble":
+    def drop_members(self, threshold: float) -> GibbsEnsemble:
         """A copy keeping the members whose weight is >= ``threshold``, weights renormalised; the
         counts are in its ``dropped_`` attribute."""
         self._check_fitted()

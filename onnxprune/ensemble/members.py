@@ -64,7 +64,7 @@ class MemberBank:
     def widths(self) -> list[int]:
         return [int(w.shape[2]) for w in self.weights]
 
-    def subset(self, index) -> "MemberBank":
+    def subset(self, index) -> MemberBank:
         """The members selected by ``index`` (boolean mask or integer indices), in that order."""
         return MemberBank(
             self.kind,
