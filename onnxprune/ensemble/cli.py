@@ -120,7 +120,8 @@ def load_xy(path: str, features_key: str | None, labels_key: str | None, scale: 
     if raw.dtype == object or raw.dtype.kind not in "biuf":
         raise InputError(f"{path}: features {fkey!r} have dtype {raw.dtype}, not numeric")
     if raw.ndim < 2:
-        raise InputError(f"{path}: features {fkey!r} must have a sample axis and feature axes, got shape {list(raw.shape)}")
+        raise InputError(f"{path}: features {fkey!r} must have a sample axis and feature axes, got shape "
+                         f"{list(raw.shape)}")
     if raw.shape[0] == 0:
         raise InputError(f"{path}: features {fkey!r} have no samples")
     raw = raw.reshape(len(raw), -1)
@@ -144,11 +145,14 @@ def load_xy(path: str, features_key: str | None, labels_key: str | None, scale: 
 # -- options shared by fit and curve -----------------------------------------------------------------
 def member_options(func):
     options = [
-        click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training data (.npz: x/X and y/labels)."),
-        click.option("--members", "n_members", type=click.IntRange(min=1), default=1000, show_default=True, help="Number of random members N."),
+        click.option("--data", required=True, type=click.Path(dir_okay=False),
+                     help="Training data (.npz: x/X and y/labels)."),
+        click.option("--members", "n_members", type=click.IntRange(min=1), default=1000, show_default=True,
+                     help="Number of random members N."),
         click.option("--kind", type=click.Choice(KINDS), default="perceptron", show_default=True,
                      help="perceptron (random linear) or mlp."),
-        click.option("--hidden", default="64", show_default=True, help="Hidden widths of mlp members, e.g. 64 or 64,32."),
+        click.option("--hidden", default="64", show_default=True,
+                     help="Hidden widths of mlp members, e.g. 64 or 64,32."),
         click.option("--activation", type=click.Choice(ACTIVATIONS), default="tanh", show_default=True,
                      help="Hidden activation of mlp members."),
         click.option("--weight-scale", type=float, default=1.0, show_default=True,
@@ -162,15 +166,21 @@ def member_options(func):
                      help="hard (weighted votes) or soft (weighted probabilities)."),
         click.option("--temperature", type=Temperature(), default="auto", show_default=True,
                      help="auto (validation split, log grid), std (T = std of the energies) or a positive value."),
-        click.option("--temperature-grid", type=LogGrid(), default=None, help="Validation grid TMIN:TMAX:NUM (default: +-2 decades around std(E))."),
+        click.option("--temperature-grid", type=LogGrid(), default=None, help="Validation grid TMIN:TMAX:NUM "
+                                                                              "(default: +-2 decades around std(E))."),
         click.option("--validation-fraction", type=Fraction(), default=0.25, show_default=True,
                      help="Share of the training data held out to choose T (0.25 or 25%)."),
-        click.option("--classes", "n_classes", type=click.IntRange(min=2), default=None, help="Number of classes (default: max label + 1)."),
-        click.option("--scale", type=Scale(), default=None, help="Multiply uint8 features by this (e.g. 1/255); recorded in the model."),
+        click.option("--classes", "n_classes", type=click.IntRange(min=2), default=None, help="Number of classes "
+                                                                                              "(default: max label + "
+                                                                                              "1)."),
+        click.option("--scale", type=Scale(), default=None, help="Multiply uint8 features by this (e.g. 1/255); "
+                                                                 "recorded in the model."),
         click.option("--features-key", default=None, help="Array name of the features (default x or X)."),
         click.option("--labels-key", default=None, help="Array name of the labels (default y or labels)."),
-        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the member generator."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Samples per chunk."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the member "
+                                                                                              "generator."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Samples per "
+                                                                                                       "chunk."),
         click.option("--force", is_flag=True, help="Replace existing output files."),
     ]
     for option in reversed(options):
@@ -205,7 +215,8 @@ def ensemble():
               help="Drop members whose Gibbs weight is below this; prints how many remain and how many "
                    "training predictions change.")
 @click.option("--json", "json_path", default=None, metavar="PATH",
-              help="Also write a JSON summary (temperature, effective size, validation curve, drop report; '-' for stdout).")
+              help="Also write a JSON summary (temperature, effective size, validation curve, drop report; '-' for "
+                   "stdout).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Draw the validation curve of --temperature auto to this PNG (needs matplotlib).")
 @click.argument("out", type=click.Path(dir_okay=False))
@@ -266,7 +277,8 @@ def fit(out, drop_below, json_path, plot_path, verbose, quiet, **kw):
               help="Data the curve is measured on (default: a held-out --holdout fraction of --data).")
 @click.option("--holdout", type=Fraction(), default=0.25, show_default=True,
               help="Without --eval: the fraction of --data held out for the curve (energies use the rest).")
-@click.option("--temperatures", "grid", type=LogGrid(), default=None, help="Curve grid TMIN:TMAX:NUM (default: +-2 decades around std(E)).")
+@click.option("--temperatures", "grid", type=LogGrid(), default=None, help="Curve grid TMIN:TMAX:NUM (default: +-2 "
+                                                                           "decades around std(E)).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="The plot (default: OUT with the suffix .png; none when OUT is '-').")
 @click.option("--png", "png_alias", default=None, type=click.Path(dir_okay=False), hidden=True)

@@ -94,8 +94,12 @@ class GibbsEnsemble:
     Fitted attributes: ``members_`` (MemberBank), ``energies_`` (M,), ``temperature_``,
     ``temperature_std_``, ``log_weights_``, ``weights_`` (quantised vote weights),
     ``effective_size_``, ``n_classes_``, ``classes_``, ``n_features_in_``, ``x_mean_`` (or None),
-    ``validation_curve_`` (for temperature="auto", else None), ``n_train_``.
+    ``validation_curve_`` (for temperature="auto", else None), ``n_train_``; ``dropped_`` (the
+    counts of ``drop_members``, else None).
     """
+
+    validation_curve_: dict | None
+    dropped_: dict | None = None
 
     def __init__(self, n_members: int = 1000, kind: str = "perceptron", hidden=(64,), activation: str = "tanh",
                  weight_scale: float = 1.0, bias_scale: float = 0.0, center: bool = False,
@@ -249,7 +253,7 @@ class GibbsEnsemble:
         M, K = bank.n_members, self.n_classes_
         chunk = int(self.batch_size)
         block = member_block_size(bank, min(chunk, len(X)))
-        loss_sums = np.zeros(M) if want_loss else None
+        loss_sums = np.zeros(M)
         n_t = 0 if P is None else P.shape[1]
         errors, logloss = np.zeros(n_t, np.int64), np.zeros(n_t)
         kept = []
@@ -260,6 +264,8 @@ class GibbsEnsemble:
                 if self.x_mean_ is not None:
                     x = x - self.x_mean_
                 yc = None if y is None else y[start:start + chunk]
+                if yc is None and (want_loss or stats):
+                    raise InputError("the energies and the vote statistics need labels")
                 hard = self.vote == "hard"
                 if P is not None:  # hard votes: one (nT, S) slab per class but the last (see below)
                     votes = np.zeros((n_t, K - 1, len(x))) if hard else np.zeros((n_t, len(x) * K))
@@ -267,9 +273,9 @@ class GibbsEnsemble:
                     sl = slice(m0, min(M, m0 + block))
                     z = logits(bank, x, sl)
                     labels = labels_from_logits(z) if (hard or self.energy == "zero-one") else None
-                    if want_loss:
+                    if want_loss and yc is not None:
                         loss_sums[sl] += losses_from_logits(z, yc, self.energy, labels).sum(axis=1)
-                    if P is not None and hard:
+                    if P is not None and labels is not None and hard:
                         pt = P[sl].T
                         for k in range(K - 1):
                             votes[:, k, :] += pt @ (labels == k).astype(np.float64)
@@ -284,17 +290,18 @@ class GibbsEnsemble:
                 elif P is not None:
                     votes = votes.reshape(n_t, len(x), K)
                 if P is not None:
-                    if stats:
-                        e, l = gibbs.vote_statistics(votes, yc)
-                        errors += e
-                        logloss += l
+                    if stats and yc is not None:
+                        wrong, loss = gibbs.vote_statistics(votes, yc)
+                        errors += wrong
+                        logloss += loss
                     if keep_votes:
                         kept.append(votes)
+        losses = loss_sums if want_loss else None
         if stats:
-            return loss_sums, (errors, logloss)
+            return losses, (errors, logloss)
         if keep_votes:
-            return loss_sums, np.concatenate(kept, axis=1)
-        return loss_sums, None
+            return losses, np.concatenate(kept, axis=1)
+        return losses, None
 
     # -- prediction ----------------------------------------------------------------------------
     def _check_fitted(self) -> None:
