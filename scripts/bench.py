@@ -77,7 +77,8 @@ def build_cnn(seed: int = 0):
              make("Conv", ["p1", "conv2.weight", "conv2.bias"], ["c2"], name="conv2", kernel_shape=[5, 5]),
              make("Relu", ["c2"], ["r2"]), make("MaxPool", ["r2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
              make("Flatten", ["p2"], ["flat"]),
-             make("Gemm", ["flat", "fc1.weight", "fc1.bias"], ["f1"], name="fc1", transB=1), make("Relu", ["f1"], ["r3"]),
+             make("Gemm", ["flat", "fc1.weight", "fc1.bias"], ["f1"], name="fc1", transB=1),
+             make("Relu", ["f1"], ["r3"]),
              make("Gemm", ["r3", "fc2.weight", "fc2.bias"], ["logits"], name="fc2", transB=1)]
     graph = helper.make_graph(nodes, "mnist_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 784])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
@@ -145,7 +146,8 @@ def measure(spec: dict) -> dict:
         layers = analyse_graph(model).layers
         out = protected_output(model)
         shape = output_shape(model, out, data.subset(1).feeds)
-        jac = output_jacobians(model, layers, out, int(np.prod(shape)), probes=1, threads=threads, engine=spec["engine"])
+        jac = output_jacobians(model, layers, out, int(np.prod(shape)), probes=1, threads=threads,
+                               engine=spec["engine"])
         with runtime.blas_threads(threads):
             for feeds, _ in data.batches(BATCH):
                 jac.rows(feeds, shape)
@@ -196,7 +198,7 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     sorted_values = values[order]
     starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
     ends = np.r_[starts[1:], len(values)]
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts, ends, strict=True):
         ranks[order[start:end]] = (start + end - 1) / 2
     return ranks
 
@@ -310,8 +312,10 @@ def report(results: dict, command: str) -> str:
                   "| step | seconds (wall) | x forward (CPU) | x floor | x forward (wall) | peak RSS MB | + RSS MB |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for row in rows:
-            lines.append(f"| {row['label']} | {row['seconds']:.2f} | {cpu_ratio(row):.1f} | {cpu_ratio(row) / floor_cpu:.2f} | "
-                         f"{ratio(row):.1f} | {row['peak_rss_mb']:.0f} | {row['peak_rss_mb'] - row['rss_before_mb']:.0f} |")
+            lines.append(f"| {row['label']} | {row['seconds']:.2f} | {cpu_ratio(row):.1f} | "
+                         f"{cpu_ratio(row) / floor_cpu:.2f} | "
+                         f"{ratio(row):.1f} | {row['peak_rss_mb']:.0f} | "
+                         f"{row['peak_rss_mb'] - row['rss_before_mb']:.0f} |")
         lines.append("")
     lines += ["## Threads (784-1024-1024-10 MLP, ECP statistics)", "",
               "`--threads N` sets onnxruntime's intra-op threads and numpy's BLAS threads (threadpoolctl); "
@@ -319,32 +323,33 @@ def report(results: dict, command: str) -> str:
               "onnxruntime's threads never spin (`session.intra_op.allow_spinning = 0`): they do not busy-wait "
               "between batches.", "",
               "Here wall-clock time is the measure; each row's forward pass ran with the same thread setting.", "",
-              "| threads | seconds (wall) | x forward (wall) | CPU seconds | load average |", "| --- | --- | --- | --- | --- |"]
+              "| threads | seconds (wall) | x forward (wall) | CPU seconds | load average |",
+              "| --- | --- | --- | --- | --- |"]
     for row in results["threads"]:
         lines.append(f"| {row['threads'] or 'default'} | {row['seconds']:.2f} | {ratio(row):.1f} | "
                      f"{row['cpu_seconds']:.2f} | {row['load']:.1f} |")
     lines += ["", "## Random probes against the exact Jacobian", "",
-              "`--probes P` replaces the K exact Jacobian rows by P Rademacher projections: E[(v^T J)^2] = sum_k J_k^2, "
-              "so G (and A, B, C) are unbiased, and the cost is P backward passes instead of K. rho is Spearman's "
-              "rank correlation of all the weights' scores with the exact ones; overlap the fraction of the exact "
-              "method's pruned weights that the probed one also prunes.", ""]
+              "`--probes P` replaces the K exact Jacobian rows by P Rademacher projections: "
+              "E[(v^T J)^2] = sum_k J_k^2, so G (and A, B, C) are unbiased, and the cost is P backward passes "
+              "instead of K. rho is Spearman's rank correlation of all the weights' scores with the exact ones; "
+              "overlap the fraction of the exact method's pruned weights that the probed one also prunes.", ""]
     mnist = [r for r in results["probes"] if r["model"] == "mnist"]
     if mnist:
         lines += ["Trained MNIST MLP 784-64-64-10 (K = 10), scored on the 2,048 calibration images, loss on the "
                   "10,000 test images (one-shot); P > 1 rows are the mean (min-max) over 3 seeds.", "",
                   "| probes | statistics s | rho | overlap r=0.5 | overlap r=0.8 | loss r=0.5 | loss r=0.8 |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
+        def cell(group, key, fmt="{:.3f}"):
+            values = [r[key] for r in group]
+            text = fmt.format(np.mean(values))
+            return text if len(values) == 1 else f"{text} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
         for probes in dict.fromkeys(r["probes"] for r in mnist):
             group = [r for r in mnist if r["probes"] == probes]
-
-            def cell(key, fmt="{:.3f}"):
-                values = [r[key] for r in group]
-                text = fmt.format(np.mean(values))
-                return text if len(values) == 1 else f"{text} ({fmt.format(min(values))}-{fmt.format(max(values))})"
-
-            lines.append(f"| {'exact (K = 10)' if probes is None else probes} | {cell('statistics_seconds', '{:.2f}')} | "
-                         f"{cell('spearman', '{:.4f}')} | {cell('overlap@0.5')} | {cell('overlap@0.8')} | "
-                         f"{cell('loss@0.5', '{:.4f}')} | {cell('loss@0.8', '{:.4f}')} |")
+            lines.append(f"| {'exact (K = 10)' if probes is None else probes} | "
+                         f"{cell(group, 'statistics_seconds', '{:.2f}')} | {cell(group, 'spearman', '{:.4f}')} | "
+                         f"{cell(group, 'overlap@0.5')} | {cell(group, 'overlap@0.8')} | "
+                         f"{cell(group, 'loss@0.5', '{:.4f}')} | {cell(group, 'loss@0.8', '{:.4f}')} |")
         lines.append("")
     many = [r for r in results["probes"] if r["model"] == "many"]
     if many:
@@ -352,10 +357,12 @@ def report(results: dict, command: str) -> str:
         lines += [f"Untrained 784-256-1000 MLP (K = 1000), scored on {results['many_samples']:,} MNIST images; "
                   "output error = measured E||y_pruned - y_dense||^2 on as many other images (the quantity ECP "
                   "minimises; there is no trained 1000-class model here for a loss).", "",
-                  "| probes | statistics s | x exact time | rho | overlap r=0.5 | overlap r=0.8 | output error r=0.5 | r=0.8 |",
+                  "| probes | statistics s | x exact time | rho | overlap r=0.5 | overlap r=0.8 | output error r=0.5 "
+                  "| r=0.8 |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in many:
-            lines.append(f"| {'exact (K = 1000)' if r['probes'] is None else r['probes']} | {r['statistics_seconds']:.2f} | "
+            lines.append(f"| {'exact (K = 1000)' if r['probes'] is None else r['probes']} | "
+                         f"{r['statistics_seconds']:.2f} | "
                          f"{r['statistics_seconds'] / exact['statistics_seconds']:.3f} | {r['spearman']:.4f} | "
                          f"{r['overlap@0.5']:.3f} | {r['overlap@0.8']:.3f} | {r['output_error@0.5']:.4g} | "
                          f"{r['output_error@0.8']:.4g} |")
@@ -395,8 +402,10 @@ def summary(results: dict) -> str:
         for engine, ecp in stats.items():
             if ecp:
                 parts.append(f"{label}, {engine}: ECP statistics {cpu_ratio(ecp):.1f} x forward (CPU time) = "
-                             f"{cpu_ratio(ecp) / bound:.2f} x the floor K x (forward + backward) = {bound:.1f} x; peak RSS "
-                             f"{ecp['peak_rss_mb']:.0f} MB (+{ecp['peak_rss_mb'] - ecp['rss_before_mb']:.0f} MB over model and data).")
+                             f"{cpu_ratio(ecp) / bound:.2f} x the floor K x (forward + backward) = {bound:.1f} x; "
+                             "peak RSS "
+                             f"{ecp['peak_rss_mb']:.0f} MB (+{ecp['peak_rss_mb'] - ecp['rss_before_mb']:.0f} MB over "
+                             "model and data).")
         if all(stats.values()):
             a, t = cpu_ratio(stats["adjoint"]), cpu_ratio(stats["ort-training"])
             parts.append(f"{label}: adjoint / ort-training CPU time = {a / t:.2f} (the adjoint engine is "
@@ -422,12 +431,14 @@ def summary(results: dict) -> str:
         exact, one = mnist[0], [r for r in mnist if r["probes"] == min(r["probes"] or 99 for r in mnist[1:])]
         worst = max(abs(r["loss@0.8"] - exact["loss@0.8"]) / exact["loss@0.8"] for r in one)
         parts.append(f"Probes, K = 10: with P = {one[0]['probes']} the scores' rank correlation with the exact "
-                     f"ones is rho >= {min(r['spearman'] for r in one):.4f} and the test loss at r = 0.8 moves by at most "
+                     f"ones is rho >= {min(r['spearman'] for r in one):.4f} and the test loss at r = 0.8 moves by at "
+                     "most "
                      f"{100 * worst:.1f}%.")
     many = [r for r in results["probes"] if r["model"] == "many"]
     if len(many) > 1:
         exact, few = many[0], many[1]
-        parts.append(f"K = 1000: P = {few['probes']} takes {100 * few['statistics_seconds'] / exact['statistics_seconds']:.1f}% "
+        parts.append(f"K = 1000: P = {few['probes']} takes "
+                     f"{100 * few['statistics_seconds'] / exact['statistics_seconds']:.1f}% "
                      f"of the exact time with rho {few['spearman']:.4f} and output error at r = 0.5 "
                      f"{few['output_error@0.5']:.4g} against {exact['output_error@0.5']:.4g}.")
     return " ".join(parts)
@@ -478,7 +489,8 @@ def main(argv=None) -> int:
         steps += [(f"adjoint: ecp statistics (exact, {samples // 4:,} samples)",
                    {"kind": "ecp", "samples": samples // 4, "engine": "adjoint"}),
                   ("adjoint: ecp statistics, --probes 2", {"kind": "ecp", "probes": 2, "engine": "adjoint"}),
-                  ("adjoint: ecp whole fit (checks, statistics, scores)", {"kind": "fit", "method": "ecp", "engine": "adjoint"}),
+                  ("adjoint: ecp whole fit (checks, statistics, scores)",
+                   {"kind": "fit", "method": "ecp", "engine": "adjoint"}),
                   ("magnitude (whole fit)", {"kind": "fit", "method": "magnitude", "engine": "adjoint"})]
         if name == "cnn":
             steps.insert(-2, ("adjoint: ecp statistics, Conv --conv-statistics positions",
@@ -489,7 +501,8 @@ def main(argv=None) -> int:
         for label, spec in steps:
             row = run_measure({"model": name, "samples": samples, **spec}, args.inline, args.repeats)
             rows.append({"label": label, **row})
-            print(f"{name} {label}: {row['seconds']:.2f} s = {ratio(row):.1f} x forward, peak {row['peak_rss_mb']:.0f} MB",
+            print(f"{name} {label}: {row['seconds']:.2f} s = {ratio(row):.1f} x forward, peak "
+                  f"{row['peak_rss_mb']:.0f} MB",
                   file=sys.stderr)
         results["models"][name] = rows
     for threads in ((1,) if args.quick else (1, 2, None)):
@@ -499,7 +512,8 @@ def main(argv=None) -> int:
         print(f"threads {threads}: {row['seconds']:.2f} s = {ratio(row):.1f} x forward", file=sys.stderr)
     results["probes"] = probes_study("mnist", args.quick) + probes_study("many", args.quick)
     results["load_end"] = os.getloadavg()[0]
-    command = "python scripts/bench.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:]) if (argv or sys.argv[1:]) else "")
+    arguments = argv if argv is not None else sys.argv[1:]
+    command = "python scripts/bench.py" + (" " + shlex.join(arguments) if arguments else "")
     results["command"] = command
     fileio.write_text(args.out, report(results, command))
     fileio.write_json(args.json, results)
