@@ -92,7 +92,8 @@ def write_reports(results: dict, ratios: list[float], out: Path, readme: str | N
     fileio.write_text(out.with_suffix(".md"), f"# Pruning methods compared on {results['model']}\n\n{table}\n")
     if readme:
         block = f"{START}\n{table}\n{END}"
-        new, n = re.subn(re.escape(START) + ".*?" + re.escape(END), lambda _: block, Path(readme).read_text(), flags=re.S)
+        pattern = re.escape(START) + ".*?" + re.escape(END)
+        new, n = re.subn(pattern, lambda _: block, Path(readme).read_text(), flags=re.S)
         if n != 1:
             raise SystemExit(f"{readme}: markers {START} / {END} not found")
         fileio.write_text(readme, new)
@@ -130,7 +131,8 @@ def markdown(results: dict, ratios: list[float]) -> str:
             continue
         cells = [f"{v['loss']:.4f} ({100 * v['accuracy']:.1f}%)" for v in row["ratios"].values()]
         t = row["ratios"][timed]
-        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {t['seconds']:.2f} ({t['forward_passes']:.0f}x) |")
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {t['seconds']:.2f} "
+                                                                  f"({t['forward_passes']:.0f}x) |")
     return "\n".join(lines)
 
 

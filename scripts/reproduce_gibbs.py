@@ -143,7 +143,8 @@ def run_teacher(cfg: dict, verbose: bool) -> dict:
                 cells.append(cell)
                 log(verbose, f"d={d:3d} teacher {t} N={N:5d}: T_opt {cell['T_opt']:.4g} err {cell['err_opt']:.4f} "
                              f"(best member {cell['err_best']:.4f}, uniform {cell['err_uniform']:.4f}); "
-                             f"T_val {cell['T_val']:.4g} T_std {cell['T_std']:.4g} [{time.perf_counter() - start:.1f}s]")
+                             f"T_val {cell['T_val']:.4g} T_std {cell['T_std']:.4g} "
+                             f"[{time.perf_counter() - start:.1f}s]")
     return {"cells": cells, "analysis": analyse_teacher(cells, cfg)}
 
 
@@ -226,7 +227,8 @@ def run_mnist(directory: str, cfg: dict, verbose: bool, workdir: Path) -> dict:
                    loss_val=c["loss"][i_val], seconds=time.perf_counter() - start)
         runs.append(run)
         curves.append((label, {**c, "temperatures": c["temperatures"][:-1], "error": err[:-1]}))
-        log(verbose, f"MNIST {label}: best member {run['acc_best']:.4f}, Gibbs T_val={run['T_val']:.3g} {run['acc_val']:.4f}, "
+        log(verbose, f"MNIST {label}: best member {run['acc_best']:.4f}, Gibbs T_val={run['T_val']:.3g} "
+                     f"{run['acc_val']:.4f}, "
                      f"T_std={run['T_std']:.3g} {run['acc_std']:.4f}, oracle {run['acc_opt']:.4f}, uniform "
                      f"{run['acc_uniform']:.4f} [{run['seconds']:.0f}s]")
         if kind == "perceptron":
@@ -261,7 +263,7 @@ def export_checks(est: GibbsEnsemble, Xt, yt, te_raw, workdir: Path, verbose: bo
     t_numpy = time.perf_counter() - start
     preds = votes.argmax(axis=2)
     table = []
-    for (factor, small), pred in zip(drops, preds[1:]):
+    for (factor, small), pred in zip(drops, preds[1:], strict=True):
         table.append(dict(factor=factor, **small.dropped_, effective_size=small.effective_size_,
                           test_predictions_changed=int(np.sum(pred != preds[0])),
                           accuracy=float(np.mean(pred == yt))))
@@ -283,7 +285,8 @@ def export_checks(est: GibbsEnsemble, Xt, yt, te_raw, workdir: Path, verbose: bo
         t_ort = time.perf_counter() - start
         res = dict(members=e.members_.n_members, bytes=path.stat().st_size, mismatches=int(np.sum(labels != predicted)),
                    proba_max_abs_diff=float(np.max(np.abs(proba - v.astype(np.float32)))),
-                   accuracy_estimator=float(np.mean(predicted == yt)), accuracy_onnxruntime=float(np.mean(labels == yt)),
+                   accuracy_estimator=float(np.mean(predicted == yt)),
+                   accuracy_onnxruntime=float(np.mean(labels == yt)),
                    seconds_export=t_export, seconds_onnxruntime=t_ort, ir_version=model.ir_version,
                    opset=[o.version for o in model.opset_import if o.domain in ("", "ai.onnx")][0],
                    nodes=len(model.graph.node), matmuls=sum(n.op_type == "MatMul" for n in model.graph.node))
@@ -292,7 +295,8 @@ def export_checks(est: GibbsEnsemble, Xt, yt, te_raw, workdir: Path, verbose: bo
             res["test_predictions_changed"] = int(np.sum(predicted != preds[0]))
         res["evaluate"] = run_evaluate(path, test_npz, workdir / f"eval-{name}.json")
         out[name] = res
-        log(verbose, f"export {name}: {res['members']} members, {res['bytes'] / 1e6:.0f} MB, mismatches {res['mismatches']}, "
+        log(verbose, f"export {name}: {res['members']} members, {res['bytes'] / 1e6:.0f} MB, mismatches "
+                     f"{res['mismatches']}, "
                      f"evaluate {res['evaluate']} [{t_export:.0f}s export, {t_ort:.0f}s onnxruntime]")
     return out
 
@@ -303,7 +307,7 @@ def run_evaluate(model: Path, data: Path, json_path: Path) -> dict:
            "--json", str(json_path), "--force"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]}
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
     report = json.loads(json_path.read_text())
     return {k: report[k] for k in ("samples", "loss", "accuracy", "output", "output_kind", "latency_us_per_sample")
             if k in report}
@@ -317,7 +321,7 @@ def plot_teacher(path: Path, cells: list[dict], analysis: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(DIMS), figsize=(3.2 * len(DIMS), 3.4), dpi=100, sharex=True)
-    for ax, d in zip(axes, DIMS):
+    for ax, d in zip(axes, DIMS, strict=True):
         for j, N in enumerate(NS):
             cs = [c for c in cells if c["d"] == d and c["N"] == N]
             for c in cs:
@@ -334,7 +338,8 @@ def plot_teacher(path: Path, cells: list[dict], analysis: dict) -> None:
         ax.set_ylim(0, 0.55)
     axes[0].set_ylabel("test error (thin: one teacher)")
     axes[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("Teacher perceptron: test error vs T, mean over repetitions (thick: mean over teachers; dotted: best single member)", fontsize=10)
+    fig.suptitle("Teacher perceptron: test error vs T, mean over repetitions (thick: mean over teachers; dotted: best "
+                 "single member)", fontsize=10)
     fig.tight_layout()
     try:
         fileio.write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
@@ -418,7 +423,8 @@ def teacher_markdown(res: dict, cfg: dict) -> str:
                      f"{100 * a['regret_mean']:.2f} / {100 * a['regret_max']:.2f}", a["verdict"]])
     lines.append(md_table(["d", "T_opt range over teachers and N", "largest spread over teachers (one N)",
                            "T_opt(N=10000) / T_opt(N=100)", "T inside every near-optimal band",
-                           "common T (geo. mean)", "extra error at the common T: mean / max (points)", "verdict"], rows))
+                           "common T (geo. mean)", "extra error at the common T: mean / max (points)", "verdict"],
+                          rows))
     return "\n".join(lines)
 
 
@@ -439,7 +445,8 @@ def teacher_findings(res: dict, cfg: dict) -> str:
             out.append(f"- It fails at d = {d}: T_opt goes from {g3(p[100]['T_opt_gmean'])} (N=100) to "
                        f"{g3(p[1000]['T_opt_gmean'])} (N=1000) and {g3(p[10000]['T_opt_gmean'])} (N=10000) "
                        f"(geometric means over teachers; ratio x{a['trend_N']:.2f}), and no single grid T is "
-                       f"near-optimal for all (teacher, N); the common T costs up to {100 * a['regret_max']:.2f} points.")
+                       f"near-optimal for all (teacher, N); the common T costs up to {100 * a['regret_max']:.2f} "
+                       "points.")
     if floor:
         for d in floor:
             p = an[d]["per_N"]
@@ -479,8 +486,10 @@ def teacher_findings(res: dict, cfg: dict) -> str:
 
 
 def mnist_markdown(res: dict) -> str:
-    rows = [[r["label"], pct(r["acc_best"]), f"{pct(r['acc_val'])} (T={g3(r['T_val'])}, eff. size {r['eff_size_val']:.0f})",
-             f"{pct(r['acc_std'])} (T={g3(r['T_std'])})", f"{pct(r['acc_opt'])} (T={g3(r['T_opt'])})", pct(r["acc_uniform"]),
+    rows = [[r["label"], pct(r["acc_best"]),
+             f"{pct(r['acc_val'])} (T={g3(r['T_val'])}, eff. size {r['eff_size_val']:.0f})",
+             f"{pct(r['acc_std'])} (T={g3(r['T_std'])})", f"{pct(r['acc_opt'])} (T={g3(r['T_opt'])})",
+             pct(r["acc_uniform"]),
              f"{f3(r['E_min'])} / {f3(r['E_mean'])} / {f3(r['E_std'])}"] for r in res["runs"]]
     lines = [md_table(["members", "best single member (T->0)", "Gibbs, T by validation (the estimator's default)",
                        "Gibbs, T = std(E)", "Gibbs, oracle T on the test set", "uniform (T->inf)",
@@ -488,8 +497,8 @@ def mnist_markdown(res: dict) -> str:
     ex = res["export"]
     full, drop = ex["full"], ex["dropped"]
     lines.append("")
-    lines.append("Exported graphs (one graph each, IR %d, opset %d; %d MatMul nodes whatever N):\n" %
-                 (full["ir_version"], full["opset"], full["matmuls"]))
+    lines.append(f"Exported graphs (one graph each, IR {full['ir_version']}, opset {full['opset']}; "
+                 f"{full['matmuls']} MatMul nodes whatever N):\n")
     rows = []
     for name, e in (("all members", full), (f"weight >= {g3(drop['threshold'])} (1/N)", drop)):
         ev = e["evaluate"]
@@ -502,7 +511,8 @@ def mnist_markdown(res: dict) -> str:
     lines.append(f"\nDropping members by weight (N = {drop['members_total']}; predictions compared with the full "
                  "ensemble's on the test set):\n")
     rows = [[f"{g3(r['factor'])}/N = {g3(r['threshold'])}", f"{r['members_kept']} of {r['members_total']}",
-             g3(r["weight_dropped"]), f"{r['effective_size']:.0f}", f"{r['test_predictions_changed']} of {res['n_test']}",
+             g3(r["weight_dropped"]), f"{r['effective_size']:.0f}", f"{r['test_predictions_changed']} of "
+                                                                    f"{res['n_test']}",
              pct(r["accuracy"])] for r in ex["drop_table"]]
     lines.append(md_table(["drop weights below", "members kept", "weight dropped", "effective size",
                            "test predictions changed", "test accuracy"], rows))
@@ -514,7 +524,8 @@ def summary_markdown(results: dict, bench: dict | None = None) -> str:
     if "teacher" in results:
         an = results["teacher"]["analysis"]
         verdicts = "; ".join(f"d = {d}: {an[d]['verdict'].split(':')[0]}" for d in DIMS)
-        out.append(f"- Teacher perceptron, is T_opt independent of the teacher and of N? {verdicts}. Details in section 1.")
+        out.append(f"- Teacher perceptron, is T_opt independent of the teacher and of N? {verdicts}. Details in "
+                   "section 1.")
         groups = [[d for d in DIMS if d <= 2], [d for d in DIMS if 2 < d < 20], [d for d in DIMS if d >= 20]]
         for ds in groups:
             if not ds:
@@ -523,9 +534,12 @@ def summary_markdown(results: dict, bench: dict | None = None) -> str:
             gaps = [(an[d]["per_N"][N]["err_std"] - an[d]["per_N"][N]["err_opt"],
                      an[d]["per_N"][N]["err_val"] - an[d]["per_N"][N]["err_opt"],
                      an[d]["per_N"][N]["T_std"] / an[d]["per_N"][N]["T_opt_gmean"]) for d in ds for N in NS]
-            out.append(f"- {label}: the label-free T = std(E) is {g3(min(g[2] for g in gaps))}-{g3(max(g[2] for g in gaps))} "
-                       f"times T_opt and costs on average {100 * np.mean([g[0] for g in gaps]):.2f} points of test error "
-                       f"over the oracle T_opt (worst {100 * max(g[0] for g in gaps):.2f}); the validation choice costs "
+            out.append(f"- {label}: the label-free T = std(E) is "
+                       f"{g3(min(g[2] for g in gaps))}-{g3(max(g[2] for g in gaps))} "
+                       f"times T_opt and costs on average {100 * np.mean([g[0] for g in gaps]):.2f} points of test "
+                       "error "
+                       f"over the oracle T_opt (worst {100 * max(g[0] for g in gaps):.2f}); the validation choice "
+                       "costs "
                        f"{100 * np.mean([g[1] for g in gaps]):.2f} (worst {100 * max(g[1] for g in gaps):.2f}).")
     if "mnist" in results:
         m = results["mnist"]
@@ -556,7 +570,8 @@ def summary_markdown(results: dict, bench: dict | None = None) -> str:
         mismatches = sum(e["mismatches"] for e in checks)
         out.append("- Exactness: hard votes are exact sums (quantised weights), so labels can only differ if a "
                    "member's float64 scores differ between numpy and onnxruntime at a near-tie; in the "
-                   f"{len(checks)} export checks of section 2, {mismatches} of {len(checks) * results['mnist']['n_test']}"
+                   f"{len(checks)} export checks of section 2, {mismatches} of "
+                   f"{len(checks) * results['mnist']['n_test']}"
                    " labels differed.")
     return "\n".join(out)
 
@@ -624,7 +639,8 @@ def write_markdown(path: Path, results: dict, cfg: dict, command: str, old_bench
                  f"- MNIST energies use a {cfg['mnist_train']}-image subset of the training set (the whole run took "
                  f"{results['seconds'] / 60:.1f} minutes).\n"
                  f"- Wall times depend on the machine's load: the load average (1, 5, 15 min) "
-                 f"was {results['load_before']} at the start of the reproduction run and {results['load_after']} at its end.")
+                 f"was {results['load_before']} at the start of the reproduction run and {results['load_after']} at "
+                 "its end.")
     fileio.write_text(path, "\n".join(parts) + "\n")
 
 
@@ -699,10 +715,12 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     load_before = [round(v, 2) for v in __import__("os").getloadavg()]
-    results = {"load_before": load_before, "config": {k: (v if not isinstance(v, dict) else {str(a): b for a, b in v.items()}) for k, v in cfg.items()},
+    config = {k: (v if not isinstance(v, dict) else {str(a): b for a, b in v.items()}) for k, v in cfg.items()}
+    results = {"load_before": load_before, "config": config,
                "grid": GRID.tolist(), "dims": DIMS, "Ns": NS,
                "machine": f"{platform.machine()} {platform.system()}, Python {platform.python_version()}, "
-                          f"{__import__('os').cpu_count()} cores, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}"}
+                          f"{__import__('os').cpu_count()} cores, "
+                          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}"}
     if not args.skip_teacher:
         results["teacher"] = run_teacher(cfg, verbose)
         plot_teacher(paths["-teacher.png"], results["teacher"]["cells"], results["teacher"]["analysis"])
