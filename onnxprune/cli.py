@@ -13,16 +13,9 @@ from .engines import ENGINES
 from .errors import CheckFailed, InputError
 from .masks import SCOPES
 from .modelio import stage_model
-from .report import (
-    evaluation_table,
-    prune_table,
-    sensitivity_table,
-    skipped_table,
-    storage_table,
-    table,
-    units_table,
-    unpruned_table,
-)
+from .options import Fraction, parse_size
+from .report import (evaluation_table, prune_table, sensitivity_table, skipped_table, storage_table, table,
+                     unpruned_table, units_table)
 from .runtime import PROVIDERS, build_name, check_installation
 from .statistics import EXACT_LIMIT
 from .storage import STORAGES, storage_report
@@ -34,24 +27,6 @@ MAX_THREADS = 4 * (os.cpu_count() or 1)
 MANY_OUTPUTS = 64  # above this output width the exact statistics' K backward passes make --probes worth a hint
 
 
-class Fraction(click.ParamType):
-    """A fraction written 0.5 or 50%."""
-
-    name = "fraction"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, float):
-            return value
-        text = str(value).strip()
-        try:
-            number = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-        except ValueError:
-            self.fail(f"{value!r} is not a fraction (0.5) or a percentage (50%)", param, ctx)
-        if not 0 <= number <= 1:
-            self.fail(f"{value!r} is not between 0 and 1 (0% and 100%)", param, ctx)
-        return number
-
-
 model_arg = click.argument("model", type=click.Path(dir_okay=False))
 provider_opt = click.option("--provider", type=click.Choice(sorted(PROVIDERS)), default="cpu", show_default=True,
                             help="onnxruntime execution provider.")
@@ -61,19 +36,6 @@ labels_opt = click.option("--labels-key", default=None, metavar="KEY", help="Lab
 threads_opt = click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
                            help=f"onnxruntime intra-op and BLAS threads (1..{MAX_THREADS}, 4 x the CPUs).")
 seed_opt = click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-
-
-def parse_size(text: str) -> int:
-    """'4G', '512M', '1.5GB', '1000000' -> bytes."""
-    import re
-
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)i?[bB]?\s*", str(text))
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a size like 4G, 512M or 1000000")
-    value = float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " ")
-    if value < 1:
-        raise click.BadParameter("the memory budget must be at least one byte")
-    return int(value)
 
 
 memory_opt = click.option("--memory-budget", type=str, default="1.5G", show_default=True, callback=lambda c, p, v: parse_size(v),

@@ -193,7 +193,7 @@ def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [vi for vi in model.graph.input if vi.name not in inits]
 
 
-def open_npz(path: str | Path) -> dict[str, NpzMember]:
+def open_npz(path: str | Path) -> dict[str, _Lazy]:
     """The members of an .npz file by array name, none of them read yet (see NpzMember)."""
     path = Path(path)
     if not path.is_file():

@@ -79,7 +79,8 @@ def build_cnn(seed: int = 0):
              make("Conv", ["p1", "conv2.weight", "conv2.bias"], ["c2"], name="conv2", kernel_shape=[5, 5]),
              make("Relu", ["c2"], ["r2"]), make("MaxPool", ["r2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
              make("Flatten", ["p2"], ["flat"]),
-             make("Gemm", ["flat", "fc1.weight", "fc1.bias"], ["f1"], name="fc1", transB=1), make("Relu", ["f1"], ["r3"]),
+             make("Gemm", ["flat", "fc1.weight", "fc1.bias"], ["f1"], name="fc1", transB=1),
+             make("Relu", ["f1"], ["r3"]),
              make("Gemm", ["r3", "fc2.weight", "fc2.bias"], ["logits"], name="fc2", transB=1)]
     graph = helper.make_graph(nodes, "mnist_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 784])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
@@ -147,7 +148,8 @@ def measure(spec: dict) -> dict:
         layers = analyse_graph(model).layers
         out = protected_output(model)
         shape = output_shape(model, out, data.subset(1).feeds)
-        jac = output_jacobians(model, layers, out, int(np.prod(shape)), probes=1, threads=threads, engine=spec["engine"])
+        jac = output_jacobians(model, layers, out, int(np.prod(shape)), probes=1, threads=threads,
+                               engine=spec["engine"])
         with runtime.blas_threads(threads):
             for feeds, _ in data.batches(BATCH):
                 jac.rows(feeds, shape)
@@ -198,7 +200,7 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     sorted_values = values[order]
     starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
     ends = np.r_[starts[1:], len(values)]
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts, ends, strict=True):
         ranks[order[start:end]] = (start + end - 1) / 2
     return ranks
 
@@ -288,7 +290,7 @@ def machine() -> str:
 def report(results: dict, command: str) -> str:
     lines = ["# Benchmarks: statistics time and memory, probes", "",
              f"Command: `{command}`", "",
-             f"Machine: {machine()}; load average {results['load_start']:.1f} at the start and "
+             f"Machine: {results['machine']}; load average {results['load_start']:.1f} at the start and "
              f"{results['load_end']:.1f} at the end (a shared machine: other processes ran meanwhile). "
              f"Date: {results['date']}.", "",
              "Every row ran in its own subprocess (its peak RSS is its own) and timed its own forward passes: "
@@ -297,10 +299,7 @@ def report(results: dict, command: str) -> str:
              f"time). Each measurement ran {results['repeats']} times (`--repeats`), each in a new process, and "
              "the run with the lowest CPU ratio is shown. "
              "`x forward (CPU)` divides the CPU time of all threads by the forward pass's; `x forward (wall)` "
-             "does the same with wall-clock time. On this shared machine other processes came and went during "
-             "the run and moved wall-clock forward passes by up to 3x (a 0.1 s pass is easily disturbed); "
-             "CPU times moved much less (about 10% between repeats), so the CPU ratios are the ones to read; "
-             "the wall ratios are there to show the spread. "
+             "does the same with wall-clock time. " + spread(results) + " "
              "The floor is K x (one forward + one backward pass), measured as the 1-probe gradient pass "
              "(`x floor` in CPU time). Peak RSS includes the interpreter, onnxruntime and the data; `+ RSS` is "
              "the growth over the RSS once model and data were loaded.", ""]
@@ -315,42 +314,44 @@ def report(results: dict, command: str) -> str:
                   "| step | seconds (wall) | x forward (CPU) | x floor | x forward (wall) | peak RSS MB | + RSS MB |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for row in rows:
-            lines.append(f"| {row['label']} | {row['seconds']:.2f} | {cpu_ratio(row):.1f} | {cpu_ratio(row) / floor_cpu:.2f} | "
-                         f"{ratio(row):.1f} | {row['peak_rss_mb']:.0f} | {row['peak_rss_mb'] - row['rss_before_mb']:.0f} |")
+            lines.append(f"| {row['label']} | {row['seconds']:.2f} | {cpu_ratio(row):.1f} | "
+                         f"{cpu_ratio(row) / floor_cpu:.2f} | "
+                         f"{ratio(row):.1f} | {row['peak_rss_mb']:.0f} | "
+                         f"{row['peak_rss_mb'] - row['rss_before_mb']:.0f} |")
         lines.append("")
     lines += ["## Threads (784-1024-1024-10 MLP, ECP statistics)", "",
               "`--threads N` sets onnxruntime's intra-op threads and numpy's BLAS threads (threadpoolctl); "
               "the default leaves both at theirs (onnxruntime: one per physical core; OpenBLAS: one per core). "
-              "onnxruntime's threads never spin (`session.intra_op.allow_spinning = 0`), so they do not slow "
-              "numpy down between batches.", "",
-              "Here wall-clock time is the measure (more threads cost more CPU time for less wall time); "
-              "each row's forward pass ran with the same thread setting.", "",
-              "| threads | seconds (wall) | x forward (wall) | CPU seconds | load average |", "| --- | --- | --- | --- | --- |"]
+              "onnxruntime's threads never spin (`session.intra_op.allow_spinning = 0`): they do not busy-wait "
+              "between batches.", "",
+              "Here wall-clock time is the measure; each row's forward pass ran with the same thread setting.", "",
+              "| threads | seconds (wall) | x forward (wall) | CPU seconds | load average |",
+              "| --- | --- | --- | --- | --- |"]
     for row in results["threads"]:
         lines.append(f"| {row['threads'] or 'default'} | {row['seconds']:.2f} | {ratio(row):.1f} | "
                      f"{row['cpu_seconds']:.2f} | {row['load']:.1f} |")
     lines += ["", "## Random probes against the exact Jacobian", "",
-              "`--probes P` replaces the K exact Jacobian rows by P Rademacher projections: E[(v^T J)^2] = sum_k J_k^2, "
-              "so G (and A, B, C) are unbiased, and the cost is P backward passes instead of K. rho is Spearman's "
-              "rank correlation of all the weights' scores with the exact ones; overlap the fraction of the exact "
-              "method's pruned weights that the probed one also prunes.", ""]
+              "`--probes P` replaces the K exact Jacobian rows by P Rademacher projections: "
+              "E[(v^T J)^2] = sum_k J_k^2, so G (and A, B, C) are unbiased, and the cost is P backward passes "
+              "instead of K. rho is Spearman's rank correlation of all the weights' scores with the exact ones; "
+              "overlap the fraction of the exact method's pruned weights that the probed one also prunes.", ""]
     mnist = [r for r in results["probes"] if r["model"] == "mnist"]
     if mnist:
         lines += ["Trained MNIST MLP 784-64-64-10 (K = 10), scored on the 2,048 calibration images, loss on the "
                   "10,000 test images (one-shot); P > 1 rows are the mean (min-max) over 3 seeds.", "",
                   "| probes | statistics s | rho | overlap r=0.5 | overlap r=0.8 | loss r=0.5 | loss r=0.8 |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
+        def cell(group, key, fmt="{:.3f}"):
+            values = [r[key] for r in group]
+            text = fmt.format(np.mean(values))
+            return text if len(values) == 1 else f"{text} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
         for probes in dict.fromkeys(r["probes"] for r in mnist):
             group = [r for r in mnist if r["probes"] == probes]
-
-            def cell(key, fmt="{:.3f}"):
-                values = [r[key] for r in group]
-                text = fmt.format(np.mean(values))
-                return text if len(values) == 1 else f"{text} ({fmt.format(min(values))}-{fmt.format(max(values))})"
-
-            lines.append(f"| {'exact (K = 10)' if probes is None else probes} | {cell('statistics_seconds', '{:.2f}')} | "
-                         f"{cell('spearman', '{:.4f}')} | {cell('overlap@0.5')} | {cell('overlap@0.8')} | "
-                         f"{cell('loss@0.5', '{:.4f}')} | {cell('loss@0.8', '{:.4f}')} |")
+            lines.append(f"| {'exact (K = 10)' if probes is None else probes} | "
+                         f"{cell(group, 'statistics_seconds', '{:.2f}')} | {cell(group, 'spearman', '{:.4f}')} | "
+                         f"{cell(group, 'overlap@0.5')} | {cell(group, 'overlap@0.8')} | "
+                         f"{cell(group, 'loss@0.5', '{:.4f}')} | {cell(group, 'loss@0.8', '{:.4f}')} |")
         lines.append("")
     many = [r for r in results["probes"] if r["model"] == "many"]
     if many:
@@ -358,16 +359,34 @@ def report(results: dict, command: str) -> str:
         lines += [f"Untrained 784-256-1000 MLP (K = 1000), scored on {results['many_samples']:,} MNIST images; "
                   "output error = measured E||y_pruned - y_dense||^2 on as many other images (the quantity ECP "
                   "minimises; there is no trained 1000-class model here for a loss).", "",
-                  "| probes | statistics s | x exact time | rho | overlap r=0.5 | overlap r=0.8 | output error r=0.5 | r=0.8 |",
+                  "| probes | statistics s | x exact time | rho | overlap r=0.5 | overlap r=0.8 | output error r=0.5 "
+                  "| r=0.8 |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in many:
-            lines.append(f"| {'exact (K = 1000)' if r['probes'] is None else r['probes']} | {r['statistics_seconds']:.2f} | "
+            lines.append(f"| {'exact (K = 1000)' if r['probes'] is None else r['probes']} | "
+                         f"{r['statistics_seconds']:.2f} | "
                          f"{r['statistics_seconds'] / exact['statistics_seconds']:.3f} | {r['spearman']:.4f} | "
                          f"{r['overlap@0.5']:.3f} | {r['overlap@0.8']:.3f} | {r['output_error@0.5']:.4g} | "
                          f"{r['output_error@0.8']:.4g} |")
         lines.append("")
-    lines += ["## What the numbers say", "", results.get("summary", ""), "", NOTES, ""]
+    lines += ["## What the numbers say", "", summary(results), "", NOTES, ""]
     return "\n".join(lines)
+
+
+def spread(results: dict) -> str:
+    """How far the forward pass (the unit) moved between the rows of one model, in wall and CPU time,
+    and so which ratios are the steadier to read."""
+    parts, wall_spread, cpu_spread = [], [], []
+    for name, rows in results["models"].items():
+        full = [r for r in rows if r["samples"] == results["samples"]]
+        wall = max(r["forward_seconds"] for r in full) / min(r["forward_seconds"] for r in full)
+        cpu = max(r["forward_cpu_seconds"] for r in full) / min(r["forward_cpu_seconds"] for r in full)
+        wall_spread.append(wall)
+        cpu_spread.append(cpu)
+        parts.append(f"{name} {wall:.2f}x wall, {cpu:.2f}x CPU")
+    steadier = "CPU" if max(cpu_spread) < max(wall_spread) else "wall-clock"
+    return (f"The forward pass, measured anew for every row, moved between the rows of one model by (largest / "
+            f"smallest) {'; '.join(parts)}: the {steadier} ratios are the steadier ones to read.")
 
 
 def floor(rows: list[dict]) -> tuple[dict, float]:
@@ -385,39 +404,45 @@ def summary(results: dict) -> str:
         for engine, ecp in stats.items():
             if ecp:
                 parts.append(f"{label}, {engine}: ECP statistics {cpu_ratio(ecp):.1f} x forward (CPU time) = "
-                             f"{cpu_ratio(ecp) / bound:.2f} x the floor K x (forward + backward) = {bound:.1f} x; peak RSS "
-                             f"{ecp['peak_rss_mb']:.0f} MB (+{ecp['peak_rss_mb'] - ecp['rss_before_mb']:.0f} MB over model and data).")
+                             f"{cpu_ratio(ecp) / bound:.2f} x the floor K x (forward + backward) = {bound:.1f} x; "
+                             "peak RSS "
+                             f"{ecp['peak_rss_mb']:.0f} MB (+{ecp['peak_rss_mb'] - ecp['rss_before_mb']:.0f} MB over "
+                             "model and data).")
         if all(stats.values()):
             a, t = cpu_ratio(stats["adjoint"]), cpu_ratio(stats["ort-training"])
             parts.append(f"{label}: adjoint / ort-training CPU time = {a / t:.2f} (the adjoint engine is "
-                         f"{'cheaper' if a < t else 'dearer'} here).")
+                         f"{'cheaper' if a < t else 'dearer' if a > t else 'as dear'} here, in one measurement).")
     for name, label in (("mlp", "MLP"), ("cnn", "CNN")):
         rows = results["models"][name]
         small = next((r for r in rows if r["label"].startswith("adjoint: ecp statistics (exact, ")), None)
         big = next(r for r in rows if r["label"] == "adjoint: ecp statistics (exact)")
         if small:
-            parts.append(f"{label} memory does not grow with the samples: + RSS "
-                         f"{small['peak_rss_mb'] - small['rss_before_mb']:.0f} MB with {small['samples']:,} samples, "
-                         f"{big['peak_rss_mb'] - big['rss_before_mb']:.0f} MB with {big['samples']:,} (the data "
-                         "themselves are loaded before).")
+            grow_small = small["peak_rss_mb"] - small["rss_before_mb"]
+            grow_big = big["peak_rss_mb"] - big["rss_before_mb"]
+            verdict = (f"grows {grow_big / max(grow_small, 1):.1f}x" if grow_big > 1.2 * grow_small + 10 else
+                       "does not grow (within 20% + 10 MB)")
+            parts.append(f"{label}: the memory of the statistics with {big['samples'] // small['samples']}x the "
+                         f"samples {verdict}: + RSS {grow_small:.0f} MB with {small['samples']:,} samples, "
+                         f"{grow_big:.0f} MB with {big['samples']:,} (the data themselves are loaded before).")
     if results["threads"]:
         fastest = min(results["threads"], key=lambda row: row["seconds"])
         parts.append(f"Threads: --threads {fastest['threads'] or 'default'} was the fastest in wall-clock time "
-                     f"({fastest['seconds']:.2f} s; load average {fastest['load']:.1f} on {os.cpu_count()} cores).")
+                     f"({fastest['seconds']:.2f} s; load average {fastest['load']:.1f}).")
     mnist = [r for r in results["probes"] if r["model"] == "mnist"]
     if len(mnist) > 1:
         exact, one = mnist[0], [r for r in mnist if r["probes"] == min(r["probes"] or 99 for r in mnist[1:])]
         worst = max(abs(r["loss@0.8"] - exact["loss@0.8"]) / exact["loss@0.8"] for r in one)
-        parts.append(f"Probes, K = 10: with P = {one[0]['probes']} the scores rank like the exact ones "
-                     f"(rho >= {min(r['spearman'] for r in one):.4f}) and the test loss at r = 0.8 moves by at most "
+        parts.append(f"Probes, K = 10: with P = {one[0]['probes']} the scores' rank correlation with the exact "
+                     f"ones is rho >= {min(r['spearman'] for r in one):.4f} and the test loss at r = 0.8 moves by at "
+                     "most "
                      f"{100 * worst:.1f}%.")
     many = [r for r in results["probes"] if r["model"] == "many"]
     if len(many) > 1:
         exact, few = many[0], many[1]
-        parts.append(f"K = 1000: P = {few['probes']} takes {100 * few['statistics_seconds'] / exact['statistics_seconds']:.1f}% "
+        parts.append(f"K = 1000: P = {few['probes']} takes "
+                     f"{100 * few['statistics_seconds'] / exact['statistics_seconds']:.1f}% "
                      f"of the exact time with rho {few['spearman']:.4f} and output error at r = 0.5 "
-                     f"{few['output_error@0.5']:.4g} against {exact['output_error@0.5']:.4g} (the probes' noise "
-                     "averages over the samples, so few probes suffice when there are many samples).")
+                     f"{few['output_error@0.5']:.4g} against {exact['output_error@0.5']:.4g}.")
     return " ".join(parts)
 
 
@@ -439,15 +464,21 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that the script runs")
     parser.add_argument("--inline", action="store_true", help="measure in this process (no separate peak RSS)")
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
+    parser.add_argument("--render", metavar="JSON", help="measure nothing: rewrite --out from this run's JSON")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
         print(json.dumps(measure(json.loads(args.measure))))
         return 0
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        fileio.write_text(args.out, report(results, results["command"]))
+        return 0
     for path in (args.out, args.json):
         fileio.check_output_path(path, force=args.force)
     samples = 200 if args.quick else args.samples
-    results = {"samples": samples, "repeats": args.repeats, "load_start": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d"),
+    results = {"samples": samples, "repeats": args.repeats, "load_start": os.getloadavg()[0],
+               "date": time.strftime("%Y-%m-%d"), "machine": machine(),
                "models": {}, "threads": [], "probes": [], "many_samples": 32 if args.quick else 1000}
     engines = ["adjoint", "ort-training"] if training_build() else ["adjoint"]
     plan = {}
@@ -460,7 +491,8 @@ def main(argv=None) -> int:
         steps += [(f"adjoint: ecp statistics (exact, {samples // 4:,} samples)",
                    {"kind": "ecp", "samples": samples // 4, "engine": "adjoint"}),
                   ("adjoint: ecp statistics, --probes 2", {"kind": "ecp", "probes": 2, "engine": "adjoint"}),
-                  ("adjoint: ecp whole fit (checks, statistics, scores)", {"kind": "fit", "method": "ecp", "engine": "adjoint"}),
+                  ("adjoint: ecp whole fit (checks, statistics, scores)",
+                   {"kind": "fit", "method": "ecp", "engine": "adjoint"}),
                   ("magnitude (whole fit)", {"kind": "fit", "method": "magnitude", "engine": "adjoint"})]
         if name == "cnn":
             steps.insert(-2, ("adjoint: ecp statistics, Conv --conv-statistics positions",
@@ -471,7 +503,8 @@ def main(argv=None) -> int:
         for label, spec in steps:
             row = run_measure({"model": name, "samples": samples, **spec}, args.inline, args.repeats)
             rows.append({"label": label, **row})
-            print(f"{name} {label}: {row['seconds']:.2f} s = {ratio(row):.1f} x forward, peak {row['peak_rss_mb']:.0f} MB",
+            print(f"{name} {label}: {row['seconds']:.2f} s = {ratio(row):.1f} x forward, peak "
+                  f"{row['peak_rss_mb']:.0f} MB",
                   file=sys.stderr)
         results["models"][name] = rows
     for threads in ((1,) if args.quick else (1, 2, None)):
@@ -481,8 +514,8 @@ def main(argv=None) -> int:
         print(f"threads {threads}: {row['seconds']:.2f} s = {ratio(row):.1f} x forward", file=sys.stderr)
     results["probes"] = probes_study("mnist", args.quick) + probes_study("many", args.quick)
     results["load_end"] = os.getloadavg()[0]
-    results["summary"] = summary(results)
-    command = "python scripts/bench.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:]) if (argv or sys.argv[1:]) else "")
+    arguments = argv if argv is not None else sys.argv[1:]
+    command = "python scripts/bench.py" + (" " + shlex.join(arguments) if arguments else "")
     results["command"] = command
     fileio.write_text(args.out, report(results, command))
     fileio.write_json(args.json, results)

@@ -9,6 +9,7 @@ Writes OUT.json and OUT.md; with --readme, replaces the block between the marker
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import re
 import shlex
@@ -46,7 +47,14 @@ def main(argv=None) -> int:
     p.add_argument("--readme", default=None)
     p.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--render", action="store_true", help="measure nothing: rewrite OUT.md (and --readme) from OUT.json")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.render:
+        results = json.loads(out.with_suffix(".json").read_text())
+        available = next(row for row in results["methods"] if "unavailable" not in row)
+        write_reports(results, [float(r) for r in available["ratios"]], out, args.readme)
+        return 0
     ratios = [float(r) for r in args.ratios.split(",")]
 
     model, calib, test, results = load_study(args, argv)
@@ -73,18 +81,22 @@ def main(argv=None) -> int:
         results["methods"].append(row)
         print(f"{label}: " + ", ".join(f"r={r}: {v['loss']:.4f} ({v['seconds']:.1f} s)"
                                        for r, v in row["ratios"].items()), file=sys.stderr)
-    out = Path(args.out)
     fileio.write_json(out.with_suffix(".json"), results)
-    table = markdown(results, ratios)
-    fileio.write_text(out.with_suffix(".md"), f"# Pruning methods compared on {args.model}\n\n{table}\n")
-    if args.readme:
-        readme = Path(args.readme).read_text()
-        block = f"{START}\n{table}\n{END}"
-        new, n = re.subn(re.escape(START) + ".*?" + re.escape(END), lambda _: block, readme, flags=re.S)
-        if n != 1:
-            raise SystemExit(f"{args.readme}: markers {START} / {END} not found")
-        fileio.write_text(args.readme, new)
+    write_reports(results, ratios, out, args.readme)
     return 0
+
+
+def write_reports(results: dict, ratios: list[float], out: Path, readme: str | None) -> None:
+    """OUT.md, and the table between the markers of ``readme`` when one is given."""
+    table = markdown(results, ratios)
+    fileio.write_text(out.with_suffix(".md"), f"# Pruning methods compared on {results['model']}\n\n{table}\n")
+    if readme:
+        block = f"{START}\n{table}\n{END}"
+        pattern = re.escape(START) + ".*?" + re.escape(END)
+        new, n = re.subn(pattern, lambda _: block, Path(readme).read_text(), flags=re.S)
+        if n != 1:
+            raise SystemExit(f"{readme}: markers {START} / {END} not found")
+        fileio.write_text(readme, new)
 
 
 def load_study(args, argv) -> tuple:
@@ -119,7 +131,8 @@ def markdown(results: dict, ratios: list[float]) -> str:
             continue
         cells = [f"{v['loss']:.4f} ({100 * v['accuracy']:.1f}%)" for v in row["ratios"].values()]
         t = row["ratios"][timed]
-        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {t['seconds']:.2f} ({t['forward_passes']:.0f}x) |")
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {t['seconds']:.2f} "
+                                                                  f"({t['forward_passes']:.0f}x) |")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ alternating, after one warm-up run each.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shlex
 import sys
@@ -32,9 +33,9 @@ MODELS = ("mnist_mlp.onnx", "mnist_cnn.onnx")
 PROVIDERS = ("cpu", "cuda")
 
 
-def timed(fn):
+def timed(fn, *args):
     start = time.perf_counter()
-    value = fn()
+    value = fn(*args)
     return value, time.perf_counter() - start
 
 
@@ -43,46 +44,57 @@ def compare(name: str, repeats: int) -> dict:
     calib = api.as_dataset(ROOT / "models" / "mnist_calib.npz", model)
     test = api.as_dataset(ROOT / "models" / "mnist_test.npz", model)
     layers, out = analyse_graph(model).layers, protected_output(model)
-    stats, evals, times = {}, {}, {p: {"statistics": [], "evaluate": []} for p in PROVIDERS}
+    steps = {"statistics": lambda provider: collect_statistics(model, layers, calib, out, engine="adjoint",
+                                                               provider=provider),
+             "evaluate": lambda provider: api.evaluate(model, test, provider=provider)}
+    values: dict[str, dict] = {p: {} for p in PROVIDERS}
+    times: dict[str, dict[str, list[float]]] = {p: {step: [] for step in steps} for p in PROVIDERS}
     for round_ in range(repeats + 1):  # round 0 warms up (CUDA context, kernels)
-        for provider in PROVIDERS:
-            stats[provider], t_stats = timed(lambda: collect_statistics(model, layers, calib, out, engine="adjoint",
-                                                                        provider=provider))
-            evals[provider], t_eval = timed(lambda: api.evaluate(model, test, provider=provider))
-            if round_:
-                times[provider]["statistics"].append(t_stats)
-                times[provider]["evaluate"].append(t_eval)
+        for provider in PROVIDERS:  # alternating, so that both see the same load
+            for step, run in steps.items():
+                values[provider][step], seconds = timed(run, provider)
+                if round_:
+                    times[provider][step].append(seconds)
+    stats = {p: values[p]["statistics"] for p in PROVIDERS}
     difference = max(float(np.abs(getattr(stats["cuda"][layer.name], f) - getattr(stats["cpu"][layer.name], f)).max()
                            / max(float(np.abs(getattr(stats["cpu"][layer.name], f)).max()), 1e-30))
                      for layer in layers for f in ("A", "B", "C"))
     return {"model": name, "statistics_relative_difference": difference,
-            "loss": {p: evals[p]["loss"] for p in PROVIDERS}, "accuracy": {p: evals[p]["accuracy"] for p in PROVIDERS},
+            "loss": {p: values[p]["evaluate"]["loss"] for p in PROVIDERS},
+            "accuracy": {p: values[p]["evaluate"]["accuracy"] for p in PROVIDERS},
             "seconds": {p: {k: float(np.median(v)) for k, v in times[p].items()} for p in PROVIDERS},
             "calibration_samples": len(calib), "test_samples": len(test)}
 
 
-def report(rows: list[dict], command: str) -> str:
+def environment() -> dict:
+    """Where the comparison ran, kept in the JSON so that --render writes the same header."""
     import onnxruntime
 
-    lines = ["# Statistics and evaluation on CUDA vs CPU", "", f"Command: `{command}`", "",
-             f"Machine: {platform.node()}, Python {platform.python_version()}, {runtime.build_name()}, providers "
-             f"{', '.join(onnxruntime.get_available_providers())}. Date: {time.strftime('%Y-%m-%d')}.", "",
-             "| model | A, B, C: max relative difference | loss cpu / cuda | accuracy cpu / cuda | statistics s cpu / cuda "
-             "| evaluate s cpu / cuda |", "| --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        s = r["seconds"]
-        lines.append(f"| {r['model']} | {r['statistics_relative_difference']:.2e} | {r['loss']['cpu']:.5f} / "
-                     f"{r['loss']['cuda']:.5f} | {100 * r['accuracy']['cpu']:.2f}% / {100 * r['accuracy']['cuda']:.2f}% | "
-                     f"{s['cpu']['statistics']:.3f} / {s['cuda']['statistics']:.3f} | {s['cpu']['evaluate']:.3f} / "
-                     f"{s['cuda']['evaluate']:.3f} |")
-    lines += ["", "## What the numbers say", ""]
-    for r in rows:
-        s = r["seconds"]
-        lines.append(f"- {r['model']}: CUDA statistics agree with the CPU's to {r['statistics_relative_difference']:.1e} "
-                     f"(relative); statistics time cuda/cpu = {s['cuda']['statistics'] / s['cpu']['statistics']:.2f}, "
-                     f"evaluation time cuda/cpu = {s['cuda']['evaluate'] / s['cpu']['evaluate']:.2f} "
-                     f"({r['calibration_samples']:,} calibration and {r['test_samples']:,} test samples).")
-    return "\n".join(lines) + "\n"
+    return {"machine": f"{platform.node()}, Python {platform.python_version()}, {runtime.build_name()}",
+            "providers": onnxruntime.get_available_providers(), "date": time.strftime("%Y-%m-%d")}
+
+
+def report(results: dict) -> str:
+    """The table and, per model, what its numbers say: one pass over the rows for both."""
+    table, findings = [], []
+    for r in results["rows"]:
+        s, difference = r["seconds"], r["statistics_relative_difference"]
+        table.append(f"| {r['model']} | {difference:.2e} | {r['loss']['cpu']:.5f} / {r['loss']['cuda']:.5f} | "
+                     f"{100 * r['accuracy']['cpu']:.2f}% / {100 * r['accuracy']['cuda']:.2f}% | "
+                     f"{s['cpu']['statistics']:.3f} / {s['cuda']['statistics']:.3f} | "
+                     f"{s['cpu']['evaluate']:.3f} / {s['cuda']['evaluate']:.3f} |")
+        findings.append(f"- {r['model']}: CUDA's statistics differ from the CPU's by at most {difference:.1e} "
+                        "(relative); "
+                        f"statistics time cuda/cpu = {s['cuda']['statistics'] / s['cpu']['statistics']:.2f}, "
+                        f"evaluation time cuda/cpu = {s['cuda']['evaluate'] / s['cpu']['evaluate']:.2f} "
+                        f"({r['calibration_samples']:,} calibration and {r['test_samples']:,} test samples).")
+    env = results["environment"]
+    return "\n".join([
+        "# Statistics and evaluation on CUDA vs CPU", "", f"Command: `{results['command']}`", "",
+        f"Machine: {env['machine']}, providers {', '.join(env['providers'])}. Date: {env['date']}.", "",
+        "| model | A, B, C: max relative difference | loss cpu / cuda | accuracy cpu / cuda | statistics s cpu / cuda "
+        "| evaluate s cpu / cuda |", "| --- | --- | --- | --- | --- | --- |",
+        *table, "", "## What the numbers say", "", *findings]) + "\n"
 
 
 def main(argv=None) -> int:
@@ -91,14 +103,19 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=str(ROOT / "docs" / "results" / "gpu.json"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--render", action="store_true", help="measure nothing: rewrite --out from --json")
     args = parser.parse_args(argv)
+    if args.render:
+        fileio.write_text(args.out, report(json.loads(Path(args.json).read_text())))
+        return 0
     for path in (args.out, args.json):
         fileio.check_output_path(path, force=args.force)
     runtime.provider_list("cuda")  # a clear one-line error without a CUDA build
-    rows = [compare(name, args.repeats) for name in MODELS]
     command = "python scripts/gpu_compare.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    fileio.write_text(args.out, report(rows, command.strip()))
-    fileio.write_json(args.json, {"rows": rows, "command": command.strip()})
+    results = {"rows": [compare(name, args.repeats) for name in MODELS], "command": command.strip(),
+               "environment": environment()}
+    fileio.write_json(args.json, results)
+    fileio.write_text(args.out, report(results))
     print(f"wrote {args.out} and {args.json}", file=sys.stderr)
     return 0
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import multiprocessing
 import platform
@@ -81,7 +82,7 @@ class Data:
     test_y: np.ndarray
 
     @classmethod
-    def mnist(cls, folder) -> "Data":
+    def mnist(cls, folder) -> Data:
         """Flattened float32 pixels in [0, 1] and int64 labels."""
         def split(name):
             x, y = load_mnist(folder, name)
@@ -96,7 +97,7 @@ class Data:
 
 def weight_count(hidden, inputs: int, classes: int) -> int:
     sizes = [inputs, *hidden, classes]
-    return sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    return sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
 
 
 def narrower(hidden, target: float, inputs: int, classes: int) -> tuple[int, ...]:
@@ -149,7 +150,8 @@ def run_unit(hidden: tuple[int, ...], seed: int, settings: Settings, data: Data)
             pruner = onnxprune.Pruner(method, compensation=compensation, seed=seed, threads=1).fit(dense, calib)
             fits.append(time.perf_counter() - start)
         scoring = min(fits)
-        row = {"scoring_seconds": scoring, "scoring_forward_passes": scoring / unit["forward_pass_seconds"], "ratios": {}}
+        row = {"scoring_seconds": scoring, "scoring_forward_passes": scoring / unit["forward_pass_seconds"],
+               "ratios": {}}
         for r in settings.ratios:
             result = pruner.prune(r)
             start = time.perf_counter()
@@ -246,11 +248,13 @@ def summarise(units: list[dict], settings: Settings, inputs: int, classes: int) 
             arch["methods"][key] = {
                 "scoring_seconds": stats([m["scoring_seconds"] for m in rows]),
                 "scoring_forward_passes": stats([m["scoring_forward_passes"] for m in rows]),
-                "ratios": {str(r): {phase: {k: stats([m["ratios"][str(r)][phase][k] for m in rows]) for k in ("loss", "accuracy")}
+                "ratios": {str(r): {phase: {k: stats([m["ratios"][str(r)][phase][k] for m in rows])
+                                            for k in ("loss", "accuracy")}
                                     for phase in ("before", "after")} for r in settings.ratios}}
         arch["fully_connected"] = {str(r): {"hidden": runs[0]["fully_connected"][str(r)]["hidden"],
                                             "weights": runs[0]["fully_connected"][str(r)]["weights"],
-                                            **{k: stats([u["fully_connected"][str(r)][k] for u in runs]) for k in ("loss", "accuracy")}}
+                                            **{k: stats([u["fully_connected"][str(r)][k] for u in runs])
+                                               for k in ("loss", "accuracy")}}
                                    for r in settings.ratios}
         out[architecture(hidden, inputs, classes)] = arch
     return out
@@ -259,8 +263,8 @@ def summarise(units: list[dict], settings: Settings, inputs: int, classes: int) 
 def wins(units: list[dict], hidden, key: str, baseline: str, r: float, phase: str) -> tuple[int, int]:
     """Seeds on which ``key`` has a lower test loss than ``baseline`` (paired: same dense model)."""
     runs = [u for u in units if tuple(u["hidden"]) == tuple(hidden)]
-    better = sum(u["methods"][key]["ratios"][str(r)][phase]["loss"] < u["methods"][baseline]["ratios"][str(r)][phase]["loss"]
-                 for u in runs)
+    better = sum(u["methods"][key]["ratios"][str(r)][phase]["loss"]
+                 < u["methods"][baseline]["ratios"][str(r)][phase]["loss"] for u in runs)
     return better, len(runs)
 
 
@@ -272,19 +276,22 @@ def plot(summary: dict, settings: Settings, test_samples: int, out: Path) -> lis
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    colours = dict(zip(VARIANTS, plt.get_cmap("tab10").colors))
+    colours = dict(zip(VARIANTS, plt.get_cmap("tab10").colors, strict=False))  # more colours than variants
     paths = []
     for arch, s in summary.items():
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))  # own y ranges: fine-tuning compresses the spread
         for ax, phase, title in ((axes[0], "before", "one-shot, before fine-tuning"),
                                  (axes[1], "after", f"after {settings.epochs} epochs of fine-tuning (mask fixed)")):
-            curves = [(VARIANTS[k][0], colours[k], "-", [s["methods"][k]["ratios"][str(r)][phase]["loss"] for r in settings.ratios])
+            curves = [(VARIANTS[k][0], colours[k], "-",
+                       [s["methods"][k]["ratios"][str(r)][phase]["loss"] for r in settings.ratios])
                       for k in settings.methods]
             if phase == "after":
                 curves.append((FC, "black", "--", [s["fully_connected"][str(r)]["loss"] for r in settings.ratios]))
             for label, colour, style, cells in curves:
-                ax.plot(settings.ratios, [c["mean"] for c in cells], style, marker="o", ms=3.5, color=colour, label=label)
-                ax.fill_between(settings.ratios, [c["min"] for c in cells], [c["max"] for c in cells], color=colour, alpha=0.15, lw=0)
+                ax.plot(settings.ratios, [c["mean"] for c in cells], style, marker="o", ms=3.5, color=colour,
+                        label=label)
+                ax.fill_between(settings.ratios, [c["min"] for c in cells], [c["max"] for c in cells], color=colour,
+                                alpha=0.15, lw=0)
             ax.axhline(s["dense"]["loss"]["mean"], color="grey", ls=":", label="dense (before pruning)")
             if phase == "after":
                 ax.axhline(s["dense_finetuned"]["loss"]["mean"], color="grey", ls="--",
@@ -298,10 +305,11 @@ def plot(summary: dict, settings: Settings, test_samples: int, out: Path) -> lis
             ax.grid(True, which="both", alpha=0.3)
         axes[1].legend(fontsize=8, loc="upper left")
         n = len(s["seeds"])
-        fig.suptitle(f"MNIST {arch} ({s['weights']:,} weights), PReLU: mean over {n} seed{'s' * (n > 1)}, band = min..max")
+        fig.suptitle(f"MNIST {arch} ({s['weights']:,} weights), PReLU: mean over {n} seed{'s' * (n > 1)}, band = "
+                     "min..max")
         fig.tight_layout()
         path = out.with_name(f"{out.name}-{arch}.png")
-        fileio.write_with(path, lambda tmp: fig.savefig(tmp, dpi=110))
+        fileio.write_with(path, functools.partial(fig.savefig, dpi=110))
         plt.close(fig)
         paths.append(path)
     return paths
@@ -327,17 +335,22 @@ def markdown(results: dict, units: list[dict], settings: Settings) -> str:
     head = "| method | " + " | ".join(f"r = {r}" for r in settings.ratios) + " |"
     rule = "| --- |" + " --- |" * len(settings.ratios)
     redrawn = f"; tables and plots redrawn by `{results['redrawn_by']}`" if "redrawn_by" in results else ""
-    lines = [f"Generated by `{results['command']}` ({results['wall_seconds'] / 60:.0f} min wall time, {results['jobs']} "
-             f"process(es), {results['machine']}{redrawn}). Cells: mean test loss (cross-entropy on the {results['test_samples']:,} "
+    lines = [f"Generated by `{results['command']}` ({results['wall_seconds'] / 60:.0f} min wall time, "
+             f"{results['jobs']} "
+             f"process(es), {results['machine']}{redrawn}). Cells: mean test loss (cross-entropy on the "
+             f"{results['test_samples']:,} "
              f"test images) ± standard deviation over {n} seed(s), and mean accuracy. Plots: "
              + ", ".join(f"[{Path(p).name}]({Path(p).name})" for p in results["plots"]) + "."]
-    for (arch, s), hidden in zip(results["summary"].items(), settings.hidden):
+    for (arch, s), hidden in zip(results["summary"].items(), settings.hidden, strict=True):
         d = s["dense"]
         lines += ["", f"### {arch} ({s['weights']:,} weights; dense: loss {cell(d)}, trained in "
-                      f"{d['train_seconds']['mean']:.1f} s; dense + {settings.epochs} more epochs: {cell(s['dense_finetuned'])})"]
-        for phase, title in (("before", "one-shot, before fine-tuning"), ("after", f"after {settings.epochs} epochs of fine-tuning")):
+                      f"{d['train_seconds']['mean']:.1f} s; dense + {settings.epochs} more epochs: "
+                      f"{cell(s['dense_finetuned'])})"]
+        for phase, title in (("before", "one-shot, before fine-tuning"), ("after", f"after {settings.epochs} epochs "
+                                                                                   "of fine-tuning")):
             lines += ["", f"Test loss {title}:", "", head, rule]
-            lines += [f"| {VARIANTS[k][0]} | " + " | ".join(cell(s["methods"][k]["ratios"][str(r)][phase]) for r in settings.ratios) + " |"
+            lines += [f"| {VARIANTS[k][0]} | "
+                      + " | ".join(cell(s["methods"][k]["ratios"][str(r)][phase]) for r in settings.ratios) + " |"
                       for k in settings.methods]
             if phase == "after":
                 fc = s["fully_connected"]
@@ -348,28 +361,33 @@ def markdown(results: dict, units: list[dict], settings: Settings) -> str:
             runs = [u for u in units if tuple(u["hidden"]) == tuple(hidden)]
             lines += ["", "ECP's test-loss change from its own dense model (paired per seed; mean ± std):", "",
                       "| | " + " | ".join(f"r = {r}" for r in settings.ratios) + " |", rule]
-            for phase, reference, label in (("before", "dense", "before fine-tuning"), ("after", "dense", "after fine-tuning"),
+            for phase, reference, label in (("before", "dense", "before fine-tuning"),
+                                            ("after", "dense", "after fine-tuning"),
                                             ("after", "dense_finetuned", "after, vs dense + as many epochs")):
-                changes = [stats([u["methods"]["ecp"]["ratios"][str(r)][phase]["loss"] - u[reference]["loss"] for u in runs])
-                           for r in settings.ratios]
+                changes = [stats([u["methods"]["ecp"]["ratios"][str(r)][phase]["loss"] - u[reference]["loss"]
+                                  for u in runs]) for r in settings.ratios]
                 lines.append(f"| {label} | " + " | ".join(f"{c['mean']:+.4f} ±{c['std']:.4f}" for c in changes) + " |")
             high = [r for r in settings.ratios if r >= 0.5]
             others = [b for b in (*BASELINES, "nonlinear", "ecp-nocomp") if b in settings.methods]
-            lines += ["", "Seeds on which ECP's test loss is below the other method's (same dense model), before · after "
+            lines += ["", "Seeds on which ECP's test loss is below the other method's (same dense model), before · "
+                          "after "
                       "fine-tuning:", "", "| ECP vs | " + " | ".join(f"r = {r}" for r in high) + " |",
                       "| --- |" + " --- |" * len(high)]
             for b in others:
                 lines.append(f"| {VARIANTS[b][0]} | " + " | ".join(
-                    "{}/{} · {}/{}".format(*wins(units, hidden, "ecp", b, r, "before"), *wins(units, hidden, "ecp", b, r, "after"))
+                    "{}/{} · {}/{}".format(*wins(units, hidden, "ecp", b, r, "before"),
+                                           *wins(units, hidden, "ecp", b, r, "after"))
                     for r in high) + " |")
-    lines += ["", "Scoring time (Pruner.fit on the calibration data, one intra-op thread, fastest of up to 3 fits; median "
+    lines += ["", "Scoring time (Pruner.fit on the calibration data, one intra-op thread, fastest of up to 3 fits; "
+                  "median "
                   "over seeds) in seconds and in forward passes over the calibration data (fastest of 5):", "",
               "| method | " + " | ".join(results["summary"]) + " |", "| --- |" + " --- |" * len(results["summary"])]
     lines.append(f"| one forward pass ({settings.calib_size:,} images) | " + " | ".join(
         f"{1e3 * s['forward_pass_seconds']['median']:.2f} ms" for s in results["summary"].values()) + " |")
     for k in settings.methods:
         lines.append(f"| {VARIANTS[k][0]} | " + " | ".join(
-            f"{duration(s['methods'][k]['scoring_seconds']['median'])} ({multiple(s['methods'][k]['scoring_forward_passes']['median'])})"
+            f"{duration(s['methods'][k]['scoring_seconds']['median'])} "
+            f"({multiple(s['methods'][k]['scoring_forward_passes']['median'])})"
             for s in results["summary"].values()) + " |")
     return "\n".join(lines)
 
@@ -393,11 +411,13 @@ def main(argv=None) -> int:
                    help="output prefix (default docs/results/ecp-mnist, with --quick docs/results/ecp-mnist-quick)")
     p.add_argument("--quick", action="store_true", help="1 seed, ratios 0.5/0.8/0.9, 2 epochs")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default 5, quick 1)")
-    p.add_argument("--hidden", type=widths_argument, action="append", help="hidden sizes, repeatable (default 32,32 and 64,64)")
+    p.add_argument("--hidden", type=widths_argument, action="append", help="hidden sizes, repeatable (default 32,32 "
+                                                                           "and 64,64)")
     p.add_argument("--methods", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--calib-size", type=int, default=2048)
     p.add_argument("--jobs", type=int, default=1, help="parallel processes, one (architecture, seed) each")
-    p.add_argument("--work", type=Path, default=None, help="folder keeping finished units, to resume an interrupted run")
+    p.add_argument("--work", type=Path, default=None,
+                   help="folder keeping finished units, to resume an interrupted run")
     p.add_argument("--redraw", type=Path, default=None, metavar="JSON",
                    help="no training: redraw the plots and tables from an earlier run's JSON (its settings apply)")
     args = p.parse_args(argv)
@@ -432,7 +452,8 @@ def main(argv=None) -> int:
 
         results = {"command": command, "settings": asdict(settings), "lr": LR, "batch_size": BATCH, "jobs": args.jobs,
                    "train_samples": len(data.train_x), "test_samples": len(data.test_x),
-                   "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores, onnxruntime {onnxruntime.__version__}",
+                   "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores, onnxruntime "
+                              f"{onnxruntime.__version__}",
                    "wall_seconds": time.perf_counter() - began}
     results["summary"] = summarise(units, settings, inputs, classes)
     results["plots"] = [str(path) for path in plot(results["summary"], settings, results["test_samples"], out)]

@@ -152,6 +152,27 @@ def test_estimator_bad_inputs():
         GibbsEnsemble(n_members=10).predict(X)
 
 
+def test_params_are_the_constructor_arguments():
+    """get_params/set_params follow __init__ (scikit-learn's protocol): a clone from get_params()
+    predicts the same, a subclass's new argument is a parameter without being listed anywhere, and an
+    unknown name is refused."""
+    X, y = teacher_data(n=120)
+    est = GibbsEnsemble(n_members=40, kind="mlp", hidden=(5,), center=True, temperature="std", random_state=3)
+    clone = GibbsEnsemble(**est.get_params())
+    np.testing.assert_array_equal(clone.fit(X, y).predict(X), est.fit(X, y).predict(X))
+    assert est.set_params(n_members=7) is est and est.get_params()["n_members"] == 7
+    assert repr(GibbsEnsemble(n_members=7)) == "GibbsEnsemble(n_members=7)"
+
+    class Tempered(GibbsEnsemble):
+        def __init__(self, n_members: int = 5, margin: float = 0.5):
+            super().__init__(n_members=n_members)
+            self.margin = margin
+
+    assert Tempered(margin=2.0).get_params() == {"margin": 2.0, "n_members": 5}
+    with pytest.raises(InputError, match="unknown parameter 'temprature'"):
+        GibbsEnsemble().set_params(temprature=1.0)
+
+
 # -- export --------------------------------------------------------------------------------------
 CASES = [
     dict(kind="perceptron"),
@@ -291,6 +312,23 @@ def test_cli_bad_inputs_exit_2_one_line_no_output(case, tmp_path, npz):
         assert not out.exists()
     assert not (tmp_path / "c.png").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_cli_options_share_the_main_cli_types(npz, tmp_path):
+    """--validation-fraction, --holdout and --drop-below take fractions as the main CLI does (25%);
+    counts and choices are checked by click before anything is read: one line, exit 2."""
+    path, _, _ = npz
+    out = tmp_path / "ens.onnx"
+    res = invoke(["fit", "--data", path, "--members", 20, "--scale", "1/255", "--validation-fraction", "25%",
+                  "--drop-below", "0.1%", "--json", tmp_path / "fit.json", out])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "fit.json").read_text())["drop"]["threshold"] == pytest.approx(0.001)
+    for extra in (["--members", "0"], ["--kind", "tree"], ["--validation-fraction", "150%"], ["--classes", "1"],
+                  ["--scale", "-1"], ["--energy", "hinge"]):
+        res = invoke(["fit", "--data", path, "--scale", "1/255", *extra, tmp_path / "bad.onnx"])
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), (extra, res.output)
+        assert not (tmp_path / "bad.onnx").exists()
 
 
 def test_votes_for_several_weightings_in_one_pass():

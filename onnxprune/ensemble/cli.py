@@ -7,9 +7,9 @@ atomically (all of a command's outputs or none) and never over an existing file 
 """
 from __future__ import annotations
 
+import fractions
 import math
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import click
@@ -18,56 +18,75 @@ import numpy as np
 from ..data import open_npz
 from ..errors import CheckFailed, InputError
 from ..fileio import STDOUT
+from ..options import Fraction
 from ..ui import Group, command_errors, common, finish, make_ui, print_json, stage_json
 from ..zoo import parse_widths
-from .estimator import GibbsEnsemble, check_features, check_labels, compare_predictions
+from .estimator import ENERGIES, VOTES, GibbsEnsemble, check_features, check_labels, compare_predictions
 from .export import input_scale_metadata, run_onnx, to_onnx
+from .members import ACTIVATIONS, KINDS
 
 FEATURE_KEYS = ("x", "X")
 LABEL_KEYS = ("y", "labels")
 CHECK_SAMPLES = 2000  # training samples the exported graph is checked on (onnxruntime vs numpy)
 
 
-# -- parsing ----------------------------------------------------------------------------------------
-def parse_scale(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        value = float(Fraction(text.strip())) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise InputError(f"--scale must be a number or a fraction like 1/255, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise InputError(f"--scale must be positive, got {text!r}")
-    return value
+# -- option values ---------------------------------------------------------------------------------
+class Scale(click.ParamType):
+    """A positive number, or a fraction like 1/255."""
+
+    name = "scale"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        try:
+            number = float(fractions.Fraction(text)) if "/" in text else float(text)
+        except (ValueError, ZeroDivisionError):
+            self.fail(f"{value!r} is not a number or a fraction like 1/255", param, ctx)
+        if not (math.isfinite(number) and number > 0):
+            self.fail(f"{value!r} is not positive", param, ctx)
+        return number
 
 
-def parse_temperature(text: str):
-    t = str(text).strip().lower()
-    if t in ("auto", "std"):
-        return t
-    try:
-        value = float(t)
-    except ValueError:
-        raise InputError(f"--temperature must be auto, std or a positive number, got {text!r}") from None
-    if math.isnan(value) or value <= 0:
-        raise InputError(f"--temperature must be positive, got {text!r}")
-    return value
+class Temperature(click.ParamType):
+    """auto, std, or a positive number (inf: the uniform average)."""
+
+    name = "temperature"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        text = value.strip().lower()
+        if text in ("auto", "std"):
+            return text
+        try:
+            number = float(text)
+        except ValueError:
+            self.fail(f"{value!r} is not auto, std or a positive number", param, ctx)
+        if math.isnan(number) or number <= 0:
+            self.fail(f"{value!r} is not positive", param, ctx)
+        return number
 
 
-def parse_grid(text: str | None, option: str) -> np.ndarray | None:
+class LogGrid(click.ParamType):
     """'TMIN:TMAX:NUM' -> a log grid of NUM temperatures from TMIN to TMAX."""
-    if text is None:
-        return None
-    parts = text.split(":")
-    try:
-        lo, hi, num = float(parts[0]), float(parts[1]), int(parts[2])
-        if len(parts) != 3:
-            raise ValueError
-    except (ValueError, IndexError):
-        raise InputError(f"{option} must look like TMIN:TMAX:NUM (e.g. 1e-3:1:31), got {text!r}") from None
-    if not (0 < lo <= hi < math.inf) or num < 1:
-        raise InputError(f"{option} needs 0 < TMIN <= TMAX and NUM >= 1, got {text!r}")
-    return np.logspace(math.log10(lo), math.log10(hi), num)
+
+    name = "TMIN:TMAX:NUM"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, np.ndarray):
+            return value
+        parts = str(value).split(":")
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            lo, hi, num = float(parts[0]), float(parts[1]), int(parts[2])
+        except ValueError:
+            self.fail(f"{value!r} does not look like TMIN:TMAX:NUM (e.g. 1e-3:1:31)", param, ctx)
+        if not (0 < lo <= hi < math.inf) or num < 1:
+            self.fail(f"{value!r} needs 0 < TMIN <= TMAX and NUM >= 1", param, ctx)
+        return np.logspace(math.log10(lo), math.log10(hi), num)
 
 
 def load_xy(path: str, features_key: str | None, labels_key: str | None, scale: float | None,
@@ -101,7 +120,8 @@ def load_xy(path: str, features_key: str | None, labels_key: str | None, scale: 
     if raw.dtype == object or raw.dtype.kind not in "biuf":
         raise InputError(f"{path}: features {fkey!r} have dtype {raw.dtype}, not numeric")
     if raw.ndim < 2:
-        raise InputError(f"{path}: features {fkey!r} must have a sample axis and feature axes, got shape {list(raw.shape)}")
+        raise InputError(f"{path}: features {fkey!r} must have a sample axis and feature axes, got shape "
+                         f"{list(raw.shape)}")
     if raw.shape[0] == 0:
         raise InputError(f"{path}: features {fkey!r} have no samples")
     raw = raw.reshape(len(raw), -1)
@@ -125,28 +145,42 @@ def load_xy(path: str, features_key: str | None, labels_key: str | None, scale: 
 # -- options shared by fit and curve -----------------------------------------------------------------
 def member_options(func):
     options = [
-        click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training data (.npz: x/X and y/labels)."),
-        click.option("--members", "n_members", type=int, default=1000, show_default=True, help="Number of random members N."),
-        click.option("--kind", default="perceptron", show_default=True, help="perceptron (random linear) or mlp."),
-        click.option("--hidden", default="64", show_default=True, help="Hidden widths of mlp members, e.g. 64 or 64,32."),
-        click.option("--activation", default="tanh", show_default=True, help="tanh or relu (mlp)."),
+        click.option("--data", required=True, type=click.Path(dir_okay=False),
+                     help="Training data (.npz: x/X and y/labels)."),
+        click.option("--members", "n_members", type=click.IntRange(min=1), default=1000, show_default=True,
+                     help="Number of random members N."),
+        click.option("--kind", type=click.Choice(KINDS), default="perceptron", show_default=True,
+                     help="perceptron (random linear) or mlp."),
+        click.option("--hidden", default="64", show_default=True,
+                     help="Hidden widths of mlp members, e.g. 64 or 64,32."),
+        click.option("--activation", type=click.Choice(ACTIVATIONS), default="tanh", show_default=True,
+                     help="Hidden activation of mlp members."),
         click.option("--weight-scale", type=float, default=1.0, show_default=True,
                      help="Multiplier of the N(0, gain^2/fan_in) weight std."),
         click.option("--bias-scale", type=float, default=0.0, show_default=True, help="Std of the biases (0: none)."),
         click.option("--center/--no-center", default=False, show_default=True,
                      help="Subtract the training mean inside the model (hyperplanes through the data centre)."),
-        click.option("--energy", default="zero-one", show_default=True, help="zero-one or cross-entropy (per-sample mean)."),
-        click.option("--vote", default="hard", show_default=True, help="hard (weighted votes) or soft (weighted probabilities)."),
-        click.option("--temperature", default="auto", show_default=True,
+        click.option("--energy", type=click.Choice(ENERGIES), default="zero-one", show_default=True,
+                     help="Per-sample mean training loss of a member."),
+        click.option("--vote", type=click.Choice(VOTES), default="hard", show_default=True,
+                     help="hard (weighted votes) or soft (weighted probabilities)."),
+        click.option("--temperature", type=Temperature(), default="auto", show_default=True,
                      help="auto (validation split, log grid), std (T = std of the energies) or a positive value."),
-        click.option("--temperature-grid", default=None, help="Validation grid TMIN:TMAX:NUM (default: +-2 decades around std(E))."),
-        click.option("--validation-fraction", type=float, default=0.25, show_default=True),
-        click.option("--classes", "n_classes", type=int, default=None, help="Number of classes (default: max label + 1)."),
-        click.option("--scale", default=None, help="Multiply uint8 features by this (e.g. 1/255); recorded in the model."),
+        click.option("--temperature-grid", type=LogGrid(), default=None, help="Validation grid TMIN:TMAX:NUM "
+                                                                              "(default: +-2 decades around std(E))."),
+        click.option("--validation-fraction", type=Fraction(), default=0.25, show_default=True,
+                     help="Share of the training data held out to choose T (0.25 or 25%)."),
+        click.option("--classes", "n_classes", type=click.IntRange(min=2), default=None, help="Number of classes "
+                                                                                              "(default: max label + "
+                                                                                              "1)."),
+        click.option("--scale", type=Scale(), default=None, help="Multiply uint8 features by this (e.g. 1/255); "
+                                                                 "recorded in the model."),
         click.option("--features-key", default=None, help="Array name of the features (default x or X)."),
         click.option("--labels-key", default=None, help="Array name of the labels (default y or labels)."),
-        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the member generator."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Samples per chunk."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the member "
+                                                                                              "generator."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Samples per "
+                                                                                                       "chunk."),
         click.option("--force", is_flag=True, help="Replace existing output files."),
     ]
     for option in reversed(options):
@@ -158,8 +192,7 @@ def _make_estimator(kw: dict) -> GibbsEnsemble:
     return GibbsEnsemble(
         n_members=kw["n_members"], kind=kw["kind"], hidden=parse_widths(kw["hidden"]), activation=kw["activation"],
         weight_scale=kw["weight_scale"], bias_scale=kw["bias_scale"], center=kw["center"], energy=kw["energy"],
-        vote=kw["vote"], temperature=parse_temperature(kw["temperature"]),
-        temperature_grid=parse_grid(kw["temperature_grid"], "--temperature-grid"),
+        vote=kw["vote"], temperature=kw["temperature"], temperature_grid=kw["temperature_grid"],
         validation_fraction=kw["validation_fraction"], n_classes=kw["n_classes"], batch_size=kw["batch_size"],
         random_state=kw["seed"], progress=sys.stderr.isatty())
 
@@ -178,11 +211,12 @@ def ensemble():
 
 @ensemble.command("fit")
 @member_options
-@click.option("--drop-below", type=float, default=None,
+@click.option("--drop-below", type=Fraction(), default=None,
               help="Drop members whose Gibbs weight is below this; prints how many remain and how many "
                    "training predictions change.")
 @click.option("--json", "json_path", default=None, metavar="PATH",
-              help="Also write a JSON summary (temperature, effective size, validation curve, drop report; '-' for stdout).")
+              help="Also write a JSON summary (temperature, effective size, validation curve, drop report; '-' for "
+                   "stdout).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Draw the validation curve of --temperature auto to this PNG (needs matplotlib).")
 @click.argument("out", type=click.Path(dir_okay=False))
@@ -190,13 +224,13 @@ def ensemble():
 def fit(out, drop_below, json_path, plot_path, verbose, quiet, **kw):
     """Fit a Gibbs ensemble on --data and write it as one ONNX graph to OUT (.onnx)."""
     ui = make_ui(verbose, quiet, json_path)
-    if plot_path and kw["temperature"].strip().lower() != "auto":
+    if plot_path and kw["temperature"] != "auto":
         raise InputError("--plot draws the validation curve, which only --temperature auto computes")
     with ui.outputs([kw["data"]], kw["force"]) as outputs:
         for path in (out, None if json_path == STDOUT else json_path, plot_path):
             if path:
                 outputs.claim(path)
-        scale = parse_scale(kw["scale"])
+        scale = kw["scale"]
         est = _make_estimator(kw)
         X, y = load_xy(kw["data"], kw["features_key"], kw["labels_key"], scale, kw["n_classes"])
         est.fit(X, y)
@@ -241,15 +275,16 @@ def fit(out, drop_below, json_path, plot_path, verbose, quiet, **kw):
 @member_options
 @click.option("--eval", "eval_path", default=None, type=click.Path(dir_okay=False),
               help="Data the curve is measured on (default: a held-out --holdout fraction of --data).")
-@click.option("--holdout", type=float, default=0.25, show_default=True,
+@click.option("--holdout", type=Fraction(), default=0.25, show_default=True,
               help="Without --eval: the fraction of --data held out for the curve (energies use the rest).")
-@click.option("--temperatures", default=None, help="Curve grid TMIN:TMAX:NUM (default: +-2 decades around std(E)).")
+@click.option("--temperatures", "grid", type=LogGrid(), default=None, help="Curve grid TMIN:TMAX:NUM (default: +-2 "
+                                                                           "decades around std(E)).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="The plot (default: OUT with the suffix .png; none when OUT is '-').")
 @click.option("--png", "png_alias", default=None, type=click.Path(dir_okay=False), hidden=True)
 @click.argument("out")
 @command_errors
-def curve(out, eval_path, holdout, temperatures, plot_path, png_alias, verbose, quiet, **kw):
+def curve(out, eval_path, holdout, grid, plot_path, png_alias, verbose, quiet, **kw):
     """Error, loss and effective size against T (JSON to OUT, '-' for stdout; plot to --plot), with T->0 and T->inf."""
     ui = make_ui(verbose, quiet, out)
     plot_path = plot_path or png_alias or (None if out == STDOUT else str(Path(out).with_suffix(".png")))
@@ -257,8 +292,7 @@ def curve(out, eval_path, holdout, temperatures, plot_path, png_alias, verbose, 
         for path in (None if out == STDOUT else out, plot_path):
             if path:
                 outputs.claim(path)
-        scale = parse_scale(kw["scale"])
-        grid = parse_grid(temperatures, "--temperatures")
+        scale = kw["scale"]
         est = _make_estimator(kw)
         X, y = load_xy(kw["data"], kw["features_key"], kw["labels_key"], scale, kw["n_classes"])
         if eval_path:

@@ -17,6 +17,7 @@ members' one-hot decisions (``vote="hard"``) or their probabilities (``vote="sof
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import sys
 
@@ -24,18 +25,30 @@ import numpy as np
 
 from ..errors import InputError
 from . import gibbs
-from .members import (KINDS, MemberBank, draw_members, labels_from_logits, logits, losses_from_logits,
-                      member_block_size, proba_from_logits)
+from .members import (
+    KINDS,
+    MemberBank,
+    draw_members,
+    labels_from_logits,
+    logits,
+    losses_from_logits,
+    member_block_size,
+    proba_from_logits,
+)
 
 ENERGIES = ("zero-one", "cross-entropy")
 VOTES = ("hard", "soft")
-_PARAMS = ("n_members", "kind", "hidden", "activation", "weight_scale", "bias_scale", "center", "energy",
-           "vote", "temperature", "temperature_grid", "validation_fraction", "refit", "n_classes",
-           "batch_size", "random_state", "progress")
 
 
 class NotFittedError(InputError):
     pass
+
+
+def _same(value, default) -> bool:
+    """Whether a parameter still holds its default (arrays compared by value)."""
+    if isinstance(value, np.ndarray) or isinstance(default, np.ndarray):
+        return isinstance(value, np.ndarray) and isinstance(default, np.ndarray) and np.array_equal(value, default)
+    return bool(value == default) and type(value) is type(default)
 
 
 def check_features(X, n_features: int | None = None, name: str = "X") -> np.ndarray:
@@ -81,8 +94,12 @@ class GibbsEnsemble:
     Fitted attributes: ``members_`` (MemberBank), ``energies_`` (M,), ``temperature_``,
     ``temperature_std_``, ``log_weights_``, ``weights_`` (quantised vote weights),
     ``effective_size_``, ``n_classes_``, ``classes_``, ``n_features_in_``, ``x_mean_`` (or None),
-    ``validation_curve_`` (for temperature="auto", else None), ``n_train_``.
+    ``validation_curve_`` (for temperature="auto", else None), ``n_train_``; ``dropped_`` (the
+    counts of ``drop_members``, else None).
     """
+
+    validation_curve_: dict | None
+    dropped_: dict | None = None
 
     def __init__(self, n_members: int = 1000, kind: str = "perceptron", hidden=(64,), activation: str = "tanh",
                  weight_scale: float = 1.0, bias_scale: float = 0.0, center: bool = False,
@@ -108,18 +125,30 @@ class GibbsEnsemble:
         self.progress = progress
 
     # -- scikit-learn protocol -------------------------------------------------------------------
-    def get_params(self, deep: bool = True) -> dict:
-        return {name: getattr(self, name) for name in _PARAMS}
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        """The parameters are the constructor's keyword arguments, each stored under its own name
+        (scikit-learn's ``BaseEstimator._get_param_names``), sorted."""
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return sorted(p.name for p in parameters if p.name != "self" and p.kind is not p.VAR_KEYWORD)
 
-    def set_params(self, **params) -> "GibbsEnsemble":
+    def get_params(self, deep: bool = True) -> dict:
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params) -> GibbsEnsemble:
+        valid = self._get_param_names()
         for name, value in params.items():
-            if name not in _PARAMS:
-                raise InputError(f"unknown parameter {name!r}")
+            if name not in valid:
+                raise InputError(f"unknown parameter {name!r} for {type(self).__name__}; valid: {', '.join(valid)}")
             setattr(self, name, value)
         return self
 
     def __repr__(self) -> str:
-        return f"GibbsEnsemble(n_members={self.n_members}, kind={self.kind!r}, temperature={self.temperature!r})"
+        """The parameters that differ from the constructor's defaults, as scikit-learn prints them."""
+        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}
+        changed = [f"{name}={value!r}" for name, value in self.get_params().items()
+                   if not _same(value, defaults[name])]
+        return f"{type(self).__name__}({', '.join(changed)})"
 
     def _check_params(self) -> None:
         if self.kind not in KINDS:
@@ -147,7 +176,7 @@ class GibbsEnsemble:
             raise InputError(f"n_classes must be an integer >= 2, got {self.n_classes!r}")
 
     # -- fitting -------------------------------------------------------------------------------
-    def fit(self, X, y) -> "GibbsEnsemble":
+    def fit(self, X, y) -> GibbsEnsemble:
         self._check_params()
         X = check_features(X)
         y = check_labels(y, len(X), self.n_classes)
@@ -224,7 +253,7 @@ class GibbsEnsemble:
         M, K = bank.n_members, self.n_classes_
         chunk = int(self.batch_size)
         block = member_block_size(bank, min(chunk, len(X)))
-        loss_sums = np.zeros(M) if want_loss else None
+        loss_sums = np.zeros(M)
         n_t = 0 if P is None else P.shape[1]
         errors, logloss = np.zeros(n_t, np.int64), np.zeros(n_t)
         kept = []
@@ -235,6 +264,8 @@ class GibbsEnsemble:
                 if self.x_mean_ is not None:
                     x = x - self.x_mean_
                 yc = None if y is None else y[start:start + chunk]
+                if yc is None and (want_loss or stats):
+                    raise InputError("the energies and the vote statistics need labels")
                 hard = self.vote == "hard"
                 if P is not None:  # hard votes: one (nT, S) slab per class but the last (see below)
                     votes = np.zeros((n_t, K - 1, len(x))) if hard else np.zeros((n_t, len(x) * K))
@@ -242,9 +273,9 @@ class GibbsEnsemble:
                     sl = slice(m0, min(M, m0 + block))
                     z = logits(bank, x, sl)
                     labels = labels_from_logits(z) if (hard or self.energy == "zero-one") else None
-                    if want_loss:
+                    if want_loss and yc is not None:
                         loss_sums[sl] += losses_from_logits(z, yc, self.energy, labels).sum(axis=1)
-                    if P is not None and hard:
+                    if P is not None and labels is not None and hard:
                         pt = P[sl].T
                         for k in range(K - 1):
                             votes[:, k, :] += pt @ (labels == k).astype(np.float64)
@@ -259,17 +290,18 @@ class GibbsEnsemble:
                 elif P is not None:
                     votes = votes.reshape(n_t, len(x), K)
                 if P is not None:
-                    if stats:
-                        e, l = gibbs.vote_statistics(votes, yc)
-                        errors += e
-                        logloss += l
+                    if stats and yc is not None:
+                        wrong, loss = gibbs.vote_statistics(votes, yc)
+                        errors += wrong
+                        logloss += loss
                     if keep_votes:
                         kept.append(votes)
+        losses = loss_sums if want_loss else None
         if stats:
-            return loss_sums, (errors, logloss)
+            return losses, (errors, logloss)
         if keep_votes:
-            return loss_sums, np.concatenate(kept, axis=1)
-        return loss_sums, None
+            return losses, np.concatenate(kept, axis=1)
+        return losses, None
 
     # -- prediction ----------------------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -354,7 +386,7 @@ class GibbsEnsemble:
         return curve
 
     # -- dropping members ----------------------------------------------------------------------
-    def select_members(self, index) -> "GibbsEnsemble":
+    def select_members(self, index) -> GibbsEnsemble:
         """A copy with only the members selected by ``index`` (mask or indices), weights renormalised."""
         self._check_fitted()
         index = np.asarray(index)
@@ -376,7 +408,7 @@ class GibbsEnsemble:
         new.effective_size_ = gibbs.effective_size(new.log_weights_)
         return new
 
-    def drop_members(self, threshold: float) -> "GibbsEnsemble":
+    def drop_members(self, threshold: float) -> GibbsEnsemble:
         """A copy keeping the members whose weight is >= ``threshold``, weights renormalised; the
         counts are in its ``dropped_`` attribute."""
         self._check_fitted()

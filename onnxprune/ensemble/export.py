@@ -67,11 +67,11 @@ def to_onnx(ensemble: GibbsEnsemble, metadata: dict[str, str] | None = None,
         cur = node("Add", [cur, weight64("b0", bank.biases[0].reshape(M * h0))], "z0_bias")
     cur = node("Reshape", [cur, const("shape_smh", np.array([-1, M, h0], np.int64))], "z0_smh")
     cur = node("Transpose", [cur], "z0_msh", perm=[1, 0, 2])
-    for l, (w, b) in enumerate(zip(bank.weights[1:], bank.biases[1:]), start=1):
-        cur = node("Tanh" if bank.activation == "tanh" else "Relu", [cur], f"h{l}")
-        cur = node("MatMul", [cur, weight64(f"W{l}", w)], f"z{l}")
+    for i, (w, b) in enumerate(zip(bank.weights[1:], bank.biases[1:], strict=True), start=1):
+        cur = node("Tanh" if bank.activation == "tanh" else "Relu", [cur], f"h{i}")
+        cur = node("MatMul", [cur, weight64(f"W{i}", w)], f"z{i}")
         if b is not None:
-            cur = node("Add", [cur, weight64(f"b{l}", b[:, None, :])], f"z{l}_bias")
+            cur = node("Add", [cur, weight64(f"b{i}", b[:, None, :])], f"z{i}_bias")
     scores = cur  # (M, S, n_out)
 
     if ensemble.vote == "hard":
@@ -114,7 +114,7 @@ def to_onnx(ensemble: GibbsEnsemble, metadata: dict[str, str] | None = None,
     info = ensemble.summary()
     props = {"onnxprune.model": "gibbs-ensemble"}
     props.update({f"onnxprune.ensemble.{k}": str(v) for k, v in info.items()})
-    if getattr(ensemble, "dropped_", None):
+    if ensemble.dropped_:
         props.update({f"onnxprune.ensemble.drop.{k}": str(v) for k, v in ensemble.dropped_.items()})
     props.update(metadata or {})
     helper.set_model_props(model, props)

@@ -8,9 +8,10 @@ Weights used for voting are *quantised* to multiples of 2^-50 (weights below 2^-
 below anything that can change a float64 sum of weights near 1). Every partial sum of quantised
 weights below 2 is then exactly representable in float64, so a weighted hard vote is exact whatever
 the order of summation: numpy (blocked over members) and onnxruntime (one MatMul) give bit-identical
-votes, ties included. The votes are used as probabilities directly: the quantised weights sum to 1 within M * 2^-51.
-(No rescaling by 1/sum: onnxruntime's optimiser removes a Mul/Div by a constant within float32
-epsilon of 1, even in double, which would make its output differ from numpy's.) Effective sizes are computed from the unquantised log weights.
+votes, ties included. The votes are used as probabilities directly: the quantised weights sum to 1
+within M * 2^-51. (No rescaling by 1/sum: onnxruntime's optimiser removes a Mul/Div by a constant
+within float32 epsilon of 1, even in double, which would make its output differ from numpy's.)
+Effective sizes are computed from the unquantised log weights.
 """
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ class MemberBank:
     def widths(self) -> list[int]:
         return [int(w.shape[2]) for w in self.weights]
 
-    def subset(self, index) -> "MemberBank":
+    def subset(self, index) -> MemberBank:
         """The members selected by ``index`` (boolean mask or integer indices), in that order."""
         return MemberBank(
             self.kind,
@@ -107,16 +107,17 @@ def draw_members(kind: str, n_members: int, n_features: int, n_classes: int, hid
     if any(s < 1 for s in sizes):
         raise InputError(f"layer widths must be positive, got {sizes}")
     n_layers = len(sizes) - 1
-    gains = [np.sqrt(2.0) if (activation == "relu" and l < n_layers - 1) else 1.0 for l in range(n_layers)]
-    weights = [np.empty((n_members, sizes[l], sizes[l + 1]), np.float32) for l in range(n_layers)]
-    biases = [np.empty((n_members, sizes[l + 1]), np.float32) if bias_scale > 0 else None for l in range(n_layers)]
+    gains = [np.sqrt(2.0) if (activation == "relu" and i < n_layers - 1) else 1.0 for i in range(n_layers)]
+    weights = [np.empty((n_members, sizes[i], sizes[i + 1]), np.float32) for i in range(n_layers)]
+    biases = [np.empty((n_members, sizes[i + 1]), np.float32) if bias_scale > 0 else None for i in range(n_layers)]
     for k, child in enumerate(np.random.SeedSequence(int(seed)).spawn(n_members)):
         rng = np.random.default_rng(child)
-        for l in range(n_layers):
-            std = gains[l] * weight_scale / np.sqrt(sizes[l])
-            weights[l][k] = rng.standard_normal((sizes[l], sizes[l + 1])) * std
-            if biases[l] is not None:
-                biases[l][k] = rng.standard_normal(sizes[l + 1]) * bias_scale
+        for i in range(n_layers):
+            std = gains[i] * weight_scale / np.sqrt(sizes[i])
+            weights[i][k] = rng.standard_normal((sizes[i], sizes[i + 1])) * std
+            bias = biases[i]
+            if bias is not None:
+                bias[k] = rng.standard_normal(sizes[i + 1]) * bias_scale
     return MemberBank(kind, weights, biases, activation, int(n_classes))
 
 
@@ -143,7 +144,7 @@ def logits(bank: MemberBank, x: np.ndarray, members: slice = slice(None)) -> np.
     if bank.biases[0] is not None:
         z += bank.biases[0][members].astype(np.float64).reshape(m * h)
     z = z.reshape(len(x), m, h).transpose(1, 0, 2)
-    for w, b in zip(bank.weights[1:], bank.biases[1:]):
+    for w, b in zip(bank.weights[1:], bank.biases[1:], strict=True):
         z = np.matmul(_activate(np.ascontiguousarray(z), bank.activation), w[members].astype(np.float64))
         if b is not None:
             z += b[members].astype(np.float64)[:, None, :]
