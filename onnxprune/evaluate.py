@@ -40,7 +40,8 @@ def measure_latency(models: dict[str, onnx.ModelProto], data: Dataset, batch_siz
     with two models, the median of the per-repeat ratios second / first."""
     sessions = {name: runtime.make_session(m, provider, threads) for name, m in models.items()}
     names = list(sessions)
-    result = {"repeats": repeats, "batches": []}
+    batches: list[dict] = []
+    result = {"repeats": repeats, "batches": batches}
     for batch in sorted({min(b, len(data)) for b in batch_sizes}):
         feeds = data.subset(batch).inputs()
         runs = 1
@@ -50,7 +51,7 @@ def measure_latency(models: dict[str, onnx.ModelProto], data: Dataset, batch_siz
             session.run(None, feeds)
             once = max(time.perf_counter() - start, 1e-7)
             runs = max(runs, min(MAX_RUNS, math.ceil(MIN_TIMING / once)))
-        times = {name: [] for name in names}
+        times: dict[str, list[float]] = {name: [] for name in names}
         for r in range(repeats):
             for name in names if r % 2 == 0 else names[::-1]:
                 session = sessions[name]
@@ -58,14 +59,14 @@ def measure_latency(models: dict[str, onnx.ModelProto], data: Dataset, batch_siz
                 for _ in range(runs):
                     session.run(None, feeds)
                 times[name].append((time.perf_counter() - start) / (runs * batch))
-        entry = {"batch_size": batch, "runs_per_timing": runs}
+        entry: dict[str, object] = {"batch_size": batch, "runs_per_timing": runs}
         for name, values in times.items():
             us = 1e6 * np.asarray(values)
             entry[name] = {"median_us": float(np.median(us)), "min_us": float(us.min()), "max_us": float(us.max())}
         if len(names) == 2:
             ratios = np.asarray(times[names[1]]) / np.asarray(times[names[0]])
             entry[f"{names[1]}/{names[0]}"] = float(np.median(ratios))
-        result["batches"].append(entry)
+        batches.append(entry)
     return result
 
 

@@ -68,6 +68,7 @@ def shift_bias(model: onnx.ModelProto, layer: Layer, shift: np.ndarray, weight_d
         bias_name = _insert_bias(model, nodes[layer.node], layer, dtype)
         inits[bias_name] = model.graph.initializer[-1]
     else:
+        assert layer.bias is not None  # not inserted: the layer has its own bias
         bias_name = layer.bias
     _add_to_bias(inits[bias_name], shift, layer.bias_shape)
     return inserted

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -54,7 +55,7 @@ class SensitivityReport:
     best_ratio: float | None = None         # the largest ratio within budget (every smaller one too)
     seconds: dict[str, float] = field(default_factory=dict)
     max_accuracy_drop: float | None = None  # the accuracy budget, in percentage points
-    best_result: "PruneResult | None" = field(default=None, repr=False)  # with keep_best: the model at best_ratio
+    best_result: PruneResult | None = field(default=None, repr=False)  # with keep_best: the model at best_ratio
     engine: dict | None = None              # the gradient engine that scored, and why
     derivatives: dict = field(default_factory=dict)  # probes, exact, batch (see PruneResult)
 
@@ -145,6 +146,7 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
         point = SensitivityPoint(ratio=ratio, sparsity=result.sparsity, pruned=result.pruned,
                                  score_sum=result.score_sum)
         if test is not None:
+            assert dense is not None and dense_values is not None  # measured with the test data above
             measured = _metrics(evaluate_dataset(result.model, test, output=output, provider=provider,
                                                  threads=threads, latency=False))
             values = predict(result.model, test, pruner.output_, provider, threads=threads)[0]
@@ -206,16 +208,17 @@ def plot(report: SensitivityReport, path: str | Path) -> None:
     ax = fig.add_subplot()
     x = [100 * p.sparsity for p in report.points]
     if report.dense is not None and report.dense.get("loss") is not None:
-        ax.plot(x, [p.loss for p in report.points], "o-", color="C0", label=report.method)
+        measured = [float("nan") if p.loss is None else p.loss for p in report.points]  # dense has a loss: so do the points
+        ax.plot(x, measured, "o-", color="C0", label=report.method)
         ax.axhline(report.dense["loss"], color="0.5", lw=1, ls=":", label="dense")
         if report.max_loss_increase is not None:
             limit = report.dense["loss"] * (1 + report.max_loss_increase)
             ax.axhline(limit, color="C3", lw=1, ls="--", label=f"budget +{100 * report.max_loss_increase:g}%")
         if report.best_ratio is not None:
             best = next(p for p in report.points if p.ratio == report.best_ratio)
-            ax.plot([100 * best.sparsity], [best.loss], "*", ms=14, color="C3",
+            ax.plot([100 * best.sparsity], [measured[report.points.index(best)]], "*", ms=14, color="C3",
                     label=f"largest within budget: {100 * best.sparsity:.1f}%")
-        losses = [p.loss for p in report.points] + [report.dense["loss"]]
+        losses = [*measured, report.dense["loss"]]
         if min(losses) > 0 and max(losses) / min(losses) > 10:
             ax.set_yscale("log")  # the budget region stays visible next to a collapse
         ax.set_ylabel("loss on the evaluation data")

@@ -10,6 +10,8 @@ import os
 import sys
 import traceback
 import warnings
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -27,10 +29,12 @@ class Ui:
     def __init__(self, verbose: bool = False, quiet: bool = False, json_path: str | None = None):
         self.verbose, self.quiet = verbose, quiet
         self.json_to_stdout = json_path == STDOUT
-        self._bar, self._step = None, None
+        self._bar: Any = None          # click's progress bar of the current step
+        self._step: str | None = None
         self._outputs: list[Outputs] = []
         self.steps = 1                # a multi-step run labels its bars "step k/S"
-        self._first_step, self._rounds = None, 0
+        self._first_step: str | None = None
+        self._rounds = 0
 
     def outputs(self, inputs, force: bool) -> Outputs:
         """The command's set of outputs (written all or none when its ``with`` block ends)."""
@@ -70,7 +74,8 @@ class Ui:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
-            self._bar, self._step = None, None
+            self._bar = None
+        self._step = None
 
 
 def command_errors(func):
@@ -140,7 +145,11 @@ def stage_json(outputs: Outputs, path: str | None, report: dict) -> None:
     """Stage the JSON report in ``outputs`` (claimed before); '-' is printed by ``print_json``."""
     if path and path != STDOUT:
         text = json_text(report)
-        outputs.stage(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        outputs.stage(path, lambda tmp: _write_text(tmp, text))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
 
 
 def print_json(path: str | None, report: dict) -> None:
