@@ -16,7 +16,7 @@ from .evaluate import evaluate_dataset
 from .layers import GraphLayers, Layer, Skipped, analyse_graph, protected_output, reaching, read_initializer
 from .masks import choose_masks, excluded
 from .modelio import load_model
-from .inventory import unpruned_weights
+from .inventory import no_layers_reason, unpruned_weights
 from .prepare import AnalysisCopy, BatchFirstInputs, FoldFixedInputs, declared_shapes_for
 from .refit import HOLDOUT_EVERY, NONE, Compose, Distill, LayerRefit, Refit, current_bias
 from .rewrite import LayerChange, rewrite
@@ -96,8 +96,7 @@ def find_layers(model: onnx.ModelProto) -> GraphLayers:
     """Prunable layers (names unnamed nodes of ``model`` in place); an InputError if there are none."""
     found = analyse_graph(model)
     if not found.layers:
-        reasons = "; ".join(f"{s.node}: {s.reason}" for s in found.skipped[:3]) or "no Gemm or MatMul nodes"
-        raise InputError(f"the model has no prunable layers ({reasons})")
+        raise InputError(f"the model has no prunable layers ({no_layers_reason(model, found)})")
     return found
 
 
