@@ -13,6 +13,7 @@ from .data import Dataset, load_dataset, make_dataset
 from .errors import InputError
 from .evaluate import evaluate_dataset
 from .inspection import inspect  # noqa: F401 - part of the API (onnxprune.inspect, the CLI)
+from .inventory import no_layers_reason
 from .layers import GraphLayers, Layer, Skipped, analyse_graph, effective_weights
 from .masks import choose_masks, excluded
 from .modelio import as_model
@@ -91,8 +92,7 @@ def find_layers(model: onnx.ModelProto) -> GraphLayers:
     """Prunable layers (names unnamed nodes of ``model`` in place); an InputError if there are none."""
     found = analyse_graph(model)
     if not found.layers:
-        reasons = "; ".join(f"{s.node}: {s.reason}" for s in found.skipped[:3]) or "no Gemm or MatMul nodes"
-        raise InputError(f"the model has no prunable layers ({reasons})")
+        raise InputError(f"the model has no prunable layers ({no_layers_reason(model, found)})")
     return found
 
 

@@ -232,15 +232,18 @@ def read_npz(path: str | Path, keys=None) -> dict[str, np.ndarray]:
 
 
 def load_dataset(path: str | Path, model: onnx.ModelProto, labels_key: str | None = None,
-                 require_labels: bool = False) -> Dataset:
+                 require_labels: bool = False, batch_axes: dict[str, int] | None = None) -> Dataset:
     """Open ``path`` and check it against ``model``'s inputs (names, shapes, dtypes, finiteness),
     reading only the members it uses, batch by batch."""
-    return make_dataset(open_npz(path), model, labels_key, require_labels, source=str(path))
+    return make_dataset(open_npz(path), model, labels_key, require_labels, source=str(path), batch_axes=batch_axes)
 
 
 def make_dataset(arrays: dict, model: onnx.ModelProto, labels_key: str | None = None,
-                 require_labels: bool = False, source: str = "data") -> Dataset:
-    """``arrays``: numpy arrays by name, or the lazy members of ``open_npz``."""
+                 require_labels: bool = False, source: str = "data", batch_axes: dict[str, int] | None = None) -> Dataset:
+    """``arrays``: numpy arrays by name, or the lazy members of ``open_npz``; ``batch_axes``: the
+    batch axis of inputs whose batch the model's declared shapes and the data cannot tell
+    (``--batch-axis NAME=AXIS``)."""
+    batch_axes = dict(batch_axes or {})
     arrays = dict(arrays)
     labels = _pop_labels(arrays, labels_key, source)
     if require_labels and labels is None:
@@ -261,12 +264,18 @@ def make_dataset(arrays: dict, model: onnx.ModelProto, labels_key: str | None = 
     feeds = {vi.name: _check_input(arrays[vi.name], vi, scale, source) for vi in inputs if vi.name not in fixed}
     if not feeds:
         raise InputError(f"{source}: every model input is a fixed value; there are no samples")
-    axes = {vi.name: axis for vi in inputs if vi.name in feeds and (axis := _batch_axis(vi, inputs))}
-    for name in axes:  # batch not first (a recurrent state): small, read whole
-        feeds[name] = np.asarray(feeds[name])
+    _check_batch_axes(batch_axes, inputs, feeds, source)
+    axes = {vi.name: axis for vi in inputs if vi.name in feeds and (axis := batch_axes.get(vi.name, _batch_axis(vi, inputs)))}
     sizes = {name: a.shape[axes[name]] if name in axes else len(a) for name, a in feeds.items()}
     if len(set(sizes.values())) > 1:
-        raise InputError(f"{source}: inputs have different numbers of samples {sizes}")
+        axes.update(_axes_from_sizes(inputs, feeds, sizes, batch_axes))
+        sizes = {name: a.shape[axes[name]] if name in axes else len(a) for name, a in feeds.items()}
+    if len(set(sizes.values())) > 1:
+        raise InputError(f"{source}: inputs have different numbers of samples {sizes}; if an input's batch is "
+                         "not its first axis, name it with --batch-axis NAME=AXIS")
+    axes = {name: axis for name, axis in axes.items() if axis}
+    for name in axes:  # batch not first (a recurrent state): small, read whole
+        feeds[name] = np.asarray(feeds[name])
     n = next(iter(sizes.values()))
     if labels is not None and len(labels) != n:
         raise InputError(f"{source}: {len(labels)} labels for {n} samples")
@@ -282,6 +291,42 @@ def _batch_axis(vi: onnx.ValueInfoProto, inputs: list[onnx.ValueInfoProto]) -> i
     firsts = {i.type.tensor_type.shape.dim[0].dim_param for i in inputs if i.name != vi.name
               and i.type.tensor_type.HasField("shape") and len(i.type.tensor_type.shape.dim)} - {""}
     return next((k for k, d in enumerate(dims) if k and d.dim_param and d.dim_param in firsts), 0)
+
+
+def _check_batch_axes(batch_axes: dict[str, int], inputs: list[onnx.ValueInfoProto], feeds: dict, source: str) -> None:
+    """Every named batch axis belongs to a per-sample input and is one of its axes."""
+    for name, axis in batch_axes.items():
+        if name not in feeds:
+            kind = "a scalar input (fed as given)" if name in {vi.name for vi in inputs} else "not an input of the model"
+            raise InputError(f"--batch-axis {name}={axis}: {name!r} is {kind}; per-sample inputs: {sorted(feeds)}")
+        if not 0 <= axis < len(feeds[name].shape):
+            raise InputError(f"--batch-axis {name}={axis}: {name!r} has {len(feeds[name].shape)} axes in {source}")
+
+
+def _axes_from_sizes(inputs: list[onnx.ValueInfoProto], feeds: dict, sizes: dict[str, int], named: dict[str, int]) -> dict[str, int]:
+    """Batch axes the data shows when the declared shapes cannot (no symbols shared between the
+    inputs, as in Silero VAD's input (?, ?) and state (2, ?, 128)): an input whose declared first
+    dim is a number is batched along its only free dim when that holds the samples every input
+    with a free first dim (or a named axis 0) has."""
+    free_first = {vi.name for vi in inputs if vi.name in feeds and (named.get(vi.name) == 0 or vi.name not in named
+                                                                     and _dims(vi) and not _dims(vi)[0].HasField("dim_value"))}
+    counts = {sizes[name] for name in free_first}
+    if len(counts) != 1:
+        return {}
+    (n,) = counts
+    found = {}
+    for vi in inputs:
+        dims = _dims(vi)
+        if vi.name not in feeds or vi.name in named or not dims or not dims[0].HasField("dim_value"):
+            continue
+        free = [k for k, d in enumerate(dims) if not d.HasField("dim_value")]
+        if len(free) == 1 and free[0] and feeds[vi.name].shape[free[0]] == n:
+            found[vi.name] = free[0]
+    return found
+
+
+def _dims(vi: onnx.ValueInfoProto):
+    return vi.type.tensor_type.shape.dim if vi.type.tensor_type.HasField("shape") else []
 
 
 def _no_batch_axis(vi: onnx.ValueInfoProto) -> bool:

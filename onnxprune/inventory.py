@@ -48,9 +48,31 @@ def unpruned_weights(model: onnx.ModelProto, found: GraphLayers) -> list[Skipped
             op, reason = "", "read by no node"
         out.append(Skipped(tensor.name, op, reason))
     for node in model.graph.node:
-        for attr in node.attribute:
-            for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                out += [Skipped(t.name, node.op_type, f"initializer of the subgraph of {node.op_type} {node.name!r}: "
-                                                      "subgraphs are not pruned")
-                        for t in graph.initializer if len(t.dims) >= 2]
+        out += [Skipped(name, node.op_type, f"{kind} of the subgraph of {node.op_type} {node.name!r}: subgraphs are not pruned")
+                for name, kind in _subgraph_weights(node)]
     return out
+
+
+def _subgraph_weights(node: onnx.NodeProto):
+    """(name, kind) of the tensors of rank >= 2 held inside ``node``'s subgraphs, nested ones included:
+    their initializers and Constant nodes (exporters such as torch's write If branches' weights so)."""
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            yield from ((t.name, "initializer") for t in graph.initializer if len(t.dims) >= 2)
+            for inner in graph.node:
+                value = next((a.t for a in inner.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+                if inner.op_type == "Constant" and value is not None and len(value.dims) >= 2:
+                    yield inner.output[0], "Constant"
+                yield from _subgraph_weights(inner)
+
+
+def no_layers_reason(model: onnx.ModelProto, found: GraphLayers) -> str:
+    """Why ``found`` holds no layer, in a few words: the refused nodes, else where the weights are."""
+    if found.skipped:
+        return "; ".join(f"{s.node}: {s.reason}" for s in found.skipped[:3])
+    inside = [s for s in unpruned_weights(model, found) if "of the subgraph of" in s.reason]
+    if inside:
+        holders = sorted({s.reason.split(" of the subgraph of ")[1].split(":")[0] for s in inside})
+        return (f"its {len(inside)} weight tensors of rank >= 2 are inside the subgraphs of {', '.join(holders)}, "
+                "and subgraphs are not pruned")
+    return "no Gemm, MatMul or Conv nodes"

@@ -25,17 +25,7 @@ from onnx import TensorProto, helper
 from . import runtime
 from .graph import producers, tensor_types
 from .layers import Layer
-from .passes import (
-    BATCH,
-    MIN_OPSET,
-    AffineBatchNormalization,
-    FreeBatch,
-    StampForRuntime,
-    UpgradeOpset,
-    copied,
-    derivative_copy,
-    needed_nodes,
-)
+from .passes import BATCH, AffineBatchNormalization, derivative_copy, free_batch_copy, needed_nodes
 
 PROBE = "onnxprune__probe"
 LABELS = "onnxprune__labels"
@@ -52,7 +42,7 @@ def tensor_shapes(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.
     shapes = {k: tuple(v.shape[1:]) for k, v in feeds.items() if k in names}
     wanted = [n for n in dict.fromkeys(names) if n not in shapes]
     if wanted:
-        free = copied(model, [StampForRuntime(), UpgradeOpset(MIN_OPSET), FreeBatch()])
+        free = free_batch_copy(model)
         values = runtime.run_tensors(free, {k: v[:1] for k, v in feeds.items()}, wanted, provider)
         shapes.update({n: tuple(v.shape[1:]) for n, v in zip(wanted, values)})
     return shapes

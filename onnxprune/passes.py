@@ -254,6 +254,12 @@ def runtime_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copied(model, [StampForRuntime(), UpgradeOpset(MIN_OPSET)])
 
 
+def free_batch_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The runtime copy with a free batch dimension: what one- and two-sample runs that measure
+    tensor shapes run on."""
+    return copied(model, [StampForRuntime(), UpgradeOpset(MIN_OPSET), FreeBatch()])
+
+
 def derivative_copy(model: onnx.ModelProto, min_opset: int | None = None) -> onnx.ModelProto:
     """The copy the gradient engines differentiate: runtime-stamped (converted up to ``min_opset``),
     float32, without activation fake quantization."""

@@ -15,10 +15,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import runtime
 from .graph import subgraph_reads, tensor_types
+from .passes import free_batch_copy
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 COPY = "__onnxprune_copy"
+BATCH = "batch"
 
 
 @dataclass
@@ -238,12 +241,15 @@ def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
 
 class DeclareShapes:
     """Value infos for the main graph's float tensors whose rank shape inference leaves unknown, from
-    one run on a calibration sample (in place); dims are the measured per-sample sizes after a
-    symbolic batch. ``restore`` removes them again."""
+    runs on one and on two calibration samples (in place): a dim equal in both runs is declared as
+    measured, one that is 1 then 2 is the batch (wherever it sits: attention exports move it to axis
+    1), any other that changed stays unknown (a batch merged into it). onnxruntime trusts declared
+    shapes (its Reshape fusion reads them), so none may claim more than both runs showed.
+    ``restore`` removes them again."""
 
     in_place = True
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+    def __init__(self, shapes: dict[str, list[int | str | None]]):
         self.shapes, self.declared = shapes, []
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
@@ -253,7 +259,7 @@ class DeclareShapes:
         for name, shape in self.shapes.items():
             if name in known or types.get(name) not in FLOAT_TYPES:
                 continue
-            model.graph.value_info.append(helper.make_tensor_value_info(name, types[name], ["batch", *shape]))
+            model.graph.value_info.append(helper.make_tensor_value_info(name, types[name], shape))
             self.declared.append(name)
         return PassResult(bool(self.declared), f"{len(self.declared)} shapes declared from the data" if self.declared else "")
 
@@ -262,6 +268,14 @@ class DeclareShapes:
         kept = [vi for vi in model.graph.value_info if vi.name not in declared]
         del model.graph.value_info[:]
         model.graph.value_info.extend(kept)
+
+
+def batch_shape(one: tuple[int, ...], two: tuple[int, ...]) -> list[int | str | None] | None:
+    """The shape to declare for a tensor measured as ``one`` at batch 1 and ``two`` at batch 2 (None
+    when even the rank changed): see DeclareShapes."""
+    if len(one) != len(two):
+        return None
+    return [a if a == b else (BATCH if (a, b) == (1, 2) else None) for a, b in zip(one, two)]
 
 
 def unknown_rank_tensors(model: onnx.ModelProto) -> list[str]:
@@ -310,13 +324,15 @@ class AnalysisCopy:
 
 def declared_shapes_for(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str = "cpu") -> DeclareShapes | None:
     """A DeclareShapes pass for the tensors of unknown rank, measured on the first sample of ``feeds``
-    (None when there are none, or onnxruntime cannot produce them)."""
+    and on it twice (None when there are none, or onnxruntime cannot produce them)."""
     names = unknown_rank_tensors(model)
     if not names:
         return None
-    from .jacobians import tensor_shapes
-
     try:
-        return DeclareShapes(tensor_shapes(model, names, {k: v[:1] for k, v in feeds.items()}, provider))
+        runnable = free_batch_copy(model)
+        one, two = ({k: np.concatenate([v[:1]] * n) for k, v in feeds.items()} for n in (1, 2))
+        shapes = [[tuple(np.shape(v)) for v in runtime.run_tensors(runnable, f, names, provider)] for f in (one, two)]
     except Exception:  # noqa: BLE001 - the matchers then name the unknown ranks themselves
         return None
+    declared = {n: batch_shape(a, b) for n, a, b in zip(names, *shapes)}
+    return DeclareShapes({n: shape for n, shape in declared.items() if shape is not None})

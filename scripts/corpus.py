@@ -186,6 +186,9 @@ def run_outputs(path_or_model, feeds, name):
     opts.log_severity_level = 3
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    inputs = [i.name for i in sess.get_inputs()]
+    if len(inputs) == len(feeds) == 1:  # a single-input model takes its array under any name, as prune does
+        feeds = {inputs[0]: next(iter(feeds.values()))}
     outs = sess.run(None, feeds)
     names = [o.name for o in sess.get_outputs()]
     return {k: np.asarray(v) for k, v in zip(names, outs)}

@@ -26,7 +26,7 @@ XFAIL: dict[str, str] = {}
 # Models whose layers inspect does not find today.
 NOT_FOUND: set[str] = set()
 # Models none of whose ops is a prunable layer: a clear exit 2 is the right answer.
-UNSUPPORTED = {"skl2onnx_logistic_regression": "Error: the model has no prunable layers (no Gemm or MatMul nodes)"}
+UNSUPPORTED = {"skl2onnx_logistic_regression": "Error: the model has no prunable layers (no Gemm, MatMul or Conv nodes)"}
 
 
 class KnownFailure(Exception):
