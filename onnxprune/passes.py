@@ -46,6 +46,14 @@ class Pass:
         raise NotImplementedError
 
 
+class ReversiblePass(Pass):
+    """A pass of the analysis copy (``onnxprune.prepare``): ``restore`` undoes it on a pruned
+    rewrite of the copy, so that the written model keeps its own form."""
+
+    def restore(self, model: onnx.ModelProto) -> None:
+        raise NotImplementedError
+
+
 def run_passes(model: onnx.ModelProto, passes: list[Pass]) -> list[PassResult]:
     return [step(model) for step in passes]
 

@@ -6,6 +6,7 @@ were deduplicated (all-zero biases, all-one LayerNorm scales), tensors whose sha
 unknown under dynamic sizes. Each pass below rewrites the analysis copy in place and returns what it
 changed; ``AnalysisCopy.restore`` gives the pruned model its own form back: Constants stay Constants,
 copies of a shared initializer that still equal it are merged into it again, declared shapes go.
+The passes follow ``onnxprune.passes`` (in place, a ``PassResult``), with a ``restore`` each.
 """
 from __future__ import annotations
 
@@ -16,31 +17,20 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import runtime
-from .graph import subgraph_reads, tensor_types
-from .passes import free_batch_copy
+from .graph import FLOAT_TYPES, subgraph_reads, tensor_types
+from .passes import PassResult, ReversiblePass, free_batch_copy
 
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 COPY = "__onnxprune_copy"
 BATCH = "batch"
 
 
-@dataclass
-class PassResult:
-    """What a pass did: whether the model changed, and a line for -v."""
-
-    changed: bool
-    note: str = ""
-
-
-class ConstantsToInitializers:
+class ConstantsToInitializers(ReversiblePass):
     """Constant nodes holding a float tensor of rank >= 1 become initializers of the same name (in place).
 
     ensures: no such Constant is left in the main graph; ``restored`` puts them back as Constants
     with the (possibly pruned) values."""
 
-    in_place = True
-
-    def __init__(self):
+    def __init__(self) -> None:
         self.moved: list[str] = []
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
@@ -87,7 +77,7 @@ def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return None
 
 
-class UnshareInitializers:
+class UnshareInitializers(ReversiblePass):
     """A float initializer of rank >= 1 read by several nodes of the main graph gets its own copy per
     reader after the first (in place), so that pruning or compensating one layer changes no other.
 
@@ -95,9 +85,7 @@ class UnshareInitializers:
     matchers name it); ensures: every such initializer has one reader; ``restore`` merges every copy
     that still equals the original back into it."""
 
-    in_place = True
-
-    def __init__(self):
+    def __init__(self) -> None:
         self.copies: dict[str, str] = {}  # copy name -> original name
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
@@ -145,15 +133,14 @@ def _same(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
     return x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
 
 
-class FoldFixedInputs:
+class FoldFixedInputs(ReversiblePass):
     """Graph inputs the data gives one value for (no batch axis: a scalar sample rate) become
     initializers holding that value (in place): the analysis sees them as the constants they are for
     this data. ``restore`` makes them inputs again, where they were."""
 
-    in_place = True
-
     def __init__(self, values: dict[str, np.ndarray]):
-        self.values, self.inputs = values, []
+        self.values = values
+        self.inputs: list[tuple[int, onnx.ValueInfoProto]] = []  # (position, the input as it was)
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         graph = model.graph
@@ -178,15 +165,14 @@ class FoldFixedInputs:
             graph.input.insert(index, vi)
 
 
-class BatchFirstInputs:
+class BatchFirstInputs(ReversiblePass):
     """Inputs whose batch is not their first axis (a recurrent state (2, batch, 128)) are declared
     batch-first, and a Transpose gives the graph its own layout back (in place): the engines slice,
     pad and tile every input along its first axis. ``restore`` undoes it."""
 
-    in_place = True
-
     def __init__(self, axes: dict[str, int]):
-        self.axes, self.moved = axes, []
+        self.axes = axes
+        self.moved: list[tuple[int, onnx.ValueInfoProto]] = []  # (position, the input as it was)
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         graph = model.graph
@@ -239,7 +225,7 @@ def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
                     _rename_reads(inner, old, new)
 
 
-class DeclareShapes:
+class DeclareShapes(ReversiblePass):
     """Value infos for the main graph's float tensors whose rank shape inference leaves unknown, from
     runs on one and on two calibration samples (in place): a dim equal in both runs is declared as
     measured, one that is 1 then 2 is the batch (wherever it sits: attention exports move it to axis
@@ -247,10 +233,9 @@ class DeclareShapes:
     shapes (its Reshape fusion reads them), so none may claim more than both runs showed.
     ``restore`` removes them again."""
 
-    in_place = True
-
     def __init__(self, shapes: dict[str, list[int | str | None]]):
-        self.shapes, self.declared = shapes, []
+        self.shapes = shapes
+        self.declared: list[str] = []
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         known = {vi.name for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]
@@ -295,11 +280,11 @@ class AnalysisCopy:
     """The passes applied to a copy of a model, in order, and how to give a pruned copy its form back."""
 
     model: onnx.ModelProto
-    passes: list = field(default_factory=list)
+    passes: list[ReversiblePass] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def of(cls, source: onnx.ModelProto) -> "AnalysisCopy":
+    def of(cls, source: onnx.ModelProto) -> AnalysisCopy:
         """A copy of ``source`` with Constants read as initializers and shared initializers unshared."""
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -308,7 +293,7 @@ class AnalysisCopy:
             copy.apply(step)
         return copy
 
-    def apply(self, step) -> PassResult:
+    def apply(self, step: ReversiblePass) -> PassResult:
         result = step(self.model)
         if result.changed:
             self.passes.append(step)
