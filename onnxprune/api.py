@@ -1,28 +1,29 @@
 """The Python API: load -> find layers -> statistics -> score -> mask -> rewrite -> validate."""
 from __future__ import annotations
 
-import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 import onnx
 
 from . import runtime
-from .data import Dataset, load_dataset, make_dataset, model_inputs
-from .errors import CheckFailed, InputError
+from .data import Dataset, load_dataset, make_dataset
+from .errors import InputError
 from .evaluate import evaluate_dataset
-from .layers import GraphLayers, Layer, Skipped, analyse_graph, protected_output, reaching, read_initializer
+from .inspection import inspect  # noqa: F401 - part of the API (onnxprune.inspect, the CLI)
+from .layers import GraphLayers, Layer, Skipped, analyse_graph, effective_weights
 from .masks import choose_masks, excluded
-from .modelio import load_model
-from .inventory import unpruned_weights
+from .modelio import as_model
+from .outputs import protected_output, reaching
 from .prepare import AnalysisCopy, BatchFirstInputs, FoldFixedInputs, declared_shapes_for
 from .refit import HOLDOUT_EVERY, NONE, Compose, Distill, LayerRefit, Refit, current_bias
 from .rewrite import LayerChange, rewrite
 from .saliency import METHODS, Saliency, ScoringContext, make_scorer
 from .schedule import Schedule, geometric, one_shot, path
 from .statistics import MEMORY_BUDGET
+from .validate import check_finite_weights, check_runs, few_samples, per_sample, validate
 
 ModelLike = "str | Path | onnx.ModelProto"
 DataLike = "str | Path | Dataset | dict[str, np.ndarray]"
@@ -76,12 +77,6 @@ class PruneResult:
         }
 
 
-def as_model(model) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    return load_model(model)
-
-
 def as_dataset(data, model: onnx.ModelProto, labels_key: str | None = None, require_labels: bool = False) -> Dataset:
     if isinstance(data, Dataset):
         if require_labels and data.labels is None:
@@ -99,67 +94,6 @@ def find_layers(model: onnx.ModelProto) -> GraphLayers:
         reasons = "; ".join(f"{s.node}: {s.reason}" for s in found.skipped[:3]) or "no Gemm or MatMul nodes"
         raise InputError(f"the model has no prunable layers ({reasons})")
     return found
-
-
-def check_runs(model: onnx.ModelProto, provider: str = "cpu", feeds: dict[str, np.ndarray] | None = None) -> None:
-    """onnxruntime loads ``model`` (and runs it on ``feeds``); else an InputError saying why (an op
-    or a type it does not know, a shape its kernels refuse)."""
-    try:
-        session = runtime.make_session(model, provider)
-        if feeds is not None:
-            session.run(None, feeds)
-    except runtime.RuntimeUnavailable:
-        raise
-    except Exception as exc:  # onnxruntime's own exception types: Fail, NotImplemented, InvalidGraph, ...
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
-        raise InputError(f"onnxruntime cannot run the model: {text[:300]}") from None
-
-
-def _few(model: onnx.ModelProto, data: Dataset) -> dict[str, np.ndarray] | None:
-    """Two samples to try ``model`` on, or as many as a fixed batch size asks (None if too few)."""
-    fixed = {vi.type.tensor_type.shape.dim[0].dim_value for vi in model_inputs(model)
-             if vi.type.tensor_type.HasField("shape") and len(vi.type.tensor_type.shape.dim)
-             and vi.type.tensor_type.shape.dim[0].dim_value > 0}
-    if len(fixed) > 1:
-        return None
-    n = fixed.pop() if fixed else 2
-    return data.subset(n).inputs() if len(data) >= n else None
-
-
-def per_sample(model: onnx.ModelProto, layers: list[Layer], data: Dataset, provider: str = "cpu"):
-    """(layers whose pre-activation has one row per sample, Skipped for the others). An export may fold
-    a sequence into the batch (Reshape to (N*S, F) before a Gemm): its rows are not samples, and the
-    per-sample statistics do not apply (measured on two samples)."""
-    if len(data) < 2 or not layers:
-        return layers, []
-    try:
-        values = runtime.run_tensors(model, data.subset(2).feeds, [layer.preact for layer in layers], provider)
-    except Exception:  # noqa: BLE001 - the statistics will name what fails
-        return layers, []
-    kept, skipped = [], []
-    for layer, value in zip(layers, values):
-        if value.ndim and value.shape[0] != 2:
-            skipped.append(Skipped(layer.name, layer.op, f"its output has {value.shape[0]} rows for 2 samples (a Reshape "
-                                                         "folds another axis into the batch): rows are not samples"))
-        else:
-            kept.append(layer)
-    return kept, skipped
-
-
-def check_finite_weights(model: onnx.ModelProto, layers: list[Layer]) -> None:
-    """Layer weights and biases stored as initializers are finite; else an InputError naming one."""
-    names = {init.name for init in model.graph.initializer}
-    for layer in layers:
-        for name in (layer.weight, layer.bias):
-            if name in names:
-                value = read_initializer(model, name)
-                if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
-                    raise InputError(f"initializer {name!r} of layer {layer.name} contains NaN or Inf")
-
-
-def effective_weights(model: onnx.ModelProto, layers: list[Layer]) -> dict[str, np.ndarray]:
-    return {layer.name: layer.to_rows(read_initializer(model, layer.weight)) for layer in layers}
 
 
 @dataclass(frozen=True)
@@ -227,7 +161,7 @@ class Pruner:
                 repair = Compose((repair, then))
         return scorer, schedule, repair
 
-    def fit(self, model, data) -> "Pruner":
+    def fit(self, model, data) -> Pruner:
         """Find the layers of ``model`` (a path or ModelProto, never modified) and score their weights
         on ``data`` (a .npz path, a Dataset, or a dict of arrays keyed by input name)."""
         method, self.schedule_, self.repair_ = self._plan()
@@ -245,7 +179,7 @@ class Pruner:
         if self.full_data_.axes:  # the batch on another axis: batch-first in the analysis copy
             self.analysis_.apply(BatchFirstInputs(self.full_data_.axes))
         self.data_ = self.full_data_.per_sample()
-        check_runs(self.model_, self.provider, _few(self.model_, self.data_))
+        check_runs(self.model_, self.provider, few_samples(self.model_, self.data_))
         shapes = declared_shapes_for(self.model_, self.data_.subset(1).feeds, self.provider)
         if shapes is not None:  # ranks shape inference cannot tell (dynamic H/W): measured on one sample
             self.analysis_.apply(shapes)
@@ -421,25 +355,6 @@ def _shifts(saliencies: dict[str, Saliency]) -> dict[str, np.ndarray] | None:
     return {name: s.shifts for name, s in saliencies.items()}
 
 
-def validate(model: onnx.ModelProto, data: Dataset | None = None) -> None:
-    """The model passes onnx.checker and onnxruntime runs it to finite outputs on a few samples."""
-    try:
-        onnx.checker.check_model(model)
-    except (onnx.checker.ValidationError, ValueError) as exc:
-        raise CheckFailed(f"the pruned model fails onnx.checker: {str(exc).splitlines()[0]}") from None
-    if data is not None:
-        try:
-            values = runtime.make_session(model).run(None, data.subset(8).inputs())
-        except runtime.RuntimeUnavailable:
-            raise
-        except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types
-            raise CheckFailed(f"onnxruntime cannot run the pruned model on 8 calibration samples: "
-                              f"{runtime.ort_message(exc)}") from None
-        for value in values:
-            if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.all(np.isfinite(value)):
-                raise CheckFailed("the pruned model produces NaN or Inf on the calibration data")
-
-
 def evaluate(model, data, *, reference=None, output: str | None = None, provider: str = "cpu",
              batch_size: int = 1024, labels_key: str | None = None, threads: int | None = None) -> dict:
     """Loss and accuracy (when ``data`` has labels), discrepancy against ``reference`` (mean squared
@@ -449,47 +364,9 @@ def evaluate(model, data, *, reference=None, output: str | None = None, provider
     dataset = as_dataset(data, model, labels_key)
     for m in (model, reference):
         if m is not None:
-            check_runs(m, provider, _few(m, dataset))
+            check_runs(m, provider, few_samples(m, dataset))
     return evaluate_dataset(model, dataset, reference=reference, output=output, provider=provider,
                             batch_size=batch_size, threads=threads)
-
-
-def inspect(model) -> dict:
-    """Prunable layers with shapes and current sparsity, skipped nodes with reasons, model stamping."""
-    model = as_model(model)
-    analysis = AnalysisCopy.of(model)  # what prune analyses: Constants as initializers, shared ones unshared
-    work = analysis.model
-    found = analyse_graph(work)
-    layers = []
-    for layer in found.layers:
-        w = read_initializer(work, layer.weight)
-        layers.append({"layer": layer.name, "op": layer.op, "kind": layer.kind, "weight": layer.weight, "bias": layer.bias,
-                       "shape": [layer.out_features, layer.in_features], "dtype": str(w.dtype),
-                       "weights": layer.size, "sparsity": float(np.count_nonzero(layer.to_rows(w) == 0) / w.size)})
-    opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
-    try:
-        protected = protected_output(work)
-    except InputError:
-        protected = None
-    return {
-        "ir_version": model.ir_version, "opsets": opsets, "producer": model.producer_name,
-        "inputs": [vi.name for vi in model_inputs(model)], "outputs": [o.name for o in model.graph.output],
-        "protected_output": protected, "layers": layers,
-        "skipped": [asdict(s) for s in found.skipped],
-        "unpruned_weights": [asdict(s) for s in unpruned_weights(work, found)],
-        "analysis_copy": analysis.notes,
-        "units": _unit_groups(work),
-        "runtime_copy": model.ir_version > runtime.MAX_IR_VERSION or any(
-            v > runtime.MAX_OPSET for d, v in opsets.items() if d == "ai.onnx"),
-    }
-
-
-def _unit_groups(model: onnx.ModelProto) -> dict:
-    """inspect's section on structured pruning: the unit groups and the layers whose units cannot go."""
-    from .units import find_units
-
-    units = find_units(model)
-    return {"groups": [g.to_dict() for g in units.groups], "rejected": [asdict(r) for r in units.rejected]}
 
 
 def prune_structured(model, data, **params):

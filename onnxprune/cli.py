@@ -9,9 +9,9 @@ import sys
 import click
 
 from . import api
+from .engines import ENGINES
 from .errors import CheckFailed, InputError
 from .masks import SCOPES
-from .engines import ENGINES
 from .modelio import stage_model
 from .options import Fraction, parse_size
 from .report import (evaluation_table, prune_table, sensitivity_table, skipped_table, storage_table, table,
@@ -262,7 +262,7 @@ def _hint_probes(ui, model, output, probes, method) -> None:
     import numpy as np
     import onnx
 
-    from .layers import protected_output
+    from .outputs import protected_output
 
     try:
         name = protected_output(model, output)
@@ -397,8 +397,9 @@ def finetune(model, out, data, epochs, lr, batch_size, seed, engine, output, lab
     import numpy as np
 
     from .data import load_dataset
-    from .finetune import choose_engine, finetune as train, zero_masks
-    from .layers import read_initializer
+    from .finetune import choose_engine, zero_masks
+    from .finetune import finetune as train
+    from .graph import read_initializer
 
     ui = make_ui(verbose, quiet, json_path)
     with ui.outputs([model, data], force) as outputs:

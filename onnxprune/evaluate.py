@@ -12,8 +12,7 @@ import onnx
 from . import runtime
 from .data import Dataset
 from .errors import CheckFailed, InputError
-from .layers import output_kind, scored_output
-
+from .outputs import output_kind, scored_output
 
 REPEATS = 7            # timings per model and batch size; the report gives their median, min and max
 MIN_TIMING = 0.005     # seconds: one timing runs the batch this long at least (clock resolution, noise)

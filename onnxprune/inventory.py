@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import onnx
 
-from .layers import GraphLayers, Skipped, subgraph_reads
+from .graph import subgraph_reads
+from .layers import GraphLayers, Skipped
 
 RECURRENT = ("LSTM", "GRU", "RNN")
 

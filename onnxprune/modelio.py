@@ -156,3 +156,10 @@ def metadata(model: onnx.ModelProto) -> dict[str, str]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
+
+
+def as_model(model) -> onnx.ModelProto:
+    """``model`` itself when it is a ModelProto, else the model loaded from that path."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    return load_model(model)

@@ -39,8 +39,9 @@ from threadpoolctl import threadpool_limits
 from . import runtime
 from .data import Dataset
 from .engines import output_jacobians
+from .graph import read_initializer, tensor_types
 from .jacobians import by_position, output_shape
-from .layers import Layer, analyse_graph, read_initializer, tensor_types
+from .layers import Layer, analyse_graph
 from .rewrite import shift_bias
 from .statistics import layer_patches
 

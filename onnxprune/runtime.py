@@ -5,12 +5,14 @@ Exactly one onnxruntime build serves as the runtime: onnxruntime (extra ``cpu``)
 They all install the same ``onnxruntime/`` folder, so a second install silently replaces the first
 and pip does not notice: ``check_installation`` names that case, and a missing runtime, in one line
 with the fix. The training build's ``onnxruntime.training`` package imports torch through ``optim``;
-we register an empty module for that name before importing so that torch is never needed. It only
+``training_modules`` registers an empty module for that name before importing it, so that torch
+is never needed. onnxruntime itself is imported on first use (``_ort``). It only
 accepts IR <= 10 and default-domain opset <= 21: ``runtime_copy`` down-stamps a copy for it.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import os
 import re
@@ -19,12 +21,12 @@ import sys
 import tempfile
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
-MAX_IR_VERSION = 10
-MAX_OPSET = 21
+from .passes import runtime_copy
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -64,22 +66,27 @@ def installation_problem(builds: list[str], importable: bool) -> str | None:
     return None
 
 
-_shim_training_optim()
-# onnxruntime >= 1.2x writes a session-id file (.ses) into $TMPDIR for its telemetry unless this is set;
-# a pruning run must leave nothing behind. A user's own setting wins.
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-try:
-    import onnxruntime as ort  # noqa: E402
+@functools.cache
+def _ort():
+    """The installed onnxruntime module, imported on first use (None when no build imports).
 
-    ort.set_default_logger_severity(4)  # fatal only: errors reach the caller as exceptions, not as log lines
-    _IMPORTABLE = hasattr(ort, "InferenceSession")
-except ImportError:  # no build installed, or one uninstalled from under another
-    ort, _IMPORTABLE = None, False
+    Importing onnxprune changes nothing global; the first session does: onnxruntime >= 1.2x writes a
+    session-id file (.ses) into $TMPDIR for its telemetry unless ORT_DISABLE_TELEMETRY is set (a
+    pruning run must leave nothing behind; a user's own setting wins), and its default logger goes to
+    fatal only (errors reach the caller as exceptions, not as log lines that break one-line errors)."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    try:
+        import onnxruntime
+    except ImportError:  # no build installed, or one uninstalled from under another
+        return None
+    if hasattr(onnxruntime, "set_default_logger_severity"):
+        onnxruntime.set_default_logger_severity(4)
+    return onnxruntime
 
 
 def check_installation() -> None:
     """Raise RuntimeUnavailable with the fix when onnxruntime is missing or clobbered."""
-    problem = installation_problem(installed_builds(), _IMPORTABLE)
+    problem = installation_problem(installed_builds(), hasattr(_ort(), "InferenceSession"))
     if problem:
         raise RuntimeUnavailable(problem)
 
@@ -88,7 +95,7 @@ def build_name() -> str:
     """The installed build as the user knows it, e.g. 'onnxruntime 1.32.0'."""
     builds = installed_builds()
     name = builds[0] if builds else "onnxruntime"
-    return f"{name} {getattr(ort, '__version__', '?')}"
+    return f"{name} {getattr(_ort(), '__version__', '?')}"
 
 
 def ort_message(exc: BaseException) -> str:
@@ -152,20 +159,20 @@ def provider_list(provider: str = "cpu") -> list[str]:
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; choose one of {sorted(PROVIDERS)}")
     name = PROVIDERS[provider]
-    if name not in ort.get_available_providers():
+    if name not in _ort().get_available_providers():
         raise RuntimeUnavailable(
             f"provider {provider!r} is not available in this onnxruntime build "
-            f"(available: {', '.join(ort.get_available_providers())}); for CUDA install the "
+            f"(available: {', '.join(_ort().get_available_providers())}); for CUDA install the "
             "gpu extra (pip install 'onnxprune[gpu]' in an environment without another onnxruntime build), "
             "see docs/install-gpu.md"
         )
     return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
 
 
-def session_options(threads: int | None = None) -> "ort.SessionOptions":
+def session_options(threads: int | None = None) -> Any:
     """Session options that do not leave spinning threads behind to slow numpy down."""
     check_installation()
-    so = ort.SessionOptions()
+    so = _ort().SessionOptions()
     so.log_severity_level = 4  # errors come back as exceptions; their log lines would break one-line CLI errors
     if threads:
         so.intra_op_num_threads = int(threads)
@@ -206,67 +213,12 @@ def one_blas_thread():
     return _CONTROLLER.limit(limits=1, user_api="blas")
 
 
-def runtime_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` stamped at most IR 10 / opset 21, as this runtime requires, and
-    converted up to opset 7 when older (onnxruntime has no kernels for opset <= 6 Gemm,
-    BatchNormalization, PRelu, Add, ...; onnx's version converter keeps names).
-
-    The copy shares nothing with ``model``; the written model keeps its own stamping.
-    """
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    if copy.ir_version > MAX_IR_VERSION:
-        copy.ir_version = MAX_IR_VERSION
-    for opset in copy.opset_import:
-        if opset.domain in ("", "ai.onnx") and opset.version > MAX_OPSET:
-            opset.version = MAX_OPSET
-    return upgrade_opset(copy, MIN_OPSET)
-
-
-MIN_OPSET = 7
-
-
-def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
-    """``model`` converted to default-domain opset ``version`` if it is older (else unchanged); when
-    the converter fails, the model is returned as it was and onnxruntime will name the problem."""
-    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if current is None or current >= version:
-        return model
-    from onnx import version_converter
-
-    try:
-        converted = version_converter.convert_version(_concrete_dims(model), version)
-    except Exception:  # the converter raises plain RuntimeErrors/ValueErrors on adapters it lacks
-        return model
-    converted.ir_version = max(converted.ir_version, model.ir_version)
-    for mine, theirs in ((model.graph.input, converted.graph.input), (model.graph.output, converted.graph.output)):
-        types = {vi.name: vi.type for vi in mine}
-        for vi in theirs:  # the original (symbolic) types back: the sizes of 1 only served the converter
-            if vi.name in types:
-                vi.type.CopyFrom(types[vi.name])
-    del converted.graph.value_info[:]
-    return converted
-
-
-def _concrete_dims(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose symbolic dimensions (the batch 'N', ...) are 1: onnx's version converter runs
-    shape inference and refuses symbolic dimensions in some adapters (Gemm 6 -> 7)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for vi in [*copy.graph.input, *copy.graph.output, *copy.graph.value_info]:
-        for dim in vi.type.tensor_type.shape.dim:
-            if not dim.HasField("dim_value"):
-                dim.Clear()
-                dim.dim_value = 1
-    return copy
-
-
 def make_session(model: onnx.ModelProto | bytes | str, provider: str = "cpu", threads: int | None = None):
     """An InferenceSession on a runtime-compatible copy of ``model`` (bytes and paths as they are)."""
     check_installation()
     if isinstance(model, onnx.ModelProto):
         model = runtime_copy(model).SerializeToString()
-    return ort.InferenceSession(model, sess_options=session_options(threads), providers=provider_list(provider))
+    return _ort().InferenceSession(model, sess_options=session_options(threads), providers=provider_list(provider))
 
 
 INLINE_BYTES = 1 << 30  # a model above this many initializer bytes goes to onnxruntime as a file with external data
@@ -294,7 +246,7 @@ def proto_session(model: onnx.ModelProto, provider: str = "cpu", threads: int | 
 
 def tensor_session(model: onnx.ModelProto, names: list[str], provider: str = "cpu", threads: int | None = None):
     """A session whose outputs are the tensors ``names`` (graph outputs or intermediates)."""
-    from .layers import tensor_types
+    from .graph import tensor_types
 
     m = runtime_copy(model)
     types = tensor_types(m)
@@ -303,6 +255,7 @@ def tensor_session(model: onnx.ModelProto, names: list[str], provider: str = "cp
     return make_session(m, provider, threads)
 
 
-def run_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str], provider: str = "cpu") -> list[np.ndarray]:
+def run_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str],
+                provider: str = "cpu") -> list[np.ndarray]:
     """Values of the tensors ``names`` for ``feeds`` (one-off; build a tensor_session to loop)."""
     return tensor_session(model, names, provider).run(names, feeds)

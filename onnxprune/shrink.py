@@ -16,12 +16,14 @@ import numpy as np
 import onnx
 
 from .errors import InputError
-from .layers import analyse_graph, protected_output, reaching, read_initializer
+from .graph import read_initializer
+from .layers import analyse_graph
 from .masks import SCOPES, excluded
+from .outputs import protected_output, reaching
 from .slicing import input_contract, remove_units
 from .structured import JACOBIAN_METHODS, METHODS, choose_counts, layer_costs, score_group, total_macs, unit_statistics
-from .units import Rejected, find_units
 from .unitrefit import UnitRefit, refit_layer
+from .units import Rejected, find_units
 
 DEFAULT_STEPS = {"ecp": 5}
 INPUT_MODES = {"keep": None, "slice": "slice", "prune": "gather"}
@@ -121,7 +123,8 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
     a first dense layer units too, kept as one contiguous range by a Slice inside the model (its
     inputs do not change); "prune" lets any of them go and changes the model's input to the kept
     features (``result.kept_inputs`` lists them, as does the model's metadata)."""
-    from .api import as_dataset, as_model, check_finite_weights, check_runs, find_layers, validate, _few
+    from .api import as_dataset, as_model, find_layers
+    from .validate import check_finite_weights, check_runs, few_samples, validate
 
     fraction = _check_request(sparsity, macs, method, scope, steps, multiple)
     if inputs not in INPUT_MODES:
@@ -133,7 +136,7 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
     found = find_layers(dense)
     check_finite_weights(dense, found.layers)
     dataset = as_dataset(data, dense, labels_key)
-    check_runs(dense, provider, _few(dense, dataset))
+    check_runs(dense, provider, few_samples(dense, dataset))
     out_name = protected_output(dense, output)
     reached, _ = reaching(dense, found.layers, out_name)
     units = find_units(dense, reached, inputs=selection)

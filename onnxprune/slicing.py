@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .layers import Layer, analyse_graph, read_initializer
+from .graph import read_initializer
+from .layers import Layer, analyse_graph
 from .rewrite import shift_bias
 from .units import Cut, UnitGroup, find_units, selection_node
 

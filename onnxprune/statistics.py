@@ -18,10 +18,11 @@ import onnx
 
 from .conv import CHUNK_ELEMENTS, STATISTICS, accumulate_shared, im2col, shared_loss_gradient
 from .data import Dataset
-from .errors import InputError
 from .engines import loss_gradients, output_jacobians
+from .errors import InputError
+from .graph import tensor_types
 from .jacobians import output_shape, tensor_shapes
-from .layers import Layer, tensor_types
+from .layers import Layer
 from .runtime import blas_threads, one_blas_thread
 
 Progress = Callable[[int, int], None]  # (samples done, samples total)

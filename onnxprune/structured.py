@@ -31,12 +31,13 @@ import onnx
 
 from . import runtime
 from .data import Dataset
-from .errors import InputError
 from .engines import output_jacobians
+from .errors import InputError
+from .graph import read_initializer
 from .jacobians import output_shape, tensor_shapes
-from .layers import Layer, read_initializer
-from .statistics import layer_patches
+from .layers import Layer
 from .slicing import full_rows
+from .statistics import layer_patches
 from .units import UnitGroup
 
 METHODS = ("ecp", "ecp-unit", "flap", "wanda", "l2")

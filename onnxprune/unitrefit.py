@@ -21,11 +21,11 @@ from onnx import numpy_helper
 
 from . import runtime
 from .data import Dataset
-from .layers import Layer, analyse_graph, read_initializer
+from .graph import read_initializer
+from .layers import Layer, analyse_graph
 from .refit import DAMPING_GRID, HOLDOUT_EVERY, solve_rows
 from .rewrite import shift_bias
 from .statistics import layer_patches
-
 
 
 @dataclass

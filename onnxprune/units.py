@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .layers import Layer, _attrs, _bias_target_shape, _Graph, analyse_graph
+from .graph import GraphIndex, attributes
+from .layers import Layer, analyse_graph
+from .weights import bias_target_shape
 
 ELEMENTWISE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Gelu", "Softplus", "Softsign",
                "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "Identity", "Dropout", "Clip", "Erf", "Abs",
@@ -154,7 +156,7 @@ class _Walk:
         self.lanes = groups
 
 
-def _per_channel_cut(g: _Graph, walk: _Walk, name: str, what: str) -> Cut | None:
+def _per_channel_cut(g: GraphIndex, walk: _Walk, name: str, what: str) -> Cut | None:
     """A constant that acts per channel (or is a scalar): the cut it needs (None: nothing); else _Stop."""
     value = g.constant(name)
     if value is None:
@@ -166,13 +168,13 @@ def _per_channel_cut(g: _Graph, walk: _Walk, name: str, what: str) -> Cut | None
     if walk.block != 1:
         raise _Stop(f"{what} {name!r} acts per feature after a Flatten, not per unit")
     dims = tuple(value.shape)
-    if _bias_target_shape(dims, walk.units, walk.axis_from_end) is None or len(dims) < walk.axis_from_end:
+    if bias_target_shape(dims, walk.units, walk.axis_from_end) is None or len(dims) < walk.axis_from_end:
         raise _Stop(f"{what} {name!r} has shape {list(dims)}, not one value per unit")
     axis = len(dims) - walk.axis_from_end
     return Cut(name, axis) if dims[axis] == walk.units else None
 
 
-def _step(g: _Graph, layers: dict[str, Layer], walk: _Walk, node: onnx.NodeProto, tensor: str, shapes):
+def _step(g: GraphIndex, layers: dict[str, Layer], walk: _Walk, node: onnx.NodeProto, tensor: str, shapes):
     """Let the units through ``node``: its output tensor, or a reason why they cannot pass."""
     op = node.op_type
     outs = [o for o in node.output if o]
@@ -190,7 +192,7 @@ def _step(g: _Graph, layers: dict[str, Layer], walk: _Walk, node: onnx.NodeProto
         walk.cuts.extend([cut] if cut else [])
         return outs[0]
     if op == "BatchNormalization":
-        attrs = _attrs(node)
+        attrs = attributes(node)
         if attrs.get("training_mode", 0) or len(outs) > 1 or walk.block != 1:
             raise _Stop("BatchNormalization in training mode (or after a Flatten)")
         for name in node.input[1:5]:
@@ -226,7 +228,7 @@ def _step(g: _Graph, layers: dict[str, Layer], walk: _Walk, node: onnx.NodeProto
 
 def _flatten(walk: _Walk, node, tensor, shapes, out):
     shape = shapes.get(tensor)
-    if int(_attrs(node).get("axis", 1)) != 1 or shape is None or walk.axis_from_end != len(shape) - 1:
+    if int(attributes(node).get("axis", 1)) != 1 or shape is None or walk.axis_from_end != len(shape) - 1:
         raise _Stop("Flatten not over the channel and spatial axes (or of unknown shape)")
     spatial = shape[2:]
     if any(d is None for d in spatial):
@@ -235,7 +237,7 @@ def _flatten(walk: _Walk, node, tensor, shapes, out):
     return out
 
 
-def _reshape(g: _Graph, walk: _Walk, node, tensor, shapes, out):
+def _reshape(g: GraphIndex, walk: _Walk, node, tensor, shapes, out):
     """Reshape (N, C, *spatial) -> (N, C*prod(spatial)) (a Flatten written as a Reshape)."""
     shape, target = shapes.get(tensor), g.constant(node.input[1])
     if target is None or shape is None or walk.axis_from_end != len(shape) - 1 or target.ndim != 1 or len(target) != 2:
@@ -254,7 +256,7 @@ def _reshape(g: _Graph, walk: _Walk, node, tensor, shapes, out):
     return out
 
 
-def match_group(g: _Graph, layers: dict[str, Layer], by_node: dict[str, Layer], start: Layer, shapes) -> UnitGroup | Rejected:
+def match_group(g: GraphIndex, layers: dict[str, Layer], by_node: dict[str, Layer], start: Layer, shapes) -> UnitGroup | Rejected:
     """The unit group of ``start``'s output rows, or why it has none.
 
     The group is the connected set of tensors that carry the same units: walked forward through
@@ -342,7 +344,7 @@ def match_group(g: _Graph, layers: dict[str, Layer], by_node: dict[str, Layer], 
 JOINS = ("Add", "Sum")
 
 
-def _visit(g: _Graph, walk: _Walk, seen: set, node: onnx.NodeProto) -> list[str] | None:
+def _visit(g: GraphIndex, walk: _Walk, seen: set, node: onnx.NodeProto) -> list[str] | None:
     """Mark ``node`` walked; its computed (non-constant) inputs, or None if it was walked before."""
     if node.name in seen:
         return None
@@ -351,7 +353,7 @@ def _visit(g: _Graph, walk: _Walk, seen: set, node: onnx.NodeProto) -> list[str]
     return [i for i in node.input if i and g.constant(i) is None]
 
 
-def _add_producer(g: _Graph, walk: _Walk, producers: list, layer: Layer) -> None:
+def _add_producer(g: GraphIndex, walk: _Walk, producers: list, layer: Layer) -> None:
     """A layer writing the units: its rows (and bias) are cut."""
     if any(step.op == "DequantizeLinear" for step in layer.weight_path):
         raise _Stop(f"{layer.name!r} has quantized weights, which are not sliced")
@@ -392,7 +394,7 @@ def _depthwise(layer: Layer, walk: _Walk) -> bool:
     return layer.op == "Conv" and layer.conv.groups == walk.units and layer.out_features == walk.units and walk.units > 1
 
 
-def _is_batchnorm(g: _Graph, node_name: str) -> bool:
+def _is_batchnorm(g: GraphIndex, node_name: str) -> bool:
     return any(n.name == node_name and n.op_type == "BatchNormalization" for n in g.model.graph.node)
 
 
@@ -404,7 +406,7 @@ def selection_node(name: str) -> str:
     return f"onnxprune__inputs__{name}"
 
 
-def _input_groups(g: _Graph, model: onnx.ModelProto, layers: list[Layer], mode: str | None) -> tuple[list, list]:
+def _input_groups(g: GraphIndex, model: onnx.ModelProto, layers: list[Layer], mode: str | None) -> tuple[list, list]:
     """Groups of input features (no producer): a graph input read only by dense layers, directly or
     through the selection node (a contiguous Slice, or a Gather for --prune-inputs) an earlier step
     inserted. Found when ``mode`` asks for them or a selection node is already there."""
@@ -431,17 +433,17 @@ def _input_groups(g: _Graph, model: onnx.ModelProto, layers: list[Layer], mode: 
     return groups, rejected
 
 
-def _only(g: _Graph, tensor: str, op: str, perm: tuple | None = None) -> onnx.NodeProto:
+def _only(g: GraphIndex, tensor: str, op: str, perm: tuple | None = None) -> onnx.NodeProto:
     """The node producing ``tensor`` when it is an ``op`` (with ``perm``) read by nothing else; else _Stop."""
     node = g.producers.get(tensor)
     if node is None or node.op_type != op or g.users(tensor) != 1:
         raise _Stop(f"no {op} produces {tensor!r} for this node alone")
-    if perm is not None and tuple(_attrs(node).get("perm", ())) != perm:
-        raise _Stop(f"{op} {node.name!r} has perm {list(_attrs(node).get('perm', []))}, not {list(perm)}")
+    if perm is not None and tuple(attributes(node).get("perm", ())) != perm:
+        raise _Stop(f"{op} {node.name!r} has perm {list(attributes(node).get('perm', []))}, not {list(perm)}")
     return node
 
 
-def _head_split(g: _Graph, by_preact: dict[str, Layer], tensor: str, perm: tuple):
+def _head_split(g: GraphIndex, by_preact: dict[str, Layer], tensor: str, perm: tuple):
     """tensor <- Transpose(perm) <- Reshape (N, S, H, D) <- a sequence layer's pre-activation."""
     transpose = _only(g, tensor, "Transpose", perm)
     reshape = _only(g, transpose.input[0], "Reshape")
@@ -454,7 +456,7 @@ def _head_split(g: _Graph, by_preact: dict[str, Layer], tensor: str, perm: tuple
     return layer, reshape, shape, (transpose.name, reshape.name)
 
 
-def match_heads(g: _Graph, by_preact: dict[str, Layer], out: Layer) -> UnitGroup:
+def match_heads(g: GraphIndex, by_preact: dict[str, Layer], out: Layer) -> UnitGroup:
     """Attention heads read by the output projection ``out``: head h is columns [hD, (h+1)D) of the
     Q, K and V projections (and their biases) and the same rows of ``out``'s input, removed together.
 
@@ -502,7 +504,7 @@ def match_heads(g: _Graph, by_preact: dict[str, Layer], out: Layer) -> UnitGroup
                      reshapes=tuple(reshapes), path=tuple(path + list(q_path + k_path + v_path)))
 
 
-def _attention_groups(g: _Graph, layers: list[Layer]) -> list[UnitGroup]:
+def _attention_groups(g: GraphIndex, layers: list[Layer]) -> list[UnitGroup]:
     """Head groups of every sequence layer that reads merged attention heads."""
     by_preact = {layer.preact: layer for layer in layers}
     found = []
@@ -520,7 +522,7 @@ def find_units(model: onnx.ModelProto, layers: list[Layer] | None = None, inputs
     "gather") the groups of input features; ``model`` gets node names in place."""
     found = analyse_graph(model)
     layers = found.layers if layers is None else layers
-    g = _Graph(model)
+    g = GraphIndex(model)
     shapes = _shapes(model)
     by_name = {layer.name: layer for layer in found.layers}
     by_node = {layer.node: layer for layer in found.layers}

@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from onnxprune import api, fileio, runtime  # noqa: E402
 from onnxprune.errors import run_script  # noqa: E402
-from onnxprune.layers import analyse_graph, protected_output  # noqa: E402
+from onnxprune.layers import analyse_graph  # noqa: E402
+from onnxprune.outputs import protected_output  # noqa: E402
 from onnxprune.statistics import collect_statistics  # noqa: E402
 
 MODELS = ("mnist_mlp.onnx", "mnist_cnn.onnx")

@@ -4,17 +4,16 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from tinyconv import cnn, images, sequence_mlp
 
 import onnxprune
 from onnxprune import runtime
 from onnxprune.conv import conv_geometry, im2col
 from onnxprune.data import Dataset
-from onnxprune.layers import analyse_graph
+from onnxprune.layers import analyse_graph, effective_weights
 from onnxprune.rewrite import rewrite
 from onnxprune.saliency import ECP, ScoringContext
-from onnxprune.api import effective_weights
 from onnxprune.statistics import collect_statistics, layer_patches
-from tinyconv import cnn, images, sequence_mlp
 
 
 @pytest.mark.parametrize("attrs,shape,wshape", [

@@ -10,13 +10,14 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
+from tinyconv import cnn, images
 
 import onnxprune
 from onnxprune import runtime
 from onnxprune.cli import main
 from onnxprune.data import model_inputs
-from onnxprune.layers import analyse_graph, protected_output
-from tinyconv import cnn, images
+from onnxprune.layers import analyse_graph
+from onnxprune.outputs import protected_output
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CORPUS = sorted(p.name for p in FIXTURES.glob("*.onnx"))
@@ -115,9 +116,9 @@ def test_float16_model_keeps_float16_weights_and_its_statistics_match_a_float32_
     result = onnxprune.prune(model, feeds, 0.5)
     halves = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
     assert halves and halves <= {t.name for t in result.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
-    from onnxprune.jacobians import float32_copy
+    from onnxprune.passes import Float32, copied
 
-    single = onnxprune.Pruner().fit(float32_copy(model), {k: v.astype(np.float32) for k, v in feeds.items()})
+    single = onnxprune.Pruner().fit(copied(model, [Float32()]), {k: v.astype(np.float32) for k, v in feeds.items()})
     half = onnxprune.Pruner().fit(model, feeds)
     for name, s in half.saliencies_.items():
         np.testing.assert_allclose(s.scores, single.saliencies_[name].scores, rtol=1e-5, atol=1e-12)

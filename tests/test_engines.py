@@ -5,15 +5,16 @@ LayerNormalization and a Softmax inside, loss gradients, and the choice/fallback
 import numpy as np
 import onnx
 import pytest
+from engines import AVAILABLE, TRAINING, requires_training
 from onnx import TensorProto, helper, numpy_helper
 
-from engines import AVAILABLE, TRAINING, requires_training
 from onnxprune import api, runtime
 from onnxprune.engines import loss_gradients, output_jacobians
 from onnxprune.engines.base import candidates
 from onnxprune.errors import InputError
 from onnxprune.jacobians import output_shape
-from onnxprune.layers import analyse_graph, protected_output
+from onnxprune.layers import analyse_graph
+from onnxprune.outputs import protected_output
 from onnxprune.statistics import collect_statistics
 
 RNG = np.random.default_rng(7)

@@ -15,7 +15,8 @@ from onnx.reference import ReferenceEvaluator
 
 from onnxprune.errors import InputError
 from onnxprune.engines.base import candidates
-from onnxprune.finetune import AdjointLoss, choose_engine, finetune, trainable_names
+from onnxprune.finetune import choose_engine, finetune, trainable_names
+from onnxprune.trainers import AdjointLoss
 from onnxprune.layers import analyse_graph
 from onnxprune.runtime import RuntimeUnavailable, make_session
 from onnxprune.zoo import build_mlp

@@ -1,11 +1,12 @@
 """ECP statistics from onnxruntime-training against central finite differences in numpy."""
 import numpy as np
 import pytest
+from tinynets import data, mlp
 
 from onnxprune.data import Dataset
-from onnxprune.layers import analyse_graph, protected_output
+from onnxprune.layers import analyse_graph
+from onnxprune.outputs import protected_output
 from onnxprune.statistics import collect_loss_gradients, collect_statistics
-from tinynets import data, mlp
 
 
 def fd_jacobians(forward, params, x, eps=1e-5):

@@ -15,11 +15,9 @@ __all__ = ["ENGINES", "EngineChoice", "EngineFailure", "output_jacobians", "loss
 
 
 def _implementation(name: str, kind: str):
-    if name == "adjoint":
-        from . import adjoint as module
-    else:
-        from . import ort_training as module
-    return getattr(module, kind)
+    from importlib import import_module
+
+    return getattr(import_module(f".{'adjoint' if name == 'adjoint' else 'ort_training'}", __name__), kind)
 
 
 class _Chosen:

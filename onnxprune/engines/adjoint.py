@@ -11,6 +11,7 @@ The graph is plain ONNX: CPUExecutionProvider, CUDAExecutionProvider, any Python
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,8 +19,10 @@ from onnx import helper, numpy_helper
 
 from .. import runtime
 from ..errors import InputError
-from ..jacobians import by_position, exposed, instrument, needed_nodes, offset_name, tensor_shapes
-from ..layers import Layer, subgraph_reads, tensor_types
+from ..graph import subgraph_reads, tensor_types
+from ..jacobians import by_position, exposed, instrument, offset_name, tensor_shapes
+from ..layers import Layer
+from ..passes import needed_nodes
 from .base import EngineFailure
 
 MIN_OPSET = 16  # onnx-ad needs ScatterND with reduction (16) for MaxPool, Softmax-13, ReduceSum's axes input (13)
@@ -42,7 +45,12 @@ class _AdjointModel:
         self.provider, self.threads = provider, threads
         graph_inputs = {vi.name for vi in model.graph.input} - {t.name for t in model.graph.initializer}
         self.z_outputs = sorted({layer.input for layer in self.layers} - graph_inputs)
-        self.session, self._signature, self.shapes, self.batch = None, None, {}, 0
+        self.session: Any = None
+        self.prefix: Any = None
+        self.prefix_outputs: list[str] = []
+        self._signature: tuple | None = None
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.batch = 0
 
     def _head(self, m: onnx.ModelProto, elem: int) -> str:
         """Add what is seeded on top of the instrumented copy ``m``; return its name."""
@@ -85,7 +93,9 @@ class _AdjointModel:
         except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types
             raise EngineFailure(f"onnxruntime cannot load the derivative graph: {runtime.ort_message(exc)}") from None
         self.inputs_of = {i.name for i in self.session.get_inputs()}
-        self._signature, self._seeds, self._zeros = signature, {}, {}
+        self._signature = signature
+        self._seeds: dict[str, np.ndarray] = {}
+        self._zeros: dict[str, np.ndarray] = {}
 
     def _split_prefix(self, m: onnx.ModelProto, offsets: list[str]) -> onnx.ModelProto:
         """Cut off the nodes no offset reaches (everything before the first layer: a recurrent front
@@ -198,7 +208,7 @@ class _AdjointModel:
         run_feeds = {**padded, **self._zeros, **(extra or {}), self.seed_name: seed}
         wanted = fetch + [exposed(z) for z in self.z_outputs]
         try:
-            found = {}
+            found: dict[str, np.ndarray] = {}
             if self.prefix is not None:
                 early = self.prefix.run(self.prefix_outputs, {k: v for k, v in padded.items() if k in self.prefix_inputs})
                 found = dict(zip(self.prefix_outputs, early))
@@ -266,7 +276,7 @@ class OutputJacobians(_AdjointModel):
         super().__init__(model, layers, output, provider, threads)
         self.output_size = int(output_size)
         self.exact = probes is None
-        self.repeats = self.output_size if self.exact else int(probes)
+        self.repeats = self.output_size if probes is None else int(probes)
         self.scale = 1.0 if self.exact else 1.0 / self.repeats
         self.rng = np.random.default_rng(seed)
 

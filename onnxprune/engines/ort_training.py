@@ -10,15 +10,28 @@ builder; ``onnxprune.engines.adjoint`` needs none.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from .. import runtime
-from ..jacobians import (BATCH, LABELS, OBJECTIVE, PROBE, batch_dims, needed_nodes, by_position, exposed, instrument,
-                         offset_name, tensor_shapes)
 from ..errors import InputError
-from ..layers import Layer, tensor_types
+from ..graph import tensor_types
+from ..jacobians import (
+    LABELS,
+    OBJECTIVE,
+    PROBE,
+    batch_dims,
+    by_position,
+    exposed,
+    instrument,
+    offset_name,
+    tensor_shapes,
+)
+from ..layers import Layer
+from ..passes import BATCH, needed_nodes
 from .base import EngineFailure
 
 
@@ -87,9 +100,10 @@ class _GradientModel:
 
     def _offsets(self, rows: int) -> dict[str, np.ndarray]:
         """Zero offsets for ``rows`` rows (kept for the next batch of the same size: inputs are read only)."""
-        cache = getattr(self, "_zero_offsets", None)
+        cache: tuple | None = getattr(self, "_zero_offsets", None)
         if cache is None or cache[0] != self._signature:
-            cache = self._zero_offsets = (self._signature, {})
+            cache = (self._signature, {})
+            self._zero_offsets = cache
         if rows not in cache[1]:
             if len(cache[1]) > 4:  # a last, smaller batch; one gradient pass and its split use two sizes
                 cache[1].clear()
@@ -136,7 +150,7 @@ def split_graph(grad: onnx.ModelProto, probe: str, fetch: list[str], forward_out
 
 
 def _submodel(grad: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list[str], types: dict[str, int],
-              new_inputs: list[onnx.ValueInfoProto] = ()) -> bytes:
+              new_inputs: Sequence[onnx.ValueInfoProto] = ()) -> bytes:
     """``grad`` reduced to ``nodes`` with ``outputs``, the graph inputs they use, and ``new_inputs``.
 
     The gradient graph's value_info is kept: without the shapes it records, the training build
@@ -174,12 +188,13 @@ class SplitGradient:
 
     def __init__(self, forward, backward, cut: list[str], fetch: list[str], z_outputs: list[str], jac):
         self.forward, self.backward, self.cut, self.fetch, self.z_outputs = forward, backward, cut, fetch, z_outputs
-        self.jac, self._buffers = jac, {}
+        self.jac = jac
+        self._buffers: dict[str, np.ndarray] = {}
         self.forward_inputs = {i.name for i in forward.get_inputs()}
         self.backward_inputs = {i.name for i in backward.get_inputs()}
 
     @classmethod
-    def build(cls, jac, graph_bytes: bytes, fetch: list[str], feeds: dict[str, np.ndarray]) -> "SplitGradient | None":
+    def build(cls, jac, graph_bytes: bytes, fetch: list[str], feeds: dict[str, np.ndarray]) -> SplitGradient | None:
         """The split sessions for ``jac``'s gradient graph, or None (use the tiled graph)."""
         grad = onnx.load_from_string(graph_bytes)
         parts = split_graph(grad, PROBE, fetch, jac.z_outputs)
@@ -254,7 +269,7 @@ class OutputJacobians(_GradientModel):
         super().__init__(model, layers, output, objective, [(PROBE, "float")], provider, threads)
         self.output_size = int(output_size)
         self.exact = probes is None
-        self.repeats = self.output_size if self.exact else int(probes)
+        self.repeats = self.output_size if probes is None else int(probes)
         self.scale = 1.0 if self.exact else 1.0 / self.repeats
         self.rng = np.random.default_rng(seed)
 

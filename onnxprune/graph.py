@@ -1,0 +1,160 @@
+"""One index of a graph, built once: initializers, producers, consumers, subgraph uses, ranks, types.
+
+Every step that walks the graph (the layer matchers, unit groups, instrumentation, output
+selection) asks this index rather than rebuilding its own ``{output: node}`` map.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """``{tensor: the node that outputs it}`` of one graph (its subgraphs not included)."""
+    return {out: node for node in graph.node for out in node.output}
+
+
+def upstream(producer_of: dict[str, onnx.NodeProto], name: str) -> set[str]:
+    """Every tensor ``name`` depends on (through ``producer_of``, a ``producers`` map), ``name`` included."""
+    seen: set[str] = set()
+    stack = [name]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        node = producer_of.get(current)
+        if node is not None:
+            stack.extend(i for i in node.input if i)
+    return seen
+
+
+def attributes(node: onnx.NodeProto) -> dict:
+    """A node's attributes as plain Python values."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name read by the nodes of ``node``'s subgraphs (If branches, Loop and Scan
+    bodies), nested ones included: a superset of its outer-scope references."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for sub in graphs:
+            for inner in sub.node:
+                names.update(i for i in inner.input if i)
+                names |= subgraph_reads(inner)
+    return names
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every unnamed node a unique name (in place), so that layers and reports can refer to nodes."""
+    seen = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            candidate = f"{node.op_type}_{i}"
+            while candidate in seen:
+                candidate += "_"
+            node.name = candidate
+            seen.add(candidate)
+
+
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with inferred value infos, or ``model`` itself where inference fails: shapes and
+    types are advisory to every caller, which falls back to what the model declares."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # noqa: BLE001 - onnx raises several unrelated types here
+        return model
+
+
+def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Ranks of the tensors shape inference can tell (graph inputs, intermediates, initializers)."""
+    inferred = _inferred(model)
+    ranks = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            ranks[vi.name] = len(t.shape.dim)
+    for init in model.graph.initializer:
+        ranks[init.name] = len(init.dims)
+    return ranks
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of the graph's tensors, as shape inference sees them."""
+    graph = _inferred(model).graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*graph.input, *graph.value_info, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return {k: v for k, v in types.items() if v}
+
+
+def read_initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    raise KeyError(name)
+
+
+class GraphIndex:
+    """Lookups over one model's main graph: initializers, producers, consumers, outputs, ranks, and
+    the outer-scope names its subgraphs read. Built once per analysis; the model must not change
+    while the index is in use."""
+
+    def __init__(self, model: onnx.ModelProto):
+        graph = model.graph
+        self.model = model
+        self.inits = {t.name: t for t in graph.initializer}
+        self.producers = producers(graph)
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for name in node.input:
+                self.consumers[name].append(node)
+        self.outputs = {o.name for o in graph.output}
+        self.ranks = tensor_ranks(model)
+        self.nodes = {node.name: node for node in graph.node}
+        # names read inside the subgraphs of If/Loop/Scan (outer-scope references), by the node holding them
+        self.subgraph_readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for name in sorted(subgraph_reads(node)):
+                self.subgraph_readers[name].append(node)
+
+    def users(self, name: str) -> int:
+        return len(self.consumers[name]) + (name in self.outputs) + len(self.subgraph_readers.get(name, ()))
+
+    def shared_reason(self, name: str, what: str) -> str:
+        inner = self.subgraph_readers.get(name)
+        if inner:
+            return f"{what} {name!r} is also read inside the subgraph of {inner[0].op_type} {inner[0].name!r}"
+        return f"{what} {name!r} is shared by {self.users(name)} nodes"
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.inits[name])
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """An initializer's value, or None (also for absent optional inputs)."""
+        return self.array(name) if name in self.inits else None
+
+    def sole_user(self, name: str, op: str) -> onnx.NodeProto | None:
+        users = self.consumers[name]
+        if len(users) == 1 and users[0].op_type == op and name not in self.outputs:
+            return users[0]
+        return None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a pattern did not match (onnxscript's ``MatchResult.fail``): matchers return the thing
+    they found or one of these, and the reason reaches ``inspect`` and ``-v`` as it is."""
+
+    reason: str
+
+
+def fail(reason: str) -> Rejection:
+    return Rejection(reason)
