@@ -244,7 +244,8 @@ def probes_study(kind: str, quick: bool) -> list[dict]:
         pruner = Pruner("ecp", probes=probes, seed=seed, engine="adjoint").fit(model, calib)
         seconds = time.perf_counter() - start
         scores = flat_scores(pruner)
-        row = {"model": kind, "probes": probes, "seed": seed, "seconds": seconds,
+        row = {"model": kind, "probes": probes, "seed": seed, "seconds": seconds, "calibration_samples": len(calib),
+               "test_samples": len(test),
                "statistics_seconds": pruner.seconds_.get("statistics", seconds)}
         sets = {}
         for ratio in ratios:
@@ -337,8 +338,12 @@ def report(results: dict, command: str) -> str:
               "overlap the fraction of the exact method's pruned weights that the probed one also prunes.", ""]
     mnist = [r for r in results["probes"] if r["model"] == "mnist"]
     if mnist:
-        lines += ["Trained MNIST MLP 784-64-64-10 (K = 10), scored on the 2,048 calibration images, loss on the "
-                  "10,000 test images (one-shot); P > 1 rows are the mean (min-max) over 3 seeds.", "",
+        seeds = max(sum(r["probes"] == p for r in mnist) for p in {r["probes"] for r in mnist})
+        calib, test = mnist[0].get("calibration_samples"), mnist[0].get("test_samples")
+        sizes = (f"the {calib:,} calibration images, loss on the {test:,} test images" if test else
+                 "the calibration images, loss on the test images")
+        lines += [f"Trained MNIST MLP 784-64-64-10 (K = 10), scored on {sizes} (one-shot); rows of several seeds give "
+                  f"the mean (min-max) over up to {seeds} seeds.", "",
                   "| probes | statistics s | rho | overlap r=0.5 | overlap r=0.8 | loss r=0.5 | loss r=0.8 |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         def cell(group, key, fmt="{:.3f}"):

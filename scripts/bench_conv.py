@@ -161,6 +161,13 @@ def lower_at(rows: dict, a: str, b: str, ratios: list[float]) -> list[float]:
     return [r for r in ratios if rows[a][str(r)]["loss"] < rows[b][str(r)]["loss"]]
 
 
+def layer_names(results: dict) -> tuple[list[str], list[str]]:
+    """The pruned layers with shared weights (the Convs) and the others, as the study recorded them."""
+    every = list(next(iter(results["exact_vs_positions"]["pruned_per_layer"].values()))["exact"])
+    convs = list(results["exact_vs_positions"]["layers"])
+    return convs, [name for name in every if name not in convs]
+
+
 def reading(results: dict, ratios: list[float]) -> str:
     """What the tables show, each sentence computed from them."""
     rows = {row["label"]: row["ratios"] for row in results["methods"]}
@@ -168,10 +175,11 @@ def reading(results: dict, ratios: list[float]) -> str:
     ecp, nocomp, positions = ("ecp (exact Conv statistics)", "ecp exact, no compensation",
                               "ecp (positions approximation)")
     variance = "variance (mean compensation)"
+    convs, others = layer_names(results)
     lines = ["## Reading", "",
              "- The ECP rows use the statistics this project computes for a weight shared across positions (see "
              "`onnxprune/conv.py`); the last row is a diagnostic, not a method: ECP's mask with the bias "
-             "compensation written only to conv1 and conv2."]
+             f"compensation written only to the Conv layers ({', '.join(convs)})."]
     conv_helps = lower_at(rows, DIAGNOSTIC, nocomp, ratios)
     all_helps = lower_at(rows, ecp, nocomp, ratios)
     gemm_hurts = lower_at(rows, DIAGNOSTIC, ecp, ratios)
@@ -180,12 +188,9 @@ def reading(results: dict, ratios: list[float]) -> str:
                  f"r = {ratio_list(all_helps)}.")
     if gemm_hurts:
         lines.append(f"- At r = {ratio_list(gemm_hurts)} the Conv-only compensation beats the compensation of every "
-                     "layer, so there the compensation of the Gemm layers (fc1, fc2) adds loss: "
+                     f"layer, so there the compensation of the other layers ({', '.join(others)}) adds loss: "
                      + "; ".join(f"r = {r}: {rows[DIAGNOSTIC][str(r)]['loss']:.4f} against "
-                                 f"{rows[ecp][str(r)]['loss']:.4f}" for r in gemm_hurts)
-                     + ". (A hypothesis this script does not test: fc1 is followed by ReLU, and ECP's first-order "
-                     "model gives no weight to the samples where it is off, and a large shift can move those across "
-                     "the kink.)")
+                                 f"{rows[ecp][str(r)]['loss']:.4f}" for r in gemm_hurts) + ".")
     worse = [r for r in ratios if rows[variance][str(r)]["loss"] > rows[ecp][str(r)]["loss"]]
     lines.append(f"- Mean compensation (variance, ECP with G = 1) has a higher test loss than ECP (exact) at "
                  f"r = {ratio_list(worse)}; its loss at r = {ratios[-1]}: "
@@ -234,7 +239,8 @@ def markdown(results: dict, ratios: list[float]) -> str:
     lines = [
         f"# ECP on the MNIST CNN ({results['model']})", "",
         f"Test loss (mean cross-entropy) and accuracy on {results['test_samples']:,} test images after one-shot "
-        f"pruning (global threshold over conv1, conv2, fc1, fc2; biases not counted; no fine-tuning), scored on "
+        f"pruning (global threshold over {', '.join(sum(layer_names(results), []))}; biases not counted; no "
+        "fine-tuning), scored on "
         f"{results['calibration_samples']:,} calibration images. Dense: loss {d['loss']:.4f}, accuracy "
         f"{100 * d['accuracy']:.2f}%. Scoring time: fastest of the fits, in seconds and in forward passes over the "
         f"calibration data ({results['forward_pass_seconds'] * 1e3:.1f} ms each); 'statistics' is the part spent "

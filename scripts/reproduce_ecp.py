@@ -389,7 +389,52 @@ def markdown(results: dict, units: list[dict], settings: Settings) -> str:
             f"{duration(s['methods'][k]['scoring_seconds']['median'])} "
             f"({multiple(s['methods'][k]['scoring_forward_passes']['median'])})"
             for s in results["summary"].values()) + " |")
+    lines += findings(results, units, settings)
     return "\n".join(lines)
+
+
+def ratio_list(ratios) -> str:
+    return ", ".join(str(r) for r in ratios) if ratios else "none"
+
+
+def findings(results: dict, units: list[dict], settings: Settings) -> list[str]:
+    """What the tables show, per architecture, each sentence computed from them: ECP against its own
+    dense model, against every other method seed by seed, and the narrower dense network."""
+    if "ecp" not in settings.methods:
+        return []
+    lines = ["", "### What the tables show", ""]
+    high = [r for r in settings.ratios if r >= 0.5]
+    others = [b for b in (*BASELINES, "nonlinear", "ecp-nocomp") if b in settings.methods]
+    for (arch, s), hidden in zip(results["summary"].items(), settings.hidden, strict=True):
+        runs = [u for u in units if tuple(u["hidden"]) == tuple(hidden)]
+        spread = s["dense"]["loss"]["std"]
+        change = {r: stats([u["methods"]["ecp"]["ratios"][str(r)]["before"]["loss"] - u["dense"]["loss"]
+                            for u in runs]) for r in settings.ratios}
+        within = [r for r in settings.ratios if abs(change[r]["mean"]) <= spread]
+        last = settings.ratios[-1]
+        lines.append(f"- {arch}, one-shot: ECP's mean test-loss change from its own dense model is within the dense "
+                     f"loss's seed-to-seed spread (± {spread:.4f}) at r = {ratio_list(within)}; at r = {last} it is "
+                     f"{change[last]['mean']:+.4f}.")
+        after = {r: s["methods"]["ecp"]["ratios"][str(r)]["after"]["loss"]["mean"] for r in settings.ratios}
+        below_dense = [r for r in settings.ratios if after[r] < s["dense"]["loss"]["mean"]]
+        below_longer = [r for r in settings.ratios if after[r] < s["dense_finetuned"]["loss"]["mean"]]
+        lines.append(f"- {arch}, fine-tuned: ECP's mean test loss is below the dense model's at "
+                     f"r = {ratio_list(below_dense)}, and below that of the dense model trained as many more epochs "
+                     f"at r = {ratio_list(below_longer)}.")
+        for phase, title in (("before", "one-shot"), ("after", "fine-tuned")):
+            every = {b: [r for r in high if wins(units, hidden, "ecp", b, r, phase)[0] == len(runs)] for b in others}
+            never = {b: [r for r in high if wins(units, hidden, "ecp", b, r, phase)[0] == 0] for b in others}
+            lines.append(f"- {arch}, {title}, r >= 0.5: ECP's test loss is below the other method's on every seed "
+                         + "; ".join(f"against {VARIANTS[b][0]} at r = {ratio_list(every[b])}" for b in others)
+                         + ". On no seed: "
+                         + "; ".join(f"against {VARIANTS[b][0]} at r = {ratio_list(never[b])}" for b in others) + ".")
+        fc = s["fully_connected"]
+        narrow_worst = [r for r in settings.ratios
+                        if all(fc[str(r)]["loss"]["mean"] > s["methods"][k]["ratios"][str(r)]["after"]["loss"]["mean"]
+                               for k in settings.methods)]
+        lines.append(f"- {arch}: the narrower dense network ({FC}) has a higher mean test loss than every fine-tuned "
+                     f"pruned network at r = {ratio_list(narrow_worst)}.")
+    return lines
 
 
 def write_report(path: Path, tables: str) -> None:

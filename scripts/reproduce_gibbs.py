@@ -377,6 +377,10 @@ def plot_topt(path: Path, cells: list[dict], analysis: dict, n_train: int) -> No
 
 
 # -- markdown ---------------------------------------------------------------------------------------
+def per_decade(grid) -> int:
+    return round((len(grid) - 1) / math.log10(grid[-1] / grid[0]))
+
+
 def f3(x: float) -> str:
     return f"{x:.3f}"
 
@@ -588,16 +592,17 @@ def write_markdown(path: Path, results: dict, cfg: dict, command: str, old_bench
     parts.append(summary_markdown(results, json.loads(bench_path.read_text()) if bench_path.exists() else None))
     parts.append("")
     if "teacher" in results:
-        tc = results["teacher"]
+        tc, grid = results["teacher"], results["grid"]
         parts.append("## 1. Teacher perceptron in d dimensions\n")
         parts.append(f"Gaussian inputs, labels from a random teacher perceptron, {cfg['teachers']} teachers per d, "
                      f"N random perceptrons (w ~ N(0, I/d), no bias), energy = 0-1 error on n = {cfg['n_train']} "
                      f"fresh training samples, hard weighted votes; test error on {cfg['n_test']} samples per "
                      f"teacher; repetitions (new training set and members) per N: "
                      + ", ".join(f"{N}: {r}" for N, r in cfg["reps"].items())
-                     + "; temperature grid 1e-4..10, 10 points per decade. T_opt = grid T with the least test error "
-                     "of the curve averaged over repetitions. The validation T is what `GibbsEnsemble` picks by "
-                     "itself (25% of the training samples held out, energies then refitted on all).\n")
+                     + f"; temperature grid {grid[0]:g}..{grid[-1]:g}, {per_decade(grid)} points per decade. T_opt = "
+                     "grid T with the least test error of the curve averaged over repetitions. The validation T is "
+                     f"what `GibbsEnsemble` picks by itself ({pct(GibbsEnsemble().validation_fraction)} of the "
+                     "training samples held out, energies then refitted on all).\n")
         parts.append("### Findings\n")
         parts.append(teacher_findings(tc, cfg))
         parts.append("")
@@ -609,8 +614,9 @@ def write_markdown(path: Path, results: dict, cfg: dict, command: str, old_bench
         parts.append(f"Members: random multi-class linear classifiers (`kind=\"perceptron\"`: 10 random scores "
                      f"w_c.(x - mean) with w_c ~ N(0, I/784), argmax), and random MLPs 784-32-10 (tanh) for "
                      f"contrast; pixels scaled by 1/255 and centred on the training mean inside the model. "
-                     f"Energies: 0-1 error on {m['n_train']} training images (a seeded subset), 25% of them held "
-                     f"out to choose T on a grid 1e-4..1, then refitted on all; hard weighted votes. Accuracy on "
+                     f"Energies: 0-1 error on {m['n_train']} training images (a seeded subset), "
+                     f"{pct(GibbsEnsemble().validation_fraction)} of them held out to choose T on a grid "
+                     f"{m['grid'][0]:g}..{m['grid'][-1]:g}, then refitted on all; hard weighted votes. Accuracy on "
                      f"the {m['n_test']} test images. MNIST: Yann LeCun and Corinna Cortes, CC BY-SA 3.0.\n")
         parts.append(mnist_markdown(m))
         best = max((r for r in m["runs"] if r["kind"] == "perceptron"), key=lambda r: r["N"])

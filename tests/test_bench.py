@@ -20,6 +20,8 @@ def test_quick_run_writes_the_report(tmp_path):
     for needle in ("Command: `python scripts/bench.py --quick --inline", "x floor", "peak RSS MB", "## Threads",
                    "exact (K = 10)", "exact (K = 1000)", "What the numbers say"):
         assert needle in text, needle
+    assert bench.main(["--render", str(tmp_path / "b.json"), "--out", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == text  # the report is a function of the JSON alone
     results = json.loads((tmp_path / "b.json").read_text())
     assert {row["label"] for row in results["models"]["mlp"]} >= {"adjoint: forward + backward (1 probe)",
                                                                    "adjoint: ecp statistics (exact)"}

@@ -89,33 +89,30 @@ class LogGrid(click.ParamType):
         return np.logspace(math.log10(lo), math.log10(hi), num)
 
 
+def array_key(arrays, path: str, given: str | None, defaults: tuple[str, ...], what: str, option: str,
+              fallback: str | None = None) -> str:
+    """The array named by ``option`` (``given``), else the first of ``defaults`` in the file, else
+    ``fallback``."""
+    if given:
+        if given not in arrays:
+            raise InputError(f"{path}: no {what} array {given!r}; found {sorted(arrays)}")
+        return given
+    found = [k for k in defaults if k in arrays] or ([fallback] if fallback else [])
+    if not found:
+        names = " or ".join(repr(k) for k in defaults)
+        raise InputError(f"{path}: no {what} array {names} (found {sorted(arrays)}); use {option}")
+    return found[0]
+
+
 def load_xy(path: str, features_key: str | None, labels_key: str | None, scale: float | None,
             n_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Features (float32, flattened to (N, d), uint8 times --scale) and int64 labels from an .npz
     (only those two members are decompressed)."""
     arrays = open_npz(path)
-    if labels_key:
-        if labels_key not in arrays:
-            raise InputError(f"{path}: no labels array {labels_key!r}; found {sorted(arrays)}")
-        lkey = labels_key
-    else:
-        found = [k for k in LABEL_KEYS if k in arrays]
-        if not found:
-            raise InputError(f"{path}: no labels array 'y' or 'labels' (found {sorted(arrays)}); use --labels-key")
-        lkey = found[0]
-    if features_key:
-        if features_key not in arrays:
-            raise InputError(f"{path}: no features array {features_key!r}; found {sorted(arrays)}")
-        fkey = features_key
-    else:
-        found = [k for k in FEATURE_KEYS if k in arrays]
-        others = [k for k in arrays if k not in LABEL_KEYS]
-        if found:
-            fkey = found[0]
-        elif len(others) == 1:
-            fkey = others[0]
-        else:
-            raise InputError(f"{path}: no features array 'x' or 'X' (found {sorted(arrays)}); use --features-key")
+    lkey = array_key(arrays, path, labels_key, LABEL_KEYS, "labels", "--labels-key")
+    others = [k for k in arrays if k not in LABEL_KEYS]
+    fkey = array_key(arrays, path, features_key, FEATURE_KEYS, "features", "--features-key",
+                     fallback=others[0] if len(others) == 1 else None)
     raw = arrays[fkey].get().read()
     if raw.dtype == object or raw.dtype.kind not in "biuf":
         raise InputError(f"{path}: features {fkey!r} have dtype {raw.dtype}, not numeric")
