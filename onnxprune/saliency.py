@@ -7,8 +7,8 @@ calls for. Adding a method means adding one class and registering its name in ``
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx

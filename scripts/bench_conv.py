@@ -19,12 +19,13 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
-from compare_methods import load_study  # scripts/ is on sys.path when a script runs
 
 import onnxprune
 from onnxprune import fileio, statistics
 from onnxprune.masks import choose_masks
 from onnxprune.rewrite import rewrite
+
+from compare_methods import load_study  # scripts/ is on sys.path when a script runs
 
 RATIOS = (0.5, 0.7, 0.8, 0.9)
 # (label, method, compensation, conv statistics)

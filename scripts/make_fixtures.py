@@ -114,7 +114,8 @@ def torch_fixtures() -> None:
         ("torch_legacy_opset9.onnx", cnn, x_img, dict(dynamo=False, opset_version=9), "legacy exporter at opset 9 (old IR)"),
         ("torch_legacy_seq.onnx", seq, x_seq, dict(dynamo=False, opset_version=17),
          "legacy exporter: Linear on 3-D input as MatMul + Add, dilated strided Conv1d, LogSoftmax"),
-        ("torch_legacy_two_outputs.onnx", heads, x_vec, dict(dynamo=False, opset_version=17, output_names=["embedding", "logits"]),
+        ("torch_legacy_two_outputs.onnx", heads, x_vec,
+         dict(dynamo=False, opset_version=17, output_names=["embedding", "logits"]),
          "two graph outputs (the first float output is protected by default)"),
         ("torch_dynamo_cnn.onnx", cnn, x_img, dict(dynamo=True), "dynamo exporter (opset 18+, IR 10)"),
         ("torch_dynamo_seq.onnx", seq, x_seq, dict(dynamo=True), "dynamo exporter: 3-D Linear, Conv1d, LogSoftmax"),
@@ -188,12 +189,14 @@ def handmade_fixtures() -> None:
     ]
     inits = [init("conv/kernel", (6, 2, 3, 3)), init("conv/bias", (1, 6, 1, 1)), init("dense/kernel", (5 * 5 * 6, 4), 0.1),
              init("dense/bias", (4,)), numpy_helper.from_array(np.array([-1, 150], np.int64), "flat_shape")]
-    graph = helper.make_graph(nodes, "tf2onnx_style", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["unk__1", 5, 5, 2])],
+    graph = helper.make_graph(nodes, "tf2onnx_style",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["unk__1", 5, 5, 2])],
                               [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["unk__1", 4])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="tf2onnx-style")
     model.ir_version = 7
     save(model, "handmade_tf2onnx_style.onnx",
-         "tf2onnx patterns: NHWC Transposes, Conv weight through Identity, bias as a (1, C, 1, 1) Add, MatMul + Add(bias, x), Softmax")
+         "tf2onnx patterns: NHWC Transposes, Conv weight through Identity, bias as a (1, C, 1, 1) Add, "
+         "MatMul + Add(bias, x), Softmax")
 
     # constructs that cannot be pruned, each to be named: shared weight, weight produced by a node,
     # ConvTranspose (on a second output: onnxruntime-training has no ConvTransposeGrad kernel, so no

@@ -4,5 +4,6 @@ import pytest
 from onnxprune.engines.base import training_build
 
 TRAINING = training_build()
-requires_training = pytest.mark.skipif(not TRAINING, reason="needs the onnxruntime training build (pip install -e '.[training,test]')")
+requires_training = pytest.mark.skipif(not TRAINING,
+                                       reason="needs the onnxruntime training build (pip install -e '.[training,test]')")
 AVAILABLE = ["adjoint", "ort-training"] if TRAINING else ["adjoint"]

@@ -10,9 +10,10 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import helper, TensorProto
+from onnx import TensorProto, helper
 
 from onnxprune.cli import main
+
 from tinynets import data, mlp
 
 
@@ -69,9 +70,11 @@ def bad_cases(d: Path):
     prune = ["prune", d / "model.onnx", d / "out.onnx", "--sparsity", 0.5, "--data"]
     cases += [
         ("missing model", None, ["prune", d / "nope.onnx", d / "out.onnx", "--data", d / "calib.npz", "--sparsity", 0.5]),
-        ("random bytes", raw("junk.onnx", os.urandom(300)), ["prune", d / "junk.onnx", d / "out.onnx", "--data", d / "calib.npz", "--sparsity", 0.5]),
+        ("random bytes", raw("junk.onnx", os.urandom(300)),
+         ["prune", d / "junk.onnx", d / "out.onnx", "--data", d / "calib.npz", "--sparsity", 0.5]),
         ("empty file", raw("empty.onnx", b""), ["inspect", d / "empty.onnx"]),
-        ("truncated", lambda: (d / "trunc.onnx").write_bytes((d / "model.onnx").read_bytes()[:150]), ["inspect", d / "trunc.onnx"]),
+        ("truncated", lambda: (d / "trunc.onnx").write_bytes((d / "model.onnx").read_bytes()[:150]),
+         ["inspect", d / "trunc.onnx"]),
         ("wrong keys", npz("keys.npz", a=x["x"], b=x["x"]), prune + [d / "keys.npz"]),
         ("wrong shape", npz("shape.npz", x=x["x"][:, :3]), prune + [d / "shape.npz"]),
         ("wrong dtype", npz("dtype.npz", x=x["x"].astype(np.int32)), prune + [d / "dtype.npz"]),
@@ -84,8 +87,10 @@ def bad_cases(d: Path):
         ("sparsity > 1", None, ["prune", d / "model.onnx", d / "out.onnx", "--data", d / "calib.npz", "--sparsity", 1.5]),
         ("unknown method", None, prune + [d / "calib.npz", "--method", "magic"]),
         ("gradmag without labels", npz("nolab.npz", x=x["x"]), prune + [d / "nolab.npz", "--method", "gradmag"]),
-        ("overwrite input", None, ["prune", d / "model.onnx", d / "model.onnx", "--data", d / "calib.npz", "--sparsity", 0.5, "--force"]),
-        ("output folder missing", None, ["prune", d / "model.onnx", d / "no" / "out.onnx", "--data", d / "calib.npz", "--sparsity", 0.5]),
+        ("overwrite input", None,
+         ["prune", d / "model.onnx", d / "model.onnx", "--data", d / "calib.npz", "--sparsity", 0.5, "--force"]),
+        ("output folder missing", None,
+         ["prune", d / "model.onnx", d / "no" / "out.onnx", "--data", d / "calib.npz", "--sparsity", 0.5]),
         ("unknown output", None, prune + [d / "calib.npz", "--output", "nope"]),
         ("unsupported ops", lambda: onnx.save(_conv_model(), d / "conv.onnx"),
          ["prune", d / "conv.onnx", d / "out.onnx", "--data", d / "calib.npz", "--sparsity", 0.5]),

@@ -4,7 +4,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from tinyconv import cnn, images, sequence_mlp
 
 import onnxprune
 from onnxprune import runtime
@@ -14,6 +13,8 @@ from onnxprune.layers import analyse_graph, effective_weights
 from onnxprune.rewrite import rewrite
 from onnxprune.saliency import ECP, ScoringContext
 from onnxprune.statistics import collect_statistics, layer_patches
+
+from tinyconv import cnn, images, sequence_mlp
 
 
 @pytest.mark.parametrize("attrs,shape,wshape", [
@@ -159,9 +160,10 @@ def test_compensation_is_exact_through_every_bias_form_when_the_tail_is_linear(b
     pruned, changes, predicted, measured = _prune_one(model, data, layer.name, (1, 5))
     assert changes[0].bias_inserted == (bias == "none")
     assert measured == pytest.approx(predicted, rel=1e-3, abs=1e-9)
-    plain = rewrite(model, analyse_graph(model).layers, {lay.name: np.eye(1, lay.size, 1 * lay.in_features + 5, dtype=bool).reshape(
-        lay.out_features, lay.in_features) if lay.name == layer.name else np.zeros((lay.out_features, lay.in_features), bool)
-        for lay in analyse_graph(model).layers})[0]
+    one_weight = {lay.name: np.eye(1, lay.size, 1 * lay.in_features + 5, dtype=bool).reshape(lay.out_features, lay.in_features)
+                  if lay.name == layer.name else np.zeros((lay.out_features, lay.in_features), bool)
+                  for lay in analyse_graph(model).layers}
+    plain = rewrite(model, analyse_graph(model).layers, one_weight)[0]
     dense = runtime.make_session(model).run(None, {"x": data})[0]
     uncompensated = np.mean(((runtime.make_session(plain).run(None, {"x": data})[0] - dense) ** 2).sum(1))
     assert measured < uncompensated
@@ -187,8 +189,8 @@ def test_conv_models_prune_end_to_end(spec, statistics):
 @pytest.mark.parametrize("method", ["variance", "gradmag", "magnitude", "random"])
 def test_other_methods_score_conv_and_sequence_layers(method):
     for model, arrays in ((cnn(groups=2), images(16)),
-                          (sequence_mlp(bias_left=True), {"x": np.random.default_rng(0).normal(size=(16, 4, 5)).astype(np.float32),
-                                                          "y": np.arange(16) % 3})):
+                          (sequence_mlp(bias_left=True),
+                           {"x": np.random.default_rng(0).normal(size=(16, 4, 5)).astype(np.float32), "y": np.arange(16) % 3})):
         result = onnxprune.prune(model, arrays, 0.5, method=method)
         onnx.checker.check_model(result.model)
         assert result.pruned == round(0.5 * result.weights)

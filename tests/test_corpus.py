@@ -10,7 +10,6 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
-from tinyconv import cnn, images
 
 import onnxprune
 from onnxprune import runtime
@@ -18,6 +17,8 @@ from onnxprune.cli import main
 from onnxprune.data import model_inputs
 from onnxprune.layers import analyse_graph
 from onnxprune.outputs import protected_output
+
+from tinyconv import cnn, images
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CORPUS = sorted(p.name for p in FIXTURES.glob("*.onnx"))

@@ -10,6 +10,7 @@ import onnxprune
 from onnxprune.cli import main
 from onnxprune.errors import InputError
 from onnxprune.sensitivity import parse_budget, parse_ratios, sensitivity
+
 from tinynets import data, mlp
 
 

@@ -5,7 +5,6 @@ LayerNormalization and a Softmax inside, loss gradients, and the choice/fallback
 import numpy as np
 import onnx
 import pytest
-from engines import AVAILABLE, TRAINING, requires_training
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import api, runtime
@@ -16,6 +15,8 @@ from onnxprune.jacobians import output_shape
 from onnxprune.layers import analyse_graph
 from onnxprune.outputs import protected_output
 from onnxprune.statistics import collect_statistics
+
+from engines import AVAILABLE, TRAINING, requires_training
 
 RNG = np.random.default_rng(7)
 
@@ -75,10 +76,12 @@ def conv_bn():
 def sequence():
     p = {"W1": RNG.normal(size=(5, 4)), "b1": RNG.normal(size=4) * 0.1, "g": np.array([1.0, 0.5, 2.0, 1.5]),
          "be": np.array([0.0, 0.1, -0.1, 0.2]), "W2": RNG.normal(size=(4, 3)), "b2": RNG.normal(size=3) * 0.1}
-    nodes = [helper.make_node("MatMul", ["x", "W1"], ["m1"], name="mm1"), helper.make_node("Add", ["m1", "b1"], ["a1"], name="add1"),
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["m1"], name="mm1"),
+             helper.make_node("Add", ["m1", "b1"], ["a1"], name="add1"),
              helper.make_node("LayerNormalization", ["a1", "g", "be"], ["ln"], axis=-1),
              helper.make_node("Softmax", ["ln"], ["sm"], axis=-1),
-             helper.make_node("MatMul", ["sm", "W2"], ["m2"], name="mm2"), helper.make_node("Add", ["m2", "b2"], ["y"], name="add2")]
+             helper.make_node("MatMul", ["sm", "W2"], ["m2"], name="mm2"),
+             helper.make_node("Add", ["m2", "b2"], ["y"], name="add2")]
     x = RNG.normal(size=(4, 3, 5))
 
     def forward(x, off):

@@ -9,11 +9,10 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from onnxprune.errors import InputError
-from onnxprune.ensemble import GibbsEnsemble, gibbs_weights, log_gibbs_weights, run_onnx, to_onnx
-from onnxprune.ensemble import gibbs
+from onnxprune.ensemble import GibbsEnsemble, gibbs, gibbs_weights, log_gibbs_weights, run_onnx, to_onnx
 from onnxprune.ensemble.cli import ensemble
 from onnxprune.ensemble.members import draw_members
+from onnxprune.errors import InputError
 
 
 def teacher_data(n=400, d=8, seed=0):

@@ -8,18 +8,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import tinyconv
-from engines import requires_training
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnxprune.errors import InputError
 from onnxprune.engines.base import candidates
+from onnxprune.errors import InputError
 from onnxprune.finetune import choose_engine, finetune, trainable_names
-from onnxprune.trainers import AdjointLoss
 from onnxprune.layers import analyse_graph
 from onnxprune.runtime import RuntimeUnavailable, make_session
+from onnxprune.trainers import AdjointLoss
 from onnxprune.zoo import build_mlp
+
+import tinyconv
+from engines import requires_training
 
 ENGINES = ["adjoint", pytest.param("ort-training", marks=requires_training)]
 engines = pytest.mark.parametrize("engine", ENGINES)
@@ -41,7 +42,8 @@ def weights(model):
 def linear_softmax(w, b):
     """logits = x W^T + b followed by Softmax, so the loss must be put on the Softmax's input."""
     graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "W", "b"], ["logits"], transB=1), helper.make_node("Softmax", ["logits"], ["prob"], axis=1)],
+        [helper.make_node("Gemm", ["x", "W", "b"], ["logits"], transB=1),
+         helper.make_node("Softmax", ["logits"], ["prob"], axis=1)],
         "linear",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[1]])],
         [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", w.shape[0]])],
@@ -110,7 +112,10 @@ def test_the_forward_pass_sees_masked_weights_during_training(engine):
 def test_same_seed_same_weights_other_seed_other_weights(engine):
     x, y = blobs()
     model = build_mlp((8,), inputs=5, classes=3)
-    run = lambda seed: weights(finetune(model, x, y, epochs=2, batch_size=16, seed=seed, engine=engine)[0])
+
+    def run(seed):
+        return weights(finetune(model, x, y, epochs=2, batch_size=16, seed=seed, engine=engine)[0])
+
     first, again, other = run(0), run(0), run(1)
     assert all(np.array_equal(first[k], again[k]) for k in first)
     assert not all(np.array_equal(first[k], other[k]) for k in first)
@@ -195,7 +200,8 @@ def float64_loss(model, x, y):
     (lambda: build_mlp((6,), inputs=5, classes=3), blobs(n=24)[0]),
     (lambda: tinyconv.cnn(batchnorm=True, bias="none"), np.random.default_rng(4).normal(size=(24, 2, 6, 6)).astype(np.float32)),
     # onnx's reference MaxPool is a Python loop: fewer samples
-    (lambda: tinyconv.cnn(activation="HardSwish", pool=True), np.random.default_rng(4).normal(size=(6, 2, 6, 6)).astype(np.float32)),
+    (lambda: tinyconv.cnn(activation="HardSwish", pool=True),
+     np.random.default_rng(4).normal(size=(6, 2, 6, 6)).astype(np.float32)),
     (lambda: tinyconv.cnn(groups=2, pool=True, opset=11), np.random.default_rng(4).normal(size=(6, 2, 6, 6)).astype(np.float32)),
 ], ids=["mlp-prelu", "conv-bn", "conv-hardswish-maxpool", "grouped-conv-maxpool-opset11"])
 def test_adjoint_gradient_matches_float64_central_differences(make, x):
@@ -263,7 +269,8 @@ def test_an_op_without_a_reverse_rule_is_an_input_error_naming_it():
     x, y = blobs()
     model = build_mlp((4,), inputs=5, classes=3)
     graph = model.graph
-    graph.initializer.extend([numpy_helper.from_array(np.array(0.5, np.float32), "ratio"), numpy_helper.from_array(np.array(True), "training")])
+    graph.initializer.extend([numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+                              numpy_helper.from_array(np.array(True), "training")])
     graph.node[0].output[0] = "fc1.raw"
     graph.node.insert(1, helper.make_node("Dropout", ["fc1.raw", "ratio", "training"], ["fc1.out"], name="drop"))
     with pytest.raises(InputError, match="onnx-ad cannot differentiate this model: Dropout with training_mode"):

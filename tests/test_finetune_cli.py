@@ -9,10 +9,11 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 import onnxprune
-from engines import requires_training
 from onnxprune.cli import main
 from onnxprune.finetune import zero_masks
 from onnxprune.zoo import build_mlp
+
+from engines import requires_training
 
 
 def blobs(n=120, features=6, classes=3, seed=0):

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.cli import main
+
 from tinynets import data, mlp
 
 SEED = 20261123
@@ -82,11 +83,11 @@ def _data_cases() -> list[tuple[str, dict | bytes]]:
     x = good["x"]
     refused = [np.int8, np.int16, np.int32, np.int64, np.uint16, np.uint8, np.bool_, np.complex64, "U2", "S2"]
     cases = []
-    for i in range(6):
+    for _ in range(6):
         dtype = refused[int(rng.integers(len(refused)))]
         value = np.full(x.shape, "a", dtype) if np.dtype(dtype).kind in "US" else (x * 10).astype(dtype)
         cases.append((f"dtype {np.dtype(dtype)}", {"x": value}))
-    for i in range(6):
+    for _ in range(6):
         ndim = int(rng.integers(0, 4))
         shape = tuple(int(s) for s in rng.integers(1, 9, size=ndim))
         if len(shape) == 2 and shape[1] == 5:
@@ -97,7 +98,7 @@ def _data_cases() -> list[tuple[str, dict | bytes]]:
         bad.flat[int(rng.integers(bad.size))] = [np.nan, np.inf, -np.inf][i % 3]
         cases.append((f"non-finite {i}", {"x": bad}))
     keys = ["X", "input", "images", "x0"]
-    for i in range(3):
+    for _ in range(3):
         chosen = rng.choice(keys, size=2, replace=False)
         cases.append((f"keys {list(chosen)}", {str(k): x for k in chosen}))
     cases += [

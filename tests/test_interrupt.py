@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from onnxprune.cli import main
 from onnxprune.zoo import build_mlp
+
 from tinynets import data, mlp
 
 EXE = Path(sys.executable).with_name("onnxprune")

@@ -8,6 +8,7 @@ from onnx import numpy_helper
 
 import onnxprune
 from onnxprune import runtime
+
 from tinynets import data, mlp
 
 PATTERNS = ["gemm_t", "gemm", "matmul", "matmul_left"]

@@ -5,12 +5,13 @@ import pytest
 import onnxprune
 from onnxprune import Pruner
 
+from test_statistics import fd_jacobians
+from tinynets import data, mlp
+
 
 def score(model, data, method="ecp", **params):
     fitted = Pruner(method, **params).fit(model, data)
     return fitted.model_, fitted, fitted.saliencies_, None
-from tinynets import data, mlp
-from test_statistics import fd_jacobians
 
 
 def test_ecp_is_the_minimum_over_the_bias_shift_of_the_linearised_output_error():

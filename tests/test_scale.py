@@ -2,9 +2,6 @@
 with a shift keep float64 accuracy, and thread limits apply."""
 import numpy as np
 import pytest
-from engines import requires_training
-from tinyconv import cnn, images, sequence_mlp
-from tinynets import data, mlp
 
 from onnxprune import jacobians
 from onnxprune.data import Dataset
@@ -13,6 +10,10 @@ from onnxprune.layers import analyse_graph
 from onnxprune.outputs import protected_output
 from onnxprune.runtime import blas_threads
 from onnxprune.statistics import LayerStatistics, collect_statistics
+
+from engines import requires_training
+from tinyconv import cnn, images, sequence_mlp
+from tinynets import data, mlp
 
 MODELS = {
     "mlp": lambda: (mlp((5, 4, 4, 3), activation="relu")[0], data(9)["x"]),

@@ -1,12 +1,13 @@
 """ECP statistics from onnxruntime-training against central finite differences in numpy."""
 import numpy as np
 import pytest
-from tinynets import data, mlp
 
 from onnxprune.data import Dataset
 from onnxprune.layers import analyse_graph
 from onnxprune.outputs import protected_output
 from onnxprune.statistics import collect_loss_gradients, collect_statistics
+
+from tinynets import data, mlp
 
 
 def fd_jacobians(forward, params, x, eps=1e-5):
@@ -17,7 +18,7 @@ def fd_jacobians(forward, params, x, eps=1e-5):
         _, trace = forward(x)
         a = trace[l][1]
 
-        def tail(a_l):
+        def tail(a_l, l=l):
             z = np.tanh(a_l) if l < n_layers - 1 else a_l
             for w, b in params[l + 1:]:
                 a_next = z @ np.asarray(w, np.float64).T + b

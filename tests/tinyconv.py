@@ -33,7 +33,8 @@ def cnn(channels=2, size=6, spatial=2, groups=1, stride=1, dilation=1, pads=1, a
         inits.append(_init("conv1.bias", b1))
         nodes.append(helper.make_node("Conv", ["x", "conv1.weight", "conv1.bias"], ["c1"], name="conv1", **attrs))
     else:
-        nodes.append(helper.make_node("Conv", ["x", "conv1.weight"], ["c1" if bias == "none" else "c1raw"], name="conv1", **attrs))
+        out = "c1" if bias == "none" else "c1raw"
+        nodes.append(helper.make_node("Conv", ["x", "conv1.weight"], [out], name="conv1", **attrs))
         if bias == "add":
             inits.append(_init("conv1.add_bias", b1.reshape((1, width) + (1,) * spatial)))
             nodes.append(helper.make_node("Add", ["c1raw", "conv1.add_bias"], ["c1"], name="conv1_bias"))
@@ -56,7 +57,8 @@ def cnn(channels=2, size=6, spatial=2, groups=1, stride=1, dilation=1, pads=1, a
         nodes.append(helper.make_node(activation, [h], ["h2"], name="act2"))
         h = "h2"
     nodes.append(helper.make_node("Flatten", [h], ["flat"], name="flatten"))
-    graph = helper.make_graph(nodes, "tinycnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels] + [size] * spatial)],
+    graph = helper.make_graph(nodes, "tinycnn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels] + [size] * spatial)],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = ir
@@ -75,7 +77,8 @@ def sequence_mlp(seq=4, features=5, hidden=6, classes=3, seed=0, bias_left=False
     """x (N, seq, features) -> MatMul + Add (3-D, torch's nn.Linear on sequences) -> Tanh ->
     MatMul + Add -> Flatten -> Gemm -> logits."""
     rng = np.random.default_rng(seed)
-    inits = [_init("l1.weight", rng.normal(size=(features, hidden)) / np.sqrt(features)), _init("l1.bias", rng.normal(size=hidden) * 0.3),
+    inits = [_init("l1.weight", rng.normal(size=(features, hidden)) / np.sqrt(features)),
+             _init("l1.bias", rng.normal(size=hidden) * 0.3),
              _init("l2.weight", rng.normal(size=(hidden, 4)) / np.sqrt(hidden)), _init("l2.bias", rng.normal(size=4) * 0.3),
              _init("fc.weight", rng.normal(size=(classes, seq * 4)) / np.sqrt(seq * 4)), _init("fc.bias", np.zeros(classes))]
     add1 = ["l1.bias", "m1"] if bias_left else ["m1", "l1.bias"]
