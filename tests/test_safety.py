@@ -19,9 +19,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
 from onnxprune import api
-from onnxprune.cli import MAX_THREADS, main
+from onnxprune.cli import main
 from onnxprune.data import load_dataset
 from onnxprune.ensemble.cli import ensemble
+from onnxprune.options import MAX_THREADS
+
 from tinynets import data, mlp
 
 EXE = Path(sys.executable).with_name("onnxprune")

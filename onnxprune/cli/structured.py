@@ -5,8 +5,8 @@ import functools
 
 import click
 
-from .errors import InputError
-from .structured import METHODS
+from ..errors import InputError
+from ..structured import METHODS
 
 STRUCTURED_ONLY = tuple(m for m in METHODS if m != "ecp")
 
@@ -58,13 +58,13 @@ def _batches(text: str) -> tuple[int, ...]:
 def run_structured(ui, *, model, out, data, sparsity, macs, method, scope, multiple, steps, refit, exclude, seed,
                    output, probes, batch_size, labels_key, provider, threads, test_data, json_path, force,
                    time_batches, slice_inputs, prune_inputs, refused: dict) -> None:
-    from . import api
-    from .report import structured_table, timing_table
-    from .shrink import prune_structured
-    from .data import Dataset
-    from .speed import select_inputs, time_models
-    from .modelio import stage_model
-    from .ui import finish, print_json, stage_json
+    from .. import api
+    from ..data import Dataset
+    from ..modelio import stage_model
+    from ..report import structured_table, timing_table
+    from ..shrink import prune_structured
+    from ..speed import select_inputs, time_models
+    from ..ui import finish, print_json, stage_json
 
     given = [name for name, value in refused.items() if value]
     if given:
@@ -107,7 +107,7 @@ def run_structured(ui, *, model, out, data, sparsity, macs, method, scope, multi
     ui.out()
     ui.out(timing_table(report["timing"]))
     if test_data:
-        from .report import evaluation_table
+        from ..report import evaluation_table
 
         ui.out()
         ui.out(evaluation_table(report["test"]))

@@ -1,105 +1,44 @@
-"""The `onnxprune` command: parse options, call the API, print. Exit codes: 0 ok, 1 a check on
-the result failed, 2 bad input (also for usage errors, as click does); 130 interrupted (Ctrl-C),
-143 terminated (SIGTERM), 141 stdout closed by its reader."""
+"""``onnxprune prune``: one-shot, stepwise or structured pruning, the dry run and the budgeted sweep."""
 from __future__ import annotations
-
-import os
-import sys
 
 import click
 
-from . import api
-from .data import load_dataset
-from .engines import ENGINES
-from .errors import CheckFailed, InputError
-from .masks import SCOPES
-from .modelio import stage_model
-from .options import Fraction, parse_size
-from .report import (
+from .. import api
+from ..data import load_dataset
+from ..errors import CheckFailed, InputError
+from ..masks import SCOPES
+from ..modelio import stage_model
+from ..options import (
+    Fraction,
+    batch_axis_opt,
+    engine_opt,
+    labels_opt,
+    memory_opt,
+    model_arg,
+    output_opt,
+    provider_opt,
+    seed_opt,
+    threads_opt,
+)
+from ..report import (
     evaluation_table,
     prune_table,
     sensitivity_table,
     skipped_table,
     storage_table,
-    table,
-    units_table,
     unpruned_table,
 )
-from .runtime import PROVIDERS, build_name, check_installation
-from .statistics import EXACT_LIMIT
-from .storage import STORAGES, storage_report
-from .structured import METHODS as STRUCTURED_METHODS
-from .structured_cli import STRUCTURED_ONLY, refuse_outside, run_structured, structured_options
-from .ui import Group, command_errors, common, finish, json_option, make_ui, print_json, stage_json
+from ..runtime import build_name
+from ..statistics import EXACT_LIMIT
+from ..storage import STORAGES, storage_report
+from ..structured import METHODS as STRUCTURED_METHODS
+from ..ui import command_errors, common, finish, json_option, make_ui, print_json, stage_json
+from .structured import STRUCTURED_ONLY, refuse_outside, run_structured, structured_options
 
-MAX_THREADS = 4 * (os.cpu_count() or 1)
 MANY_OUTPUTS = 64  # above this output width the exact statistics' K backward passes make --probes worth a hint
 
 
-model_arg = click.argument("model", type=click.Path(dir_okay=False))
-provider_opt = click.option("--provider", type=click.Choice(sorted(PROVIDERS)), default="cpu", show_default=True,
-                            help="onnxruntime execution provider.")
-output_opt = click.option("--output", "output", default=None, metavar="NAME",
-                          help="Tensor to protect/evaluate (default: the first output; logits before a final Softmax).")
-labels_opt = click.option("--labels-key", default=None, metavar="KEY", help="Labels array in the .npz (default: y or labels).")
-threads_opt = click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
-                           help=f"onnxruntime intra-op and BLAS threads (1..{MAX_THREADS}, 4 x the CPUs).")
-seed_opt = click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-
-
-memory_opt = click.option("--memory-budget", type=str, default="1.5G", show_default=True, callback=lambda c, p, v: parse_size(v),
-                          help="Bytes one batch of activations and derivatives may hold; batches are sized from it.")
-def parse_batch_axes(ctx, param, values) -> dict[str, int]:
-    """('state=1', ...) -> {'state': 1}."""
-    axes = {}
-    for text in values:
-        name, sep, axis = str(text).rpartition("=")
-        if not sep or not name or not axis.strip().isdigit():
-            raise click.BadParameter(f"{text!r} is not NAME=AXIS (an input name and a non-negative axis, e.g. state=1)")
-        if name in axes:
-            raise click.BadParameter(f"{name!r} is given twice")
-        axes[name] = int(axis)
-    return axes
-
-
-batch_axis_opt = click.option("--batch-axis", "batch_axes", multiple=True, metavar="NAME=AXIS", callback=parse_batch_axes,
-                              help="The batch axis of input NAME in the .npz files, where the model's declared shapes do "
-                                   "not tell it (repeatable; e.g. state=1 for a recurrent state (2, batch, 128)).")
-engine_opt = click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
-                          help="Gradient engine: adjoint (onnx-ad graphs, any onnxruntime), ort-training (the training "
-                               "build's gradient builder), auto (ort-training on the training build, else adjoint; "
-                               "either falls back to the other for an op it cannot differentiate).")
-
-
-def return_freed_memory() -> None:
-    """Blocks over 1 MB get their own mappings, given back to the system when freed (glibc only).
-
-    glibc's default threshold rises to 32 MB with the first large frees, after which numpy's
-    per-layer derivative arrays and im2col patches are carved from the heap and stay resident once
-    freed: on ResNet-18 at 224x224 (4 calibration images) the peak was 2,056 MB as it is and
-    1,982 MB with the threshold held at 1 MB (1,773 MB with onnxruntime's CPU arena also off).
-    The command owns its process, so the command sets it, not the library."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: its allocator keeps its own policy
-        pass
-
-
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="onnxprune")
-@command_errors
-def main():
-    """Prune ONNX models with elimination-compensation (ECP) and check them on onnxruntime."""
-    return_freed_memory()
-    if not {"-h", "--help"} & set(sys.argv):
-        check_installation()  # a missing or clobbered onnxruntime: one line with the fix, before any work
-
-
-@main.command()
+@click.command()
 @model_arg
 @click.argument("out", type=click.Path(dir_okay=False), required=False)
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Calibration data (.npz keyed by input name).")
@@ -136,7 +75,8 @@ def main():
               help="Add the removed weights' compensation to the biases (methods that have one).")
 @click.option("--scope", type=click.Choice(SCOPES), default="global", show_default=True,
               help="One threshold over all layers, or the same ratio in every layer.")
-@click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave layers matching this node/weight name pattern (repeatable).")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="Leave layers matching this node/weight name pattern (repeatable).")
 @seed_opt
 @click.option("--probes", type=click.IntRange(min=1), default=None,
               help="Random projections instead of the exact Jacobian (cheaper with many outputs).")
@@ -158,8 +98,8 @@ def main():
 @command_errors
 def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias, max_loss_increase, max_accuracy_drop,
           plot_path, storage, method, steps, refit, chained, g_weighted, compensation, scope, exclude, seed,
-          probes, conv_statistics, batch_size, batch_axes, output, labels_key, provider, threads, engine, memory_budget, json_path, force,
-          structured, macs, multiple, slice_inputs, prune_inputs, time_batches, verbose, quiet):
+          probes, conv_statistics, batch_size, batch_axes, output, labels_key, provider, threads, engine, memory_budget,
+          json_path, force, structured, macs, multiple, slice_inputs, prune_inputs, time_batches, verbose, quiet):
     """Prune MODEL (one-shot, or in --steps) and write the result to OUT.
 
     With --max-loss-increase or --max-accuracy-drop (and --test), the largest of --ratios within
@@ -177,7 +117,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
         original = api.as_model(model)
         data, test_data = (None if path is None else load_dataset(path, original, labels_key, batch_axes=batch_axes)
                            for path in (data, test_data))
-    # --- structured pruning (issue 12): its own path, see structured_cli ---
+    # --- structured pruning (issue 12): its own path, see cli/structured.py ---
     if structured:
         return run_structured(
             ui, model=model, out=out, data=data, sparsity=sparsity, macs=macs, method=method, scope=scope,
@@ -225,7 +165,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
             sweep = _sweep(original, data, ratios, test_data, max_loss_increase, max_accuracy_drop, plot_path,
                            params, keep_best=not dry_run)
             if plot_path:
-                from .sensitivity import plot
+                from ..sensitivity import plot
 
                 outputs.stage(plot_path, lambda tmp: plot(sweep, tmp))
         if sweep is not None and (dry_run or sweep.best_result is None):
@@ -312,7 +252,7 @@ def _hint_probes(ui, model, output, probes, method) -> None:
     import numpy as np
     import onnx
 
-    from .outputs import protected_output
+    from ..outputs import protected_output
 
     try:
         name = protected_output(model, output)
@@ -330,7 +270,7 @@ def _hint_probes(ui, model, output, probes, method) -> None:
 def _sweep(model, data, ratios, test_data, max_loss_increase, max_accuracy_drop, plot_path, params, keep_best):
     """The dry run's sensitivity report (scored once); with ``keep_best`` it keeps the model of the
     largest ratio within the budget."""
-    from .sensitivity import DEFAULT_RATIOS, check_plotting, parse_budget, parse_ratios, sensitivity
+    from ..sensitivity import DEFAULT_RATIOS, check_plotting, parse_budget, parse_ratios, sensitivity
 
     ratio_list = parse_ratios(ratios) if ratios is not None else list(DEFAULT_RATIOS)
     budget = parse_budget(max_loss_increase) if max_loss_increase is not None else None
@@ -358,159 +298,3 @@ def _check_budget(sweep) -> None:
         dense = sweep.dense
         raise CheckFailed(f"no ratio keeps {sweep.budget_text} of dense (dense loss {dense['loss']:.4g}, accuracy "
                           f"{100 * dense['accuracy']:.2f}%; smallest tried: {sweep.points[0].ratio:g})")
-
-
-@main.command()
-@model_arg
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Test data (.npz keyed by input name).")
-@click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Original model to compare outputs with.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True)
-@batch_axis_opt
-@output_opt
-@labels_opt
-@provider_opt
-@threads_opt
-@json_option
-@click.option("--force", is_flag=True, help="Replace an existing JSON report.")
-@common
-@command_errors
-def evaluate(model, data, reference, batch_size, batch_axes, output, labels_key, provider, threads, json_path, force,
-             verbose, quiet):
-    """Loss, accuracy, discrepancy against --reference, latency and size of MODEL on onnxruntime."""
-    ui = make_ui(verbose, quiet, json_path)
-    with ui.outputs([model, data, reference], force) as outputs:
-        if json_path and json_path != "-":
-            outputs.claim(json_path)
-        if batch_axes:
-            model = api.as_model(model)
-            data = load_dataset(data, model, labels_key, batch_axes=batch_axes)
-        report = api.evaluate(model, data, reference=reference, output=output, provider=provider,
-                              batch_size=batch_size, labels_key=labels_key, threads=threads)
-        stage_json(outputs, json_path, report)
-    finish(ui, outputs)
-    ui.out(evaluation_table({"value": report}))
-    ui.info(f"{report['samples']} samples, output {report['output']!r} ({report['output_kind']}), provider {provider}")
-    print_json(json_path, report)
-
-
-@main.command()
-@model_arg
-@json_option
-@click.option("--force", is_flag=True, help="Replace an existing JSON report.")
-@common
-@command_errors
-def inspect(model, json_path, force, verbose, quiet):
-    """List MODEL's prunable layers (shape, current sparsity) and the nodes it cannot prune, with why."""
-    ui = make_ui(verbose, quiet, json_path)
-    with ui.outputs([model], force) as outputs:
-        if json_path and json_path != "-":
-            outputs.claim(json_path)
-        report = api.inspect(model)
-        stage_json(outputs, json_path, report)
-    finish(ui, outputs)
-    ui.out(f"IR {report['ir_version']}, opsets {report['opsets']}, inputs {report['inputs']}, outputs {report['outputs']}, "
-           f"protected output {report['protected_output']!r}")
-    ui.out(table(["layer", "op", "weight", "shape", "weights", "sparsity"],
-                 [[r["layer"], r["op"], r["weight"], "x".join(map(str, r["shape"])), r["weights"],
-                   f"{100 * r['sparsity']:.1f}%"] for r in report["layers"]], right={4, 5}))
-    if report["skipped"]:
-        ui.out()
-        ui.out(skipped_table(report["skipped"]))
-    if report["unpruned_weights"]:
-        ui.out()
-        ui.out(unpruned_table(report["unpruned_weights"]))
-    if report["analysis_copy"]:
-        ui.info("analysis copy: " + "; ".join(report["analysis_copy"]))
-    ui.out()
-    ui.out(units_table(report["units"]))  # structured pruning's unit groups
-    print_json(json_path, report)
-
-
-@main.command()
-@model_arg
-@click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training data (.npz with labels).")
-@click.option("--epochs", required=True, type=click.IntRange(min=1), help="Passes over the training data.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Adam learning rate.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Shuffling seed.")
-@click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
-              help="Gradient engine: onnx-ad's adjoint graphs (any onnxruntime) or onnxruntime-training; "
-                   "auto takes the training build when it is installed.")
-@output_opt
-@labels_opt
-@json_option
-@click.option("--force", is_flag=True, help="Replace existing output files.")
-@common
-@command_errors
-def finetune(model, out, data, epochs, lr, batch_size, seed, engine, output, labels_key, json_path, force, verbose, quiet):
-    """Train a pruned MODEL (cross-entropy, Adam) with its zero weights held at zero; write OUT.
-
-    The mask is the model's own zeros in its prunable layers. OUT is written only once training
-    has finished, so an interrupted run leaves nothing behind.
-    """
-    import numpy as np
-
-    from .finetune import choose_engine, zero_masks
-    from .finetune import finetune as train
-    from .graph import read_initializer
-
-    ui = make_ui(verbose, quiet, json_path)
-    with ui.outputs([model, data], force) as outputs:
-        for path in (out, None if json_path == "-" else json_path):
-            if path:
-                outputs.claim(path)
-        original = api.as_model(model)
-        dataset = load_dataset(data, original, labels_key, require_labels=True)
-        if len(dataset.feeds) != 1:
-            raise InputError(f"fine-tuning needs a model with one data input, this one has {len(dataset.feeds)}")
-        masks = zero_masks(original)
-        chosen = choose_engine(engine)
-        ui.info(f"training {model} for {epochs} epochs on {len(dataset)} samples of {data}")
-        ui.info(f"engine: {chosen['name']} ({chosen['reason']})")
-        bar = None
-
-        def progress(epoch, batch, n_batches, loss):
-            """One bar per epoch showing the running mean loss, on a terminal only."""
-            nonlocal bar
-            if quiet or not sys.stderr.isatty():
-                return
-            if batch == 1:
-                bar = click.progressbar(length=n_batches, label=f"epoch {epoch}/{epochs}", file=sys.stderr,
-                                        item_show_func=lambda item: item)
-                bar.__enter__()
-            bar.update(1, f"loss {loss:.4f}")
-            if batch == n_batches:
-                bar.__exit__(None, None, None)
-                bar = None
-
-        try:
-            features = np.asarray(next(iter(dataset.feeds.values())))
-            trained, history = train(original, features, dataset.labels, epochs=epochs, lr=lr,
-                                     batch_size=batch_size, seed=seed, masks=masks, output=output, progress=progress,
-                                     engine=chosen["name"])
-        finally:
-            if bar is not None:
-                bar.__exit__(None, None, None)
-        api.validate(trained, dataset)
-        if any(read_initializer(trained, name)[~mask].any() for name, mask in masks.items()):
-            raise CheckFailed("a pruned weight became non-zero during fine-tuning")
-        held = sum(int((~mask).sum()) for mask in masks.values())
-        report = {"model": model, "out": out, "samples": len(dataset), "epochs": epochs, "lr": lr,
-                  "batch_size": batch_size, "seed": seed, "engine": chosen, "masked_layers": sorted(masks), "held_zero": held,
-                  "history": history}
-        stage_model(trained, out, outputs)
-        stage_json(outputs, json_path, report)
-    finish(ui, outputs)
-    ui.out(table(["epoch", "loss", "seconds"], [[h["epoch"], f"{h['loss']:.4f}", f"{h['seconds']:.2f}"] for h in history]))
-    ui.info(f"{len(dataset)} samples, {held} pruned weights held at zero in {len(masks)} layers")
-    print_json(json_path, report)
-
-
-from .ensemble.cli import ensemble  # noqa: E402  (the ensemble commands share this CLI's conventions)
-
-main.add_command(ensemble)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

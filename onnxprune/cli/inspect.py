@@ -1,0 +1,49 @@
+"""``onnxprune inspect``: what onnxprune can and cannot prune in a model, and why."""
+from __future__ import annotations
+
+import click
+
+from .. import api
+from ..options import (
+    model_arg,
+)
+from ..report import (
+    skipped_table,
+    table,
+    units_table,
+    unpruned_table,
+)
+from ..ui import command_errors, common, finish, json_option, make_ui, print_json, stage_json
+
+
+@click.command()
+@model_arg
+@json_option
+@click.option("--force", is_flag=True, help="Replace an existing JSON report.")
+@common
+@command_errors
+def inspect(model, json_path, force, verbose, quiet):
+    """List MODEL's prunable layers (shape, current sparsity) and the nodes it cannot prune, with why."""
+    ui = make_ui(verbose, quiet, json_path)
+    with ui.outputs([model], force) as outputs:
+        if json_path and json_path != "-":
+            outputs.claim(json_path)
+        report = api.inspect(model)
+        stage_json(outputs, json_path, report)
+    finish(ui, outputs)
+    ui.out(f"IR {report['ir_version']}, opsets {report['opsets']}, inputs {report['inputs']}, outputs {report['outputs']}, "
+           f"protected output {report['protected_output']!r}")
+    ui.out(table(["layer", "op", "weight", "shape", "weights", "sparsity"],
+                 [[r["layer"], r["op"], r["weight"], "x".join(map(str, r["shape"])), r["weights"],
+                   f"{100 * r['sparsity']:.1f}%"] for r in report["layers"]], right={4, 5}))
+    if report["skipped"]:
+        ui.out()
+        ui.out(skipped_table(report["skipped"]))
+    if report["unpruned_weights"]:
+        ui.out()
+        ui.out(unpruned_table(report["unpruned_weights"]))
+    if report["analysis_copy"]:
+        ui.info("analysis copy: " + "; ".join(report["analysis_copy"]))
+    ui.out()
+    ui.out(units_table(report["units"]))  # structured pruning's unit groups
+    print_json(json_path, report)
