@@ -634,6 +634,7 @@ class _DistillRun:
     def __init__(self, spec: "Distill", dense, data: Dataset, output: str, provider, threads, batch_size):
         self.spec, self.dense, self.data, self.output = spec, dense, data, output
         self.provider, self.threads, self.batch_size = provider, threads, batch_size
+        self.feeds = {k: np.asarray(v) for k, v in data.feeds.items()}  # an .npz's columns are read once, here
 
     def __call__(self, current: onnx.ModelProto, layers: list[Layer], final: bool):
         if not (final or self.spec.every_step):
@@ -644,7 +645,7 @@ class _DistillRun:
         if not names or any(inits[n].data_type != onnx.TensorProto.FLOAT for n in names):
             return current, [LayerRefit(layer.name, skipped="distillation needs float32 weights") for layer in layers]
         (dense_y,) = runtime.tensor_session(self.dense, [self.output], self.provider, self.threads).run(
-            [self.output], self.data.feeds)
+            [self.output], self.feeds)
         try:
             session = self._session(current, names, dense_y.shape[1:])
         except Exception as exc:  # onnx-ad refuses an op or a shape: keep the refit's model
@@ -654,48 +655,58 @@ class _DistillRun:
         held = np.arange(n) % HOLDOUT_EVERY == 0
         fit_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
         values = {k: numpy_helper.to_array(inits[k]).astype(np.float32) for k in names}
-        masks = {layer.weight: values[layer.weight] != 0 for layer in layers}
+        # Adam runs on one flat vector of what may move: the kept weights and the biases
+        free = {k: values[k] != 0 if k in {layer.weight for layer in layers} else np.ones(values[k].shape, bool)
+                for k in names}
         seed = np.ones(1, np.float32)
 
-        def run(params, rows, grads):
-            feeds = {k: v[rows] for k, v in self.data.feeds.items()}
-            feeds.update(params)
+        def run(theta, rows, grads):
+            feeds = {k: v[rows] for k, v in self.feeds.items()}
+            feeds.update(unflat(theta))
             feeds.update({DISTILL_TARGET: dense_y[rows], f"adj_{DISTILL_LOSS}": seed})
             wanted = [DISTILL_LOSS] + ([f"adj_{k}" for k in names] if grads else [])
             return session.run(wanted, feeds)
 
-        def held_error(params):
-            return sum(float(run(params, held_rows[i:i + self.batch_size], False)[0])
+        def unflat(theta):
+            out, at = {}, 0
+            for k in names:
+                v = np.zeros(values[k].shape, np.float32)
+                count = int(free[k].sum())
+                v[free[k]] = theta[at:at + count]
+                out[k], at = v, at + count
+            return out
+
+        def held_error(theta):
+            return sum(float(run(theta, held_rows[i:i + self.batch_size], False)[0])
                        for i in range(0, len(held_rows), self.batch_size)) / max(len(held_rows), 1)
 
         rng = np.random.default_rng(self.spec.seed)
-        moment = {k: np.zeros_like(v, np.float64) for k, v in values.items()}
-        second = {k: np.zeros_like(v, np.float64) for k, v in values.items()}
-        params = {k: v.astype(np.float64) for k, v in values.items()}
-        best_error, best, best_epoch = held_error(values), values, 0
+        theta = np.concatenate([values[k][free[k]] for k in names]).astype(np.float64)
+        moment, second = np.zeros_like(theta), np.zeros_like(theta)
+        best_error, best, best_epoch = held_error(theta.astype(np.float32)), theta.astype(np.float32), 0
         start_error, t = best_error, 0
+        self.curve = [start_error]  # held-out error after every epoch (the first: before any)
         b1, b2, eps = 0.9, 0.999, 1e-8
         for epoch in range(1, self.spec.epochs + 1):
             order = rng.permutation(fit_rows)
             for i in range(0, len(order), self.spec.batch):
                 rows = np.sort(order[i:i + self.spec.batch])
-                as32 = {k: v.astype(np.float32) for k, v in params.items()}
-                grads = run(as32, rows, True)[1:]
+                grads = run(theta.astype(np.float32), rows, True)[1:]
+                g = np.concatenate([grad.reshape(values[k].shape)[free[k]] for k, grad in zip(names, grads)])
+                g = g.astype(np.float64) / len(rows)
                 t += 1
-                for k, g in zip(names, grads):
-                    g = g[..., 0].astype(np.float64) / len(rows)
-                    if k in masks:
-                        g = np.where(masks[k], g, 0.0)
-                    moment[k] = b1 * moment[k] + (1 - b1) * g
-                    second[k] = b2 * second[k] + (1 - b2) * g * g
-                    step = self.spec.lr * (moment[k] / (1 - b1**t)) / (np.sqrt(second[k] / (1 - b2**t)) + eps)
-                    params[k] = params[k] - step
-                    if k in masks:
-                        params[k] = np.where(masks[k], params[k], 0.0)
-            candidate = {k: v.astype(np.float32) for k, v in params.items()}
+                moment = b1 * moment + (1 - b1) * g
+                second = b2 * second + (1 - b2) * g * g
+                theta = theta - self.spec.lr * (moment / (1 - b1**t)) / (np.sqrt(second / (1 - b2**t)) + eps)
+            candidate = theta.astype(np.float32)
             error = held_error(candidate)
+            self.curve.append(error)
             if error < best_error:
                 best_error, best, best_epoch = error, candidate, epoch
+            elif self.spec.patience and epoch - best_epoch >= self.spec.patience:
+                break
+        self.epochs_run = epoch if self.spec.epochs else 0
+        best = unflat(best)
         model = onnx.ModelProto()
         model.CopyFrom(current)
         for t_ in model.graph.initializer:
@@ -715,9 +726,9 @@ class _DistillRun:
         m = _parametric(runtime.runtime_copy(model), names)
         graph = m.graph
         for vi in graph.input:  # reverse mode needs declared shapes (Conv, Slice): the data's per sample
-            if vi.name in self.data.feeds:
+            if vi.name in self.feeds:
                 vi.CopyFrom(helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type,
-                                                          ["N", *self.data.feeds[vi.name].shape[1:]]))
+                                                          ["N", *self.feeds[vi.name].shape[1:]]))
         y = next(o for o in graph.output if o.name == self.output)
         graph.input.append(helper.make_tensor_value_info(DISTILL_TARGET, onnx.TensorProto.FLOAT, ["N", *shape]))
         graph.node.extend([helper.make_node("Sub", [self.output, DISTILL_TARGET], [f"{DISTILL_LOSS}__d"]),
@@ -740,10 +751,12 @@ class Distill:
     weights and biases towards the dense model's protected output on the calibration data (mean
     squared difference), gradients from onnx-ad's reverse-mode graph (any onnxruntime). Trained on
     four fifths of the samples; the epoch with the least error on the held-out fifth is kept, the
-    model as it came when none lowers it."""
+    model as it came when none lowers it; with ``patience`` the training stops that many epochs
+    after the best one."""
 
     epochs: int = 30
     lr: float = 1e-3
+    patience: int | None = None  # stop after this many epochs without a lower held-out error
     batch: int = 128
     seed: int = 0
     every_step: bool = False  # also after the refits of the steps before the last
