@@ -17,14 +17,20 @@ Per layer this is one streamed pass over the calibration data accumulating the G
 [x, 1] (one per group; one per row over its survivors when weighted) and cross-terms with the
 dense targets. Rows are solved together from one factorisation per layer (``solve_rows``). The
 ridge damping lambda = delta * mean(diag Gram) is chosen per layer by the error on held-out
-calibration samples (every fifth), never on test data, from a few rows' solves. Rows are fit on
+calibration samples (every fifth), never on test data, from a few rows' solves: the whole grid
+at the first step, the previous choice and its neighbours at a final step, the previous choice
+alone at the steps between. Rows are fit on
 the other four fifths only, so the held-out fifth stays unseen by every choice made on it (the
 damping, the distillation's epoch, the ecp-refit preset's fallback). A layer whose refit does not lower its held-out error keeps its weights.
 
 A run keeps, across steps, one session of the dense model (its targets, cached while they fit in
 memory), one session of the pruned network with the layers' weights and biases as inputs (a step
 feeds new values instead of building a model), and the moments of layers whose inputs do not
-depend on any refit weight (the first layer's, or all of them unchained).
+depend on any refit weight (the first layer's, or all of them unchained). The products run on one
+BLAS thread: the same rounding at any --threads, and on a busy machine the faster.
+
+``Distill`` (label-free distillation of the whole network) and ``blockrefit.BlockRefit``
+(Gauss-Newton on two-layer blocks) are the repairs that follow a refit.
 """
 from __future__ import annotations
 
@@ -367,22 +373,23 @@ class _Moments:
             self.tt[i] += w @ (t[:, i] ** 2)
 
 
-def _candidates(previous: float | None, fixed: float | None = None) -> list[float]:
-    """Dampings to try: the whole grid first, then the previous step's choice and its neighbours
-    (only ``fixed`` when given)."""
+def _candidates(previous: float | None, fixed: float | None = None, explore: bool = True) -> list[float]:
+    """Dampings to try: the whole grid first, then the previous step's choice and its neighbours,
+    or the previous choice alone when not ``explore`` (only ``fixed`` when given)."""
     if fixed is not None:
         return [fixed]
     if previous is None:
         return list(DAMPING_GRID)
+    if not explore:
+        return [previous]
     return [d for d in DAMPING_GRID if previous / 10.01 <= d <= previous * 10.01]
 
 
-def _shared_fit(layer, fit: _Moments, held: _Moments, keep: np.ndarray, theta_now: np.ndarray, previous, fixed=None):
+def _shared_fit(layer, fit: _Moments, held: _Moments, keep: np.ndarray, theta_now: np.ndarray, candidates: list[float]):
     """Unweighted rows: (damping, theta on the fit samples, held-out error before and after), the
     errors summed over the GRID_ROWS rows spread over the layer whose held-out solves chose the damping."""
     per_group = fit.per_group
     sample = np.unique(np.linspace(0, layer.out_features - 1, GRID_ROWS).astype(int))
-    candidates = _candidates(previous, fixed)
     scores, before = np.zeros(len(candidates)), 0.0
     for g in range(fit.gram.shape[0]):
         mine = sample[sample // per_group == g]
@@ -400,13 +407,12 @@ def _shared_fit(layer, fit: _Moments, held: _Moments, keep: np.ndarray, theta_no
     return candidates[best], theta, before, scores[best]
 
 
-def _weighted_fit(fit: _Moments, held: _Moments, survivors, in_features: int, theta_now: np.ndarray, previous,
-                  fixed=None):
+def _weighted_fit(fit: _Moments, held: _Moments, survivors, in_features: int, theta_now: np.ndarray,
+                  candidates: list[float]):
     """G-weighted rows of one block: (damping, theta (rows, in + 1) on the fit samples, held-out error
     before and after summed over the GRID_ROWS rows whose solves chose the damping)."""
     rows = fit.rows
     sample = np.unique(np.linspace(0, len(rows) - 1, GRID_ROWS).astype(int))
-    candidates = _candidates(previous, fixed)
 
     def held_error(slot, theta):
         return float(theta @ held.gram[slot] @ theta - 2 * theta @ held.cross[slot] + held.tt[rows[slot]])
@@ -534,13 +540,14 @@ class RefitRun:
             if problem:
                 reports.append(LayerRefit(name, skipped=problem))
                 continue
-            report, inserted = self._refit_layer(model, layer, layers, jac)
+            with runtime.one_blas_thread():  # small products: the same rounding at any --threads, and faster
+                report, inserted = self._refit_layer(model, layer, layers, jac, final)
             reports.append(report)
             if self.progress:
                 self.progress(done + 1, len(names))
         return model, reports
 
-    def _refit_layer(self, model, layer, layers, jac):
+    def _refit_layer(self, model, layer, layers, jac, final):
         network = self._session(model, layers)
         source = network if self.spec.chained else self._dense_session(layers)
         weight = layer.to_rows(read_initializer(model, layer.weight))
@@ -573,13 +580,12 @@ class RefitRun:
                 if fixed:
                     self.fixed[layer.name] = (fit, held)
             theta_now = np.concatenate([weight, bias[:, None]], axis=1)
-            previous = self.damping.get(layer.name)
+            candidates = _candidates(self.damping.get(layer.name), self.spec.damping, explore=final)
             if weighted:
-                delta, theta, before, after = _weighted_fit(fit, held, survivors, layer.in_features, theta_now, previous,
-                                                            self.spec.damping)
+                delta, theta, before, after = _weighted_fit(fit, held, survivors, layer.in_features, theta_now, candidates)
             else:
                 rows = np.arange(layer.out_features)
-                delta, theta, before, after = _shared_fit(layer, fit, held, keep, theta_now, previous, self.spec.damping)
+                delta, theta, before, after = _shared_fit(layer, fit, held, keep, theta_now, candidates)
             results.append((rows, delta, theta, before, after))
         new_weight, new_bias = weight.copy(), bias.copy()
         for rows, _, theta, _, _ in results:
