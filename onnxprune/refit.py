@@ -40,7 +40,6 @@ from typing import Callable
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from threadpoolctl import threadpool_limits
 
 from . import runtime
 from .data import Dataset
@@ -51,6 +50,8 @@ from .rewrite import shift_bias
 from .statistics import layer_patches
 
 DAMPING_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+FULL_GRID = True
+FIRST_DAMPING = 1e-3
 HOLDOUT_EVERY = 5
 GRID_ROWS = 8                 # rows whose held-out solves choose a layer's damping
 SOLVE_BYTES = 64 * 2**20      # bound on one stacked batch of padded row systems
@@ -120,7 +121,7 @@ def solve_rows(gram: np.ndarray, cross: np.ndarray, keep: np.ndarray, delta: flo
     """Ridge least squares of every row over its kept inputs (see ``_solve_rows``), on one BLAS
     thread: the stacked systems are small, and BLAS threads fighting over shared cores made them
     20x slower."""
-    with threadpool_limits(limits=1, user_api="blas"):
+    with runtime.one_blas_thread():
         return _solve_rows(gram, cross, keep, delta)
 
 
@@ -379,7 +380,7 @@ def _candidates(previous: float | None, fixed: float | None = None, explore: boo
     if fixed is not None:
         return [fixed]
     if previous is None:
-        return list(DAMPING_GRID)
+        return list(DAMPING_GRID) if FULL_GRID else _candidates(FIRST_DAMPING)
     if not explore:
         return [previous]
     return [d for d in DAMPING_GRID if previous / 10.01 <= d <= previous * 10.01]
@@ -387,23 +388,29 @@ def _candidates(previous: float | None, fixed: float | None = None, explore: boo
 
 def _shared_fit(layer, fit: _Moments, held: _Moments, keep: np.ndarray, theta_now: np.ndarray, candidates: list[float]):
     """Unweighted rows: (damping, theta on the fit samples, held-out error before and after), the
-    errors summed over the GRID_ROWS rows spread over the layer whose held-out solves chose the damping."""
+    errors summed over the GRID_ROWS rows spread over the layer whose held-out solves chose the
+    damping (with one candidate, the final solve's rows: there is nothing to choose)."""
     per_group = fit.per_group
     sample = np.unique(np.linspace(0, layer.out_features - 1, GRID_ROWS).astype(int))
-    scores, before = np.zeros(len(candidates)), 0.0
-    for g in range(fit.gram.shape[0]):
-        mine = sample[sample // per_group == g]
-        if not len(mine):
-            continue
-        held_errors = lambda theta: _errors(theta, held.gram[g], held.cross[g][:, mine], held.tt[mine]).sum()  # noqa: E731
-        before += held_errors(theta_now[mine])
+    mine = [sample[sample // per_group == g] for g in range(fit.gram.shape[0])]
+
+    def held_error(theta_rows: np.ndarray, g: int) -> float:
+        return float(_errors(theta_rows, held.gram[g], held.cross[g][:, mine[g]], held.tt[mine[g]]).sum())
+
+    groups = [g for g in range(fit.gram.shape[0]) if len(mine[g])]
+    before = sum(held_error(theta_now[mine[g]], g) for g in groups)
+    scores = np.zeros(len(candidates))
+    if len(candidates) > 1:
         for c, delta in enumerate(candidates):
-            scores[c] += held_errors(solve_rows(fit.gram[g], fit.cross[g][:, mine], keep[mine], delta))
+            scores[c] = sum(held_error(solve_rows(fit.gram[g], fit.cross[g][:, mine[g]], keep[mine[g]], delta), g)
+                            for g in groups)
     best = int(np.argmin(scores))
     theta = np.zeros((layer.out_features, layer.in_features + 1))
     for g in range(fit.gram.shape[0]):
         rows = np.arange(g * per_group, (g + 1) * per_group)
         theta[rows] = solve_rows(fit.gram[g], fit.cross[g][:, rows], keep[rows], candidates[best])
+    if len(candidates) == 1:
+        scores[0] = sum(held_error(theta[mine[g]], g) for g in groups)
     return candidates[best], theta, before, scores[best]
 
 
