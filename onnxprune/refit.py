@@ -50,11 +50,10 @@ from .rewrite import shift_bias
 from .statistics import layer_patches
 
 DAMPING_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-FULL_GRID = True
-FIRST_DAMPING = 1e-3
 HOLDOUT_EVERY = 5
 GRID_ROWS = 8                 # rows whose held-out solves choose a layer's damping
 SOLVE_BYTES = 64 * 2**20      # bound on one stacked batch of padded row systems
+SOLVE_CHUNK = 16              # rows per stacked solve (of similar set sizes: little padding)
 CACHE_BYTES = 256 * 2**20     # dense targets kept between steps up to this size
 ROW_BLOCK_BYTES = 256 * 2**20  # bound on a block of per-row (G-weighted) Gram matrices
 
@@ -84,9 +83,10 @@ def refit_problem(layer: Layer) -> str | None:
 # Row solves
 
 def _padded_solve(matrix: np.ndarray, index: np.ndarray, valid: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Solve matrix[S_r, S_r] y_r = rhs_r for every row r's index set S_r (``index`` padded, ``valid``)
-    at once: padding points at identity rows appended to ``matrix``, so every row's system is one
-    gather of the same size; chunks keep each stack within SOLVE_BYTES."""
+    """Solve matrix[S_r, S_r] y_r = rhs_r for every row r's index set S_r (``index`` padded, ``valid``
+    first in each row) at once: padding points at identity rows appended to ``matrix``, so a chunk of
+    rows is one gather of one size. Rows go in order of their set's size, each chunk padded to its
+    own largest (SOLVE_CHUNK rows, within SOLVE_BYTES)."""
     rows, k = index.shape
     out = np.zeros((rows, k))
     if k == 0:
@@ -97,14 +97,21 @@ def _padded_solve(matrix: np.ndarray, index: np.ndarray, valid: np.ndarray, rhs:
     augmented[np.arange(d, d + k), np.arange(d, d + k)] = 1.0
     index = np.where(valid, index, d + np.arange(k))
     rhs = np.where(valid, rhs, 0.0)
-    step = max(1, SOLVE_BYTES // (8 * k * k))
-    for start in range(0, rows, step):
-        idx, b = index[start:start + step], rhs[start:start + step]
+    counts = valid.sum(1)
+    order = np.argsort(counts, kind="stable")
+    start = 0
+    while start < rows:
+        size = max(int(counts[order[min(start + SOLVE_CHUNK, rows) - 1]]), 1)
+        step = max(1, min(SOLVE_CHUNK, SOLVE_BYTES // (8 * size * size)))
+        chunk = order[start:start + step]
+        size = max(int(counts[chunk].max()), 1)
+        idx, b = index[chunk, :size], rhs[chunk, :size]
         a = augmented[idx[:, :, None], idx[:, None, :]]
         try:
-            out[start:start + step] = np.linalg.solve(a, b[..., None])[..., 0]
+            out[chunk, :size] = np.linalg.solve(a, b[..., None])[..., 0]
         except np.linalg.LinAlgError:
-            out[start:start + step] = [np.linalg.lstsq(m, v, rcond=None)[0] for m, v in zip(a, b)]
+            out[chunk, :size] = [np.linalg.lstsq(m, v, rcond=None)[0] for m, v in zip(a, b)]
+        start += step
     return out
 
 
@@ -380,7 +387,7 @@ def _candidates(previous: float | None, fixed: float | None = None, explore: boo
     if fixed is not None:
         return [fixed]
     if previous is None:
-        return list(DAMPING_GRID) if FULL_GRID else _candidates(FIRST_DAMPING)
+        return list(DAMPING_GRID)
     if not explore:
         return [previous]
     return [d for d in DAMPING_GRID if previous / 10.01 <= d <= previous * 10.01]
