@@ -3,7 +3,6 @@ steps that lower the block loss with masks kept exactly, and the repair on real 
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
 
 import onnxprune
 from onnxprune import blockrefit, runtime
@@ -12,7 +11,7 @@ from onnxprune.layers import analyse_graph, read_initializer
 from onnxprune.refit import Compose, Refit
 from onnxprune.schedule import one_shot
 from onnxprune.zoo import build_mlp
-from tinynets import data, mlp
+from tinynets import mlp
 
 ACTS = [Activation("PRelu", np.array([0.1, 0.3, -0.2, 0.5])), Activation("Tanh"), Activation("Sigmoid"),
         Activation("LeakyRelu", 0.01), Activation("Relu")]
