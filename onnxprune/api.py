@@ -109,7 +109,8 @@ class Preset:
 
 
 PRESETS = {
-    "ecp-refit": Preset("ecp", geometric(5), refit=True, then=Distill(epochs=60, lr=1e-2), fallback=True),
+    "ecp-refit": Preset("ecp", geometric(5), refit=True, then=Distill(epochs=40, lr=1e-2, batch=256, patience=8),
+                        fallback=True),
 }
 METHOD_NAMES = (*METHODS, *PRESETS)
 

@@ -17,14 +17,20 @@ Per layer this is one streamed pass over the calibration data accumulating the G
 [x, 1] (one per group; one per row over its survivors when weighted) and cross-terms with the
 dense targets. Rows are solved together from one factorisation per layer (``solve_rows``). The
 ridge damping lambda = delta * mean(diag Gram) is chosen per layer by the error on held-out
-calibration samples (every fifth), never on test data, from a few rows' solves. Rows are fit on
+calibration samples (every fifth), never on test data, from a few rows' solves: the whole grid
+at the first step, the previous choice and its neighbours at a final step, the previous choice
+alone at the steps between. Rows are fit on
 the other four fifths only, so the held-out fifth stays unseen by every choice made on it (the
 damping, the distillation's epoch, the ecp-refit preset's fallback). A layer whose refit does not lower its held-out error keeps its weights.
 
 A run keeps, across steps, one session of the dense model (its targets, cached while they fit in
 memory), one session of the pruned network with the layers' weights and biases as inputs (a step
 feeds new values instead of building a model), and the moments of layers whose inputs do not
-depend on any refit weight (the first layer's, or all of them unchained).
+depend on any refit weight (the first layer's, or all of them unchained). The products run on one
+BLAS thread: the same rounding at any --threads, and on a busy machine the faster.
+
+``Distill`` (label-free distillation of the whole network) and ``blockrefit.BlockRefit``
+(Gauss-Newton on two-layer blocks) are the repairs that follow a refit.
 """
 from __future__ import annotations
 
@@ -34,7 +40,6 @@ from typing import Callable
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from threadpoolctl import threadpool_limits
 
 from . import runtime
 from .data import Dataset
@@ -49,6 +54,7 @@ DAMPING_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 HOLDOUT_EVERY = 5
 GRID_ROWS = 8                 # rows whose held-out solves choose a layer's damping
 SOLVE_BYTES = 64 * 2**20      # bound on one stacked batch of padded row systems
+SOLVE_CHUNK = 16              # rows per stacked solve (of similar set sizes: little padding)
 CACHE_BYTES = 256 * 2**20     # dense targets kept between steps up to this size
 ROW_BLOCK_BYTES = 256 * 2**20  # bound on a block of per-row (G-weighted) Gram matrices
 
@@ -78,9 +84,10 @@ def refit_problem(layer: Layer) -> str | None:
 # Row solves
 
 def _padded_solve(matrix: np.ndarray, index: np.ndarray, valid: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Solve matrix[S_r, S_r] y_r = rhs_r for every row r's index set S_r (``index`` padded, ``valid``)
-    at once: padding points at identity rows appended to ``matrix``, so every row's system is one
-    gather of the same size; chunks keep each stack within SOLVE_BYTES."""
+    """Solve matrix[S_r, S_r] y_r = rhs_r for every row r's index set S_r (``index`` padded, ``valid``
+    first in each row) at once: padding points at identity rows appended to ``matrix``, so a chunk of
+    rows is one gather of one size. Rows go in order of their set's size, each chunk padded to its
+    own largest (SOLVE_CHUNK rows, within SOLVE_BYTES)."""
     rows, k = index.shape
     out = np.zeros((rows, k))
     if k == 0:
@@ -91,14 +98,21 @@ def _padded_solve(matrix: np.ndarray, index: np.ndarray, valid: np.ndarray, rhs:
     augmented[np.arange(d, d + k), np.arange(d, d + k)] = 1.0
     index = np.where(valid, index, d + np.arange(k))
     rhs = np.where(valid, rhs, 0.0)
-    step = max(1, SOLVE_BYTES // (8 * k * k))
-    for start in range(0, rows, step):
-        idx, b = index[start:start + step], rhs[start:start + step]
+    counts = valid.sum(1)
+    order = np.argsort(counts, kind="stable")
+    start = 0
+    while start < rows:
+        size = max(int(counts[order[min(start + SOLVE_CHUNK, rows) - 1]]), 1)
+        step = max(1, min(SOLVE_CHUNK, SOLVE_BYTES // (8 * size * size)))
+        chunk = order[start:start + step]
+        size = max(int(counts[chunk].max()), 1)
+        idx, b = index[chunk, :size], rhs[chunk, :size]
         a = augmented[idx[:, :, None], idx[:, None, :]]
         try:
-            out[start:start + step] = np.linalg.solve(a, b[..., None])[..., 0]
+            out[chunk, :size] = np.linalg.solve(a, b[..., None])[..., 0]
         except np.linalg.LinAlgError:
-            out[start:start + step] = [np.linalg.lstsq(m, v, rcond=None)[0] for m, v in zip(a, b)]
+            out[chunk, :size] = [np.linalg.lstsq(m, v, rcond=None)[0] for m, v in zip(a, b)]
+        start += step
     return out
 
 
@@ -115,7 +129,7 @@ def solve_rows(gram: np.ndarray, cross: np.ndarray, keep: np.ndarray, delta: flo
     """Ridge least squares of every row over its kept inputs (see ``_solve_rows``), on one BLAS
     thread: the stacked systems are small, and BLAS threads fighting over shared cores made them
     20x slower."""
-    with threadpool_limits(limits=1, user_api="blas"):
+    with runtime.one_blas_thread():
         return _solve_rows(gram, cross, keep, delta)
 
 
@@ -368,46 +382,52 @@ class _Moments:
             self.tt[i] += w @ (t[:, i] ** 2)
 
 
-def _candidates(previous: float | None, fixed: float | None = None) -> list[float]:
-    """Dampings to try: the whole grid first, then the previous step's choice and its neighbours
-    (only ``fixed`` when given)."""
+def _candidates(previous: float | None, fixed: float | None = None, explore: bool = True) -> list[float]:
+    """Dampings to try: the whole grid first, then the previous step's choice and its neighbours,
+    or the previous choice alone when not ``explore`` (only ``fixed`` when given)."""
     if fixed is not None:
         return [fixed]
     if previous is None:
         return list(DAMPING_GRID)
+    if not explore:
+        return [previous]
     return [d for d in DAMPING_GRID if previous / 10.01 <= d <= previous * 10.01]
 
 
-def _shared_fit(layer, fit: _Moments, held: _Moments, keep: np.ndarray, theta_now: np.ndarray, previous, fixed=None):
+def _shared_fit(layer, fit: _Moments, held: _Moments, keep: np.ndarray, theta_now: np.ndarray, candidates: list[float]):
     """Unweighted rows: (damping, theta on the fit samples, held-out error before and after), the
-    errors summed over the GRID_ROWS rows spread over the layer whose held-out solves chose the damping."""
+    errors summed over the GRID_ROWS rows spread over the layer whose held-out solves chose the
+    damping (with one candidate, the final solve's rows: there is nothing to choose)."""
     per_group = fit.per_group
     sample = np.unique(np.linspace(0, layer.out_features - 1, GRID_ROWS).astype(int))
-    candidates = _candidates(previous, fixed)
-    scores, before = np.zeros(len(candidates)), 0.0
-    for g in range(fit.gram.shape[0]):
-        mine = sample[sample // per_group == g]
-        if not len(mine):
-            continue
-        held_errors = lambda theta: _errors(theta, held.gram[g], held.cross[g][:, mine], held.tt[mine]).sum()  # noqa: E731
-        before += held_errors(theta_now[mine])
+    mine = [sample[sample // per_group == g] for g in range(fit.gram.shape[0])]
+
+    def held_error(theta_rows: np.ndarray, g: int) -> float:
+        return float(_errors(theta_rows, held.gram[g], held.cross[g][:, mine[g]], held.tt[mine[g]]).sum())
+
+    groups = [g for g in range(fit.gram.shape[0]) if len(mine[g])]
+    before = sum(held_error(theta_now[mine[g]], g) for g in groups)
+    scores = np.zeros(len(candidates))
+    if len(candidates) > 1:
         for c, delta in enumerate(candidates):
-            scores[c] += held_errors(solve_rows(fit.gram[g], fit.cross[g][:, mine], keep[mine], delta))
+            scores[c] = sum(held_error(solve_rows(fit.gram[g], fit.cross[g][:, mine[g]], keep[mine[g]], delta), g)
+                            for g in groups)
     best = int(np.argmin(scores))
     theta = np.zeros((layer.out_features, layer.in_features + 1))
     for g in range(fit.gram.shape[0]):
         rows = np.arange(g * per_group, (g + 1) * per_group)
         theta[rows] = solve_rows(fit.gram[g], fit.cross[g][:, rows], keep[rows], candidates[best])
+    if len(candidates) == 1:
+        scores[0] = sum(held_error(theta[mine[g]], g) for g in groups)
     return candidates[best], theta, before, scores[best]
 
 
-def _weighted_fit(fit: _Moments, held: _Moments, survivors, in_features: int, theta_now: np.ndarray, previous,
-                  fixed=None):
+def _weighted_fit(fit: _Moments, held: _Moments, survivors, in_features: int, theta_now: np.ndarray,
+                  candidates: list[float]):
     """G-weighted rows of one block: (damping, theta (rows, in + 1) on the fit samples, held-out error
     before and after summed over the GRID_ROWS rows whose solves chose the damping)."""
     rows = fit.rows
     sample = np.unique(np.linspace(0, len(rows) - 1, GRID_ROWS).astype(int))
-    candidates = _candidates(previous, fixed)
 
     def held_error(slot, theta):
         return float(theta @ held.gram[slot] @ theta - 2 * theta @ held.cross[slot] + held.tt[rows[slot]])
@@ -535,13 +555,14 @@ class RefitRun:
             if problem:
                 reports.append(LayerRefit(name, skipped=problem))
                 continue
-            report, inserted = self._refit_layer(model, layer, layers, jac)
+            with runtime.one_blas_thread():  # small products: the same rounding at any --threads, and faster
+                report, inserted = self._refit_layer(model, layer, layers, jac, final)
             reports.append(report)
             if self.progress:
                 self.progress(done + 1, len(names))
         return model, reports
 
-    def _refit_layer(self, model, layer, layers, jac):
+    def _refit_layer(self, model, layer, layers, jac, final):
         network = self._session(model, layers)
         source = network if self.spec.chained else self._dense_session(layers)
         weight = layer.to_rows(read_initializer(model, layer.weight))
@@ -574,13 +595,12 @@ class RefitRun:
                 if fixed:
                     self.fixed[layer.name] = (fit, held)
             theta_now = np.concatenate([weight, bias[:, None]], axis=1)
-            previous = self.damping.get(layer.name)
+            candidates = _candidates(self.damping.get(layer.name), self.spec.damping, explore=final)
             if weighted:
-                delta, theta, before, after = _weighted_fit(fit, held, survivors, layer.in_features, theta_now, previous,
-                                                            self.spec.damping)
+                delta, theta, before, after = _weighted_fit(fit, held, survivors, layer.in_features, theta_now, candidates)
             else:
                 rows = np.arange(layer.out_features)
-                delta, theta, before, after = _shared_fit(layer, fit, held, keep, theta_now, previous, self.spec.damping)
+                delta, theta, before, after = _shared_fit(layer, fit, held, keep, theta_now, candidates)
             results.append((rows, delta, theta, before, after))
         new_weight, new_bias = weight.copy(), bias.copy()
         for rows, _, theta, _, _ in results:
@@ -635,6 +655,7 @@ class _DistillRun:
     def __init__(self, spec: "Distill", dense, data: Dataset, output: str, provider, threads, batch_size):
         self.spec, self.dense, self.data, self.output = spec, dense, data, output
         self.provider, self.threads, self.batch_size = provider, threads, batch_size
+        self.feeds = {k: np.asarray(v) for k, v in data.feeds.items()}  # an .npz's columns are read once, here
 
     def __call__(self, current: onnx.ModelProto, layers: list[Layer], final: bool):
         if not (final or self.spec.every_step):
@@ -645,7 +666,7 @@ class _DistillRun:
         if not names or any(inits[n].data_type != onnx.TensorProto.FLOAT for n in names):
             return current, [LayerRefit(layer.name, skipped="distillation needs float32 weights") for layer in layers]
         (dense_y,) = runtime.tensor_session(self.dense, [self.output], self.provider, self.threads).run(
-            [self.output], self.data.feeds)
+            [self.output], self.feeds)
         try:
             session = self._session(current, names, dense_y.shape[1:])
         except Exception as exc:  # onnx-ad refuses an op or a shape: keep the refit's model
@@ -655,48 +676,58 @@ class _DistillRun:
         held = np.arange(n) % HOLDOUT_EVERY == 0
         fit_rows, held_rows = np.flatnonzero(~held), np.flatnonzero(held)
         values = {k: numpy_helper.to_array(inits[k]).astype(np.float32) for k in names}
-        masks = {layer.weight: values[layer.weight] != 0 for layer in layers}
+        # Adam runs on one flat vector of what may move: the kept weights and the biases
+        free = {k: values[k] != 0 if k in {layer.weight for layer in layers} else np.ones(values[k].shape, bool)
+                for k in names}
         seed = np.ones(1, np.float32)
 
-        def run(params, rows, grads):
-            feeds = {k: v[rows] for k, v in self.data.feeds.items()}
-            feeds.update(params)
+        def run(theta, rows, grads):
+            feeds = {k: v[rows] for k, v in self.feeds.items()}
+            feeds.update(unflat(theta))
             feeds.update({DISTILL_TARGET: dense_y[rows], f"adj_{DISTILL_LOSS}": seed})
             wanted = [DISTILL_LOSS] + ([f"adj_{k}" for k in names] if grads else [])
             return session.run(wanted, feeds)
 
-        def held_error(params):
-            return sum(float(run(params, held_rows[i:i + self.batch_size], False)[0])
+        def unflat(theta):
+            out, at = {}, 0
+            for k in names:
+                v = np.zeros(values[k].shape, np.float32)
+                count = int(free[k].sum())
+                v[free[k]] = theta[at:at + count]
+                out[k], at = v, at + count
+            return out
+
+        def held_error(theta):
+            return sum(float(run(theta, held_rows[i:i + self.batch_size], False)[0])
                        for i in range(0, len(held_rows), self.batch_size)) / max(len(held_rows), 1)
 
         rng = np.random.default_rng(self.spec.seed)
-        moment = {k: np.zeros_like(v, np.float64) for k, v in values.items()}
-        second = {k: np.zeros_like(v, np.float64) for k, v in values.items()}
-        params = {k: v.astype(np.float64) for k, v in values.items()}
-        best_error, best, best_epoch = held_error(values), values, 0
+        theta = np.concatenate([values[k][free[k]] for k in names]).astype(np.float64)
+        moment, second = np.zeros_like(theta), np.zeros_like(theta)
+        best_error, best, best_epoch = held_error(theta.astype(np.float32)), theta.astype(np.float32), 0
         start_error, t = best_error, 0
+        self.curve = [start_error]  # held-out error after every epoch (the first: before any)
         b1, b2, eps = 0.9, 0.999, 1e-8
         for epoch in range(1, self.spec.epochs + 1):
             order = rng.permutation(fit_rows)
             for i in range(0, len(order), self.spec.batch):
                 rows = np.sort(order[i:i + self.spec.batch])
-                as32 = {k: v.astype(np.float32) for k, v in params.items()}
-                grads = run(as32, rows, True)[1:]
+                grads = run(theta.astype(np.float32), rows, True)[1:]
+                g = np.concatenate([grad.reshape(values[k].shape)[free[k]] for k, grad in zip(names, grads)])
+                g = g.astype(np.float64) / len(rows)
                 t += 1
-                for k, g in zip(names, grads):
-                    g = g[..., 0].astype(np.float64) / len(rows)
-                    if k in masks:
-                        g = np.where(masks[k], g, 0.0)
-                    moment[k] = b1 * moment[k] + (1 - b1) * g
-                    second[k] = b2 * second[k] + (1 - b2) * g * g
-                    step = self.spec.lr * (moment[k] / (1 - b1**t)) / (np.sqrt(second[k] / (1 - b2**t)) + eps)
-                    params[k] = params[k] - step
-                    if k in masks:
-                        params[k] = np.where(masks[k], params[k], 0.0)
-            candidate = {k: v.astype(np.float32) for k, v in params.items()}
+                moment = b1 * moment + (1 - b1) * g
+                second = b2 * second + (1 - b2) * g * g
+                theta = theta - self.spec.lr * (moment / (1 - b1**t)) / (np.sqrt(second / (1 - b2**t)) + eps)
+            candidate = theta.astype(np.float32)
             error = held_error(candidate)
+            self.curve.append(error)
             if error < best_error:
                 best_error, best, best_epoch = error, candidate, epoch
+            elif self.spec.patience and epoch - best_epoch >= self.spec.patience:
+                break
+        self.epochs_run = epoch if self.spec.epochs else 0
+        best = unflat(best)
         model = onnx.ModelProto()
         model.CopyFrom(current)
         for t_ in model.graph.initializer:
@@ -716,9 +747,9 @@ class _DistillRun:
         m = _parametric(runtime.runtime_copy(model), names)
         graph = m.graph
         for vi in graph.input:  # reverse mode needs declared shapes (Conv, Slice): the data's per sample
-            if vi.name in self.data.feeds:
+            if vi.name in self.feeds:
                 vi.CopyFrom(helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type,
-                                                          ["N", *self.data.feeds[vi.name].shape[1:]]))
+                                                          ["N", *self.feeds[vi.name].shape[1:]]))
         y = next(o for o in graph.output if o.name == self.output)
         graph.input.append(helper.make_tensor_value_info(DISTILL_TARGET, onnx.TensorProto.FLOAT, ["N", *shape]))
         graph.node.extend([helper.make_node("Sub", [self.output, DISTILL_TARGET], [f"{DISTILL_LOSS}__d"]),
@@ -741,10 +772,12 @@ class Distill:
     weights and biases towards the dense model's protected output on the calibration data (mean
     squared difference), gradients from onnx-ad's reverse-mode graph (any onnxruntime). Trained on
     four fifths of the samples; the epoch with the least error on the held-out fifth is kept, the
-    model as it came when none lowers it."""
+    model as it came when none lowers it; with ``patience`` the training stops that many epochs
+    after the best one."""
 
     epochs: int = 30
     lr: float = 1e-3
+    patience: int | None = None  # stop after this many epochs without a lower held-out error
     batch: int = 128
     seed: int = 0
     every_step: bool = False  # also after the refits of the steps before the last

@@ -10,6 +10,7 @@ moments are over samples and positions (the im2col patch values).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,7 +22,7 @@ from .data import Dataset
 from .engines import loss_gradients, output_jacobians
 from .errors import InputError
 from .graph import tensor_types
-from .jacobians import output_shape, tensor_shapes
+from .jacobians import tensor_shapes
 from .layers import Layer
 from .runtime import blas_threads, one_blas_thread
 
@@ -146,29 +147,62 @@ def layer_patches(layer: Layer, z: np.ndarray) -> np.ndarray:
     return np.asarray(z, np.float64).reshape(n, -1, layer.in_features).transpose(0, 2, 1)[:, None]
 
 
-def sample_bytes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str = "cpu") -> int:
+class ShapeMemo:
+    """``tensor_shapes`` remembered for one graph: a schedule of several steps scores the same graph
+    with new layer weights at every step, and no shape depends on those weights' values (the key is
+    the graph with every other initializer's value, and the data's per-sample shapes)."""
+
+    def __init__(self):
+        self.key, self.shapes = None, {}
+
+    def __call__(self, model, layers, feeds, provider) -> Callable[..., dict[str, tuple[int, ...]]]:
+        varying = {n for layer in layers for n in (layer.weight, layer.bias) if n}
+        digest = hashlib.sha256(provider.encode())
+        for part in [*model.graph.node, *model.graph.input, *model.graph.output]:
+            digest.update(part.SerializeToString())
+        for t in model.graph.initializer:
+            digest.update(f"{t.name}:{tuple(t.dims)}:{t.data_type}".encode())
+            if t.name not in varying:
+                digest.update(t.SerializeToString())
+        for name, value in feeds.items():
+            digest.update(f"{name}:{tuple(value.shape[1:])}:{value.dtype}".encode())
+        if digest.digest() != self.key:
+            self.key, self.shapes = digest.digest(), {}
+
+        def shapes(model_, names, feeds_, provider_=provider):
+            missing = [n for n in names if n not in self.shapes]
+            if missing:
+                self.shapes.update(tensor_shapes(model_, missing, feeds_, provider_))
+            return {n: self.shapes[n] for n in names}
+
+        return shapes
+
+
+SHAPES = ShapeMemo()  # one graph's shapes, the last one scored
+
+
+def sample_bytes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str = "cpu", shapes=tensor_shapes) -> int:
     """Bytes of every float tensor the model computes for one sample (measured on the first sample of
     ``feeds``); 0 when onnxruntime cannot return them all."""
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     types = tensor_types(model)
     names = [out for node in model.graph.node for out in node.output if out and types.get(out) in float_types]
     try:
-        values = tensor_shapes(model, list(dict.fromkeys(names)), {k: v[:1] for k, v in feeds.items()}, provider)
+        values = shapes(model, list(dict.fromkeys(names)), {k: v[:1] for k, v in feeds.items()}, provider)
     except Exception:  # noqa: BLE001 - an estimate only; the element bound still applies
         return 0
     return 4 * sum(int(np.prod(shape)) if shape else 1 for shape in values.values())
 
 
 def batch_step(model, layers, data, repeats, batch_size, provider, memory_budget: int = MEMORY_BUDGET,
-               activation_bytes: int | None = None) -> int:
+               activation_bytes: int | None = None, shapes=tensor_shapes) -> int:
     """Samples per batch: at most batch_size; few enough that the tiled batch's largest tensor (R
     copies of a pre-activation or an input) stays under BATCH_ELEMENTS; and few enough that the
     forward activations and R derivatives of every tensor, twice over for temporaries, fit
     ``memory_budget`` bytes (at least one sample). ``activation_bytes``: ``sample_bytes`` when the
     caller has measured it already."""
     names = [layer.preact for layer in layers] + [layer.input for layer in layers]
-    shapes = tensor_shapes(model, names, data.subset(1).feeds, provider)
-    largest = max([int(np.prod(s)) if s else 1 for s in shapes.values()] + [1])
+    largest = max([int(np.prod(s)) if s else 1 for s in shapes(model, names, data.subset(1).feeds, provider).values()] + [1])
     if activation_bytes is None:
         activation_bytes = sample_bytes(model, data.subset(1).feeds, provider)
     per_sample = activation_bytes * (1 + 2 * repeats)
@@ -188,17 +222,19 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Datase
     EngineChoice), the probes (None: exact), whether they were chosen automatically, the batch."""
     if shared not in STATISTICS:
         raise InputError(f"shared-weight statistics must be one of {STATISTICS}, got {shared!r}")
-    shape = output_shape(model, output, data.feeds, provider)
+    one = data.subset(1).feeds
+    shapes = SHAPES(model, layers, one, provider)
+    shape = shapes(model, [output], one, provider)[output]
     width = int(np.prod(shape)) if shape else 1
     automatic = probes is None and width > EXACT_LIMIT
-    activation_bytes = sample_bytes(model, data.subset(1).feeds, provider)
+    activation_bytes = sample_bytes(model, one, provider, shapes)
     if automatic:  # as many as one sample's activations and derivatives fit the budget, up to AUTO_PROBES
         fit = (memory_budget // activation_bytes - 1) // 2 if activation_bytes else AUTO_PROBES
         probes = int(max(1, min(AUTO_PROBES, fit)))
     jac = output_jacobians(model, layers, output, width, probes=probes, seed=seed, provider=provider, threads=threads,
                            engine=engine)
     stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
-    step = batch_step(model, layers, data, jac.repeats, batch_size, provider, memory_budget, activation_bytes)
+    step = batch_step(model, layers, data, jac.repeats, batch_size, provider, memory_budget, activation_bytes, shapes)
     with blas_threads(threads):
         _accumulate(jac, layers, data, shape, step, stats, shared, progress)
     if all(not np.any(st.sum_g) for st in stats.values()):

@@ -327,3 +327,16 @@ def test_refit_rows_solves_each_rows_ridge_problem_over_its_kept_inputs():
     gram, cross = xb.T @ xb, xb.T @ t
     by_row = np.vstack([solve_rows(gram, cross[:, [i]], keep[[i]], 1e-3) for i in range(6)])
     np.testing.assert_allclose(solve_rows(gram, cross, keep, 1e-3), by_row, rtol=1e-7, atol=1e-9)
+
+
+def test_ecp_refit_reads_its_calibration_data_from_an_npz_file(tmp_path):
+    """An .npz's columns are read lazily (NpzColumn); the distillation feeds them as arrays, and the
+    result is the one the same data given as arrays gives."""
+    dense, _, _ = mlp((6, 8, 3), pattern="gemm_t", seed=2)
+    arrays = data(120, d=6, classes=3)
+    np.savez(tmp_path / "calib.npz", **arrays)
+    onnx.save(dense, tmp_path / "dense.onnx")
+    from_file = onnxprune.prune(str(tmp_path / "dense.onnx"), str(tmp_path / "calib.npz"), 0.6, method="ecp-refit", steps=2)
+    from_arrays = onnxprune.prune(dense, arrays, 0.6, method="ecp-refit", steps=2)
+    for a, b in zip(from_file.model.graph.initializer, from_arrays.model.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))

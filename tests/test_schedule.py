@@ -91,3 +91,30 @@ def test_ecp_refit_falls_back_to_one_shot_when_its_held_out_error_is_lower():
     y0, y1, y2 = (runtime.make_session(m).run(None, {"x": x})[0] for m in (dense, refit.model, one_shot_.model))
     assert not refit.fell_back and refit.heldout_error == pytest.approx(float(((y1 - y0) ** 2).sum(1).mean()), rel=1e-5)
     assert refit.heldout_error < float(((y2 - y0) ** 2).sum(1).mean())
+
+
+def test_shape_memo_reuses_shapes_across_new_layer_weights_only(monkeypatch):
+    """A schedule's steps share one graph's shapes; any other change (here the graph's input size)
+    measures them again."""
+    from onnxprune import statistics
+    from onnxprune.statistics import ShapeMemo
+
+    calls = []
+    real = statistics.tensor_shapes
+    monkeypatch.setattr(statistics, "tensor_shapes", lambda *a: calls.append(a[1]) or real(*a))
+    memo = ShapeMemo()
+    dense, _, _ = mlp((5, 4, 3), seed=1)
+    layers = analyse_graph(dense).layers
+    feeds = {"x": data(4, d=5)["x"]}
+    assert memo(dense, layers, feeds, "cpu")(dense, ["a0", "a1"], feeds) == {"a0": (4,), "a1": (3,)}
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(dense)
+    for t in pruned.graph.initializer:
+        if t.name == "W0":
+            t.CopyFrom(numpy_helper.from_array(np.zeros((4, 5), np.float32), "W0"))
+    assert memo(pruned, analyse_graph(pruned).layers, feeds, "cpu")(pruned, ["a0", "a1"], feeds) == {"a0": (4,), "a1": (3,)}
+    assert len(calls) == 1
+    wider, _, _ = mlp((6, 4, 3), seed=1)
+    wide = {"x": data(4, d=6)["x"]}
+    assert memo(wider, analyse_graph(wider).layers, wide, "cpu")(wider, ["x", "a0"], wide) == {"x": (6,), "a0": (4,)}
+    assert len(calls) == 2
