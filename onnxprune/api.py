@@ -10,16 +10,19 @@ import onnx
 
 from . import runtime
 from .data import Dataset, load_dataset, make_dataset
+from .distill import Distill
 from .errors import InputError
 from .evaluate import evaluate_dataset
 from .inspection import inspect  # noqa: F401 - part of the API (onnxprune.inspect, the CLI)
 from .inventory import no_layers_reason
 from .layers import GraphLayers, Layer, Skipped, analyse_graph, effective_weights
+from .lstsq import HOLDOUT_EVERY
 from .masks import choose_masks, excluded
 from .modelio import as_model
 from .outputs import protected_output, reaching
 from .prepare import AnalysisCopy, BatchFirstInputs, FoldFixedInputs, declared_shapes_for
-from .refit import HOLDOUT_EVERY, NONE, Compose, Distill, LayerRefit, Refit, current_bias
+from .refit import Refit
+from .repairs import NONE, Compose, LayerRefit, current_bias
 from .rewrite import LayerChange, rewrite
 from .saliency import METHODS, Saliency, ScoringContext, make_scorer
 from .schedule import Schedule, geometric, one_shot, path
@@ -122,11 +125,11 @@ class Pruner:
     calibration data and leaves its state in attributes ending in ``_``; ``prune`` reuses them, so a
     sweep over ratios scores once. A ``schedule`` (``onnxprune.schedule``: ``one_shot``,
     ``geometric(S)``) gives the steps that reach the target, the current network re-scored at each;
-    a ``repair`` (``onnxprune.refit``: ``NONE``, ``Refit(chained, g_weighted)``) is applied after
+    a ``repair`` (``onnxprune.repairs``: ``NONE``, ``Compose``; ``refit.Refit(chained, g_weighted)``) is applied after
     every step. ``steps``, ``refit``, ``chained`` and ``g_weighted`` are the CLI's spelling of the
     same: geometric(steps), and a Refit (G-weighted on the last step with ``g_weighted``) when
     ``refit``. Method ``ecp-refit`` is the preset ECP + geometric(5) + Refit(chained) followed, at
-    the final step, by a label-free distillation (``refit.Distill``).
+    the final step, by a label-free distillation (``distill.Distill``).
     """
 
     def __init__(self, method: str = "ecp", *, schedule: Schedule | None = None, repair=None,

@@ -14,8 +14,8 @@ least error on the held-out fifth is kept (the window as it came when none lower
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -24,7 +24,8 @@ from . import runtime
 from .data import Dataset
 from .graph import read_initializer
 from .layers import Layer, analyse_graph
-from .refit import HOLDOUT_EVERY, LayerRefit, _position_rows, _write_layer, fit_target, refit_problem
+from .lstsq import HOLDOUT_EVERY
+from .repairs import LayerRefit, fit_target, position_rows, refit_problem, write_layer
 
 GATHER_BYTES = 256 * 2**20  # the first layer's inputs gathered per kept entry up to this size, else dense products
 
@@ -240,7 +241,7 @@ def gauss_newton(problem: BlockProblem, theta: np.ndarray, steps: int = 4, cg_it
         floor = 1e-9 * max(float(diag.mean()), 1e-300)
         scaled = damping * diag + floor
 
-        def apply(v):
+        def apply(v, scaled=scaled):
             return problem.vjp(problem.jvp(v)) + scaled * v
 
         delta = _conjugate_gradients(apply, -grad, diag + scaled, cg_iterations)
@@ -262,7 +263,7 @@ def gauss_newton(problem: BlockProblem, theta: np.ndarray, steps: int = 4, cg_it
 # The repair
 
 class _BlockRun:
-    def __init__(self, spec: "BlockRefit", dense: onnx.ModelProto, layers: list[Layer], data: Dataset, provider):
+    def __init__(self, spec: BlockRefit, dense: onnx.ModelProto, layers: list[Layer], data: Dataset, provider):
         self.spec, self.dense, self.provider = spec, dense, provider
         self.feeds = {k: np.asarray(v) for k, v in data.feeds.items()}
         self.n = len(next(iter(self.feeds.values())))
@@ -273,7 +274,7 @@ class _BlockRun:
         values = dict(zip(wanted, runtime.run_tensors(dense, self.feeds, wanted, provider)))
         for layer in layers:
             name, factors = names[layer.name]
-            self.targets[layer.name] = _position_rows(layer, values[name], factors)
+            self.targets[layer.name] = position_rows(layer, values[name], factors)
 
     def __call__(self, current: onnx.ModelProto, layers: list[Layer], final: bool):
         if not (final or self.spec.every_step):
@@ -302,7 +303,7 @@ class _BlockRun:
         w2 = second.to_rows(read_initializer(model, second.weight))
         u = np.asarray(values[0], np.float64).reshape(self.n, -1)
         b1 = (u - x @ w1.T).mean(0)
-        y = _position_rows(second, values[1], factors)
+        y = position_rows(second, values[1], factors)
         b2 = (y - block.activation(u) @ w2.T).mean(0)
         scale = max(float(np.abs(y).max()), 1e-6)
         if np.abs(block.activation(x @ w1.T + b1) @ w2.T + b2 - y).max() > 1e-3 * scale:
@@ -318,10 +319,10 @@ class _BlockRun:
             return LayerRefit(label, heldout_error_before=before, heldout_error_after=before,
                               skipped="Gauss-Newton did not lower the held-out error")
         new_w1, new_b1, new_w2, new_b2 = fit.unpack(theta)
-        inserted = _write_layer(model, first, new_w1, new_b1 - b1)
+        inserted = write_layer(model, first, new_w1, new_b1 - b1)
         if inserted:
             second = analyse_graph(model).by_name()[second.name]
-        _write_layer(model, second, new_w2, new_b2 - b2)
+        write_layer(model, second, new_w2, new_b2 - b2)
         return LayerRefit(label, heldout_error_before=before, heldout_error_after=after)
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
@@ -151,7 +151,7 @@ class Dataset:
     with every batch), and the ``axes`` of inputs whose batch is not their first axis (a recurrent
     state shaped (2, batch, 128)); feeds are in the model's own layout."""
 
-    feeds: dict[str, "np.ndarray | NpzColumn"]
+    feeds: dict[str, np.ndarray | NpzColumn]
     labels: np.ndarray | None = None
     fixed: dict[str, np.ndarray] = field(default_factory=dict)
     axes: dict[str, int] = field(default_factory=dict)
@@ -170,7 +170,7 @@ class Dataset:
             labels = None if self.labels is None else self.labels[start:stop]
             yield {**{k: self._rows(k, v, start, stop) for k, v in self.feeds.items()}, **self.fixed}, labels
 
-    def subset(self, n: int) -> "Dataset":
+    def subset(self, n: int) -> Dataset:
         return Dataset({k: self._rows(k, v, 0, n) for k, v in self.feeds.items()},
                        None if self.labels is None else self.labels[:n], self.fixed, self.axes)
 
@@ -178,7 +178,7 @@ class Dataset:
         """Every model input: the per-sample feeds and the fixed ones."""
         return {**self.feeds, **self.fixed}
 
-    def per_sample(self) -> "Dataset":
+    def per_sample(self) -> Dataset:
         """The same samples with the batch first in every feed and without the fixed inputs: the data
         of an analysis copy in which the fixed inputs are constants and the others batch-first
         (``prepare.FoldFixedInputs``, ``prepare.BatchFirstInputs``)."""

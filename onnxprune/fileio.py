@@ -17,8 +17,8 @@ import signal
 import stat
 import tempfile
 import zlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from .errors import InputError
 
@@ -159,7 +159,7 @@ class Outputs:
             shutil.rmtree(folder, ignore_errors=True)
         self._scratch = []
 
-    def __enter__(self) -> "Outputs":
+    def __enter__(self) -> Outputs:
         return self
 
     def __exit__(self, kind, value, tb) -> None:

@@ -7,7 +7,7 @@ re-scores the current network and repairs it after every step. ``one_shot`` is o
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import InputError
 

@@ -11,8 +11,8 @@ moments are over samples and positions (the im2col patch values).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -55,7 +55,7 @@ class LayerStatistics:
     shift: np.ndarray | None = None  # c (in,), set by the first ``add``; None: c = 0
 
     @classmethod
-    def zeros(cls, layer: Layer) -> "LayerStatistics":
+    def zeros(cls, layer: Layer) -> LayerStatistics:
         o, i = layer.out_features, layer.in_features
         groups = layer.conv.groups if layer.conv is not None else 1
         zshape = (i,) if groups == 1 else (groups, i)

@@ -23,7 +23,7 @@ from . import runtime
 from .data import Dataset
 from .graph import read_initializer
 from .layers import Layer, analyse_graph
-from .refit import DAMPING_GRID, HOLDOUT_EVERY, solve_rows
+from .lstsq import DAMPING_GRID, HOLDOUT_EVERY, solve_rows
 from .rewrite import shift_bias
 from .statistics import layer_patches
 

@@ -7,7 +7,7 @@ one shared slope per layer initialised at 0.25 (nn.PReLU()).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx

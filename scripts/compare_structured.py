@@ -36,10 +36,10 @@ import onnx
 import onnxprune
 from onnxprune import fileio
 from onnxprune.api import as_dataset, as_model
-from onnxprune.errors import run_script
-from onnxprune.layers import analyse_graph
-from onnxprune.jacobians import tensor_shapes
 from onnxprune.data import Dataset
+from onnxprune.errors import run_script
+from onnxprune.jacobians import tensor_shapes
+from onnxprune.layers import analyse_graph
 from onnxprune.speed import select_inputs, time_models
 
 MODELS = {"mlp": "models/mnist_mlp.onnx", "cnn": "models/mnist_cnn.onnx"}

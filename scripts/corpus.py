@@ -412,6 +412,7 @@ def main():
         rows = sorted(kept + rows, key=lambda r: r["model"])
     failed_exports = {n: e["export_error"] for n, e in manifest.items() if "export_error" in e}
     import importlib.metadata as md
+
     import onnxruntime
     meta = {"command": "python scripts/corpus.py" + (" (rows re-measured with --only kept beside earlier rows; each "
                                                       "row's time is under 'measured' in the JSON)" if args.only else ""),

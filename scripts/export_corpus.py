@@ -62,8 +62,8 @@ def mnist(split: str, n: int, directory: Path):
 # ---------------------------------------------------------------------------------------------------- torch
 def torch_models():
     import torch
-    from torch import nn
     import torch.nn.functional as F
+    from torch import nn
 
     class MLP(nn.Sequential):
         def __init__(self):

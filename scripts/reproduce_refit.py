@@ -6,8 +6,8 @@
 First the shipped model (models/mnist_mlp.onnx on models/mnist_calib.npz and mnist_test.npz) with
 one-shot ECP, the ecp-refit preset and the block Gauss-Newton variant at r in {0.5, 0.7, 0.9, 0.95},
 checked against the issue's targets (r = 0.9 within 0.5 points of dense, r = 0.95 >= 96%, no
-regression against ECP at r <= 0.7). Then, for each paper architecture (784-32-32-10, 784-64-64-10) and seed: trains the dense model (15
-epochs, Adam, onnxruntime-training), prunes it with every method at r in {0.7, 0.9, 0.95}
+regression against ECP at r <= 0.7). Then, for each paper architecture (784-32-32-10, 784-64-64-10)
+and seed: trains the dense model (15 epochs, Adam, onnxruntime-training), prunes it with every method at r in {0.7, 0.9, 0.95}
 (no fine-tuning, no labels for the refit) and evaluates on the 10k test set. Then ablations on
 784-64-64-10 (no distillation, no iteration, 10 steps), a calibration-size study at r = 0.9 on
 the first seed (512 / 2048 / 8192 images; loss on the calibration images vs the
@@ -32,11 +32,12 @@ import numpy as np
 import onnxprune
 from onnxprune import fileio
 from onnxprune.api import as_dataset
+from onnxprune.blockrefit import BlockRefit
 from onnxprune.evaluate import predict
 from onnxprune.finetune import finetune
 from onnxprune.mnist import load_mnist
-from onnxprune.blockrefit import BlockRefit
-from onnxprune.refit import Compose, Refit
+from onnxprune.refit import Refit
+from onnxprune.repairs import Compose
 from onnxprune.zoo import build_mlp
 
 ARCHS = ((32, 32), (64, 64))
@@ -146,7 +147,8 @@ def main(argv=None) -> int:
     scale = np.float32(1 / 255)
     train_x = train_x.reshape(len(train_x), -1).astype(np.float32) * scale
     test = {"x": test_x.reshape(len(test_x), -1).astype(np.float32) * scale, "y": test_y.astype(np.int64)}
-    results = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+    words = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
+    results = {"command": "python " + " ".join(shlex.quote(a) for a in words),
                "machine": platform.platform(), "seeds": seeds, "epochs": epochs, "ratios": list(ratios),
                "main": [], "ablations": [], "calibration": [], "cost": {}}
     model_path, calib_path, test_path = SHIPPED
@@ -187,7 +189,8 @@ def main(argv=None) -> int:
                 continue
             ablation = {"arch": arch, "seed": seed, "variants": {}}
             for label, params in ablations.items():
-                ablation["variants"][label] = (unit["methods"][label] if label in unit["methods"] and set(ablation_ratios) <= set(ratios)
+                reuse = label in unit["methods"] and set(ablation_ratios) <= set(ratios)
+                ablation["variants"][label] = (unit["methods"][label] if reuse
                                                else run(params, dense, calib, test, ablation_ratios))
                 log(f"  ablation {label}: " + ", ".join(f"r={r} {100 * v['accuracy']:.1f}%"
                                                         for r, v in ablation["variants"][label].items()))
@@ -328,7 +331,8 @@ def report(results: dict) -> str:
             if BLOCK in units[0]["methods"]:
                 lines += [_block_against_preset(units)]
         lines += ["", f"One forward pass over the 2,048 calibration images: {1e3 * fwd:.1f} ms; one-shot ECP "
-                  f"(statistics + scoring + mask + rewrite + validation): {ecp_cost:.2f} s = {ecp_cost / fwd:.0f} forward passes.", ""]
+                  f"(statistics + scoring + mask + rewrite + validation): {ecp_cost:.2f} s = {ecp_cost / fwd:.0f} "
+                  "forward passes.", ""]
         lines += ["Test loss (mean cross-entropy):", "",
                   "| method | " + " | ".join(f"r = {r}" for r in results["ratios"]) + " |",
                   "| --- |" + " --- |" * len(results["ratios"])]

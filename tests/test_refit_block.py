@@ -9,9 +9,11 @@ from onnxprune import blockrefit, runtime
 from onnxprune.blockrefit import Activation, BlockProblem, BlockRefit, find_blocks, gauss_newton
 from onnxprune.graph import read_initializer
 from onnxprune.layers import analyse_graph
-from onnxprune.refit import Compose, Refit
+from onnxprune.refit import Refit
+from onnxprune.repairs import Compose
 from onnxprune.schedule import one_shot
 from onnxprune.zoo import build_mlp
+
 from tinynets import mlp
 
 ACTS = [Activation("PRelu", np.array([0.1, 0.3, -0.2, 0.5])), Activation("Tanh"), Activation("Sigmoid"),

@@ -7,11 +7,13 @@ from onnx import numpy_helper
 import onnxprune
 from onnxprune import runtime
 from onnxprune.data import Dataset
+from onnxprune.distill import Distill
 from onnxprune.errors import InputError
 from onnxprune.layers import analyse_graph
-from onnxprune.refit import Distill, Refit
+from onnxprune.refit import Refit
 from onnxprune.schedule import geometric, one_shot, path
 from onnxprune.sensitivity import sensitivity
+
 from tinynets import data, mlp
 
 

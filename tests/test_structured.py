@@ -7,6 +7,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
+from test_units import attention, cnn, grouped_cnn, mlp_gemm, residual_cnn, sequence_ffn
 
 import onnxprune
 from onnxprune import runtime
@@ -14,11 +15,19 @@ from onnxprune.cli import main
 from onnxprune.data import Dataset
 from onnxprune.layers import analyse_graph
 from onnxprune.slicing import remove_units
-from onnxprune.structured import (best_bands, choose_counts, ecp_constants, greedy_joint, layer_costs, score_group, total_macs,
-                                  unit_statistics)
-from onnxprune.units import find_units
+from onnxprune.structured import (
+    best_bands,
+    choose_counts,
+    ecp_constants,
+    greedy_joint,
+    layer_costs,
+    score_group,
+    total_macs,
+    unit_statistics,
+)
 from onnxprune.unitrefit import refit_layer
-from test_units import attention, cnn, grouped_cnn, mlp_gemm, residual_cnn, sequence_ffn
+from onnxprune.units import find_units
+
 from tinynets import mlp
 
 RNG = np.random.default_rng(3)
