@@ -43,6 +43,13 @@ BUILDS = {"onnxruntime": "cpu", "onnxruntime-gpu": "gpu", "onnxruntime-training-
 
 def installed_builds() -> list[str]:
     """The onnxruntime distributions pip has installed in this environment (normally exactly one)."""
+    return list(_distributions())
+
+
+@functools.cache
+def _distributions() -> tuple[str, ...]:
+    """Read once per process: every session checks the installation, and the metadata scan (about
+    1 ms of CPU here, more on a loaded machine) added up over the hundreds of sessions of a run."""
     found = []
     for name in BUILDS:
         try:
@@ -50,7 +57,7 @@ def installed_builds() -> list[str]:
         except importlib.metadata.PackageNotFoundError:
             continue
         found.append(name)
-    return found
+    return tuple(found)
 
 
 def installation_problem(builds: list[str], importable: bool) -> str | None:

@@ -263,11 +263,15 @@ def study(name, entry, corpus, work, args):
             res["engine"] = (report.get("engine") or {}).get("name")
             res["engine_reason"] = (report.get("engine") or {}).get("reason")
             res["sparsity"] = report.get("sparsity")
+            res["layer_weights"] = sum(layer["weights"] for layer in report.get("layers", []))
             res["accuracy"] = (report.get("test") or {}).get("pruned", {}).get("accuracy")
             row["dense_accuracy"] = (report.get("test") or {}).get("original", {}).get("accuracy")
             if dense_out is not None and out.exists():
                 res.update(check_written(out, test, dense_out, tensor))
         row[method] = res
+        if method == "ecp" and res.get("layer_weights"):  # what prune found, with the data's shapes (inspect has none)
+            row["prunable_weights"] = res["layer_weights"]
+            row["prunable_fraction"] = res["layer_weights"] / row["dense_weights"] if row["dense_weights"] else None
         print(f"{name} {method}: rc {res['rc']}, {res['seconds']:.1f} s, {res['peak_rss_mb']:.0f} MB"
               + (f", rel error {res['rel_error']:.4g}" if res.get("rel_error") is not None else "")
               + (f": {res['error']}" if res.get("error") else ""), flush=True)
@@ -329,7 +333,9 @@ def markdown(rows, meta):
            f"Command: `{meta['command']}`. onnxprune {meta['onnxprune']}, onnx {meta['onnx']}, onnxruntime "
            f"{meta['onnxruntime']}; each prune a subprocess limited to {meta['timeout_s']:.0f} s and "
            f"{meta['memory_limit_gb']} GB of address space. Relative error = mean squared difference of the compared "
-           f"tensor (the protected output) from the dense model's / its mean square, on the test data. "
+           f"tensor (the protected output) from the dense model's / its mean square, on the test data. Prunable = "
+           f"the weights of the layers the ECP prune scored where the row records them (`layer_weights` in the JSON; "
+           f"prune measures on the data the shapes inference leaves unknown), else those `inspect` lists. "
            f"{meta['models']} models from {len(meta['exporters'])} exporters ({', '.join(meta['exporters'])}).", ""]
     out += ["## Summary", ""] + [f"- {s}" for s in summary(rows)] + [""]
     out += ["## Per model", "",

@@ -194,3 +194,33 @@ def test_other_methods_score_conv_and_sequence_layers(method):
         result = onnxprune.prune(model, arrays, 0.5, method=method)
         onnx.checker.check_model(result.model)
         assert result.pruned == round(0.5 * result.weights)
+
+
+@pytest.mark.parametrize("chunk", [7, 300, 1 << 22])  # blocks of one row, probe and sample; a few rows; one block
+@pytest.mark.parametrize("exact", [True, False])
+def test_shared_sums_in_blocks_equal_the_definition(monkeypatch, chunk, exact):
+    """accumulate_shared takes its sums in blocks of samples, probes and rows bounded by CHUNK_ELEMENTS
+    (one sample of a 512-channel Conv with 32 probes once made 600 MB temporaries); any blocking gives
+    the sums of the definition (numpy einsum, float64)."""
+    from types import SimpleNamespace
+
+    from onnxprune import conv
+
+    monkeypatch.setattr(conv, "CHUNK_ELEMENTS", chunk)
+    rng = np.random.default_rng(0)
+    n, r, out, positions, groups, width = 3, 5, 6, 10, 2, 4
+    g = rng.standard_normal((n, r, out, positions)).astype(np.float32)
+    patches = rng.standard_normal((n, groups, width, positions))
+    sums = SimpleNamespace(sum_g=np.zeros(out), sum_gz=np.zeros((out, width)), sum_gz2=np.zeros((out, width)))
+    conv.accumulate_shared(sums, g, patches, 0.5, exact)
+    per = out // groups
+    z = np.repeat(patches, per, axis=1)                                   # (n, out, J, T): row i's group
+    g64 = g.astype(np.float64)
+    if exact:
+        u, v = np.einsum("nrot,nojt->nroj", g64, z), g64.sum(-1)
+        want = (np.einsum("nro,nro->o", v, v), np.einsum("nroj,nro->oj", u, v), np.einsum("nroj,nroj->oj", u, u))
+    else:
+        big = (g64 * g64).sum(1)                                          # (n, out, T)
+        want = (big.sum((0, 2)), np.einsum("not,nojt->oj", big, z), np.einsum("not,nojt->oj", big, z * z))
+    for got, expected in zip((sums.sum_g, sums.sum_gz, sums.sum_gz2), want):
+        np.testing.assert_allclose(got, 0.5 * expected, rtol=1e-10, atol=1e-10)

@@ -112,11 +112,6 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
         if test_data is not None and test_data != evaluate_alias:
             raise InputError("--evaluate is another name of --test; give one of them")
         test_data = evaluate_alias
-    paths = [model, data, test_data]
-    if batch_axes:  # read the files here, with the axes named, and hand the datasets on
-        original = api.as_model(model)
-        data, test_data = (None if path is None else load_dataset(path, original, labels_key, batch_axes=batch_axes)
-                           for path in (data, test_data))
     # --- structured pruning (issue 12): its own path, see cli/structured.py ---
     if structured:
         return run_structured(
@@ -126,7 +121,8 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
             json_path=json_path, force=force, time_batches=time_batches, slice_inputs=slice_inputs,
             prune_inputs=prune_inputs,
             refused={"--dry-run": dry_run, "--storage sparse": storage != "dense", "--no-compensation": not compensation,
-                     "--no-chain": not chained, "--conv-statistics positions": conv_statistics != "exact"})
+                     "--no-chain": not chained, "--conv-statistics positions": conv_statistics != "exact",
+                     "--batch-axis": bool(batch_axes)})
     refuse_outside(macs, multiple, method, slice_inputs, prune_inputs)
     # --- end of structured pruning ---
     params = dict(method=method, compensation=compensation, scope=scope, exclude=exclude, seed=seed, output=output,
@@ -153,12 +149,15 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
             raise InputError("--sparsity and a budget exclude each other: the budget chooses the sparsity")
         if sparsity is None and not budgeted:
             raise InputError("missing --sparsity (or give a budget, or add --dry-run to try several --ratios)")
-    with ui.outputs(paths, force) as outputs:
+    with ui.outputs([model, data, test_data], force) as outputs:
         for path in (out, None if json_path == "-" else json_path, plot_path):
             if path:
                 outputs.claim(path)
-        ui.info(f"scoring {model} with {method} on {paths[1]}")
-        original = original if batch_axes else api.as_model(model)
+        ui.info(f"scoring {model} with {method} on {data}")
+        original = api.as_model(model)
+        if batch_axes:  # read the files here, with the axes named, and hand the datasets on
+            data, test_data = (None if path is None else load_dataset(path, original, labels_key, batch_axes=batch_axes)
+                               for path in (data, test_data))
         _hint_probes(ui, original, output, probes, method)
         sweep = None
         if dry_run or budgeted:
