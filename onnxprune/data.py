@@ -254,7 +254,8 @@ def make_dataset(arrays: dict, model: onnx.ModelProto, labels_key: str | None = 
         raise InputError("the model has no inputs")
     if len(inputs) == 1 and inputs[0].name not in arrays:
         if len(arrays) != 1:
-            raise InputError(f"{source}: expected an array named {inputs[0].name!r} (or exactly one array), found {sorted(arrays) or 'none'}")
+            raise InputError(f"{source}: expected an array named {inputs[0].name!r} (or exactly one array), "
+                             f"found {sorted(arrays) or 'none'}")
         arrays = {inputs[0].name: next(iter(arrays.values()))}
     missing = [vi.name for vi in inputs if vi.name not in arrays]
     if missing:
@@ -303,7 +304,8 @@ def _check_batch_axes(batch_axes: dict[str, int], inputs: list[onnx.ValueInfoPro
             raise InputError(f"--batch-axis {name}={axis}: {name!r} has {len(feeds[name].shape)} axes in {source}")
 
 
-def _axes_from_sizes(inputs: list[onnx.ValueInfoProto], feeds: dict, sizes: dict[str, int], named: dict[str, int]) -> dict[str, int]:
+def _axes_from_sizes(inputs: list[onnx.ValueInfoProto], feeds: dict, sizes: dict[str, int],
+                     named: dict[str, int]) -> dict[str, int]:
     """Batch axes the data shows when the declared shapes cannot (no symbols shared between the
     inputs, as in Silero VAD's input (?, ?) and state (2, ?, 128)): an input whose declared first
     dim is a number is batched along its only free dim when that holds the samples every input

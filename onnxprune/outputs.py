@@ -8,11 +8,14 @@ from .graph import FLOAT_TYPES, producers, tensor_types, upstream
 from .layers import Layer, Skipped
 
 PROBABILITY_OPS = {"Softmax": "probabilities", "LogSoftmax": "log-probabilities"}
+# Final ops whose input ECP protects instead of their output: a saturated probability hides the
+# error its logit carries (the map of a text detector: most of its pixels near 0 or 1).
+SQUASHING_OPS = (*PROBABILITY_OPS, "Sigmoid")
 
 
 def protected_output(model: onnx.ModelProto, output: str | None = None) -> str:
     """The tensor ECP protects: ``output`` if given, else the model's scores (``scored_output``)
-    read before a final Softmax/LogSoftmax (the logits are protected)."""
+    read before a final Softmax, LogSoftmax or Sigmoid (the logits are protected)."""
     name = scored_output(model, output)
     if output is not None:
         return name
@@ -49,11 +52,11 @@ def scored_output(model: onnx.ModelProto, output: str | None = None) -> str:
 
 
 def _before_probabilities(name: str, producer_of: dict[str, onnx.NodeProto]) -> str:
-    """The logits behind a final Softmax/LogSoftmax (also through Identity nodes), else ``name``."""
+    """The logits behind a final Softmax/LogSoftmax/Sigmoid (also through Identity nodes), else ``name``."""
     node, walked = producer_of.get(name), name
-    while node is not None and node.op_type in ("Identity", *PROBABILITY_OPS):
+    while node is not None and node.op_type in ("Identity", *SQUASHING_OPS):
         walked = node.input[0]
-        if node.op_type in PROBABILITY_OPS:
+        if node.op_type in SQUASHING_OPS:
             name = walked
         node = producer_of.get(walked)
     return name

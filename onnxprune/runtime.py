@@ -176,10 +176,13 @@ def provider_list(provider: str = "cpu") -> list[str]:
     return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
 
 
-def session_options(threads: int | None = None) -> Any:
-    """Session options that do not leave spinning threads behind to slow numpy down."""
+def session_options(threads: int | None = None, arena: bool = True) -> Any:
+    """Session options that do not leave spinning threads behind to slow numpy down; without
+    ``arena`` the CPU memory of a run goes back when it ends (derivative graphs: their peak is
+    the largest part of a run's memory, and an arena would keep it for the rest of the run)."""
     check_installation()
     so = _ort().SessionOptions()
+    so.enable_cpu_mem_arena = arena
     so.log_severity_level = 4  # errors come back as exceptions; their log lines would break one-line CLI errors
     if threads:
         so.intra_op_num_threads = int(threads)
@@ -220,12 +223,13 @@ def one_blas_thread():
     return _CONTROLLER.limit(limits=1, user_api="blas")
 
 
-def make_session(model: onnx.ModelProto | bytes | str, provider: str = "cpu", threads: int | None = None):
+def make_session(model: onnx.ModelProto | bytes | str, provider: str = "cpu", threads: int | None = None,
+                 arena: bool = True):
     """An InferenceSession on a runtime-compatible copy of ``model`` (bytes and paths as they are)."""
     check_installation()
     if isinstance(model, onnx.ModelProto):
         model = runtime_copy(model).SerializeToString()
-    return _ort().InferenceSession(model, sess_options=session_options(threads), providers=provider_list(provider))
+    return _ort().InferenceSession(model, sess_options=session_options(threads, arena), providers=provider_list(provider))
 
 
 INLINE_BYTES = 1 << 30  # a model above this many initializer bytes goes to onnxruntime as a file with external data
@@ -236,17 +240,17 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
                for t in model.graph.initializer)
 
 
-def proto_session(model: onnx.ModelProto, provider: str = "cpu", threads: int | None = None):
+def proto_session(model: onnx.ModelProto, provider: str = "cpu", threads: int | None = None, arena: bool = True):
     """A session on ``model`` as built (no re-stamping). Under INLINE_BYTES of weights it goes to
     onnxruntime serialized; above (a derivative graph of a model near protobuf's 2 GB limit) it is
     written to a temporary folder with its weights as external data and loaded from that path."""
     if initializer_bytes(model) <= INLINE_BYTES:
-        return make_session(model.SerializeToString(), provider, threads)
+        return make_session(model.SerializeToString(), provider, threads, arena)
     folder = Path(tempfile.mkdtemp(prefix="onnxprune-graph-"))
     try:
         path = folder / "graph.onnx"
         onnx.save_model(model, str(path), save_as_external_data=True, location="graph.onnx.data", size_threshold=1024)
-        return make_session(str(path), provider, threads)
+        return make_session(str(path), provider, threads, arena)
     finally:  # onnxruntime has read (or mapped) the weights by now
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -346,7 +346,8 @@ def markdown(rows, meta):
         e, m = r["ecp"], r["magnitude"]
         frac = r.get("prunable_fraction")
         ratio = (e["rel_error"] / m["rel_error"]) if e.get("rel_error") is not None and m.get("rel_error") else None
-        written = "ok" if passed(e) else ("-" if e["rc"] != 0 else f"checker {e.get('checker')}, ORT {e.get('runs')}, finite {e.get('finite')}")
+        checks = f"checker {e.get('checker')}, ORT {e.get('runs')}, finite {e.get('finite')}"
+        written = "ok" if passed(e) else ("-" if e["rc"] != 0 else checks)
         share = "-" if frac is None else f"{100 * frac:.1f}% ({r.get('prunable_weights', 0):,} of {r['dense_weights']:,})"
         out.append(f"| {r['model']} | {r['exporter']} | {r['category']} | {'trained' if r['trained'] else 'random'} | "
                    f"{share} | "

@@ -155,7 +155,9 @@ def torch_models():
 
         def __init__(self, in_ch=3, classes=1000, width=1.0, stem_stride=2, head=1024):
             super().__init__()
-            c = lambda v: max(8, int(v * width + 4) // 8 * 8)
+            def c(v):
+                return max(8, int(v * width + 4) // 8 * 8)
+
             self.stem = nn.Sequential(nn.Conv2d(in_ch, c(16), 3, stem_stride, 1, bias=False), nn.BatchNorm2d(c(16)),
                                       nn.Hardswish())
             blocks, cin = [], c(16)
@@ -647,10 +649,12 @@ def merge(manifest_path: Path, name: str, entry: dict | None):
 
 
 FAMILY_MODULES = {"torch-legacy": ["torch"], "torch-dynamo": ["torch", "onnxscript"],
-                  "transformers": ["torch", "transformers"], "hf-dynamo": ["torch", "transformers", "onnxscript"], "timm": ["torch", "timm"],
+                  "transformers": ["torch", "transformers"], "hf-dynamo": ["torch", "transformers", "onnxscript"],
+                  "timm": ["torch", "timm"],
                   "skl2onnx": ["skl2onnx", "sklearn"], "tf2onnx": ["tensorflow", "tf2onnx"],
                   "jax2tf": ["jax", "tensorflow", "tf2onnx"], "jax2onnx": ["jax", "jax2onnx"], "wheel": []}
-VERSION_OF = {"torch-legacy": "torch", "torch-dynamo": "torch", "transformers": "transformers", "hf-dynamo": "transformers", "timm": "timm",
+VERSION_OF = {"torch-legacy": "torch", "torch-dynamo": "torch", "transformers": "transformers", "hf-dynamo": "transformers",
+              "timm": "timm",
               "skl2onnx": "skl2onnx", "tf2onnx": "tf2onnx", "jax2tf": "jax", "jax2onnx": "jax2onnx"}
 
 
@@ -662,7 +666,9 @@ def exporter_name(family, entry):
     if family == "wheel":
         return entry.pop("exporter_override")
     import importlib.metadata as md
-    v = lambda module: getattr(importlib.import_module(module), "__version__", None) or md.version(module)
+    def v(module):
+        return getattr(importlib.import_module(module), "__version__", None) or md.version(module)
+
     extra = {"torch-legacy": lambda: " (torch.onnx.export, dynamo=False)",
              "torch-dynamo": lambda: f" (torch.onnx.export, dynamo=True, onnxscript {v('onnxscript')})",
              "transformers": lambda: f" + torch {v('torch')} legacy export",

@@ -121,3 +121,14 @@ def test_graph_index_counts_subgraph_reads_as_users():
     g = GraphIndex(model)
     assert g.users("W") == 2 and [n.name for n in g.subgraph_readers["W"]] == ["branch"]
     assert _match(model, match_matmul, "fc").reason == "weight 'W' is also read inside the subgraph of If 'branch'"
+
+
+def test_the_logits_before_a_final_softmax_or_sigmoid_are_protected():
+    from onnxprune.outputs import protected_output, scored_output
+
+    for op in ("Softmax", "Sigmoid", "LogSoftmax"):
+        model = _model([helper.make_node("MatMul", ["x", "W"], ["logits"], name="fc"),
+                        helper.make_node(op, ["logits"], ["p"], name="squash"),
+                        helper.make_node("Identity", ["p"], ["y"], name="id")], {"W": RNG.normal(size=(4, 3))})
+        assert (protected_output(model), scored_output(model)) == ("logits", "y")
+        assert protected_output(model, "y") == "y"  # a named output is protected as it is

@@ -179,7 +179,7 @@ def test_memory_does_not_grow_with_the_number_of_samples(tmp_path):
     for n in (2_000, 16_000):  # 2 MB and 16 MB of float32 inputs
         np.savez_compressed(tmp_path / f"d{n}.npz", x=rng.normal(size=(n, 256)).astype(np.float32))
 
-        def stream():
+        def stream(n=n):
             dataset = load_dataset(tmp_path / f"d{n}.npz", model)
             for feeds, _ in dataset.batches(256):
                 assert feeds["x"].dtype == np.float32 and feeds["x"].shape[1] == 256

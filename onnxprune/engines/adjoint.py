@@ -87,7 +87,7 @@ class _AdjointModel:
         _drop_dead_nodes(grad)
         self.dtype = helper.tensor_dtype_to_np_dtype(elem)
         try:
-            self.session = runtime.proto_session(grad, self.provider, self.threads)
+            self.session = runtime.proto_session(grad, self.provider, self.threads, arena=False)
         except runtime.RuntimeUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types
@@ -144,7 +144,7 @@ class _AdjointModel:
             part.graph.ClearField("output")
             part.graph.output.extend(outs)
         try:
-            self.prefix = runtime.proto_session(prefix, self.provider, self.threads)
+            self.prefix = runtime.proto_session(prefix, self.provider, self.threads, arena=False)
         except Exception:  # noqa: BLE001 - the whole graph then goes to onnx-ad, as before
             return m
         self.prefix_outputs = frontier
