@@ -22,7 +22,7 @@ from .modelio import as_model
 from .outputs import protected_output, reaching
 from .prepare import AnalysisCopy, BatchFirstInputs, FoldFixedInputs, declared_shapes_for
 from .refit import Refit
-from .repairs import NONE, Compose, LayerRefit, current_bias
+from .repairs import NONE, Compose, LayerRefit, Repair, current_bias
 from .rewrite import LayerChange, rewrite
 from .saliency import METHODS, Saliency, ScoringContext, make_scorer
 from .schedule import Schedule, geometric, one_shot, path
@@ -107,7 +107,7 @@ class Preset:
     scorer: str
     schedule: Schedule = one_shot
     refit: bool = False
-    then: object = None          # a repair that follows the refit
+    then: Repair | None = None   # a repair that follows the refit
     fallback: bool = False
 
 
@@ -132,7 +132,7 @@ class Pruner:
     the final step, by a label-free distillation (``distill.Distill``).
     """
 
-    def __init__(self, method: str = "ecp", *, schedule: Schedule | None = None, repair=None,
+    def __init__(self, method: str = "ecp", *, schedule: Schedule | None = None, repair: Repair | None = None,
                  compensation: bool = True, scope: str = "global", exclude=(),
                  seed: int = 0, output: str | None = None, probes: int | None = None, batch_size: int = 256,
                  labels_key: str | None = None, provider: str = "cpu", threads: int | None = None,
@@ -146,7 +146,7 @@ class Pruner:
         self.steps, self.refit, self.chained, self.g_weighted = steps, refit, chained, g_weighted
         self.conv_statistics, self.engine, self.memory_budget = conv_statistics, engine, memory_budget
 
-    def _plan(self) -> tuple[str, Schedule, object]:
+    def _plan(self) -> tuple[str, Schedule, Repair]:
         """(scorer name, schedule, repair): the preset's, unless given."""
         if self.method not in METHOD_NAMES:
             raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHOD_NAMES)}")
@@ -157,7 +157,7 @@ class Pruner:
             schedule = self.schedule
         elif self.steps is not None:
             schedule = geometric(self.steps)
-        repair = self.repair
+        repair: Repair | None = self.repair
         if repair is None:
             refit = refit if self.refit is None else self.refit
             repair = Refit(chained=self.chained, g_weighted=self.g_weighted) if refit else NONE
@@ -184,7 +184,7 @@ class Pruner:
             self.analysis_.apply(BatchFirstInputs(self.full_data_.axes))
         self.data_ = self.full_data_.per_sample()
         check_runs(self.model_, self.provider, few_samples(self.model_, self.data_))
-        shapes = declared_shapes_for(self.model_, self.data_.subset(1).feeds, self.provider)
+        shapes = declared_shapes_for(self.model_, self.data_.subset(1).arrays(), self.provider)
         if shapes is not None:  # ranks shape inference cannot tell (dynamic H/W): measured on one sample
             self.analysis_.apply(shapes)
         found = find_layers(self.model_)
@@ -196,7 +196,7 @@ class Pruner:
         self.skipped_ = self.skipped_ + unreached + folded
         if not self.layers_:
             raise InputError(f"no prunable layer reaches the protected output {self.output_!r}; choose one with --output")
-        self.seconds_ = {}
+        self.seconds_: dict[str, float] = {}
         self.saliencies_ = self._score(self.model_, self.layers_)
         return self
 
@@ -240,7 +240,8 @@ class Pruner:
         run = self.repair_.start(self.model_, [layer for layer in layers if layer.name in repaired], self.data_,
                                  self.output_, batch_size=self.batch_size, provider=self.provider,
                                  threads=self.threads, progress=self._progress("refit"))
-        results, refits = [], []
+        results: list[PruneResult] = []
+        refits: list[LayerRefit] = []
         for step, target in enumerate(targets):
             if step:
                 saliencies = self._score(current, layers)
@@ -354,9 +355,8 @@ def prune(model, data, sparsity: float, *, method: str = "ecp", **params) -> Pru
 
 
 def _shifts(saliencies: dict[str, Saliency]) -> dict[str, np.ndarray] | None:
-    if any(s.shifts is None for s in saliencies.values()):
-        return None
-    return {name: s.shifts for name, s in saliencies.items()}
+    shifts = {name: s.shifts for name, s in saliencies.items() if s.shifts is not None}
+    return shifts if len(shifts) == len(saliencies) else None
 
 
 def evaluate(model, data, *, reference=None, output: str | None = None, provider: str = "cpu",

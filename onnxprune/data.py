@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import onnx
@@ -62,7 +63,8 @@ class NpzMember:
         if size != info.file_size - self.offset:
             raise InputError(f"{source}: array {key!r} claims shape {list(self.shape)} of {dtype} ({size:,} bytes) "
                              f"but holds {max(info.file_size - self.offset, 0):,} bytes")
-        self._stream, self._position = None, 0
+        self._stream: IO[bytes] | None = None  # open on the member, positioned at _position
+        self._position = 0
 
     @property
     def ndim(self) -> int:
@@ -88,6 +90,7 @@ class NpzMember:
         if self._stream is None or begin < self._position:
             self.close()
             self._stream, self._position = self.archive.open(self.name), 0
+        assert self._stream is not None
         if begin > self._position:
             self._stream.seek(begin)
         count = (stop - start) * self.row_bytes
@@ -175,14 +178,18 @@ class Dataset:
                        None if self.labels is None else self.labels[:n], self.fixed, self.axes)
 
     def inputs(self) -> dict[str, np.ndarray]:
-        """Every model input: the per-sample feeds and the fixed ones."""
-        return {**self.feeds, **self.fixed}
+        """Every model input, as arrays: the per-sample feeds (read whole) and the fixed ones."""
+        return {**self.arrays(), **self.fixed}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The per-sample feeds as arrays (an .npz's columns read whole: for subsets and small data)."""
+        return {k: np.asarray(v) for k, v in self.feeds.items()}
 
     def per_sample(self) -> Dataset:
         """The same samples with the batch first in every feed and without the fixed inputs: the data
         of an analysis copy in which the fixed inputs are constants and the others batch-first
         (``prepare.FoldFixedInputs``, ``prepare.BatchFirstInputs``)."""
-        feeds = {k: np.ascontiguousarray(np.moveaxis(v, self.axes[k], 0)) if k in self.axes else v
+        feeds = {k: np.ascontiguousarray(np.moveaxis(np.asarray(v), self.axes[k], 0)) if k in self.axes else v
                  for k, v in self.feeds.items()}
         return Dataset(feeds, self.labels)
 
@@ -414,13 +421,15 @@ def _check_input(array, vi: onnx.ValueInfoProto, scale: float | None, source: st
         raise InputError(f"{source}: array for {name!r} has no samples")
     dtype, applied = _target_dtype(have.dtype, want, scale, name, source)
     _check_shape(have.shape, ttype, name, source)
+    converted: np.ndarray | NpzColumn
+    chunks: Iterable[np.ndarray]
     if member is None:
         converted = _convert(array, dtype, applied)
         chunks = [converted]
     else:
-        converted = NpzColumn(member, dtype, applied)
+        column = converted = NpzColumn(member, dtype, applied)
         rows = max(1, CHECK_CHUNK // max(member.row_bytes, 1))
-        chunks = (converted.convert(raw) for raw in converted.chunks(rows)) if member.dtype.kind == "f" else []
+        chunks = (column.convert(raw) for raw in column.chunks(rows)) if member.dtype.kind == "f" else []
     for chunk in chunks:
         if chunk.dtype.kind == "f" and not np.all(np.isfinite(chunk)):
             raise InputError(f"{source}: {name!r} contains NaN or Inf")

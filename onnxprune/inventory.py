@@ -33,7 +33,7 @@ def unpruned_weights(model: onnx.ModelProto, found: GraphLayers) -> list[Skipped
         nodes = readers.get(tensor.name, [])
         recurrent = next((n for n in nodes if n.op_type in RECURRENT), None)
         refusing = next((n for n in nodes if n.name in refused), None)
-        holder = (inner.get(tensor.name) or [None])[0]
+        holder = next(iter(inner.get(tensor.name, [])), None)
         if recurrent is not None:
             op, reason = recurrent.op_type, (f"input or recurrent weight of {recurrent.op_type} {recurrent.name!r}: "
                                               "recurrent cells are not pruned")

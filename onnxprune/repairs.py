@@ -12,17 +12,37 @@ with its bias is read (``fit_target``), its inputs and outputs as rows (``patch_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from . import runtime
+from .data import Dataset
 from .graph import read_initializer
 from .jacobians import by_position
 from .layers import Layer, analyse_graph
 from .rewrite import shift_bias
 from .statistics import layer_patches
+
+
+class RepairRun(Protocol):
+    """One pruning run's repair: called after every step with the pruned model and its layers."""
+
+    def __call__(self, current: onnx.ModelProto, layers: list[Layer], final: bool) -> tuple[onnx.ModelProto, list]:
+        ...
+
+
+class Repair(Protocol):
+    """What ``Pruner(repair=...)`` takes: a name for reports, and ``start`` for one run."""
+
+    @property
+    def name(self) -> str:
+        ...
+
+    def start(self, dense: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, **options) -> RepairRun:
+        ...
 
 
 @dataclass
@@ -47,7 +67,7 @@ def refit_problem(layer: Layer) -> str | None:
 
 
 def groups_of(layer: Layer) -> int:
-    return layer.conv.groups if layer.kind == "conv" else 1
+    return layer.conv.groups if layer.conv is not None else 1
 
 
 def fit_target(model: onnx.ModelProto, layer: Layer) -> tuple[str, np.ndarray | None]:

@@ -69,7 +69,7 @@ class ScoringContext:
         if self._loss_gradients is None:
             if self.data.labels is None:
                 raise InputError("this method needs labels in the calibration data (array 'y' or 'labels')")
-            classes = int(np.prod(output_shape(self.model, self.output, self.data.feeds, self.provider)))
+            classes = int(np.prod(output_shape(self.model, self.output, self.data.subset(1).arrays(), self.provider)))
             if self.data.labels.max() >= classes:  # onnxruntime's loss kernel would read out of bounds
                 raise InputError(f"labels go up to {self.data.labels.max()} but output {self.output!r} has "
                                  f"{classes} classes")
@@ -173,8 +173,9 @@ class Nonlinear:
         names = [layer.preact for layer in ctx.layers] + [ctx.output]
         inputs = {layer.name: layer.input for layer in ctx.layers}
         wanted = [n for n in dict.fromkeys(list(inputs.values()) + names) if n not in data.feeds]
-        values = dict(zip(wanted, runtime.run_tensors(ctx.model, data.feeds, wanted, ctx.provider)))
-        values.update(data.feeds)
+        feeds = data.arrays()  # brute force: every sample at once
+        values = dict(zip(wanted, runtime.run_tensors(ctx.model, feeds, wanted, ctx.provider)))
+        values.update(feeds)
         base = values[ctx.output].reshape(len(data), -1).astype(np.float64)
         out = {}
         done, report = 0, ctx._report("brute force")

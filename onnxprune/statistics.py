@@ -141,7 +141,7 @@ class LayerStatistics:
 def layer_patches(layer: Layer, z: np.ndarray) -> np.ndarray:
     """What each weight of a shared-weight layer multiplies, (batch, groups, in, positions)."""
     z = np.asarray(z)
-    if layer.kind == "conv":
+    if layer.conv is not None:
         return im2col(z, layer.conv)
     n = len(z)
     return np.asarray(z, np.float64).reshape(n, -1, layer.in_features).transpose(0, 2, 1)[:, None]
@@ -222,7 +222,7 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Datase
     EngineChoice), the probes (None: exact), whether they were chosen automatically, the batch."""
     if shared not in STATISTICS:
         raise InputError(f"shared-weight statistics must be one of {STATISTICS}, got {shared!r}")
-    one = data.subset(1).feeds
+    one = data.subset(1).arrays()
     shapes = SHAPES(model, layers, one, provider)
     shape = shapes(model, [output], one, provider)[output]
     width = int(np.prod(shape)) if shape else 1
@@ -270,12 +270,15 @@ def collect_loss_gradients(model: onnx.ModelProto, layers: list[Layer], data: Da
                            progress: Progress | None = None, engine: str = "auto",
                            memory_budget: int = MEMORY_BUDGET, info: dict | None = None) -> dict[str, np.ndarray]:
     """E[dL/dW] in the (out, in) view, L = softmax cross-entropy of ``output`` against the labels."""
+    if data.labels is None:
+        raise InputError("loss gradients need labels in the data (array 'y' or 'labels')")
     grads = loss_gradients(model, layers, output, provider=provider, threads=threads, engine=engine)
     sums = {layer.name: np.zeros((layer.out_features, layer.in_features)) for layer in layers}
     step = batch_step(model, layers, data, 1, batch_size, provider, memory_budget)
     done = 0
     with blas_threads(threads):
         for feeds, labels in data.batches(step):
+            assert labels is not None  # checked above
             g, z = grads(feeds, labels)
             for layer in layers:
                 if layer.shared:
