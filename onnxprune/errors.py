@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    return ((str(exc).strip() or type(exc).__name__).splitlines() or [type(exc).__name__])[0][:limit]
+
+
 class OnnxPruneError(Exception):
     """Base class: a one-line message for the user, no traceback."""
 

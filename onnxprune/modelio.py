@@ -7,7 +7,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .fileio import Outputs
 from .storage import check_sparse, check_storage, densify, sparsify
 
@@ -22,28 +22,28 @@ def load_model(path: str | Path) -> onnx.ModelProto:
     try:
         model = onnx.load_model(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
-        raise InputError(f"{path} is not a readable ONNX model ({_first_line(exc)})") from None
+        raise InputError(f"{path} is not a readable ONNX model ({first_line(exc)})") from None
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise InputError(f"{path} is not an ONNX model (no graph nodes)")
     if len(model.graph.sparse_initializer):
         try:
             onnx.checker.check_model(model)
         except (onnx.checker.ValidationError, ValueError) as exc:
-            raise InputError(f"{path} fails onnx.checker: {_first_line(exc)}") from None
+            raise InputError(f"{path} fails onnx.checker: {first_line(exc)}") from None
         try:
             densify(model)  # as onnxruntime does at load; --storage sparse writes them sparse again
         except (ValueError, TypeError, IndexError) as exc:
-            raise InputError(f"{path}: cannot read its sparse initializers ({_first_line(exc)})") from None
+            raise InputError(f"{path}: cannot read its sparse initializers ({first_line(exc)})") from None
     if uses_external_data(model):
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-            raise InputError(f"{path}: cannot read its external data ({_first_line(exc)})") from None
+            raise InputError(f"{path}: cannot read its external data ({first_line(exc)})") from None
         model.metadata_props.add(key=_EXTERNAL_MARK, value="1")
     try:
         onnx.checker.check_model(str(path) if _oversized(model) else model)
     except (onnx.checker.ValidationError, ValueError) as exc:
-        raise InputError(f"{path} fails onnx.checker: {_first_line(exc)}") from None
+        raise InputError(f"{path} fails onnx.checker: {first_line(exc)}") from None
     _check_element_types(model, path)
     return model
 
@@ -151,11 +151,6 @@ def _without_mark(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def as_model(model) -> onnx.ModelProto:

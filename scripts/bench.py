@@ -39,12 +39,13 @@ sys.path.insert(0, str(ROOT))
 import onnxprune  # noqa: E402
 from onnxprune import fileio, runtime  # noqa: E402
 from onnxprune.api import Pruner, as_dataset, as_model  # noqa: E402
-from onnxprune.data import Dataset, read_npz  # noqa: E402
+from onnxprune.data import Dataset  # noqa: E402
 from onnxprune.engines import output_jacobians  # noqa: E402
 from onnxprune.engines.base import training_build  # noqa: E402
 from onnxprune.graph import read_initializer  # noqa: E402
 from onnxprune.jacobians import output_shape  # noqa: E402
 from onnxprune.layers import analyse_graph  # noqa: E402
+from onnxprune.npz import read_npz  # noqa: E402
 from onnxprune.outputs import protected_output  # noqa: E402
 from onnxprune.statistics import collect_loss_gradients, collect_statistics  # noqa: E402
 from onnxprune.zoo import build_mlp  # noqa: E402

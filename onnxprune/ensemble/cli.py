@@ -15,9 +15,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..data import open_npz
 from ..errors import CheckFailed, InputError
 from ..fileio import STDOUT
+from ..npz import open_npz
 from ..options import Fraction
 from ..ui import Group, command_errors, common, finish, make_ui, print_json, stage_json
 from ..zoo import parse_widths
