@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .layers import Layer, _attrs, _bias_target_shape, _Graph, analyse_graph
+from .layers import Layer, _attrs, _Graph, analyse_graph
 
 ELEMENTWISE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Gelu", "Softplus", "Softsign",
                "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "Identity", "Dropout", "Clip", "Erf", "Abs",
@@ -166,9 +166,13 @@ def _per_channel_cut(g: _Graph, walk: _Walk, name: str, what: str) -> Cut | None
     if walk.block != 1:
         raise _Stop(f"{what} {name!r} acts per feature after a Flatten, not per unit")
     dims = tuple(value.shape)
-    if _bias_target_shape(dims, walk.units, walk.axis_from_end) is None or len(dims) < walk.axis_from_end:
-        raise _Stop(f"{what} {name!r} has shape {list(dims)}, not one value per unit")
+    if walk.rank is not None and len(dims) > walk.rank:
+        raise _Stop(f"{what} {name!r} has shape {list(dims)}, more axes than the units' tensor")
+    if len(dims) < walk.axis_from_end:  # the same value for every unit (per position at most)
+        return None
     axis = len(dims) - walk.axis_from_end
+    if dims[axis] not in (1, walk.units):
+        raise _Stop(f"{what} {name!r} has shape {list(dims)}, not one value per unit (and position)")
     return Cut(name, axis) if dims[axis] == walk.units else None
 
 
@@ -221,6 +225,9 @@ def _step(g: _Graph, layers: dict[str, Layer], walk: _Walk, node: onnx.NodeProto
                 return layer.preact
             return outs[0]
         raise _Stop(f"grouped Conv {node.name!r} (groups={layer.conv.groups}) reads the units")
+    if op in ("LayerNormalization", "GroupNormalization", "InstanceNormalization"):
+        raise _Stop(f"{op} {node.name!r} normalizes over the channels, so removing one changes the others "
+                    "(a transformer's residual stream is skipped; its FFN units and attention heads are groups)")
     raise _Stop(f"{op} {node.name!r} between layers is not a per-unit operation")
 
 

@@ -94,8 +94,8 @@ class _Params:
         self.rng = np.random.default_rng(seed)
         self.tensors: list[onnx.TensorProto] = []
 
-    def uniform(self, name: str, shape: Sequence[int], fan_in: int) -> str:
-        bound = 1.0 / np.sqrt(fan_in)
+    def uniform(self, name: str, shape: Sequence[int], fan_in: int, gain: float = 1.0) -> str:
+        bound = gain / np.sqrt(fan_in)
         self.tensors.append(numpy_helper.from_array(self.rng.uniform(-bound, bound, size=shape).astype(np.float32), name))
         return name
 
@@ -117,13 +117,15 @@ def build_resnet(widths: Sequence[int] = (16, 32), seed: int = 0, side: int = 28
     """A small residual CNN on flat (N, side*side) images: stem Conv 3x3 -> ReLU -> MaxPool 2, then per
     width a stage (a stride-2 Conv 3x3 -> ReLU entering every stage after the first) with one residual
     block s + conv_b(relu(conv_a(s))) -> ReLU, then GlobalAveragePool -> Flatten -> Gemm ``fc``.
-    No BatchNormalization (training would leave its running statistics at their start values)."""
+    No BatchNormalization (training would leave its running statistics at their start values); the
+    Convs' weights are Kaiming-uniform (bound sqrt(6 / fan_in), for ReLU) so that the signal keeps its
+    scale without it, their biases and ``fc`` as PyTorch's default."""
     p = _Params(seed)
     make = helper.make_node
     nodes = [make("Reshape", ["x", p.constant("image_shape", np.array([-1, 1, side, side], np.int64))], ["image"], name="to_image")]
 
     def conv(name, source, cin, cout, stride=1):
-        nodes.append(make("Conv", [source, p.uniform(f"{name}.weight", (cout, cin, 3, 3), cin * 9),
+        nodes.append(make("Conv", [source, p.uniform(f"{name}.weight", (cout, cin, 3, 3), cin * 9, gain=np.sqrt(6)),
                                    p.uniform(f"{name}.bias", (cout,), cin * 9)], [f"{name}.out"], name=name,
                           kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[stride, stride]))
         return f"{name}.out"

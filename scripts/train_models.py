@@ -52,7 +52,11 @@ EXTRA = {
                     "MatMul+Add 64->128 -> ReLU -> MatMul+Add 128->64 -> residual Add) -> LayerNormalization -> "
                     "ReduceMean over patches -> head Gemm 10"),
 }
-EXTRA_START, EXTRA_END = "<!-- train_models:extra:start -->", "<!-- train_models:extra:end -->"
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The README block of one EXTRA model, replaced alone by a run that trains it."""
+    return f"<!-- train_models:{name}:start -->", f"<!-- train_models:{name}:end -->"
 
 
 def model_filename(hidden) -> str:
@@ -142,30 +146,29 @@ def train_extra(name: str, x, y, epochs: int, args) -> tuple[onnx.ModelProto, li
     return model, history, seconds
 
 
-def extra_readme(args, results, out: Path) -> str:
-    """The README block about the EXTRA models (replaced alone by an --only run)."""
+def extra_readme(args, name, model, history, seconds, metrics, out: Path) -> str:
+    """The README block about one EXTRA model."""
     import onnxruntime
 
-    lines = [EXTRA_START, "", "## Residual CNN and transformer", "", f"Made by `scripts/train_models.py` (onnxruntime "
-             f"{onnxruntime.__version__}, no torch) with:", "", "```", command_line(args, extra_only=True), "```", ""]
-    for name, (filename, _, engine, arch) in EXTRA.items():
-        lines.append(f"- `{filename}` (`onnxprune.zoo.build_{name}`): {arch}. Weights and biases uniform in "
-                     f"±1/sqrt(fan_in) (PyTorch's default), LayerNormalization scale 1 and bias 0, position embedding "
-                     f"normal(0, 0.02); seed {args.seed}; input `x` float32 [N, 784], output `logits` [N, 10], opset 17, "
-                     f"IR 8. Trained like the MLP (all 60,000 training images, Adam lr {LR}, batch {BATCH}) with the "
-                     f"`{engine}` gradient engine of `onnxprune.finetune`"
-                     + (" (onnxruntime-training's LayerNormalization gradient needs optional outputs the graph does "
-                        "not have)." if engine == "adjoint" else "."))
+    filename, _, engine, arch = EXTRA[name]
+    start, end = markers(name)
+    lines = [start, "", f"## {filename}", "", f"Made by `scripts/train_models.py` (onnxruntime "
+             f"{onnxruntime.__version__}, no torch) with:", "", "```", command_line(args, only=name), "```", ""]
+    init = ("Conv weights Kaiming-uniform (±sqrt(6/fan_in)), Conv biases and the Gemm uniform in ±1/sqrt(fan_in)"
+            if name == "resnet" else "weights and biases uniform in ±1/sqrt(fan_in) (PyTorch's default), "
+            "LayerNormalization scale 1 and bias 0, position embedding normal(0, 0.02)")
+    lines.append(f"- `{filename}` (`onnxprune.zoo.build_{name}`): {arch}. {init}; seed {args.seed}; input `x` float32 [N, 784], output `logits` [N, 10], opset 17, "
+                 f"IR 8. Trained like the MLP (all 60,000 training images, Adam lr {LR}, batch {BATCH}) with the "
+                 f"`{engine}` gradient engine of `onnxprune.finetune`"
+                 + (" (onnxruntime-training's LayerNormalization gradient needs optional outputs the graph does "
+                    "not have)." if engine == "adjoint" else "."))
     lines += ["", "| file | parameters | training time | final train loss | test loss | test accuracy | bytes |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, model, history, seconds, (loss, accuracy) in results:
-        filename = EXTRA[name][0]
-        count = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
-        lines.append(f"| {filename} | {count:,} | {seconds:.1f} s | {history[-1]['loss']:.4f} | {loss:.4f} | "
-                     f"{100 * accuracy:.2f}% | {(out / filename).stat().st_size:,} |")
-    lines += ["", "Per-epoch training losses: " + "; ".join(
-        f"{EXTRA[name][0]}: " + ", ".join(f"{e['loss']:.4f}" for e in history) for name, _, history, _, _ in results) + ".",
-        "", EXTRA_END]
+    loss, accuracy = metrics
+    count = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    lines.append(f"| {filename} | {count:,} | {seconds:.1f} s | {history[-1]['loss']:.4f} | {loss:.4f} | "
+                 f"{100 * accuracy:.2f}% | {(out / filename).stat().st_size:,} |")
+    lines += ["", "Per-epoch training losses: " + ", ".join(f"{e['loss']:.4f}" for e in history) + ".", "", end]
     return "\n".join(lines)
 
 
@@ -205,19 +208,19 @@ def train_one(hidden, x, y, args) -> tuple[onnx.ModelProto, list[dict], float]:
     return model, history, seconds
 
 
-def command_line(args, extra_only: bool = False) -> str:
-    """The command that reproduces this run (``extra_only``: its EXTRA models alone), paths relative to
-    the working directory."""
+def command_line(args, only: str | None = None) -> str:
+    """The command that reproduces this run (``only``: that EXTRA model alone), paths relative to the
+    working directory."""
     parts = [".venv/bin/python", "scripts/train_models.py", "--mnist", os.path.relpath(args.mnist), "--out", os.path.relpath(args.out) + "/"]
     parts += ["--seed", str(args.seed)]
-    if not extra_only:
+    if only is None:
         parts += ["--epochs", str(args.epochs)]
         for hidden in args.hidden:
             parts += ["--hidden", ",".join(map(str, hidden))]
         parts += ["--cnn-epochs", str(args.cnn_epochs)]
-    parts += ["--resnet-epochs", str(args.resnet_epochs), "--transformer-epochs", str(args.transformer_epochs)]
-    if extra_only:
-        parts += ["--only", ",".join(name for name in EXTRA if extra_epochs(args, name) > 0)]
+        parts += ["--resnet-epochs", str(args.resnet_epochs), "--transformer-epochs", str(args.transformer_epochs)]
+    else:
+        parts += [f"--{only}-epochs", str(extra_epochs(args, only)), "--only", only]
     return shlex.join(parts)
 
 
@@ -300,12 +303,18 @@ def readme(args, results, out: Path) -> str:
     return "\n".join(lines)
 
 
-def with_extra_block(text: str, block: str) -> str:
-    """``text`` with its EXTRA block replaced by ``block`` (appended when it has none)."""
-    if EXTRA_START in text and EXTRA_END in text:
-        head, rest = text.split(EXTRA_START, 1)
-        return head + block + rest.split(EXTRA_END, 1)[1]
+def with_block(text: str, name: str, block: str) -> str:
+    """``text`` with the block of EXTRA model ``name`` replaced by ``block`` (appended when it has none)."""
+    start, end = markers(name)
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        return head + block + rest.split(end, 1)[1]
     return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def old_block(text: str, name: str) -> str | None:
+    start, end = markers(name)
+    return start + text.split(start, 1)[1].split(end, 1)[0] + end if start in text and end in text else None
 
 
 def main(argv=None) -> int:
@@ -347,17 +356,18 @@ def main(argv=None) -> int:
     train_y, test_y = train_y.astype(np.int64), test_y.astype(np.int64)
     scaled = train_x.astype(np.float32) * np.float32(INPUT_SCALE)
 
-    extra_results = []
+    blocks = {}
     for name in extras:
         model, history, seconds = train_extra(name, scaled, train_y, extra_epochs(args, name), args)
         metrics = evaluate(model, test_x, test_y)
         print(f"  {EXTRA[name][0]}: test loss {metrics[0]:.4f}, accuracy {100 * metrics[1]:.2f}%, {seconds:.1f} s", file=sys.stderr)
         fileio.write_bytes(paths[EXTRA[name][0]], model.SerializeToString())
-        extra_results.append((name, model, history, seconds, metrics))
-    block = extra_readme(args, extra_results, args.out) if extra_results else None
+        blocks[name] = extra_readme(args, name, model, history, seconds, metrics, args.out)
+    old = readme_path.read_text() if readme_path.exists() else "# Models\n"
     if args.only is not None:
-        old = readme_path.read_text() if readme_path.exists() else "# Models\n"
-        fileio.write_text(readme_path, with_extra_block(old, block))
+        for name, block in blocks.items():
+            old = with_block(old, name, block)
+        fileio.write_text(readme_path, old)
         return 0
 
     results = []
@@ -378,11 +388,9 @@ def main(argv=None) -> int:
     fileio.write_with(paths["mnist_calib.npz"], lambda tmp: np.savez_compressed(tmp, x=train_x[calib], y=train_y[calib]))
     fileio.write_with(paths["mnist_test.npz"], lambda tmp: np.savez_compressed(tmp, x=test_x, y=test_y))
     text = readme(args, results, args.out)
-    if block is not None:
-        text = with_extra_block(text, block)
-    elif readme_path.exists() and EXTRA_START in readme_path.read_text():  # models not retrained keep their block
-        old = readme_path.read_text()
-        text = with_extra_block(text, EXTRA_START + old.split(EXTRA_START, 1)[1].split(EXTRA_END, 1)[0] + EXTRA_END)
+    for name in EXTRA:  # a model not retrained keeps its block
+        block = blocks.get(name) or old_block(old, name)
+        text = with_block(text, name, block) if block else text
     fileio.write_text(readme_path, text)
     return 0
 

@@ -18,6 +18,7 @@ from onnxprune.structured import (best_bands, choose_counts, ecp_constants, gree
                                   unit_statistics)
 from onnxprune.units import find_units
 from onnxprune.unitrefit import refit_layer
+from onnxprune.zoo import build_resnet, build_transformer
 from test_units import attention, cnn, grouped_cnn, mlp_gemm, residual_cnn, sequence_ffn
 from tinynets import mlp
 
@@ -196,7 +197,9 @@ def test_prune_structured_every_method(method):
     assert out.shape == dense_out.shape and np.all(np.isfinite(out))
 
 
-@pytest.mark.parametrize("build, shape", [(attention, (4, 5)), (residual_cnn, (32,)), (grouped_cnn, (98,))])
+@pytest.mark.parametrize("build, shape", [(attention, (4, 5)), (residual_cnn, (32,)), (grouped_cnn, (98,)),
+                                          (lambda: build_resnet(widths=(4, 6), side=8, classes=3), (64,)),
+                                          (lambda: build_transformer(width=8, heads=2, ffn=6, patch=4, side=8, classes=3), (64,))])
 def test_prune_structured_heads_and_residual_streams(build, shape):
     model = build()
     x = RNG.normal(size=(30, *shape)).astype(np.float32)

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune import runtime
 from onnxprune.slicing import remove_units
 from onnxprune.units import find_units
+from onnxprune.zoo import build_resnet, build_transformer
 
 RNG = np.random.default_rng(0)
 
@@ -239,6 +240,13 @@ PATTERNS = {
                                                    {"conv0": ["conv1"], "conv1": ["fc"]}),
     "conv-maxpool-depthwise-conv": (lambda: cnn(depthwise=True), {"conv0": ["conv1"], "conv1": ["fc"]}),
     "sequence-ffn-gelu": (sequence_ffn, {"up": ["down"]}),
+    # the trained models' builders, tiny: two residual streams joined by a stride-2 Conv; pre-norm
+    # encoder blocks whose stream (through LayerNormalization) is skipped, heads and FFN units kept
+    "zoo-resnet": (lambda: build_resnet(widths=(4, 6), side=8, classes=3),
+                   {"stem": ["block1a", "down2"], "block1a": ["block1b"], "down2": ["block2a", "fc"], "block2a": ["block2b"]}),
+    "zoo-transformer": (lambda: build_transformer(width=8, heads=2, ffn=6, blocks=2, patch=4, side=8, classes=3),
+                        {"heads:block1.o": ["block1.o"], "heads:block2.o": ["block2.o"], "block1.ffn1": ["block1.ffn2"],
+                         "block2.ffn1": ["block2.ffn2"]}),
 }
 
 
@@ -308,6 +316,8 @@ def test_unsafe_couplings_are_rejected_with_their_reason():
                      n("Concat", ["a0", "a1"], ["c"], axis=1), n("Gemm", ["c", "W2"], ["y"], name="fc2", transB=1)],
                     [_w("W0", 4, 5), _w("W1", 4, 5), _w("W2", 3, 8)], ["N", 5], ["N", 3])
     assert "Concat" in _rejected(concat)["fc0"]
+    stream = _rejected(build_transformer(width=8, heads=2, ffn=6, blocks=1, patch=4, side=8, classes=3))
+    assert all("LayerNormalization" in stream[name] for name in ("embed", "block1.o", "block1.ffn2"))
 
 
 def test_inspect_lists_groups_and_rejections():
