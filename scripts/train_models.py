@@ -155,7 +155,7 @@ def extra_readme(args, name, model, history, seconds, metrics, out: Path) -> str
     lines = [start, "", f"## {filename}", "", f"Made by `scripts/train_models.py` (onnxruntime "
              f"{onnxruntime.__version__}, no torch) with:", "", "```", command_line(args, only=name), "```", ""]
     init = ("Conv weights Kaiming-uniform (±sqrt(6/fan_in)), Conv biases and the Gemm uniform in ±1/sqrt(fan_in)"
-            if name == "resnet" else "weights and biases uniform in ±1/sqrt(fan_in) (PyTorch's default), "
+            if name == "resnet" else "Weights and biases uniform in ±1/sqrt(fan_in) (PyTorch's default), "
             "LayerNormalization scale 1 and bias 0, position embedding normal(0, 0.02)")
     lines.append(f"- `{filename}` (`onnxprune.zoo.build_{name}`): {arch}. {init}; seed {args.seed}; input `x` float32 [N, 784], output `logits` [N, 10], opset 17, "
                  f"IR 8. Trained like the MLP (all 60,000 training images, Adam lr {LR}, batch {BATCH}) with the "
