@@ -344,7 +344,7 @@ def unit_macs(costs: list[LayerCost], kept: dict[str, int], group: str) -> int:
 
 def round_kept(kept: int, units: int, multiple: int) -> int:
     """``kept`` rounded to the nearest multiple of ``multiple`` (at least one multiple, at most all)."""
-    if multiple <= 1 or units <= multiple:
+    if multiple <= 1 or units < multiple:
         return kept
     return int(min(units, max(multiple, multiple * round(kept / multiple))))
 
@@ -367,7 +367,7 @@ def choose_counts(scores: dict[str, UnitScores], counts: dict[str, int], origina
         step = math.lcm(multiple, lane) if final else lane
         if step == 1:
             continue
-        if original[name] <= step:  # too few to round: a grouped Conv's group then keeps all
+        if original[name] < step:  # too few to round: a grouped Conv's group then keeps all
             kept[name] = counts[name] if lane > 1 else k
             continue
         rounded = round_kept(k, original[name], step)

@@ -14,7 +14,7 @@ from onnxprune.cli import main
 from onnxprune.data import Dataset
 from onnxprune.layers import analyse_graph
 from onnxprune.slicing import remove_units
-from onnxprune.structured import (best_bands, choose_counts, ecp_constants, greedy_joint, layer_costs, score_group, total_macs,
+from onnxprune.structured import (best_bands, choose_counts, round_kept, ecp_constants, greedy_joint, layer_costs, score_group, total_macs,
                                   unit_statistics)
 from onnxprune.units import find_units
 from onnxprune.unitrefit import refit_layer
@@ -159,6 +159,11 @@ def test_counts_per_layer_global_multiple_and_bad_requests():
     assert kept == {"a": 5, "b": 7}  # the 12 cheapest: a's 1..11 and b's 10 (tie with a's 10, graph order)
     kept = choose_counts(scores, original, original, [], sparsity=0.4, macs=None, scope="layer", multiple=4)
     assert all(k % 4 == 0 for k in kept.values())
+    # a group of exactly --multiple units keeps them all (5 of 8 channels would leave onnxruntime's
+    # 8-channel NCHWc blocks half empty); fewer units than the multiple cannot be rounded
+    kept = choose_counts(scores, original, original, [], sparsity=0.4, macs=None, scope="layer", multiple=8)
+    assert kept == {"a": 8, "b": 8}
+    assert round_kept(3, 4, 8) == 3 and round_kept(5, 8, 8) == 8 and round_kept(11, 16, 8) == 8
     with pytest.raises(onnxprune.InputError, match="no unit"):
         choose_counts(scores, original, original, [], sparsity=0.97, macs=None, scope="layer")
 
