@@ -196,10 +196,12 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
 
 
 def _producer_rows(model, layers, group) -> np.ndarray:
-    """The rows of every producer of ``group`` side by side, (units, sum of their inputs); None for inputs."""
+    """The rows of every producer of ``group`` side by side, (units, sum of their inputs; an attention
+    head's D rows in one); None for inputs."""
     if not group.producers:
         return None
-    return np.hstack([layers[p].to_rows(read_initializer(model, layers[p].weight)) for p in group.producers])
+    return np.hstack([layers[p].to_rows(read_initializer(model, layers[p].weight)).reshape(group.units, -1)
+                      for p in group.producers])
 
 
 def _layer_report(dense, pruned, layers, costs, original, final) -> list:

@@ -41,13 +41,13 @@ def fold_constants(model: onnx.ModelProto, groups: list[UnitGroup], removed: dic
             stored = read_initializer(new, layer.weight)
             rows = full_rows(layer, layer.to_rows(stored))
             per_column = np.zeros(rows.shape[1])
-            cols = _columns(gone, consumer.block)
+            cols = _columns(consumer.offset + gone, consumer.block)
             per_column[cols] = np.repeat(constants[group.name][gone], consumer.block)
             shift = rows @ per_column
             shift_bias(new, layer, layer.bias_shift_to_stored(shift), stored.dtype)
             if layer.op == "Conv":
                 channels = np.zeros(layer.conv.in_channels)
-                channels[gone] = constants[group.name][gone]
+                channels[consumer.offset + gone] = constants[group.name][gone]
                 _fold_border(new, layer, layer.to_rows(stored), channels, shift)
     return new
 
@@ -120,9 +120,13 @@ def full_rows(layer: Layer, rows: np.ndarray) -> np.ndarray:
 
 
 def _take(value: np.ndarray, kept: np.ndarray, cut: Cut, units: int) -> np.ndarray:
-    """``value`` with only the ``kept`` units along the cut (per row block for a grouped Conv)."""
+    """``value`` with only the ``kept`` units along the cut (per row block for a grouped Conv; the
+    other channels of a Concat all kept)."""
     if cut.groups == 1:
-        return np.take(value, _columns(kept, cut.block), axis=cut.axis)
+        width = cut.width or units
+        entries = np.concatenate([np.arange(cut.offset), cut.offset + np.asarray(kept, int),
+                                  np.arange(cut.offset + units, width)])
+        return np.take(value, _columns(entries, cut.block), axis=cut.axis)
     lane, rows = units // cut.groups, value.shape[0] // cut.groups
     parts = [np.take(value[g * rows:(g + 1) * rows], _columns(kept[(kept // lane) == g] - g * lane, cut.block), axis=cut.axis)
              for g in range(cut.groups)]
@@ -142,6 +146,9 @@ def slice_units(model: onnx.ModelProto, keep: dict[str, np.ndarray], inputs: str
         kept = np.asarray(kept, int)
         if len(kept) == group.units:
             continue
+        if any(c.width for c in group.cuts):  # a Concat: the offsets of the groups beside it move
+            group = find_units(new, inputs=inputs).by_name()[name]
+            inits = {t.name: t for t in new.graph.initializer}
         for cut in group.cuts:
             init = inits[cut.tensor]
             value = numpy_helper.to_array(init)
@@ -155,7 +162,7 @@ def slice_units(model: onnx.ModelProto, keep: dict[str, np.ndarray], inputs: str
                     attr.i = len(kept)
         for tensor, index, per_unit in group.reshapes:
             value = numpy_helper.to_array(inits[tensor]).copy()
-            value[index] = len(kept) * per_unit
+            value[index] -= (group.units - len(kept)) * per_unit
             inits[tensor].CopyFrom(numpy_helper.from_array(value, tensor))
     del new.graph.value_info[:]
     return new

@@ -19,7 +19,7 @@ from onnxprune.structured import (best_bands, choose_counts, round_kept, ecp_con
 from onnxprune.units import find_units
 from onnxprune.unitrefit import refit_layer
 from onnxprune.zoo import build_resnet, build_transformer
-from test_units import attention, cnn, grouped_cnn, mlp_gemm, residual_cnn, sequence_ffn
+from test_units import attention, cnn, concat_cnn, concat_mlp, grouped_cnn, mlp_gemm, residual_cnn, sequence_ffn
 from tinynets import mlp
 
 RNG = np.random.default_rng(3)
@@ -147,6 +147,11 @@ def test_mac_accounting_matches_the_shapes():
     # conv0: 4 out x 2 in x 9 taps x 7x7; conv1: 5 x 4 x 9 x 4x4; fc: 3 x 80
     assert total_macs(costs, dense) == 4 * 2 * 9 * 49 + 5 * 4 * 9 * 16 + 3 * 80
     assert total_macs(costs, {"conv0": 2, "conv1": 3}) == 2 * 2 * 9 * 49 + 3 * 2 * 9 * 16 + 3 * 48
+    # a Concat: fc2 reads fc0's 4, two input features and fc1's 3
+    model = concat_mlp()
+    costs = layer_costs(model, analyse_graph(model).layers, find_units(model).groups, {"x": np.zeros((1, 5), np.float32)})
+    assert total_macs(costs, {"fc0": 4, "fc1": 3}) == 4 * 5 + 3 * 5 + 3 * 9
+    assert total_macs(costs, {"fc0": 1, "fc1": 2}) == 1 * 5 + 2 * 5 + 3 * (1 + 2 + 2)
 
 
 def test_counts_per_layer_global_multiple_and_bad_requests():
@@ -200,9 +205,14 @@ def test_prune_structured_every_method(method):
     dense_out = runtime.make_session(model).run(None, {"x": x})[0]
     out = runtime.make_session(result.model).run(None, {"x": x})[0]
     assert out.shape == dense_out.shape and np.all(np.isfinite(out))
+    # attention heads: a head is D rows of each of Q, K and V (wanda's and l2's row norms per head)
+    heads = onnxprune.prune_structured(attention(), {"x": RNG.normal(size=(30, 4, 5)).astype(np.float32)},
+                                       sparsity=0.5, method=method, scope="layer", steps=1, refit=False)
+    assert heads.groups["heads:o_proj"]["units_after"] == 1
 
 
 @pytest.mark.parametrize("build, shape", [(attention, (4, 5)), (residual_cnn, (32,)), (grouped_cnn, (98,)),
+                                          (concat_mlp, (5,)), (concat_cnn, (72,)),
                                           (lambda: build_resnet(widths=(4, 6), side=8, classes=3), (64,)),
                                           (lambda: build_transformer(width=8, heads=2, ffn=6, patch=4, side=8, classes=3), (64,))])
 def test_prune_structured_heads_and_residual_streams(build, shape):
