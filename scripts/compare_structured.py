@@ -203,6 +203,20 @@ def remeasure(recorded: str, what: str, args) -> dict:
     return results
 
 
+def take(results: dict, items: list[str]) -> None:
+    """Put the studies of other recorded runs (MODEL=PATH) into ``results``, with their notes."""
+    for item in items:
+        name, _, path = item.partition("=")
+        other = json.loads(Path(path).read_text())
+        if name not in other.get("studies", {}):
+            raise InputError(f"{path} has no study {name!r}")
+        if other["onnxruntime"] != results["onnxruntime"] or other["repeats"] != results["repeats"]:
+            raise InputError(f"{path} was measured with other settings (onnxruntime, repeats) than the run it joins")
+        results["studies"][name] = other["studies"][name]
+        notes = results.setdefault("remeasured", [])
+        notes.extend(r for r in other.get("remeasured", []) if r not in notes and name in r["rows"])
+
+
 def _cell(row) -> str:
     if "not_run" in row:
         return "not run"
@@ -330,6 +344,8 @@ def main(argv=None) -> int:
                    help="write the markdown (and --readme block) again from a recorded JSON, measuring nothing")
     p.add_argument("--remeasure", default=None, metavar="MODEL:INPUTS",
                    help="with --render: measure that model's sweep rows of one input variant (keep, slice, prune) again")
+    p.add_argument("--take", action="append", metavar="MODEL=OTHER.json",
+                   help="with --render: take that model's study (and the notes of how it was measured) from another recorded run")
     p.add_argument("--merge", default=None, metavar="RECORDED.json",
                    help="measure the --models studies and put them into this recorded run (replacing its rows of them)")
     args = p.parse_args(argv)
@@ -340,7 +356,12 @@ def main(argv=None) -> int:
         fileio.write_json(args.out + ".json", results)
         return write(results, args.out, args.readme)
     if args.render:
-        return write(json.loads(Path(args.render).read_text()), args.out, args.readme)
+        results = json.loads(Path(args.render).read_text())
+        if args.take:
+            take(results, args.take)
+            fileio.write_json(args.out + ".json", results)
+        results["goals"] = GOALS
+        return write(results, args.out, args.readme)
     names = [name for name in args.models.split(",") if name]
     if not names or any(name not in MODELS for name in names):
         raise InputError(f"--models takes some of {', '.join(MODELS)}, got {args.models!r}")
