@@ -109,20 +109,25 @@ def build_cnn(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
+def stamp(model: onnx.ModelProto, doc: str) -> None:
+    """How the model was made, its input scale and data set, checked."""
+    model.doc_string = doc
+    onnx.helper.set_model_props(model, {"onnxprune.input_scale": repr(INPUT_SCALE), "onnxprune.dataset": "MNIST"})
+    onnx.checker.check_model(model, full_check=True)
+
+
 def train_cnn(x, y, args) -> tuple[onnx.ModelProto, list[dict], float]:
     print(f"training the CNN ({args.cnn_epochs} epochs)", file=sys.stderr)
     began = time.perf_counter()
     model, history = finetune(build_cnn(args.seed), x, y, epochs=args.cnn_epochs, lr=LR, batch_size=BATCH,
                               seed=args.seed, progress=print_progress)
     seconds = time.perf_counter() - began
-    model.doc_string = (
+    stamp(model, (
         f"CNN {CNN_ARCHITECTURE}, PyTorch-style init with seed {args.seed}, trained on the 60,000 MNIST training "
         f"images scaled to [0,1] for {args.cnn_epochs} epochs with Adam (lr {LR}, batch {BATCH}, shuffle seed "
         f"{args.seed}) by scripts/train_models.py on onnxruntime-training (no torch). Feed uint8 pixels (N, 784) "
         f"times onnxprune.input_scale. {ATTRIBUTION}"
-    )
-    onnx.helper.set_model_props(model, {"onnxprune.input_scale": repr(INPUT_SCALE), "onnxprune.dataset": "MNIST"})
-    onnx.checker.check_model(model, full_check=True)
+    ))
     return model, history, seconds
 
 
@@ -135,14 +140,12 @@ def train_extra(name: str, x, y, epochs: int, args) -> tuple[onnx.ModelProto, li
                               progress=print_progress, engine=engine)
     seconds = time.perf_counter() - began
     trainer = "onnx-ad's reverse mode (the adjoint engine)" if engine == "adjoint" else "onnxruntime-training"
-    model.doc_string = (
-        f"{name} {arch}, PyTorch-style init with seed {args.seed}, trained on the 60,000 MNIST training images "
+    stamp(model, (
+        f"{name} {arch}, initialised as onnxprune.zoo.build_{name} says with seed {args.seed}, trained on the 60,000 MNIST training images "
         f"scaled to [0,1] for {epochs} epochs with Adam (lr {LR}, batch {BATCH}, shuffle seed {args.seed}) by "
         f"scripts/train_models.py with {trainer} (no torch). Feed uint8 pixels (N, 784) times "
         f"onnxprune.input_scale. {ATTRIBUTION}"
-    )
-    onnx.helper.set_model_props(model, {"onnxprune.input_scale": repr(INPUT_SCALE), "onnxprune.dataset": "MNIST"})
-    onnx.checker.check_model(model, full_check=True)
+    ))
     return model, history, seconds
 
 
@@ -197,14 +200,12 @@ def train_one(hidden, x, y, args) -> tuple[onnx.ModelProto, list[dict], float]:
         build_mlp(hidden, seed=args.seed), x, y, epochs=args.epochs, lr=LR, batch_size=BATCH, seed=args.seed, progress=print_progress
     )
     seconds = time.perf_counter() - began
-    model.doc_string = (
+    stamp(model, (
         f"MLP {architecture} (Gemm layers fc1.., one PReLU slope per hidden layer), PyTorch-style init with "
         f"seed {args.seed}, trained on the 60,000 MNIST training images scaled to [0,1] for {args.epochs} epochs "
         f"with Adam (lr {LR}, batch {BATCH}, shuffle seed {args.seed}) by scripts/train_models.py on "
         f"onnxruntime-training (no torch). Feed uint8 pixels times onnxprune.input_scale. {ATTRIBUTION}"
-    )
-    onnx.helper.set_model_props(model, {"onnxprune.input_scale": repr(INPUT_SCALE), "onnxprune.dataset": "MNIST"})
-    onnx.checker.check_model(model, full_check=True)
+    ))
     return model, history, seconds
 
 
