@@ -293,6 +293,10 @@ def findings(name: str, study_: dict, goal: float | None) -> list[str]:
                        f"({best['label']}) {100 * best['accuracy']:.2f}%: {gap:+.1f} points "
                        f"({'at equal MACs' if same else 'onnxsim removed other MACs, see the table above'}); "
                        f"goal >= +5: {'met' if gap >= 5 and same else 'not met' if same else 'see the equal-MACs row'}.")
+            headroom = 100 * (dense["accuracy"] - best["accuracy"])
+            if headroom < 5:
+                out.append(f"- The dense model ({100 * dense['accuracy']:.2f}%) is only {headroom:.1f} points above "
+                           f"onnxsim's best at f = 0.5, so no pruned model can beat it by 5.")
             at = [r for r in rows if r.get("at_peer_macs") == best["label"]]
             if at:
                 gap2 = 100 * (at[0]["accuracy"] - best["accuracy"])

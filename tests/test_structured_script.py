@@ -35,6 +35,8 @@ def test_findings_say_met_only_when_the_numbers_do():
     missed = script.findings("mlp", _study(0.83, 0.80, [(0.955, 0.55)]), 0.60)
     assert "+3.0 points" in missed[0] and "not met" in missed[0]
     assert "not met" in missed[1]
+    close = script.findings("mlp", _study(0.96, 0.94, [(0.965, 0.55)]), 0.60)
+    assert any("only 3.0 points above" in line for line in close)
 
 
 def test_markdown_renders_every_row():
