@@ -171,7 +171,8 @@ def extra_readme(args, name, model, history, seconds, metrics, out: Path) -> str
     count = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
     lines.append(f"| {filename} | {count:,} | {seconds:.1f} s | {history[-1]['loss']:.4f} | {loss:.4f} | "
                  f"{100 * accuracy:.2f}% | {(out / filename).stat().st_size:,} |")
-    lines += ["", "Per-epoch training losses: " + ", ".join(f"{e['loss']:.4f}" for e in history) + ".", "", end]
+    lines += ["", "Training time: wall time of `finetune` on this project's shared 2-core machine (other jobs running). "
+              "Per-epoch training losses: " + ", ".join(f"{e['loss']:.4f}" for e in history) + ".", "", end]
     return "\n".join(lines)
 
 
