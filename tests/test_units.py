@@ -110,7 +110,7 @@ def _inputs(model, n=6):
     return {vi.name: RNG.normal(size=shape).astype(np.float32)}
 
 
-def _replaced(model, group, removed, constants):
+def _replaced(model, group, removed, constants, prefix=""):
     """The dense model with the removed units of ``group`` replaced by their constants: z*m + k at
     every tensor a consumer reads (the independent reference of the fold-and-slice rewrite)."""
     ref = onnx.ModelProto()
@@ -129,7 +129,7 @@ def _replaced(model, group, removed, constants):
         else:  # (N, C, *spatial)
             m, k = m.reshape(1, -1, *[1] * (len(shape) - 2)), k.reshape(1, -1, *[1] * (len(shape) - 2))
         node = next(n for n in ref.graph.node if n.name == consumer.layer)
-        tag = f"ref{index}"
+        tag = f"{prefix}ref{index}"
         node.input[list(node.input).index(consumer.tensor)] = f"{tag}_replaced"
         ref.graph.initializer.extend([numpy_helper.from_array(m, f"{tag}_m"), numpy_helper.from_array(k, f"{tag}_k")])
         ref.graph.node.extend([helper.make_node("Mul", [consumer.tensor, f"{tag}_m"], [f"{tag}_masked"]),
@@ -328,6 +328,23 @@ def test_all_groups_at_once_keep_names_and_dtypes():
     assert helper.get_attribute_value(next(a for a in dw.attribute if a.name == "group")) == 2
     assert shrunk.opset_import == model.opset_import
     runtime.make_session(shrunk).run(None, _inputs(shrunk))
+
+
+def test_every_group_at_once_on_the_residual_cnn():
+    """All groups removed together (padded Convs whose border maps are then sliced with their own
+    channels): the masked dense model with every group replaced."""
+    model = build_resnet(widths=(4, 6), side=8, classes=3)
+    groups = find_units(model).by_name()
+    removed = {n: np.sort(RNG.choice(g.units, g.units // 2, replace=False)) for n, g in groups.items()}
+    constants = {n: RNG.normal(size=g.units) for n, g in groups.items()}
+    shrunk = remove_units(model, removed, constants)
+    onnx.checker.check_model(shrunk, full_check=True)
+    reference = model
+    for k, (name, group) in enumerate(groups.items()):
+        reference = _replaced(reference, group, removed[name], constants[name], prefix=f"g{k}_")
+    feeds = _inputs(model)
+    np.testing.assert_allclose(runtime.make_session(shrunk).run(None, feeds)[0],
+                               runtime.make_session(reference).run(None, feeds)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_reshape_constant_follows_the_channels():
