@@ -164,7 +164,7 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
         counts = {name: len(kept_index[name]) for name in names}
         kept = choose_counts(scores, counts, original, costs, sparsity=target if sparsity is not None else None,
                              macs=target if macs is not None else None, scope=scope, multiple=multiple,
-                             final=step == steps, lanes={g.name: g.lanes for g in groups})
+                             lanes={g.name: g.lanes for g in groups})
         seconds["scoring"] += time.perf_counter() - start
         start = time.perf_counter()
         removed = {name: scores[name].removal(counts[name] - kept[name]) for name in names}

@@ -361,7 +361,7 @@ def round_kept(kept: int, units: int, multiple: int) -> int:
 
 def choose_counts(scores: dict[str, UnitScores], counts: dict[str, int], original: dict[str, int],
                   costs: list[LayerCost], *, sparsity: float | None, macs: float | None, scope: str,
-                  multiple: int = 1, final: bool = True, lanes: dict[str, int] | None = None) -> dict[str, int]:
+                  multiple: int = 1, lanes: dict[str, int] | None = None) -> dict[str, int]:
     """How many units each group keeps: ``sparsity`` of the original units or ``macs`` of the dense
     MACs removed, over all groups at once (``global``: by cost, per MAC saved for ``macs``) or the
     same fraction in each (``layer``). ``counts``: units each group has now (earlier steps removed
@@ -374,7 +374,7 @@ def choose_counts(scores: dict[str, UnitScores], counts: dict[str, int], origina
     lanes = lanes or {}
     for name, k in kept.items():
         lane = lanes.get(name, 1)
-        step = math.lcm(multiple, lane) if final else lane
+        step = math.lcm(multiple, lane)  # every step: a later one cannot give units back to reach a multiple
         if step == 1:
             continue
         if original[name] < step:  # too few to round: a grouped Conv's group then keeps all

@@ -169,6 +169,10 @@ def test_counts_per_layer_global_multiple_and_bad_requests():
     kept = choose_counts(scores, original, original, [], sparsity=0.4, macs=None, scope="layer", multiple=8)
     assert kept == {"a": 8, "b": 8}
     assert round_kept(3, 4, 8) == 3 and round_kept(5, 8, 8) == 8 and round_kept(11, 16, 8) == 8
+    # in a schedule of steps every step keeps multiples (a step left at 14 of 16 could not reach 16 again)
+    first = choose_counts(scores, original, original, [], sparsity=0.1, macs=None, scope="layer", multiple=8)
+    last = choose_counts(scores, first, original, [], sparsity=0.2, macs=None, scope="layer", multiple=8)
+    assert first["a"] == 16 and all(k % 8 == 0 for k in last.values())
     with pytest.raises(onnxprune.InputError, match="no unit"):
         choose_counts(scores, original, original, [], sparsity=0.97, macs=None, scope="layer")
 
