@@ -167,7 +167,7 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
         counts = {name: len(kept_index[name]) for name in names}
         kept = choose_counts(scores, counts, original, costs, sparsity=target if sparsity is not None else None,
                              macs=target if macs is not None else None, scope=scope, multiple=multiple,
-                             final=step == steps, lanes={g.name: g.lanes for g in groups})
+                             lanes={g.name: g.lanes for g in groups})
         seconds["scoring"] += time.perf_counter() - start
         start = time.perf_counter()
         removed = {name: scores[name].removal(counts[name] - kept[name]) for name in names}
@@ -199,10 +199,12 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
 
 
 def _producer_rows(model, layers, group) -> np.ndarray:
-    """The rows of every producer of ``group`` side by side, (units, sum of their inputs); None for inputs."""
+    """The rows of every producer of ``group`` side by side, (units, sum of their inputs; an attention
+    head's D rows in one); None for inputs."""
     if not group.producers:
         return None
-    return np.hstack([layers[p].to_rows(read_initializer(model, layers[p].weight)) for p in group.producers])
+    return np.hstack([layers[p].to_rows(read_initializer(model, layers[p].weight)).reshape(group.units, -1)
+                      for p in group.producers])
 
 
 def _layer_report(dense, pruned, layers, costs, original, final) -> list:

@@ -3,7 +3,10 @@
 Removing unit j of a group and feeding the constant c_j in its place changes every consumer's
 pre-activation by W[:, cols_j] c_j (one constant per unit, spread over its block of columns: a
 Conv's kernel taps, a Flatten's positions), which is added to the consumer's bias (Gemm's beta, a
-BatchNormalization holding the bias and a missing bias handled as in ``rewrite.shift_bias``). Then
+BatchNormalization holding the bias and a missing bias handled as in ``rewrite.shift_bias``). A
+padded Conv sees zeros, not c_j, where its kernel overhangs the input: what the bias cannot hold
+(the difference at the border, zero inside) is an Add of a constant map after it (``border_node``),
+grown by later folds, sliced with the Conv's channels, dropped when the Conv is refit. Then
 every initializer of the group (``units.Cut``) keeps only the surviving entries, depthwise Convs'
 ``group`` shrinks, and Reshape constants follow. Names, dtypes, opset, metadata and the graph's
 inputs and outputs are kept; stale intermediate shapes (value_info) are dropped.
@@ -16,10 +19,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .conv import im2col
 from .graph import read_initializer
 from .layers import Layer, analyse_graph
 from .rewrite import shift_bias
-from .units import Cut, UnitGroup, find_units, selection_node
+from .units import Cut, UnitGroup, _shapes, find_units, selection_node
 
 
 def fold_constants(model: onnx.ModelProto, groups: list[UnitGroup], removed: dict[str, np.ndarray],
@@ -38,11 +42,64 @@ def fold_constants(model: onnx.ModelProto, groups: list[UnitGroup], removed: dic
             stored = read_initializer(new, layer.weight)
             rows = full_rows(layer, layer.to_rows(stored))
             per_column = np.zeros(rows.shape[1])
-            cols = _columns(gone, consumer.block)
+            cols = _columns(consumer.offset + gone, consumer.block)
             per_column[cols] = np.repeat(constants[group.name][gone], consumer.block)
             shift = rows @ per_column
             shift_bias(new, layer, layer.bias_shift_to_stored(shift), stored.dtype)
+            if layer.op == "Conv":
+                channels = np.zeros(layer.conv.in_channels)
+                channels[consumer.offset + gone] = constants[group.name][gone]
+                _fold_border(new, layer, layer.to_rows(stored), channels, shift)
     return new
+
+
+def border_node(layer: Layer) -> str:
+    """Name of the Add that carries a padded Conv's border correction."""
+    return f"{layer.node}__onnxprune_border"
+
+
+def _fold_border(model: onnx.ModelProto, layer: Layer, rows: np.ndarray, channels: np.ndarray, shift: np.ndarray) -> None:
+    """Add to the border map of Conv ``layer`` what constant input ``channels`` gives minus ``shift``
+    (its value inside the map, which the bias took)."""
+    shape = _shapes(model).get(layer.input)
+    if shape is None or any(d is None for d in shape[2:]):
+        raise ValueError(f"the spatial size of {layer.input!r} is unknown; a padded Conv's border cannot be folded")
+    patches = im2col(np.broadcast_to(channels.reshape(1, -1, *[1] * (len(shape) - 2)), (1, len(channels), *shape[2:])), layer.conv)
+    groups, per_out = patches.shape[1], layer.out_features // patches.shape[1]
+    full = np.concatenate([rows[g * per_out:(g + 1) * per_out] @ patches[0, g] for g in range(groups)])
+    border = full - shift[:, None]
+    if not np.any(np.abs(border) > 1e-7 * max(1.0, float(np.abs(full).max()))):
+        return  # no padding reached, or nothing to fold
+    out_shape = _shapes(model).get(layer.preact)
+    if out_shape is None or any(d is None for d in out_shape[2:]):
+        raise ValueError(f"the spatial size of {layer.preact!r} is unknown; a padded Conv's border cannot be folded")
+    border = border.reshape(layer.out_features, *out_shape[2:])
+    graph, name = model.graph, border_node(layer)
+    node = next((n for n in graph.node if n.name == name), None)
+    if node is None:
+        if layer.preact in {o.name for o in graph.output}:
+            raise ValueError(f"padded Conv {layer.name!r} writes the graph output; its border cannot be folded")
+        out = f"{layer.preact}__onnxprune_bordered"
+        for n in graph.node:
+            n.input[:] = [out if i == layer.preact else i for i in n.input]
+        graph.initializer.append(numpy_helper.from_array(border.astype(np.float32), name))
+        position = next(i for i, n in enumerate(graph.node) if layer.preact in n.output)
+        graph.node.insert(position + 1, helper.make_node("Add", [layer.preact, name], [out], name=name))
+        return
+    init = next(t for t in graph.initializer if t.name == node.input[1])
+    init.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(init) + border).astype(np.float32), init.name))
+
+
+def drop_border(model: onnx.ModelProto, layer: Layer) -> None:
+    """Remove the border Add of Conv ``layer`` (a refit fits the layer as it is, without it)."""
+    graph = model.graph
+    node = next((n for n in graph.node if n.name == border_node(layer)), None)
+    if node is None:
+        return
+    for n in graph.node:
+        n.input[:] = [node.input[0] if i == node.output[0] else i for i in n.input]
+    graph.initializer.remove(next(t for t in graph.initializer if t.name == node.input[1]))
+    graph.node.remove(node)
 
 
 def _columns(units: np.ndarray, block: int) -> np.ndarray:
@@ -64,9 +121,13 @@ def full_rows(layer: Layer, rows: np.ndarray) -> np.ndarray:
 
 
 def _take(value: np.ndarray, kept: np.ndarray, cut: Cut, units: int) -> np.ndarray:
-    """``value`` with only the ``kept`` units along the cut (per row block for a grouped Conv)."""
+    """``value`` with only the ``kept`` units along the cut (per row block for a grouped Conv; the
+    other channels of a Concat all kept)."""
     if cut.groups == 1:
-        return np.take(value, _columns(kept, cut.block), axis=cut.axis)
+        width = cut.width or units
+        entries = np.concatenate([np.arange(cut.offset), cut.offset + np.asarray(kept, int),
+                                  np.arange(cut.offset + units, width)])
+        return np.take(value, _columns(entries, cut.block), axis=cut.axis)
     lane, rows = units // cut.groups, value.shape[0] // cut.groups
     parts = [np.take(value[g * rows:(g + 1) * rows], _columns(kept[(kept // lane) == g] - g * lane, cut.block), axis=cut.axis)
              for g in range(cut.groups)]
@@ -86,6 +147,9 @@ def slice_units(model: onnx.ModelProto, keep: dict[str, np.ndarray], inputs: str
         kept = np.asarray(kept, int)
         if len(kept) == group.units:
             continue
+        if any(c.width for c in group.cuts):  # a Concat: the offsets of the groups beside it move
+            group = find_units(new, inputs=inputs).by_name()[name]
+            inits = {t.name: t for t in new.graph.initializer}
         for cut in group.cuts:
             init = inits[cut.tensor]
             value = numpy_helper.to_array(init)
@@ -99,7 +163,7 @@ def slice_units(model: onnx.ModelProto, keep: dict[str, np.ndarray], inputs: str
                     attr.i = len(kept)
         for tensor, index, per_unit in group.reshapes:
             value = numpy_helper.to_array(inits[tensor]).copy()
-            value[index] = len(kept) * per_unit
+            value[index] -= (group.units - len(kept)) * per_unit
             inits[tensor].CopyFrom(numpy_helper.from_array(value, tensor))
     del new.graph.value_info[:]
     return new

@@ -38,7 +38,7 @@ from .jacobians import output_shape, tensor_shapes
 from .layers import Layer
 from .slicing import full_rows
 from .statistics import layer_patches
-from .units import UnitGroup
+from .units import Consumer, UnitGroup
 
 METHODS = ("ecp", "ecp-unit", "flap", "wanda", "l2")
 JACOBIAN_METHODS = ("ecp", "ecp-unit")
@@ -65,17 +65,18 @@ class UnitStatistics:
         return self.sum_z / max(self.count_z, 1)
 
 
-def _unit_values(layer: Layer, block: int, units: int, z: np.ndarray) -> np.ndarray:
+def _unit_values(layer: Layer, consumer: Consumer, units: int, z: np.ndarray) -> np.ndarray:
     """The unit values a consumer reads, (samples, units, positions)."""
     z = np.asarray(z, np.float64)
+    block, width, own = consumer.block, consumer.width or units, slice(consumer.offset, consumer.offset + units)
     if layer.kind == "sequence":  # (samples, ..., units x block): positions and the block's features
-        return z.reshape(len(z), -1, units, block).transpose(0, 2, 1, 3).reshape(len(z), units, -1)
+        return z.reshape(len(z), -1, width, block)[:, :, own].transpose(0, 2, 1, 3).reshape(len(z), units, -1)
     if layer.kind == "conv":
-        return z.reshape(len(z), units, -1)
-    return z.reshape(len(z), units, block)
+        return z.reshape(len(z), width, -1)[:, own]
+    return z.reshape(len(z), width, block)[:, own]
 
 
-def _uv(layer: Layer, weight: np.ndarray, g: np.ndarray, z: np.ndarray, units: int, block: int, scale: float):
+def _uv(layer: Layer, weight: np.ndarray, g: np.ndarray, z: np.ndarray, units: int, consumer: Consumer, scale: float):
     """u and v (samples, R, units) of one consumer from its pre-activation derivatives g (s, R, out, T)."""
     s, r = g.shape[:2]
     if not layer.shared:
@@ -92,7 +93,9 @@ def _uv(layer: Layer, weight: np.ndarray, g: np.ndarray, z: np.ndarray, units: i
             u[start:start + per] = np.einsum("sriq,siq->sri", d, patches[start:start + per])
             v[start:start + per] = d.sum(-1)
     root = np.sqrt(scale)
-    return (root * u.reshape(s, r, units, block).sum(-1), root * v.reshape(s, r, units, block).sum(-1))
+    width, own = consumer.width or units, slice(consumer.offset, consumer.offset + units)
+    return (root * u.reshape(s, r, width, consumer.block)[:, :, own].sum(-1),
+            root * v.reshape(s, r, width, consumer.block)[:, :, own].sum(-1))
 
 
 def _consumer_columns(layer: Layer, z: np.ndarray) -> np.ndarray:
@@ -141,7 +144,7 @@ def unit_statistics(model: onnx.ModelProto, groups: list[UnitGroup], layers: dic
 def _add_batch(acc: dict, group: UnitGroup, layers, weights, rows, inputs, scale: float) -> None:
     first = group.consumers[0]
     z = inputs[first.layer]
-    values = _unit_values(layers[first.layer], first.block, group.units, z)
+    values = _unit_values(layers[first.layer], first, group.units, z)
     acc["sum_z"] += values.sum((0, 2))
     acc["sum_z2"] += (values * values).sum((0, 2))
     acc["count"] += values.shape[0] * values.shape[2]
@@ -153,7 +156,7 @@ def _add_batch(acc: dict, group: UnitGroup, layers, weights, rows, inputs, scale
         acc["col"][consumer.layer] += [np.full(x.shape[1], len(x)), x.sum(0), (x * x).sum(0)]
         if rows is not None:
             cu, cv = _uv(layer, weights[layer.name], rows[layer.name], inputs[layer.name], group.units,
-                         consumer.block, scale)
+                         consumer, scale)
             u, v = (cu, cv) if u is None else (u + cu, v + cv)
     if u is not None:
         u2, v2 = u.reshape(-1, group.units), v.reshape(-1, group.units)
@@ -168,8 +171,9 @@ def _finish(acc: dict, group: UnitGroup, weights, jacobians: bool) -> UnitStatis
         count, first, second = acc["col"][consumer.layer]
         var = np.maximum(second / np.maximum(count, 1) - (first / np.maximum(count, 1)) ** 2, 0.0)
         squares = (weights[consumer.layer] ** 2).sum(0)
-        fluctuation += (squares * var).reshape(group.units, consumer.block).sum(1)
-        norm2 += squares.reshape(group.units, consumer.block).sum(1)
+        width, own = consumer.width or group.units, slice(consumer.offset, consumer.offset + group.units)
+        fluctuation += (squares * var).reshape(width, consumer.block)[own].sum(1)
+        norm2 += squares.reshape(width, consumer.block)[own].sum(1)
     n = acc["n"]
     scaled = {k: acc[k] / n if jacobians else None for k in ("vv", "vu", "uu")}
     return UnitStatistics(n=n, sum_z=acc["sum_z"], sum_z2=acc["sum_z2"], count_z=acc["count"],
@@ -284,13 +288,14 @@ def _score(method: str, stats: UnitStatistics, producer_rows: np.ndarray | None)
 
 @dataclass(frozen=True)
 class LayerCost:
-    """A layer's multiply-accumulates: out x in x per, where out/in shrink with the groups named."""
+    """A layer's multiply-accumulates: out x in x per, where out/in shrink with the groups named (the
+    input: ``in_units`` fixed units plus those of every group read, several after a Concat)."""
 
     layer: str
     out_group: str | None
     out_units: int
-    in_group: str | None
-    in_units: int
+    in_groups: tuple[tuple[str, int], ...]  # (group, its units) read by the layer
+    in_units: int       # input units in no group
     per: int            # MACs per (output unit, input unit) pair: positions x kernel taps / block
     depthwise: bool = False
     groups: int = 1     # a grouped Conv reads 1/groups of its input units per output
@@ -299,7 +304,7 @@ class LayerCost:
         out = kept.get(self.out_group, self.out_units) if self.out_group else self.out_units
         if self.depthwise:
             return out * self.per
-        inp = kept.get(self.in_group, self.in_units) if self.in_group else self.in_units
+        inp = self.in_units + sum(kept.get(group, units) for group, units in self.in_groups)
         return out * inp * self.per // self.groups
 
 
@@ -307,7 +312,10 @@ def layer_costs(model: onnx.ModelProto, layers: list[Layer], groups: list[UnitGr
     """MAC accounting of every layer, from one sample's pre-activation shapes."""
     shapes = tensor_shapes(model, [layer.preact for layer in layers], {k: v[:1] for k, v in feeds.items()})
     produced = {p: g for g in groups for p in g.producers}
-    consumed = {c.layer: (g, c.block) for g in groups for c in g.consumers}
+    consumed: dict[str, list] = {}
+    for g in groups:
+        for c in g.consumers:
+            consumed.setdefault(c.layer, []).append((g, c))
     depthwise = {node: g for g in groups for node in g.group_attributes}
     costs = []
     for layer in layers:
@@ -315,7 +323,7 @@ def layer_costs(model: onnx.ModelProto, layers: list[Layer], groups: list[UnitGr
         positions = int(np.prod(shape)) // layer.out_features if shape else 1
         if layer.node in depthwise:
             g = depthwise[layer.node]
-            costs.append(LayerCost(layer.name, g.name, layer.out_features, None, 1,
+            costs.append(LayerCost(layer.name, g.name, layer.out_features, (), 1,
                                    layer.in_features * positions, depthwise=True))
             continue
         out_group, out_units = None, layer.out_features
@@ -323,12 +331,14 @@ def layer_costs(model: onnx.ModelProto, layers: list[Layer], groups: list[UnitGr
             out_group, out_units = produced[layer.name].name, produced[layer.name].units
             positions *= layer.out_features // out_units
         if layer.name in consumed:
-            g, block = consumed[layer.name]
+            read = consumed[layer.name]
+            width = read[0][1].width or read[0][0].units  # input units: a Concat's channels, or the group's
             groups = layer.conv.groups if layer.op == "Conv" else 1
-            costs.append(LayerCost(layer.name, out_group, out_units, g.name, g.units,
-                                   layer.in_features * groups // g.units * positions, groups=groups))
+            costs.append(LayerCost(layer.name, out_group, out_units, tuple((g.name, g.units) for g, _ in read),
+                                   width - sum(g.units for g, _ in read),
+                                   layer.in_features * groups // width * positions, groups=groups))
         else:
-            costs.append(LayerCost(layer.name, out_group, out_units, None, layer.in_features, positions))
+            costs.append(LayerCost(layer.name, out_group, out_units, (), layer.in_features, positions))
     return costs
 
 
@@ -345,14 +355,14 @@ def unit_macs(costs: list[LayerCost], kept: dict[str, int], group: str) -> int:
 
 def round_kept(kept: int, units: int, multiple: int) -> int:
     """``kept`` rounded to the nearest multiple of ``multiple`` (at least one multiple, at most all)."""
-    if multiple <= 1 or units <= multiple:
+    if multiple <= 1 or units < multiple:
         return kept
     return int(min(units, max(multiple, multiple * round(kept / multiple))))
 
 
 def choose_counts(scores: dict[str, UnitScores], counts: dict[str, int], original: dict[str, int],
                   costs: list[LayerCost], *, sparsity: float | None, macs: float | None, scope: str,
-                  multiple: int = 1, final: bool = True, lanes: dict[str, int] | None = None) -> dict[str, int]:
+                  multiple: int = 1, lanes: dict[str, int] | None = None) -> dict[str, int]:
     """How many units each group keeps: ``sparsity`` of the original units or ``macs`` of the dense
     MACs removed, over all groups at once (``global``: by cost, per MAC saved for ``macs``) or the
     same fraction in each (``layer``). ``counts``: units each group has now (earlier steps removed
@@ -365,10 +375,10 @@ def choose_counts(scores: dict[str, UnitScores], counts: dict[str, int], origina
     lanes = lanes or {}
     for name, k in kept.items():
         lane = lanes.get(name, 1)
-        step = math.lcm(multiple, lane) if final else lane
+        step = math.lcm(multiple, lane)  # every step: a later one cannot give units back to reach a multiple
         if step == 1:
             continue
-        if original[name] <= step:  # too few to round: a grouped Conv's group then keeps all
+        if original[name] < step:  # too few to round: a grouped Conv's group then keeps all
             kept[name] = counts[name] if lane > 1 else k
             continue
         rounded = round_kept(k, original[name], step)

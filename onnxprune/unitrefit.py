@@ -25,6 +25,7 @@ from .graph import read_initializer
 from .layers import Layer, analyse_graph
 from .lstsq import DAMPING_GRID, HOLDOUT_EVERY, solve_rows
 from .rewrite import shift_bias
+from .slicing import drop_border
 from .statistics import layer_patches
 
 
@@ -119,3 +120,4 @@ def _write(model: onnx.ModelProto, layer: Layer, rows: np.ndarray, bias_shift: n
     dtype = numpy_helper.to_array(stored).dtype
     stored.CopyFrom(numpy_helper.from_array(layer.mask_to_stored(rows / layer.alpha).astype(dtype), layer.weight))
     shift_bias(model, layer, layer.bias_shift_to_stored(bias_shift), dtype)
+    drop_border(model, layer)  # the fit is of the layer's own output: a folded border would count twice

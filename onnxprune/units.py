@@ -14,8 +14,11 @@ Several producers adding into one tensor (a residual stream) share its mask: the
 from every join to all of them and forward again from every tensor it reaches. Attention heads are
 matched as a pattern of their own (``match_heads``); the input features of a first dense layer are
 units when asked for (a Slice or a Gather in front of it, see ``slicing``). A grouped Conv reading or
-writing the units splits them into ``lanes`` (its groups), each losing as many. Not coupled
-(rejected with their reason): Concat, gating products of two computed tensors, graph outputs,
+writing the units splits them into ``lanes`` (its groups), each losing as many. A Concat along the
+channel axis places the units at an ``offset`` among ``width`` channels: each producer keeps its
+own group, and the consumers' columns and any per-channel constant after it are cut at that
+offset. Not coupled (rejected with their reason): a residual join or a depthwise Conv after a
+Concat, Concat along another axis, gating products of two computed tensors, graph outputs,
 quantized weights.
 """
 from __future__ import annotations
@@ -27,7 +30,6 @@ import onnx
 
 from .graph import GraphIndex, attributes
 from .layers import Layer, analyse_graph
-from .weights import bias_target_shape
 
 ELEMENTWISE = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Gelu", "Softplus", "Softsign",
                "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "Identity", "Dropout", "Clip", "Erf", "Abs",
@@ -38,21 +40,27 @@ POOLING = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPo
 
 @dataclass(frozen=True)
 class Cut:
-    """Slice initializer ``tensor`` along stored ``axis``: unit j owns entries [j*block, (j+1)*block)."""
+    """Slice initializer ``tensor`` along stored ``axis``: unit j owns entries [(offset + j)*block,
+    (offset + j + 1)*block) of the axis's ``width`` units (after a Concat; 0: the group's own count)."""
 
     tensor: str
     axis: int
     block: int = 1
     groups: int = 1  # a grouped Conv's weight: rows in ``groups`` blocks, each keeps its own units (local indices)
+    offset: int = 0
+    width: int = 0
 
 
 @dataclass(frozen=True)
 class Consumer:
-    """A layer reading the units (from ``tensor``): unit j is columns [j*block, (j+1)*block) of its (out, in) view."""
+    """A layer reading the units (from ``tensor``): unit j is columns [(offset + j)*block, (offset + j + 1)*block)
+    of its (out, in) view."""
 
     layer: str
     block: int
     tensor: str = ""
+    offset: int = 0   # after a Concat: the units are channels [offset, offset + units) of ``width``
+    width: int = 0
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,19 @@ class _Walk:
         self.reshapes: list[tuple[str, int, int]] = []
         self.path: list[str] = []
         self.lanes = 1
+        self.offset, self.width = 0, self.units  # the units' channels in the tensor reached (a Concat widens it)
+
+    @property
+    def place(self) -> tuple[int, int, int, int]:
+        return self.axis_from_end, self.block, self.offset, self.width
+
+    @place.setter
+    def place(self, value: tuple[int, int, int, int]) -> None:
+        self.axis_from_end, self.block, self.offset, self.width = value
+
+    @property
+    def concatenated(self) -> bool:
+        return self.offset != 0 or self.width != self.units
 
     def set_lanes(self, groups: int, name: str) -> None:
         """A grouped Conv reads or writes the units: every one of its groups must keep as many."""
@@ -168,10 +189,14 @@ def _per_channel_cut(g: GraphIndex, walk: _Walk, name: str, what: str) -> Cut | 
     if walk.block != 1:
         raise _Stop(f"{what} {name!r} acts per feature after a Flatten, not per unit")
     dims = tuple(value.shape)
-    if bias_target_shape(dims, walk.units, walk.axis_from_end) is None or len(dims) < walk.axis_from_end:
-        raise _Stop(f"{what} {name!r} has shape {list(dims)}, not one value per unit")
+    if walk.rank is not None and len(dims) > walk.rank:
+        raise _Stop(f"{what} {name!r} has shape {list(dims)}, more axes than the units' tensor")
+    if len(dims) < walk.axis_from_end:  # the same value for every unit (per position at most)
+        return None
     axis = len(dims) - walk.axis_from_end
-    return Cut(name, axis) if dims[axis] == walk.units else None
+    if dims[axis] not in (1, walk.width):
+        raise _Stop(f"{what} {name!r} has shape {list(dims)}, not one value per unit (and position)")
+    return Cut(name, axis, offset=walk.offset, width=walk.width) if dims[axis] == walk.width else None
 
 
 def _step(g: GraphIndex, layers: dict[str, Layer], walk: _Walk, node: onnx.NodeProto, tensor: str, shapes):
@@ -198,7 +223,7 @@ def _step(g: GraphIndex, layers: dict[str, Layer], walk: _Walk, node: onnx.NodeP
         for name in node.input[1:5]:
             if g.constant(name) is None or g.users(name) > 1:
                 raise _Stop(f"BatchNormalization parameter {name!r} is not a constant of its own")
-            walk.cuts.append(Cut(name, 0))
+            walk.cuts.append(Cut(name, 0, offset=walk.offset, width=walk.width))
         return outs[0]
     if op in POOLING:
         if walk.axis_from_end == 1 and walk.rank == 2:
@@ -210,8 +235,12 @@ def _step(g: GraphIndex, layers: dict[str, Layer], walk: _Walk, node: onnx.NodeP
         return _flatten(walk, node, tensor, shapes, outs[0])
     if op == "Reshape":
         return _reshape(g, walk, node, tensor, shapes, outs[0])
+    if op == "Concat":
+        return _concat(g, walk, node, tensor, shapes, outs[0])
     if op == "Conv" and node.name in layers:
         layer = layers[node.name]
+        if walk.concatenated and layer.conv.groups > 1:
+            raise _Stop(f"grouped Conv {node.name!r} after a Concat (not coupled)")
         if layer.conv.groups == walk.units and layer.out_features == walk.units:  # depthwise: channels follow
             walk.cuts.append(Cut(layer.weight, _stored_axis(layer, 0)))
             if layer.bias is not None:
@@ -223,7 +252,31 @@ def _step(g: GraphIndex, layers: dict[str, Layer], walk: _Walk, node: onnx.NodeP
                 return layer.preact
             return outs[0]
         raise _Stop(f"grouped Conv {node.name!r} (groups={layer.conv.groups}) reads the units")
+    if op in ("LayerNormalization", "GroupNormalization", "InstanceNormalization"):
+        raise _Stop(f"{op} {node.name!r} normalizes over the channels, so removing one changes the others "
+                    "(a transformer's residual stream is skipped; its FFN units and attention heads are groups)")
     raise _Stop(f"{op} {node.name!r} between layers is not a per-unit operation")
+
+
+def _concat(g: GraphIndex, walk: _Walk, node, tensor, shapes, out):
+    """Concat along the channel axis: the units move to an offset among the joined channels."""
+    shape = shapes.get(tensor)
+    if shape is None or walk.block != 1 or list(node.input).count(tensor) != 1:
+        raise _Stop(f"Concat {node.name!r} of a tensor of unknown rank, flattened units or itself twice")
+    axis = int(attributes(node).get("axis", 0))
+    if axis % len(shape) != len(shape) - walk.axis_from_end:
+        raise _Stop(f"Concat {node.name!r} joins along axis {axis}, not the units' channel axis")
+    widths = []
+    for name in node.input:
+        constant = g.constant(name)
+        other = tuple(constant.shape) if constant is not None else shapes.get(name)
+        if other is None or len(other) != len(shape) or other[axis] is None:
+            raise _Stop(f"Concat {node.name!r} input {name!r} has a channel count shape inference cannot tell")
+        widths.append(int(other[axis]))
+    index = list(node.input).index(tensor)
+    walk.offset += sum(widths[:index])
+    walk.width = sum(widths)
+    return out
 
 
 def _flatten(walk: _Walk, node, tensor, shapes, out):
@@ -248,7 +301,7 @@ def _reshape(g: GraphIndex, walk: _Walk, node, tensor, shapes, out):
     if any(d is None for d in spatial):
         raise _Stop("Reshape of a tensor whose spatial size shape inference cannot tell")
     block = int(np.prod(spatial)) if spatial else 1
-    if int(target[1]) not in (-1, walk.units * block):
+    if int(target[1]) not in (-1, walk.width * block):
         raise _Stop(f"Reshape to {target.tolist()} does not keep the channel blocks together")
     if int(target[1]) != -1:
         walk.reshapes.append((node.input[1], 1, block))
@@ -269,21 +322,20 @@ def match_group(g: GraphIndex, layers: dict[str, Layer], by_node: dict[str, Laye
 
     by_preact = {layer.preact: layer for layer in layers.values()}
     walk = _Walk(start, g.ranks.get(start.input))
-    axis0 = walk.axis_from_end
     producers: list[Layer] = []
     consumers: dict[str, Consumer] = {}
     seen_tensors, seen_nodes = set(), set()
-    forward, backward = [(start.preact, axis0, 1)], []
+    forward, backward = [(start.preact, walk.place)], []
     try:
         _add_producer(g, walk, producers, start)
         while forward or backward:
             if backward:
-                tensor, axis, block = backward.pop()
+                tensor, place = backward.pop()
                 layer = by_preact.get(tensor)
                 if layer is not None and not _depthwise(layer, walk):
                     if layer not in producers:
                         _add_producer(g, walk, producers, layer)
-                    forward.append((tensor, axis, block))
+                    forward.append((tensor, place))
                     continue
                 node = g.producers.get(tensor)
                 if node is None:
@@ -292,15 +344,16 @@ def match_group(g: GraphIndex, layers: dict[str, Layer], by_node: dict[str, Laye
                 if computed is None:
                     continue
                 if node.op_type in JOINS and len(computed) > 1:
-                    backward.extend((i, axis, block) for i in computed)
+                    backward.extend((i, place) for i in computed)
                 else:
-                    walk.axis_from_end, walk.block = axis, block
-                    if _step(g, layers, walk, node, computed[0], shapes) != tensor or walk.block != block:
+                    walk.place = place
+                    if _step(g, layers, walk, node, computed[0], shapes) != tensor or walk.place != place:
                         raise _Stop(f"{node.op_type} {node.name!r} cannot be walked back to the producers")
-                    backward.append((computed[0], axis, block))
-                forward.append((tensor, axis, block))
+                    backward.append((computed[0], place))
+                forward.append((tensor, place))
                 continue
-            tensor, axis, block = forward.pop()
+            tensor, place = forward.pop()
+            walk.place = place
             if tensor in seen_tensors:
                 continue
             seen_tensors.add(tensor)
@@ -309,27 +362,26 @@ def match_group(g: GraphIndex, layers: dict[str, Layer], by_node: dict[str, Laye
             if not g.consumers[tensor]:
                 raise _Stop(f"tensor {tensor!r} is not read by any node")
             for node in g.consumers[tensor]:
+                walk.place = place  # as the tensor has the units (a sibling's step may have moved them)
                 layer = by_node.get(node.name)
                 if layer is not None and layer.input == tensor and not _depthwise(layer, walk):
                     if layer.name not in consumers:
-                        consumers[layer.name] = _add_consumer(walk, layer, tensor, block)
+                        consumers[layer.name] = _add_consumer(walk, layer, tensor, walk.block)
                     continue
                 computed = _visit(g, walk, seen_nodes, node)
                 if computed is None:
                     continue
                 if node.op_type in JOINS and len(computed) > 1:
-                    if block != 1:
-                        raise _Stop(f"{node.op_type} {node.name!r} joins flattened units")
-                    backward.extend((i, axis, block) for i in computed if i != tensor)
-                    forward.append((node.output[0], axis, block))
+                    if walk.block != 1 or walk.concatenated:
+                        raise _Stop(f"{node.op_type} {node.name!r} joins flattened or concatenated units")
+                    backward.extend((i, place) for i in computed if i != tensor)
+                    forward.append((node.output[0], place))
                     continue
-                if node.op_type == "Concat":
-                    raise _Stop(f"Concat {node.name!r} joins the units with other channels (not coupled yet)")
                 if layer is not None and node.op_type != "Conv":
                     raise _Stop(f"{layer.op} {layer.name!r} reads the units in an unsupported position")
-                walk.axis_from_end, walk.block = axis, block
+                walk.place = place
                 out = _step(g, layers, walk, node, tensor, shapes)
-                forward.append((out, walk.axis_from_end, walk.block))
+                forward.append((out, walk.place))
     except _Stop as stop:
         return reject(str(stop))
     position = {node.name: i for i, node in enumerate(g.model.graph.node)}
@@ -382,12 +434,13 @@ def _add_consumer(walk: _Walk, layer: Layer, tensor: str, block: int) -> Consume
     if layer.op == "Conv" and block != 1:
         raise _Stop("a Conv reads flattened units")
     per = int(np.prod(layer.weight_shape[2:])) if layer.op == "Conv" else block
-    if layer.in_features * groups != walk.units * per:
-        raise _Stop(f"consumer {layer.name!r} has {layer.in_features * groups} inputs, not {walk.units} x {per}")
-    if groups != 1 and any(step.op == "Transpose" for step in layer.weight_path):
-        raise _Stop(f"grouped Conv {layer.name!r} with a transposed weight")
-    walk.cuts.append(Cut(layer.weight, _stored_axis(layer, _in_axis(layer)), block if layer.op != "Conv" else 1, groups))
-    return Consumer(layer.name, per, tensor)
+    if layer.in_features * groups != walk.width * per:
+        raise _Stop(f"consumer {layer.name!r} has {layer.in_features * groups} inputs, not {walk.width} x {per}")
+    if groups != 1 and (walk.concatenated or any(step.op == "Transpose" for step in layer.weight_path)):
+        raise _Stop(f"grouped Conv {layer.name!r} with a transposed weight or after a Concat")
+    walk.cuts.append(Cut(layer.weight, _stored_axis(layer, _in_axis(layer)), block if layer.op != "Conv" else 1, groups,
+                         walk.offset, walk.width))
+    return Consumer(layer.name, per, tensor, walk.offset, walk.width)
 
 
 def _depthwise(layer: Layer, walk: _Walk) -> bool:

@@ -1,12 +1,16 @@
-"""Train the paper's MNIST MLPs and a small CNN with onnxruntime-training and write them with their data subsets.
+"""Train the paper's MNIST MLPs, a small CNN, a residual CNN and a small transformer and write them with their data subsets.
 
     .venv/bin/python scripts/train_models.py --mnist ../shared/data/mnist --out models/ [--seed 0] [--epochs 15]
-        [--hidden 64,64 [--hidden 32,32 ...]] [--cnn-epochs 8] [--force]
+        [--hidden 64,64 [--hidden 32,32 ...]] [--cnn-epochs 8] [--resnet-epochs 4] [--transformer-epochs 8]
+        [--only resnet,transformer] [--force]
 
 Writes models/mnist_mlp.onnx (784-64-64-10; other sizes as mnist_mlp_<h1>_<h2>...onnx),
 models/mnist_cnn.onnx (Conv-ReLU-MaxPool x2, then Gemm layers; --cnn-epochs 0 skips it),
+models/mnist_resnet.onnx (``zoo.build_resnet``) and models/mnist_transformer.onnx
+(``zoo.build_transformer``; --resnet-epochs / --transformer-epochs 0 skip them),
 models/mnist_calib.npz (2048 training images), models/mnist_test.npz (the 10k test set) and
-models/README.md. MNIST: Yann LeCun and Corinna Cortes, CC BY-SA 3.0.
+models/README.md. ``--only resnet,transformer`` trains just those and leaves every other file alone
+but the README's block about them. MNIST: Yann LeCun and Corinna Cortes, CC BY-SA 3.0.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from onnxprune import fileio
 from onnxprune.finetune import finetune
 from onnxprune.mnist import load_mnist
 from onnxprune.runtime import make_session
-from onnxprune.zoo import build_mlp, widths_argument
+from onnxprune.zoo import build_mlp, build_resnet, build_transformer, widths_argument
 
 CNN_FILE = "mnist_cnn.onnx"
 CNN_ARCHITECTURE = "x[784] -> 1x28x28 -> conv1 8@5x5 -> ReLU -> MaxPool 2 -> conv2 16@5x5 -> ReLU -> MaxPool 2 -> 256 -> fc1 64 -> ReLU -> fc2 10"
@@ -33,6 +37,26 @@ CALIB_SIZE = 2048
 DEFAULT_HIDDEN = (64, 64)
 LR, BATCH = 1e-3, 128
 ATTRIBUTION = "MNIST: Yann LeCun and Corinna Cortes, CC BY-SA 3.0."
+# models trained beside the shipped ones: file, builder, gradient engine, architecture
+EXTRA = {
+    "resnet": ("mnist_resnet.onnx", build_resnet, "auto",
+               "x[784] -> 1x28x28 -> stem Conv 16@3x3 -> ReLU -> MaxPool 2 (14x14) -> block1: s + block1b(ReLU(block1a(s))) "
+               "-> ReLU -> down2 Conv 32@3x3 stride 2 -> ReLU (7x7) -> block2: s + block2b(ReLU(block2a(s))) -> ReLU "
+               "-> GlobalAveragePool -> Flatten -> fc Gemm 10 (every Conv 3x3, pad 1, with bias; no BatchNormalization)"),
+    # onnxruntime-training's LayerNormalization gradient wants the optional Mean/InvStdDev outputs
+    # the exported graph does not have; onnx-ad differentiates it as it is
+    "transformer": ("mnist_transformer.onnx", build_transformer, "adjoint",
+                    "x[784] -> 16 patches of 7x7 -> embed MatMul+Add 49->64 + learnt position (16x64) -> 2 pre-norm "
+                    "encoder blocks (LayerNormalization -> 4-head self-attention, head size 16, Q/K/V/O MatMul+Add, "
+                    "Reshape (N, 16, 4, 16) + Transpose per head split -> residual Add; LayerNormalization -> FFN "
+                    "MatMul+Add 64->128 -> ReLU -> MatMul+Add 128->64 -> residual Add) -> LayerNormalization -> "
+                    "ReduceMean over patches -> head Gemm 10"),
+}
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The README block of one EXTRA model, replaced alone by a run that trains it."""
+    return f"<!-- train_models:{name}:start -->", f"<!-- train_models:{name}:end -->"
 
 
 def model_filename(hidden) -> str:
@@ -85,21 +109,71 @@ def build_cnn(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
+def stamp(model: onnx.ModelProto, doc: str) -> None:
+    """How the model was made, its input scale and data set, checked."""
+    model.doc_string = doc
+    onnx.helper.set_model_props(model, {"onnxprune.input_scale": repr(INPUT_SCALE), "onnxprune.dataset": "MNIST"})
+    onnx.checker.check_model(model, full_check=True)
+
+
 def train_cnn(x, y, args) -> tuple[onnx.ModelProto, list[dict], float]:
     print(f"training the CNN ({args.cnn_epochs} epochs)", file=sys.stderr)
     began = time.perf_counter()
     model, history = finetune(build_cnn(args.seed), x, y, epochs=args.cnn_epochs, lr=LR, batch_size=BATCH,
                               seed=args.seed, progress=print_progress)
     seconds = time.perf_counter() - began
-    model.doc_string = (
+    stamp(model, (
         f"CNN {CNN_ARCHITECTURE}, PyTorch-style init with seed {args.seed}, trained on the 60,000 MNIST training "
         f"images scaled to [0,1] for {args.cnn_epochs} epochs with Adam (lr {LR}, batch {BATCH}, shuffle seed "
         f"{args.seed}) by scripts/train_models.py on onnxruntime-training (no torch). Feed uint8 pixels (N, 784) "
         f"times onnxprune.input_scale. {ATTRIBUTION}"
-    )
-    onnx.helper.set_model_props(model, {"onnxprune.input_scale": repr(INPUT_SCALE), "onnxprune.dataset": "MNIST"})
-    onnx.checker.check_model(model, full_check=True)
+    ))
     return model, history, seconds
+
+
+def train_extra(name: str, x, y, epochs: int, args) -> tuple[onnx.ModelProto, list[dict], float]:
+    """One of the EXTRA models, trained on (x, y) with the shipped models' recipe."""
+    filename, build, engine, arch = EXTRA[name]
+    print(f"training {filename} ({epochs} epochs)", file=sys.stderr)
+    began = time.perf_counter()
+    model, history = finetune(build(seed=args.seed), x, y, epochs=epochs, lr=LR, batch_size=BATCH, seed=args.seed,
+                              progress=print_progress, engine=engine)
+    seconds = time.perf_counter() - began
+    trainer = "onnx-ad's reverse mode (the adjoint engine)" if engine == "adjoint" else "onnxruntime-training"
+    stamp(model, (
+        f"{name} {arch}, initialised as onnxprune.zoo.build_{name} says with seed {args.seed}, trained on the 60,000 MNIST training images "
+        f"scaled to [0,1] for {epochs} epochs with Adam (lr {LR}, batch {BATCH}, shuffle seed {args.seed}) by "
+        f"scripts/train_models.py with {trainer} (no torch). Feed uint8 pixels (N, 784) times "
+        f"onnxprune.input_scale. {ATTRIBUTION}"
+    ))
+    return model, history, seconds
+
+
+def extra_readme(args, name, model, history, seconds, metrics, out: Path) -> str:
+    """The README block about one EXTRA model."""
+    import onnxruntime
+
+    filename, _, engine, arch = EXTRA[name]
+    start, end = markers(name)
+    lines = [start, "", f"## {filename}", "", f"Made by `scripts/train_models.py` (onnxruntime "
+             f"{onnxruntime.__version__}, no torch) with:", "", "```", command_line(args, only=name), "```", ""]
+    init = ("Conv weights Kaiming-uniform (±sqrt(6/fan_in)), Conv biases and the Gemm uniform in ±1/sqrt(fan_in)"
+            if name == "resnet" else "Weights and biases uniform in ±1/sqrt(fan_in) (PyTorch's default), "
+            "LayerNormalization scale 1 and bias 0, position embedding normal(0, 0.02)")
+    lines.append(f"- `{filename}` (`onnxprune.zoo.build_{name}`): {arch}. {init}; seed {args.seed}; input `x` float32 [N, 784], output `logits` [N, 10], opset 17, "
+                 f"IR 8. Trained like the MLP (all 60,000 training images, Adam lr {LR}, batch {BATCH}) with the "
+                 f"`{engine}` gradient engine of `onnxprune.finetune`"
+                 + (" (onnxruntime-training's LayerNormalization gradient needs optional outputs the graph does "
+                    "not have)." if engine == "adjoint" else "."))
+    lines += ["", "| file | parameters | training time | final train loss | test loss | test accuracy | bytes |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    loss, accuracy = metrics
+    count = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    lines.append(f"| {filename} | {count:,} | {seconds:.1f} s | {history[-1]['loss']:.4f} | {loss:.4f} | "
+                 f"{100 * accuracy:.2f}% | {(out / filename).stat().st_size:,} |")
+    lines += ["", "Training time: wall time of `finetune` on this project's shared 2-core machine (other jobs running). "
+              "Per-epoch training losses: " + ", ".join(f"{e['loss']:.4f}" for e in history) + ".", "", end]
+    return "\n".join(lines)
 
 
 def flat(images: np.ndarray) -> np.ndarray:
@@ -127,25 +201,33 @@ def train_one(hidden, x, y, args) -> tuple[onnx.ModelProto, list[dict], float]:
         build_mlp(hidden, seed=args.seed), x, y, epochs=args.epochs, lr=LR, batch_size=BATCH, seed=args.seed, progress=print_progress
     )
     seconds = time.perf_counter() - began
-    model.doc_string = (
+    stamp(model, (
         f"MLP {architecture} (Gemm layers fc1.., one PReLU slope per hidden layer), PyTorch-style init with "
         f"seed {args.seed}, trained on the 60,000 MNIST training images scaled to [0,1] for {args.epochs} epochs "
         f"with Adam (lr {LR}, batch {BATCH}, shuffle seed {args.seed}) by scripts/train_models.py on "
         f"onnxruntime-training (no torch). Feed uint8 pixels times onnxprune.input_scale. {ATTRIBUTION}"
-    )
-    onnx.helper.set_model_props(model, {"onnxprune.input_scale": repr(INPUT_SCALE), "onnxprune.dataset": "MNIST"})
-    onnx.checker.check_model(model, full_check=True)
+    ))
     return model, history, seconds
 
 
-def command_line(args) -> str:
-    """The command that reproduces this run, paths relative to the working directory."""
+def command_line(args, only: str | None = None) -> str:
+    """The command that reproduces this run (``only``: that EXTRA model alone), paths relative to the
+    working directory."""
     parts = [".venv/bin/python", "scripts/train_models.py", "--mnist", os.path.relpath(args.mnist), "--out", os.path.relpath(args.out) + "/"]
-    parts += ["--seed", str(args.seed), "--epochs", str(args.epochs)]
-    for hidden in args.hidden:
-        parts += ["--hidden", ",".join(map(str, hidden))]
-    parts += ["--cnn-epochs", str(args.cnn_epochs)]
+    parts += ["--seed", str(args.seed)]
+    if only is None:
+        parts += ["--epochs", str(args.epochs)]
+        for hidden in args.hidden:
+            parts += ["--hidden", ",".join(map(str, hidden))]
+        parts += ["--cnn-epochs", str(args.cnn_epochs)]
+        parts += ["--resnet-epochs", str(args.resnet_epochs), "--transformer-epochs", str(args.transformer_epochs)]
+    else:
+        parts += [f"--{only}-epochs", str(extra_epochs(args, only)), "--only", only]
     return shlex.join(parts)
+
+
+def extra_epochs(args, name: str) -> int:
+    return args.resnet_epochs if name == "resnet" else args.transformer_epochs
 
 
 def architecture(hidden) -> str:
@@ -223,6 +305,20 @@ def readme(args, results, out: Path) -> str:
     return "\n".join(lines)
 
 
+def with_block(text: str, name: str, block: str) -> str:
+    """``text`` with the block of EXTRA model ``name`` replaced by ``block`` (appended when it has none)."""
+    start, end = markers(name)
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        return head + block + rest.split(end, 1)[1]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def old_block(text: str, name: str) -> str | None:
+    start, end = markers(name)
+    return start + text.split(start, 1)[1].split(end, 1)[0] + end if start in text and end in text else None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mnist", required=True, type=Path, help="folder with the four original MNIST .gz files")
@@ -231,26 +327,60 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--hidden", type=widths_argument, action="append", help="hidden sizes, e.g. 32,32; repeatable (default 64,64)")
     parser.add_argument("--cnn-epochs", type=int, default=8, help="epochs for the CNN (0: do not train it)")
+    parser.add_argument("--resnet-epochs", type=int, default=4, help="epochs for the residual CNN (0: do not train it)")
+    parser.add_argument("--transformer-epochs", type=int, default=8, help="epochs for the transformer (0: do not train it)")
+    parser.add_argument("--only", default=None, metavar="resnet,transformer",
+                        help="train only these of the residual CNN and the transformer; no other file but their README block is written")
     parser.add_argument("--force", action="store_true", help="replace existing output files")
     args = parser.parse_args(argv)
     args.hidden = args.hidden or [DEFAULT_HIDDEN]
-
-    names = [model_filename(h) for h in args.hidden] + ([CNN_FILE] if args.cnn_epochs > 0 else []) + ["mnist_calib.npz", "mnist_test.npz", "README.md"]
+    extras = [name for name in EXTRA if extra_epochs(args, name) > 0]
+    if args.only is not None:
+        asked = [name for name in args.only.split(",") if name]
+        unknown = [name for name in asked if name not in EXTRA]
+        if unknown or not asked:
+            parser.error(f"--only takes some of {', '.join(EXTRA)}, got {args.only!r}")
+        extras = asked
+        for name in asked:  # an --only run records its epochs; 0 would train nothing
+            if extra_epochs(args, name) < 1:
+                parser.error(f"--only {name} needs --{name}-epochs >= 1")
+        names = [EXTRA[name][0] for name in extras]
+    else:
+        names = [model_filename(h) for h in args.hidden] + ([CNN_FILE] if args.cnn_epochs > 0 else []) + \
+            [EXTRA[name][0] for name in extras] + ["mnist_calib.npz", "mnist_test.npz"]
     paths = {name: fileio.check_output_path(args.out / name, force=args.force) for name in names}
+    readme_path = args.out / "README.md"
+    if args.only is None:
+        fileio.check_output_path(readme_path, force=args.force)
     train_x, train_y = load_mnist(args.mnist, "train")
     test_x, test_y = load_mnist(args.mnist, "test")
     train_x, test_x = flat(train_x), flat(test_x)
     train_y, test_y = train_y.astype(np.int64), test_y.astype(np.int64)
+    scaled = train_x.astype(np.float32) * np.float32(INPUT_SCALE)
+
+    blocks = {}
+    for name in extras:
+        model, history, seconds = train_extra(name, scaled, train_y, extra_epochs(args, name), args)
+        metrics = evaluate(model, test_x, test_y)
+        print(f"  {EXTRA[name][0]}: test loss {metrics[0]:.4f}, accuracy {100 * metrics[1]:.2f}%, {seconds:.1f} s", file=sys.stderr)
+        fileio.write_bytes(paths[EXTRA[name][0]], model.SerializeToString())
+        blocks[name] = extra_readme(args, name, model, history, seconds, metrics, args.out)
+    old = readme_path.read_text() if readme_path.exists() else "# Models\n"
+    if args.only is not None:
+        for name, block in blocks.items():
+            old = with_block(old, name, block)
+        fileio.write_text(readme_path, old)
+        return 0
 
     results = []
     for hidden in args.hidden:
-        model, history, seconds = train_one(hidden, train_x.astype(np.float32) * np.float32(INPUT_SCALE), train_y, args)
+        model, history, seconds = train_one(hidden, scaled, train_y, args)
         metrics = evaluate(model, test_x, test_y)
         print(f"  {model_filename(hidden)}: test loss {metrics[0]:.4f}, accuracy {100 * metrics[1]:.2f}%, {seconds:.1f} s", file=sys.stderr)
         fileio.write_bytes(paths[model_filename(hidden)], model.SerializeToString())
         results.append((hidden, history, seconds, metrics))
     if args.cnn_epochs > 0:
-        model, history, seconds = train_cnn(train_x.astype(np.float32) * np.float32(INPUT_SCALE), train_y, args)
+        model, history, seconds = train_cnn(scaled, train_y, args)
         metrics = evaluate(model, test_x, test_y)
         print(f"  {CNN_FILE}: test loss {metrics[0]:.4f}, accuracy {100 * metrics[1]:.2f}%, {seconds:.1f} s", file=sys.stderr)
         fileio.write_bytes(paths[CNN_FILE], model.SerializeToString())
@@ -259,7 +389,11 @@ def main(argv=None) -> int:
     calib = np.sort(np.random.default_rng(args.seed).choice(len(train_x), CALIB_SIZE, replace=False))
     fileio.write_with(paths["mnist_calib.npz"], lambda tmp: np.savez_compressed(tmp, x=train_x[calib], y=train_y[calib]))
     fileio.write_with(paths["mnist_test.npz"], lambda tmp: np.savez_compressed(tmp, x=test_x, y=test_y))
-    fileio.write_text(paths["README.md"], readme(args, results, args.out))
+    text = readme(args, results, args.out)
+    for name in EXTRA:  # a model not retrained keeps its block
+        block = blocks.get(name) or old_block(old, name)
+        text = with_block(text, name, block) if block else text
+    fileio.write_text(readme_path, text)
     return 0
 
 

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
-from test_units import attention, cnn, grouped_cnn, mlp_gemm, residual_cnn, sequence_ffn
+from test_units import attention, cnn, concat_cnn, concat_mlp, grouped_cnn, mlp_gemm, residual_cnn, sequence_ffn
 
 import onnxprune
 from onnxprune import runtime
@@ -21,12 +21,14 @@ from onnxprune.structured import (
     ecp_constants,
     greedy_joint,
     layer_costs,
+    round_kept,
     score_group,
     total_macs,
     unit_statistics,
 )
 from onnxprune.unitrefit import refit_layer
 from onnxprune.units import find_units
+from onnxprune.zoo import build_resnet, build_transformer
 
 from tinynets import mlp
 
@@ -155,6 +157,11 @@ def test_mac_accounting_matches_the_shapes():
     # conv0: 4 out x 2 in x 9 taps x 7x7; conv1: 5 x 4 x 9 x 4x4; fc: 3 x 80
     assert total_macs(costs, dense) == 4 * 2 * 9 * 49 + 5 * 4 * 9 * 16 + 3 * 80
     assert total_macs(costs, {"conv0": 2, "conv1": 3}) == 2 * 2 * 9 * 49 + 3 * 2 * 9 * 16 + 3 * 48
+    # a Concat: fc2 reads fc0's 4, two input features and fc1's 3
+    model = concat_mlp()
+    costs = layer_costs(model, analyse_graph(model).layers, find_units(model).groups, {"x": np.zeros((1, 5), np.float32)})
+    assert total_macs(costs, {"fc0": 4, "fc1": 3}) == 4 * 5 + 3 * 5 + 3 * 9
+    assert total_macs(costs, {"fc0": 1, "fc1": 2}) == 1 * 5 + 2 * 5 + 3 * (1 + 2 + 2)
 
 
 def test_counts_per_layer_global_multiple_and_bad_requests():
@@ -167,6 +174,15 @@ def test_counts_per_layer_global_multiple_and_bad_requests():
     assert kept == {"a": 5, "b": 7}  # the 12 cheapest: a's 1..11 and b's 10 (tie with a's 10, graph order)
     kept = choose_counts(scores, original, original, [], sparsity=0.4, macs=None, scope="layer", multiple=4)
     assert all(k % 4 == 0 for k in kept.values())
+    # a group of exactly --multiple units keeps them all (5 of 8 channels would leave onnxruntime's
+    # 8-channel NCHWc blocks half empty); fewer units than the multiple cannot be rounded
+    kept = choose_counts(scores, original, original, [], sparsity=0.4, macs=None, scope="layer", multiple=8)
+    assert kept == {"a": 8, "b": 8}
+    assert round_kept(3, 4, 8) == 3 and round_kept(5, 8, 8) == 8 and round_kept(11, 16, 8) == 8
+    # in a schedule of steps every step keeps multiples (a step left at 14 of 16 could not reach 16 again)
+    first = choose_counts(scores, original, original, [], sparsity=0.1, macs=None, scope="layer", multiple=8)
+    last = choose_counts(scores, first, original, [], sparsity=0.2, macs=None, scope="layer", multiple=8)
+    assert first["a"] == 16 and all(k % 8 == 0 for k in last.values())
     with pytest.raises(onnxprune.InputError, match="no unit"):
         choose_counts(scores, original, original, [], sparsity=0.97, macs=None, scope="layer")
 
@@ -203,9 +219,16 @@ def test_prune_structured_every_method(method):
     dense_out = runtime.make_session(model).run(None, {"x": x})[0]
     out = runtime.make_session(result.model).run(None, {"x": x})[0]
     assert out.shape == dense_out.shape and np.all(np.isfinite(out))
+    # attention heads: a head is D rows of each of Q, K and V (wanda's and l2's row norms per head)
+    heads = onnxprune.prune_structured(attention(), {"x": RNG.normal(size=(30, 4, 5)).astype(np.float32)},
+                                       sparsity=0.5, method=method, scope="layer", steps=1, refit=False)
+    assert heads.groups["heads:o_proj"]["units_after"] == 1
 
 
-@pytest.mark.parametrize("build, shape", [(attention, (4, 5)), (residual_cnn, (32,)), (grouped_cnn, (98,))])
+@pytest.mark.parametrize("build, shape", [(attention, (4, 5)), (residual_cnn, (32,)), (grouped_cnn, (98,)),
+                                          (concat_mlp, (5,)), (concat_cnn, (72,)),
+                                          (lambda: build_resnet(widths=(4, 6), side=8, classes=3), (64,)),
+                                          (lambda: build_transformer(width=8, heads=2, ffn=6, patch=4, side=8, classes=3), (64,))])
 def test_prune_structured_heads_and_residual_streams(build, shape):
     model = build()
     x = RNG.normal(size=(30, *shape)).astype(np.float32)

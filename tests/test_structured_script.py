@@ -31,10 +31,12 @@ def test_findings_say_met_only_when_the_numbers_do():
     script = _script()
     met = script.findings("mlp", _study(0.90, 0.80, [(0.965, 0.55), (0.95, 0.40)]), 0.60)
     assert "+10.0 points" in met[0] and "goal >= +5: met" in met[0]
-    assert "time ratio 0.55" in met[1] and "goal <= 0.6: met" in met[1]
+    assert "time ratio 0.55" in met[1] and "goal time ratio <= 0.6 (speedup >= 1.67x): met" in met[1]
     missed = script.findings("mlp", _study(0.83, 0.80, [(0.955, 0.55)]), 0.60)
     assert "+3.0 points" in missed[0] and "not met" in missed[0]
     assert "not met" in missed[1]
+    close = script.findings("mlp", _study(0.96, 0.94, [(0.965, 0.55)]), 0.60)
+    assert any("only 3.0 points above" in line for line in close)
 
 
 def test_markdown_renders_every_row():

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxprune import runtime
 from onnxprune.slicing import remove_units
 from onnxprune.units import find_units
+from onnxprune.zoo import build_resnet, build_transformer
 
 RNG = np.random.default_rng(0)
 
@@ -109,7 +110,7 @@ def _inputs(model, n=6):
     return {vi.name: RNG.normal(size=shape).astype(np.float32)}
 
 
-def _replaced(model, group, removed, constants):
+def _replaced(model, group, removed, constants, prefix=""):
     """The dense model with the removed units of ``group`` replaced by their constants: z*m + k at
     every tensor a consumer reads (the independent reference of the fold-and-slice rewrite)."""
     ref = onnx.ModelProto()
@@ -118,8 +119,9 @@ def _replaced(model, group, removed, constants):
     shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in [*inferred.input, *inferred.value_info]}
     for index, consumer in enumerate(group.consumers):
         shape = shapes[consumer.tensor]
-        m, k = np.ones(group.units, np.float32), np.zeros(group.units, np.float32)
-        m[removed], k[removed] = 0, constants[removed]
+        width = consumer.width or group.units  # a Concat's channels: the group's at its offset
+        m, k = np.ones(width, np.float32), np.zeros(width, np.float32)
+        m[consumer.offset + removed], k[consumer.offset + removed] = 0, constants[removed]
         if len(shape) == 2:  # (N, units x block)
             m, k = np.repeat(m, consumer.block)[None], np.repeat(k, consumer.block)[None]
         elif len(shape) == 3:  # (N, S, units x block)
@@ -127,7 +129,7 @@ def _replaced(model, group, removed, constants):
         else:  # (N, C, *spatial)
             m, k = m.reshape(1, -1, *[1] * (len(shape) - 2)), k.reshape(1, -1, *[1] * (len(shape) - 2))
         node = next(n for n in ref.graph.node if n.name == consumer.layer)
-        tag = f"ref{index}"
+        tag = f"{prefix}ref{index}"
         node.input[list(node.input).index(consumer.tensor)] = f"{tag}_replaced"
         ref.graph.initializer.extend([numpy_helper.from_array(m, f"{tag}_m"), numpy_helper.from_array(k, f"{tag}_k")])
         ref.graph.node.extend([helper.make_node("Mul", [consumer.tensor, f"{tag}_m"], [f"{tag}_masked"]),
@@ -212,6 +214,43 @@ def attention(heads=2, size=3, width=5):
     return _model(nodes, inits, ["N", 4, width], ["N", 4, 3])
 
 
+def concat_mlp():
+    """fc0 (4) and fc1 (3) -> Relu / Tanh -> Concat with two input features -> per-feature Mul -> fc2:
+    each producer keeps its own group, cut at its offset among the 9 features."""
+    _seed()
+    n = helper.make_node
+    return _model([n("Gemm", ["x", "W0", "b0"], ["a0"], name="fc0", transB=1), n("Relu", ["a0"], ["h0"], name="r0"),
+                   n("Gemm", ["x", "W1", "b1"], ["a1"], name="fc1", transB=1), n("Tanh", ["a1"], ["h1"], name="t1"),
+                   n("Slice", ["x", "st", "en", "ax"], ["k"], name="first_two"),
+                   n("Concat", ["h0", "k", "h1"], ["c"], name="cat", axis=-1), n("Mul", ["c", "s"], ["cs"], name="scale"),
+                   n("Gemm", ["cs", "W2", "b2"], ["y"], name="fc2", transB=1)],
+                  [_w("W0", 4, 5), _w("b0", 4), _w("W1", 3, 5), _w("b1", 3),
+                   *[numpy_helper.from_array(np.array([v], np.int64), name) for name, v in (("st", 0), ("en", 2), ("ax", 1))],
+                   _w("s", 9), _w("W2", 3, 9), _w("b2", 3)],
+                  ["N", 5], ["N", 3])
+
+
+def concat_cnn():
+    """Two padded 3x3 Convs of one image -> Concat on the channels -> BatchNormalization -> Relu ->
+    MaxPool -> Conv -> Flatten -> Gemm (an Inception-style join)."""
+    _seed()
+    n = helper.make_node
+    nodes = [n("Reshape", ["x", "img"], ["x4"], name="to_img"),
+             n("Conv", ["x4", "A", "ab"], ["ca"], name="conv_a", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             n("Conv", ["x4", "B"], ["cb"], name="conv_b", kernel_shape=[1, 1]),
+             n("Concat", ["ca", "cb"], ["c"], name="cat", axis=1),
+             n("BatchNormalization", ["c", "s", "bb", "m", "v"], ["bn"], name="bn"), n("Relu", ["bn"], ["r"], name="relu"),
+             n("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             n("Conv", ["p", "C", "cbias"], ["cc"], name="conv_c", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             n("Relu", ["cc"], ["rc"], name="relu_c"), n("Flatten", ["rc"], ["f"], name="flat"),
+             n("Gemm", ["f", "G", "gb"], ["y"], name="fc", transB=1)]
+    inits = [numpy_helper.from_array(np.array([-1, 2, 6, 6], np.int64), "img"), _w("A", 4, 2, 3, 3), _w("ab", 4),
+             _w("B", 3, 2, 1, 1), _w("s", 7), _w("bb", 7), _w("m", 7),
+             numpy_helper.from_array(RNG.uniform(0.5, 2, 7).astype(np.float32), "v"),
+             _w("C", 5, 7, 3, 3), _w("cbias", 5), _w("G", 3, 5 * 9), _w("gb", 3)]
+    return _model(nodes, inits, ["N", 72], ["N", 3])
+
+
 def grouped_cnn():
     """conv0 (6 channels) -> Relu -> conv1 with groups=2 (4 outputs) -> Relu -> Flatten -> Gemm: conv0's
     channels are read in two groups and conv1 writes two groups, so each group keeps as many."""
@@ -228,6 +267,8 @@ def grouped_cnn():
 
 PATTERNS = {
     "grouped-conv": (grouped_cnn, {"conv0": ["conv1"], "conv1": ["fc"]}),
+    "concat-dense": (concat_mlp, {"fc0": ["fc2"], "fc1": ["fc2"]}),
+    "concat-conv-bn-maxpool-padded-conv": (concat_cnn, {"conv_a": ["conv_c"], "conv_b": ["conv_c"], "conv_c": ["fc"]}),
     "attention-heads": (attention, {"heads:o_proj": ["o_proj"], "o_proj": ["ffn"]}),
     "residual-conv-blocks": (residual_cnn, {"conv0": ["block1a", "block2a", "fc"], "block1a": ["block1b"],
                                             "block2a": ["block2b"]}),
@@ -239,6 +280,13 @@ PATTERNS = {
                                                    {"conv0": ["conv1"], "conv1": ["fc"]}),
     "conv-maxpool-depthwise-conv": (lambda: cnn(depthwise=True), {"conv0": ["conv1"], "conv1": ["fc"]}),
     "sequence-ffn-gelu": (sequence_ffn, {"up": ["down"]}),
+    # the trained models' builders, tiny: two residual streams joined by a stride-2 Conv; pre-norm
+    # encoder blocks whose stream (through LayerNormalization) is skipped, heads and FFN units kept
+    "zoo-resnet": (lambda: build_resnet(widths=(4, 6), side=8, classes=3),
+                   {"stem": ["block1a", "down2"], "block1a": ["block1b"], "down2": ["block2a", "fc"], "block2a": ["block2b"]}),
+    "zoo-transformer": (lambda: build_transformer(width=8, heads=2, ffn=6, blocks=2, patch=4, side=8, classes=3),
+                        {"heads:block1.o": ["block1.o"], "heads:block2.o": ["block2.o"], "block1.ffn1": ["block1.ffn2"],
+                         "block2.ffn1": ["block2.ffn2"]}),
 }
 
 
@@ -282,6 +330,23 @@ def test_all_groups_at_once_keep_names_and_dtypes():
     runtime.make_session(shrunk).run(None, _inputs(shrunk))
 
 
+def test_every_group_at_once_on_the_residual_cnn():
+    """All groups removed together (padded Convs whose border maps are then sliced with their own
+    channels): the masked dense model with every group replaced."""
+    model = build_resnet(widths=(4, 6), side=8, classes=3)
+    groups = find_units(model).by_name()
+    removed = {n: np.sort(RNG.choice(g.units, g.units // 2, replace=False)) for n, g in groups.items()}
+    constants = {n: RNG.normal(size=g.units) for n, g in groups.items()}
+    shrunk = remove_units(model, removed, constants)
+    onnx.checker.check_model(shrunk, full_check=True)
+    reference = model
+    for k, (name, group) in enumerate(groups.items()):
+        reference = _replaced(reference, group, removed[name], constants[name], prefix=f"g{k}_")
+    feeds = _inputs(model)
+    np.testing.assert_allclose(runtime.make_session(shrunk).run(None, feeds)[0],
+                               runtime.make_session(reference).run(None, feeds)[0], atol=1e-5, rtol=1e-5)
+
+
 def test_reshape_constant_follows_the_channels():
     model = cnn("Reshape")
     shrunk = remove_units(model, {"conv1": np.array([0, 1])}, None)
@@ -304,10 +369,17 @@ def test_unsafe_couplings_are_rejected_with_their_reason():
                     n("Sigmoid", ["a1"], ["g"]), n("Mul", ["a0", "g"], ["m"]), n("Gemm", ["m", "W2"], ["y"], name="fc2", transB=1)],
                    [_w("W0", 4, 5), _w("W1", 4, 5), _w("W2", 3, 4)], ["N", 5], ["N", 3])
     assert "computed" in _rejected(gated)["fc0"]
-    concat = _model([n("Gemm", ["x", "W0"], ["a0"], name="fc0", transB=1), n("Gemm", ["x", "W1"], ["a1"], name="fc1", transB=1),
-                     n("Concat", ["a0", "a1"], ["c"], axis=1), n("Gemm", ["c", "W2"], ["y"], name="fc2", transB=1)],
-                    [_w("W0", 4, 5), _w("W1", 4, 5), _w("W2", 3, 8)], ["N", 5], ["N", 3])
-    assert "Concat" in _rejected(concat)["fc0"]
+    along_batch = _model([n("Gemm", ["x", "W0"], ["a0"], name="fc0", transB=1), n("Gemm", ["x", "W1"], ["a1"], name="fc1", transB=1),
+                          n("Concat", ["a0", "a1"], ["c"], axis=0), n("Gemm", ["c", "W2"], ["y"], name="fc2", transB=1)],
+                         [_w("W0", 4, 5), _w("W1", 4, 5), _w("W2", 3, 4)], ["N", 5], ["M", 3])
+    assert "not the units' channel axis" in _rejected(along_batch)["fc0"]
+    joined = _model([n("Gemm", ["x", "W0"], ["a0"], name="fc0", transB=1), n("Gemm", ["x", "W1"], ["a1"], name="fc1", transB=1),
+                     n("Concat", ["a0", "a1"], ["c"], axis=1), n("Gemm", ["x", "W3"], ["a3"], name="fc3", transB=1),
+                     n("Add", ["c", "a3"], ["s"]), n("Gemm", ["s", "W2"], ["y"], name="fc2", transB=1)],
+                    [_w("W0", 4, 5), _w("W1", 4, 5), _w("W3", 8, 5), _w("W2", 3, 8)], ["N", 5], ["N", 3])
+    assert "concatenated" in _rejected(joined)["fc0"]
+    stream = _rejected(build_transformer(width=8, heads=2, ffn=6, blocks=1, patch=4, side=8, classes=3))
+    assert all("LayerNormalization" in stream[name] for name in ("embed", "block1.o", "block1.ffn2"))
 
 
 def test_inspect_lists_groups_and_rejections():
