@@ -5,8 +5,9 @@ A single-input model may take its array under any key; labels live under ``label
 preprocessing its README documents.
 
 An .npz file is read lazily (``onnxprune.npz``): the feeds are ``NpzColumn``s that decompress
-the rows of one batch at a time. Memory therefore holds one batch of inputs, not the data set; what stays per sample is the labels (8 bytes) and what the caller keeps (evaluation
-keeps the scored outputs).
+the rows of one batch at a time. Memory therefore holds one batch of inputs, not the data set;
+what stays per sample is the labels (8 bytes) and what the caller keeps (evaluation keeps the
+scored outputs).
 """
 from __future__ import annotations
 

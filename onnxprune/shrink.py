@@ -22,8 +22,9 @@ from .masks import SCOPES, excluded
 from .outputs import protected_output, reaching
 from .slicing import input_contract, remove_units
 from .structured import JACOBIAN_METHODS, METHODS, choose_counts, layer_costs, score_group, total_macs, unit_statistics
+from .unitgroups import Rejected
 from .unitrefit import UnitRefit, refit_layer
-from .units import Rejected, find_units
+from .units import find_units
 
 DEFAULT_STEPS = {"ecp": 5}
 INPUT_MODES = {"keep": None, "slice": "slice", "prune": "gather"}

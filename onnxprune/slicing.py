@@ -23,7 +23,8 @@ from .conv import im2col
 from .graph import read_initializer
 from .layers import Layer, analyse_graph
 from .rewrite import shift_bias
-from .units import Cut, UnitGroup, _shapes, find_units, selection_node
+from .unitgroups import Cut, UnitGroup
+from .units import find_units, selection_node, tensor_shapes_static
 
 
 def fold_constants(model: onnx.ModelProto, groups: list[UnitGroup], removed: dict[str, np.ndarray],
@@ -61,16 +62,17 @@ def border_node(layer: Layer) -> str:
 def _fold_border(model: onnx.ModelProto, layer: Layer, rows: np.ndarray, channels: np.ndarray, shift: np.ndarray) -> None:
     """Add to the border map of Conv ``layer`` what constant input ``channels`` gives minus ``shift``
     (its value inside the map, which the bias took)."""
-    shape = _shapes(model).get(layer.input)
+    shape = tensor_shapes_static(model).get(layer.input)
     if shape is None or any(d is None for d in shape[2:]):
         raise ValueError(f"the spatial size of {layer.input!r} is unknown; a padded Conv's border cannot be folded")
-    patches = im2col(np.broadcast_to(channels.reshape(1, -1, *[1] * (len(shape) - 2)), (1, len(channels), *shape[2:])), layer.conv)
+    constant = np.broadcast_to(channels.reshape(1, -1, *[1] * (len(shape) - 2)), (1, len(channels), *shape[2:]))
+    patches = im2col(constant, layer.conv)
     groups, per_out = patches.shape[1], layer.out_features // patches.shape[1]
     full = np.concatenate([rows[g * per_out:(g + 1) * per_out] @ patches[0, g] for g in range(groups)])
     border = full - shift[:, None]
     if not np.any(np.abs(border) > 1e-7 * max(1.0, float(np.abs(full).max()))):
         return  # no padding reached, or nothing to fold
-    out_shape = _shapes(model).get(layer.preact)
+    out_shape = tensor_shapes_static(model).get(layer.preact)
     if out_shape is None or any(d is None for d in out_shape[2:]):
         raise ValueError(f"the spatial size of {layer.preact!r} is unknown; a padded Conv's border cannot be folded")
     border = border.reshape(layer.out_features, *out_shape[2:])

@@ -38,7 +38,7 @@ from .jacobians import output_shape, tensor_shapes
 from .layers import Layer
 from .slicing import full_rows
 from .statistics import layer_patches
-from .units import Consumer, UnitGroup
+from .unitgroups import Consumer, UnitGroup
 
 METHODS = ("ecp", "ecp-unit", "flap", "wanda", "l2")
 JACOBIAN_METHODS = ("ecp", "ecp-unit")

@@ -39,7 +39,8 @@ def build_mlp(
         bias = rng.uniform(-bound, bound, size=fan_out).astype(np.float32)
         initializers += [numpy_helper.from_array(weight, f"fc{layer}.weight"), numpy_helper.from_array(bias, f"fc{layer}.bias")]
         out = "logits" if layer == len(sizes) - 1 else f"fc{layer}.out"
-        nodes.append(helper.make_node("Gemm", [current, f"fc{layer}.weight", f"fc{layer}.bias"], [out], name=f"fc{layer}", transB=1))
+        nodes.append(helper.make_node("Gemm", [current, f"fc{layer}.weight", f"fc{layer}.bias"], [out], name=f"fc{layer}",
+                                      transB=1))
         current = out
         if out == "logits":
             continue
@@ -122,7 +123,8 @@ def build_resnet(widths: Sequence[int] = (16, 32), seed: int = 0, side: int = 28
     scale without it, their biases and ``fc`` as PyTorch's default."""
     p = _Params(seed)
     make = helper.make_node
-    nodes = [make("Reshape", ["x", p.constant("image_shape", np.array([-1, 1, side, side], np.int64))], ["image"], name="to_image")]
+    image_shape = p.constant("image_shape", np.array([-1, 1, side, side], np.int64))
+    nodes = [make("Reshape", ["x", image_shape], ["image"], name="to_image")]
 
     def conv(name, source, cin, cout, stride=1):
         nodes.append(make("Conv", [source, p.uniform(f"{name}.weight", (cout, cin, 3, 3), cin * 9, gain=np.sqrt(6)),
@@ -144,7 +146,8 @@ def build_resnet(widths: Sequence[int] = (16, 32), seed: int = 0, side: int = 28
         branch = conv(f"block{stage}b", inner, width, width)
         nodes.append(make("Add", [stream, branch], [f"add{stage}.out"], name=f"add{stage}"))
         stream = relu(f"block{stage}_relu", f"add{stage}.out")
-    nodes += [make("GlobalAveragePool", [stream], ["gap.out"], name="gap"), make("Flatten", ["gap.out"], ["flat"], name="flatten"),
+    nodes += [make("GlobalAveragePool", [stream], ["gap.out"], name="gap"),
+              make("Flatten", ["gap.out"], ["flat"], name="flatten"),
               make("Gemm", ["flat", p.uniform("fc.weight", (classes, width), width), p.uniform("fc.bias", (classes,), width)],
                    ["logits"], name="fc", transB=1)]
     return _finish(nodes, p, "mnist_resnet", side * side, classes)
@@ -165,8 +168,9 @@ def build_transformer(width: int = 64, heads: int = 4, ffn: int = 128, blocks: i
     seq, pixels = grid * grid, patch * patch
 
     def linear(name, source, fan_in, fan_out):
-        nodes.append(make("MatMul", [source, p.uniform(f"{name}.weight", (fan_in, fan_out), fan_in)], [f"{name}.mm"], name=name))
-        nodes.append(make("Add", [f"{name}.mm", p.uniform(f"{name}.bias", (fan_out,), fan_in)], [f"{name}.out"], name=f"{name}_bias"))
+        weight, bias = p.uniform(f"{name}.weight", (fan_in, fan_out), fan_in), p.uniform(f"{name}.bias", (fan_out,), fan_in)
+        nodes.append(make("MatMul", [source, weight], [f"{name}.mm"], name=name))
+        nodes.append(make("Add", [f"{name}.mm", bias], [f"{name}.out"], name=f"{name}_bias"))
         return f"{name}.out"
 
     def norm(name, source):
@@ -175,9 +179,11 @@ def build_transformer(width: int = 64, heads: int = 4, ffn: int = 128, blocks: i
                           [f"{name}.out"], name=name, axis=-1, epsilon=1e-5))
         return f"{name}.out"
 
-    nodes = [make("Reshape", ["x", p.constant("grid_shape", np.array([-1, grid, patch, grid, patch], np.int64))], ["grid"], name="to_grid"),
+    grid_shape = p.constant("grid_shape", np.array([-1, grid, patch, grid, patch], np.int64))
+    patch_shape = p.constant("patch_shape", np.array([-1, seq, pixels], np.int64))
+    nodes = [make("Reshape", ["x", grid_shape], ["grid"], name="to_grid"),
              make("Transpose", ["grid"], ["patches4"], name="patches", perm=[0, 1, 3, 2, 4]),
-             make("Reshape", ["patches4", p.constant("patch_shape", np.array([-1, seq, pixels], np.int64))], ["patches"], name="to_patches")]
+             make("Reshape", ["patches4", patch_shape], ["patches"], name="to_patches")]
     embedded = linear("embed", "patches", pixels, width)
     position = p.constant("position", (p.rng.normal(size=(seq, width)) * 0.02).astype(np.float32))
     nodes.append(make("Add", [embedded, position], ["stream0"], name="add_position"))
@@ -189,7 +195,8 @@ def build_transformer(width: int = 64, heads: int = 4, ffn: int = 128, blocks: i
             projected = linear(f"block{b}.{part}", h, width, width)
             shape = p.constant(f"block{b}.{part}_split_shape", np.array([0, 0, heads, size], np.int64))
             nodes += [make("Reshape", [projected, shape], [f"block{b}.{part}_split"], name=f"block{b}.{part}_split"),
-                      make("Transpose", [f"block{b}.{part}_split"], [f"block{b}.{part}_heads"], name=f"block{b}.{part}_heads", perm=perm)]
+                      make("Transpose", [f"block{b}.{part}_split"], [f"block{b}.{part}_heads"], name=f"block{b}.{part}_heads",
+                           perm=perm)]
             split[part] = f"block{b}.{part}_heads"
         scale = p.constant(f"block{b}.scale", np.array(1 / np.sqrt(size), np.float32))
         a = f"block{b}.attn"
@@ -208,6 +215,6 @@ def build_transformer(width: int = 64, heads: int = 4, ffn: int = 128, blocks: i
         nodes.append(make("Add", [f"block{b}.mid", down], [f"block{b}.out"], name=f"block{b}.residual2"))
         stream = f"block{b}.out"
     nodes.append(make("ReduceMean", [norm("final_norm", stream)], ["pooled"], name="pool", axes=[1], keepdims=0))
-    nodes.append(make("Gemm", ["pooled", p.uniform("head.weight", (classes, width), width), p.uniform("head.bias", (classes,), width)],
-                      ["logits"], name="head", transB=1))
+    head = [p.uniform("head.weight", (classes, width), width), p.uniform("head.bias", (classes,), width)]
+    nodes.append(make("Gemm", ["pooled", *head], ["logits"], name="head", transB=1))
     return _finish(nodes, p, "mnist_transformer", side * side, classes)

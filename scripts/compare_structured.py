@@ -129,8 +129,9 @@ def study(name: str, path: str, args, peer_python: Path | None, calib_float_dir:
     test = as_dataset(args.test, model)
     feeds = calib.subset(256).feeds
     dense = onnxprune.evaluate(model, test)
-    out = {"model": path, "calib_samples": len(next(iter(calib.feeds.values()))), "dense": {"accuracy": dense["accuracy"], "loss": dense["loss"], "params": params(model),
-                                    "macs": model_macs(model, feeds)}, "fractions": {}, "macs_sweep": []}
+    out = {"model": path, "calib_samples": len(next(iter(calib.feeds.values()))),
+           "dense": {"accuracy": dense["accuracy"], "loss": dense["loss"], "params": params(model),
+                     "macs": model_macs(model, feeds)}, "fractions": {}, "macs_sweep": []}
     calib_float = calib_float_dir / f"{name}_calib.npz"
     np.savez(calib_float, **calib.feeds)
     for f in args.fractions:

@@ -31,7 +31,8 @@ from onnxprune.runtime import make_session
 from onnxprune.zoo import build_mlp, build_resnet, build_transformer, widths_argument
 
 CNN_FILE = "mnist_cnn.onnx"
-CNN_ARCHITECTURE = "x[784] -> 1x28x28 -> conv1 8@5x5 -> ReLU -> MaxPool 2 -> conv2 16@5x5 -> ReLU -> MaxPool 2 -> 256 -> fc1 64 -> ReLU -> fc2 10"
+CNN_ARCHITECTURE = ("x[784] -> 1x28x28 -> conv1 8@5x5 -> ReLU -> MaxPool 2 -> conv2 16@5x5 -> ReLU -> MaxPool 2 -> "
+                    "256 -> fc1 64 -> ReLU -> fc2 10")
 INPUT_SCALE = 1 / 255
 CALIB_SIZE = 2048
 DEFAULT_HIDDEN = (64, 64)
@@ -141,7 +142,8 @@ def train_extra(name: str, x, y, epochs: int, args) -> tuple[onnx.ModelProto, li
     seconds = time.perf_counter() - began
     trainer = "onnx-ad's reverse mode (the adjoint engine)" if engine == "adjoint" else "onnxruntime-training"
     stamp(model, (
-        f"{name} {arch}, initialised as onnxprune.zoo.build_{name} says with seed {args.seed}, trained on the 60,000 MNIST training images "
+        f"{name} {arch}, initialised as onnxprune.zoo.build_{name} says with seed {args.seed}, trained on the "
+        "60,000 MNIST training images "
         f"scaled to [0,1] for {epochs} epochs with Adam (lr {LR}, batch {BATCH}, shuffle seed {args.seed}) by "
         f"scripts/train_models.py with {trainer} (no torch). Feed uint8 pixels (N, 784) times "
         f"onnxprune.input_scale. {ATTRIBUTION}"
@@ -160,7 +162,8 @@ def extra_readme(args, name, model, history, seconds, metrics, out: Path) -> str
     init = ("Conv weights Kaiming-uniform (±sqrt(6/fan_in)), Conv biases and the Gemm uniform in ±1/sqrt(fan_in)"
             if name == "resnet" else "Weights and biases uniform in ±1/sqrt(fan_in) (PyTorch's default), "
             "LayerNormalization scale 1 and bias 0, position embedding normal(0, 0.02)")
-    lines.append(f"- `{filename}` (`onnxprune.zoo.build_{name}`): {arch}. {init}; seed {args.seed}; input `x` float32 [N, 784], output `logits` [N, 10], opset 17, "
+    lines.append(f"- `{filename}` (`onnxprune.zoo.build_{name}`): {arch}. {init}; seed {args.seed}; input `x` "
+                 "float32 [N, 784], output `logits` [N, 10], opset 17, "
                  f"IR 8. Trained like the MLP (all 60,000 training images, Adam lr {LR}, batch {BATCH}) with the "
                  f"`{engine}` gradient engine of `onnxprune.finetune`"
                  + (" (onnxruntime-training's LayerNormalization gradient needs optional outputs the graph does "
@@ -198,7 +201,8 @@ def train_one(hidden, x, y, args) -> tuple[onnx.ModelProto, list[dict], float]:
     print(f"training {architecture} ({args.epochs} epochs)", file=sys.stderr)
     began = time.perf_counter()
     model, history = finetune(
-        build_mlp(hidden, seed=args.seed), x, y, epochs=args.epochs, lr=LR, batch_size=BATCH, seed=args.seed, progress=print_progress
+        build_mlp(hidden, seed=args.seed), x, y, epochs=args.epochs, lr=LR, batch_size=BATCH, seed=args.seed,
+        progress=print_progress
     )
     seconds = time.perf_counter() - began
     stamp(model, (
@@ -213,7 +217,8 @@ def train_one(hidden, x, y, args) -> tuple[onnx.ModelProto, list[dict], float]:
 def command_line(args, only: str | None = None) -> str:
     """The command that reproduces this run (``only``: that EXTRA model alone), paths relative to the
     working directory."""
-    parts = [".venv/bin/python", "scripts/train_models.py", "--mnist", os.path.relpath(args.mnist), "--out", os.path.relpath(args.out) + "/"]
+    parts = [".venv/bin/python", "scripts/train_models.py", "--mnist", os.path.relpath(args.mnist),
+             "--out", os.path.relpath(args.out) + "/"]
     parts += ["--seed", str(args.seed)]
     if only is None:
         parts += ["--epochs", str(args.epochs)]
@@ -254,7 +259,8 @@ def readme(args, results, out: Path) -> str:
         "a PReLU after each hidden layer with one shared slope (`preluN.weight`, init 0.25, as `torch.nn.PReLU()`); "
         "input `x` float32 [N, 784], output `logits` float32 [N, 10]; opset 17, IR 8.",
         f"- Weights and biases initialised uniform in ±1/sqrt(fan_in) like `torch.nn.Linear`, numpy generator seed {args.seed}.",
-        f"- Trained on all 60,000 MNIST training images, pixels scaled to [0, 1] (uint8 times float32(1/255), as the metadata says), {args.epochs} epochs, "
+        f"- Trained on all 60,000 MNIST training images, pixels scaled to [0, 1] (uint8 times float32(1/255), as "
+        f"the metadata says), {args.epochs} epochs, "
         f"Adam (lr {LR}, betas 0.9/0.999, eps 1e-8, no weight decay), batch {BATCH}, cross-entropy, "
         f"shuffled with `np.random.default_rng({args.seed})` (`onnxprune.finetune.finetune`, one intra-op thread).",
         f"- CNN `{CNN_FILE}`: input `x` float32 [N, 784] (the same rows as the MLP, reshaped inside to [N, 1, 28, 28]), "
@@ -291,8 +297,10 @@ def readme(args, results, out: Path) -> str:
         lines.append(f"| {model_filename(hidden)} | {(out / model_filename(hidden)).stat().st_size:,} | {what} |")
     lines += [
         f"| mnist_calib.npz | {(out / 'mnist_calib.npz').stat().st_size:,} | {CALIB_SIZE} training images chosen with "
-        f"`np.random.default_rng({args.seed}).choice(60000, {CALIB_SIZE}, replace=False)`, sorted: `x` uint8 ({CALIB_SIZE}, 784), `y` int64 |",
-        f"| mnist_test.npz | {(out / 'mnist_test.npz').stat().st_size:,} | the full MNIST test set: `x` uint8 (10000, 784), `y` int64 |",
+        f"`np.random.default_rng({args.seed}).choice(60000, {CALIB_SIZE}, replace=False)`, sorted: `x` uint8 "
+        f"({CALIB_SIZE}, 784), `y` int64 |",
+        f"| mnist_test.npz | {(out / 'mnist_test.npz').stat().st_size:,} | the full MNIST test set: `x` uint8 "
+        "(10000, 784), `y` int64 |",
         "",
         "## Data licence",
         "",
@@ -325,12 +333,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output folder (must exist)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--hidden", type=widths_argument, action="append", help="hidden sizes, e.g. 32,32; repeatable (default 64,64)")
+    parser.add_argument("--hidden", type=widths_argument, action="append", help="hidden sizes, e.g. 32,32; "
+                                                                                "repeatable (default 64,64)")
     parser.add_argument("--cnn-epochs", type=int, default=8, help="epochs for the CNN (0: do not train it)")
     parser.add_argument("--resnet-epochs", type=int, default=4, help="epochs for the residual CNN (0: do not train it)")
     parser.add_argument("--transformer-epochs", type=int, default=8, help="epochs for the transformer (0: do not train it)")
     parser.add_argument("--only", default=None, metavar="resnet,transformer",
-                        help="train only these of the residual CNN and the transformer; no other file but their README block is written")
+                        help="train only these of the residual CNN and the transformer; no other file but their "
+                             "README block is written")
     parser.add_argument("--force", action="store_true", help="replace existing output files")
     args = parser.parse_args(argv)
     args.hidden = args.hidden or [DEFAULT_HIDDEN]
@@ -362,7 +372,8 @@ def main(argv=None) -> int:
     for name in extras:
         model, history, seconds = train_extra(name, scaled, train_y, extra_epochs(args, name), args)
         metrics = evaluate(model, test_x, test_y)
-        print(f"  {EXTRA[name][0]}: test loss {metrics[0]:.4f}, accuracy {100 * metrics[1]:.2f}%, {seconds:.1f} s", file=sys.stderr)
+        print(f"  {EXTRA[name][0]}: test loss {metrics[0]:.4f}, accuracy {100 * metrics[1]:.2f}%, {seconds:.1f} s",
+              file=sys.stderr)
         fileio.write_bytes(paths[EXTRA[name][0]], model.SerializeToString())
         blocks[name] = extra_readme(args, name, model, history, seconds, metrics, args.out)
     old = readme_path.read_text() if readme_path.exists() else "# Models\n"
@@ -376,7 +387,8 @@ def main(argv=None) -> int:
     for hidden in args.hidden:
         model, history, seconds = train_one(hidden, scaled, train_y, args)
         metrics = evaluate(model, test_x, test_y)
-        print(f"  {model_filename(hidden)}: test loss {metrics[0]:.4f}, accuracy {100 * metrics[1]:.2f}%, {seconds:.1f} s", file=sys.stderr)
+        print(f"  {model_filename(hidden)}: test loss {metrics[0]:.4f}, accuracy {100 * metrics[1]:.2f}%, {seconds:.1f} s",
+              file=sys.stderr)
         fileio.write_bytes(paths[model_filename(hidden)], model.SerializeToString())
         results.append((hidden, history, seconds, metrics))
     if args.cnn_epochs > 0:

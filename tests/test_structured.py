@@ -228,7 +228,8 @@ def test_prune_structured_every_method(method):
 @pytest.mark.parametrize("build, shape", [(attention, (4, 5)), (residual_cnn, (32,)), (grouped_cnn, (98,)),
                                           (concat_mlp, (5,)), (concat_cnn, (72,)),
                                           (lambda: build_resnet(widths=(4, 6), side=8, classes=3), (64,)),
-                                          (lambda: build_transformer(width=8, heads=2, ffn=6, patch=4, side=8, classes=3), (64,))])
+                                          (lambda: build_transformer(width=8, heads=2, ffn=6, patch=4, side=8, classes=3),
+                                           (64,))])
 def test_prune_structured_heads_and_residual_streams(build, shape):
     model = build()
     x = RNG.normal(size=(30, *shape)).astype(np.float32)

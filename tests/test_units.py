@@ -67,7 +67,8 @@ def cnn(flatten="Flatten", bn=False, depthwise=False, pool="MaxPool"):
     t = "c0"
     if bn:
         nodes.append(n("BatchNormalization", [t, "bn_s", "bn_b", "bn_m", "bn_v"], ["bn"], name="bn0"))
-        inits += [_w("bn_s", 4), _w("bn_b", 4), _w("bn_m", 4), numpy_helper.from_array(RNG.uniform(0.5, 2, 4).astype(np.float32), "bn_v")]
+        inits += [_w("bn_s", 4), _w("bn_b", 4), _w("bn_m", 4),
+                  numpy_helper.from_array(RNG.uniform(0.5, 2, 4).astype(np.float32), "bn_v")]
         t = "bn"
     else:
         nodes.append(n("Add", [t, "cb0"], ["c0b"], name="bias0"))
@@ -172,7 +173,8 @@ def residual_cnn():
     -> GlobalAveragePool -> Flatten -> Gemm: conv0 and both blocks' second Convs share one mask."""
     _seed()
     n = helper.make_node
-    nodes = [n("Reshape", ["x", "img"], ["x4"], name="to_img"), n("Conv", ["x4", "C0"], ["c0"], name="conv0", kernel_shape=[1, 1]),
+    nodes = [n("Reshape", ["x", "img"], ["x4"], name="to_img"),
+             n("Conv", ["x4", "C0"], ["c0"], name="conv0", kernel_shape=[1, 1]),
              n("BatchNormalization", ["c0", "s", "b", "m", "v"], ["bn"], name="bn0"), n("Relu", ["bn"], ["r0"], name="relu0")]
     inits = [numpy_helper.from_array(np.array([-1, 2, 4, 4], np.int64), "img"), _w("C0", 4, 2, 1, 1), _w("s", 4), _w("b", 4),
              _w("m", 4), numpy_helper.from_array(RNG.uniform(0.5, 2, 4).astype(np.float32), "v")]
@@ -198,7 +200,8 @@ def attention(heads=2, size=3, width=5):
     hd = heads * size
     nodes, inits = [], [numpy_helper.from_array(np.array([0, 0, heads, size], np.int64), f"split_{p}") for p in "qkv"]
     for p, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
-        nodes += [n("MatMul", ["x", f"W{p}"], [f"{p}m"], name=f"{p}_proj"), n("Add", [f"{p}m", f"b{p}"], [f"{p}a"], name=f"{p}_bias"),
+        nodes += [n("MatMul", ["x", f"W{p}"], [f"{p}m"], name=f"{p}_proj"),
+                  n("Add", [f"{p}m", f"b{p}"], [f"{p}a"], name=f"{p}_bias"),
                   n("Reshape", [f"{p}a", f"split_{p}"], [f"{p}r"], name=f"{p}_split"),
                   n("Transpose", [f"{p}r"], [f"{p}h"], name=f"{p}_heads", perm=perm)]
         inits += [_w(f"W{p}", width, hd), _w(f"b{p}", hd)]
@@ -366,10 +369,12 @@ def test_unsafe_couplings_are_rejected_with_their_reason():
     reasons = _rejected(from_input)
     assert "graph input" in reasons["fc0"] and "graph output" in reasons["fc2"]
     gated = _model([n("Gemm", ["x", "W0"], ["a0"], name="fc0", transB=1), n("Gemm", ["x", "W1"], ["a1"], name="fc1", transB=1),
-                    n("Sigmoid", ["a1"], ["g"]), n("Mul", ["a0", "g"], ["m"]), n("Gemm", ["m", "W2"], ["y"], name="fc2", transB=1)],
+                    n("Sigmoid", ["a1"], ["g"]), n("Mul", ["a0", "g"], ["m"]),
+                    n("Gemm", ["m", "W2"], ["y"], name="fc2", transB=1)],
                    [_w("W0", 4, 5), _w("W1", 4, 5), _w("W2", 3, 4)], ["N", 5], ["N", 3])
     assert "computed" in _rejected(gated)["fc0"]
-    along_batch = _model([n("Gemm", ["x", "W0"], ["a0"], name="fc0", transB=1), n("Gemm", ["x", "W1"], ["a1"], name="fc1", transB=1),
+    along_batch = _model([n("Gemm", ["x", "W0"], ["a0"], name="fc0", transB=1),
+                          n("Gemm", ["x", "W1"], ["a1"], name="fc1", transB=1),
                           n("Concat", ["a0", "a1"], ["c"], axis=0), n("Gemm", ["c", "W2"], ["y"], name="fc2", transB=1)],
                          [_w("W0", 4, 5), _w("W1", 4, 5), _w("W2", 3, 4)], ["N", 5], ["M", 3])
     assert "not the units' channel axis" in _rejected(along_batch)["fc0"]
