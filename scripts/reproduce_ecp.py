@@ -393,8 +393,15 @@ def markdown(results: dict, units: list[dict], settings: Settings) -> str:
     return "\n".join(lines)
 
 
-def ratio_list(ratios) -> str:
-    return ", ".join(str(r) for r in ratios) if ratios else "none"
+def at_ratios(ratios) -> str:
+    """'at r = 0.5, 0.6' or 'at no ratio'."""
+    return f"at r = {', '.join(str(r) for r in ratios)}" if ratios else "at no ratio"
+
+
+def against(named: dict[str, list]) -> str:
+    """'against A at r = ...; against B at r = ...' over the methods with any ratio, else 'against none of them'."""
+    parts = [f"against {name} {at_ratios(ratios)}" for name, ratios in named.items() if ratios]
+    return "; ".join(parts) if parts else "against none of them"
 
 
 def findings(results: dict, units: list[dict], settings: Settings) -> list[str]:
@@ -413,27 +420,25 @@ def findings(results: dict, units: list[dict], settings: Settings) -> list[str]:
         within = [r for r in settings.ratios if abs(change[r]["mean"]) <= spread]
         last = settings.ratios[-1]
         lines.append(f"- {arch}, one-shot: ECP's mean test-loss change from its own dense model is within the dense "
-                     f"loss's seed-to-seed spread (± {spread:.4f}) at r = {ratio_list(within)}; at r = {last} it is "
+                     f"loss's seed-to-seed spread (± {spread:.4f}) {at_ratios(within)}; at r = {last} it is "
                      f"{change[last]['mean']:+.4f}.")
         after = {r: s["methods"]["ecp"]["ratios"][str(r)]["after"]["loss"]["mean"] for r in settings.ratios}
         below_dense = [r for r in settings.ratios if after[r] < s["dense"]["loss"]["mean"]]
         below_longer = [r for r in settings.ratios if after[r] < s["dense_finetuned"]["loss"]["mean"]]
-        lines.append(f"- {arch}, fine-tuned: ECP's mean test loss is below the dense model's at "
-                     f"r = {ratio_list(below_dense)}, and below that of the dense model trained as many more epochs "
-                     f"at r = {ratio_list(below_longer)}.")
+        lines.append(f"- {arch}, fine-tuned: ECP's mean test loss is below the dense model's {at_ratios(below_dense)}, "
+                     f"and below that of the dense model trained as many more epochs {at_ratios(below_longer)}.")
         for phase, title in (("before", "one-shot"), ("after", "fine-tuned")):
             every = {b: [r for r in high if wins(units, hidden, "ecp", b, r, phase)[0] == len(runs)] for b in others}
             never = {b: [r for r in high if wins(units, hidden, "ecp", b, r, phase)[0] == 0] for b in others}
             lines.append(f"- {arch}, {title}, r >= 0.5: ECP's test loss is below the other method's on every seed "
-                         + "; ".join(f"against {VARIANTS[b][0]} at r = {ratio_list(every[b])}" for b in others)
-                         + ". On no seed: "
-                         + "; ".join(f"against {VARIANTS[b][0]} at r = {ratio_list(never[b])}" for b in others) + ".")
+                         + against({VARIANTS[b][0]: every[b] for b in others})
+                         + ". On no seed: " + against({VARIANTS[b][0]: never[b] for b in others}) + ".")
         fc = s["fully_connected"]
         narrow_worst = [r for r in settings.ratios
                         if all(fc[str(r)]["loss"]["mean"] > s["methods"][k]["ratios"][str(r)]["after"]["loss"]["mean"]
                                for k in settings.methods)]
         lines.append(f"- {arch}: the narrower dense network ({FC}) has a higher mean test loss than every fine-tuned "
-                     f"pruned network at r = {ratio_list(narrow_worst)}.")
+                     f"pruned network {at_ratios(narrow_worst)}.")
     return lines
 
 
