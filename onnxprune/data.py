@@ -214,23 +214,35 @@ def _pop_labels(arrays: dict[str, np.ndarray], labels_key: str | None, source: s
     if not keys:
         return None
     labels = arrays.pop(keys[0])
+    what = f"{source}: labels {keys[0]!r}"
     if isinstance(labels, LazyMember):
         member = labels.get()
-        if member.ndim != 1:
-            raise InputError(f"{source}: labels {keys[0]!r} must be 1-D integers, got shape {list(member.shape)}")
+        if member.ndim != 1:  # refused before the member is read
+            raise InputError(f"{what} must be 1-D integers, got shape {list(member.shape)}")
         labels = member.read()
-    if labels.ndim != 1:
-        raise InputError(f"{source}: labels {keys[0]!r} must be 1-D integers, got shape {labels.shape}")
-    if labels.dtype.kind == "f":
-        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
-            raise InputError(f"{source}: labels {keys[0]!r} must be integers")
-    elif labels.dtype.kind not in "iu":
-        raise InputError(f"{source}: labels {keys[0]!r} must be integers, got {labels.dtype}")
-    if labels.size and labels.min() < 0:
-        raise InputError(f"{source}: labels {keys[0]!r} contain negative values")
-    if labels.size and labels.max() > MAX_LABEL:
-        raise InputError(f"{source}: labels {keys[0]!r} go up to {labels.max():.6g}, which is no class index")
-    return labels.astype(np.int64)
+    return class_labels(labels, what)
+
+
+def class_labels(values, what: str, n_samples: int | None = None, n_classes: int | None = None) -> np.ndarray:
+    """``values`` as int64 class indices, or an InputError about ``what``: 1-D, integer-valued,
+    non-negative, an int32 index at most (and below ``n_classes``, ``n_samples`` of them, when given)."""
+    y = np.asarray(values)
+    if y.ndim != 1:
+        raise InputError(f"{what} must be 1-D integers, got shape {list(y.shape)}")
+    if n_samples is not None and len(y) != n_samples:
+        raise InputError(f"{what} has {len(y)} labels for {n_samples} samples")
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
+            raise InputError(f"{what} must be integers")
+    elif y.dtype.kind not in "iub":
+        raise InputError(f"{what} must be integers, got {y.dtype}")
+    if y.size and y.min() < 0:
+        raise InputError(f"{what} contain negative values (min {y.min():.6g})")
+    if y.size and y.max() > MAX_LABEL:
+        raise InputError(f"{what} go up to {y.max():.6g}, which is no class index")
+    if n_classes is not None and y.size and y.max() >= n_classes:
+        raise InputError(f"{what} contain label {int(y.max())} but there are {n_classes} classes (0..{n_classes - 1})")
+    return y.astype(np.int64)
 
 
 def _input_scale(model: onnx.ModelProto) -> float | None:

@@ -23,6 +23,7 @@ import sys
 
 import numpy as np
 
+from ..data import class_labels
 from ..errors import InputError
 from . import gibbs
 from .members import (
@@ -70,22 +71,7 @@ def check_features(X, n_features: int | None = None, name: str = "X") -> np.ndar
 
 def check_labels(y, n_samples: int, n_classes: int | None = None, name: str = "y") -> np.ndarray:
     """y as int64 (S,): integer-valued, non-negative, below n_classes when given."""
-    y = np.asarray(y)
-    if y.ndim != 1:
-        raise InputError(f"{name} must be 1-D, got shape {list(y.shape)}")
-    if len(y) != n_samples:
-        raise InputError(f"{name} has {len(y)} labels for {n_samples} samples")
-    if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)) or np.any(y != np.round(y)):
-            raise InputError(f"{name} must hold integer class labels")
-    elif y.dtype.kind not in "iub":
-        raise InputError(f"{name} must hold integer class labels, got dtype {y.dtype}")
-    y = y.astype(np.int64)
-    if y.size and y.min() < 0:
-        raise InputError(f"{name} contains negative labels (min {y.min()})")
-    if n_classes is not None and y.size and y.max() >= n_classes:
-        raise InputError(f"{name} contains label {y.max()} but there are {n_classes} classes (0..{n_classes - 1})")
-    return y
+    return class_labels(y, name, n_samples, n_classes)
 
 
 class GibbsEnsemble:
