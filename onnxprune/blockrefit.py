@@ -14,6 +14,7 @@ least error on the held-out fifth is kept (the window as it came when none lower
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,7 +93,8 @@ def find_blocks(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[Block
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    blocks, reasons = [], {}
+    blocks: list[Block] = []
+    reasons: dict[str, str] = {}
     for first, second in zip(layers, layers[1:]):
         act = producers.get(second.input)
         why = refit_problem(first) or refit_problem(second)
@@ -102,7 +104,11 @@ def find_blocks(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[Block
             why = f"{second.name}'s input is not one activation of {first.name}'s pre-activation"
         elif not why and len(consumers.get(first.preact, [])) != 1:
             why = f"{first.name}'s pre-activation has other consumers"
-        activation = why or activation_of(model, act, first.out_features)
+        if why:
+            reasons.setdefault(f"{first.name}+{second.name}", why)
+            continue
+        assert act is not None  # a missing activation gave a reason above
+        activation = activation_of(model, act, first.out_features)
         if isinstance(activation, str):
             reasons.setdefault(f"{first.name}+{second.name}", activation)
             continue
@@ -231,10 +237,10 @@ def gauss_newton(problem: BlockProblem, theta: np.ndarray, steps: int = 4, cg_it
     """Levenberg-Marquardt: ``steps`` damped Gauss-Newton steps from theta; a step that does not
     lower the loss is refused and the damping raised. Returns (theta, the loss after each step);
     with ``judge`` (a held-out loss) the iterate it scores lowest, the start included."""
-    losses = []
+    losses: list[float] = []
     r = problem.linearise(theta)
     loss = float((r ** 2).sum())
-    best, best_score = theta, judge(theta) if judge else None
+    best, best_score = theta, judge(theta) if judge else math.inf  # best_score is read only with judge
     for _ in range(steps):
         grad = problem.vjp(r)
         diag = problem.diagonal()
@@ -250,9 +256,10 @@ def gauss_newton(problem: BlockProblem, theta: np.ndarray, steps: int = 4, cg_it
         if trial_loss < loss:
             theta, loss, damping = trial, trial_loss, max(damping / 3, 1e-6)
             r = problem.linearise(theta)
-            score = judge(theta) if judge else None
-            if judge and score < best_score:
-                best, best_score = theta, score
+            if judge:
+                score = judge(theta)
+                if score < best_score:
+                    best, best_score = theta, score
         else:
             damping *= 4
         losses.append(loss)

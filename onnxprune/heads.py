@@ -48,9 +48,10 @@ def match_heads(g: GraphIndex, by_preact: dict[str, Layer], out: Layer) -> UnitG
     node = _only(g, probabilities, "Softmax")
     path.append(node.name)
     while True:  # a scale, a mask: constants only
-        node = g.producers.get(node.input[0])
-        if node is None or g.users(node.output[0]) != 1:
+        producer = g.producers.get(node.input[0])
+        if producer is None or g.users(producer.output[0]) != 1:
             raise Stop("the attention scores have other users")
+        node = producer
         path.append(node.name)
         if node.op_type == "MatMul":
             break

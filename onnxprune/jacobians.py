@@ -16,7 +16,7 @@ own types.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -25,6 +25,7 @@ from onnx import TensorProto, helper
 from . import runtime
 from .graph import producers, tensor_types
 from .layers import Layer
+from .npz import NpzColumn
 from .passes import BATCH, AffineBatchNormalization, derivative_copy, free_batch_copy, needed_nodes
 
 PROBE = "onnxprune__probe"
@@ -36,7 +37,7 @@ def offset_name(layer: Layer) -> str:
     return f"onnxprune__offset__{layer.preact}"
 
 
-def tensor_shapes(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarray],
+def tensor_shapes(model: onnx.ModelProto, names: list[str], feeds: Mapping[str, np.ndarray | NpzColumn],
                   provider: str = "cpu") -> dict[str, tuple[int, ...]]:
     """Per-sample shapes of tensors ``names`` (graph inputs or computed), from one sample of ``feeds``."""
     shapes = {k: tuple(v.shape[1:]) for k, v in feeds.items() if k in names}
@@ -48,7 +49,8 @@ def tensor_shapes(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.
     return shapes
 
 
-def output_shape(model: onnx.ModelProto, output: str, feeds: dict[str, np.ndarray], provider: str = "cpu") -> tuple[int, ...]:
+def output_shape(model: onnx.ModelProto, output: str, feeds: Mapping[str, np.ndarray | NpzColumn],
+                 provider: str = "cpu") -> tuple[int, ...]:
     """Shape of tensor ``output`` for one sample (run on the first sample of ``feeds``)."""
     return tensor_shapes(model, [output], feeds, provider)[output]
 

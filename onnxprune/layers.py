@@ -65,6 +65,13 @@ class Layer:
         return self.out_features * self.in_features
 
     @property
+    def geometry(self) -> ConvGeometry:
+        """The Conv geometry (every Conv layer has one; an error for any other layer)."""
+        if self.conv is None:
+            raise ValueError(f"layer {self.name!r} ({self.op}) has no Conv geometry")
+        return self.conv
+
+    @property
     def shared(self) -> bool:
         """Whether the weight is applied at several positions per sample (Conv, sequence MatMul)."""
         return self.kind != "dense"

@@ -74,7 +74,7 @@ class _Network:
         m.graph.output.extend(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None)
                               for n in dict.fromkeys(outputs))
         self.session = runtime.make_session(m, provider, threads)
-        self.values = {}
+        self.values: dict[str, np.ndarray] = {}
         self.update(model)
 
     def update(self, model: onnx.ModelProto, names=None) -> None:
@@ -92,7 +92,8 @@ class _DenseTargets:
         self.targets = {layer.name: fit_target(dense, layer) for layer in layers}
         self.session = runtime.tensor_session(dense, list(dict.fromkeys(t for t, _ in self.targets.values())),
                                               provider, threads)
-        self.cache, self.size = {}, 0
+        self.cache: dict[tuple[int, str], np.ndarray] = {}
+        self.size = 0
 
     def __call__(self, index: int, feeds, layer: Layer) -> np.ndarray:
         key = (index, layer.name)
@@ -112,17 +113,24 @@ class _DenseTargets:
 
 class _Moments:
     """Streamed sums for rows' least squares: Gram of x = [patch, 1] and cross-terms with targets t
-    (one per group), or, when ``weighted``, one G-weighted Gram per row over its survivors."""
+    (``gram``, ``cross``: one per group), or, when ``weighted``, one G-weighted Gram per row over its
+    survivors (``row_gram``, ``row_cross``, ``diag``: one per row of ``rows``)."""
 
     def __init__(self, layer: Layer, survivors: list[np.ndarray] | None = None, rows: np.ndarray | None = None):
         self.per_group = layer.out_features // groups_of(layer)
         self.weighted = survivors is not None
-        self.survivors, self.rows = survivors, rows
+        self.survivors: list[np.ndarray] = [] if survivors is None else survivors
+        self.rows: np.ndarray = np.zeros(0, dtype=int) if rows is None else rows
         d = layer.in_features + 1
+        self.gram = np.zeros((0, d, d))
+        self.cross = np.zeros((0, d, layer.out_features))
+        self.row_gram: list[np.ndarray] = []
+        self.row_cross: list[np.ndarray] = []
+        self.diag = np.zeros(0)
         if self.weighted:
-            self.gram = [np.zeros((len(survivors[i]) + 1,) * 2) for i in rows]
-            self.cross = [np.zeros(len(survivors[i]) + 1) for i in rows]
-            self.diag = np.zeros(len(rows))  # sum_s g_si |x_s|^2 / in: the damping's scale per row
+            self.row_gram = [np.zeros((len(self.survivors[i]) + 1,) * 2) for i in self.rows]
+            self.row_cross = [np.zeros(len(self.survivors[i]) + 1) for i in self.rows]
+            self.diag = np.zeros(len(self.rows))  # sum_s g_si |x_s|^2 / in: the damping's scale per row
         else:
             self.gram = np.zeros((groups_of(layer), d, d))
             self.cross = np.zeros((groups_of(layer), d, layer.out_features))
@@ -140,13 +148,15 @@ class _Moments:
                 self.cross[group] += xg.T @ t
             self.tt += (t * t).sum(0)
             return
+        if g is None:
+            raise ValueError("weighted moments need the weights g")
         square = (x[:, :, :-1] ** 2).mean(2)  # (M, groups)
         for slot, i in enumerate(self.rows):
             xg = x[:, i // self.per_group]
             xs = xg[:, np.append(self.survivors[i], xg.shape[1] - 1)]
             w = g[:, i]
-            self.gram[slot] += (xs * w[:, None]).T @ xs
-            self.cross[slot] += xs.T @ (w * t[:, i])
+            self.row_gram[slot] += (xs * w[:, None]).T @ xs
+            self.row_cross[slot] += xs.T @ (w * t[:, i])
             self.diag[slot] += w @ square[:, i // self.per_group]
             self.tt[i] += w @ (t[:, i] ** 2)
 
@@ -199,14 +209,14 @@ def _weighted_fit(fit: _Moments, held: _Moments, survivors, in_features: int, th
     sample = np.unique(np.linspace(0, len(rows) - 1, GRID_ROWS).astype(int))
 
     def held_error(slot, theta):
-        return float(theta @ held.gram[slot] @ theta - 2 * theta @ held.cross[slot] + held.tt[rows[slot]])
+        return float(theta @ held.row_gram[slot] @ theta - 2 * theta @ held.row_cross[slot] + held.tt[rows[slot]])
 
     scales = np.maximum(fit.diag, 1e-12)
     scores = [sum(held_error(s, th) for s, th in zip(sample, solve_own(
-        [fit.gram[s] for s in sample], [fit.cross[s] for s in sample], scales[sample], delta))) for delta in candidates]
+        [fit.row_gram[s] for s in sample], [fit.row_cross[s] for s in sample], scales[sample], delta))) for delta in candidates]
     best = int(np.argmin(scores))
     before = sum(held_error(s, np.append(theta_now[rows[s], survivors[rows[s]]], theta_now[rows[s], -1])) for s in sample)
-    final = solve_own(fit.gram, fit.cross, scales, candidates[best])
+    final = solve_own(fit.row_gram, fit.row_cross, scales, candidates[best])
     theta = np.zeros((len(rows), in_features + 1))
     for slot, (i, th) in enumerate(zip(rows, final)):
         theta[slot, survivors[i]], theta[slot, -1] = th[:-1], th[-1]
@@ -215,7 +225,9 @@ def _weighted_fit(fit: _Moments, held: _Moments, survivors, in_features: int, th
 
 def _row_blocks(survivors: list[np.ndarray]) -> list[np.ndarray]:
     """Rows grouped so that one block's per-row Gram matrices fit in ROW_BLOCK_BYTES."""
-    blocks, current, size = [], [], 0
+    blocks: list[np.ndarray] = []
+    current: list[int] = []
+    size = 0
     for i in range(len(survivors)):
         need = 8 * (len(survivors[i]) + 1) ** 2
         if current and size + need > ROW_BLOCK_BYTES:

@@ -179,12 +179,12 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
         if refit:
             start = time.perf_counter()
             changed = {c.layer for g in groups if len(kept_index[g.name]) < original[g.name] for c in g.consumers}
-            refits = [refit_layer(dense, current, name, kept_index.get(producer_of.get(name)) if name in producer_of
+            refits = [refit_layer(dense, current, name, kept_index.get(producer_of[name]) if name in producer_of
                                   else None, dataset, batch_size, provider, threads)
                       for name in order if name in changed]
             seconds["refit"] += time.perf_counter() - start
     validate(current, dataset)
-    kept_inputs = {}
+    kept_inputs: dict[str, list[int]] = {}
     if inputs == "prune":
         current, kept_inputs = input_contract(current)
     final_counts = {name: len(kept_index[name]) for name in names}
@@ -199,7 +199,7 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
     return result
 
 
-def _producer_rows(model, layers, group) -> np.ndarray:
+def _producer_rows(model, layers, group) -> np.ndarray | None:
     """The rows of every producer of ``group`` side by side, (units, sum of their inputs; an attention
     head's D rows in one); None for inputs."""
     if not group.producers:

@@ -48,7 +48,7 @@ def fold_constants(model: onnx.ModelProto, groups: list[UnitGroup], removed: dic
             shift = rows @ per_column
             shift_bias(new, layer, layer.bias_shift_to_stored(shift), stored.dtype)
             if layer.op == "Conv":
-                channels = np.zeros(layer.conv.in_channels)
+                channels = np.zeros(layer.geometry.in_channels)
                 channels[consumer.offset + gone] = constants[group.name][gone]
                 _fold_border(new, layer, layer.to_rows(stored), channels, shift)
     return new
@@ -66,7 +66,7 @@ def _fold_border(model: onnx.ModelProto, layer: Layer, rows: np.ndarray, channel
     if shape is None or any(d is None for d in shape[2:]):
         raise ValueError(f"the spatial size of {layer.input!r} is unknown; a padded Conv's border cannot be folded")
     constant = np.broadcast_to(channels.reshape(1, -1, *[1] * (len(shape) - 2)), (1, len(channels), *shape[2:]))
-    patches = im2col(constant, layer.conv)
+    patches = im2col(constant, layer.geometry)
     groups, per_out = patches.shape[1], layer.out_features // patches.shape[1]
     full = np.concatenate([rows[g * per_out:(g + 1) * per_out] @ patches[0, g] for g in range(groups)])
     border = full - shift[:, None]
@@ -112,7 +112,7 @@ def _columns(units: np.ndarray, block: int) -> np.ndarray:
 def full_rows(layer: Layer, rows: np.ndarray) -> np.ndarray:
     """A grouped Conv's (out, in per group) rows spread over all input columns (zeros outside each
     row's group), so that column j is input channel j's block for every layer alike."""
-    groups = layer.conv.groups if layer.op == "Conv" else 1
+    groups = layer.geometry.groups if layer.op == "Conv" else 1
     if groups == 1:
         return rows
     per_out, width = layer.out_features // groups, rows.shape[1]
@@ -177,7 +177,12 @@ def _select_inputs(model: onnx.ModelProto, group: UnitGroup, kept: np.ndarray) -
     graph = model.graph
     source = group.tensor if group.tensor in {i.name for i in graph.input} else None
     node = next((n for n in graph.node if n.output and n.output[0] == group.tensor), None) if source is None else None
-    x = source or node.input[0]
+    if source is not None:
+        x = source
+    elif node is not None:
+        x = node.input[0]
+    else:
+        raise ValueError(f"input group {group.name!r}: {group.tensor!r} is neither a graph input nor a selection's output")
     name = selection_node(x)
     inits = {t.name: t for t in graph.initializer}
     if group.selection == "Slice":
@@ -197,8 +202,9 @@ def _select_inputs(model: onnx.ModelProto, group: UnitGroup, kept: np.ndarray) -
     if node is None:
         out = f"{x}__onnxprune_selected"
         args = [x, f"{name}__starts", f"{name}__ends", f"{name}__axes"] if group.selection == "Slice" else [x, f"{name}__indices"]
-        extra = {} if group.selection == "Slice" else {"axis": 1}
-        graph.node.insert(0, helper.make_node(group.selection, args, [out], name=name, **extra))
+        selector = (helper.make_node("Slice", args, [out], name=name) if group.selection == "Slice"
+                    else helper.make_node("Gather", args, [out], name=name, axis=1))  # an input group selects by one of the two
+        graph.node.insert(0, selector)
         for n in graph.node[1:]:
             n.input[:] = [out if i == x and n.name in {c.layer for c in group.consumers} else i for i in n.input]
 

@@ -9,11 +9,13 @@ on a busy machine).
 from __future__ import annotations
 
 import time
+from typing import TypeVar
 
 import numpy as np
 import onnx
 
 from . import runtime
+from .npz import NpzColumn
 
 BATCHES = (1, 256)
 
@@ -64,8 +66,12 @@ def time_models(dense: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str
     return results
 
 
-def select_inputs(feeds: dict[str, np.ndarray], kept_inputs: dict[str, list[int]] | None) -> dict[str, np.ndarray]:
+Feed = TypeVar("Feed", np.ndarray, "np.ndarray | NpzColumn")
+
+
+def select_inputs(feeds: dict[str, Feed], kept_inputs: dict[str, list[int]] | None) -> dict[str, Feed]:
     """The feeds a --prune-inputs model takes: only its kept features (C-contiguous, as a caller would
-    pass them; a strided view would add onnxruntime's copy of it to the time)."""
+    pass them; a strided view would add onnxruntime's copy of it to the time); arrays, or a Dataset's
+    feeds (a column with kept features is read whole, the others stay lazy)."""
     return {k: (np.ascontiguousarray(v[:, kept_inputs[k]]) if kept_inputs and k in kept_inputs else v)
             for k, v in feeds.items()}

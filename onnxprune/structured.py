@@ -149,7 +149,7 @@ def _add_batch(acc: dict, group: UnitGroup, layers, weights, rows, inputs, scale
     acc["sum_z2"] += (values * values).sum((0, 2))
     acc["count"] += values.shape[0] * values.shape[2]
     acc["n"] += len(z)
-    u = v = None
+    uv: tuple[np.ndarray, np.ndarray] | None = None  # the consumers' u and v summed
     for consumer in group.consumers:
         layer = layers[consumer.layer]
         x = _consumer_columns(layer, inputs[consumer.layer])
@@ -157,8 +157,9 @@ def _add_batch(acc: dict, group: UnitGroup, layers, weights, rows, inputs, scale
         if rows is not None:
             cu, cv = _uv(layer, weights[layer.name], rows[layer.name], inputs[layer.name], group.units,
                          consumer, scale)
-            u, v = (cu, cv) if u is None else (u + cu, v + cv)
-    if u is not None:
+            uv = (cu, cv) if uv is None else (uv[0] + cu, uv[1] + cv)
+    if uv is not None:
+        u, v = uv
         u2, v2 = u.reshape(-1, group.units), v.reshape(-1, group.units)
         acc["vv"] += v2.T @ v2
         acc["vu"] += v2.T @ u2
@@ -228,6 +229,8 @@ def best_bands(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def ecp_constants(stats: UnitStatistics) -> tuple[np.ndarray, np.ndarray]:
     """(c_j, the joint error matrix M) of one group."""
     vv, vu, uu = stats.vv, stats.vu, stats.uu
+    if vv is None or vu is None or uu is None:
+        raise ValueError("ECP constants need the Jacobian sums (unit_statistics with jacobians=True)")
     dvv = np.diag(vv)
     c = np.where(dvv > 0, np.diag(vu) / np.where(dvv > 0, dvv, 1.0), 0.0)
     m = np.outer(c, c) * vv - c[:, None] * vu - (c[:, None] * vu).T + uu
@@ -333,10 +336,10 @@ def layer_costs(model: onnx.ModelProto, layers: list[Layer], groups: list[UnitGr
         if layer.name in consumed:
             read = consumed[layer.name]
             width = read[0][1].width or read[0][0].units  # input units: a Concat's channels, or the group's
-            groups = layer.conv.groups if layer.op == "Conv" else 1
+            conv_groups = layer.geometry.groups if layer.op == "Conv" else 1
             costs.append(LayerCost(layer.name, out_group, out_units, tuple((g.name, g.units) for g, _ in read),
                                    width - sum(g.units for g, _ in read),
-                                   layer.in_features * groups // width * positions, groups=groups))
+                                   layer.in_features * conv_groups // width * positions, groups=conv_groups))
         else:
             costs.append(LayerCost(layer.name, out_group, out_units, (), layer.in_features, positions))
     return costs

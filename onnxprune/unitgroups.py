@@ -81,6 +81,7 @@ def stored_axis(layer: Layer, view_axis: int) -> int:
     axis = view_axis
     for step in reversed(layer.weight_path):
         if step.op == "Transpose":
+            assert step.perm is not None  # node_weight gives every Transpose of a weight path its perm
             axis = step.perm[axis]
     return axis
 

@@ -78,11 +78,12 @@ def refit_layer(dense: onnx.ModelProto, model: onnx.ModelProto, name: str, rows:
     layer = analyse_graph(model).by_name()[name]
     targets = runtime.tensor_session(dense, [layer.preact], provider, threads)
     current = runtime.tensor_session(model, [layer.input, layer.preact], provider, threads)
-    groups = layer.conv.groups if layer.op == "Conv" else 1
+    groups = layer.geometry.groups if layer.op == "Conv" else 1
     d, per_out = layer.in_features + 1, layer.out_features // groups
     fit, held = ([np.zeros((groups, d, d)), np.zeros((groups, d, per_out)), np.zeros(groups)] for _ in range(2))
     weight = layer.to_rows(read_initializer(model, layer.weight)).reshape(groups, per_out, -1)
-    bias_now, n_held = None, 0
+    bias_now: np.ndarray | None = None
+    n_held = 0
     for feeds, _ in data.batches(batch_size):
         (a_dense,) = targets.run([layer.preact], feeds)
         z, a_now = (feeds[layer.input], current.run([layer.preact], feeds)[0]) if layer.input in feeds else current.run(
@@ -100,6 +101,8 @@ def refit_layer(dense: onnx.ModelProto, model: onnx.ModelProto, name: str, rows:
             acc[1] += np.einsum("mgi,mgo->gio", xp, tp)
             acc[2] += (tp ** 2).sum((0, 2))
         n_held += int(hold.sum())
+    if bias_now is None:
+        raise ValueError(f"no calibration samples to refit {name!r} on")
 
     def held_error(thetas) -> float:
         return sum(_error(theta, held[0][g], held[1][g], held[2][g]) for g, theta in enumerate(thetas))

@@ -81,8 +81,17 @@ def _input_groups(g: GraphIndex, model: onnx.ModelProto, layers: list[Layer], mo
         groups.append(UnitGroup(name=f"input:{vi.name}", producers=(), units=units, tensor=tensor,
                                 consumers=tuple(Consumer(r.name, 1, tensor) for r in readers),
                                 cuts=tuple(Cut(r.weight, stored_axis(r, in_axis(r))) for r in readers),
-                                selection=node.op_type if node is not None else INPUT_SELECTIONS[mode]))
+                                selection=_selection(node, mode)))
     return groups, rejected
+
+
+def _selection(node: onnx.NodeProto | None, mode: str | None) -> str:
+    """The op that selects an input group's kept features: its selection node's, or the one ``mode`` names."""
+    if node is not None:
+        return node.op_type
+    if mode is None:
+        raise ValueError("an input group needs a selection node or a mode")
+    return INPUT_SELECTIONS[mode]
 
 
 def find_units(model: onnx.ModelProto, layers: list[Layer] | None = None, inputs: str | None = None) -> Units:
@@ -94,7 +103,8 @@ def find_units(model: onnx.ModelProto, layers: list[Layer] | None = None, inputs
     shapes = tensor_shapes_static(model)
     by_name = {layer.name: layer for layer in found.layers}
     by_node = {layer.node: layer for layer in found.layers}
-    depthwise_followers, grouped = set(), set()
+    depthwise_followers: set[str] = set()
+    grouped: set[str] = set()
     groups, rejected = [], []
     for heads in attention_groups(g, found.layers):
         if all(p in {layer.name for layer in layers} for p in heads.producers):

@@ -114,9 +114,9 @@ def _step(g: GraphIndex, layers: dict[str, Layer], walk: _Walk, node: onnx.NodeP
         return _concat(g, walk, node, tensor, shapes, outs[0])
     if op == "Conv" and node.name in layers:
         layer = layers[node.name]
-        if walk.concatenated and layer.conv.groups > 1:
+        if walk.concatenated and layer.geometry.groups > 1:
             raise Stop(f"grouped Conv {node.name!r} after a Concat (not coupled)")
-        if layer.conv.groups == walk.units and layer.out_features == walk.units:  # depthwise: channels follow
+        if layer.geometry.groups == walk.units and layer.out_features == walk.units:  # depthwise: channels follow
             walk.cuts.append(Cut(layer.weight, stored_axis(layer, 0)))
             if layer.bias is not None:
                 bias_cut = _per_channel_cut(g, walk, layer.bias, "depthwise bias") if layer.bias_node else Cut(layer.bias, 0)
@@ -126,7 +126,7 @@ def _step(g: GraphIndex, layers: dict[str, Layer], walk: _Walk, node: onnx.NodeP
                 walk.path.append(node.name)
                 return layer.preact
             return outs[0]
-        raise Stop(f"grouped Conv {node.name!r} (groups={layer.conv.groups}) reads the units")
+        raise Stop(f"grouped Conv {node.name!r} (groups={layer.geometry.groups}) reads the units")
     if op in ("LayerNormalization", "GroupNormalization", "InstanceNormalization"):
         raise Stop(f"{op} {node.name!r} normalizes over the channels, so removing one changes the others "
                     "(a transformer's residual stream is skipped; its FFN units and attention heads are groups)")
@@ -199,8 +199,10 @@ def match_group(g: GraphIndex, layers: dict[str, Layer], by_node: dict[str, Laye
     walk = _Walk(start, g.ranks.get(start.input))
     producers: list[Layer] = []
     consumers: dict[str, Consumer] = {}
-    seen_tensors, seen_nodes = set(), set()
-    forward, backward = [(start.preact, walk.place)], []
+    seen_tensors: set[str] = set()
+    seen_nodes: set[str] = set()
+    forward = [(start.preact, walk.place)]
+    backward: list[tuple[str, tuple[int, int, int, int]]] = []
     try:
         _add_producer(g, walk, producers, start)
         while forward or backward:
@@ -271,7 +273,7 @@ def match_group(g: GraphIndex, layers: dict[str, Layer], by_node: dict[str, Laye
 JOINS = ("Add", "Sum")
 
 
-def _visit(g: GraphIndex, walk: _Walk, seen: set, node: onnx.NodeProto) -> list[str] | None:
+def _visit(g: GraphIndex, walk: _Walk, seen: set[str], node: onnx.NodeProto) -> list[str] | None:
     """Mark ``node`` walked; its computed (non-constant) inputs, or None if it was walked before."""
     if node.name in seen:
         return None
@@ -284,24 +286,25 @@ def _add_producer(g: GraphIndex, walk: _Walk, producers: list, layer: Layer) -> 
     """A layer writing the units: its rows (and bias) are cut."""
     if any(step.op == "DequantizeLinear" for step in layer.weight_path):
         raise Stop(f"{layer.name!r} has quantized weights, which are not sliced")
-    if layer.op == "Conv" and layer.conv.groups != 1:
-        if layer.conv.groups == layer.out_features:
+    if layer.op == "Conv" and layer.geometry.groups != 1:
+        if layer.geometry.groups == layer.out_features:
             raise Stop(f"depthwise Conv {layer.name!r}: its channels follow its input's")
-        walk.set_lanes(layer.conv.groups, layer.name)
+        walk.set_lanes(layer.geometry.groups, layer.name)
     if layer.out_features != walk.units:
         raise Stop(f"{layer.name!r} writes {layer.out_features} channels into a group of {walk.units}")
     producers.append(layer)
     walk.cuts.append(Cut(layer.weight, stored_axis(layer, out_axis(layer))))
     bias = g.constant(layer.bias) if layer.bias is not None else None
     # a BatchNormalization holding the bias is sliced by its own step, its bias included
-    if bias is not None and bias.size > 1 and not (layer.bias_node and _is_batchnorm(g, layer.bias_node)):
+    if (layer.bias is not None and bias is not None and bias.size > 1
+            and not (layer.bias_node and _is_batchnorm(g, layer.bias_node))):
         from_end = (len(layer.weight_shape) - 1 if layer.op == "Conv" else 1) if layer.bias_node else 1
         walk.cuts.append(Cut(layer.bias, bias.ndim - from_end))
 
 
 def _add_consumer(walk: _Walk, layer: Layer, tensor: str, block: int) -> Consumer:
     """A layer reading the units: its columns are cut."""
-    groups = layer.conv.groups if layer.op == "Conv" else 1
+    groups = layer.geometry.groups if layer.op == "Conv" else 1
     if groups != 1:
         walk.set_lanes(groups, layer.name)
     if any(step.op == "DequantizeLinear" for step in layer.weight_path):
@@ -319,7 +322,7 @@ def _add_consumer(walk: _Walk, layer: Layer, tensor: str, block: int) -> Consume
 
 
 def _depthwise(layer: Layer, walk: _Walk) -> bool:
-    return layer.op == "Conv" and layer.conv.groups == walk.units and layer.out_features == walk.units and walk.units > 1
+    return layer.op == "Conv" and layer.geometry.groups == walk.units and layer.out_features == walk.units and walk.units > 1
 
 
 def _is_batchnorm(g: GraphIndex, node_name: str) -> bool:
