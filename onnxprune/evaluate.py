@@ -13,6 +13,7 @@ from . import runtime
 from .data import Dataset
 from .errors import CheckFailed, InputError
 from .outputs import output_kind, scored_output
+from .statistics import MEMORY_BUDGET, sample_bytes
 
 REPEATS = 7            # timings per model and batch size; the report gives their median, min and max
 MIN_TIMING = 0.005     # seconds: one timing runs the batch this long at least (clock resolution, noise)
@@ -134,5 +135,17 @@ def evaluate_dataset(model: onnx.ModelProto, data: Dataset, *, reference: onnx.M
         report["reference_size"] = model_bytes(reference)
     if latency:
         pair = {"reference": reference, "model": model} if reference is not None else {"model": model}
-        report["latency"] = measure_latency(pair, data, (1, batch_size), provider, threads)
+        report["latency"] = measure_latency(pair, data, (1, latency_batch(model, data, batch_size, len(pair), provider)),
+                                            provider, threads)
     return report
+
+
+def latency_batch(model: onnx.ModelProto, data: Dataset, batch_size: int, sessions: int, provider: str = "cpu") -> int:
+    """The larger batch the latency is timed at: ``batch_size``, or fewer samples where the timed
+    sessions (all alive at once, for pairing) would hold more than MEMORY_BUDGET of activations (a
+    224x224 CNN at 32 images: 2 GB for two sessions); measured on one sample, every float tensor
+    counted (an upper bound of what onnxruntime keeps)."""
+    per_sample = sample_bytes(model, data.subset(1).arrays(), provider)
+    if not per_sample:
+        return batch_size
+    return max(1, min(batch_size, MEMORY_BUDGET // (sessions * per_sample)))
