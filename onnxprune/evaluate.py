@@ -135,17 +135,18 @@ def evaluate_dataset(model: onnx.ModelProto, data: Dataset, *, reference: onnx.M
         report["reference_size"] = model_bytes(reference)
     if latency:
         pair = {"reference": reference, "model": model} if reference is not None else {"model": model}
-        report["latency"] = measure_latency(pair, data, (1, latency_batch(model, data, batch_size, len(pair), provider)),
+        report["latency"] = measure_latency(pair, data, (1, latency_batch(list(pair.values()), data, batch_size, provider)),
                                             provider, threads)
     return report
 
 
-def latency_batch(model: onnx.ModelProto, data: Dataset, batch_size: int, sessions: int, provider: str = "cpu") -> int:
+def latency_batch(models: list[onnx.ModelProto], data: Dataset, batch_size: int, provider: str = "cpu") -> int:
     """The larger batch the latency is timed at: ``batch_size``, or fewer samples where the timed
-    sessions (all alive at once, for pairing) would hold more than MEMORY_BUDGET of activations (a
-    224x224 CNN at 32 images: 2 GB for two sessions); measured on one sample, every float tensor
-    counted (an upper bound of what onnxruntime keeps)."""
-    per_sample = sample_bytes(model, data.subset(1).arrays(), provider)
-    if not per_sample:
+    sessions of ``models`` (all alive at once, for pairing) would hold more than MEMORY_BUDGET of
+    activations (a 224x224 CNN at 32 images: 2 GB for two sessions); measured on one sample, every
+    float tensor counted (an upper bound of what onnxruntime keeps). A model that cannot be measured
+    (inputs without a batch axis) is timed at ``batch_size``."""
+    sizes = [sample_bytes(model, data.subset(1).arrays(), provider) for model in models]
+    if not all(sizes):
         return batch_size
-    return max(1, min(batch_size, MEMORY_BUDGET // (sessions * per_sample)))
+    return max(1, min(batch_size, MEMORY_BUDGET // sum(sizes)))

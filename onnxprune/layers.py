@@ -189,7 +189,7 @@ def _bias_add(g: GraphIndex, output: str, out: int, axis_from_end: int, max_rank
     found = bias(g, other, out, axis_from_end)
     if isinstance(found, Rejection) or len(g.inits[found.init].dims) > max_rank:
         return None
-    return StoredBias(found.init, found.shape, found.quantized, found.factor, node=add.name)
+    return StoredBias(found.init, found.shape, found.quantized, found.factor, node=add.name, output=add.output[0])
 
 
 def match_gemm(g: GraphIndex, node: onnx.NodeProto) -> Layer | Rejection:
@@ -227,7 +227,7 @@ def match_matmul(g: GraphIndex, node: onnx.NodeProto) -> Layer | Rejection:
         return fail(f"MatMul input has rank {rank}; a layer needs a batch axis")
     inp, out = weight.shape
     stored = _bias_add(g, node.output[0], int(out), 1, max_rank=rank)
-    preact = g.nodes[stored.node].output[0] if stored is not None and stored.node else node.output[0]
+    preact = stored.output if stored is not None and stored.output else node.output[0]
     return Layer(name=node.name, op="MatMul", node=node.name, weight=weight.init, input=node.input[0], preact=preact,
                  out_features=int(out), in_features=int(inp), transposed=True,
                  kind="dense" if rank == 2 else "sequence", weight_path=weight.steps, weight_shape=weight.shape,
@@ -251,8 +251,8 @@ def match_conv(g: GraphIndex, node: onnx.NodeProto) -> Layer | Rejection:
         stored = StoredBias(own.init, (out,), own.quantized, own.factor)
     else:
         stored = _bias_add(g, node.output[0], out, spatial + 1, max_rank=spatial + 2)
-        if stored is not None and stored.node:
-            preact = g.nodes[stored.node].output[0]
+        if stored is not None and stored.output:
+            preact = stored.output
     return Layer(name=node.name, op="Conv", node=node.name, weight=weight.init, input=node.input[0], preact=preact,
                  out_features=out, in_features=int(np.prod(weight.shape[1:])), transposed=False, kind="conv",
                  conv=geo, weight_path=weight.steps, weight_shape=weight.shape,

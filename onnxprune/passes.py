@@ -271,5 +271,5 @@ def free_batch_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 def derivative_copy(model: onnx.ModelProto, min_opset: int | None = None) -> onnx.ModelProto:
     """The copy the gradient engines differentiate: runtime-stamped (converted up to ``min_opset``),
     float32, without activation fake quantization."""
-    return copied(model, [StampForRuntime(), UpgradeOpset(max(MIN_OPSET, min_opset or 0)), Float32(),
-                          StripFakeQuantization()])
+    return copied(model, [StampForRuntime(), UpgradeOpset(MIN_OPSET), UpgradeOpset(max(MIN_OPSET, min_opset or 0)),
+                          Float32(), StripFakeQuantization()])  # opset 7 first: kept if the engine's opset cannot be reached

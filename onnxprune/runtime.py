@@ -82,6 +82,7 @@ def _ort():
     pruning run must leave nothing behind; a user's own setting wins), and its default logger goes to
     fatal only (errors reach the caller as exceptions, not as log lines that break one-line errors)."""
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    _shim_training_optim()  # the training build may import onnxruntime.training (and its torch-based optim) here
     try:
         import onnxruntime
     except ImportError:  # no build installed, or one uninstalled from under another

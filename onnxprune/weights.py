@@ -78,6 +78,7 @@ class StoredBias:
     quantized: bool
     factor: np.ndarray
     node: str | None = None       # the node holding it when it is not the layer's own (Add, BatchNormalization)
+    output: str | None = None     # that node's output when it is an Add after the layer: the pre-activation
 
 
 def _path_step(g: GraphIndex, node: onnx.NodeProto, name: str, what: str, steps: list[WeightStep]) -> WeightStep | Rejection:

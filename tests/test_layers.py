@@ -132,3 +132,14 @@ def test_the_logits_before_a_final_softmax_or_sigmoid_are_protected():
                         helper.make_node("Identity", ["p"], ["y"], name="id")], {"W": RNG.normal(size=(4, 3))})
         assert (protected_output(model), scored_output(model)) == ("logits", "y")
         assert protected_output(model, "y") == "y"  # a named output is protected as it is
+
+
+def test_two_bias_adds_with_one_name_each_give_their_own_layer_its_pre_activation():
+    """Node names need not be unique in ONNX: a layer's pre-activation is its own Add's output."""
+    model = _model([helper.make_node("MatMul", ["x", "W1"], ["m1"], name="mm1"),
+                    helper.make_node("Add", ["m1", "b1"], ["a1"], name="add"),
+                    helper.make_node("Relu", ["a1"], ["h"], name="relu"),
+                    helper.make_node("MatMul", ["h", "W2"], ["m2"], name="mm2"),
+                    helper.make_node("Add", ["m2", "b2"], ["y"], name="add")],
+                   {"W1": RNG.normal(size=(4, 4)), "b1": np.zeros(4), "W2": RNG.normal(size=(4, 3)), "b2": np.zeros(3)})
+    assert [(layer.name, layer.preact) for layer in analyse_graph(model).layers] == [("mm1", "a1"), ("mm2", "y")]
