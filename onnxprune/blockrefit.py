@@ -23,7 +23,7 @@ import onnx
 
 from . import runtime
 from .data import Dataset
-from .graph import read_initializer
+from .graph import consumers, producers, read_initializer
 from .layers import Layer, analyse_graph
 from .lstsq import HOLDOUT_EVERY
 from .repairs import LayerRefit, fit_target, position_rows, refit_problem, write_layer
@@ -88,21 +88,17 @@ class Block:
 def find_blocks(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[Block], list[LayerRefit]]:
     """Consecutive pairs of ``layers`` joined by one activation (first.preact -> act -> second.input),
     and a LayerRefit saying why for every layer in no block."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producer_of, consumers_of = producers(model.graph), consumers(model.graph)
     blocks: list[Block] = []
     reasons: dict[str, str] = {}
     for first, second in zip(layers, layers[1:]):
-        act = producers.get(second.input)
+        act = producer_of.get(second.input)
         why = refit_problem(first) or refit_problem(second)
         if not why and (first.shared or second.shared):
             why = "only dense (one position per sample) layers form blocks"
         elif not why and (act is None or act.input[0] != first.preact):
             why = f"{second.name}'s input is not one activation of {first.name}'s pre-activation"
-        elif not why and len(consumers.get(first.preact, [])) != 1:
+        elif not why and len(consumers_of.get(first.preact, [])) != 1:
             why = f"{first.name}'s pre-activation has other consumers"
         if why:
             reasons.setdefault(f"{first.name}+{second.name}", why)

@@ -20,6 +20,24 @@ def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {out: node for node in graph.node for out in node.output}
 
 
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """``{tensor: the nodes that read it}`` of one graph, in node order (its subgraphs' reads not included)."""
+    found: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            found[name].append(node)
+    return found
+
+
+def subgraph_readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """``{tensor: the If/Loop/Scan nodes whose subgraphs read it}`` (outer-scope references), in node order."""
+    found: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in subgraph_reads(node):
+            found[name].append(node)
+    return found
+
+
 def upstream(producer_of: dict[str, onnx.NodeProto], name: str) -> set[str]:
     """Every tensor ``name`` depends on (through ``producer_of``, a ``producers`` map), ``name`` included."""
     seen: set[str] = set()
@@ -112,18 +130,11 @@ class GraphIndex:
         self.model = model
         self.inits = {t.name: t for t in graph.initializer}
         self.producers = producers(graph)
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in graph.node:
-            for name in node.input:
-                self.consumers[name].append(node)
+        self.consumers = consumers(graph)
         self.outputs = {o.name for o in graph.output}
         self.ranks = tensor_ranks(model)
         self.nodes = {node.name: node for node in graph.node}
-        # names read inside the subgraphs of If/Loop/Scan (outer-scope references), by the node holding them
-        self.subgraph_readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in graph.node:
-            for name in sorted(subgraph_reads(node)):
-                self.subgraph_readers[name].append(node)
+        self.subgraph_readers = subgraph_readers(graph)  # outer-scope names, by the node whose subgraph reads them
 
     def users(self, name: str) -> int:
         return len(self.consumers[name]) + (name in self.outputs) + len(self.subgraph_readers.get(name, ()))

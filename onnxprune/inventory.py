@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import onnx
 
-from .graph import subgraph_reads
+from .graph import consumers, subgraph_readers
 from .layers import GraphLayers, Skipped
 
 RECURRENT = ("LSTM", "GRU", "RNN")
@@ -19,13 +19,7 @@ def unpruned_weights(model: onnx.ModelProto, found: GraphLayers) -> list[Skipped
     op = what reads it, reason = why it is not pruned."""
     pruned = {layer.weight for layer in found.layers}
     refused = {s.node: s.reason for s in found.skipped}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    inner: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-        for name in subgraph_reads(node):
-            inner.setdefault(name, []).append(node)
+    readers, inner = consumers(model.graph), subgraph_readers(model.graph)
     out = []
     for tensor in model.graph.initializer:
         if len(tensor.dims) < 2 or tensor.name in pruned:

@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import runtime
-from .graph import FLOAT_TYPES, subgraph_reads, tensor_types
+from .graph import FLOAT_TYPES, subgraph_reads, tensor_ranks, tensor_types
 from .passes import PassResult, ReversiblePass, free_batch_copy
 
 COPY = "__onnxprune_copy"
@@ -265,14 +265,8 @@ def batch_shape(one: tuple[int, ...], two: tuple[int, ...]) -> list[int | str | 
 
 def unknown_rank_tensors(model: onnx.ModelProto) -> list[str]:
     """Float node outputs of the main graph whose rank shape inference cannot tell."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001
-        inferred = model
-    known = {vi.name for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
-             if vi.type.tensor_type.HasField("shape")}
-    inits = {t.name for t in model.graph.initializer}
-    return [out for node in model.graph.node for out in node.output if out and out not in known and out not in inits]
+    known = tensor_ranks(model)  # initializers included
+    return [out for node in model.graph.node for out in node.output if out and out not in known]
 
 
 @dataclass

@@ -21,7 +21,7 @@ from .conv import CHUNK_ELEMENTS, STATISTICS, accumulate_shared, im2col, shared_
 from .data import Dataset
 from .engines import loss_gradients, output_jacobians
 from .errors import InputError
-from .graph import tensor_types
+from .graph import FLOAT_TYPES, tensor_types
 from .jacobians import tensor_shapes
 from .layers import Layer
 from .runtime import blas_threads, one_blas_thread
@@ -184,9 +184,8 @@ SHAPES = ShapeMemo()  # one graph's shapes, the last one scored
 def sample_bytes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str = "cpu", shapes=tensor_shapes) -> int:
     """Bytes of every float tensor the model computes for one sample (measured on the first sample of
     ``feeds``); 0 when onnxruntime cannot return them all."""
-    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     types = tensor_types(model)
-    names = [out for node in model.graph.node for out in node.output if out and types.get(out) in float_types]
+    names = [out for node in model.graph.node for out in node.output if out and types.get(out) in FLOAT_TYPES]
     try:
         values = shapes(model, list(dict.fromkeys(names)), {k: v[:1] for k, v in feeds.items()}, provider)
     except Exception:  # noqa: BLE001 - an estimate only; the element bound still applies
