@@ -12,6 +12,10 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     return ((str(exc).strip() or type(exc).__name__).splitlines() or [type(exc).__name__])[0][:limit]
 
 
+class RuntimeUnavailable(RuntimeError):
+    """The installed onnxruntime build cannot do what was asked (no CUDA, no training support)."""
+
+
 class OnnxPruneError(Exception):
     """Base class: a one-line message for the user, no traceback."""
 
@@ -80,8 +84,6 @@ def loading():
 def run_script(main) -> None:
     """Entry point of the scripts/: exit with main()'s code, or one line and the error's exit code."""
     import sys
-
-    from .runtime import RuntimeUnavailable
 
     try:
         sys.exit(main())

@@ -26,11 +26,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .passes import runtime_copy
-
-
-class RuntimeUnavailable(RuntimeError):
-    """The installed onnxruntime build cannot do what was asked (no CUDA, no training support)."""
+from onnxprune.errors import RuntimeUnavailable
+from onnxprune.graph.passes import runtime_copy
 
 
 def _shim_training_optim() -> None:
@@ -258,7 +255,7 @@ def proto_session(model: onnx.ModelProto, provider: str = "cpu", threads: int | 
 
 def tensor_session(model: onnx.ModelProto, names: list[str], provider: str = "cpu", threads: int | None = None):
     """A session whose outputs are the tensors ``names`` (graph outputs or intermediates)."""
-    from .graph import tensor_types
+    from onnxprune.graph.index import tensor_types
 
     m = runtime_copy(model)
     types = tensor_types(m)

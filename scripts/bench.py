@@ -37,18 +37,24 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import onnxprune  # noqa: E402
-from onnxprune import fileio, runtime  # noqa: E402
-from onnxprune.api import Pruner, as_dataset, as_model  # noqa: E402
-from onnxprune.data import Dataset  # noqa: E402
-from onnxprune.engines import output_jacobians  # noqa: E402
-from onnxprune.engines.base import training_build  # noqa: E402
-from onnxprune.graph import read_initializer  # noqa: E402
-from onnxprune.jacobians import output_shape  # noqa: E402
-from onnxprune.layers import analyse_graph  # noqa: E402
-from onnxprune.npz import read_npz  # noqa: E402
-from onnxprune.outputs import protected_output  # noqa: E402
-from onnxprune.statistics import collect_loss_gradients, collect_statistics  # noqa: E402
-from onnxprune.zoo import build_mlp  # noqa: E402
+from onnxprune import runtime  # noqa: E402
+from onnxprune.api import as_model  # noqa: E402
+from onnxprune.derivatives.engines import output_jacobians  # noqa: E402
+from onnxprune.derivatives.engines.base import training_build  # noqa: E402
+from onnxprune.derivatives.statistics import collect_loss_gradients, collect_statistics  # noqa: E402
+from onnxprune.find.layers import analyse_graph  # noqa: E402
+from onnxprune.find.outputs import protected_output  # noqa: E402
+from onnxprune.graph.index import read_initializer  # noqa: E402
+from onnxprune.io import files as fileio  # noqa: E402
+from onnxprune.io.data import (  # noqa: E402
+    Dataset,  # noqa: E402
+    as_dataset,
+)
+from onnxprune.io.npz import read_npz  # noqa: E402
+from onnxprune.pipeline import Pruner  # noqa: E402
+from onnxprune.prepare.shapes import output_shape  # noqa: E402
+
+from studies.zoo import build_mlp  # noqa: E402
 
 BATCH = 256
 

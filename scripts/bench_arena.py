@@ -23,12 +23,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxprune import fileio, runtime  # noqa: E402
-from onnxprune.api import as_dataset, as_model  # noqa: E402
+from onnxprune import runtime  # noqa: E402
+from onnxprune.api import as_model  # noqa: E402
+from onnxprune.derivatives.statistics import collect_statistics  # noqa: E402
 from onnxprune.errors import run_script  # noqa: E402
-from onnxprune.layers import analyse_graph  # noqa: E402
-from onnxprune.outputs import protected_output  # noqa: E402
-from onnxprune.statistics import collect_statistics  # noqa: E402
+from onnxprune.find.layers import analyse_graph  # noqa: E402
+from onnxprune.find.outputs import protected_output  # noqa: E402
+from onnxprune.io import files as fileio  # noqa: E402
+from onnxprune.io.data import as_dataset  # noqa: E402
 
 MODELS = {"mlp": ROOT / "models" / "mnist_mlp.onnx", "cnn": ROOT / "models" / "mnist_cnn.onnx"}
 

@@ -21,9 +21,10 @@ from unittest import mock
 import numpy as np
 
 import onnxprune
-from onnxprune import fileio, statistics
-from onnxprune.masks import choose_masks
-from onnxprune.rewrite import rewrite
+from onnxprune.derivatives import statistics
+from onnxprune.edit.rewrite import rewrite
+from onnxprune.io import files as fileio
+from onnxprune.select.masks import choose_masks
 
 from compare_methods import load_study  # scripts/ is on sys.path when a script runs
 

@@ -6,7 +6,7 @@ For MNIST-shaped members (784 inputs, 10 classes; random linear maps, and MLPs 7
 N in {100, 1000}, on onnxruntime (CPU, no memory arena for every variant, see bench_session; one
 intra-op thread for batches 1, 64, 1000, and two threads for batches 1 and 64; numpy's BLAS on one
 thread) with the same double-precision arithmetic:
-- batched: the exported graph (`onnxprune.ensemble.to_onnx`): one MatMul per layer for all members;
+- batched: the exported graph (`onnxprune_gibbs.to_onnx`): one MatMul per layer for all members;
 - loop: N one-member graphs (each exported the same way), run one after the other from Python, their
   one-hot outputs weighted and summed in numpy (what a user does without a batched export);
 - branches: ONE graph holding N separate member subgraphs, weighted one-hot votes summed with a Sum
@@ -41,10 +41,10 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxprune import fileio  # noqa: E402
-from onnxprune.ensemble import GibbsEnsemble, to_onnx  # noqa: E402
-from onnxprune.ensemble.report import md_table  # noqa: E402
+from onnxprune.io import files as fileio  # noqa: E402
 from onnxprune.runtime import runtime_copy, session_options  # noqa: E402
+from onnxprune_gibbs import GibbsEnsemble, to_onnx  # noqa: E402
+from onnxprune_gibbs.report import md_table  # noqa: E402
 
 BENCH_START, BENCH_END = "<!-- bench_ensemble:start -->", "<!-- bench_ensemble:end -->"
 REPEAT_SECONDS = 1.0

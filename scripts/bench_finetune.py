@@ -32,8 +32,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxprune import fileio  # noqa: E402
 from onnxprune.errors import InputError, run_script  # noqa: E402
+from onnxprune.io import files as fileio  # noqa: E402
 
 MODELS = {"mlp": ROOT / "models" / "mnist_mlp.onnx", "cnn": ROOT / "models" / "mnist_cnn.onnx"}
 DATA = ROOT / "models" / "mnist_calib.npz"
@@ -43,9 +43,9 @@ def environment() -> dict:
     """This interpreter's versions and the engines it can run."""
     import onnxruntime
 
-    from onnxprune.engines import ENGINES
-    from onnxprune.finetune import choose_engine
-    from onnxprune.runtime import RuntimeUnavailable
+    from onnxprune.derivatives.engines import ENGINES
+    from onnxprune.errors import RuntimeUnavailable
+    from onnxprune.repair.finetune import choose_engine
 
     engines = []
     for engine in ENGINES[1:]:
@@ -59,8 +59,9 @@ def environment() -> dict:
 def measure(spec: dict) -> dict:
     """Fine-tune once on ``spec["engine"]``; stamps at the end of every epoch."""
     import onnxprune
-    from onnxprune.api import as_dataset, as_model
-    from onnxprune.finetune import finetune, zero_masks
+    from onnxprune.api import as_model
+    from onnxprune.io.data import as_dataset
+    from onnxprune.repair.finetune import finetune, zero_masks
 
     model = as_model(str(MODELS[spec["model"]]))
     data = as_dataset(str(DATA), model, require_labels=True)

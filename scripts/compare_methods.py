@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import onnxprune
-from onnxprune import fileio
-from onnxprune.api import as_dataset, as_model
-from onnxprune.evaluate import predict
+from onnxprune.api import as_model
+from onnxprune.check.evaluate import predict
+from onnxprune.io import files as fileio
+from onnxprune.io.data import as_dataset
 
 RATIOS = (0.5, 0.7, 0.8, 0.9, 0.95)
 # (label, method, compensation)

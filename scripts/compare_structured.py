@@ -39,13 +39,13 @@ import numpy as np
 import onnx
 
 import onnxprune
-from onnxprune import fileio
-from onnxprune.api import as_dataset, as_model
-from onnxprune.data import Dataset
+from onnxprune.api import as_model
+from onnxprune.check.timing import select_inputs, time_models
 from onnxprune.errors import InputError, run_script
-from onnxprune.jacobians import tensor_shapes
-from onnxprune.layers import analyse_graph
-from onnxprune.speed import select_inputs, time_models
+from onnxprune.find.layers import analyse_graph
+from onnxprune.io import files as fileio
+from onnxprune.io.data import Dataset, as_dataset
+from onnxprune.prepare.shapes import tensor_shapes
 
 MODELS = {"mlp": "models/mnist_mlp.onnx", "cnn": "models/mnist_cnn.onnx", "resnet": "models/mnist_resnet.onnx",
           "transformer": "models/mnist_transformer.onnx"}

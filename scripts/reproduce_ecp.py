@@ -35,12 +35,13 @@ from pathlib import Path
 import numpy as np
 
 import onnxprune
-from onnxprune import fileio
-from onnxprune.api import as_dataset
-from onnxprune.evaluate import predict
-from onnxprune.finetune import finetune, zero_masks
-from onnxprune.mnist import load_mnist
-from onnxprune.zoo import build_mlp, widths_argument
+from onnxprune.check.evaluate import predict
+from onnxprune.io import files as fileio
+from onnxprune.io.data import as_dataset
+from onnxprune.repair.finetune import finetune, zero_masks
+
+from studies.mnist import load_mnist
+from studies.zoo import build_mlp, widths_argument
 
 INPUT_SCALE = np.float32(1 / 255)  # as scripts/train_models.py: seed 0 of 784-64-64-10 is the shipped model
 LR, BATCH = 1e-3, 128

@@ -1,4 +1,4 @@
-"""Test the Gibbs-ensemble claims (arXiv 2505.10331) with onnxprune.ensemble; write docs/results/gibbs*.
+"""Test the Gibbs-ensemble claims (arXiv 2505.10331) with onnxprune_gibbs; write docs/results/gibbs*.
 
     .venv/bin/python scripts/reproduce_gibbs.py --mnist ../shared/data/mnist [--quick] [--out DIR] [--force]
         [--verbose]
@@ -50,12 +50,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxprune import fileio  # noqa: E402
-from onnxprune.ensemble import GibbsEnsemble, run_onnx, to_onnx  # noqa: E402
-from onnxprune.ensemble.export import input_scale_metadata  # noqa: E402
-from onnxprune.ensemble.gibbs import choose_temperature  # noqa: E402
-from onnxprune.ensemble.report import md_table, plot_curves  # noqa: E402
 from onnxprune.errors import InputError  # noqa: E402
+from onnxprune.io import files as fileio  # noqa: E402
+from onnxprune_gibbs import GibbsEnsemble, run_onnx, to_onnx  # noqa: E402
+from onnxprune_gibbs.export import input_scale_metadata  # noqa: E402
+from onnxprune_gibbs.gibbs import choose_temperature  # noqa: E402
+from onnxprune_gibbs.report import md_table, plot_curves  # noqa: E402
 
 DIMS = (2, 5, 20, 50, 200)
 NS = (100, 1000, 10000)
@@ -196,7 +196,7 @@ def analyse_teacher(cells: list[dict], cfg: dict) -> dict:
 
 # -- (2) MNIST -------------------------------------------------------------------------------------
 def run_mnist(directory: str, cfg: dict, verbose: bool, workdir: Path) -> dict:
-    from onnxprune.mnist import load_mnist
+    from studies.mnist import load_mnist
 
     tr_x, tr_y = load_mnist(directory, "train")
     te_x, te_y = load_mnist(directory, "test")

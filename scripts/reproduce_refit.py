@@ -30,15 +30,16 @@ from pathlib import Path
 import numpy as np
 
 import onnxprune
-from onnxprune import fileio
-from onnxprune.api import as_dataset
-from onnxprune.blockrefit import BlockRefit
-from onnxprune.evaluate import predict
-from onnxprune.finetune import finetune
-from onnxprune.mnist import load_mnist
-from onnxprune.refit import Refit
-from onnxprune.repairs import Compose
-from onnxprune.zoo import build_mlp
+from onnxprune.check.evaluate import predict
+from onnxprune.io import files as fileio
+from onnxprune.io.data import as_dataset
+from onnxprune.repair.base import Compose
+from onnxprune.repair.blockrefit import BlockRefit
+from onnxprune.repair.finetune import finetune
+from onnxprune.repair.refit import Refit
+
+from studies.mnist import load_mnist
+from studies.zoo import build_mlp
 
 ARCHS = ((32, 32), (64, 64))
 RATIOS = (0.7, 0.9, 0.95)

@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxprune import fileio
-from onnxprune.finetune import finetune
-from onnxprune.mnist import load_mnist
+from onnxprune.io import files as fileio
+from onnxprune.repair.finetune import finetune
 from onnxprune.runtime import make_session
-from onnxprune.zoo import build_mlp, build_resnet, build_transformer, widths_argument
+
+from studies.mnist import load_mnist
+from studies.zoo import build_mlp, build_resnet, build_transformer, widths_argument
 
 CNN_FILE = "mnist_cnn.onnx"
 CNN_ARCHITECTURE = ("x[784] -> 1x28x28 -> conv1 8@5x5 -> ReLU -> MaxPool 2 -> conv2 16@5x5 -> ReLU -> MaxPool 2 -> "
@@ -142,7 +143,7 @@ def train_extra(name: str, x, y, epochs: int, args) -> tuple[onnx.ModelProto, li
     seconds = time.perf_counter() - began
     trainer = "onnx-ad's reverse mode (the adjoint engine)" if engine == "adjoint" else "onnxruntime-training"
     stamp(model, (
-        f"{name} {arch}, initialised as onnxprune.zoo.build_{name} says with seed {args.seed}, trained on the "
+        f"{name} {arch}, initialised as studies.zoo.build_{name} says with seed {args.seed}, trained on the "
         "60,000 MNIST training images "
         f"scaled to [0,1] for {epochs} epochs with Adam (lr {LR}, batch {BATCH}, shuffle seed {args.seed}) by "
         f"scripts/train_models.py with {trainer} (no torch). Feed uint8 pixels (N, 784) times "
@@ -162,7 +163,7 @@ def extra_readme(args, name, model, history, seconds, metrics, out: Path) -> str
     init = ("Conv weights Kaiming-uniform (±sqrt(6/fan_in)), Conv biases and the Gemm uniform in ±1/sqrt(fan_in)"
             if name == "resnet" else "Weights and biases uniform in ±1/sqrt(fan_in) (PyTorch's default), "
             "LayerNormalization scale 1 and bias 0, position embedding normal(0, 0.02)")
-    lines.append(f"- `{filename}` (`onnxprune.zoo.build_{name}`): {arch}. {init}; seed {args.seed}; input `x` "
+    lines.append(f"- `{filename}` (`studies.zoo.build_{name}`): {arch}. {init}; seed {args.seed}; input `x` "
                  "float32 [N, 784], output `logits` [N, 10], opset 17, "
                  f"IR 8. Trained like the MLP (all 60,000 training images, Adam lr {LR}, batch {BATCH}) with the "
                  f"`{engine}` gradient engine of `onnxprune.finetune`"
@@ -262,7 +263,7 @@ def readme(args, results, out: Path) -> str:
         f"- Trained on all 60,000 MNIST training images, pixels scaled to [0, 1] (uint8 times float32(1/255), as "
         f"the metadata says), {args.epochs} epochs, "
         f"Adam (lr {LR}, betas 0.9/0.999, eps 1e-8, no weight decay), batch {BATCH}, cross-entropy, "
-        f"shuffled with `np.random.default_rng({args.seed})` (`onnxprune.finetune.finetune`, one intra-op thread).",
+        f"shuffled with `np.random.default_rng({args.seed})` (`onnxprune.repair.finetune.finetune`, one intra-op thread).",
         f"- CNN `{CNN_FILE}`: input `x` float32 [N, 784] (the same rows as the MLP, reshaped inside to [N, 1, 28, 28]), "
         "`conv1` 8@5x5 (valid) -> ReLU -> MaxPool 2x2 -> `conv2` 16@5x5 -> ReLU -> MaxPool 2x2 -> Flatten (256) -> "
         "`fc1` Gemm 64 -> ReLU -> `fc2` Gemm 10 -> `logits`; 20,424 prunable weights (200 + 3,200 in the Convs, "

@@ -1,7 +1,7 @@
 """Which gradient engines this environment has, for tests that need one in particular."""
 import pytest
 
-from onnxprune.engines.base import training_build
+from onnxprune.derivatives.engines.base import training_build
 
 TRAINING = training_build()
 requires_training = pytest.mark.skipif(not TRAINING,

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.cli import main
-from onnxprune.data import make_dataset
+from onnxprune.io.data import make_dataset
 
 N = 10
 

@@ -7,12 +7,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
 from onnxprune import runtime
-from onnxprune.conv import conv_geometry, im2col
-from onnxprune.data import Dataset
-from onnxprune.layers import analyse_graph, effective_weights
-from onnxprune.rewrite import rewrite
-from onnxprune.saliency import ECP, ScoringContext
-from onnxprune.statistics import collect_statistics, layer_patches
+from onnxprune.derivatives.statistics import collect_statistics, layer_patches
+from onnxprune.edit.rewrite import rewrite
+from onnxprune.find.geometry import conv_geometry, im2col
+from onnxprune.find.layers import analyse_graph, effective_weights
+from onnxprune.io.data import Dataset
+from onnxprune.score.weights import ECP, ScoringContext
 
 from tinyconv import cnn, images, sequence_mlp
 
@@ -204,7 +204,7 @@ def test_shared_sums_in_blocks_equal_the_definition(monkeypatch, chunk, exact):
     the sums of the definition (numpy einsum, float64)."""
     from types import SimpleNamespace
 
-    from onnxprune import conv
+    from onnxprune.derivatives import shared as conv
 
     monkeypatch.setattr(conv, "CHUNK_ELEMENTS", chunk)
     rng = np.random.default_rng(0)

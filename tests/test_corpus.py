@@ -14,9 +14,9 @@ from onnx import numpy_helper
 import onnxprune
 from onnxprune import runtime
 from onnxprune.cli import main
-from onnxprune.data import model_inputs
-from onnxprune.layers import analyse_graph
-from onnxprune.outputs import protected_output
+from onnxprune.find.layers import analyse_graph
+from onnxprune.find.outputs import protected_output
+from onnxprune.io.data import model_inputs
 
 from tinyconv import cnn, images
 
@@ -117,7 +117,7 @@ def test_float16_model_keeps_float16_weights_and_its_statistics_match_a_float32_
     result = onnxprune.prune(model, feeds, 0.5)
     halves = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
     assert halves and halves <= {t.name for t in result.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
-    from onnxprune.passes import Float32, copied
+    from onnxprune.graph.passes import Float32, copied
 
     single = onnxprune.Pruner().fit(copied(model, [Float32()]), {k: v.astype(np.float32) for k, v in feeds.items()})
     half = onnxprune.Pruner().fit(model, feeds)
@@ -172,7 +172,7 @@ def test_external_data_is_read_and_written_outside_again(tmp_path):
 
 
 def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path, monkeypatch):
-    from onnxprune import modelio
+    from onnxprune.io import models as modelio
 
     monkeypatch.setattr(modelio, "PROTOBUF_LIMIT", 1000)  # stands in for 2 GB
     model = cnn(width=16)

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 import onnxprune
 from onnxprune.cli import main
 from onnxprune.errors import InputError
-from onnxprune.sensitivity import parse_budget, parse_ratios, sensitivity
+from onnxprune.sweep import parse_budget, parse_ratios, sensitivity
 
 from tinynets import data, mlp
 

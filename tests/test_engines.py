@@ -8,13 +8,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import api, runtime
-from onnxprune.engines import loss_gradients, output_jacobians
-from onnxprune.engines.base import candidates
+from onnxprune.derivatives.engines import loss_gradients, output_jacobians
+from onnxprune.derivatives.engines.base import candidates
+from onnxprune.derivatives.statistics import collect_statistics
 from onnxprune.errors import InputError
-from onnxprune.jacobians import output_shape
-from onnxprune.layers import analyse_graph
-from onnxprune.outputs import protected_output
-from onnxprune.statistics import collect_statistics
+from onnxprune.find.layers import analyse_graph
+from onnxprune.find.outputs import protected_output
+from onnxprune.prepare.shapes import output_shape
 
 from engines import AVAILABLE, TRAINING, requires_training
 
@@ -281,8 +281,9 @@ def test_the_command_refuses_to_start_on_a_clobbered_runtime(monkeypatch, tmp_pa
 
 
 def test_many_outputs_switch_to_random_probes_and_say_so():
-    from onnxprune.statistics import AUTO_PROBES, EXACT_LIMIT
-    from onnxprune.zoo import build_mlp
+    from onnxprune.derivatives.statistics import AUTO_PROBES, EXACT_LIMIT
+
+    from studies.zoo import build_mlp
 
     model = build_mlp((8,), inputs=6, classes=EXACT_LIMIT + 20)
     x = {"x": RNG.normal(size=(16, 6)).astype(np.float32)}
@@ -333,8 +334,9 @@ def test_a_front_end_no_offset_reaches_runs_apart():
 def test_automatic_probes_shrink_when_one_sample_would_not_fit_the_budget():
     """Fewer random probes (down to 1) when one sample's activations and derivatives exceed the
     budget; still random probes, still reported."""
-    from onnxprune.statistics import AUTO_PROBES, EXACT_LIMIT, sample_bytes
-    from onnxprune.zoo import build_mlp
+    from onnxprune.derivatives.statistics import AUTO_PROBES, EXACT_LIMIT, sample_bytes
+
+    from studies.zoo import build_mlp
 
     model = build_mlp((8,), inputs=6, classes=EXACT_LIMIT + 20)
     x = {"x": RNG.normal(size=(16, 6)).astype(np.float32)}

@@ -9,10 +9,10 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from onnxprune.ensemble import GibbsEnsemble, gibbs, gibbs_weights, log_gibbs_weights, run_onnx, to_onnx
-from onnxprune.ensemble.cli import ensemble
-from onnxprune.ensemble.members import draw_members
+from onnxprune.cli.ensemble import ensemble
 from onnxprune.errors import InputError
+from onnxprune_gibbs import GibbsEnsemble, gibbs, gibbs_weights, log_gibbs_weights, run_onnx, to_onnx
+from onnxprune_gibbs.members import draw_members
 
 
 def teacher_data(n=400, d=8, seed=0):

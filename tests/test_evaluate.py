@@ -3,12 +3,12 @@ import importlib
 
 import numpy as np
 
-from onnxprune.api import as_dataset
-from onnxprune.statistics import sample_bytes
+from onnxprune.derivatives.statistics import sample_bytes
+from onnxprune.io.data import as_dataset
 
 from tinynets import data, mlp
 
-ev = importlib.import_module("onnxprune.evaluate")  # the module, not onnxprune.evaluate the function
+ev = importlib.import_module("onnxprune.check.evaluate")
 
 
 def test_the_latency_batch_shrinks_to_keep_two_sessions_within_the_budget(monkeypatch):

@@ -11,16 +11,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnxprune.engines.base import candidates
-from onnxprune.errors import InputError
-from onnxprune.finetune import choose_engine, finetune, trainable_names
-from onnxprune.layers import analyse_graph
-from onnxprune.runtime import RuntimeUnavailable, make_session
-from onnxprune.trainers import AdjointLoss
-from onnxprune.zoo import build_mlp
+from onnxprune.derivatives.engines.base import candidates
+from onnxprune.errors import InputError, RuntimeUnavailable
+from onnxprune.find.layers import analyse_graph
+from onnxprune.repair.finetune import choose_engine, finetune, trainable_names
+from onnxprune.repair.trainers import AdjointLoss
+from onnxprune.runtime import make_session
 
 import tinyconv
 from engines import requires_training
+from studies.zoo import build_mlp
 
 ENGINES = ["adjoint", pytest.param("ort-training", marks=requires_training)]
 engines = pytest.mark.parametrize("engine", ENGINES)
@@ -252,7 +252,7 @@ def test_auto_takes_the_training_build_when_installed_and_the_adjoint_engine_oth
     with pytest.raises(InputError, match="unknown engine 'torch'"):
         choose_engine("torch")
 
-    base = importlib.import_module("onnxprune.engines.base")
+    base = importlib.import_module("onnxprune.derivatives.engines.base")
     monkeypatch.setattr(base, "training_build", lambda: False)
     assert choose_engine("auto") == {"name": "adjoint", "reason": candidates("auto")[0].reason}
     with pytest.raises(RuntimeUnavailable, match="needs the onnxruntime training build"):

@@ -10,10 +10,10 @@ from onnx import numpy_helper
 
 import onnxprune
 from onnxprune.cli import main
-from onnxprune.finetune import zero_masks
-from onnxprune.zoo import build_mlp
+from onnxprune.repair.finetune import zero_masks
 
 from engines import requires_training
+from studies.zoo import build_mlp
 
 
 def blobs(n=120, features=6, classes=3, seed=0):
@@ -60,7 +60,7 @@ def test_finetune_holds_the_zeros_and_writes_a_checked_model(files, engine):
 
 
 def test_auto_engine_is_reported_in_verbose_output_and_json(files):
-    from onnxprune.finetune import choose_engine
+    from onnxprune.repair.finetune import choose_engine
 
     res = invoke("finetune", files / "pruned.onnx", files / "out.onnx", "--data", files / "train.npz", "--epochs", 1,
                  "-v", "--json", files / "r.json")
@@ -104,7 +104,7 @@ def test_bad_data_is_a_one_line_error_exit_2_and_no_output(files, arrays):
 
 
 def test_interrupted_training_writes_nothing(files, monkeypatch):
-    module = importlib.import_module("onnxprune.finetune")  # the package attribute is the function
+    module = importlib.import_module("onnxprune.repair.finetune")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -116,7 +116,7 @@ def test_interrupted_training_writes_nothing(files, monkeypatch):
 
 
 def test_ort_training_without_the_training_build_is_a_one_line_error(files, monkeypatch):
-    monkeypatch.setattr(importlib.import_module("onnxprune.engines.base"), "training_build", lambda: False)
+    monkeypatch.setattr(importlib.import_module("onnxprune.derivatives.engines.base"), "training_build", lambda: False)
     res = invoke("finetune", files / "pruned.onnx", files / "out.onnx", "--data", files / "train.npz", "--epochs", 1,
                  "--engine", "ort-training")
     lines = res.output.strip().splitlines()

@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from onnxprune.cli import main
-from onnxprune.zoo import build_mlp
 
+from studies.zoo import build_mlp
 from tinynets import data, mlp
 
 EXE = Path(sys.executable).with_name("onnxprune")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.graph import GraphIndex, Rejection, read_initializer
-from onnxprune.layers import analyse_graph, match_conv, match_gemm, match_matmul
+from onnxprune.find.layers import analyse_graph, match_conv, match_gemm, match_matmul
+from onnxprune.graph.index import GraphIndex, Rejection, read_initializer
 
 RNG = np.random.default_rng(0)
 
@@ -124,7 +124,7 @@ def test_graph_index_counts_subgraph_reads_as_users():
 
 
 def test_the_logits_before_a_final_softmax_or_sigmoid_are_protected():
-    from onnxprune.outputs import protected_output, scored_output
+    from onnxprune.find.outputs import protected_output, scored_output
 
     for op in ("Softmax", "Sigmoid", "LogSoftmax"):
         model = _model([helper.make_node("MatMul", ["x", "W"], ["logits"], name="fc"),

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from onnxprune.errors import CheckFailed, InputError
-from onnxprune.layers import Layer
-from onnxprune.masks import choose_masks
+from onnxprune.find.layers import Layer
+from onnxprune.select.masks import choose_masks
 
 
 def layer(name, out, inp):

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.passes import (
+from onnxprune.graph.passes import (
     AffineBatchNormalization,
     Float32,
     KeepNeeded,

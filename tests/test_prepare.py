@@ -1,4 +1,4 @@
-"""The analysis copy (onnxprune.prepare): what it declares about an export must be true of the data.
+"""The analysis copy (onnxprune.prepare.analysis): what it declares about an export must be true of the data.
 
 The pattern is PP-OCRv4's recognizer (paddle2onnx): a Reshape whose target shape is computed leaves
 shape inference without ranks, and attention moves the batch off axis 0 (q, k, v stacked first,
@@ -12,7 +12,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune import api, prepare
+from onnxprune import api
+from onnxprune.prepare import analysis as prepare
 
 N = 5  # samples: neither 1 nor the stacked 3, so a batch on the wrong axis shows
 

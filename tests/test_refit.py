@@ -6,9 +6,9 @@ from onnx import numpy_helper
 
 import onnxprune
 from onnxprune import runtime
-from onnxprune.data import Dataset
-from onnxprune.layers import analyse_graph
-from onnxprune.refit import refit
+from onnxprune.find.layers import analyse_graph
+from onnxprune.io.data import Dataset
+from onnxprune.repair.refit import refit
 
 from test_statistics import fd_jacobians
 from tinynets import data, mlp
@@ -304,7 +304,7 @@ def test_score_sum_is_the_single_weight_errors_and_misses_the_cross_terms_numpy_
 
 
 def test_refit_rows_solves_each_rows_ridge_problem_over_its_kept_inputs():
-    from onnxprune.lstsq import DAMPING_GRID, refit_rows, solve_rows
+    from onnxprune.repair.lstsq import DAMPING_GRID, refit_rows, solve_rows
 
     rng = np.random.default_rng(4)
     x = rng.normal(size=(200, 40)) @ rng.normal(size=(40, 40)) + 2.0

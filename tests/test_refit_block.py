@@ -5,15 +5,16 @@ import onnx
 import pytest
 
 import onnxprune
-from onnxprune import blockrefit, runtime
-from onnxprune.blockrefit import Activation, BlockProblem, BlockRefit, find_blocks, gauss_newton
-from onnxprune.graph import read_initializer
-from onnxprune.layers import analyse_graph
-from onnxprune.refit import Refit
-from onnxprune.repairs import Compose
-from onnxprune.schedule import one_shot
-from onnxprune.zoo import build_mlp
+from onnxprune import runtime
+from onnxprune.find.layers import analyse_graph
+from onnxprune.graph.index import read_initializer
+from onnxprune.repair import blockrefit
+from onnxprune.repair.base import Compose
+from onnxprune.repair.blockrefit import Activation, BlockProblem, BlockRefit, find_blocks, gauss_newton
+from onnxprune.repair.refit import Refit
+from onnxprune.select.schedule import one_shot
 
+from studies.zoo import build_mlp
 from tinynets import mlp
 
 ACTS = [Activation("PRelu", np.array([0.1, 0.3, -0.2, 0.5])), Activation("Tanh"), Activation("Sigmoid"),

@@ -20,9 +20,9 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxprune
 from onnxprune import api
 from onnxprune.cli import main
-from onnxprune.data import load_dataset
-from onnxprune.ensemble.cli import ensemble
-from onnxprune.options import MAX_THREADS
+from onnxprune.cli.ensemble import ensemble
+from onnxprune.cli.options import MAX_THREADS
+from onnxprune.io.data import load_dataset
 
 from tinynets import data, mlp
 
@@ -103,12 +103,12 @@ def test_json_equal_to_out_is_refused(files):
 
 
 def test_a_failing_json_write_leaves_no_model(files, monkeypatch):
-    import onnxprune.ui
+    import onnxprune.cli.ui
 
     def disk_full(report):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(onnxprune.ui, "json_text", disk_full)
+    monkeypatch.setattr(onnxprune.cli.ui, "json_text", disk_full)
     res = invoke(*prune_args(files, "out.onnx", "--json", files / "r.json"))
     assert "No space left" in one_line_error(res, 1)
     assert sorted(p.name for p in files.iterdir()) == ["calib.npz", "model.onnx", "test.npz"]
@@ -305,7 +305,7 @@ def test_external_data_model_with_only_small_tensors(tmp_path):
 def test_a_model_over_the_protobuf_limit_is_inspected_without_bytesize(tmp_path, monkeypatch):
     """protobuf's ByteSize fails above 2 GB; here the limit is lowered to 4 kB and ByteSize fails
     above it as it would above 2 GB, on a 13 kB model with external data."""
-    from onnxprune import modelio
+    from onnxprune.io import models as modelio
 
     path = _external_model(tmp_path)
     limit = 4096
@@ -445,7 +445,7 @@ def test_sparsity_as_a_percentage_gives_the_same_model(files):
 
 # -- 18: progress of multi-step runs, the --probes hint ---------------------------------------------
 def test_multi_step_progress_says_which_step(files, monkeypatch, capsys):
-    from onnxprune.ui import Ui
+    from onnxprune.cli.ui import Ui
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     ui = Ui()

@@ -92,7 +92,7 @@ def test_magnitude_random_and_gradmag():
 
 
 def test_nonlinear_refuses_big_models_unless_forced(monkeypatch):
-    from onnxprune.saliency import Nonlinear
+    from onnxprune.score.weights import Nonlinear
 
     monkeypatch.setattr(Nonlinear, "max_weights", 10)
     model, _, _ = mlp((5, 4, 3))

@@ -3,13 +3,13 @@ with a shift keep float64 accuracy, and thread limits apply."""
 import numpy as np
 import pytest
 
-from onnxprune import jacobians
-from onnxprune.data import Dataset
-from onnxprune.engines.ort_training import OutputJacobians
-from onnxprune.layers import analyse_graph
-from onnxprune.outputs import protected_output
+from onnxprune.derivatives import instrument as jacobians
+from onnxprune.derivatives.engines.ort_training import OutputJacobians
+from onnxprune.derivatives.statistics import LayerStatistics, collect_statistics
+from onnxprune.find.layers import analyse_graph
+from onnxprune.find.outputs import protected_output
+from onnxprune.io.data import Dataset
 from onnxprune.runtime import blas_threads
-from onnxprune.statistics import LayerStatistics, collect_statistics
 
 from engines import requires_training
 from tinyconv import cnn, images, sequence_mlp

@@ -6,13 +6,13 @@ from onnx import numpy_helper
 
 import onnxprune
 from onnxprune import runtime
-from onnxprune.data import Dataset
-from onnxprune.distill import Distill
 from onnxprune.errors import InputError
-from onnxprune.layers import analyse_graph
-from onnxprune.refit import Refit
-from onnxprune.schedule import geometric, one_shot, path
-from onnxprune.sensitivity import sensitivity
+from onnxprune.find.layers import analyse_graph
+from onnxprune.io.data import Dataset
+from onnxprune.repair.distill import Distill
+from onnxprune.repair.refit import Refit
+from onnxprune.select.schedule import geometric, one_shot, path
+from onnxprune.sweep import sensitivity
 
 from tinynets import data, mlp
 
@@ -98,12 +98,12 @@ def test_ecp_refit_falls_back_to_one_shot_when_its_held_out_error_is_lower():
 def test_shape_memo_reuses_shapes_across_new_layer_weights_only(monkeypatch):
     """A schedule's steps share one graph's shapes; any other change (here the graph's input size)
     measures them again."""
-    from onnxprune import statistics
-    from onnxprune.statistics import ShapeMemo
+    from onnxprune.prepare import shapes
+    from onnxprune.prepare.shapes import ShapeMemo
 
     calls = []
-    real = statistics.tensor_shapes
-    monkeypatch.setattr(statistics, "tensor_shapes", lambda *a: calls.append(a[1]) or real(*a))
+    real = shapes.tensor_shapes
+    monkeypatch.setattr(shapes, "tensor_shapes", lambda *a: calls.append(a[1]) or real(*a))
     memo = ShapeMemo()
     dense, _, _ = mlp((5, 4, 3), seed=1)
     layers = analyse_graph(dense).layers

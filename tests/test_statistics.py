@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from onnxprune.data import Dataset
-from onnxprune.layers import analyse_graph
-from onnxprune.outputs import protected_output
-from onnxprune.statistics import collect_loss_gradients, collect_statistics
+from onnxprune.derivatives.statistics import collect_loss_gradients, collect_statistics
+from onnxprune.find.layers import analyse_graph
+from onnxprune.find.outputs import protected_output
+from onnxprune.io.data import Dataset
 
 from tinynets import data, mlp
 

@@ -10,8 +10,9 @@ from click.testing import CliRunner
 
 import onnxprune
 from onnxprune.cli import main
-from onnxprune.storage import densify, sparsify, storage_report
-from onnxprune.zoo import build_mlp
+from onnxprune.io.storage import densify, sparsify, storage_report
+
+from studies.zoo import build_mlp
 
 
 @pytest.fixture(scope="module")

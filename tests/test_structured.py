@@ -12,24 +12,16 @@ from test_units import attention, cnn, concat_cnn, concat_mlp, grouped_cnn, mlp_
 import onnxprune
 from onnxprune import runtime
 from onnxprune.cli import main
-from onnxprune.data import Dataset
-from onnxprune.layers import analyse_graph
-from onnxprune.slicing import remove_units
-from onnxprune.structured import (
-    best_bands,
-    choose_counts,
-    ecp_constants,
-    greedy_joint,
-    layer_costs,
-    round_kept,
-    score_group,
-    total_macs,
-    unit_statistics,
-)
-from onnxprune.unitrefit import refit_layer
-from onnxprune.units import find_units
-from onnxprune.zoo import build_resnet, build_transformer
+from onnxprune.derivatives.units import unit_statistics
+from onnxprune.edit.slicing import remove_units
+from onnxprune.find.layers import analyse_graph
+from onnxprune.find.units import find_units
+from onnxprune.io.data import Dataset
+from onnxprune.repair.unitrefit import refit_layer
+from onnxprune.score.units import best_bands, ecp_constants, greedy_joint, score_group
+from onnxprune.select.counts import choose_counts, layer_costs, round_kept, total_macs
 
+from studies.zoo import build_resnet, build_transformer
 from tinynets import mlp
 
 RNG = np.random.default_rng(3)
@@ -329,7 +321,7 @@ def test_cli_bad_structured_requests_fail_with_one_line(files, args, message):
 def test_exported_models_shrink_and_keep_their_stamping(name):
     from pathlib import Path
 
-    from onnxprune.data import model_inputs
+    from onnxprune.io.data import model_inputs
 
     model = onnx.load(Path(__file__).parent / "fixtures" / name)
     feeds = {}

@@ -8,9 +8,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import runtime
-from onnxprune.slicing import remove_units
-from onnxprune.units import find_units
-from onnxprune.zoo import build_resnet, build_transformer
+from onnxprune.edit.slicing import remove_units
+from onnxprune.find.units import find_units
+
+from studies.zoo import build_resnet, build_transformer
 
 RNG = np.random.default_rng(0)
 
@@ -413,7 +414,7 @@ def test_input_features_by_a_contiguous_slice_keep_the_inputs():
 
 
 def test_pruned_inputs_change_the_input_contract():
-    from onnxprune.slicing import input_contract
+    from onnxprune.edit.slicing import input_contract
 
     model = mlp_gemm()
     group = find_units(model, inputs="gather").by_name()["input:x"]

@@ -7,7 +7,8 @@ import pytest
 from onnx import numpy_helper
 
 from onnxprune.runtime import make_session
-from onnxprune.zoo import build_mlp
+
+from studies.zoo import build_mlp
 
 
 def forward(params, x, hidden_layers, activation):

@@ -7,13 +7,13 @@ import sys
 
 import click
 
-from ..ensemble.cli import ensemble
-from ..runtime import check_installation
-from ..ui import Group, command_errors
-from .evaluate import evaluate
-from .finetune import finetune
-from .inspect import inspect
-from .prune import prune
+from onnxprune.cli.ensemble import ensemble
+from onnxprune.cli.evaluate import evaluate
+from onnxprune.cli.finetune import finetune
+from onnxprune.cli.inspect import inspect
+from onnxprune.cli.prune import prune
+from onnxprune.cli.ui import Group, command_errors
+from onnxprune.runtime import check_installation
 
 
 def return_freed_memory() -> None:

@@ -1,4 +1,4 @@
 """``python -m onnxprune.cli``: the same as the ``onnxprune`` command."""
-from . import main
+from onnxprune.cli import main
 
 main()

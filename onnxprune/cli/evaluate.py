@@ -3,20 +3,11 @@ from __future__ import annotations
 
 import click
 
-from .. import api
-from ..data import load_dataset
-from ..options import (
-    batch_axis_opt,
-    labels_opt,
-    model_arg,
-    output_opt,
-    provider_opt,
-    threads_opt,
-)
-from ..report import (
-    evaluation_table,
-)
-from ..ui import command_errors, common, finish, json_option, make_ui, print_json, stage_json
+from onnxprune import api
+from onnxprune.cli.options import batch_axis_opt, labels_opt, model_arg, output_opt, provider_opt, threads_opt
+from onnxprune.cli.tables import evaluation_table
+from onnxprune.cli.ui import command_errors, common, finish, json_option, make_ui, print_json, stage_json
+from onnxprune.io.data import load_dataset
 
 
 @click.command()

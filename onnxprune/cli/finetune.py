@@ -5,20 +5,15 @@ import sys
 
 import click
 
-from .. import api
-from ..data import load_dataset
-from ..engines import ENGINES
-from ..errors import CheckFailed, InputError
-from ..modelio import stage_model
-from ..options import (
-    labels_opt,
-    model_arg,
-    output_opt,
-)
-from ..report import (
-    table,
-)
-from ..ui import command_errors, common, finish, json_option, make_ui, print_json, stage_json
+from onnxprune import api
+from onnxprune.check.validate import validate
+from onnxprune.cli.options import labels_opt, model_arg, output_opt
+from onnxprune.cli.tables import table
+from onnxprune.cli.ui import command_errors, common, finish, json_option, make_ui, print_json, stage_json
+from onnxprune.derivatives.engines import ENGINES
+from onnxprune.errors import CheckFailed, InputError
+from onnxprune.io.data import load_dataset
+from onnxprune.io.models import stage_model
 
 
 @click.command()
@@ -46,9 +41,9 @@ def finetune(model, out, data, epochs, lr, batch_size, seed, engine, output, lab
     """
     import numpy as np
 
-    from ..finetune import choose_engine, zero_masks
-    from ..finetune import finetune as train
-    from ..graph import read_initializer
+    from onnxprune.graph.index import read_initializer
+    from onnxprune.repair.finetune import choose_engine, zero_masks
+    from onnxprune.repair.finetune import finetune as train
 
     ui = make_ui(verbose, quiet, json_path)
     with ui.outputs([model, data], force) as outputs:
@@ -87,7 +82,7 @@ def finetune(model, out, data, epochs, lr, batch_size, seed, engine, output, lab
         finally:
             if bar is not None:
                 bar.__exit__(None, None, None)
-        api.validate(trained, dataset)
+        validate(trained, dataset)
         if any(read_initializer(trained, name)[~mask].any() for name, mask in masks.items()):
             raise CheckFailed("a pruned weight became non-zero during fine-tuning")
         held = sum(int((~mask).sum()) for mask in masks.values())

@@ -3,17 +3,10 @@ from __future__ import annotations
 
 import click
 
-from .. import api
-from ..options import (
-    model_arg,
-)
-from ..report import (
-    skipped_table,
-    table,
-    units_table,
-    unpruned_table,
-)
-from ..ui import command_errors, common, finish, json_option, make_ui, print_json, stage_json
+from onnxprune import api
+from onnxprune.cli.options import model_arg
+from onnxprune.cli.tables import skipped_table, table, units_table, unpruned_table
+from onnxprune.cli.ui import command_errors, common, finish, json_option, make_ui, print_json, stage_json
 
 
 @click.command()

@@ -3,12 +3,8 @@ from __future__ import annotations
 
 import click
 
-from .. import api
-from ..data import load_dataset
-from ..errors import CheckFailed, InputError
-from ..masks import SCOPES
-from ..modelio import stage_model
-from ..options import (
+from onnxprune import api
+from onnxprune.cli.options import (
     Fraction,
     batch_axis_opt,
     engine_opt,
@@ -20,20 +16,17 @@ from ..options import (
     seed_opt,
     threads_opt,
 )
-from ..report import (
-    evaluation_table,
-    prune_table,
-    sensitivity_table,
-    skipped_table,
-    storage_table,
-    unpruned_table,
-)
-from ..runtime import build_name
-from ..statistics import EXACT_LIMIT
-from ..storage import STORAGES, storage_report
-from ..structured import METHODS as STRUCTURED_METHODS
-from ..ui import command_errors, common, finish, json_option, make_ui, print_json, stage_json
-from .structured import STRUCTURED_ONLY, refuse_outside, run_structured, structured_options
+from onnxprune.cli.structured import STRUCTURED_ONLY, refuse_outside, run_structured, structured_options
+from onnxprune.cli.tables import evaluation_table, prune_table, sensitivity_table, skipped_table, storage_table, unpruned_table
+from onnxprune.cli.ui import command_errors, common, finish, json_option, make_ui, print_json, stage_json
+from onnxprune.derivatives.statistics import EXACT_LIMIT
+from onnxprune.errors import CheckFailed, InputError
+from onnxprune.io.data import load_dataset
+from onnxprune.io.models import stage_model
+from onnxprune.io.storage import STORAGES, storage_report
+from onnxprune.runtime import build_name
+from onnxprune.score.units import METHODS as STRUCTURED_METHODS
+from onnxprune.select.masks import SCOPES
 
 MANY_OUTPUTS = 64  # above this output width the exact statistics' K backward passes make --probes worth a hint
 
@@ -164,7 +157,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
             sweep = _sweep(original, data, ratios, test_data, max_loss_increase, max_accuracy_drop, plot_path,
                            params, keep_best=not dry_run)
             if plot_path:
-                from ..sensitivity import plot
+                from onnxprune.sweep import plot
 
                 outputs.stage(plot_path, lambda tmp: plot(sweep, tmp))
         if sweep is not None and (dry_run or sweep.best_result is None):
@@ -251,7 +244,7 @@ def _hint_probes(ui, model, output, probes, method) -> None:
     import numpy as np
     import onnx
 
-    from ..outputs import protected_output
+    from onnxprune.find.outputs import protected_output
 
     try:
         name = protected_output(model, output)
@@ -269,7 +262,7 @@ def _hint_probes(ui, model, output, probes, method) -> None:
 def _sweep(model, data, ratios, test_data, max_loss_increase, max_accuracy_drop, plot_path, params, keep_best):
     """The dry run's sensitivity report (scored once); with ``keep_best`` it keeps the model of the
     largest ratio within the budget."""
-    from ..sensitivity import DEFAULT_RATIOS, check_plotting, parse_budget, parse_ratios, sensitivity
+    from onnxprune.sweep import DEFAULT_RATIOS, check_plotting, parse_budget, parse_ratios, sensitivity
 
     ratio_list = parse_ratios(ratios) if ratios is not None else list(DEFAULT_RATIOS)
     budget = parse_budget(max_loss_increase) if max_loss_increase is not None else None

@@ -5,8 +5,8 @@ import functools
 
 import click
 
-from ..errors import InputError
-from ..structured import METHODS
+from onnxprune.errors import InputError
+from onnxprune.score.units import METHODS
 
 STRUCTURED_ONLY = tuple(m for m in METHODS if m != "ecp")
 
@@ -58,13 +58,13 @@ def _batches(text: str) -> tuple[int, ...]:
 def run_structured(ui, *, model, out, data, sparsity, macs, method, scope, multiple, steps, refit, exclude, seed,
                    output, probes, batch_size, labels_key, provider, threads, test_data, json_path, force,
                    time_batches, slice_inputs, prune_inputs, refused: dict) -> None:
-    from .. import api
-    from ..data import Dataset
-    from ..modelio import stage_model
-    from ..report import structured_table, timing_table
-    from ..shrink import prune_structured
-    from ..speed import select_inputs, time_models
-    from ..ui import finish, print_json, stage_json
+    from onnxprune import api
+    from onnxprune.check.timing import select_inputs, time_models
+    from onnxprune.cli.tables import structured_table, timing_table
+    from onnxprune.cli.ui import finish, print_json, stage_json
+    from onnxprune.io.data import Dataset
+    from onnxprune.io.models import stage_model
+    from onnxprune.modes.units import prune_structured
 
     given = [name for name, value in refused.items() if value]
     if given:
@@ -107,7 +107,7 @@ def run_structured(ui, *, model, out, data, sparsity, macs, method, scope, multi
     ui.out()
     ui.out(timing_table(report["timing"]))
     if test_data:
-        from ..report import evaluation_table
+        from onnxprune.cli.tables import evaluation_table
 
         ui.out()
         ui.out(evaluation_table(report["test"]))

@@ -1,0 +1,152 @@
+"""Evaluate a model on onnxruntime: loss and accuracy against labels, discrepancy against a
+reference model, latency (paired with the reference's, repeated) and size in bytes."""
+from __future__ import annotations
+
+import math
+import time
+import zlib
+
+import numpy as np
+import onnx
+
+from onnxprune import runtime
+from onnxprune.derivatives.statistics import MEMORY_BUDGET, sample_bytes
+from onnxprune.errors import CheckFailed, InputError
+from onnxprune.find.outputs import output_kind, scored_output
+from onnxprune.io.data import Dataset
+
+REPEATS = 7            # timings per model and batch size; the report gives their median, min and max
+MIN_TIMING = 0.005     # seconds: one timing runs the batch this long at least (clock resolution, noise)
+MAX_RUNS = 1000
+
+
+def predict(model: onnx.ModelProto, data: Dataset, output: str, provider: str = "cpu", batch_size: int = 1024,
+            threads: int | None = None) -> tuple[np.ndarray, float]:
+    """All values of tensor ``output`` over ``data``, and the seconds the runs took."""
+    session = runtime.tensor_session(model, [output], provider, threads)
+    chunks, seconds = [], 0.0
+    for feeds, _ in data.batches(batch_size):
+        start = time.perf_counter()
+        (value,) = session.run([output], feeds)
+        seconds += time.perf_counter() - start
+        chunks.append(value)
+    return np.concatenate(chunks), seconds
+
+
+def measure_latency(models: dict[str, onnx.ModelProto], data: Dataset, batch_sizes: tuple[int, ...],
+                    provider: str = "cpu", threads: int | None = None, repeats: int = REPEATS) -> dict:
+    """Seconds per sample of every model, paired: for each batch size the models run in turns
+    (the order alternating between repeats, after a warm-up), each turn long enough to time, so
+    that drift of the machine hits them alike. Per model: median, min and max over the repeats;
+    with two models, the median of the per-repeat ratios second / first."""
+    sessions = {name: runtime.make_session(m, provider, threads) for name, m in models.items()}
+    names = list(sessions)
+    batches: list[dict] = []
+    result = {"repeats": repeats, "batches": batches}
+    for batch in sorted({min(b, len(data)) for b in batch_sizes}):
+        feeds = data.subset(batch).inputs()
+        runs = 1
+        for session in sessions.values():
+            session.run(None, feeds)  # warm-up: allocations and kernel selection are not latency
+            start = time.perf_counter()
+            session.run(None, feeds)
+            once = max(time.perf_counter() - start, 1e-7)
+            runs = max(runs, min(MAX_RUNS, math.ceil(MIN_TIMING / once)))
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(repeats):
+            for name in names if r % 2 == 0 else names[::-1]:
+                session = sessions[name]
+                start = time.perf_counter()
+                for _ in range(runs):
+                    session.run(None, feeds)
+                times[name].append((time.perf_counter() - start) / (runs * batch))
+        entry: dict[str, object] = {"batch_size": batch, "runs_per_timing": runs}
+        for name, values in times.items():
+            us = 1e6 * np.asarray(values)
+            entry[name] = {"median_us": float(np.median(us)), "min_us": float(us.min()), "max_us": float(us.max())}
+        if len(names) == 2:
+            ratios = np.asarray(times[names[1]]) / np.asarray(times[names[0]])
+            entry[f"{names[1]}/{names[0]}"] = float(np.median(ratios))
+        batches.append(entry)
+    return result
+
+
+def model_bytes(model: onnx.ModelProto) -> dict:
+    """Bytes of the serialized model, raw and zlib-compressed (level 6): what it costs on disk and to download."""
+    from onnxprune.io.models import PROTOBUF_LIMIT, serialized_size
+
+    size = serialized_size(model)
+    if size >= PROTOBUF_LIMIT:  # cannot be serialized in one piece: its tensors go to external data
+        return {"bytes": size, "zlib_bytes": None}
+    raw = model.SerializeToString()
+    return {"bytes": len(raw), "zlib_bytes": len(zlib.compress(raw, 6))}
+
+
+def log_probabilities(values: np.ndarray, kind: str) -> np.ndarray:
+    """Per-class log-probabilities from logits, probabilities or log-probabilities (N, K)."""
+    values = values.astype(np.float64).reshape(len(values), -1)
+    if kind == "logits":
+        shifted = values - values.max(1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    if kind == "probabilities":
+        return np.log(np.clip(values, 1e-12, None))
+    return values
+
+
+def looks_like_probabilities(values: np.ndarray) -> bool:
+    v = values.reshape(len(values), -1)
+    return bool(v.shape[1] > 1 and np.all(v >= 0) and np.allclose(v.sum(1), 1.0, atol=1e-4))
+
+
+def evaluate_dataset(model: onnx.ModelProto, data: Dataset, *, reference: onnx.ModelProto | None = None,
+                     output: str | None = None, provider: str = "cpu", batch_size: int = 1024,
+                     threads: int | None = None, latency: bool = True) -> dict:
+    """The evaluation report of ``model`` on ``data`` (see ``onnxprune.evaluate``); ``latency``
+    times ``model`` (paired with ``reference`` when given) at batch 1 and at ``batch_size``."""
+    output = scored_output(model, output)
+    values, _ = predict(model, data, output, provider, batch_size, threads)
+    kind = output_kind(model, output)
+    if kind == "logits" and looks_like_probabilities(values):
+        kind = "probabilities"
+    report = {"samples": len(data), "output": output, "output_kind": kind, "provider": provider}
+    if data.labels is not None:
+        if not np.issubdtype(values.dtype, np.floating) or values.ndim < 2:
+            raise InputError(f"output {output!r} with shape {list(values.shape)} is not a score per class; "
+                             "choose another with --output")
+        logp = log_probabilities(values, kind)
+        if data.labels.max() >= logp.shape[1]:
+            raise InputError(f"labels go up to {data.labels.max()} but output {output!r} has {logp.shape[1]} classes")
+        if not np.all(np.isfinite(logp)):
+            raise CheckFailed(f"output {output!r} contains NaN or Inf")
+        rows = np.arange(len(data))
+        report["loss"] = float(-logp[rows, data.labels].mean())
+        report["accuracy"] = float((logp.argmax(1) == data.labels).mean())
+    if reference is not None:
+        ref_values, _ = predict(reference, data, output, provider, batch_size, threads)
+        if ref_values.shape != values.shape:
+            raise InputError(f"reference output {output!r} has shape {list(ref_values.shape)}, "
+                             f"the model's has {list(values.shape)}")
+        diff = values.astype(np.float64) - ref_values.astype(np.float64)
+        report["mse"] = float(np.mean(diff**2))
+        report["max_abs"] = float(np.max(np.abs(diff)))
+    report["batch_size"] = batch_size
+    report["size"] = model_bytes(model)
+    if reference is not None:
+        report["reference_size"] = model_bytes(reference)
+    if latency:
+        pair = {"reference": reference, "model": model} if reference is not None else {"model": model}
+        report["latency"] = measure_latency(pair, data, (1, latency_batch(list(pair.values()), data, batch_size, provider)),
+                                            provider, threads)
+    return report
+
+
+def latency_batch(models: list[onnx.ModelProto], data: Dataset, batch_size: int, provider: str = "cpu") -> int:
+    """The larger batch the latency is timed at: ``batch_size``, or fewer samples where the timed
+    sessions of ``models`` (all alive at once, for pairing) would hold more than MEMORY_BUDGET of
+    activations (a 224x224 CNN at 32 images: 2 GB for two sessions); measured on one sample, every
+    float tensor counted (an upper bound of what onnxruntime keeps). A model that cannot be measured
+    (inputs without a batch axis) is timed at ``batch_size``."""
+    sizes = [sample_bytes(model, data.subset(1).arrays(), provider) for model in models]
+    if not all(sizes):
+        return batch_size
+    return max(1, min(batch_size, MEMORY_BUDGET // sum(sizes)))

@@ -1,0 +1,91 @@
+"""Option values shared by the command lines (``onnxprune`` and ``onnxprune ensemble``): one
+spelling and one error message for each kind of value, checked by click before a command runs."""
+from __future__ import annotations
+
+import os
+import re
+
+import click
+
+from onnxprune.derivatives.engines import ENGINES
+from onnxprune.errors import InputError
+from onnxprune.runtime import PROVIDERS
+
+
+class Fraction(click.ParamType):
+    """A fraction written 0.5 or 50%."""
+
+    name = "fraction"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        try:
+            number = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a fraction (0.5) or a percentage (50%)", param, ctx)
+        if not 0 <= number <= 1:
+            self.fail(f"{value!r} is not between 0 and 1 (0% and 100%)", param, ctx)
+        return number
+
+
+def parse_size(text: str) -> int:
+    """'4G', '512M', '1.5GB', '1000000' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)i?[bB]?\s*", str(text))
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size like 4G, 512M or 1000000")
+    value = float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " ")
+    if value < 1:
+        raise click.BadParameter("the memory budget must be at least one byte")
+    return int(value)
+
+
+# The options several commands share.
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+
+
+model_arg = click.argument("model", type=click.Path(dir_okay=False))
+provider_opt = click.option("--provider", type=click.Choice(sorted(PROVIDERS)), default="cpu", show_default=True,
+                            help="onnxruntime execution provider.")
+output_opt = click.option("--output", "output", default=None, metavar="NAME",
+                          help="Tensor to protect/evaluate (default: the first output; logits before a final Softmax).")
+labels_opt = click.option("--labels-key", default=None, metavar="KEY", help="Labels array in the .npz (default: y or labels).")
+threads_opt = click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
+                           help=f"onnxruntime intra-op and BLAS threads (1..{MAX_THREADS}, 4 x the CPUs).")
+seed_opt = click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+
+
+memory_opt = click.option("--memory-budget", type=str, default="1.5G", show_default=True, callback=lambda c, p, v: parse_size(v),
+                          help="Bytes one batch of activations and derivatives may hold; batches are sized from it.")
+def parse_batch_axes(ctx, param, values) -> dict[str, int]:
+    """('state=1', ...) -> {'state': 1}."""
+    axes = {}
+    for text in values:
+        name, sep, axis = str(text).rpartition("=")
+        if not sep or not name or not axis.strip().isdigit():
+            raise click.BadParameter(f"{text!r} is not NAME=AXIS (an input name and a non-negative axis, e.g. state=1)")
+        if name in axes:
+            raise click.BadParameter(f"{name!r} is given twice")
+        axes[name] = int(axis)
+    return axes
+
+
+batch_axis_opt = click.option("--batch-axis", "batch_axes", multiple=True, metavar="NAME=AXIS", callback=parse_batch_axes,
+                              help="The batch axis of input NAME in the .npz files, where the model's declared shapes do "
+                                   "not tell it (repeatable; e.g. state=1 for a recurrent state (2, batch, 128)).")
+engine_opt = click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
+                          help="Gradient engine: adjoint (onnx-ad graphs, any onnxruntime), ort-training (the training "
+                               "build's gradient builder), auto (ort-training on the training build, else adjoint; "
+                               "either falls back to the other for an op it cannot differentiate).")
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """Hidden layer widths from text like "64,64" (an InputError, one line, for anything else)."""
+    try:
+        widths = tuple(int(w) for w in text.replace(" ", "").split(",") if w)
+    except ValueError:
+        raise InputError(f"expected comma-separated layer widths like 64,64, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise InputError(f"layer widths must be positive, got {text!r}")
+    return widths

@@ -1,0 +1,266 @@
+"""Streaming per-layer sums over the calibration data; memory does not grow with its size.
+
+For each layer: C_i = E[G_i], B_ij = E[G_i z_j], A_ij = E[G_i z_j^2] (the ECP statistics), and the
+plain activation moments E[z_j], E[z_j^2]. Loss gradients give E[dL/dW] for gradmag.
+
+Layers whose weight is shared across positions (Conv, MatMul on sequences) use the generalisation
+in ``conv``: per sample, u = sum_t g z_t and v = sum_t g replace g z and g, either exactly
+(``shared="exact"``) or without the cross-position terms (``shared="positions"``). Their activation
+moments are over samples and positions (the im2col patch values).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxprune.derivatives.engines import loss_gradients, output_jacobians
+from onnxprune.derivatives.shared import CHUNK_ELEMENTS, STATISTICS, accumulate_shared, shared_loss_gradient
+from onnxprune.errors import InputError
+from onnxprune.find.geometry import im2col
+from onnxprune.find.layers import Layer
+from onnxprune.graph.index import FLOAT_TYPES, tensor_types
+from onnxprune.io.data import Dataset
+from onnxprune.prepare.shapes import SHAPES, tensor_shapes
+from onnxprune.runtime import blas_threads, one_blas_thread
+
+Progress = Callable[[int, int], None]  # (samples done, samples total)
+
+
+BATCH_ELEMENTS = 1 << 24  # bound on the elements of one tiled batch's largest tensor
+
+
+MEMORY_BUDGET = 3 << 29   # 1.5 GiB of activations and derivatives per batch: a 224x224 CNN stays under 2 GB
+
+
+EXACT_LIMIT = 100         # above this many output elements, exact Jacobians give way to random probes
+
+
+AUTO_PROBES = 32          # ... at most this many, fewer when one sample's would not fit the memory budget
+                          # (unbiased for G at any number; see docs/benchmarks.md for the accuracy)
+
+
+@dataclass
+class LayerStatistics:
+    """Sums over n samples; the properties give the expectations the saliencies use.
+
+    For a 2-D layer (``add``) the products of one batch are taken in float32 (float64 when the data
+    is float64) on z shifted by a fixed per-input value c (the first batch's mean, rounded to
+    float32), and summed across batches in float64: ``sum_gz`` and ``sum_gz2`` then hold
+    sum G (z - c) and sum G (z - c)^2, which the properties A and B undo in float64. The shift
+    keeps the G-weighted variance A - B^2/C, the ECP residual, accurate when |E z| >> std z.
+    """
+
+    n: int
+    sum_g: np.ndarray       # (out,)     sum_s G_si
+    sum_gz: np.ndarray      # (out, in)  sum_s G_si (z_sj - c_j)
+    sum_gz2: np.ndarray     # (out, in)  sum_s G_si (z_sj - c_j)^2
+    sum_z: np.ndarray       # (in,) or, for a grouped Conv, (groups, in)
+    sum_z2: np.ndarray      # like sum_z
+    count_z: int = 0        # values summed in sum_z per entry (samples x positions)
+    shift: np.ndarray | None = None  # c (in,), set by the first ``add``; None: c = 0
+
+    @classmethod
+    def zeros(cls, layer: Layer) -> LayerStatistics:
+        o, i = layer.out_features, layer.in_features
+        groups = layer.conv.groups if layer.conv is not None else 1
+        zshape = (i,) if groups == 1 else (groups, i)
+        return cls(0, np.zeros(o), np.zeros((o, i)), np.zeros((o, i)), np.zeros(zshape), np.zeros(zshape))
+
+    def add(self, g: np.ndarray, z: np.ndarray) -> None:
+        """Accumulate a batch: g = per-sample G (batch, out), z = layer input (batch, in)."""
+        z = np.asarray(z).reshape(len(z), -1)
+        dtype = np.float64 if np.float64 in (np.asarray(g).dtype, z.dtype) else np.float32
+        if self.shift is None:
+            self.shift = z.mean(0, dtype=np.float64).astype(np.float32).astype(np.float64)
+        zc = z.astype(dtype, copy=False) - self.shift.astype(dtype)
+        zc2 = zc * zc
+        g = np.asarray(g, dtype)
+        with one_blas_thread():  # OpenBLAS rounds differently with other thread counts: same bytes for any --threads
+            products = g.T @ np.concatenate([zc, zc2], axis=1)  # one (out, 2 in) product: faster than two
+        if dtype == np.float32 and not np.isfinite(products).all():
+            return self.add(np.asarray(g, np.float64), z.astype(np.float64))  # beyond float32's range
+        n = len(z)
+        self.n += n
+        self.count_z += n
+        self.sum_g += g.sum(0, dtype=np.float64)
+        self.sum_gz += products[:, :zc.shape[1]]
+        self.sum_gz2 += products[:, zc.shape[1]:]
+        first, second = zc.sum(0, dtype=np.float64), zc2.sum(0, dtype=np.float64)
+        self.sum_z += first + n * self.shift
+        self.sum_z2 += second + 2 * self.shift * first + n * self.shift**2
+
+    def add_shared(self, layer: Layer, g: np.ndarray, z: np.ndarray, scale: float = 1.0, exact: bool = True) -> None:
+        """Accumulate a batch of a shared-weight layer: g (batch, R, out, positions) the probes'
+        derivatives at the pre-activation (scale 1/R for random probes), z the layer input as the
+        graph has it. Patches are built in chunks of samples so memory stays bounded."""
+        n, r, out, positions = g.shape
+        per_sample = r * out * positions + 2 * layer.in_features * positions * (layer.conv.groups if layer.conv else 1)
+        chunk = max(1, CHUNK_ELEMENTS // max(1, per_sample))
+        for start in range(0, n, chunk):
+            patches = layer_patches(layer, z[start:start + chunk])
+            if patches.shape[-1] != positions:
+                raise InputError(f"layer {layer.name}: {patches.shape[-1]} input windows but {positions} output "
+                                 "positions; its geometry is not understood")
+            with one_blas_thread():  # the same rounding whatever --threads says, as in ``add``
+                accumulate_shared(self, g[start:start + chunk], patches, scale, exact)
+            flat = patches.sum(-1).sum(0)
+            self.sum_z += flat.reshape(self.sum_z.shape)
+            self.sum_z2 += (patches * patches).sum(-1).sum(0).reshape(self.sum_z2.shape)
+        self.n += n
+        self.count_z += n * positions
+
+    @property
+    def A(self) -> np.ndarray:
+        if self.shift is None:
+            return self.sum_gz2 / self.n
+        c = self.shift[None, :]
+        return (self.sum_gz2 + 2 * c * self.sum_gz + self.sum_g[:, None] * c * c) / self.n
+
+    @property
+    def B(self) -> np.ndarray:
+        if self.shift is None:
+            return self.sum_gz / self.n
+        return (self.sum_gz + self.sum_g[:, None] * self.shift[None, :]) / self.n
+
+    @property
+    def C(self) -> np.ndarray:
+        return self.sum_g / self.n
+
+    def _rows(self, values: np.ndarray) -> np.ndarray:
+        """Per-group moments (groups, in) -> one row per output (out, in); (in,) stays."""
+        if values.ndim == 1:
+            return values
+        return np.repeat(values, len(self.sum_g) // len(values), axis=0)
+
+    @property
+    def mean_z(self) -> np.ndarray:
+        """E[z_j] over samples (and positions): (in,), or (out, in) for a grouped Conv."""
+        return self._rows(self.sum_z / max(self.count_z, 1))
+
+    @property
+    def var_z(self) -> np.ndarray:
+        mean = self.sum_z / max(self.count_z, 1)
+        return self._rows(np.maximum(self.sum_z2 / max(self.count_z, 1) - mean**2, 0.0))
+
+
+def layer_patches(layer: Layer, z: np.ndarray) -> np.ndarray:
+    """What each weight of a shared-weight layer multiplies, (batch, groups, in, positions)."""
+    z = np.asarray(z)
+    if layer.conv is not None:
+        return im2col(z, layer.conv)
+    n = len(z)
+    return np.asarray(z, np.float64).reshape(n, -1, layer.in_features).transpose(0, 2, 1)[:, None]
+
+
+def sample_bytes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str = "cpu", shapes=tensor_shapes) -> int:
+    """Bytes of every float tensor the model computes for one sample (measured on the first sample of
+    ``feeds``); 0 when onnxruntime cannot return them all."""
+    types = tensor_types(model)
+    names = [out for node in model.graph.node for out in node.output if out and types.get(out) in FLOAT_TYPES]
+    try:
+        values = shapes(model, list(dict.fromkeys(names)), {k: v[:1] for k, v in feeds.items()}, provider)
+    except Exception:  # noqa: BLE001 - an estimate only; the element bound still applies
+        return 0
+    return 4 * sum(int(np.prod(shape)) if shape else 1 for shape in values.values())
+
+
+def batch_step(model, layers, data, repeats, batch_size, provider, memory_budget: int = MEMORY_BUDGET,
+               activation_bytes: int | None = None, shapes=tensor_shapes) -> int:
+    """Samples per batch: at most batch_size; few enough that the tiled batch's largest tensor (R
+    copies of a pre-activation or an input) stays under BATCH_ELEMENTS; and few enough that the
+    forward activations and R derivatives of every tensor, twice over for temporaries, fit
+    ``memory_budget`` bytes (at least one sample). ``activation_bytes``: ``sample_bytes`` when the
+    caller has measured it already."""
+    names = [layer.preact for layer in layers] + [layer.input for layer in layers]
+    largest = max([int(np.prod(s)) if s else 1 for s in shapes(model, names, data.subset(1).feeds, provider).values()] + [1])
+    if activation_bytes is None:
+        activation_bytes = sample_bytes(model, data.subset(1).feeds, provider)
+    per_sample = activation_bytes * (1 + 2 * repeats)
+    by_memory = memory_budget // per_sample if per_sample else batch_size
+    return max(1, min(batch_size, 16384 // repeats, BATCH_ELEMENTS // (repeats * largest), by_memory))
+
+
+def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,
+                       probes: int | None = None, batch_size: int = 256, seed: int = 0, provider: str = "cpu",
+                       threads: int | None = None, progress: Progress | None = None,
+                       shared: str = "exact", engine: str = "auto", memory_budget: int = MEMORY_BUDGET,
+                       info: dict | None = None) -> dict[str, LayerStatistics]:
+    """ECP statistics of every layer over ``data`` with exact (or ``probes`` random) output Jacobians
+    from gradient ``engine``; ``shared`` ("exact" or "positions") chooses how shared-weight layers are
+    summed (see ``conv``). Above EXACT_LIMIT output elements and without ``probes``, AUTO_PROBES
+    random probes replace the exact Jacobian. ``info`` receives what ran: the engine (an
+    EngineChoice), the probes (None: exact), whether they were chosen automatically, the batch."""
+    if shared not in STATISTICS:
+        raise InputError(f"shared-weight statistics must be one of {STATISTICS}, got {shared!r}")
+    one = data.subset(1).arrays()
+    shapes = SHAPES(model, layers, one, provider)
+    shape = shapes(model, [output], one, provider)[output]
+    width = int(np.prod(shape)) if shape else 1
+    automatic = probes is None and width > EXACT_LIMIT
+    activation_bytes = sample_bytes(model, one, provider, shapes)
+    if automatic:  # as many as one sample's activations and derivatives fit the budget, up to AUTO_PROBES
+        fit = (memory_budget // activation_bytes - 1) // 2 if activation_bytes else AUTO_PROBES
+        probes = int(max(1, min(AUTO_PROBES, fit)))
+    jac = output_jacobians(model, layers, output, width, probes=probes, seed=seed, provider=provider, threads=threads,
+                           engine=engine)
+    stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
+    step = batch_step(model, layers, data, jac.repeats, batch_size, provider, memory_budget, activation_bytes, shapes)
+    with blas_threads(threads):
+        _accumulate(jac, layers, data, shape, step, stats, shared, progress)
+    if all(not np.any(st.sum_g) for st in stats.values()):
+        raise InputError(f"the derivative of {output!r} is zero at every layer (a piecewise-constant op such as "
+                         "Round, Sign or ArgMax lies on the way?); protect a tensor before it with --output")
+    if info is not None:
+        info.update(engine=jac.choice, probes=probes, exact=probes is None, automatic_probes=automatic,
+                    outputs=width, batch=step)
+    return stats
+
+
+def _accumulate(jac, layers, data, shape, step, stats, shared, progress) -> None:
+    """Add every batch of ``data`` to ``stats``: G in the runtime's float type, products in ``add``."""
+    done = 0
+    for feeds, _ in data.batches(step):
+        squares, inputs = jac.squares(feeds, shape)
+        for layer in layers:
+            g = squares[layer.name]
+            if layer.shared:
+                stats[layer.name].add_shared(layer, g, inputs[layer.name], jac.scale, exact=shared == "exact")
+                continue
+            if not np.isfinite(g).all():  # beyond float32's range: square the rows in float64
+                rows = jac.rows(feeds, shape)[0][layer.name][..., 0].astype(np.float64)
+                g = np.einsum("sro,sro->so", rows, rows) * jac.scale
+            stats[layer.name].add(g, inputs[layer.name])
+        done += len(next(iter(feeds.values())))
+        if progress:
+            progress(done, len(data))
+
+
+def collect_loss_gradients(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,
+                           batch_size: int = 256, provider: str = "cpu", threads: int | None = None,
+                           progress: Progress | None = None, engine: str = "auto",
+                           memory_budget: int = MEMORY_BUDGET, info: dict | None = None) -> dict[str, np.ndarray]:
+    """E[dL/dW] in the (out, in) view, L = softmax cross-entropy of ``output`` against the labels."""
+    if data.labels is None:
+        raise InputError("loss gradients need labels in the data (array 'y' or 'labels')")
+    grads = loss_gradients(model, layers, output, provider=provider, threads=threads, engine=engine)
+    sums = {layer.name: np.zeros((layer.out_features, layer.in_features)) for layer in layers}
+    step = batch_step(model, layers, data, 1, batch_size, provider, memory_budget)
+    done = 0
+    with blas_threads(threads):
+        for feeds, labels in data.batches(step):
+            assert labels is not None  # checked above
+            g, z = grads(feeds, labels)
+            for layer in layers:
+                if layer.shared:
+                    sums[layer.name] += shared_loss_gradient(g[layer.name], layer_patches(layer, z[layer.name]))
+                else:
+                    sums[layer.name] += g[layer.name].T @ np.asarray(z[layer.name], np.float64).reshape(len(labels), -1)
+            done += len(labels)
+            if progress:
+                progress(done, len(data))
+    if info is not None and "engine" not in info:
+        info.update(engine=grads.choice, batch=step)
+    return {name: s / len(data) for name, s in sums.items()}

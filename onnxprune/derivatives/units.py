@@ -1,0 +1,175 @@
+"""Unit statistics, unit saliency with compensation, and the choice of the units to remove.
+
+ECP lifted to units (docs: structured-ecp.md). Unit j of a group feeds its consumers' pre-activations
+a = W z + b; feeding a constant c_j instead changes the protected output to first order by
+dy = sum_p J_p (c_j - z_jp) over the unit's positions p (one position for a neuron; a feature map's
+positions, or a Flatten's block of columns), J = dy/dz = sum_i W_ij dy/da_i from the consumers'
+pre-activation derivatives (``engines.output_jacobians``). Per sample s and probe r let
+
+    v_srj = sum_p J_srjp        u_srj = sum_p J_srjp z_sjp
+
+(summed over every consumer of the group). Then c_j = E[v.u]/E[v.v] (sums over probes), the unit's
+error is E[u.u] - E[v.u]^2/E[v.v] (for a neuron: E[G'_j (z_j - c_j)^2] with G'_j = sum_k (dy_k/dz_j)^2),
+and removing a set S together costs the joint first-order error E||sum_{j in S} (c_j v_j - u_j)||^2,
+a quadratic form 1' M_S 1 whose cross terms the ``ecp`` selection takes into account (greedily:
+each step removes the unit whose addition raises the joint error least). The Gram matrices of u
+and v over samples and probes are all it needs, streamed over the calibration data.
+
+Baselines in the same framework (scores per unit, no cross terms): ``ecp-unit`` (the per-unit error
+with c_j), ``flap`` (FLAP's fluctuation sum_cols ||W[:, col]||^2 Var(x_col), with the mean E[z_j] as
+the constant), ``wanda`` (onnxsim's structured Wanda: ||producer row j||_2 * ||z_j||_2, no constant)
+and ``l2`` (Li et al. / onnxsim: ||producer row j||_2, no constant).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxprune import runtime
+from onnxprune.derivatives.engines import output_jacobians
+from onnxprune.derivatives.statistics import layer_patches
+from onnxprune.find.layers import Layer, full_rows
+from onnxprune.find.unitgroups import Consumer, UnitGroup
+from onnxprune.graph.index import read_initializer
+from onnxprune.io.data import Dataset
+from onnxprune.prepare.shapes import output_shape
+
+CHUNK = 1 << 22  # float64 entries of one temporary (32 MB)
+
+
+@dataclass
+class UnitStatistics:
+    """Sums over n samples for one group: Gram matrices of v and u (over samples and probes), the
+    units' values (over samples and positions) and their consumers' input columns."""
+
+    n: int
+    vv: np.ndarray | None
+    vu: np.ndarray | None       # vu[j, l] = sum v_j u_l
+    uu: np.ndarray | None
+    sum_z: np.ndarray
+    sum_z2: np.ndarray
+    count_z: int
+    fluctuation: np.ndarray     # sum over consumer columns of ||W[:, col]||^2 * Var(x_col), per unit
+    column_norm2: np.ndarray    # sum over consumer columns of ||W[:, col]||^2, per unit
+
+    @property
+    def mean_z(self) -> np.ndarray:
+        return self.sum_z / max(self.count_z, 1)
+
+
+def _unit_values(layer: Layer, consumer: Consumer, units: int, z: np.ndarray) -> np.ndarray:
+    """The unit values a consumer reads, (samples, units, positions)."""
+    z = np.asarray(z, np.float64)
+    block, width, own = consumer.block, consumer.width or units, slice(consumer.offset, consumer.offset + units)
+    if layer.kind == "sequence":  # (samples, ..., units x block): positions and the block's features
+        return z.reshape(len(z), -1, width, block)[:, :, own].transpose(0, 2, 1, 3).reshape(len(z), units, -1)
+    if layer.kind == "conv":
+        return z.reshape(len(z), width, -1)[:, own]
+    return z.reshape(len(z), width, block)[:, own]
+
+
+def _uv(layer: Layer, weight: np.ndarray, g: np.ndarray, z: np.ndarray, units: int, consumer: Consumer, scale: float):
+    """u and v (samples, R, units) of one consumer from its pre-activation derivatives g (s, R, out, T)."""
+    s, r = g.shape[:2]
+    if not layer.shared:
+        d = np.einsum("sro,oi->sri", g[..., 0].astype(np.float64), weight)
+        x = np.asarray(z, np.float64).reshape(s, -1)
+        u, v = d * x[:, None, :], d
+    else:
+        patches = layer_patches(layer, z)
+        patches = patches.reshape(s, -1, patches.shape[-1])  # (s, in of every group, T)
+        per = max(1, CHUNK // max(1, r * weight.shape[1] * patches.shape[-1]))
+        u, v = np.empty((s, r, weight.shape[1])), np.empty((s, r, weight.shape[1]))
+        for start in range(0, s, per):
+            d = np.einsum("sroq,oi->sriq", g[start:start + per].astype(np.float64), weight)
+            u[start:start + per] = np.einsum("sriq,siq->sri", d, patches[start:start + per])
+            v[start:start + per] = d.sum(-1)
+    root = np.sqrt(scale)
+    width, own = consumer.width or units, slice(consumer.offset, consumer.offset + units)
+    return (root * u.reshape(s, r, width, consumer.block)[:, :, own].sum(-1),
+            root * v.reshape(s, r, width, consumer.block)[:, :, own].sum(-1))
+
+
+def _consumer_columns(layer: Layer, z: np.ndarray) -> np.ndarray:
+    """The values each consumer column multiplies, (samples x positions, in)."""
+    if not layer.shared:
+        return np.asarray(z, np.float64).reshape(len(z), -1)
+    p = layer_patches(layer, z)
+    p = p.reshape(len(p), -1, p.shape[-1])  # every group's columns side by side
+    return p.transpose(0, 2, 1).reshape(-1, p.shape[1])
+
+
+def unit_statistics(model: onnx.ModelProto, groups: list[UnitGroup], layers: dict[str, Layer], data: Dataset,
+                    output: str, *, jacobians: bool = True, probes: int | None = None, batch_size: int = 256,
+                    seed: int = 0, provider: str = "cpu", threads: int | None = None) -> dict[str, UnitStatistics]:
+    """Streamed statistics of every group over ``data`` (the Jacobian sums only when ``jacobians``)."""
+    consumers = list({c.layer: layers[c.layer] for g in groups for c in g.consumers}.values())
+    weights = {layer.name: full_rows(layer, layer.to_rows(read_initializer(model, layer.weight))) for layer in consumers}
+    sums = {}
+    for g in groups:
+        k = g.units
+        sums[g.name] = dict(vv=np.zeros((k, k)), vu=np.zeros((k, k)), uu=np.zeros((k, k)), sum_z=np.zeros(k),
+                            sum_z2=np.zeros(k), count=0, n=0,
+                            col={c.layer: np.zeros((3, weights[c.layer].shape[1])) for c in g.consumers})
+    if jacobians:
+        shape = output_shape(model, output, data.feeds, provider)
+        width = int(np.prod(shape)) if shape else 1
+        jac = output_jacobians(model, consumers, output, width, probes=probes, seed=seed, provider=provider,
+                              threads=threads)
+        step = max(1, min(batch_size, 8192 // jac.repeats))
+    else:
+        session = runtime.tensor_session(model, list(dict.fromkeys(layer.input for layer in consumers)), provider, threads)
+        step = batch_size
+    with runtime.blas_threads(threads):
+        for feeds, _ in data.batches(step):
+            if jacobians:
+                rows, inputs = jac.rows(feeds, shape)
+            else:
+                names = list(dict.fromkeys(layer.input for layer in consumers))
+                values = dict(zip(names, session.run(names, feeds)))
+                rows, inputs = None, {layer.name: values[layer.input] for layer in consumers}
+            for g in groups:
+                _add_batch(sums[g.name], g, layers, weights, rows, inputs, jac.scale if jacobians else 1.0)
+    return {g.name: _finish(sums[g.name], g, weights, jacobians) for g in groups}
+
+
+def _add_batch(acc: dict, group: UnitGroup, layers, weights, rows, inputs, scale: float) -> None:
+    first = group.consumers[0]
+    z = inputs[first.layer]
+    values = _unit_values(layers[first.layer], first, group.units, z)
+    acc["sum_z"] += values.sum((0, 2))
+    acc["sum_z2"] += (values * values).sum((0, 2))
+    acc["count"] += values.shape[0] * values.shape[2]
+    acc["n"] += len(z)
+    uv: tuple[np.ndarray, np.ndarray] | None = None  # the consumers' u and v summed
+    for consumer in group.consumers:
+        layer = layers[consumer.layer]
+        x = _consumer_columns(layer, inputs[consumer.layer])
+        acc["col"][consumer.layer] += [np.full(x.shape[1], len(x)), x.sum(0), (x * x).sum(0)]
+        if rows is not None:
+            cu, cv = _uv(layer, weights[layer.name], rows[layer.name], inputs[layer.name], group.units,
+                         consumer, scale)
+            uv = (cu, cv) if uv is None else (uv[0] + cu, uv[1] + cv)
+    if uv is not None:
+        u, v = uv
+        u2, v2 = u.reshape(-1, group.units), v.reshape(-1, group.units)
+        acc["vv"] += v2.T @ v2
+        acc["vu"] += v2.T @ u2
+        acc["uu"] += u2.T @ u2
+
+
+def _finish(acc: dict, group: UnitGroup, weights, jacobians: bool) -> UnitStatistics:
+    fluctuation, norm2 = np.zeros(group.units), np.zeros(group.units)
+    for consumer in group.consumers:
+        count, first, second = acc["col"][consumer.layer]
+        var = np.maximum(second / np.maximum(count, 1) - (first / np.maximum(count, 1)) ** 2, 0.0)
+        squares = (weights[consumer.layer] ** 2).sum(0)
+        width, own = consumer.width or group.units, slice(consumer.offset, consumer.offset + group.units)
+        fluctuation += (squares * var).reshape(width, consumer.block)[own].sum(1)
+        norm2 += squares.reshape(width, consumer.block)[own].sum(1)
+    n = acc["n"]
+    scaled = {k: acc[k] / n if jacobians else None for k in ("vv", "vu", "uu")}
+    return UnitStatistics(n=n, sum_z=acc["sum_z"], sum_z2=acc["sum_z2"], count_z=acc["count"],
+                          fluctuation=fluctuation, column_norm2=norm2, **scaled)

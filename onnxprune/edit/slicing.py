@@ -1,0 +1,235 @@
+"""The structured rewrite: fold each removed unit's constant into its consumers' biases, then slice.
+
+Removing unit j of a group and feeding the constant c_j in its place changes every consumer's
+pre-activation by W[:, cols_j] c_j (one constant per unit, spread over its block of columns: a
+Conv's kernel taps, a Flatten's positions), which is added to the consumer's bias (Gemm's beta, a
+BatchNormalization holding the bias and a missing bias handled as in ``rewrite.shift_bias``). A
+padded Conv sees zeros, not c_j, where its kernel overhangs the input: what the bias cannot hold
+(the difference at the border, zero inside) is an Add of a constant map after it (``border_node``),
+grown by later folds, sliced with the Conv's channels, dropped when the Conv is refit. Then
+every initializer of the group (``units.Cut``) keeps only the surviving entries, depthwise Convs'
+``group`` shrinks, and Reshape constants follow. Names, dtypes, opset, metadata and the graph's
+inputs and outputs are kept; stale intermediate shapes (value_info) are dropped.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxprune.edit.rewrite import shift_bias
+from onnxprune.find.geometry import im2col
+from onnxprune.find.layers import Layer, analyse_graph, full_rows
+from onnxprune.find.unitgroups import Cut, UnitGroup
+from onnxprune.find.units import find_units, selection_node
+from onnxprune.graph.index import read_initializer
+from onnxprune.prepare.shapes import tensor_shapes_static
+
+
+def fold_constants(model: onnx.ModelProto, groups: list[UnitGroup], removed: dict[str, np.ndarray],
+                   constants: dict[str, np.ndarray] | None) -> onnx.ModelProto:
+    """A copy of ``model`` whose consumer biases carry the constants of the removed units."""
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    if constants is None:
+        return new
+    for group in groups:
+        gone = removed.get(group.name, np.zeros(0, int))
+        if not len(gone) or group.name not in constants:
+            continue
+        for consumer in group.consumers:
+            layer = analyse_graph(new).by_name()[consumer.layer]  # fresh: a fold may have inserted a bias
+            stored = read_initializer(new, layer.weight)
+            rows = full_rows(layer, layer.to_rows(stored))
+            per_column = np.zeros(rows.shape[1])
+            cols = _columns(consumer.offset + gone, consumer.block)
+            per_column[cols] = np.repeat(constants[group.name][gone], consumer.block)
+            shift = rows @ per_column
+            shift_bias(new, layer, layer.bias_shift_to_stored(shift), stored.dtype)
+            if layer.op == "Conv":
+                channels = np.zeros(layer.geometry.in_channels)
+                channels[consumer.offset + gone] = constants[group.name][gone]
+                _fold_border(new, layer, layer.to_rows(stored), channels, shift)
+    return new
+
+
+def border_node(layer: Layer) -> str:
+    """Name of the Add that carries a padded Conv's border correction."""
+    return f"{layer.node}__onnxprune_border"
+
+
+def _fold_border(model: onnx.ModelProto, layer: Layer, rows: np.ndarray, channels: np.ndarray, shift: np.ndarray) -> None:
+    """Add to the border map of Conv ``layer`` what constant input ``channels`` gives minus ``shift``
+    (its value inside the map, which the bias took)."""
+    shape = tensor_shapes_static(model).get(layer.input)
+    if shape is None or any(d is None for d in shape[2:]):
+        raise ValueError(f"the spatial size of {layer.input!r} is unknown; a padded Conv's border cannot be folded")
+    constant = np.broadcast_to(channels.reshape(1, -1, *[1] * (len(shape) - 2)), (1, len(channels), *shape[2:]))
+    patches = im2col(constant, layer.geometry)
+    groups, per_out = patches.shape[1], layer.out_features // patches.shape[1]
+    full = np.concatenate([rows[g * per_out:(g + 1) * per_out] @ patches[0, g] for g in range(groups)])
+    border = full - shift[:, None]
+    if not np.any(np.abs(border) > 1e-7 * max(1.0, float(np.abs(full).max()))):
+        return  # no padding reached, or nothing to fold
+    out_shape = tensor_shapes_static(model).get(layer.preact)
+    if out_shape is None or any(d is None for d in out_shape[2:]):
+        raise ValueError(f"the spatial size of {layer.preact!r} is unknown; a padded Conv's border cannot be folded")
+    border = border.reshape(layer.out_features, *out_shape[2:])
+    graph, name = model.graph, border_node(layer)
+    node = next((n for n in graph.node if n.name == name), None)
+    if node is None:
+        if layer.preact in {o.name for o in graph.output}:
+            raise ValueError(f"padded Conv {layer.name!r} writes the graph output; its border cannot be folded")
+        out = f"{layer.preact}__onnxprune_bordered"
+        for n in graph.node:
+            n.input[:] = [out if i == layer.preact else i for i in n.input]
+        graph.initializer.append(numpy_helper.from_array(border.astype(np.float32), name))
+        position = next(i for i, n in enumerate(graph.node) if layer.preact in n.output)
+        graph.node.insert(position + 1, helper.make_node("Add", [layer.preact, name], [out], name=name))
+        return
+    init = next(t for t in graph.initializer if t.name == node.input[1])
+    init.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(init) + border).astype(np.float32), init.name))
+
+
+def drop_border(model: onnx.ModelProto, layer: Layer) -> None:
+    """Remove the border Add of Conv ``layer`` (a refit fits the layer as it is, without it)."""
+    graph = model.graph
+    node = next((n for n in graph.node if n.name == border_node(layer)), None)
+    if node is None:
+        return
+    for n in graph.node:
+        n.input[:] = [node.input[0] if i == node.output[0] else i for i in n.input]
+    graph.initializer.remove(next(t for t in graph.initializer if t.name == node.input[1]))
+    graph.node.remove(node)
+
+
+def _columns(units: np.ndarray, block: int) -> np.ndarray:
+    units = np.asarray(units, int)
+    return (units[:, None] * block + np.arange(block)[None, :]).ravel()
+
+
+def _take(value: np.ndarray, kept: np.ndarray, cut: Cut, units: int) -> np.ndarray:
+    """``value`` with only the ``kept`` units along the cut (per row block for a grouped Conv; the
+    other channels of a Concat all kept)."""
+    if cut.groups == 1:
+        width = cut.width or units
+        entries = np.concatenate([np.arange(cut.offset), cut.offset + np.asarray(kept, int),
+                                  np.arange(cut.offset + units, width)])
+        return np.take(value, _columns(entries, cut.block), axis=cut.axis)
+    lane, rows = units // cut.groups, value.shape[0] // cut.groups
+    parts = [np.take(value[g * rows:(g + 1) * rows], _columns(kept[(kept // lane) == g] - g * lane, cut.block), axis=cut.axis)
+             for g in range(cut.groups)]
+    return np.concatenate(parts, axis=0)
+
+
+def slice_units(model: onnx.ModelProto, keep: dict[str, np.ndarray], inputs: str | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` with only the ``keep`` units (sorted indices per group name) of each group;
+    ``inputs`` ("slice" or "gather") says how input features are selected the first time."""
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    groups = find_units(new, inputs=inputs).by_name()
+    inits = {t.name: t for t in new.graph.initializer}
+    nodes = {n.name: n for n in new.graph.node}
+    for name, kept in keep.items():
+        group = groups[name]
+        kept = np.asarray(kept, int)
+        if len(kept) == group.units:
+            continue
+        if any(c.width for c in group.cuts):  # a Concat: the offsets of the groups beside it move
+            group = find_units(new, inputs=inputs).by_name()[name]
+            inits = {t.name: t for t in new.graph.initializer}
+        for cut in group.cuts:
+            init = inits[cut.tensor]
+            value = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array(_take(value, kept, cut, group.units), cut.tensor))
+        if group.selection:
+            _select_inputs(new, group, kept)
+            inits = {t.name: t for t in new.graph.initializer}
+        for node_name in group.group_attributes:
+            for attr in nodes[node_name].attribute:
+                if attr.name == "group":
+                    attr.i = len(kept)
+        for tensor, index, per_unit in group.reshapes:
+            value = numpy_helper.to_array(inits[tensor]).copy()
+            value[index] -= (group.units - len(kept)) * per_unit
+            inits[tensor].CopyFrom(numpy_helper.from_array(value, tensor))
+    del new.graph.value_info[:]
+    return new
+
+
+def _select_inputs(model: onnx.ModelProto, group: UnitGroup, kept: np.ndarray) -> None:
+    """Keep input features ``kept`` (of those the group has now) by a Slice (contiguous) or a Gather
+    in front of the consumers, inserted the first time and narrowed afterwards."""
+    graph = model.graph
+    source = group.tensor if group.tensor in {i.name for i in graph.input} else None
+    node = next((n for n in graph.node if n.output and n.output[0] == group.tensor), None) if source is None else None
+    if source is not None:
+        x = source
+    elif node is not None:
+        x = node.input[0]
+    else:
+        raise ValueError(f"input group {group.name!r}: {group.tensor!r} is neither a graph input nor a selection's output")
+    name = selection_node(x)
+    inits = {t.name: t for t in graph.initializer}
+    if group.selection == "Slice":
+        if len(kept) != kept[-1] - kept[0] + 1:
+            raise ValueError("a Slice keeps a contiguous range of input features")
+        start = int(numpy_helper.to_array(inits[f"{name}__starts"])[0]) if node is not None else 0
+        values = {"starts": [start + int(kept[0])], "ends": [start + int(kept[-1]) + 1], "axes": [1]}
+    else:
+        old = numpy_helper.to_array(inits[f"{name}__indices"]) if node is not None else np.arange(group.units)
+        values = {"indices": old[kept]}
+    for key, value in values.items():
+        tensor = numpy_helper.from_array(np.asarray(value, np.int64), f"{name}__{key}")
+        if tensor.name in inits:
+            inits[tensor.name].CopyFrom(tensor)
+        else:
+            graph.initializer.append(tensor)
+    if node is None:
+        out = f"{x}__onnxprune_selected"
+        args = [x, f"{name}__starts", f"{name}__ends", f"{name}__axes"] if group.selection == "Slice" else [x, f"{name}__indices"]
+        selector = (helper.make_node("Slice", args, [out], name=name) if group.selection == "Slice"
+                    else helper.make_node("Gather", args, [out], name=name, axis=1))  # an input group selects by one of the two
+        graph.node.insert(0, selector)
+        for n in graph.node[1:]:
+            n.input[:] = [out if i == x and n.name in {c.layer for c in group.consumers} else i for i in n.input]
+
+
+def input_contract(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+    """--prune-inputs: the Gathers of input features removed, so the model takes only the kept
+    features (its input shape changes); returns it and the kept indices per input."""
+    new = onnx.ModelProto()
+    new.CopyFrom(model)
+    graph = new.graph
+    kept = {}
+    for vi in graph.input:
+        name = selection_node(vi.name)
+        node = next((n for n in graph.node if n.name == name and n.op_type == "Gather"), None)
+        if node is None:
+            continue
+        indices = next(t for t in graph.initializer if t.name == node.input[1])
+        kept[vi.name] = numpy_helper.to_array(indices).tolist()
+        graph.node.remove(node)
+        graph.initializer.remove(indices)
+        for n in graph.node:
+            n.input[:] = [vi.name if i == node.output[0] else i for i in n.input]
+        vi.type.tensor_type.shape.dim[1].Clear()
+        vi.type.tensor_type.shape.dim[1].dim_value = len(kept[vi.name])
+    if kept:
+        entry = new.metadata_props.add()
+        entry.key, entry.value = "onnxprune.kept_input_features", json.dumps(kept)
+    return new, kept
+
+
+def remove_units(model: onnx.ModelProto, removed: dict[str, np.ndarray],
+                 constants: dict[str, np.ndarray] | None = None, inputs: str | None = None) -> onnx.ModelProto:
+    """``model`` without the ``removed`` units (indices per group), their constants folded first;
+    ``inputs`` ("slice" or "gather") when input features are among them."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)  # find_units names unnamed nodes
+    groups = find_units(work, inputs=inputs).by_name()
+    folded = fold_constants(work, list(groups.values()), removed, constants)
+    keep = {name: np.setdiff1d(np.arange(groups[name].units), gone) for name, gone in removed.items() if len(gone)}
+    return slice_units(folded, keep, inputs)

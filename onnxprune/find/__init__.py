@@ -1,0 +1,1 @@
+"""What can be pruned: layers, how their weights are stored, the protected output, unit groups, and why not."""

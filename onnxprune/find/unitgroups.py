@@ -1,0 +1,98 @@
+"""The records of structured pruning: a group of units (its producers, consumers and cuts), or why
+not; how a unit axis of a layer's view maps to its stored initializer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnxprune.find.layers import Layer
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Slice initializer ``tensor`` along stored ``axis``: unit j owns entries [(offset + j)*block,
+    (offset + j + 1)*block) of the axis's ``width`` units (after a Concat; 0: the group's own count)."""
+
+    tensor: str
+    axis: int
+    block: int = 1
+    groups: int = 1  # a grouped Conv's weight: rows in ``groups`` blocks, each keeps its own units (local indices)
+    offset: int = 0
+    width: int = 0
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer reading the units (from ``tensor``): unit j is columns [(offset + j)*block, (offset + j + 1)*block)
+    of its (out, in) view."""
+
+    layer: str
+    block: int
+    tensor: str = ""
+    offset: int = 0   # after a Concat: the units are channels [offset, offset + units) of ``width``
+    width: int = 0
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    """Units removed together: rows of the ``producers`` (several when they add into one residual
+    stream), the columns of the ``consumers``, and every cut between."""
+
+    name: str
+    producers: tuple[str, ...]
+    units: int
+    tensor: str                                # the unit values as the consumers read them
+    consumers: tuple[Consumer, ...]
+    cuts: tuple[Cut, ...]
+    group_attributes: tuple[str, ...] = ()     # depthwise Conv nodes whose ``group`` equals the unit count
+    reshapes: tuple[tuple[str, int, int], ...] = ()  # (shape initializer, index, entries per unit)
+    path: tuple[str, ...] = ()                 # nodes walked between producer and consumers
+    selection: str | None = None               # input features: "Slice" (contiguous) or "Gather" (--prune-inputs)
+    lanes: int = 1                             # grouped Convs: units in this many equal blocks, each losing as many
+
+    @property
+    def producer(self) -> str | None:
+        return self.producers[0] if self.producers else None
+
+    def to_dict(self) -> dict:
+        return {"group": self.name, "producers": list(self.producers), "units": self.units, "tensor": self.tensor,
+                "consumers": [c.layer for c in self.consumers], "path": list(self.path)}
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A layer whose output units cannot be removed, and why."""
+
+    layer: str
+    op: str
+    reason: str
+
+
+@dataclass
+class Units:
+    groups: list[UnitGroup]
+    rejected: list[Rejected]
+
+    def by_name(self) -> dict[str, UnitGroup]:
+        return {g.name: g for g in self.groups}
+
+
+def stored_axis(layer: Layer, view_axis: int) -> int:
+    """The stored initializer's axis that the node's view axis ``view_axis`` comes from."""
+    axis = view_axis
+    for step in reversed(layer.weight_path):
+        if step.op == "Transpose":
+            assert step.perm is not None  # node_weight gives every Transpose of a weight path its perm
+            axis = step.perm[axis]
+    return axis
+
+
+def out_axis(layer: Layer) -> int:
+    return 0 if layer.op == "Conv" or (layer.op == "Gemm" and not layer.transposed) else 1
+
+
+def in_axis(layer: Layer) -> int:
+    return 1 - out_axis(layer) if layer.op != "Conv" else 1
+
+
+class Stop(Exception):
+    """The units cannot pass a node; the message says why."""

@@ -1,0 +1,1 @@
+"""The analysis copy the later steps read (reversible passes), and the shapes of its tensors."""

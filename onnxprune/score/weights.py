@@ -1,0 +1,238 @@
+"""One small scorer per pruning method; each turns what it needs into per-weight scores.
+
+A scorer returns, for every layer, ``scores`` (out, in) where low means "prune first" and, when the
+method compensates, ``shifts`` (out, in): the pre-activation shift Delta a_i that removing W_ij
+calls for. Adding a method means adding one class and registering its name in ``METHODS``.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxprune import runtime
+from onnxprune.derivatives.statistics import MEMORY_BUDGET, LayerStatistics, collect_loss_gradients, collect_statistics
+from onnxprune.errors import InputError
+from onnxprune.find.layers import Layer
+from onnxprune.io.data import Dataset
+from onnxprune.prepare.shapes import output_shape
+
+
+@dataclass
+class Saliency:
+    scores: np.ndarray
+    shifts: np.ndarray | None = None
+
+
+@dataclass
+class ScoringContext:
+    """What scorers may ask for; expensive statistics are computed once, on first request."""
+
+    model: onnx.ModelProto
+    layers: list[Layer]
+    weights: dict[str, np.ndarray]          # effective (out, in) float64 weights by layer name
+    data: Dataset
+    output: str
+    seed: int = 0
+    probes: int | None = None
+    conv_statistics: str = "exact"          # shared-weight layers: "exact" or "positions" (see onnxprune.derivatives.shared)
+    batch_size: int = 256
+    provider: str = "cpu"
+    threads: int | None = None
+    force: bool = False
+    progress: Callable[[str, int, int], None] | None = None
+    engine: str = "auto"                    # the gradient engine to try first (onnxprune.derivatives.engines)
+    memory_budget: int = MEMORY_BUDGET      # bytes one batch of derivatives may hold
+    timings: dict[str, float] = field(default_factory=dict)
+    derivatives: dict = field(default_factory=dict)  # what computed them: engine, probes, exact, batch
+    _statistics: dict[str, LayerStatistics] | None = None
+    _loss_gradients: dict[str, np.ndarray] | None = None
+
+    def _report(self, step: str):
+        return (lambda done, total: self.progress(step, done, total)) if self.progress else None
+
+    def statistics(self) -> dict[str, LayerStatistics]:
+        if self._statistics is None:
+            start = time.perf_counter()
+            self._statistics = collect_statistics(
+                self.model, self.layers, self.data, self.output, probes=self.probes, batch_size=self.batch_size,
+                seed=self.seed, provider=self.provider, threads=self.threads, progress=self._report("statistics"),
+                shared=self.conv_statistics, engine=self.engine, memory_budget=self.memory_budget,
+                info=self.derivatives)
+            self.timings["statistics"] = time.perf_counter() - start
+        return self._statistics
+
+    def loss_gradients(self) -> dict[str, np.ndarray]:
+        if self._loss_gradients is None:
+            if self.data.labels is None:
+                raise InputError("this method needs labels in the calibration data (array 'y' or 'labels')")
+            classes = int(np.prod(output_shape(self.model, self.output, self.data.subset(1).arrays(), self.provider)))
+            if self.data.labels.max() >= classes:  # onnxruntime's loss kernel would read out of bounds
+                raise InputError(f"labels go up to {self.data.labels.max()} but output {self.output!r} has "
+                                 f"{classes} classes")
+            start = time.perf_counter()
+            self._loss_gradients = collect_loss_gradients(
+                self.model, self.layers, self.data, self.output, batch_size=self.batch_size,
+                provider=self.provider, threads=self.threads, progress=self._report("loss gradients"),
+                engine=self.engine, memory_budget=self.memory_budget, info=self.derivatives)
+            self.timings["loss gradients"] = time.perf_counter() - start
+        return self._loss_gradients
+
+
+class ECP:
+    """Elimination-compensation: I_ij = W_ij^2 (A_ij - B_ij^2 / C_i), Delta b_ij = W_ij B_ij / C_i.
+
+    The output error left after removing W_ij and optimally shifting b_i, to first order in the
+    output (never the loss); rows with C_i = 0 do not reach the output and score 0.
+    """
+
+    name = "ecp"
+
+    def __call__(self, ctx: ScoringContext) -> dict[str, Saliency]:
+        out = {}
+        for layer in ctx.layers:
+            s, w = ctx.statistics()[layer.name], ctx.weights[layer.name]
+            c = s.C[:, None]
+            live = c > 0
+            safe_c = np.where(live, c, 1.0)
+            ratio = np.where(live, s.B / safe_c, 0.0)
+            residual = np.maximum(s.A - s.B * ratio, 0.0)
+            out[layer.name] = Saliency(w * w * np.where(live, residual, 0.0), w * ratio)
+        return out
+
+
+class Variance:
+    """Mean compensation (FLAP / bias correction): I = W^2 Var(z_j), Delta b = W_ij E[z_j]: ECP with G = 1."""
+
+    name = "variance"
+
+    def __call__(self, ctx: ScoringContext) -> dict[str, Saliency]:
+        out = {}
+        for layer in ctx.layers:
+            s, w = ctx.statistics()[layer.name], ctx.weights[layer.name]
+            out[layer.name] = Saliency(w * w * np.broadcast_to(s.var_z, w.shape), w * np.broadcast_to(s.mean_z, w.shape))
+        return out
+
+
+class Magnitude:
+    """|W_ij| (of the effective weight, alpha included)."""
+
+    name = "magnitude"
+
+    def __call__(self, ctx: ScoringContext) -> dict[str, Saliency]:
+        return {layer.name: Saliency(np.abs(ctx.weights[layer.name])) for layer in ctx.layers}
+
+
+class Random:
+    """Uniform random scores from the seeded generator."""
+
+    name = "random"
+
+    def __call__(self, ctx: ScoringContext) -> dict[str, Saliency]:
+        rng = np.random.default_rng(ctx.seed)
+        return {layer.name: Saliency(rng.random((layer.out_features, layer.in_features))) for layer in ctx.layers}
+
+
+class GradMag:
+    """|W_ij dL/dW_ij| with L the mean cross-entropy on the calibration labels."""
+
+    name = "gradmag"
+
+    def __call__(self, ctx: ScoringContext) -> dict[str, Saliency]:
+        grads = ctx.loss_gradients()
+        return {layer.name: Saliency(np.abs(ctx.weights[layer.name] * grads[layer.name])) for layer in ctx.layers}
+
+
+class Nonlinear:
+    """Brute force: remove each weight, compensate with W_ij E[z_j], measure E||Delta y||^2 exactly.
+
+    Removing W_ij shifts a_i by -W_ij (z_j - E[z_j]); we push that through the rest of the network
+    (the graph from a_i to the output) for every weight and sample: |W| x n forward passes of the
+    tail. Uses the first ``max_samples`` calibration samples; refuses models above ``max_weights``
+    weights unless forced.
+    """
+
+    name = "nonlinear"
+    max_weights = 250_000
+    max_samples = 512
+
+    def __call__(self, ctx: ScoringContext) -> dict[str, Saliency]:
+        total = sum(layer.size for layer in ctx.layers)
+        shared = [layer.name for layer in ctx.layers if layer.shared]
+        if shared:
+            raise InputError(f"method nonlinear supports 2-D Gemm/MatMul layers only; {shared[0]} shares its "
+                             "weight across positions (Conv or MatMul on sequences)")
+        if total > self.max_weights and not ctx.force:
+            raise InputError(f"method nonlinear needs |W| x n forward passes; {total} weights exceed its limit of "
+                             f"{self.max_weights} (pass --force to run it anyway)")
+        start = time.perf_counter()
+        data = ctx.data.subset(self.max_samples)
+        names = [layer.preact for layer in ctx.layers] + [ctx.output]
+        inputs = {layer.name: layer.input for layer in ctx.layers}
+        wanted = [n for n in dict.fromkeys(list(inputs.values()) + names) if n not in data.feeds]
+        feeds = data.arrays()  # brute force: every sample at once
+        values = dict(zip(wanted, runtime.run_tensors(ctx.model, feeds, wanted, ctx.provider)))
+        values.update(feeds)
+        base = values[ctx.output].reshape(len(data), -1).astype(np.float64)
+        out = {}
+        done, report = 0, ctx._report("brute force")
+        for layer in ctx.layers:
+            w = ctx.weights[layer.name]
+            z = values[layer.input].reshape(len(data), -1).astype(np.float64)
+            mean = z.mean(0)
+            tail = _Tail(ctx.model, layer.preact, ctx.output, data.feeds, ctx.provider, ctx.threads)
+            pre = values[layer.preact]
+            err = np.empty_like(w)
+            chunk = max(1, 65536 // len(data))
+            for i in range(layer.out_features):
+                for j0 in range(0, layer.in_features, chunk):
+                    j = np.arange(j0, min(j0 + chunk, layer.in_features))
+                    delta = -w[i, j][:, None] * (z[:, j].T - mean[j][:, None])  # (chunk, n)
+                    moved = np.repeat(pre[None], len(j), axis=0)               # (chunk, n, out)
+                    moved[:, :, i] += delta.astype(pre.dtype)
+                    y = tail(moved.reshape((-1,) + pre.shape[1:]), len(j)).reshape(len(j), len(data), -1)
+                    err[i, j] = ((y - base[None]) ** 2).sum(2).mean(1)
+                done += layer.in_features
+                if report:
+                    report(done, total)
+            out[layer.name] = Saliency(err, w * mean[None, :])
+        ctx.timings["brute force"] = time.perf_counter() - start
+        return out
+
+
+class _Tail:
+    """The graph from one pre-activation to the protected output, run on modified pre-activations.
+
+    Other inputs the tail needs (skip connections from the graph inputs) are tiled alongside.
+    """
+
+    def __init__(self, model, preact, output, feeds, provider, threads):
+        self.preact, self.output, self.session, self.others = preact, output, None, {}
+        if preact == output:  # the protected output itself: the tail is the identity
+            return
+        inferred = onnx.shape_inference.infer_shapes(runtime.runtime_copy(model))
+        extracted = onnx.utils.Extractor(inferred).extract_model([preact, *feeds], [output])
+        self.session = runtime.make_session(extracted, provider, threads)
+        needed = {i.name for i in self.session.get_inputs()}
+        self.others = {k: v for k, v in feeds.items() if k in needed and k != preact}
+
+    def __call__(self, moved: np.ndarray, repeats: int) -> np.ndarray:
+        if self.session is None:
+            return moved.astype(np.float64)
+        feeds = {self.preact: moved}
+        feeds.update({k: np.tile(v, (repeats,) + (1,) * (v.ndim - 1)) for k, v in self.others.items()})
+        return self.session.run([self.output], feeds)[0].astype(np.float64)
+
+
+METHODS: dict[str, type] = {cls.name: cls for cls in (ECP, Magnitude, Random, GradMag, Variance, Nonlinear)}
+
+
+def make_scorer(method: str):
+    try:
+        return METHODS[method]()
+    except KeyError:
+        names = ", ".join(METHODS)
+        raise InputError(f"unknown method {method!r}; choose one of {names}") from None
