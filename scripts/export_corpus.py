@@ -51,7 +51,7 @@ def spec(name, shape, dtype="float32", **how):
 # ----------------------------------------------------------------------------------------------------- data
 def mnist(split: str, n: int, directory: Path):
     """The first n images of a split as float32 in [0, 1], (n, 28, 28), with int64 labels."""
-    path = ROOT / "onnxprune" / "mnist.py"       # numpy-only reader; imported by path (no onnxprune install here)
+    path = ROOT / "scripts" / "studies" / "mnist.py"       # numpy-only reader; imported by path (no onnxprune install here)
     loader = importlib.util.spec_from_file_location("mnist_reader", path)
     module = importlib.util.module_from_spec(loader)
     loader.loader.exec_module(module)
