@@ -10,7 +10,7 @@ import onnx
 
 from onnxprune import runtime
 from onnxprune.check.validate import check_finite_weights, check_runs, few_samples, per_sample, validate
-from onnxprune.derivatives.statistics import MEMORY_BUDGET
+from onnxprune.derivatives.plan import MEMORY_BUDGET
 from onnxprune.edit.rewrite import LayerChange, rewrite
 from onnxprune.errors import InputError
 from onnxprune.find.inspection import inspect  # noqa: F401 - part of the API (onnxprune.inspect, the CLI)

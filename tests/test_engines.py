@@ -281,7 +281,7 @@ def test_the_command_refuses_to_start_on_a_clobbered_runtime(monkeypatch, tmp_pa
 
 
 def test_many_outputs_switch_to_random_probes_and_say_so():
-    from onnxprune.derivatives.statistics import AUTO_PROBES, EXACT_LIMIT
+    from onnxprune.derivatives.plan import AUTO_PROBES, EXACT_LIMIT
 
     from studies.zoo import build_mlp
 
@@ -334,7 +334,7 @@ def test_a_front_end_no_offset_reaches_runs_apart():
 def test_automatic_probes_shrink_when_one_sample_would_not_fit_the_budget():
     """Fewer random probes (down to 1) when one sample's activations and derivatives exceed the
     budget; still random probes, still reported."""
-    from onnxprune.derivatives.statistics import AUTO_PROBES, EXACT_LIMIT, sample_bytes
+    from onnxprune.derivatives.plan import AUTO_PROBES, EXACT_LIMIT, sample_bytes
 
     from studies.zoo import build_mlp
 

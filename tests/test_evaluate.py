@@ -3,7 +3,7 @@ import importlib
 
 import numpy as np
 
-from onnxprune.derivatives.statistics import sample_bytes
+from onnxprune.derivatives.plan import sample_bytes
 from onnxprune.io.data import as_dataset
 
 from tinynets import data, mlp

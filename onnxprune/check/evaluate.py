@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from onnxprune import runtime
-from onnxprune.derivatives.statistics import MEMORY_BUDGET, sample_bytes
+from onnxprune.derivatives.plan import MEMORY_BUDGET, sample_bytes
 from onnxprune.errors import CheckFailed, InputError
 from onnxprune.find.outputs import output_kind, scored_output
 from onnxprune.io.data import Dataset

@@ -19,7 +19,7 @@ from onnxprune.cli.options import (
 from onnxprune.cli.structured import STRUCTURED_ONLY, refuse_outside, run_structured, structured_options
 from onnxprune.cli.tables import evaluation_table, prune_table, sensitivity_table, skipped_table, storage_table, unpruned_table
 from onnxprune.cli.ui import command_errors, common, finish, json_option, make_ui, print_json, stage_json
-from onnxprune.derivatives.statistics import EXACT_LIMIT
+from onnxprune.derivatives.plan import EXACT_LIMIT
 from onnxprune.errors import CheckFailed, InputError
 from onnxprune.io.data import load_dataset
 from onnxprune.io.models import stage_model

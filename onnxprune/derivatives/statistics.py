@@ -10,36 +10,19 @@ moments are over samples and positions (the im2col patch values).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from onnxprune.derivatives.engines import loss_gradients, output_jacobians
+from onnxprune.derivatives.engines import loss_gradients
+from onnxprune.derivatives.plan import MEMORY_BUDGET, DerivativePlan, DerivativeSettings, Progress, batch_step, plan
 from onnxprune.derivatives.shared import CHUNK_ELEMENTS, STATISTICS, accumulate_shared, shared_loss_gradient
 from onnxprune.errors import InputError
 from onnxprune.find.geometry import im2col
 from onnxprune.find.layers import Layer
-from onnxprune.graph.index import FLOAT_TYPES, tensor_types
 from onnxprune.io.data import Dataset
-from onnxprune.prepare.shapes import SHAPES, tensor_shapes
 from onnxprune.runtime import blas_threads, one_blas_thread
-
-Progress = Callable[[int, int], None]  # (samples done, samples total)
-
-
-BATCH_ELEMENTS = 1 << 24  # bound on the elements of one tiled batch's largest tensor
-
-
-MEMORY_BUDGET = 3 << 29   # 1.5 GiB of activations and derivatives per batch: a 224x224 CNN stays under 2 GB
-
-
-EXACT_LIMIT = 100         # above this many output elements, exact Jacobians give way to random probes
-
-
-AUTO_PROBES = 32          # ... at most this many, fewer when one sample's would not fit the memory budget
-                          # (unbiased for G at any number; see docs/benchmarks.md for the accuracy)
 
 
 @dataclass
@@ -155,74 +138,32 @@ def layer_patches(layer: Layer, z: np.ndarray) -> np.ndarray:
     return np.asarray(z, np.float64).reshape(n, -1, layer.in_features).transpose(0, 2, 1)[:, None]
 
 
-def sample_bytes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str = "cpu", shapes=tensor_shapes) -> int:
-    """Bytes of every float tensor the model computes for one sample (measured on the first sample of
-    ``feeds``); 0 when onnxruntime cannot return them all."""
-    types = tensor_types(model)
-    names = [out for node in model.graph.node for out in node.output if out and types.get(out) in FLOAT_TYPES]
-    try:
-        values = shapes(model, list(dict.fromkeys(names)), {k: v[:1] for k, v in feeds.items()}, provider)
-    except Exception:  # noqa: BLE001 - an estimate only; the element bound still applies
-        return 0
-    return 4 * sum(int(np.prod(shape)) if shape else 1 for shape in values.values())
-
-
-def batch_step(model, layers, data, repeats, batch_size, provider, memory_budget: int = MEMORY_BUDGET,
-               activation_bytes: int | None = None, shapes=tensor_shapes) -> int:
-    """Samples per batch: at most batch_size; few enough that the tiled batch's largest tensor (R
-    copies of a pre-activation or an input) stays under BATCH_ELEMENTS; and few enough that the
-    forward activations and R derivatives of every tensor, twice over for temporaries, fit
-    ``memory_budget`` bytes (at least one sample). ``activation_bytes``: ``sample_bytes`` when the
-    caller has measured it already."""
-    names = [layer.preact for layer in layers] + [layer.input for layer in layers]
-    largest = max([int(np.prod(s)) if s else 1 for s in shapes(model, names, data.subset(1).feeds, provider).values()] + [1])
-    if activation_bytes is None:
-        activation_bytes = sample_bytes(model, data.subset(1).feeds, provider)
-    per_sample = activation_bytes * (1 + 2 * repeats)
-    by_memory = memory_budget // per_sample if per_sample else batch_size
-    return max(1, min(batch_size, 16384 // repeats, BATCH_ELEMENTS // (repeats * largest), by_memory))
-
-
 def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,
-                       probes: int | None = None, batch_size: int = 256, seed: int = 0, provider: str = "cpu",
-                       threads: int | None = None, progress: Progress | None = None,
-                       shared: str = "exact", engine: str = "auto", memory_budget: int = MEMORY_BUDGET,
-                       info: dict | None = None) -> dict[str, LayerStatistics]:
-    """ECP statistics of every layer over ``data`` with exact (or ``probes`` random) output Jacobians
-    from gradient ``engine``; ``shared`` ("exact" or "positions") chooses how shared-weight layers are
-    summed (see ``conv``). Above EXACT_LIMIT output elements and without ``probes``, AUTO_PROBES
-    random probes replace the exact Jacobian. ``info`` receives what ran: the engine (an
-    EngineChoice), the probes (None: exact), whether they were chosen automatically, the batch."""
+                       shared: str = "exact", progress: Progress | None = None, info: dict | None = None,
+                       **settings) -> dict[str, LayerStatistics]:
+    """ECP statistics of every layer over ``data`` from the output derivatives ``plan`` chooses
+    (``settings``: a DerivativeSettings' fields: probes, seed, engine, memory_budget, batch_size,
+    provider, threads); ``shared`` ("exact" or "positions") chooses how shared-weight layers are
+    summed (see ``shared``). ``info`` receives what ran (``DerivativePlan.info``)."""
     if shared not in STATISTICS:
         raise InputError(f"shared-weight statistics must be one of {STATISTICS}, got {shared!r}")
-    one = data.subset(1).arrays()
-    shapes = SHAPES(model, layers, one, provider)
-    shape = shapes(model, [output], one, provider)[output]
-    width = int(np.prod(shape)) if shape else 1
-    automatic = probes is None and width > EXACT_LIMIT
-    activation_bytes = sample_bytes(model, one, provider, shapes)
-    if automatic:  # as many as one sample's activations and derivatives fit the budget, up to AUTO_PROBES
-        fit = (memory_budget // activation_bytes - 1) // 2 if activation_bytes else AUTO_PROBES
-        probes = int(max(1, min(AUTO_PROBES, fit)))
-    jac = output_jacobians(model, layers, output, width, probes=probes, seed=seed, provider=provider, threads=threads,
-                           engine=engine)
+    chosen = DerivativeSettings(**settings)
+    derivatives = plan(model, layers, data, output, chosen)
     stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
-    step = batch_step(model, layers, data, jac.repeats, batch_size, provider, memory_budget, activation_bytes, shapes)
-    with blas_threads(threads):
-        _accumulate(jac, layers, data, shape, step, stats, shared, progress)
+    with blas_threads(chosen.threads):
+        _accumulate(derivatives, layers, data, stats, shared, progress)
     if all(not np.any(st.sum_g) for st in stats.values()):
         raise InputError(f"the derivative of {output!r} is zero at every layer (a piecewise-constant op such as "
                          "Round, Sign or ArgMax lies on the way?); protect a tensor before it with --output")
     if info is not None:
-        info.update(engine=jac.choice, probes=probes, exact=probes is None, automatic_probes=automatic,
-                    outputs=width, batch=step)
+        info.update(derivatives.info())
     return stats
 
 
-def _accumulate(jac, layers, data, shape, step, stats, shared, progress) -> None:
+def _accumulate(derivatives: DerivativePlan, layers, data, stats, shared, progress) -> None:
     """Add every batch of ``data`` to ``stats``: G in the runtime's float type, products in ``add``."""
-    done = 0
-    for feeds, _ in data.batches(step):
+    jac, shape = derivatives.jac, derivatives.shape
+    for feeds in derivatives.batches(data, progress):
         squares, inputs = jac.squares(feeds, shape)
         for layer in layers:
             g = squares[layer.name]
@@ -233,9 +174,6 @@ def _accumulate(jac, layers, data, shape, step, stats, shared, progress) -> None
                 rows = jac.rows(feeds, shape)[0][layer.name][..., 0].astype(np.float64)
                 g = np.einsum("sro,sro->so", rows, rows) * jac.scale
             stats[layer.name].add(g, inputs[layer.name])
-        done += len(next(iter(feeds.values())))
-        if progress:
-            progress(done, len(data))
 
 
 def collect_loss_gradients(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,

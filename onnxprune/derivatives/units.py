@@ -28,13 +28,12 @@ import numpy as np
 import onnx
 
 from onnxprune import runtime
-from onnxprune.derivatives.engines import output_jacobians
+from onnxprune.derivatives.plan import DerivativeSettings, Progress, plan
 from onnxprune.derivatives.statistics import layer_patches
 from onnxprune.find.layers import Layer, full_rows
 from onnxprune.find.unitgroups import Consumer, UnitGroup
 from onnxprune.graph.index import read_initializer
 from onnxprune.io.data import Dataset
-from onnxprune.prepare.shapes import output_shape
 
 CHUNK = 1 << 22  # float64 entries of one temporary (32 MB)
 
@@ -102,9 +101,12 @@ def _consumer_columns(layer: Layer, z: np.ndarray) -> np.ndarray:
 
 
 def unit_statistics(model: onnx.ModelProto, groups: list[UnitGroup], layers: dict[str, Layer], data: Dataset,
-                    output: str, *, jacobians: bool = True, probes: int | None = None, batch_size: int = 256,
-                    seed: int = 0, provider: str = "cpu", threads: int | None = None) -> dict[str, UnitStatistics]:
-    """Streamed statistics of every group over ``data`` (the Jacobian sums only when ``jacobians``)."""
+                    output: str, *, jacobians: bool = True, progress: Progress | None = None, info: dict | None = None,
+                    **settings) -> dict[str, UnitStatistics]:
+    """Streamed statistics of every group over ``data``: the Jacobian sums (only when ``jacobians``)
+    from the output derivatives ``plan`` chooses (``settings``: a DerivativeSettings' fields), as
+    the layer statistics do; ``info`` receives what ran."""
+    chosen = DerivativeSettings(**settings)
     consumers = list({c.layer: layers[c.layer] for g in groups for c in g.consumers}.values())
     weights = {layer.name: full_rows(layer, layer.to_rows(read_initializer(model, layer.weight))) for layer in consumers}
     sums = {}
@@ -113,25 +115,26 @@ def unit_statistics(model: onnx.ModelProto, groups: list[UnitGroup], layers: dic
         sums[g.name] = dict(vv=np.zeros((k, k)), vu=np.zeros((k, k)), uu=np.zeros((k, k)), sum_z=np.zeros(k),
                             sum_z2=np.zeros(k), count=0, n=0,
                             col={c.layer: np.zeros((3, weights[c.layer].shape[1])) for c in g.consumers})
-    if jacobians:
-        shape = output_shape(model, output, data.feeds, provider)
-        width = int(np.prod(shape)) if shape else 1
-        jac = output_jacobians(model, consumers, output, width, probes=probes, seed=seed, provider=provider,
-                              threads=threads)
-        step = max(1, min(batch_size, 8192 // jac.repeats))
-    else:
-        session = runtime.tensor_session(model, list(dict.fromkeys(layer.input for layer in consumers)), provider, threads)
-        step = batch_size
-    with runtime.blas_threads(threads):
-        for feeds, _ in data.batches(step):
-            if jacobians:
-                rows, inputs = jac.rows(feeds, shape)
-            else:
-                names = list(dict.fromkeys(layer.input for layer in consumers))
+    names = list(dict.fromkeys(layer.input for layer in consumers))
+    with runtime.blas_threads(chosen.threads):
+        if jacobians:
+            derivatives = plan(model, consumers, data, output, chosen)
+            for feeds in derivatives.batches(data, progress):
+                rows, inputs = derivatives.jac.rows(feeds, derivatives.shape)
+                for g in groups:
+                    _add_batch(sums[g.name], g, layers, weights, rows, inputs, derivatives.jac.scale)
+            if info is not None:
+                info.update(derivatives.info())
+        else:
+            session = runtime.tensor_session(model, names, chosen.provider, chosen.threads)
+            done = 0
+            for feeds, _ in data.batches(chosen.batch_size):
                 values = dict(zip(names, session.run(names, feeds)))
-                rows, inputs = None, {layer.name: values[layer.input] for layer in consumers}
-            for g in groups:
-                _add_batch(sums[g.name], g, layers, weights, rows, inputs, jac.scale if jacobians else 1.0)
+                for g in groups:
+                    _add_batch(sums[g.name], g, layers, weights, None, {c.name: values[c.input] for c in consumers}, 1.0)
+                done += len(next(iter(feeds.values())))
+                if progress:
+                    progress(done, len(data))
     return {g.name: _finish(sums[g.name], g, weights, jacobians) for g in groups}
 
 

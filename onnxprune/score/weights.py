@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 
 from onnxprune import runtime
-from onnxprune.derivatives.statistics import MEMORY_BUDGET, LayerStatistics, collect_loss_gradients, collect_statistics
+from onnxprune.derivatives.plan import MEMORY_BUDGET
+from onnxprune.derivatives.statistics import LayerStatistics, collect_loss_gradients, collect_statistics
 from onnxprune.errors import InputError
 from onnxprune.find.layers import Layer
 from onnxprune.io.data import Dataset

@@ -1,0 +1,121 @@
+"""One rule for computing output derivatives over the calibration data, for layer and unit sums alike.
+
+The protected output's per-sample Jacobian at the layers' pre-activations comes from a gradient
+engine (``engines``): exact (one seed per output element) up to EXACT_LIMIT elements, else random
+probes, as many as one sample's activations and derivatives fit the memory budget, up to AUTO_PROBES
+(unbiased at any number). A batch holds as many samples as the tiled derivatives and the memory
+budget allow. ``plan`` makes these choices once per model version; ``DerivativePlan.info`` says what
+was chosen (it goes into every report).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxprune.derivatives.engines import output_jacobians
+from onnxprune.find.layers import Layer
+from onnxprune.graph.index import FLOAT_TYPES, tensor_types
+from onnxprune.io.data import Dataset
+from onnxprune.prepare.shapes import SHAPES, tensor_shapes
+
+Progress = Callable[[int, int], None]  # (samples done, samples total)
+BATCH_ELEMENTS = 1 << 24  # bound on the elements of one tiled batch's largest tensor
+MEMORY_BUDGET = 3 << 29   # 1.5 GiB of activations and derivatives per batch: a 224x224 CNN stays under 2 GB
+EXACT_LIMIT = 100         # above this many output elements, exact Jacobians give way to random probes
+AUTO_PROBES = 32          # ... at most this many, fewer when one sample's would not fit the memory budget
+
+
+@dataclass(frozen=True)
+class DerivativeSettings:
+    """What the user chose about derivatives: ``probes`` (None: exact up to EXACT_LIMIT outputs, then
+    automatic), the engine, the memory budget per batch, the largest batch, provider and threads."""
+
+    probes: int | None = None
+    seed: int = 0
+    engine: str = "auto"
+    memory_budget: int = MEMORY_BUDGET
+    batch_size: int = 256
+    provider: str = "cpu"
+    threads: int | None = None
+
+
+@dataclass
+class DerivativePlan:
+    """The engine's derivative object for one model version and layers, the output's per-sample
+    shape, and the samples per batch."""
+
+    jac: Any
+    shape: tuple[int, ...]
+    step: int
+    probes: int | None
+    automatic: bool
+
+    @property
+    def width(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    def info(self) -> dict:
+        """What ran: the engine (an EngineChoice), the probes (None: exact), whether chosen automatically,
+        the output's elements, the batch."""
+        return {"engine": self.jac.choice, "probes": self.probes, "exact": self.probes is None,
+                "automatic_probes": self.automatic, "outputs": self.width, "batch": self.step}
+
+    def batches(self, data: Dataset, progress: Progress | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """The calibration feeds in batches of ``step`` samples, reporting progress after each."""
+        done = 0
+        for feeds, _ in data.batches(self.step):
+            yield feeds
+            done += len(next(iter(feeds.values())))
+            if progress:
+                progress(done, len(data))
+
+
+def sample_bytes(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str = "cpu", shapes=tensor_shapes) -> int:
+    """Bytes of every float tensor the model computes for one sample (measured on the first sample of
+    ``feeds``); 0 when onnxruntime cannot return them all."""
+    types = tensor_types(model)
+    names = [out for node in model.graph.node for out in node.output if out and types.get(out) in FLOAT_TYPES]
+    try:
+        values = shapes(model, list(dict.fromkeys(names)), {k: v[:1] for k, v in feeds.items()}, provider)
+    except Exception:  # noqa: BLE001 - an estimate only; the element bound still applies
+        return 0
+    return 4 * sum(int(np.prod(shape)) if shape else 1 for shape in values.values())
+
+
+def batch_step(model, layers, data, repeats, batch_size, provider, memory_budget: int = MEMORY_BUDGET,
+               activation_bytes: int | None = None, shapes=tensor_shapes) -> int:
+    """Samples per batch: at most batch_size; few enough that the tiled batch's largest tensor (R
+    copies of a pre-activation or an input) stays under BATCH_ELEMENTS; and few enough that the
+    forward activations and R derivatives of every tensor, twice over for temporaries, fit
+    ``memory_budget`` bytes (at least one sample). ``activation_bytes``: ``sample_bytes`` when the
+    caller has measured it already."""
+    names = [layer.preact for layer in layers] + [layer.input for layer in layers]
+    largest = max([int(np.prod(s)) if s else 1 for s in shapes(model, names, data.subset(1).feeds, provider).values()] + [1])
+    if activation_bytes is None:
+        activation_bytes = sample_bytes(model, data.subset(1).feeds, provider)
+    per_sample = activation_bytes * (1 + 2 * repeats)
+    by_memory = memory_budget // per_sample if per_sample else batch_size
+    return max(1, min(batch_size, 16384 // repeats, BATCH_ELEMENTS // (repeats * largest), by_memory))
+
+
+def plan(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str,
+         settings: DerivativeSettings) -> DerivativePlan:
+    """The derivatives of ``output`` at ``layers``' pre-activations as ``settings`` ask, on ``model``."""
+    one = data.subset(1).arrays()
+    shapes = SHAPES(model, layers, one, settings.provider)
+    shape = shapes(model, [output], one, settings.provider)[output]
+    width = int(np.prod(shape)) if shape else 1
+    probes, automatic = settings.probes, settings.probes is None and width > EXACT_LIMIT
+    activation_bytes = sample_bytes(model, one, settings.provider, shapes)
+    if automatic:  # as many as one sample's activations and derivatives fit the budget, up to AUTO_PROBES
+        fit = (settings.memory_budget // activation_bytes - 1) // 2 if activation_bytes else AUTO_PROBES
+        probes = int(max(1, min(AUTO_PROBES, fit)))
+    jac = output_jacobians(model, layers, output, width, probes=probes, seed=settings.seed, provider=settings.provider,
+                           threads=settings.threads, engine=settings.engine)
+    step = batch_step(model, layers, data, jac.repeats, settings.batch_size, settings.provider, settings.memory_budget,
+                      activation_bytes, shapes)
+    return DerivativePlan(jac, shape, step, probes, automatic)
