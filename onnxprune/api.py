@@ -7,10 +7,10 @@ from onnxprune.errors import InputError
 from onnxprune.find.inspection import inspect
 from onnxprune.io.data import as_dataset
 from onnxprune.io.models import as_model
-from onnxprune.pipeline import METHOD_NAMES, PRESETS, Pruner, PruneResult
+from onnxprune.pipeline import METHOD_NAMES, PRESETS, UNIT_METHODS, Pruner, PruneResult
 
-__all__ = ["METHOD_NAMES", "PRESETS", "Pruner", "PruneResult", "as_dataset", "as_model", "evaluate", "inspect", "prune",
-           "prune_structured"]
+__all__ = ["METHOD_NAMES", "PRESETS", "UNIT_METHODS", "Pruner", "PruneResult", "as_dataset", "as_model", "evaluate",
+           "inspect", "prune", "prune_structured"]
 
 
 def prune(model, data, sparsity: float, *, method: str = "ecp", **params) -> PruneResult:
@@ -18,18 +18,31 @@ def prune(model, data, sparsity: float, *, method: str = "ecp", **params) -> Pru
 
     ``params`` are Pruner's (compensation, scope, exclude, seed, output, probes, batch_size,
     labels_key, provider, threads, force, schedule, repair, steps, refit, chained, g_weighted, engine,
-    memory_budget, progress). Save the
-    result with ``onnxprune.save_model``.
+    memory_budget, progress; structured with macs, multiple, inputs). Save the result with
+    ``onnxprune.save_model``.
     """
-    if not 0.0 <= sparsity <= 1.0:
-        raise InputError(f"sparsity must be between 0 and 1, got {sparsity}")
     return Pruner(method, **params).fit(model, data).prune(sparsity)
 
 
+def prune_structured(model, data, *, sparsity: float | None = None, macs: float | None = None, method: str = "ecp",
+                     **params) -> PruneResult:
+    """Remove whole units (neurons, channels, heads) of ``model``: ``sparsity`` of its prunable units,
+    or ``macs`` of its multiply-accumulates (give one). ``params`` are Pruner's (scope, multiple,
+    steps, refit, inputs, exclude, probes, seed, ...). ``result.kept_inputs`` names the features a
+    model whose inputs changed (``inputs="prune"``) takes."""
+    if (sparsity is None) == (macs is None):
+        raise InputError("give exactly one of --sparsity (fraction of units) and --macs (fraction of MACs) with --structured")
+    fraction = sparsity if sparsity is not None else macs
+    assert fraction is not None
+    return Pruner(method, structured=True, macs=macs is not None, **params).fit(model, data).prune(fraction)
+
+
 def evaluate(model, data, *, reference=None, output: str | None = None, provider: str = "cpu",
-             batch_size: int = 1024, labels_key: str | None = None, threads: int | None = None) -> dict:
+             batch_size: int = 1024, labels_key: str | None = None, threads: int | None = None,
+             latency: bool = True) -> dict:
     """Loss and accuracy (when ``data`` has labels), discrepancy against ``reference`` (mean squared
-    and max abs difference of the output), and latency, all measured on onnxruntime."""
+    and max abs difference of the output), and latency (paired with ``reference``), all measured on
+    onnxruntime."""
     model = as_model(model)
     reference = as_model(reference) if reference is not None else None
     dataset = as_dataset(data, model, labels_key)
@@ -37,11 +50,4 @@ def evaluate(model, data, *, reference=None, output: str | None = None, provider
         if m is not None:
             check_runs(m, provider, few_samples(m, dataset))
     return evaluate_dataset(model, dataset, reference=reference, output=output, provider=provider,
-                            batch_size=batch_size, threads=threads)
-
-
-def prune_structured(model, data, **params):
-    """Remove whole units (neurons, channels) of ``model``: see ``onnxprune.modes.units.prune_structured``."""
-    from onnxprune.modes.units import prune_structured as run
-
-    return run(model, data, **params)
+                            batch_size=batch_size, threads=threads, latency=latency)

@@ -1,6 +1,6 @@
 """The dry run: how the output error and the loss grow with sparsity, before anything is written.
 
-``sensitivity`` scores the weights once (``Pruner.fit``) and prunes to every ratio of a list
+``sensitivity`` scores once (``Pruner.fit``, either strategy) and prunes to every ratio of a list
 (``Pruner.prune_many``, which checks each result on onnxruntime): one-shot, every ratio from the
 dense scores; with a schedule of several steps, one run of it through every ratio. For each ratio
 it reports the score sum (the pruned weights' own scores added up: for ECP, each weight's
@@ -8,20 +8,23 @@ first-order E||Δy||² when removed alone, so cross terms between pruned weights
 ranking aid, not the error of the pruned model) and, with evaluation data, the measured output
 error, the loss and the accuracy. With a loss budget (``max_loss_increase``, relative to the dense model's loss on the
 same data) it names the largest ratio that keeps the loss within it, which is what a deployment
-pipeline wants to know.
+pipeline wants to know. With the units strategy every point also has the MACs removed and the
+paired time of the pruned model against the dense one (batch TIME_BATCH, one thread): accuracy and
+time against MACs.
 """
 from __future__ import annotations
 
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from onnxprune.check.evaluate import evaluate_dataset, predict
+from onnxprune.check.timing import measure_latency, select_inputs
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.io.data import as_dataset
 from onnxprune.io.models import as_model
@@ -31,6 +34,8 @@ if TYPE_CHECKING:
     from onnxprune.pipeline import PruneResult
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+STRUCTURED_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+TIME_BATCH = 256
 
 
 @dataclass
@@ -38,18 +43,20 @@ class SensitivityPoint:
     ratio: float                       # the target sparsity
     sparsity: float                    # the sparsity reached (exact counts round)
     pruned: int
-    score_sum: float                   # sum of the pruned weights' own scores (no cross terms)
+    score_sum: float | None            # sum of the pruned weights' own scores (no cross terms); None for units
     output_error: float | None = None  # measured E||y_pruned - y_dense||^2 of the protected output
     loss: float | None = None
     accuracy: float | None = None
     loss_increase: float | None = None  # (loss - dense loss) / dense loss
     within_budget: bool | None = None
+    macs_removed: float | None = None   # units: the fraction of the dense MACs removed
+    time_ratio: float | None = None     # units: paired time of the pruned model / the dense one (median)
 
 
 @dataclass
 class SensitivityReport:
     method: str
-    weights: int
+    weights: int                            # what the ratios are fractions of: prunable weights, or units
     protected_output: str
     points: list[SensitivityPoint]
     dense: dict | None = None               # loss / accuracy of the unpruned model on the evaluation data
@@ -60,6 +67,7 @@ class SensitivityReport:
     best_result: PruneResult | None = field(default=None, repr=False)  # with keep_best: the model at best_ratio
     engine: dict | None = None              # the gradient engine that scored, and why
     derivatives: dict = field(default_factory=dict)  # probes, exact, batch (see PruneResult)
+    mode: str = "weights"
 
     @property
     def budget_text(self) -> str:
@@ -69,7 +77,7 @@ class SensitivityReport:
         return " and ".join(parts)
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "weights": self.weights, "protected_output": self.protected_output,
+        return {"mode": self.mode, "method": self.method, "weights": self.weights, "protected_output": self.protected_output,
                 "dense": self.dense, "max_loss_increase": self.max_loss_increase,
                 "max_accuracy_drop": self.max_accuracy_drop, "best_ratio": self.best_ratio,
                 "points": [asdict(p) for p in self.points], "seconds": self.seconds, "engine": self.engine,
@@ -147,11 +155,18 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
     for done, (ratio, result) in enumerate(zip(ratios, pruner.prune_many(ratios)), start=1):
         point = SensitivityPoint(ratio=ratio, sparsity=result.sparsity, pruned=result.pruned,
                                  score_sum=result.score_sum)
+        seen = test if test is not None else pruner.full_data_
+        if result.mode == "units":
+            point.macs_removed = 1 - result.summary["macs_after"] / result.summary["macs_before"]
+            timing = measure_latency({"dense": source, "pruned": result.model}, seen, (TIME_BATCH,), provider=provider,
+                                     threads=(1,), kept_inputs={"pruned": result.kept_inputs})
+            point.time_ratio = timing["batches"][0]["ratio"]["median"]
         if test is not None:
             assert dense is not None and dense_values is not None  # measured with the test data above
-            measured = _metrics(evaluate_dataset(result.model, test, output=output, provider=provider,
+            fed = replace(test, feeds=select_inputs(test.feeds, result.kept_inputs))
+            measured = _metrics(evaluate_dataset(result.model, fed, output=output, provider=provider,
                                                  threads=threads, latency=False))
-            values = predict(result.model, test, pruner.output_, provider, threads=threads)[0]
+            values = predict(result.model, fed, pruner.output_, provider, threads=threads)[0]
             diff = (values.astype(np.float64) - dense_values.astype(np.float64)).reshape(len(values), -1)
             point.output_error = float((diff**2).sum(1).mean())
             point.loss, point.accuracy = measured.get("loss"), measured.get("accuracy")
@@ -159,7 +174,6 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
                 point.loss_increase = (point.loss - dense["loss"]) / abs(dense["loss"])
             if budget is not None:
                 point.within_budget = bool(point.loss <= dense["loss"] + budget * abs(dense["loss"]))
-            # -- the accuracy budget, and the model kept for prune with a budget (issue 14) --
             if max_accuracy_drop is not None:
                 kept = point.accuracy >= dense["accuracy"] - max_accuracy_drop / 100 - 1e-12
                 point.within_budget = kept and point.within_budget is not False
@@ -176,8 +190,10 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
             if not point.within_budget:
                 break
             best = point.ratio
-    weights = sum(layer.size for layer in pruner.layers_)
-    return SensitivityReport(method=method, weights=weights, protected_output=pruner.output_, points=points,
+    weights = sum(layer.size for layer in pruner.layers_) if pruner.mode_.name == "weights" else sum(
+        pruner.mode_.original.values())
+    return SensitivityReport(mode=pruner.mode_.name, method=method, weights=weights, protected_output=pruner.output_,
+                             points=points,
                              dense=dense, max_loss_increase=budget, best_ratio=best, seconds=seconds,
                              max_accuracy_drop=max_accuracy_drop, best_result=best_result if best is not None else None,
                              engine=pruner.engine_, derivatives=pruner.derivatives_)
@@ -208,7 +224,8 @@ def plot(report: SensitivityReport, path: str | Path) -> None:
     fig = Figure(figsize=(6.4, 4.2), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    x = [100 * p.sparsity for p in report.points]
+    units = report.mode == "units"
+    x = [100 * (p.macs_removed if units and p.macs_removed is not None else p.sparsity) for p in report.points]
     if report.dense is not None and report.dense.get("loss") is not None:
         measured = [float("nan") if p.loss is None else p.loss for p in report.points]  # dense has a loss: so do the points
         ax.plot(x, measured, "o-", color="C0", label=report.method)
@@ -225,11 +242,18 @@ def plot(report: SensitivityReport, path: str | Path) -> None:
             ax.set_yscale("log")  # the budget region stays visible next to a collapse
         ax.set_ylabel("loss on the evaluation data")
     else:
-        ax.semilogy(x, [max(p.score_sum, 1e-30) for p in report.points], "o-", color="C0",
+        ax.semilogy(x, [max(p.score_sum or 0.0, 1e-30) for p in report.points], "o-", color="C0",
                     label=f"{report.method}: score sum")
         ax.set_ylabel("score sum (pruned weights' own scores)")
-    ax.set_xlabel("weights removed (%)")
-    ax.set_title(f"{report.weights:,} prunable weights, output {report.protected_output}")
+    ax.set_xlabel("MACs removed (%)" if units else "weights removed (%)")
+    ax.set_title(f"{report.weights:,} prunable {'units' if units else 'weights'}, output {report.protected_output}")
+    if units:  # the speed on a second axis: what structured pruning is for
+        twin = ax.twinx()
+        times = [float("nan") if p.time_ratio is None else p.time_ratio for p in report.points]
+        twin.plot(x, times, "s--", color="C2", label=f"time / dense (batch {TIME_BATCH}, 1 thread)")
+        twin.axhline(1.0, color="C2", lw=0.8, ls=":")
+        twin.set_ylabel("time of the pruned model / dense")
+        twin.legend(fontsize=8, loc="lower left")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

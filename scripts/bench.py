@@ -217,7 +217,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def flat_scores(pruner: Pruner) -> np.ndarray:
-    return np.concatenate([pruner.saliencies_[layer.name].scores.ravel() for layer in pruner.layers_])
+    return np.concatenate([pruner.scores_[layer.name].scores.ravel() for layer in pruner.layers_])
 
 
 def pruned_set(pruner: Pruner, ratio: float):

@@ -103,10 +103,10 @@ def main(argv=None) -> int:
 
 def conv_only_compensation(pruner, r):
     """ECP's mask at ratio r with the bias compensation applied to the Conv layers only."""
-    scores = {name: s.scores for name, s in pruner.saliencies_.items()}
+    scores = {name: s.scores for name, s in pruner.scores_.items()}
     masks = choose_masks(pruner.layers_, scores, r)
-    shifts = {layer.name: pruner.saliencies_[layer.name].shifts if layer.op == "Conv"
-              else np.zeros_like(pruner.saliencies_[layer.name].shifts) for layer in pruner.layers_}
+    shifts = {layer.name: pruner.scores_[layer.name].shifts if layer.op == "Conv"
+              else np.zeros_like(pruner.scores_[layer.name].shifts) for layer in pruner.layers_}
     return rewrite(pruner.model_, pruner.layers_, masks, shifts)[0]
 
 
@@ -142,15 +142,15 @@ def compare(exact, approx, ratios) -> dict:
     for layer in exact.layers_:
         if not layer.shared:
             continue
-        e, a = exact.saliencies_[layer.name], approx.saliencies_[layer.name]
+        e, a = exact.scores_[layer.name], approx.scores_[layer.name]
         layers[layer.name] = {
             "score_relative_difference": float(np.abs(e.scores - a.scores).sum() / np.abs(e.scores).sum()),
             "shift_relative_difference": float(np.abs(e.shifts - a.shifts).sum() / max(np.abs(e.shifts).sum(), 1e-30)),
         }
     pruned = {}
     for r in ratios:
-        pruned[str(r)] = {"exact": {c.layer: c.pruned for c in exact.prune(r).changes},
-                          "positions": {c.layer: c.pruned for c in approx.prune(r).changes}}
+        pruned[str(r)] = {"exact": {c.layer: c.pruned for c in exact.prune(r).layers},
+                          "positions": {c.layer: c.pruned for c in approx.prune(r).layers}}
     return {"layers": layers, "pruned_per_layer": pruned}
 
 

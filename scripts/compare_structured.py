@@ -40,7 +40,7 @@ import onnx
 
 import onnxprune
 from onnxprune.api import as_model
-from onnxprune.check.timing import select_inputs, time_models
+from onnxprune.check.timing import measure_latency, select_inputs
 from onnxprune.errors import InputError, run_script
 from onnxprune.find.layers import analyse_graph
 from onnxprune.io import files as fileio
@@ -103,12 +103,24 @@ def measure(model, pruned, test, feeds, repeats, kept_inputs=None, min_seconds=0
     """Accuracy, loss, parameters, MACs and paired time ratios; ``kept_inputs``: the pruned model takes
     only these input features (--prune-inputs), fed to it alone."""
     report = onnxprune.evaluate(pruned, Dataset(select_inputs(test.feeds, kept_inputs), test.labels))
-    timing = time_models(model, pruned, feeds, (1, 256), kept_inputs=kept_inputs, repeats=repeats,
-                         min_seconds=min_seconds)
+    timing = measure_latency({"dense": model, "pruned": pruned}, Dataset(feeds), (1, 256), threads=(1,), repeats=repeats,
+                             kept_inputs={"pruned": kept_inputs}, min_seconds=min_seconds)
     return {"accuracy": report["accuracy"], "loss": report["loss"], "params": params(pruned),
-            "macs": model_macs(pruned, select_inputs(feeds, kept_inputs)), "time": {str(t["batch"]): t for t in timing},
+            "macs": model_macs(pruned, select_inputs(feeds, kept_inputs)),
+            "time": {str(t["batch_size"]): _ratios(t, repeats) for t in timing["batches"]},
             "inputs_unchanged": [i.name for i in pruned.graph.input] == [i.name for i in model.graph.input]
             and all(a.type == b.type for a, b in zip(pruned.graph.input, model.graph.input))}
+
+
+def _ratios(entry: dict, repeats: int) -> dict:
+    """One batch of the paired timer in this study's columns: the median ratio, its quartiles, the
+    ratio of the fastest repeats, and the median seconds per run of each model."""
+    ratio, batch = entry["ratio"], entry["batch_size"]
+    return {"batch": batch, "repeats": repeats, "ratio": ratio["median"], "ratio_q25": ratio["q25"],
+            "ratio_q75": ratio["q75"], "ratio_min": ratio["min"], "ratio_max": ratio["max"],
+            "ratio_of_fastest": entry["pruned"]["min_us"] / entry["dense"]["min_us"],
+            "dense_seconds": 1e-6 * batch * entry["dense"]["median_us"],
+            "pruned_seconds": 1e-6 * batch * entry["pruned"]["median_us"]}
 
 
 def run_peer(python: Path, model_path: str, calib_float: Path, kind: str, fraction: float) -> onnx.ModelProto | str:

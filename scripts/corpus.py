@@ -262,8 +262,9 @@ def study(name, entry, corpus, work, args):
             report = json.loads(report_path.read_text())
             res["engine"] = (report.get("engine") or {}).get("name")
             res["engine_reason"] = (report.get("engine") or {}).get("reason")
-            res["sparsity"] = report.get("sparsity")
-            res["layer_weights"] = sum(layer["weights"] for layer in report.get("layers", []))
+            section = report.get("weights") or {}
+            res["sparsity"] = section.get("sparsity")
+            res["layer_weights"] = sum(layer["weights"] for layer in section.get("layers", []))
             res["accuracy"] = (report.get("test") or {}).get("pruned", {}).get("accuracy")
             row["dense_accuracy"] = (report.get("test") or {}).get("original", {}).get("accuracy")
             if dense_out is not None and out.exists():

@@ -42,7 +42,7 @@ def test_prune_evaluate_inspect(files):
     assert digest(files / "model.onnx") == before
     onnx.checker.check_model(str(files / "out.onnx"))
     report = json.loads((files / "r.json").read_text())
-    assert report["pruned"] == 16 and report["test"]["pruned"]["mse"] > 0
+    assert report["weights"]["pruned"] == 16 and report["test"]["pruned"]["mse"] > 0
     res = invoke("evaluate", files / "out.onnx", "--data", files / "calib.npz", "--reference", files / "model.onnx",
                  "--json", "-")
     assert res.exit_code == 0, res.output

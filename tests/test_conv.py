@@ -10,9 +10,10 @@ from onnxprune import runtime
 from onnxprune.derivatives.statistics import collect_statistics, layer_patches
 from onnxprune.edit.rewrite import rewrite
 from onnxprune.find.geometry import conv_geometry, im2col
-from onnxprune.find.layers import analyse_graph, effective_weights
+from onnxprune.find.layers import analyse_graph
 from onnxprune.io.data import Dataset
-from onnxprune.score.weights import ECP, ScoringContext
+from onnxprune.score.context import ScoringContext
+from onnxprune.score.weights import ECP
 
 from tinyconv import cnn, images, sequence_mlp
 
@@ -136,8 +137,7 @@ def _prune_one(model, data, layer_name, index):
     """Prune exactly one weight with ECP compensation; return the model, its predicted and measured error."""
     found = analyse_graph(model)
     ds = Dataset({"x": data})
-    ctx = ScoringContext(model=model, layers=found.layers, weights=effective_weights(model, found.layers), data=ds,
-                         output="logits")
+    ctx = ScoringContext(model=model, layers=found.layers, data=ds, output="logits")
     sal = ECP()(ctx)
     masks = {lay.name: np.zeros((lay.out_features, lay.in_features), bool) for lay in found.layers}
     masks[layer_name][index] = True

@@ -61,7 +61,7 @@ def test_inspect_and_prune_every_fixture_from_the_command_line(name, tmp_path):
     pruned = onnx.load(tmp_path / "out.onnx")
     onnx.checker.check_model(pruned, full_check=True)
     result = json.loads((tmp_path / "prune.json").read_text())
-    assert result["pruned"] == round(0.5 * result["weights"])
+    assert result["weights"]["pruned"] == round(0.5 * result["weights"]["weights"])
     assert pruned.ir_version == model.ir_version and list(pruned.opset_import) == list(model.opset_import)
     before = {t.name: t.data_type for t in model.graph.initializer}
     assert all(before.get(t.name, t.data_type) == t.data_type for t in pruned.graph.initializer)
@@ -105,10 +105,10 @@ def test_several_outputs_protect_the_first_and_name_the_layers_that_do_not_reach
     model = onnx.load(FIXTURES / "torch_legacy_two_outputs.onnx")
     feeds = random_feeds(model)
     result = onnxprune.prune(model, feeds, 0.5)
-    assert [c.layer for c in result.changes] == ["/body/Gemm", "/emb/Gemm"]
+    assert [c.layer for c in result.layers] == ["/body/Gemm", "/emb/Gemm"]
     assert any(s.node == "/cls/Gemm" and "does not reach" in s.reason for s in result.skipped)
     chosen = onnxprune.prune(model, feeds, 0.5, output="logits")
-    assert [c.layer for c in chosen.changes] == ["/body/Gemm", "/cls/Gemm"]
+    assert [c.layer for c in chosen.layers] == ["/body/Gemm", "/cls/Gemm"]
 
 
 def test_float16_model_keeps_float16_weights_and_its_statistics_match_a_float32_copy():
@@ -121,8 +121,8 @@ def test_float16_model_keeps_float16_weights_and_its_statistics_match_a_float32_
 
     single = onnxprune.Pruner().fit(copied(model, [Float32()]), {k: v.astype(np.float32) for k, v in feeds.items()})
     half = onnxprune.Pruner().fit(model, feeds)
-    for name, s in half.saliencies_.items():
-        np.testing.assert_allclose(s.scores, single.saliencies_[name].scores, rtol=1e-5, atol=1e-12)
+    for name, s in half.scores_.items():
+        np.testing.assert_allclose(s.scores, single.scores_[name].scores, rtol=1e-5, atol=1e-12)
 
 
 def test_qdq_model_from_onnxruntimes_quantizer(tmp_path):
@@ -152,7 +152,7 @@ def test_qdq_model_from_onnxruntimes_quantizer(tmp_path):
     pruned = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
     for layer in found.layers:
         rows = layer.to_rows(pruned[layer.weight])
-        assert np.count_nonzero(rows == 0) >= next(c.pruned for c in result.changes if c.layer == layer.name)
+        assert np.count_nonzero(rows == 0) >= next(c.pruned for c in result.layers if c.layer == layer.name)
         assert pruned[layer.weight].dtype == np.int8
     runtime.make_session(result.model).run(None, {"x": arrays["x"]})
 

@@ -59,7 +59,7 @@ def test_a_layer_without_bias_gets_one_and_it_is_used(pattern):
     arrays = data(60)
     arrays["x"] = arrays["x"] + 2.0  # non-zero means, so compensation is non-zero
     result = onnxprune.prune(model, arrays, 0.5)
-    assert any(c.bias_inserted for c in result.changes)
+    assert any(c.bias_inserted for c in result.layers)
     onnx.checker.check_model(result.model, full_check=True)
     assert len(result.model.graph.initializer) > len(model.graph.initializer)
     nocomp = onnxprune.prune(model, arrays, 0.5, compensation=False).model
@@ -94,7 +94,7 @@ def test_a_shared_weight_is_pruned_per_reader_and_stays_shared_where_equal():
     model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "W2"))
     x = data(20, d=4)
     result = onnxprune.prune(model, x, 0.5)
-    assert [c.layer for c in result.changes] == ["fc0", "fc1", "fc2"] and not result.skipped
+    assert [c.layer for c in result.layers] == ["fc0", "fc1", "fc2"] and not result.skipped
     written = {t.name for t in result.model.graph.initializer}
     readers = [n.input[1] for n in result.model.graph.node if n.name in ("fc0", "fc2")]
     assert readers[0] == "W0" and readers[1] in written and readers[1] != "W0"  # pruned apart: two tensors

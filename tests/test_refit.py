@@ -205,7 +205,7 @@ def test_ecp_refit_runs_on_shared_weight_layers_and_improves_on_ecp(kind):
     for method in ("ecp", "ecp-refit"):
         result = onnxprune.prune(dense, {"x": arrays["x"]}, 0.6, method=method, steps=2 if method != "ecp" else None)
         onnx.checker.check_model(result.model, full_check=True)
-        assert all(r.skipped is None for r in result.refit if r.damping is not None)
+        assert all(r.skipped is None for r in result.refits if r.damping is not None)
         out = runtime.make_session(result.model).run(None, {"x": arrays["x"]})[0]
         errors[method] = float(np.mean((out - reference) ** 2))
     assert errors["ecp-refit"] < errors["ecp"]
@@ -281,7 +281,7 @@ def test_excluded_layers_stay_byte_identical_through_ecp_refit():
     after = {t.name: t.raw_data or numpy_helper.to_array(t).tobytes() for t in result.model.graph.initializer}
     assert after["W1"] == before["W1"] and after["b1"] == before["b1"]
     assert after["W0"] != before["W0"] and after["W2"] != before["W2"]
-    assert result.excluded == ["fc1"] and "fc1" not in [r.layer for r in result.refit]
+    assert result.excluded == ["fc1"] and "fc1" not in [r.layer for r in result.refits]
 
 
 def test_score_sum_is_the_single_weight_errors_and_misses_the_cross_terms_numpy_gives():

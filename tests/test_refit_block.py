@@ -90,7 +90,7 @@ def test_repair_on_an_mlp_lowers_the_held_out_block_error_and_keeps_the_mask():
         zero_before = before.to_rows(read_initializer(base.model, before.weight)) == 0
         zero_after = after.to_rows(read_initializer(block.model, after.weight)) == 0
         np.testing.assert_array_equal(zero_before, zero_after)   # the mask, exactly
-    reports = [r for r in block.refit if "+" in r.layer]
+    reports = [r for r in block.refits if "+" in r.layer]
     assert [r.layer for r in reports] == ["fc1+fc2", "fc2+fc3"]
     assert all(r.skipped is None and r.heldout_error_after < r.heldout_error_before for r in reports)
     onnx.checker.check_model(block.model)

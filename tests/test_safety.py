@@ -360,7 +360,7 @@ def test_json_on_stdout_is_alone_there(files):
     res = invoke(*prune_args(files, "out.onnx", "--test", files / "test.npz", "--json", "-"))
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
-    assert report["pruned"] == 16 and "largest bias shift" in res.stderr and "accuracy" in res.stderr
+    assert report["weights"]["pruned"] == 16 and "largest bias shift" in res.stderr and "accuracy" in res.stderr
 
 
 def test_a_closed_stdout_ends_quietly(files):
@@ -385,14 +385,15 @@ def test_latency_is_paired_repeated_and_sizes_are_reported(files):
     assert pruned["size"]["bytes"] == len(onnx.load(str(files / "out.onnx")).SerializeToString())
     assert pruned["size"]["zlib_bytes"] < pruned["size"]["bytes"]
     assert original["size"]["bytes"] == (files / "model.onnx").stat().st_size
-    batches = pruned["latency"]["batches"]
-    assert [b["batch_size"] for b in batches] == [1, 30] and pruned["latency"]["repeats"] >= 5
-    for b, o in zip(batches, original["latency"]["batches"]):
-        for who in ("model", "reference"):
-            assert b[who]["min_us"] <= b[who]["median_us"] <= b[who]["max_us"]
-        assert o["model"] == b["reference"]  # the original's column is its half of the paired run
-        assert b["model/reference"] > 0
-    assert "batch 1 (median, min-max)" in res.output and "zlib bytes" in res.output
+    timing = report["timing"]  # one paired timer: both models in turns, at one thread and the default
+    assert timing["models"] == ["original", "pruned"] and timing["repeats"] >= 5
+    assert [(b["batch_size"], b["threads"]) for b in timing["batches"]] == [(1, 1), (256, 1), (1, None), (256, None)]
+    for b in timing["batches"]:
+        for who in ("original", "pruned"):
+            assert b[who]["min_us"] <= b[who]["q25_us"] <= b[who]["median_us"] <= b[who]["q75_us"] <= b[who]["max_us"]
+        assert b["ratio"]["of"] == "pruned/original" and b["ratio"]["q25"] <= b["ratio"]["median"] <= b["ratio"]["q75"]
+    assert "latency" not in pruned and "latency" not in original  # one timing per report, not two
+    assert "time pruned/original" in res.output and "zlib bytes" in res.output
 
 
 @pytest.mark.parametrize("budget, ratios", [(["--max-loss-increase", "1000%"], "0.2,0.5,0.8"),
@@ -415,12 +416,12 @@ def test_a_budget_without_dry_run_writes_the_largest_ratio_within_it(files, monk
     assert res.exit_code == 0, res.output
     best = sweep["best_ratio"]
     assert best == max(r for r in within if all(p["within_budget"] for p in sweep["points"] if p["ratio"] <= r))
-    assert report["target_sparsity"] == best
+    assert report["target"] == best
     if budget[1] != "0":
         assert best == 0.8
     pruned = onnx.load(str(files / "out.onnx"))
     weights = [numpy_helper.to_array(t) for t in pruned.graph.initializer if t.name.startswith("W")]
-    assert sum(int((w == 0).sum()) for w in weights) == report["pruned"] == round(best * 32)
+    assert sum(int((w == 0).sum()) for w in weights) == report["weights"]["pruned"] == round(best * 32)
 
 
 def test_a_budget_on_accuracy_counts_points(files):

@@ -11,7 +11,7 @@ from tinynets import data, mlp
 
 def score(model, data, method="ecp", **params):
     fitted = Pruner(method, **params).fit(model, data)
-    return fitted.model_, fitted, fitted.saliencies_, None
+    return fitted.model_, fitted, fitted.scores_, None
 
 
 def test_ecp_is_the_minimum_over_the_bias_shift_of_the_linearised_output_error():

@@ -66,7 +66,7 @@ def test_distillation_keeps_the_mask_and_never_raises_the_held_out_error():
     arrays = data(300, d=8, classes=4)
     refit_only = onnxprune.prune(dense, arrays, 0.7, method="ecp-refit", repair=Refit())
     result = onnxprune.prune(dense, arrays, 0.7, method="ecp-refit")
-    report = [r for r in result.refit if r.damping is None][0]
+    report = [r for r in result.refits if r.damping is None][0]
     assert report.heldout_error_after <= report.heldout_error_before
     for a, b in zip(refit_only.model.graph.initializer, result.model.graph.initializer):
         if a.name.startswith("W"):

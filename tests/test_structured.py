@@ -157,8 +157,8 @@ def test_mac_accounting_matches_the_shapes():
 
 
 def test_counts_per_layer_global_multiple_and_bad_requests():
-    scores = {"a": score_group("l2", None, np.arange(1, 17)[:, None] * 1.0),
-              "b": score_group("l2", None, np.arange(1, 9)[:, None] * 10.0)}
+    scores = {"a": score_group("l2", None, np.arange(1, 17)[:, None] * 1.0, 16),
+              "b": score_group("l2", None, np.arange(1, 9)[:, None] * 10.0, 8)}
     original = {"a": 16, "b": 8}
     kept = choose_counts(scores, original, original, [], sparsity=0.5, macs=None, scope="layer")
     assert kept == {"a": 8, "b": 4}
@@ -206,15 +206,16 @@ def test_prune_structured_every_method(method):
     x = RNG.normal(size=(40, 162)).astype(np.float32)
     result = onnxprune.prune_structured(model, {"x": x}, sparsity=0.5, method=method, scope="layer", steps=2)
     onnx.checker.check_model(result.model, full_check=True)
-    assert result.groups["conv0"]["units_after"] == 2 and result.groups["conv1"]["units_after"] == 2
-    assert result.macs_after < result.macs_before and result.params_after < result.params_before
+    summary = result.summary
+    assert summary["groups"]["conv0"]["units_after"] == 2 and summary["groups"]["conv1"]["units_after"] == 2
+    assert summary["macs_after"] < summary["macs_before"] and summary["params_after"] < summary["params_before"]
     dense_out = runtime.make_session(model).run(None, {"x": x})[0]
     out = runtime.make_session(result.model).run(None, {"x": x})[0]
     assert out.shape == dense_out.shape and np.all(np.isfinite(out))
     # attention heads: a head is D rows of each of Q, K and V (wanda's and l2's row norms per head)
     heads = onnxprune.prune_structured(attention(), {"x": RNG.normal(size=(30, 4, 5)).astype(np.float32)},
                                        sparsity=0.5, method=method, scope="layer", steps=1, refit=False)
-    assert heads.groups["heads:o_proj"]["units_after"] == 1
+    assert heads.summary["groups"]["heads:o_proj"]["units_after"] == 1
 
 
 @pytest.mark.parametrize("build, shape", [(attention, (4, 5)), (residual_cnn, (32,)), (grouped_cnn, (98,)),
@@ -228,11 +229,11 @@ def test_prune_structured_heads_and_residual_streams(build, shape):
     result = onnxprune.prune_structured(model, {"x": x}, sparsity=0.5, scope="layer", steps=2)
     onnx.checker.check_model(result.model, full_check=True)
     lanes = {g.name: g.lanes for g in find_units(model).groups}  # a grouped Conv's groups keep as many each
-    for name, g in result.groups.items():
+    for name, g in result.summary["groups"].items():
         assert g["units_after"] < g["units_before"] and g["units_after"] % lanes[name] == 0
         if lanes[name] == 1:
             assert g["units_after"] == round(0.5 * g["units_before"])
-    assert result.macs_after < result.macs_before
+    assert result.summary["macs_after"] < result.summary["macs_before"]
     dense = runtime.make_session(model).run(None, {"x": x})[0]
     assert runtime.make_session(result.model).run(None, {"x": x})[0].shape == dense.shape
 
@@ -252,7 +253,7 @@ def test_macs_target_is_reached():
     model = mlp_gemm()
     x = RNG.normal(size=(40, 5)).astype(np.float32)
     result = onnxprune.prune_structured(model, {"x": x}, macs=0.4, steps=1)
-    assert result.macs_after <= 0.6 * result.macs_before
+    assert result.summary["macs_after"] <= 0.6 * result.summary["macs_before"]
 
 
 @pytest.fixture
@@ -273,14 +274,17 @@ def test_cli_structured_writes_a_smaller_model(files):
                  "--sparsity", 0.5, "--multiple", 2, "--steps", 2, "--test", files / "calib.npz",
                  "--time-batches", "1,8", "--json", files / "r.json")
     assert res.exit_code == 0, res.output
-    assert "time ratio" in res.output and "MACs after" in res.output and "accuracy" in res.output
+    assert "time pruned/original" in res.output and "MACs after" in res.output and "accuracy" in res.output
     out = onnx.load(files / "out.onnx")
     onnx.checker.check_model(out, full_check=True)
     report = json.loads((files / "r.json").read_text())
-    after = [g["units_after"] for g in report["groups"].values()]
+    assert report["mode"] == "units" and report["steps"] == 2 and report["repair"] == "refit"
+    after = [g["units_after"] for g in report["units"]["groups"].values()]
     assert all(k % 2 == 0 for k in after) and sum(after) < 10
-    assert [t["batch"] for t in report["timing"]] == [1, 8]
-    assert report["params_after"] < report["params_before"]
+    # one paired timer: batch 1 and 8, at one thread and at the default
+    assert [(t["batch_size"], t["threads"]) for t in report["timing"]["batches"]] == [(1, 1), (8, 1), (1, None), (8, None)]
+    assert all(t["ratio"]["of"] == "pruned/original" for t in report["timing"]["batches"])
+    assert report["units"]["params_after"] < report["units"]["params_before"]
 
 
 def test_cli_input_features(files):
@@ -306,7 +310,10 @@ def test_cli_input_features(files):
     (["--macs", "0.5"], "add --structured"),
     (["--sparsity", "0.5", "--method", "flap"], "structured method"),
     (["--structured", "--sparsity", "0.5", "--method", "gradmag"], "not a structured method"),
-    (["--structured", "--sparsity", "0.5", "--dry-run"], "--dry-run"),
+    (["--structured", "--sparsity", "0.5", "--storage", "sparse"], "--storage sparse"),
+    (["--structured", "--sparsity", "0.5", "--no-compensation"], "--no-compensation"),
+    (["--structured", "--sparsity", "0.5", "--g-weighting"], "--g-weighting"),
+    (["--structured", "--sparsity", "0.5", "--method", "ecp-refit"], "not a structured method"),
 ])
 def test_cli_bad_structured_requests_fail_with_one_line(files, args, message):
     res = invoke("prune", files / "model.onnx", files / "out.onnx", "--data", files / "calib.npz", *args)
@@ -333,7 +340,7 @@ def test_exported_models_shrink_and_keep_their_stamping(name):
     result = onnxprune.prune_structured(model, feeds, sparsity=0.5, steps=1)
     out = result.model
     onnx.checker.check_model(out)
-    assert result.params_after < result.params_before
+    assert result.summary["params_after"] < result.summary["params_before"]
     assert out.opset_import == model.opset_import and out.ir_version == model.ir_version
     before = {t.name: t.data_type for t in model.graph.initializer}
     assert all(before[t.name] == t.data_type for t in out.graph.initializer if t.name in before)

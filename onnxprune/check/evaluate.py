@@ -1,8 +1,7 @@
 """Evaluate a model on onnxruntime: loss and accuracy against labels, discrepancy against a
-reference model, latency (paired with the reference's, repeated) and size in bytes."""
+reference model, latency (the paired timer, ``timing``) and size in bytes."""
 from __future__ import annotations
 
-import math
 import time
 import zlib
 
@@ -10,14 +9,11 @@ import numpy as np
 import onnx
 
 from onnxprune import runtime
+from onnxprune.check.timing import measure_latency
 from onnxprune.derivatives.plan import MEMORY_BUDGET, sample_bytes
 from onnxprune.errors import CheckFailed, InputError
 from onnxprune.find.outputs import output_kind, scored_output
 from onnxprune.io.data import Dataset
-
-REPEATS = 7            # timings per model and batch size; the report gives their median, min and max
-MIN_TIMING = 0.005     # seconds: one timing runs the batch this long at least (clock resolution, noise)
-MAX_RUNS = 1000
 
 
 def predict(model: onnx.ModelProto, data: Dataset, output: str, provider: str = "cpu", batch_size: int = 1024,
@@ -31,44 +27,6 @@ def predict(model: onnx.ModelProto, data: Dataset, output: str, provider: str = 
         seconds += time.perf_counter() - start
         chunks.append(value)
     return np.concatenate(chunks), seconds
-
-
-def measure_latency(models: dict[str, onnx.ModelProto], data: Dataset, batch_sizes: tuple[int, ...],
-                    provider: str = "cpu", threads: int | None = None, repeats: int = REPEATS) -> dict:
-    """Seconds per sample of every model, paired: for each batch size the models run in turns
-    (the order alternating between repeats, after a warm-up), each turn long enough to time, so
-    that drift of the machine hits them alike. Per model: median, min and max over the repeats;
-    with two models, the median of the per-repeat ratios second / first."""
-    sessions = {name: runtime.make_session(m, provider, threads) for name, m in models.items()}
-    names = list(sessions)
-    batches: list[dict] = []
-    result = {"repeats": repeats, "batches": batches}
-    for batch in sorted({min(b, len(data)) for b in batch_sizes}):
-        feeds = data.subset(batch).inputs()
-        runs = 1
-        for session in sessions.values():
-            session.run(None, feeds)  # warm-up: allocations and kernel selection are not latency
-            start = time.perf_counter()
-            session.run(None, feeds)
-            once = max(time.perf_counter() - start, 1e-7)
-            runs = max(runs, min(MAX_RUNS, math.ceil(MIN_TIMING / once)))
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(repeats):
-            for name in names if r % 2 == 0 else names[::-1]:
-                session = sessions[name]
-                start = time.perf_counter()
-                for _ in range(runs):
-                    session.run(None, feeds)
-                times[name].append((time.perf_counter() - start) / (runs * batch))
-        entry: dict[str, object] = {"batch_size": batch, "runs_per_timing": runs}
-        for name, values in times.items():
-            us = 1e6 * np.asarray(values)
-            entry[name] = {"median_us": float(np.median(us)), "min_us": float(us.min()), "max_us": float(us.max())}
-        if len(names) == 2:
-            ratios = np.asarray(times[names[1]]) / np.asarray(times[names[0]])
-            entry[f"{names[1]}/{names[0]}"] = float(np.median(ratios))
-        batches.append(entry)
-    return result
 
 
 def model_bytes(model: onnx.ModelProto) -> dict:
@@ -136,7 +94,7 @@ def evaluate_dataset(model: onnx.ModelProto, data: Dataset, *, reference: onnx.M
     if latency:
         pair = {"reference": reference, "model": model} if reference is not None else {"model": model}
         report["latency"] = measure_latency(pair, data, (1, latency_batch(list(pair.values()), data, batch_size, provider)),
-                                            provider, threads)
+                                            provider=provider, threads=(threads,))
     return report
 
 

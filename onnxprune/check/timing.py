@@ -1,13 +1,15 @@
-"""Measured onnxruntime time of two models on the same inputs: paired, alternating, repeated.
+"""The one paired timer: onnxruntime time per sample of one or two models on the same samples.
 
-Each repeat times model A then model B (the order swapped every repeat) over enough runs to last
-``min_seconds``; the ratio B/A of one repeat is one paired measurement, so drifts of a busy machine
-hit both models alike. The report gives the median time of each and the median and the spread
-(quartiles, min, max) of the paired ratios, and the ratio of the fastest repeats (the least disturbed
-on a busy machine).
+For every thread setting and batch size each model is warmed up, then the models run in turns (the
+order swapped every repeat), each turn long enough to read the clock; the ratio of one repeat
+(second model / first) is one paired measurement, so drift of a busy machine hits both alike.
+Reported per model: median, quartiles, min and max microseconds per sample; per pair: the median
+ratio with its quartiles, marked ``noisy`` when the quartiles lie further than NOISY apart
+relative to the median (then the figure should be read with its spread, or measured again).
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import TypeVar
 
@@ -15,55 +17,62 @@ import numpy as np
 import onnx
 
 from onnxprune import runtime
+from onnxprune.io.data import Dataset
 from onnxprune.io.npz import NpzColumn
 
-BATCHES = (1, 256)
+REPEATS = 7            # timings per model, batch size and thread setting
+MIN_TIMING = 0.005     # seconds: one timing runs the batch this long at least (clock resolution, noise)
+MAX_RUNS = 1000
+NOISY = 0.10           # quartile spread of the paired ratios, relative to their median, above which a ratio is noisy
 
 
-def _time(session, feeds: dict[str, np.ndarray], runs: int) -> float:
-    start = time.perf_counter()
-    for _ in range(runs):
-        session.run(None, feeds)
-    return (time.perf_counter() - start) / runs
+def measure_latency(models: dict[str, onnx.ModelProto], data: Dataset, batch_sizes, *, provider: str = "cpu",
+                    threads=(None,), repeats: int = REPEATS, kept_inputs: dict[str, dict[str, list[int]]] | None = None,
+                    min_seconds: float = MIN_TIMING) -> dict:
+    """Per thread setting (None: onnxruntime's default) and batch size (the samples of ``data``
+    repeated where there are fewer), the time of every model, paired when there are two.
+    ``kept_inputs``: per model name, the input features it takes (a --prune-inputs model)."""
+    names = list(models)
+    entries: list[dict] = []
+    for thread in threads:
+        sessions = {name: runtime.make_session(m, provider, thread) for name, m in models.items()}
+        for batch in sorted(set(batch_sizes)):
+            samples = data.subset(min(batch, len(data))).repeated(batch).inputs()
+            feeds = {name: select_inputs(samples, (kept_inputs or {}).get(name)) for name in names}
+            entries.append(_time(sessions, feeds, batch, repeats, min_seconds) | {"threads": thread})
+    return {"repeats": repeats, "models": names, "batches": entries}
 
 
-def paired_times(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray], *, repeats: int = 15,
-                 min_seconds: float = 0.02, threads: int | None = 1, provider: str = "cpu",
-                 feeds_b: dict[str, np.ndarray] | None = None) -> dict:
-    """Seconds per run of ``a`` on ``feeds`` and ``b`` on ``feeds_b`` (default the same), and their
-    paired ratios b/a."""
-    sa, sb = runtime.make_session(a, provider, threads), runtime.make_session(b, provider, threads)
-    feeds_b = feeds if feeds_b is None else feeds_b
-    sa.run(None, feeds)  # warm-up
-    sb.run(None, feeds_b)
-    one = max(_time(sa, feeds, 1), 1e-6)
-    runs = max(1, int(min_seconds / one))
-    ta, tb = [], []
+def _time(sessions: dict, feeds: dict[str, dict[str, np.ndarray]], batch: int, repeats: int, min_seconds: float) -> dict:
+    names = list(sessions)
+    runs = 1
+    for name, session in sessions.items():
+        session.run(None, feeds[name])  # warm-up: allocations and kernel selection are not latency
+        start = time.perf_counter()
+        session.run(None, feeds[name])
+        runs = max(runs, min(MAX_RUNS, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-7))))
+    times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        (first, f1), (second, f2) = ((sa, feeds), (sb, feeds_b)) if r % 2 == 0 else ((sb, feeds_b), (sa, feeds))
-        t1, t2 = _time(first, f1, runs), _time(second, f2, runs)
-        ta.append(t1 if r % 2 == 0 else t2)
-        tb.append(t2 if r % 2 == 0 else t1)
-    ratios = np.array(tb) / np.array(ta)
-    q25, q75 = np.percentile(ratios, [25, 75])
-    return {"batch": len(next(iter(feeds.values()))), "repeats": repeats, "runs_per_repeat": runs,
-            "threads": threads, "dense_seconds": float(np.median(ta)), "pruned_seconds": float(np.median(tb)),
-            "ratio": float(np.median(ratios)), "ratio_q25": float(q25), "ratio_q75": float(q75),
-            "ratio_min": float(ratios.min()), "ratio_max": float(ratios.max()),
-            "ratio_of_fastest": float(min(tb) / min(ta))}
-
-
-def time_models(dense: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                batches=BATCHES, kept_inputs: dict[str, list[int]] | None = None, **kwargs) -> list[dict]:
-    """``paired_times`` at every batch size of ``batches`` (the samples of ``feeds`` tiled as needed);
-    ``kept_inputs``: the pruned model takes only these features of its inputs (--prune-inputs)."""
-    n = len(next(iter(feeds.values())))
-    results = []
-    for batch in batches:
-        index = np.arange(batch) % n
-        tiled = {k: v[index] for k, v in feeds.items()}
-        results.append(paired_times(dense, pruned, tiled, feeds_b=select_inputs(tiled, kept_inputs), **kwargs))
-    return results
+        for name in names if r % 2 == 0 else names[::-1]:
+            session, feed = sessions[name], feeds[name]
+            start = time.perf_counter()
+            for _ in range(runs):
+                session.run(None, feed)
+            times[name].append((time.perf_counter() - start) / (runs * batch))
+    entry: dict = {"batch_size": batch, "runs_per_timing": runs}
+    for name, values in times.items():
+        us = 1e6 * np.asarray(values)
+        q25, q75 = np.percentile(us, [25, 75])
+        entry[name] = {"median_us": float(np.median(us)), "q25_us": float(q25), "q75_us": float(q75),
+                       "min_us": float(us.min()), "max_us": float(us.max())}
+    if len(names) == 2:
+        ratios = np.asarray(times[names[1]]) / np.asarray(times[names[0]])
+        median = float(np.median(ratios))
+        q25, q75 = (float(q) for q in np.percentile(ratios, [25, 75]))
+        entry["ratio"] = {"of": f"{names[1]}/{names[0]}", "median": median, "q25": q25, "q75": q75,
+                          "min": float(ratios.min()), "max": float(ratios.max()),
+                          "noisy": bool((q75 - q25) > NOISY * median)}
+    return entry
 
 
 Feed = TypeVar("Feed", np.ndarray, "np.ndarray | NpzColumn")

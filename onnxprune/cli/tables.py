@@ -29,14 +29,15 @@ def _fmt(value) -> str:
 
 def prune_table(result: PruneResult) -> str:
     rows = [[c.layer, c.weights, c.pruned, f"{100 * c.pruned / c.weights:.1f}%", c.max_bias_shift]
-            for c in result.changes]
+            for c in result.layers]
     rows.append(["total", result.weights, result.pruned, f"{100 * result.sparsity:.1f}%",
-                 max((c.max_bias_shift for c in result.changes), default=0.0)])
+                 max((c.max_bias_shift for c in result.layers), default=0.0)])
     return table(["layer", "weights", "pruned", "sparsity", "largest bias shift"], rows)
 
 
 def skipped_table(skipped: list[dict]) -> str:
-    return table(["node", "op", "why it is not pruned"], [[s["node"], s["op"], s["reason"]] for s in skipped], right=set())
+    rows = [[s.get("node", s.get("layer")), s["op"], s["reason"]] for s in skipped]
+    return table(["node", "op", "why it is not pruned"], rows, right=set())
 
 
 def unpruned_table(weights: list[dict]) -> str:
@@ -59,15 +60,19 @@ def evaluation_table(reports: dict[str, dict]) -> str:
         cells = [_latency(reports[n]["latency"]["batches"][i].get("model")) if "latency" in reports[n] else None
                  for n in names]
         rows.append([label + " (median, min-max)"] + cells)
-        ratios = [_ratio(reports[n]["latency"]["batches"][i]) if "latency" in reports[n] else None for n in names]
+        ratios = [_ratio(reports[n]["latency"]["batches"][i].get("ratio")) if "latency" in reports[n] else None
+                  for n in names]
         if any(ratios):
             rows.append([f"time vs reference (paired), batch {batch['batch_size']}"] + ratios)
     return table(["metric"] + names, rows)
 
 
-def _ratio(batch: dict) -> str | None:
-    value = batch.get("model/reference")
-    return None if value is None else f"{value:.2f}x"
+def _ratio(ratio: dict | None) -> str | None:
+    """A paired time ratio: its median, and its quartiles when they spread (noisy)."""
+    if ratio is None:
+        return None
+    text = f"{ratio['median']:.2f}x"
+    return text + f" (noisy: {ratio['q25']:.2f}-{ratio['q75']:.2f})" if ratio.get("noisy") else text
 
 
 def _latency(entry: dict | None) -> str | None:
@@ -77,9 +82,11 @@ def _latency(entry: dict | None) -> str | None:
 
 
 def sensitivity_table(report: dict) -> str:
-    """One row per ratio of a dry run: sparsity reached, score sum, and what was measured."""
+    """One row per ratio of a dry run: the fraction reached, what it cost, and what was measured."""
     measured = report.get("dense") is not None
-    headers = ["ratio", "sparsity", "pruned", "score sum"]
+    units = report.get("mode") == "units"
+    headers = ["ratio", "units removed" if units else "sparsity", "pruned"]
+    headers += ["MACs removed", "time / dense"] if units else ["score sum"]
     if measured:
         headers += ["output error", "loss", "accuracy", "loss change"]
     if report.get("max_loss_increase") is not None:
@@ -87,10 +94,11 @@ def sensitivity_table(report: dict) -> str:
     rows = []
     if measured:
         dense = report["dense"]
-        rows.append(["dense", "0.0%", 0, 0.0, 0.0, dense.get("loss"), _percent(dense.get("accuracy")), "-"]
-                    + (["-"] if report.get("max_loss_increase") is not None else []))
+        rows.append(["dense", "0.0%", 0] + (["0.0%", "1.00x"] if units else [0.0]) + [0.0, dense.get("loss"),
+                    _percent(dense.get("accuracy")), "-"] + (["-"] if report.get("max_loss_increase") is not None else []))
     for p in report["points"]:
-        row = [f"{p['ratio']:g}", f"{100 * p['sparsity']:.1f}%", p["pruned"], p["score_sum"]]
+        row = [f"{p['ratio']:g}", f"{100 * p['sparsity']:.1f}%", p["pruned"]]
+        row += [_percent(p["macs_removed"]), f"{p['time_ratio']:.2f}x"] if units else [p["score_sum"]]
         if measured:
             change = p.get("loss_increase")
             row += [p["output_error"], p["loss"], _percent(p["accuracy"]),
@@ -129,11 +137,14 @@ def structured_table(report: dict) -> str:
                   "bytes after"], rows)
 
 
-def timing_table(timing: list[dict]) -> str:
-    """Measured onnxruntime time of both models: medians and the spread of the paired ratios."""
-    rows = [[t["batch"], 1e3 * t["dense_seconds"], 1e3 * t["pruned_seconds"], f"{t['ratio']:.3f}",
-             f"{t['ratio_q25']:.3f}-{t['ratio_q75']:.3f}", f"{t['repeats']} x {t['runs_per_repeat']}"] for t in timing]
-    return table(["batch", "dense ms", "pruned ms", "time ratio", "ratio quartiles", "paired repeats x runs"], rows)
+def timing_table(latency: dict) -> str:
+    """The paired timer's report: per batch and thread setting, each model's median time per sample
+    and the ratio of the second to the first (quartiles when noisy)."""
+    first, second = latency["models"]
+    rows = [[t["batch_size"], t["threads"] or "default", _latency(t[first]), _latency(t[second]), _ratio(t["ratio"]),
+             f"{latency['repeats']} x {t['runs_per_timing']}"] for t in latency["batches"]]
+    return table(["batch", "threads", f"{first} µs/sample", f"{second} µs/sample", f"time {second}/{first}",
+                  "paired repeats x runs"], rows)
 
 
 def units_table(units: dict) -> str:

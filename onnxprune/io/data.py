@@ -59,6 +59,12 @@ class Dataset:
         return Dataset({k: self._rows(k, v, 0, n) for k, v in self.feeds.items()},
                        None if self.labels is None else self.labels[:n], self.fixed, self.axes)
 
+    def repeated(self, n: int) -> Dataset:
+        """``n`` samples: the first ones, repeated in order where there are fewer (a timing's batch)."""
+        index = np.arange(n) % len(self)
+        return Dataset({k: np.take(np.asarray(v), index, axis=self.axes.get(k, 0)) for k, v in self.feeds.items()},
+                       None if self.labels is None else self.labels[index], self.fixed, self.axes)
+
     def inputs(self) -> dict[str, np.ndarray]:
         """Every model input, as arrays: the per-sample feeds (read whole) and the fixed ones."""
         return {**self.arrays(), **self.fixed}

@@ -1,32 +1,30 @@
-"""Structured pruning end to end: unit groups -> statistics -> scores -> counts -> fold and slice -> refit.
+"""The units strategy: whole neurons, channels and attention heads removed (``find.units`` groups
+them), so the written model has smaller initializers and runs faster on every runtime.
 
-``prune_structured`` removes whole units (neurons, channels) so that the written model has smaller
-initializers and is faster on every runtime. With ``steps`` S > 1 the target is reached along
-1 - (1 - f)^(t/S), every step re-scoring the current (shrunk and refit) network; the refit re-solves
-every layer that reads removed units towards the dense model's pre-activations, chained in graph
-order (``unitrefit``). Default: ``ecp`` (joint first-order selection with the constants c_j) in 5
-steps with the refit.
+A step scores every group's units (``score.units``), chooses how many each group keeps
+(``select.counts``: a fraction of the units or of the MACs, globally or per layer, rounded to
+``multiple``), folds the removed units' constants into their consumers' biases and slices them away
+(``edit.slicing``); the repair then re-solves every layer that reads removed units towards the dense
+model's pre-activations (of the rows it kept), chained in graph order.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from onnxprune.derivatives.units import unit_statistics
-from onnxprune.edit.slicing import input_contract, remove_units
+from onnxprune.edit.slicing import drop_border, input_contract, remove_units
 from onnxprune.errors import InputError
-from onnxprune.find.layers import analyse_graph
-from onnxprune.find.outputs import protected_output, reaching
-from onnxprune.find.unitgroups import Rejected
+from onnxprune.find.layers import Layer, analyse_graph
 from onnxprune.find.units import find_units
-from onnxprune.graph.index import read_initializer
-from onnxprune.repair.unitrefit import UnitRefit, refit_layer
-from onnxprune.score.units import JACOBIAN_METHODS, METHODS, score_group
+from onnxprune.io.data import Dataset
+from onnxprune.modes.base import Preset, State
+from onnxprune.modes.weights import fresh
+from onnxprune.score.units import METHODS, UnitScores, make_unit_scorer
 from onnxprune.select.counts import choose_counts, layer_costs, total_macs
 from onnxprune.select.masks import SCOPES, excluded
+from onnxprune.select.schedule import geometric
 
 DEFAULT_STEPS = {"ecp": 5}
 INPUT_MODES = {"keep": None, "slice": "slice", "prune": "gather"}
@@ -49,170 +47,124 @@ class LayerShrink:
     bytes_after: int
 
 
-@dataclass
-class StructuredResult:
-    model: onnx.ModelProto
-    method: str
-    scope: str
-    target: dict
-    steps: int
-    refit: bool
-    protected_output: str
-    layers: list[LayerShrink]
-    groups: dict[str, dict]           # per group: units before, after, removed (original indices)
-    rejected: list[Rejected]
-    macs_before: int
-    macs_after: int
-    seconds: dict[str, float] = field(default_factory=dict)
-    refits: list[UnitRefit] = field(default_factory=list)
-    timing: list[dict] = field(default_factory=list)
-    kept_inputs: dict[str, list[int]] = field(default_factory=dict)  # --prune-inputs: the features to feed
+class UnitsMode:
+    """Unit groups removed whole. The target is a fraction of the units, or of the dense MACs with
+    ``macs``; ``multiple`` rounds every group's kept count; ``inputs``: "keep" never removes input
+    features, "slice" keeps one contiguous range of a first dense layer's inputs by a Slice inside the
+    model, "prune" lets any go and changes the model's input to the kept features."""
+
+    name = "units"
+    masked = False
+
+    def __init__(self, scope: str = "global", macs: bool = False, multiple: int = 1, inputs: str = "keep", exclude=()):
+        if scope not in SCOPES:
+            raise InputError(f"scope must be one of {SCOPES}, got {scope!r}")
+        if multiple < 1:
+            raise InputError(f"--multiple must be a positive number, got {multiple}")
+        if inputs not in INPUT_MODES:
+            raise InputError(f"inputs must be one of {', '.join(INPUT_MODES)}, got {inputs!r}")
+        self.scope, self.macs, self.multiple, self.inputs, self.exclude = scope, macs, multiple, inputs, tuple(exclude)
+        self.selection = INPUT_MODES[inputs]
 
     @property
-    def units_before(self) -> int:
-        return sum(g["units_before"] for g in self.groups.values())
+    def what(self) -> str:
+        return "MACs" if self.macs else "units"
 
-    @property
-    def units_after(self) -> int:
-        return sum(g["units_after"] for g in self.groups.values())
+    def preset(self, method: str) -> Preset:
+        if method not in METHODS:
+            raise InputError(f"--method {method} is not a structured method; choose one of {', '.join(METHODS)}")
+        return Preset(method, geometric(DEFAULT_STEPS.get(method, 1)), refit=True)
 
-    @property
-    def params_before(self) -> int:
-        return sum(r.params_before for r in self.layers)
+    def make_scorer(self, method: str):
+        return make_unit_scorer(method)
 
-    @property
-    def params_after(self) -> int:
-        return sum(r.params_after for r in self.layers)
+    def check(self, target: float) -> None:
+        if not 0.0 <= target < 1.0:
+            flag = "--macs" if self.macs else "--sparsity"
+            raise InputError(f"{flag} must be at least 0 and below 1 with --structured (1 would remove every unit), "
+                             f"got {target:g}")
 
-    def to_dict(self) -> dict:
-        return {"structured": True, "method": self.method, "scope": self.scope, "target": self.target,
-                "steps": self.steps, "refit": self.refit, "protected_output": self.protected_output,
-                "units_before": self.units_before, "units_after": self.units_after,
-                "params_before": self.params_before, "params_after": self.params_after,
-                "macs_before": self.macs_before, "macs_after": self.macs_after,
-                "layers": [asdict(r) for r in self.layers], "groups": self.groups,
-                "rejected": [asdict(r) for r in self.rejected], "seconds": self.seconds,
-                "refits": [asdict(r) for r in self.refits], "timing": self.timing, "kept_inputs": self.kept_inputs,
-                "inputs_changed": bool(self.kept_inputs)}
+    def find(self, model: onnx.ModelProto, layers: list[Layer], output: str, all_layers: list[Layer],
+             data: Dataset) -> list:
+        """The unit groups of ``layers`` (those that reach the protected output) that no --exclude
+        pattern touches; their MACs accounting over ``all_layers``. Returns the rejections."""
+        units = find_units(model, layers, inputs=self.selection)
+        by_name = {layer.name: layer for layer in all_layers}
+        self.groups = [g for g in units.groups if not any(excluded(by_name[n], self.exclude) for n in
+                                                          (*g.producers, *(c.layer for c in g.consumers)))]
+        if not self.groups:
+            reasons = "; ".join(f"{r.layer} ({r.op}): {r.reason}" for r in units.rejected[:3])
+            raise InputError(f"the model has no unit group that can be removed ({reasons or 'no prunable layers'})")
+        self.original = {g.name: g.units for g in self.groups}
+        self.costs = layer_costs(model, all_layers, self.groups, data.feeds)
+        self.all_layers = all_layers
+        return units.rejected
 
+    def begin(self, model: onnx.ModelProto, layers: list[Layer]) -> State:
+        kept = {name: np.arange(n) for name, n in self.original.items()}
+        return State(model, layers, self._groups(model), carried=kept)
 
-def _check_request(sparsity, macs, method, scope, steps, multiple) -> float:
-    if (sparsity is None) == (macs is None):
-        raise InputError("give exactly one of --sparsity (fraction of units) and --macs (fraction of MACs) with --structured")
-    fraction = sparsity if sparsity is not None else macs
-    what = "--sparsity" if sparsity is not None else "--macs"
-    if not 0.0 <= fraction < 1.0:
-        raise InputError(f"{what} must be at least 0 and below 1 with --structured (1 would remove every unit), "
-                         f"got {fraction:g}")
-    if method not in METHODS:
-        raise InputError(f"unknown structured method {method!r}; choose one of {', '.join(METHODS)}")
-    if scope not in SCOPES:
-        raise InputError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if steps is not None and steps < 1:
-        raise InputError(f"--steps must be a positive number, got {steps}")
-    if multiple < 1:
-        raise InputError(f"--multiple must be a positive number, got {multiple}")
-    return fraction
+    def _groups(self, model: onnx.ModelProto):
+        """The groups as they are in ``model`` (a fold may have inserted a bias, a cut to follow)."""
+        return [g for g in find_units(model, inputs=self.selection).groups if g.name in self.original]
 
+    def select(self, state: State, scores: dict[str, UnitScores], target: float) -> dict[str, np.ndarray]:
+        """Per group the units to remove (indices among those it has now)."""
+        counts = {name: len(index) for name, index in state.carried.items()}
+        kept = choose_counts(scores, counts, self.original, self.costs, sparsity=None if self.macs else target,
+                             macs=target if self.macs else None, scope=self.scope, multiple=self.multiple,
+                             lanes={g.name: g.lanes for g in self.groups})
+        return {name: scores[name].removal(counts[name] - kept[name]) for name in counts}
 
-def prune_structured(model, data, *, sparsity: float | None = None, macs: float | None = None, method: str = "ecp",
-                     scope: str = "global", multiple: int = 1, steps: int | None = None, refit: bool = True,
-                     exclude=(), output: str | None = None, probes: int | None = None, batch_size: int = 256,
-                     seed: int = 0, labels_key: str | None = None, provider: str = "cpu",
-                     threads: int | None = None, inputs: str = "keep") -> StructuredResult:
-    """``model`` with ``sparsity`` of its prunable units (or ``macs`` of its MACs) removed by ``method``.
-
-    ``inputs``: "keep" (default) never removes input features; "slice" makes the input features of
-    a first dense layer units too, kept as one contiguous range by a Slice inside the model (its
-    inputs do not change); "prune" lets any of them go and changes the model's input to the kept
-    features (``result.kept_inputs`` lists them, as does the model's metadata)."""
-    from onnxprune.check.validate import check_finite_weights, check_runs, few_samples, validate
-    from onnxprune.find.inventory import find_layers
-    from onnxprune.io.data import as_dataset
-    from onnxprune.io.models import as_model
-
-    fraction = _check_request(sparsity, macs, method, scope, steps, multiple)
-    if inputs not in INPUT_MODES:
-        raise InputError(f"inputs must be one of {', '.join(INPUT_MODES)}, got {inputs!r}")
-    selection = INPUT_MODES[inputs]
-    steps = steps or DEFAULT_STEPS.get(method, 1)
-    dense = onnx.ModelProto()
-    dense.CopyFrom(as_model(model))
-    found = find_layers(dense)
-    check_finite_weights(dense, found.layers)
-    dataset = as_dataset(data, dense, labels_key)
-    check_runs(dense, provider, few_samples(dense, dataset))
-    out_name = protected_output(dense, output)
-    reached, _ = reaching(dense, found.layers, out_name)
-    units = find_units(dense, reached, inputs=selection)
-    groups = [g for g in units.groups if not any(excluded(found.by_name()[n], exclude) for n in
-                                                 (*g.producers, *(c.layer for c in g.consumers)))]
-    if not groups:
-        reasons = "; ".join(f"{r.layer}: {r.reason}" for r in units.rejected[:3])
-        raise InputError(f"the model has no unit group that can be removed ({reasons or 'no prunable layers'})")
-    names = [g.name for g in groups]
-    original = {g.name: g.units for g in groups}
-    kept_index = {name: np.arange(n) for name, n in original.items()}
-    costs = layer_costs(dense, found.layers, groups, dataset.feeds)
-    order = [layer.name for layer in found.layers]
-    producer_of = {p: g.name for g in groups for p in g.producers}
-    current, refits, seconds = dense, [], {"scoring": 0.0, "slicing": 0.0, "refit": 0.0}
-    for step in range(1, steps + 1):
-        target = 1 - (1 - fraction) ** (step / steps) if step < steps else fraction
-        start = time.perf_counter()
-        now_groups = [g for g in find_units(current, inputs=selection).groups if g.name in original]
-        layers_now = analyse_graph(current).by_name()
-        stats = unit_statistics(current, now_groups, layers_now, dataset, out_name,
-                                jacobians=method in JACOBIAN_METHODS, probes=probes, batch_size=batch_size,
-                                seed=seed, provider=provider, threads=threads)
-        scores = {g.name: score_group(method, stats[g.name], _producer_rows(current, layers_now, g),
-                                      contiguous=g.selection == "Slice") for g in now_groups}
-        for g in now_groups:
-            scores[g.name].lanes = g.lanes
-        counts = {name: len(kept_index[name]) for name in names}
-        kept = choose_counts(scores, counts, original, costs, sparsity=target if sparsity is not None else None,
-                             macs=target if macs is not None else None, scope=scope, multiple=multiple,
-                             lanes={g.name: g.lanes for g in groups})
-        seconds["scoring"] += time.perf_counter() - start
-        start = time.perf_counter()
-        removed = {name: scores[name].removal(counts[name] - kept[name]) for name in names}
+    def edit(self, state: State, removed: dict[str, np.ndarray], scores: dict[str, UnitScores]) -> State:
         constants = {name: s.constants for name, s in scores.items() if s.constants is not None}
-        current = remove_units(current, removed, constants, inputs=selection)
-        kept_index = {name: np.delete(kept_index[name], removed[name]) for name in names}
-        seconds["slicing"] += time.perf_counter() - start
-        if refit:
-            start = time.perf_counter()
-            changed = {c.layer for g in groups if len(kept_index[g.name]) < original[g.name] for c in g.consumers}
-            refits = [refit_layer(dense, current, name, kept_index.get(producer_of[name]) if name in producer_of
-                                  else None, dataset, batch_size, provider, threads)
-                      for name in order if name in changed]
-            seconds["refit"] += time.perf_counter() - start
-    validate(current, dataset)
-    kept_inputs: dict[str, list[int]] = {}
-    if inputs == "prune":
-        current, kept_inputs = input_contract(current)
-    final_counts = {name: len(kept_index[name]) for name in names}
-    result = StructuredResult(
-        model=current, method=method, scope=scope, target={"sparsity": sparsity, "macs": macs, "multiple": multiple},
-        steps=steps, refit=refit, protected_output=out_name,
-        layers=_layer_report(dense, current, found.layers, costs, original, final_counts),
-        groups={name: {"units_before": original[name], "units_after": final_counts[name],
-                       "removed": np.setdiff1d(np.arange(original[name]), kept_index[name]).tolist()} for name in names},
-        rejected=units.rejected, macs_before=total_macs(costs, original), macs_after=total_macs(costs, final_counts),
-        seconds=seconds, refits=refits, kept_inputs=kept_inputs)
-    return result
+        model = remove_units(state.model, removed, constants, inputs=self.selection)
+        kept = {name: np.delete(index, removed[name]) for name, index in state.carried.items()}
+        return State(model, fresh(model, state.layers), self._groups(model), carried=kept)
+
+    def repaired(self, state: State, model: onnx.ModelProto) -> State:
+        """``state`` after a repair wrote ``model`` (an inserted bias is a cut of its group)."""
+        return State(model, fresh(model, state.layers), self._groups(model), carried=state.carried)
+
+    def to_repair(self, state: State) -> tuple[list[Layer], dict[str, np.ndarray]]:
+        """The layers that read removed units (graph order), and for those that also lost output units
+        the dense rows they kept. A padded Conv's border correction goes: the refit fits the layer as
+        it is (``state.model`` changes in place)."""
+        changed = {c.layer for g in self.groups if len(state.carried[g.name]) < self.original[g.name]
+                   for c in g.consumers}
+        dense = {layer.name: layer for layer in self.all_layers}
+        rows = {}
+        for g in self.groups:
+            for producer in g.producers:
+                if producer in changed:
+                    per = dense[producer].out_features // self.original[g.name]  # a head's D rows
+                    rows[producer] = (state.carried[g.name][:, None] * per + np.arange(per)).ravel()
+        layers = [layer for layer in state.layers if layer.name in changed]
+        for layer in layers:
+            drop_border(state.model, layer)
+        return layers, rows
+
+    def finish(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+        """The model as it is written: with --prune-inputs, taking only its kept input features."""
+        return input_contract(model) if self.inputs == "prune" else (model, {})
+
+    def report(self, dense: State, state: State, scores: dict, removed: dict, data: Dataset,
+               repaired: bool) -> tuple[list, dict]:
+        final = {name: len(index) for name, index in state.carried.items()}
+        layers = _layer_report(dense.model, state.model, self.all_layers, self.costs, self.original, final)
+        units_before, units_after = sum(self.original.values()), sum(final.values())
+        return layers, {
+            "of": self.what, "multiple": self.multiple, "inputs": self.inputs,
+            "units_before": units_before, "units_after": units_after,
+            "sparsity": 1 - units_after / units_before if units_before else 0.0,
+            "params_before": sum(r.params_before for r in layers), "params_after": sum(r.params_after for r in layers),
+            "macs_before": total_macs(self.costs, self.original), "macs_after": total_macs(self.costs, final),
+            "groups": {name: {"units_before": self.original[name], "units_after": final[name],
+                              "removed": np.setdiff1d(np.arange(self.original[name]), state.carried[name]).tolist()}
+                       for name in self.original}}
 
 
-def _producer_rows(model, layers, group) -> np.ndarray | None:
-    """The rows of every producer of ``group`` side by side, (units, sum of their inputs; an attention
-    head's D rows in one); None for inputs."""
-    if not group.producers:
-        return None
-    return np.hstack([layers[p].to_rows(read_initializer(model, layers[p].weight)).reshape(group.units, -1)
-                      for p in group.producers])
-
-
-def _layer_report(dense, pruned, layers, costs, original, final) -> list:
+def _layer_report(dense, pruned, layers, costs, original, final) -> list[LayerShrink]:
     after = analyse_graph(pruned).by_name()
     by_cost = {c.layer: c for c in costs}
     inits = {m: {t.name: t for t in model.graph.initializer} for m, model in (("before", dense), ("after", pruned))}

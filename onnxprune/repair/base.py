@@ -29,7 +29,8 @@ from onnxprune.io.data import Dataset
 class RepairRun(Protocol):
     """One pruning run's repair: called after every step with the pruned model and its layers."""
 
-    def __call__(self, current: onnx.ModelProto, layers: list[Layer], final: bool) -> tuple[onnx.ModelProto, list]:
+    def __call__(self, current: onnx.ModelProto, layers: list[Layer], final: bool,
+                 rows: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, list]:
         ...
 
 
@@ -114,7 +115,10 @@ def current_bias(model: onnx.ModelProto, layer: Layer, feeds: dict[str, np.ndarr
 
 
 def structure_key(model: onnx.ModelProto) -> tuple:
-    return tuple((n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node)
+    """What a session built for ``model`` depends on apart from initializer values: the nodes and the
+    initializers' shapes (units sliced away change the shapes, not the nodes)."""
+    return (tuple((n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node),
+            tuple((t.name, tuple(t.dims)) for t in model.graph.initializer))
 
 
 def parametric(m: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -139,7 +143,7 @@ def write_layer(model: onnx.ModelProto, layer: Layer, weight_rows: np.ndarray, b
 
 
 class _NoRepairRun:
-    def __call__(self, current, layers, final):
+    def __call__(self, current, layers, final, rows=None):
         return current, []
 
 
@@ -160,10 +164,10 @@ class _ComposedRun:
     def __init__(self, runs):
         self.runs = runs
 
-    def __call__(self, current, layers, final):
+    def __call__(self, current, layers, final, rows=None):
         reports = []
         for run in self.runs:
-            current, report = run(current, layers, final)
+            current, report = run(current, layers, final, rows)
             reports += report
             layers = [analyse_graph(current).by_name()[layer.name] for layer in layers]
         return current, reports

@@ -279,7 +279,7 @@ class _BlockRun:
             name, factors = names[layer.name]
             self.targets[layer.name] = position_rows(layer, values[name], factors)
 
-    def __call__(self, current: onnx.ModelProto, layers: list[Layer], final: bool):
+    def __call__(self, current: onnx.ModelProto, layers: list[Layer], final: bool, rows=None):
         if not (final or self.spec.every_step):
             return current, []
         model = onnx.ModelProto()

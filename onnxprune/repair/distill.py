@@ -25,7 +25,7 @@ class _DistillRun:
         self.provider, self.threads, self.batch_size = provider, threads, batch_size
         self.feeds = {k: np.asarray(v) for k, v in data.feeds.items()}  # an .npz's columns are read once, here
 
-    def __call__(self, current: onnx.ModelProto, layers: list[Layer], final: bool):
+    def __call__(self, current: onnx.ModelProto, layers: list[Layer], final: bool, rows=None):
         if not (final or self.spec.every_step):
             return current, []
         layers = [layer for layer in layers if refit_problem(layer) is None]

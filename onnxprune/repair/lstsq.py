@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from onnxprune import runtime
+from onnxprune.find.layers import Layer
+from onnxprune.repair.base import groups_of
 
 DAMPING_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 HOLDOUT_EVERY = 5
@@ -170,3 +172,53 @@ def damping_candidates(previous: float | None, fixed: float | None = None, explo
     if not explore:
         return [previous]
     return [d for d in DAMPING_GRID if previous / 10.01 <= d <= previous * 10.01]
+
+
+class Moments:
+    """Streamed sums for rows' least squares: Gram of x = [patch, 1] and cross-terms with targets t
+    (``gram``, ``cross``: one per group), or, when ``weighted``, one G-weighted Gram per row over its
+    survivors (``row_gram``, ``row_cross``, ``diag``: one per row of ``rows``)."""
+
+    def __init__(self, layer: Layer, survivors: list[np.ndarray] | None = None, rows: np.ndarray | None = None):
+        self.per_group = layer.out_features // groups_of(layer)
+        self.weighted = survivors is not None
+        self.survivors: list[np.ndarray] = [] if survivors is None else survivors
+        self.rows: np.ndarray = np.zeros(0, dtype=int) if rows is None else rows
+        d = layer.in_features + 1
+        self.gram = np.zeros((0, d, d))
+        self.cross = np.zeros((0, d, layer.out_features))
+        self.row_gram: list[np.ndarray] = []
+        self.row_cross: list[np.ndarray] = []
+        self.diag = np.zeros(0)
+        if self.weighted:
+            self.row_gram = [np.zeros((len(self.survivors[i]) + 1,) * 2) for i in self.rows]
+            self.row_cross = [np.zeros(len(self.survivors[i]) + 1) for i in self.rows]
+            self.diag = np.zeros(len(self.rows))  # sum_s g_si |x_s|^2 / in: the damping's scale per row
+        else:
+            self.gram = np.zeros((groups_of(layer), d, d))
+            self.cross = np.zeros((groups_of(layer), d, layer.out_features))
+        self.tt = np.zeros(layer.out_features)
+        self.count = 0
+
+    def add(self, x: np.ndarray, t: np.ndarray, g: np.ndarray | None = None) -> None:
+        """x (M, groups, in), t and g (M, out): M = samples x positions."""
+        self.count += len(x)
+        x = np.concatenate([x, np.ones(x.shape[:2] + (1,))], axis=2)
+        if not self.weighted:
+            for group in range(x.shape[1]):
+                xg = x[:, group]
+                self.gram[group] += xg.T @ xg
+                self.cross[group] += xg.T @ t
+            self.tt += (t * t).sum(0)
+            return
+        if g is None:
+            raise ValueError("weighted moments need the weights g")
+        square = (x[:, :, :-1] ** 2).mean(2)  # (M, groups)
+        for slot, i in enumerate(self.rows):
+            xg = x[:, i // self.per_group]
+            xs = xg[:, np.append(self.survivors[i], xg.shape[1] - 1)]
+            w = g[:, i]
+            self.row_gram[slot] += (xs * w[:, None]).T @ xs
+            self.row_cross[slot] += xs.T @ (w * t[:, i])
+            self.diag[slot] += w @ square[:, i // self.per_group]
+            self.tt[i] += w @ (t[:, i] ** 2)

@@ -46,7 +46,6 @@ from onnxprune.prepare.shapes import output_shape
 from onnxprune.repair.base import (
     LayerRefit,
     fit_target,
-    groups_of,
     linear_rows,
     parametric,
     patch_rows,
@@ -58,6 +57,7 @@ from onnxprune.repair.base import (
 from onnxprune.repair.lstsq import (
     GRID_ROWS,
     HOLDOUT_EVERY,
+    Moments,
     damping_candidates,
     moment_errors,
     solve_own,
@@ -93,82 +93,32 @@ class _Network:
 
 
 class _DenseTargets:
-    """The dense model's fit targets per batch and layer, from one session, kept while they fit."""
+    """The dense model's fit targets per batch and layer, from one session, kept while they fit; a
+    layer whose rows are a subset of the dense layer's (units sliced away) gets those rows."""
 
     def __init__(self, dense: onnx.ModelProto, layers: list[Layer], provider, threads):
+        self.layers = {layer.name: layer for layer in layers}
         self.targets = {layer.name: fit_target(dense, layer) for layer in layers}
         self.session = runtime.tensor_session(dense, list(dict.fromkeys(t for t, _ in self.targets.values())),
                                               provider, threads)
         self.cache: dict[tuple[int, str], np.ndarray] = {}
         self.size = 0
 
-    def __call__(self, index: int, feeds, layer: Layer) -> np.ndarray:
-        key = (index, layer.name)
-        if key in self.cache:
-            return self.cache[key]
-        name, factors = self.targets[layer.name]
-        (a,) = self.session.run([name], feeds)
-        t = position_rows(layer, a, factors)
-        if self.size + t.nbytes <= CACHE_BYTES:
+    def __call__(self, index: int, feeds, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        key = (index, name)
+        if key not in self.cache:
+            target, factors = self.targets[name]
+            (a,) = self.session.run([target], feeds)
+            t = position_rows(self.layers[name], a, factors)
+            if self.size + t.nbytes > CACHE_BYTES:
+                return t if rows is None else t[:, rows]
             self.cache[key] = t
             self.size += t.nbytes
-        return t
+        t = self.cache[key]
+        return t if rows is None else t[:, rows]
 
 
-# ---------------------------------------------------------------------------------------------
-# Moments
-
-class _Moments:
-    """Streamed sums for rows' least squares: Gram of x = [patch, 1] and cross-terms with targets t
-    (``gram``, ``cross``: one per group), or, when ``weighted``, one G-weighted Gram per row over its
-    survivors (``row_gram``, ``row_cross``, ``diag``: one per row of ``rows``)."""
-
-    def __init__(self, layer: Layer, survivors: list[np.ndarray] | None = None, rows: np.ndarray | None = None):
-        self.per_group = layer.out_features // groups_of(layer)
-        self.weighted = survivors is not None
-        self.survivors: list[np.ndarray] = [] if survivors is None else survivors
-        self.rows: np.ndarray = np.zeros(0, dtype=int) if rows is None else rows
-        d = layer.in_features + 1
-        self.gram = np.zeros((0, d, d))
-        self.cross = np.zeros((0, d, layer.out_features))
-        self.row_gram: list[np.ndarray] = []
-        self.row_cross: list[np.ndarray] = []
-        self.diag = np.zeros(0)
-        if self.weighted:
-            self.row_gram = [np.zeros((len(self.survivors[i]) + 1,) * 2) for i in self.rows]
-            self.row_cross = [np.zeros(len(self.survivors[i]) + 1) for i in self.rows]
-            self.diag = np.zeros(len(self.rows))  # sum_s g_si |x_s|^2 / in: the damping's scale per row
-        else:
-            self.gram = np.zeros((groups_of(layer), d, d))
-            self.cross = np.zeros((groups_of(layer), d, layer.out_features))
-        self.tt = np.zeros(layer.out_features)
-        self.count = 0
-
-    def add(self, x: np.ndarray, t: np.ndarray, g: np.ndarray | None = None) -> None:
-        """x (M, groups, in), t and g (M, out): M = samples x positions."""
-        self.count += len(x)
-        x = np.concatenate([x, np.ones(x.shape[:2] + (1,))], axis=2)
-        if not self.weighted:
-            for group in range(x.shape[1]):
-                xg = x[:, group]
-                self.gram[group] += xg.T @ xg
-                self.cross[group] += xg.T @ t
-            self.tt += (t * t).sum(0)
-            return
-        if g is None:
-            raise ValueError("weighted moments need the weights g")
-        square = (x[:, :, :-1] ** 2).mean(2)  # (M, groups)
-        for slot, i in enumerate(self.rows):
-            xg = x[:, i // self.per_group]
-            xs = xg[:, np.append(self.survivors[i], xg.shape[1] - 1)]
-            w = g[:, i]
-            self.row_gram[slot] += (xs * w[:, None]).T @ xs
-            self.row_cross[slot] += xs.T @ (w * t[:, i])
-            self.diag[slot] += w @ square[:, i // self.per_group]
-            self.tt[i] += w @ (t[:, i] ** 2)
-
-
-def _shared_fit(layer, fit: _Moments, held: _Moments, keep: np.ndarray, theta_now: np.ndarray, candidates: list[float]):
+def _shared_fit(layer, fit: Moments, held: Moments, keep: np.ndarray, theta_now: np.ndarray, candidates: list[float]):
     """Unweighted rows: (damping, theta on the fit samples, held-out error before and after), the
     errors summed over the GRID_ROWS rows spread over the layer whose held-out solves chose the
     damping (with one candidate, the final solve's rows: there is nothing to choose)."""
@@ -196,7 +146,7 @@ def _shared_fit(layer, fit: _Moments, held: _Moments, keep: np.ndarray, theta_no
     return candidates[best], theta, before, scores[best]
 
 
-def _weighted_fit(fit: _Moments, held: _Moments, survivors, in_features: int, theta_now: np.ndarray,
+def _weighted_fit(fit: Moments, held: Moments, survivors, in_features: int, theta_now: np.ndarray,
                   candidates: list[float]):
     """G-weighted rows of one block: (damping, theta (rows, in + 1) on the fit samples, held-out error
     before and after summed over the GRID_ROWS rows whose solves chose the damping)."""
@@ -249,6 +199,8 @@ class Refit:
         return "refit" + ("" if self.chained else " (dense inputs)") + (", G-weighted" if self.g_weighted else "")
 
     def start(self, dense, layers, data, output, **options) -> RefitRun:
+        """A run over ``layers`` (of ``dense``); ``masked=False`` (whole units removed) frees every
+        weight, where by default the zeros are the mask and stay zero."""
         if self.g_weighted and not self.chained:
             raise ValueError("a G-weighted refit is always chained")
         return RefitRun(self, dense, layers, data, output, **options)
@@ -259,13 +211,13 @@ class RefitRun:
 
     def __init__(self, spec: Refit, dense: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,
                  batch_size: int = 256, provider: str = "cpu", threads: int | None = None,
-                 progress: Callable[[int, int], None] | None = None):
-        self.spec, self.dense, self.data, self.output = spec, dense, data, output
+                 progress: Callable[[int, int], None] | None = None, masked: bool = True):
+        self.spec, self.dense, self.data, self.output, self.masked = spec, dense, data, output, masked
         self.batch_size, self.provider, self.threads, self.progress = batch_size, provider, threads, progress
         self.targets = _DenseTargets(dense, layers, provider, threads)
         self.network: _Network | None = None
         self.dense_network: _Network | None = None
-        self.fixed: dict[str, tuple[_Moments, _Moments]] = {}   # moments whose inputs never change
+        self.fixed: dict[tuple, tuple[Moments, Moments]] = {}  # moments whose inputs never change, per shape
         self.damping: dict[str, float] = {}
         self.shape = output_shape(dense, output, data.feeds, provider) if spec.g_weighted else None
 
@@ -289,9 +241,10 @@ class RefitRun:
                 tainted.update(node.output)
         return layer.input not in tainted
 
-    def __call__(self, current: onnx.ModelProto, layers: list[Layer], final: bool):
-        """Refit ``layers`` of ``current`` (a mask's model; zeros are the mask); the new model and
-        one LayerRefit per layer."""
+    def __call__(self, current: onnx.ModelProto, layers: list[Layer], final: bool,
+                 rows: dict[str, np.ndarray] | None = None):
+        """Refit ``layers`` of ``current`` towards the dense pre-activations (of the dense ``rows``
+        a layer kept, where units were removed); the new model and one LayerRefit per layer."""
         weighted = self.spec.g_weighted and final
         model = onnx.ModelProto()
         model.CopyFrom(current)
@@ -311,17 +264,17 @@ class RefitRun:
                 reports.append(LayerRefit(name, skipped=problem))
                 continue
             with runtime.one_blas_thread():  # small products: the same rounding at any --threads, and faster
-                report, inserted = self._refit_layer(model, layer, layers, jac, final)
+                report, inserted = self._refit_layer(model, layer, layers, jac, final, (rows or {}).get(name))
             reports.append(report)
             if self.progress:
                 self.progress(done + 1, len(names))
         return model, reports
 
-    def _refit_layer(self, model, layer, layers, jac, final):
+    def _refit_layer(self, model, layer, layers, jac, final, dense_rows):
         network = self._session(model, layers)
         source = network if self.spec.chained else self._dense_session(layers)
         weight = layer.to_rows(read_initializer(model, layer.weight))
-        keep = weight != 0
+        keep = weight != 0 if self.masked else np.ones(weight.shape, bool)
         survivors = [np.flatnonzero(row) for row in keep]
         target, factors = fit_target(model, layer)
         bias = self._bias(network, layer, weight, target, factors)
@@ -330,15 +283,16 @@ class RefitRun:
         blocks = _row_blocks(survivors) if weighted else [None]
         results = []
         for rows in blocks:
-            if fixed and layer.name in self.fixed:
-                fit, held = self.fixed[layer.name]
+            key = (layer.name, layer.in_features, layer.out_features)
+            if fixed and key in self.fixed:
+                fit, held = self.fixed[key]
             else:
-                fit = _Moments(layer, survivors if weighted else None, rows)
-                held = _Moments(layer, survivors if weighted else None, rows)
+                fit = Moments(layer, survivors if weighted else None, rows)
+                held = Moments(layer, survivors if weighted else None, rows)
                 offset = 0
                 for index, (feeds, _) in enumerate(self.data.batches(self.batch_size)):
                     z = feeds[layer.input] if layer.input in feeds else source.run([layer.input], feeds)[0]
-                    x, t, g = patch_rows(layer, z), self.targets(index, feeds, layer), None
+                    x, t, g = patch_rows(layer, z), self.targets(index, feeds, layer.name, dense_rows), None
                     if weighted:
                         g = jac(feeds, self.shape)[0][layer.name]  # (batch, out) or (batch, out, positions)
                         g = g.reshape(len(g), layer.out_features, -1).transpose(0, 2, 1).reshape(-1, layer.out_features)
@@ -348,7 +302,7 @@ class RefitRun:
                     fit.add(x[~hold], t[~hold], None if g is None else g[~hold])
                     held.add(x[hold], t[hold], None if g is None else g[hold])
                 if fixed:
-                    self.fixed[layer.name] = (fit, held)
+                    self.fixed[key] = (fit, held)
             theta_now = np.concatenate([weight, bias[:, None]], axis=1)
             candidates = damping_candidates(self.damping.get(layer.name), self.spec.damping, explore=final)
             if weighted:

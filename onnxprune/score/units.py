@@ -1,17 +1,12 @@
 """Unit scores: the ECP error of removing units with their constants, and the baselines."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from onnxprune.derivatives.units import UnitStatistics
 from onnxprune.errors import InputError
-
-METHODS = ("ecp", "ecp-unit", "flap", "wanda", "l2")
-
-
-JACOBIAN_METHODS = ("ecp", "ecp-unit")
 
 
 @dataclass
@@ -84,40 +79,113 @@ def greedy_joint(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, costs
 
 
-def score_group(method: str, stats: UnitStatistics, producer_rows: np.ndarray | None,
-                contiguous: bool = False) -> UnitScores:
+def score_group(method: str, stats: UnitStatistics | None, producer_rows: np.ndarray | None, units: int,
+                contiguous: bool = False, seed: int = 0) -> UnitScores:
     """The removal order of one group under ``method`` (producer_rows: the producers' (out, in) weights,
     None for input features, whose l2/wanda use the consumer columns); ``contiguous``: only the
     complement of one range may go (input features kept by a Slice)."""
-    scores = _score(method, stats, producer_rows)
+    scorer = make_unit_scorer(method)
+    scores = scorer.rank(stats, producer_rows, units, seed)
     if not contiguous:
         return scores
-    m = ecp_constants(stats)[1] if method == "ecp" else np.diag(scores.costs[np.argsort(scores.order)])
+    m = ecp_constants(stats)[1] if stats is not None and method == "ecp" else np.diag(scores.costs[np.argsort(scores.order)])
     offsets, errors = best_bands(m)
     # costs[t]: the joint error's rise from t to t + 1 features removed (kept length n - t to n - t - 1)
     return UnitScores(np.arange(len(m)), np.diff(errors[::-1]), scores.constants, offsets)
 
 
-def _score(method: str, stats: UnitStatistics, producer_rows: np.ndarray | None) -> UnitScores:
-    if producer_rows is None:
-        producer_rows = np.sqrt(stats.column_norm2)[:, None]
-    if method == "ecp":
-        c, m = ecp_constants(stats)
-        order, costs = greedy_joint(m)
-        return UnitScores(order, costs, c)
-    if method == "ecp-unit":
-        c, m = ecp_constants(stats)
-        score, constants = np.diag(m), c
-    elif method == "flap":
-        score, constants = stats.fluctuation, stats.mean_z
-    elif method == "wanda":
-        score, constants = np.linalg.norm(producer_rows, axis=1) * np.sqrt(stats.sum_z2), None
-    elif method == "l2":
-        score, constants = np.linalg.norm(producer_rows, axis=1), None
-    else:
-        raise InputError(f"unknown structured method {method!r}; choose one of {', '.join(METHODS)}")
+def _ordered(score: np.ndarray, constants: np.ndarray | None) -> UnitScores:
     order = np.argsort(score, kind="stable")
     return UnitScores(order, score[order], constants)
 
 
-# --- MACs and the choice of how many units each group loses ---------------------------------------
+def _rows(stats: UnitStatistics, producer_rows: np.ndarray | None) -> np.ndarray:
+    return np.sqrt(stats.column_norm2)[:, None] if producer_rows is None else producer_rows
+
+
+class UnitScorer:
+    """A structured method: ``rank`` orders one group's units (cheapest first) from its statistics;
+    ``__call__`` ranks every group of a ScoringContext. ``jacobians``: whether it needs the output
+    derivatives (else only activation moments)."""
+
+    name = ""
+    jacobians = False
+    needs_statistics = True
+
+    def rank(self, stats, producer_rows: np.ndarray | None, units: int, seed: int) -> UnitScores:
+        raise NotImplementedError
+
+    def __call__(self, ctx) -> dict[str, UnitScores]:
+        stats = ctx.unit_statistics(self.jacobians) if self.needs_statistics else {}
+        return {g.name: replace(score_group(self.name, stats.get(g.name), ctx.producer_rows(g), g.units,
+                                            contiguous=g.selection == "Slice", seed=ctx.seed + k), lanes=g.lanes)
+                for k, g in enumerate(ctx.groups)}
+
+
+class JointECP(UnitScorer):
+    """ECP with constants c_j, units removed greedily by the rise of the joint first-order error."""
+
+    name, jacobians = "ecp", True
+
+    def rank(self, stats, producer_rows, units, seed):
+        c, m = ecp_constants(stats)
+        order, costs = greedy_joint(m)
+        return UnitScores(order, costs, c)
+
+
+class UnitECP(UnitScorer):
+    """Each unit's own ECP error with its constant (no cross terms)."""
+
+    name, jacobians = "ecp-unit", True
+
+    def rank(self, stats, producer_rows, units, seed):
+        c, m = ecp_constants(stats)
+        return _ordered(np.diag(m), c)
+
+
+class FLAP(UnitScorer):
+    """FLAP's fluctuation sum_cols ||W[:, col]||^2 Var(x_col), the mean E[z_j] as the constant."""
+
+    name = "flap"
+
+    def rank(self, stats, producer_rows, units, seed):
+        return _ordered(stats.fluctuation, stats.mean_z)
+
+
+class StructuredWanda(UnitScorer):
+    """onnxsim's structured Wanda: ||producer row j||_2 * ||z_j||_2, no constant."""
+
+    name = "wanda"
+
+    def rank(self, stats, producer_rows, units, seed):
+        return _ordered(np.linalg.norm(_rows(stats, producer_rows), axis=1) * np.sqrt(stats.sum_z2), None)
+
+
+class L2(UnitScorer):
+    """Li et al. / onnxsim: ||producer row j||_2, no constant."""
+
+    name = "l2"
+
+    def rank(self, stats, producer_rows, units, seed):
+        return _ordered(np.linalg.norm(_rows(stats, producer_rows), axis=1), None)
+
+
+class RandomUnits(UnitScorer):
+    """Units in a seeded random order, no constant: the floor every method must beat."""
+
+    name, needs_statistics = "random", False
+
+    def rank(self, stats, producer_rows, units, seed):
+        return _ordered(np.random.default_rng(seed).random(units), None)
+
+
+UNIT_SCORERS: dict[str, type[UnitScorer]] = {cls.name: cls for cls in (JointECP, UnitECP, FLAP, StructuredWanda, L2,
+                                                                         RandomUnits)}
+METHODS = tuple(UNIT_SCORERS)
+
+
+def make_unit_scorer(method: str) -> UnitScorer:
+    try:
+        return UNIT_SCORERS[method]()
+    except KeyError:
+        raise InputError(f"unknown structured method {method!r}; choose one of {', '.join(METHODS)}") from None

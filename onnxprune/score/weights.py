@@ -1,4 +1,4 @@
-"""One small scorer per pruning method; each turns what it needs into per-weight scores.
+"""One small scorer per pruning method; each turns what it needs (``context.ScoringContext``) into per-weight scores.
 
 A scorer returns, for every layer, ``scores`` (out, in) where low means "prune first" and, when the
 method compensates, ``shifts`` (out, in): the pre-activation shift Delta a_i that removing W_ij
@@ -7,80 +7,20 @@ calls for. Adding a method means adding one class and registering its name in ``
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from onnxprune import runtime
-from onnxprune.derivatives.plan import MEMORY_BUDGET
-from onnxprune.derivatives.statistics import LayerStatistics, collect_loss_gradients, collect_statistics
 from onnxprune.errors import InputError
-from onnxprune.find.layers import Layer
-from onnxprune.io.data import Dataset
-from onnxprune.prepare.shapes import output_shape
+from onnxprune.score.context import ScoringContext
 
 
 @dataclass
 class Saliency:
     scores: np.ndarray
     shifts: np.ndarray | None = None
-
-
-@dataclass
-class ScoringContext:
-    """What scorers may ask for; expensive statistics are computed once, on first request."""
-
-    model: onnx.ModelProto
-    layers: list[Layer]
-    weights: dict[str, np.ndarray]          # effective (out, in) float64 weights by layer name
-    data: Dataset
-    output: str
-    seed: int = 0
-    probes: int | None = None
-    conv_statistics: str = "exact"          # shared-weight layers: "exact" or "positions" (see onnxprune.derivatives.shared)
-    batch_size: int = 256
-    provider: str = "cpu"
-    threads: int | None = None
-    force: bool = False
-    progress: Callable[[str, int, int], None] | None = None
-    engine: str = "auto"                    # the gradient engine to try first (onnxprune.derivatives.engines)
-    memory_budget: int = MEMORY_BUDGET      # bytes one batch of derivatives may hold
-    timings: dict[str, float] = field(default_factory=dict)
-    derivatives: dict = field(default_factory=dict)  # what computed them: engine, probes, exact, batch
-    _statistics: dict[str, LayerStatistics] | None = None
-    _loss_gradients: dict[str, np.ndarray] | None = None
-
-    def _report(self, step: str):
-        return (lambda done, total: self.progress(step, done, total)) if self.progress else None
-
-    def statistics(self) -> dict[str, LayerStatistics]:
-        if self._statistics is None:
-            start = time.perf_counter()
-            self._statistics = collect_statistics(
-                self.model, self.layers, self.data, self.output, probes=self.probes, batch_size=self.batch_size,
-                seed=self.seed, provider=self.provider, threads=self.threads, progress=self._report("statistics"),
-                shared=self.conv_statistics, engine=self.engine, memory_budget=self.memory_budget,
-                info=self.derivatives)
-            self.timings["statistics"] = time.perf_counter() - start
-        return self._statistics
-
-    def loss_gradients(self) -> dict[str, np.ndarray]:
-        if self._loss_gradients is None:
-            if self.data.labels is None:
-                raise InputError("this method needs labels in the calibration data (array 'y' or 'labels')")
-            classes = int(np.prod(output_shape(self.model, self.output, self.data.subset(1).arrays(), self.provider)))
-            if self.data.labels.max() >= classes:  # onnxruntime's loss kernel would read out of bounds
-                raise InputError(f"labels go up to {self.data.labels.max()} but output {self.output!r} has "
-                                 f"{classes} classes")
-            start = time.perf_counter()
-            self._loss_gradients = collect_loss_gradients(
-                self.model, self.layers, self.data, self.output, batch_size=self.batch_size,
-                provider=self.provider, threads=self.threads, progress=self._report("loss gradients"),
-                engine=self.engine, memory_budget=self.memory_budget, info=self.derivatives)
-            self.timings["loss gradients"] = time.perf_counter() - start
-        return self._loss_gradients
 
 
 class ECP:

@@ -1,0 +1,116 @@
+"""The weights strategy: every weight of the prunable layers scored, the lowest masked to zero, each
+row's compensation added to its bias (``edit.rewrite``); shapes do not change."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import onnx
+
+from onnxprune.edit.rewrite import rewrite
+from onnxprune.errors import InputError
+from onnxprune.find.layers import Layer, analyse_graph
+from onnxprune.io.data import Dataset
+from onnxprune.modes.base import Preset, State
+from onnxprune.repair.base import current_bias
+from onnxprune.repair.distill import Distill
+from onnxprune.score.weights import METHODS, Saliency, make_scorer
+from onnxprune.select.masks import choose_masks, excluded
+from onnxprune.select.schedule import geometric
+
+PRESETS = {
+    "ecp-refit": Preset("ecp", geometric(5), refit=True, then=Distill(epochs=40, lr=1e-2, batch=256, patience=8),
+                        fallback=True),
+}
+METHOD_NAMES = (*METHODS, *PRESETS)
+
+
+class WeightsMode:
+    """Masks over single weights: ``scope`` global (one threshold) or per layer; ``compensation``
+    adds the removed weights' expected contribution to the biases (methods that have one)."""
+
+    name = "weights"
+    masked = True
+
+    def __init__(self, scope: str = "global", compensation: bool = True, exclude=()):
+        self.scope, self.compensation, self.exclude = scope, compensation, tuple(exclude)
+
+    def preset(self, method: str) -> Preset:
+        if method not in METHOD_NAMES:
+            raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
+        return PRESETS.get(method, Preset(method))
+
+    def make_scorer(self, method: str):
+        return make_scorer(method)
+
+    def check(self, target: float) -> None:
+        if not 0.0 <= target <= 1.0:
+            raise InputError(f"sparsity must be between 0 and 1, got {target}")
+
+    def find(self, model: onnx.ModelProto, layers: list[Layer], output: str, all_layers: list[Layer],
+             data: Dataset) -> list:
+        """Nothing beyond the layers: every weight of every layer is a candidate."""
+        return []
+
+    def begin(self, model: onnx.ModelProto, layers: list[Layer]) -> State:
+        masks = {layer.name: np.zeros((layer.out_features, layer.in_features), bool) for layer in layers}
+        return State(model, layers, carried=masks)
+
+    def select(self, state: State, scores: dict[str, Saliency], target: float) -> dict[str, np.ndarray]:
+        """Masks (True = pruned) with exactly round(target * n) weights; weights already pruned stay so."""
+        ranked = _keep_pruned({name: s.scores for name, s in scores.items()}, state.carried)
+        return choose_masks(state.layers, ranked, target, self.scope, self.exclude)
+
+    def edit(self, state: State, masks: dict[str, np.ndarray], scores: dict[str, Saliency]) -> State:
+        shifts = _shifts(scores) if self.compensation else None
+        model, changes = rewrite(state.model, state.layers, masks, shifts)
+        return State(model, fresh(model, state.layers), carried=masks, changes=changes)
+
+    def repaired(self, state: State, model: onnx.ModelProto) -> State:
+        """``state`` after a repair wrote ``model`` (it may have inserted biases)."""
+        return State(model, fresh(model, state.layers), carried=state.carried, changes=state.changes)
+
+    def to_repair(self, state: State) -> tuple[list[Layer], None]:
+        return [layer for layer in state.layers if not excluded(layer, self.exclude)], None
+
+    def finish(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, list[int]]]:
+        return model, {}
+
+    def report(self, dense: State, state: State, scores: dict[str, Saliency], masks: dict[str, np.ndarray],
+               data: Dataset, repaired: bool) -> tuple[list, dict]:
+        """Per layer what the rewrite did (the bias change against the dense model when steps or a
+        repair followed), and the mode's summary."""
+        changes = state.changes
+        if repaired:
+            feeds = data.subset(8).feeds
+            changes = [replace(c, max_bias_shift=_bias_change(dense.model, state.model, before, after, feeds))
+                       for c, before, after in zip(changes, dense.layers, state.layers)]
+        weights, pruned = sum(c.weights for c in changes), sum(c.pruned for c in changes)
+        return changes, {"compensation": self.compensation and _shifts(scores) is not None,
+                         "weights": weights, "pruned": pruned, "sparsity": pruned / weights if weights else 0.0,
+                         "score_sum": float(sum(scores[name].scores[m].sum() for name, m in masks.items()))}
+
+
+def fresh(model: onnx.ModelProto, layers: list[Layer]) -> list[Layer]:
+    """The same layers re-read from ``model`` (an edit or a repair may have inserted biases)."""
+    found = analyse_graph(model).by_name()
+    return [found[layer.name] for layer in layers]
+
+
+def _keep_pruned(scores: dict[str, np.ndarray], pruned: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Scores where already-pruned weights rank below every other, so they stay pruned."""
+    if not any(m.any() for m in pruned.values()):
+        return scores
+    floor = min(float(s.min()) for s in scores.values()) - 1.0
+    return {name: np.where(pruned[name], floor, s) for name, s in scores.items()}
+
+
+def _shifts(saliencies: dict[str, Saliency]) -> dict[str, np.ndarray] | None:
+    shifts = {name: s.shifts for name, s in saliencies.items() if s.shifts is not None}
+    return shifts if len(shifts) == len(saliencies) else None
+
+
+def _bias_change(original: onnx.ModelProto, final: onnx.ModelProto, before: Layer, after: Layer, feeds) -> float:
+    """Largest |change| of a layer's stored bias between two versions of the model."""
+    old, new = current_bias(original, before, feeds), current_bias(final, after, feeds)
+    return float(np.max(np.abs(after.bias_shift_to_stored(new - old))))
