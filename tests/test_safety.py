@@ -391,8 +391,9 @@ def test_latency_is_paired_repeated_and_sizes_are_reported(files):
         for who in ("model", "reference"):
             assert b[who]["min_us"] <= b[who]["median_us"] <= b[who]["max_us"]
         assert o["model"] == b["reference"]  # the original's column is its half of the paired run
-        assert b["model/reference"] > 0
-    assert "batch 1 (median, min-max)" in res.output and "zlib bytes" in res.output
+        assert b["ratio_q25"] <= b["model/reference"] <= b["ratio_q75"]
+        assert b["noisy"] == (b["ratio_q75"] / b["ratio_q25"] > 1.5)
+    assert "batch 1 (median, quartiles)" in res.output and "bytes, zlib-compressed" in res.output
 
 
 @pytest.mark.parametrize("budget, ratios", [(["--max-loss-increase", "1000%"], "0.2,0.5,0.8"),

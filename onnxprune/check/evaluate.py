@@ -18,6 +18,13 @@ from onnxprune.io.data import Dataset
 REPEATS = 7            # timings per model and batch size; the report gives their median, min and max
 MIN_TIMING = 0.005     # seconds: one timing runs the batch this long at least (clock resolution, noise)
 MAX_RUNS = 1000
+NOISY_SPREAD = 1.5     # upper over lower quartile of the paired ratios (or of one model's timings) above this: noisy
+
+
+def is_noisy(q25: float, q75: float) -> bool:
+    """Whether a timing's quartiles lie too far apart to trust its median: on a busy machine the same
+    pair of models measured twice can differ several-fold, and the spread is what shows it."""
+    return not q25 > 0 or q75 / q25 > NOISY_SPREAD
 
 
 def predict(model: onnx.ModelProto, data: Dataset, output: str, provider: str = "cpu", batch_size: int = 1024,
@@ -37,8 +44,10 @@ def measure_latency(models: dict[str, onnx.ModelProto], data: Dataset, batch_siz
                     provider: str = "cpu", threads: int | None = None, repeats: int = REPEATS) -> dict:
     """Seconds per sample of every model, paired: for each batch size the models run in turns
     (the order alternating between repeats, after a warm-up), each turn long enough to time, so
-    that drift of the machine hits them alike. Per model: median, min and max over the repeats;
-    with two models, the median of the per-repeat ratios second / first."""
+    that drift of the machine hits them alike. Per model: median, quartiles, min and max over the
+    repeats; with two models, the median and quartiles of the per-repeat ratios second / first. Each
+    batch is marked ``noisy`` where those quartiles (of the ratios, else of the one model's timings)
+    lie more than NOISY_SPREAD apart."""
     sessions = {name: runtime.make_session(m, provider, threads) for name, m in models.items()}
     names = list(sessions)
     batches: list[dict] = []
@@ -63,10 +72,15 @@ def measure_latency(models: dict[str, onnx.ModelProto], data: Dataset, batch_siz
         entry: dict[str, object] = {"batch_size": batch, "runs_per_timing": runs}
         for name, values in times.items():
             us = 1e6 * np.asarray(values)
-            entry[name] = {"median_us": float(np.median(us)), "min_us": float(us.min()), "max_us": float(us.max())}
-        if len(names) == 2:
+            q25, q75 = np.percentile(us, [25, 75])
+            entry[name] = {"median_us": float(np.median(us)), "q25_us": float(q25), "q75_us": float(q75),
+                           "min_us": float(us.min()), "max_us": float(us.max())}
+        if len(names) == 2:  # pairing cancels the drift both models share: the ratios' spread is the one that counts
             ratios = np.asarray(times[names[1]]) / np.asarray(times[names[0]])
+            q25, q75 = np.percentile(ratios, [25, 75])
             entry[f"{names[1]}/{names[0]}"] = float(np.median(ratios))
+            entry["ratio_q25"], entry["ratio_q75"] = float(q25), float(q75)
+        entry["noisy"] = is_noisy(float(q25), float(q75))
         batches.append(entry)
     return result
 

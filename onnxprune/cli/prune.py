@@ -57,9 +57,10 @@ MANY_OUTPUTS = 64  # above this output width the exact statistics' K backward pa
               help="Saliency; ecp-refit = ECP in steps with least-squares refits of the surviving weights; "
                    f"with --structured one of {', '.join(STRUCTURED_METHODS)}.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="Reach the sparsity in this many steps, re-scoring each time (default 1; ecp-refit 5).")
+              help="Reach the sparsity in this many steps, re-scoring each time (default 1; ecp-refit and --structured: 5).")
 @click.option("--refit/--no-refit", default=None,
-              help="Re-solve surviving weights and biases by chained least squares after the mask (on for ecp-refit).")
+              help="Re-solve surviving weights and biases by chained least squares after the mask (on for ecp-refit and "
+                   "--structured).")
 @click.option("--chain/--no-chain", "chained", default=True, show_default=True,
               help="Refit each layer on the pruned network's own inputs (else the dense network's).")
 @click.option("--g-weighting/--no-g-weighting", "g_weighted", default=False, show_default=True,
@@ -76,7 +77,8 @@ MANY_OUTPUTS = 64  # above this output width the exact statistics' K backward pa
 @click.option("--conv-statistics", type=click.Choice(["exact", "positions"]), default="exact", show_default=True,
               help="Layers sharing a weight across positions (Conv, MatMul on sequences): exact per-sample sums, or "
                    "every position as a sample of its own (cheaper, drops cross-position terms).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Calibration samples per batch of the statistics at most (fewer where --memory-budget needs).")
 @batch_axis_opt
 @output_opt
 @labels_opt
