@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/compare_structured.py [--models mlp,cnn,resnet,transformer] [--fractions 0.25,0.5,0.75]
         [--macs 0.2,0.3,0.4,0.5,0.6] [--onnxsim-python ../onnxsim-venv/bin/python] [--repeats 15]
-        [--out docs/results/structured] [--readme README.md] [--render RECORDED.json [--remeasure mlp:prune]]
+        [--out docs/results/structured] [--readme FILE.md] [--render RECORDED.json [--remeasure mlp:prune]]
         [--merge RECORDED.json]
 
 For each shipped model (one-shot, unlabelled calibration: models/mnist_calib.npz, 2,048 images; test:
