@@ -1,4 +1,4 @@
-"""The kinds of failure a user sees, each with its exit code (see README, "Exit codes")."""
+"""The kinds of failure a user sees, each with its exit code (docs/guide/outputs.md, "Exit codes")."""
 from __future__ import annotations
 
 import contextlib

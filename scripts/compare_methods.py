@@ -1,7 +1,7 @@
 """Compare pruning methods one-shot on a model: test loss and accuracy per sparsity, scoring cost.
 
     .venv/bin/python scripts/compare_methods.py [--model models/mnist_mlp.onnx] [--calib models/mnist_calib.npz]
-        [--test models/mnist_test.npz] [--out docs/results/ecp-default] [--readme README.md]
+        [--test models/mnist_test.npz] [--out docs/results/ecp-default] [--readme docs/results/index.md]
 
 Writes OUT.json and OUT.md; with --readme, replaces the block between the markers
 <!-- compare_methods:start --> and <!-- compare_methods:end --> with the table.

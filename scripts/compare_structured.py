@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/compare_structured.py [--models mlp,cnn,resnet,transformer] [--fractions 0.25,0.5,0.75]
         [--macs 0.2,0.3,0.4,0.5,0.6] [--onnxsim-python ../onnxsim-venv/bin/python] [--repeats 15]
-        [--out docs/results/structured] [--readme README.md] [--render RECORDED.json [--remeasure mlp:prune]]
+        [--out docs/results/structured] [--readme FILE.md] [--render RECORDED.json [--remeasure mlp:prune]]
         [--merge RECORDED.json]
 
 For each shipped model (one-shot, unlabelled calibration: models/mnist_calib.npz, 2,048 images; test:
@@ -28,7 +28,6 @@ import argparse
 import json
 import platform
 import re
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,8 @@ from onnxprune.find.layers import analyse_graph
 from onnxprune.io import files as fileio
 from onnxprune.io.data import Dataset, as_dataset
 from onnxprune.prepare.shapes import tensor_shapes
+
+from studies.provenance import portable_command, portable_path
 
 MODELS = {"mlp": "models/mnist_mlp.onnx", "cnn": "models/mnist_cnn.onnx", "resnet": "models/mnist_resnet.onnx",
           "transformer": "models/mnist_transformer.onnx"}
@@ -219,7 +220,7 @@ def remeasure(recorded: str, what: str, args) -> dict:
     study_["macs_sweep"] = sorted([r for r in study_["macs_sweep"] if key(r) not in measured] + rows,
                                   key=lambda r: (r["inputs"], r["multiple"], r["macs_target"]))
     results.setdefault("remeasured", []).append(
-        {"rows": what, "command": "python scripts/compare_structured.py " + " ".join(map(shlex.quote, sys.argv[1:]))})
+        {"rows": what, "command": portable_command(["python", "scripts/compare_structured.py", *sys.argv[1:]])})
     return results
 
 
@@ -392,7 +393,7 @@ def main(argv=None) -> int:
     peer_python = Path(args.onnxsim_python) if Path(args.onnxsim_python).exists() else None
     import onnxruntime
 
-    command = "python scripts/compare_structured.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    command = portable_command(["python", "scripts/compare_structured.py", *(sys.argv[1:] if argv is None else argv)])
     if args.merge:
         results = json.loads(Path(args.merge).read_text())
         if results["onnxruntime"] != onnxruntime.__version__ or results["repeats"] != args.repeats:
@@ -402,7 +403,7 @@ def main(argv=None) -> int:
     else:
         results = {"command": command, "onnxruntime": onnxruntime.__version__,
                    "machine": f"{platform.machine()} {platform.system()}", "repeats": args.repeats,
-                   "peer_python": str(peer_python) if peer_python else None, "studies": {}}
+                   "peer_python": portable_path(str(peer_python)) if peer_python else None, "studies": {}}
     results["goals"] = GOALS
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:

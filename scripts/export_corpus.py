@@ -7,8 +7,8 @@ entry merged into OUT/MANIFEST.json (exporter and version, architecture, weights
 shapes and how to make data for them). Models under --fixture-limit bytes are also copied, with their
 entries, to tests/fixtures/real/ (the committed fixtures).
 
-    /work/wt/exporters/torch/bin/python scripts/export_corpus.py          # torch, transformers, timm, skl2onnx, wheels
-    /work/wt/exporters/tf/bin/python scripts/export_corpus.py             # tf2onnx (Keras), jax2tf
+    ../exporters/torch/bin/python scripts/export_corpus.py --mnist MNIST_DIR  # torch, transformers, timm, skl2onnx, wheels
+    ../exporters/tf/bin/python scripts/export_corpus.py --mnist MNIST_DIR     # tf2onnx (Keras), jax2tf
 
 Trained models are fitted for a few seconds on MNIST (--mnist, the original IDX files); the rest have
 seeded random weights. Nothing is downloaded at run time but the wheels named in WHEELS (through pip).
@@ -684,7 +684,7 @@ def exporter_name(family, entry):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "corpus")
-    ap.add_argument("--mnist", type=Path, default=Path("/work/shared/data/mnist"))
+    ap.add_argument("--mnist", type=Path, required=True, help="folder with the original MNIST IDX files")
     ap.add_argument("--only", nargs="*", help="model names (default: every model whose exporter is installed)")
     ap.add_argument("--train-samples", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)

@@ -3,11 +3,11 @@
 Each group needs its exporter, in a throwaway virtual environment (never the project's .venv: torch
 and skl2onnx are not dependencies of onnxprune, and onnxruntime would replace the training build):
 
-    python3 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch==2.13.0 onnx onnxscript
-    /tmp/torchenv/bin/python scripts/make_fixtures.py torch
+    python3 -m venv ../torchenv && ../torchenv/bin/pip install torch==2.13.0 onnx onnxscript
+    ../torchenv/bin/python scripts/make_fixtures.py torch
 
-    python3 -m venv /tmp/sklenv && /tmp/sklenv/bin/pip install skl2onnx scikit-learn onnx
-    /tmp/sklenv/bin/python scripts/make_fixtures.py sklearn
+    python3 -m venv ../sklenv && ../sklenv/bin/pip install skl2onnx scikit-learn onnx
+    ../sklenv/bin/python scripts/make_fixtures.py sklearn
 
     .venv/bin/python scripts/make_fixtures.py handmade     # onnx.helper only
 

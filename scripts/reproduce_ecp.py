@@ -26,7 +26,6 @@ import json
 import multiprocessing
 import platform
 import re
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -41,6 +40,7 @@ from onnxprune.io.data import as_dataset
 from onnxprune.repair.finetune import finetune, zero_masks
 
 from studies.mnist import load_mnist
+from studies.provenance import portable_command
 from studies.zoo import build_mlp, widths_argument
 
 INPUT_SCALE = np.float32(1 / 255)  # as scripts/train_models.py: seed 0 of 784-64-64-10 is the shipped model
@@ -487,7 +487,7 @@ def main(argv=None) -> int:
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
 
-    command = shlex.join(["python", "scripts/reproduce_ecp.py", *(sys.argv[1:] if argv is None else argv)])
+    command = portable_command(["python", "scripts/reproduce_ecp.py", *(sys.argv[1:] if argv is None else argv)])
     began = time.perf_counter()
     data = Data.mnist(args.mnist)
     inputs, classes = data.shape

@@ -38,7 +38,6 @@ import argparse
 import json
 import math
 import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,8 @@ from onnxprune_gibbs import GibbsEnsemble, run_onnx, to_onnx  # noqa: E402
 from onnxprune_gibbs.export import input_scale_metadata  # noqa: E402
 from onnxprune_gibbs.gibbs import choose_temperature  # noqa: E402
 from onnxprune_gibbs.report import md_table, plot_curves  # noqa: E402
+
+from studies.provenance import portable_command  # noqa: E402
 
 DIMS = (2, 5, 20, 50, 200)
 NS = (100, 1000, 10000)
@@ -737,7 +738,7 @@ def main(argv=None) -> int:
         plot_mnist(paths["-mnist.png"], results["mnist"].pop("_curves"), results["mnist"]["runs"])
     results["seconds"] = time.perf_counter() - start
     results["load_after"] = [round(v, 2) for v in __import__("os").getloadavg()]
-    results["command"] = "python scripts/reproduce_gibbs.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    results["command"] = portable_command(["python", "scripts/reproduce_gibbs.py", *(argv or sys.argv[1:])])
     fileio.write_json(paths[".json"], results)
     write_markdown(paths[".md"], results, cfg, results["command"], old_bench)
     log(verbose, f"done in {results['seconds'] / 60:.1f} min; wrote {out}/gibbs.*")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from onnxprune.repair.finetune import finetune
 from onnxprune.repair.refit import Refit
 
 from studies.mnist import load_mnist
+from studies.provenance import portable_command
 from studies.zoo import build_mlp
 
 ARCHS = ((32, 32), (64, 64))
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     train_x = train_x.reshape(len(train_x), -1).astype(np.float32) * scale
     test = {"x": test_x.reshape(len(test_x), -1).astype(np.float32) * scale, "y": test_y.astype(np.int64)}
     words = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
-    results = {"command": "python " + " ".join(shlex.quote(a) for a in words),
+    results = {"command": portable_command(["python", *words]),
                "machine": platform.platform(), "seeds": seeds, "epochs": epochs, "ratios": list(ratios),
                "main": [], "ablations": [], "calibration": [], "cost": {}}
     model_path, calib_path, test_path = SHIPPED

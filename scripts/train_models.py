@@ -29,6 +29,7 @@ from onnxprune.repair.finetune import finetune
 from onnxprune.runtime import make_session
 
 from studies.mnist import load_mnist
+from studies.provenance import portable_path
 from studies.zoo import build_mlp, build_resnet, build_transformer, widths_argument
 
 CNN_FILE = "mnist_cnn.onnx"
@@ -218,7 +219,7 @@ def train_one(hidden, x, y, args) -> tuple[onnx.ModelProto, list[dict], float]:
 def command_line(args, only: str | None = None) -> str:
     """The command that reproduces this run (``only``: that EXTRA model alone), paths relative to the
     working directory."""
-    parts = [".venv/bin/python", "scripts/train_models.py", "--mnist", os.path.relpath(args.mnist),
+    parts = [".venv/bin/python", "scripts/train_models.py", "--mnist", portable_path(str(args.mnist)),
              "--out", os.path.relpath(args.out) + "/"]
     parts += ["--seed", str(args.seed)]
     if only is None:

@@ -4,8 +4,9 @@ For every thread setting and batch size each model is warmed up, then the models
 order swapped every repeat), each turn long enough to read the clock; the ratio of one repeat
 (second model / first) is one paired measurement, so drift of a busy machine hits both alike.
 Reported per model: median, quartiles, min and max microseconds per sample; per pair: the median
-ratio with its quartiles, marked ``noisy`` when the quartiles lie further than NOISY apart
-relative to the median (then the figure should be read with its spread, or measured again).
+ratio with its quartiles. A timing is marked ``noisy`` when its quartiles (of the paired ratios; of
+the model's own timings when it is timed alone) lie more than NOISY_SPREAD apart: on a busy machine
+the same pair measured twice can differ several-fold, and the spread is what shows it.
 """
 from __future__ import annotations
 
@@ -23,7 +24,12 @@ from onnxprune.io.npz import NpzColumn
 REPEATS = 7            # timings per model, batch size and thread setting
 MIN_TIMING = 0.005     # seconds: one timing runs the batch this long at least (clock resolution, noise)
 MAX_RUNS = 1000
-NOISY = 0.10           # quartile spread of the paired ratios, relative to their median, above which a ratio is noisy
+NOISY_SPREAD = 1.5     # upper over lower quartile above this: noisy
+
+
+def is_noisy(q25: float, q75: float) -> bool:
+    """Whether a timing's quartiles lie too far apart to trust its median."""
+    return not q25 > 0 or q75 / q25 > NOISY_SPREAD
 
 
 def measure_latency(models: dict[str, onnx.ModelProto], data: Dataset, batch_sizes, *, provider: str = "cpu",
@@ -64,14 +70,14 @@ def _time(sessions: dict, feeds: dict[str, dict[str, np.ndarray]], batch: int, r
         us = 1e6 * np.asarray(values)
         q25, q75 = np.percentile(us, [25, 75])
         entry[name] = {"median_us": float(np.median(us)), "q25_us": float(q25), "q75_us": float(q75),
-                       "min_us": float(us.min()), "max_us": float(us.max())}
+                       "min_us": float(us.min()), "max_us": float(us.max()), "noisy": is_noisy(q25, q75)}
     if len(names) == 2:
         ratios = np.asarray(times[names[1]]) / np.asarray(times[names[0]])
         median = float(np.median(ratios))
         q25, q75 = (float(q) for q in np.percentile(ratios, [25, 75]))
         entry["ratio"] = {"of": f"{names[1]}/{names[0]}", "median": median, "q25": q25, "q75": q75,
                           "min": float(ratios.min()), "max": float(ratios.max()),
-                          "noisy": bool((q75 - q25) > NOISY * median)}
+                          "noisy": is_noisy(q25, q75)}
     return entry
 
 

@@ -16,6 +16,7 @@ import click
 import numpy as np
 
 from onnxprune.cli.options import Fraction, parse_widths
+from onnxprune.cli.tables import percent
 from onnxprune.cli.ui import Group, command_errors, common, finish, make_ui, print_json, stage_json
 from onnxprune.errors import CheckFailed, InputError
 from onnxprune.io.files import STDOUT
@@ -148,13 +149,14 @@ def member_options(func):
                      help="Number of random members N."),
         click.option("--kind", type=click.Choice(KINDS), default="perceptron", show_default=True,
                      help="perceptron (random linear) or mlp."),
-        click.option("--hidden", default="64", show_default=True,
+        click.option("--hidden", default="64", metavar="W1,W2", show_default=True,
                      help="Hidden widths of mlp members, e.g. 64 or 64,32."),
         click.option("--activation", type=click.Choice(ACTIVATIONS), default="tanh", show_default=True,
                      help="Hidden activation of mlp members."),
-        click.option("--weight-scale", type=float, default=1.0, show_default=True,
+        click.option("--weight-scale", type=float, metavar="X", default=1.0, show_default=True,
                      help="Multiplier of the N(0, gain^2/fan_in) weight std."),
-        click.option("--bias-scale", type=float, default=0.0, show_default=True, help="Std of the biases (0: none)."),
+        click.option("--bias-scale", type=float, metavar="STD", default=0.0, show_default=True,
+                     help="Std of the biases (0: none)."),
         click.option("--center/--no-center", default=False, show_default=True,
                      help="Subtract the training mean inside the model (hyperplanes through the data centre)."),
         click.option("--energy", type=click.Choice(ENERGIES), default="zero-one", show_default=True,
@@ -172,8 +174,8 @@ def member_options(func):
                                                                                               "1)."),
         click.option("--scale", type=Scale(), default=None, help="Multiply uint8 features by this (e.g. 1/255); "
                                                                  "recorded in the model."),
-        click.option("--features-key", default=None, help="Array name of the features (default x or X)."),
-        click.option("--labels-key", default=None, help="Array name of the labels (default y or labels)."),
+        click.option("--features-key", default=None, metavar="KEY", help="Array name of the features (default x or X)."),
+        click.option("--labels-key", default=None, metavar="KEY", help="Array name of the labels (default y or labels)."),
         click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the member "
                                                                                               "generator."),
         click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Samples per "
@@ -259,13 +261,34 @@ def fit(out, drop_below, json_path, plot_path, verbose, quiet, **kw):
                                                              ylabel="validation error"))
         stage_json(outputs, json_path, report)
     finish(ui, outputs)
+    ui.out(fit_summary(est, report, len(data), out))
     if drop_below is not None:
         d = report["drop"]
         ui.out(f"kept {d['members_kept']} of {d['members_total']} members (weight >= {drop_below:g}; "
                f"weight dropped {d['weight_dropped']:.3g}); predictions changed on {d['predictions_changed']} "
                f"of {d['samples']} training samples ({100 * d['fraction_changed']:.2f}%)")
-    ui.info(f"{out}: {len(data) / 1e6:.1f} MB")
     print_json(json_path, report)
+
+
+def fit_summary(est: GibbsEnsemble, report: dict, model_bytes: int, out: str) -> str:
+    """What ``ensemble fit`` did, in three lines: the temperature and how it was chosen, how many
+    members count, the validation error at that temperature, and the model written."""
+    s = est.summary()
+    rule = {"auto": "chosen on a validation split", "std": "the std of the members' energies"}.get(
+        s["temperature_rule"], "given")
+    std = "" if s["temperature_rule"] == "std" else f"; std of the energies {s['temperature_std']:.4g}"
+    lines = [f"temperature T = {s['temperature']:.4g} ({rule}{std})",
+             f"effective members: {s['effective_size']:.1f} of {s['members']} ({s['kind']}, {s['classes']} classes, "
+             f"{s['features']} features)"]
+    curve = est.validation_curve_
+    if curve is not None:
+        at = curve["temperatures"].index(s["temperature"]) if s["temperature"] in curve["temperatures"] else None
+        error = "-" if at is None else percent(curve["error"][at])
+        lines.append(f"validation error at T: {error} on {curve['n_validation']:,} held-out training samples")
+    else:
+        lines.append("validation error: none measured (only --temperature auto holds out a validation split)")
+    lines.append(f"wrote {out}: {model_bytes:,} bytes")
+    return "\n".join(lines)
 
 
 @ensemble.command("curve")
@@ -324,7 +347,19 @@ def curve(out, eval_path, holdout, grid, plot_path, png_alias, verbose, quiet, *
             outputs.stage(plot_path, lambda tmp: plot_curves(tmp, [("Gibbs ensemble", result)], title, markers=markers))
         stage_json(outputs, out, report)
     finish(ui, outputs)
-    opt = result.get("optimum", {})
-    ui.info(f"best member error {result['best_member']['error']:.4f}, uniform {result['uniform']['error']:.4f}, "
-            f"optimum {opt.get('error', float('nan')):.4f} at T = {opt.get('temperature', float('nan')):.4g}")
+    ui.out(curve_summary(result, source, out, plot_path))
     print_json(out, report)
+
+
+def curve_summary(result: dict, source: str, out: str, plot_path: str | None) -> str:
+    """What ``ensemble curve`` found: the optimum temperature and its error against the two limits."""
+    best, uniform, opt = result["best_member"], result["uniform"], result.get("optimum")
+    lines = [(f"optimum: T = {opt['temperature']:.4g}, error {percent(opt['error'])}, effective members "
+              f"{opt['effective_size']:.1f}" if opt else "optimum: none (no finite temperature on the grid)")
+             + f" (on {source})",
+             f"limits: best single member (T -> 0) error {percent(best['error'])}; uniform average (T -> inf) "
+             f"error {percent(uniform['error'])}"]
+    written = [p for p in (None if out == STDOUT else out, plot_path) if p]
+    if written:
+        lines.append("wrote " + ", ".join(written))
+    return "\n".join(lines)

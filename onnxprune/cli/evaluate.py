@@ -14,7 +14,9 @@ from onnxprune.io.data import load_dataset
 @model_arg
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Test data (.npz keyed by input name).")
 @click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Original model to compare outputs with.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Samples per run, and the larger batch the latency is timed at (besides 1; fewer where the "
+                   "memory budget needs).")
 @batch_axis_opt
 @output_opt
 @labels_opt

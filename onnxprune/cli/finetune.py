@@ -22,7 +22,8 @@ from onnxprune.io.models import stage_model
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training data (.npz with labels).")
 @click.option("--epochs", required=True, type=click.IntRange(min=1), help="Passes over the training data.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Adam learning rate.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Training samples per Adam step.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Shuffling seed.")
 @click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
               help="Gradient engine: onnx-ad's adjoint graphs (any onnxruntime) or onnxruntime-training; "

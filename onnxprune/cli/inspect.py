@@ -26,9 +26,12 @@ def inspect(model, json_path, force, verbose, quiet):
     finish(ui, outputs)
     ui.out(f"IR {report['ir_version']}, opsets {report['opsets']}, inputs {report['inputs']}, outputs {report['outputs']}, "
            f"protected output {report['protected_output']!r}")
-    ui.out(table(["layer", "op", "weight", "shape", "weights", "sparsity"],
-                 [[r["layer"], r["op"], r["weight"], "x".join(map(str, r["shape"])), r["weights"],
-                   f"{100 * r['sparsity']:.1f}%"] for r in report["layers"]], right={4, 5}))
+    if report["layers"]:
+        ui.out(table(["layer", "op", "weight", "shape", "weights", "sparsity"],
+                     [[r["layer"], r["op"], r["weight"], "x".join(map(str, r["shape"])), r["weights"],
+                       f"{100 * r['sparsity']:.1f}%"] for r in report["layers"]], right={4, 5}))
+    else:
+        ui.out("prunable layers: none")
     if report["skipped"]:
         ui.out()
         ui.out(skipped_table(report["skipped"]))
@@ -39,4 +42,17 @@ def inspect(model, json_path, force, verbose, quiet):
         ui.info("analysis copy: " + "; ".join(report["analysis_copy"]))
     ui.out()
     ui.out(units_table(report["units"]))  # structured pruning's unit groups
+    ui.out()
+    ui.out(totals_line(report))
     print_json(json_path, report)
+
+
+def totals_line(report: dict) -> str:
+    """The answer in one line: how much of the model prune can zero, and what --structured can remove."""
+    prunable = sum(r["weights"] for r in report["layers"])
+    share = f" ({100 * prunable / report['parameters']:.1f}%)" if report["parameters"] else ""
+    groups = report["units"]["groups"]
+    units = sum(g["units"] for g in groups)
+    return (f"prunable weights: {prunable:,} of {report['parameters']:,} parameters{share} in "
+            f"{len(report['layers'])} layer(s); unit groups for --structured: "
+            + (f"{len(groups)} ({units:,} units)" if groups else "none"))

@@ -53,11 +53,15 @@ output_opt = click.option("--output", "output", default=None, metavar="NAME",
 labels_opt = click.option("--labels-key", default=None, metavar="KEY", help="Labels array in the .npz (default: y or labels).")
 threads_opt = click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
                            help=f"onnxruntime intra-op and BLAS threads (1..{MAX_THREADS}, 4 x the CPUs).")
-seed_opt = click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+seed_opt = click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                        help="Seed of every random draw (probes, held-out samples, the random method): the same seed "
+                             "and libraries give the same model.")
 
 
-memory_opt = click.option("--memory-budget", type=str, default="1.5G", show_default=True, callback=lambda c, p, v: parse_size(v),
-                          help="Bytes one batch of activations and derivatives may hold; batches are sized from it.")
+memory_opt = click.option("--memory-budget", type=str, default="1.5G", show_default=True, metavar="SIZE",
+                          callback=lambda c, p, v: parse_size(v),
+                          help="Memory one batch of activations and derivatives may hold (4G, 512M, bytes); batches "
+                               "are sized from it.")
 def parse_batch_axes(ctx, param, values) -> dict[str, int]:
     """('state=1', ...) -> {'state': 1}."""
     axes = {}

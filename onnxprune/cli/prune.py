@@ -49,7 +49,8 @@ from onnxprune.select.masks import SCOPES
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=None, metavar="POINTS",
               help="Accuracy budget in percentage points on --test (0.5: at most 0.5 points below dense).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="Dry run or budget: draw the curve to this PNG (needs matplotlib).")
+              help="Dry run or budget: draw the curve to this PNG (loss against sparsity; with --structured accuracy "
+                   "and time against MACs; needs matplotlib).")
 @click.option("--storage", type=click.Choice(STORAGES), default="dense", show_default=True,
               help="Write pruned initializers dense, or as sparse initializers where smaller (disk only: "
                    "onnxruntime expands them at load).")
@@ -79,7 +80,7 @@ from onnxprune.select.masks import SCOPES
               help="Layers sharing a weight across positions (Conv, MatMul on sequences): exact per-sample sums, or "
                    "every position as a sample of its own (cheaper, drops cross-position terms).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Calibration samples per batch of the statistics (fewer when the memory budget asks).")
+              help="Calibration samples per batch of the statistics at most (fewer where --memory-budget needs).")
 @batch_axis_opt
 @output_opt
 @labels_opt

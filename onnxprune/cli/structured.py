@@ -17,7 +17,7 @@ def structured_options(func):
         click.option("--structured", is_flag=True,
                      help="Remove whole units (neurons, channels, heads): smaller shapes, real speed. --sparsity is "
                           "then the fraction of prunable units removed."),
-        click.option("--macs", type=float, default=None,
+        click.option("--macs", type=float, default=None, metavar="FRACTION",
                      help="--structured: remove this fraction of the MACs instead (units ranked by error per MAC saved)."),
         click.option("--multiple", type=click.IntRange(min=1), default=1, show_default=True,
                      help="--structured: round every layer's kept units to a multiple of N (onnxruntime's fast Conv path: 8)."),

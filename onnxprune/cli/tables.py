@@ -1,7 +1,13 @@
 """Human-readable tables for the CLI (JSON reports are the API's dicts as they are)."""
 from __future__ import annotations
 
+from onnxprune.check.timing import NOISY_SPREAD
 from onnxprune.pipeline import PruneResult
+
+NOISY_NOTE = (f"noisy: the quartiles of the paired ratios (unpaired: of the timings) lie more than {NOISY_SPREAD:g}x apart; "
+              "the machine was busy and the median may be far off: rerun on a quiet machine before trusting it")
+UNSTRUCTURED_NOTE = ("The zeros keep the file's size and onnxruntime's speed (dense kernels); for a smaller and faster "
+                     "model remove whole neurons and channels: prune --structured.")
 
 
 def table(headers: list[str], rows: list[list], right: set[int] | None = None) -> str:
@@ -27,12 +33,34 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
+def three_digits(value: float) -> str:
+    """A positive number in three significant digits, never in scientific notation."""
+    return f"{value:.0f}" if value >= 99.95 else f"{value:.1f}" if value >= 9.995 else f"{value:.2f}"
+
+
+def time_unit(seconds: list[float]) -> tuple[str, float]:
+    """One unit for a row of durations, chosen by the largest: µs, ms or s, and its scale from seconds."""
+    largest = max(seconds, default=0.0)
+    if largest >= 0.9995:
+        return "s", 1.0
+    return ("ms", 1e3) if largest >= 0.9995e-3 else ("µs", 1e6)
+
+
+def duration(seconds: float, unit: tuple[str, float]) -> str:
+    return f"{three_digits(seconds * unit[1])} {unit[0]}"
+
+
+def percent(fraction: float | None) -> str | None:
+    """Accuracy and other shares: always a percentage, two decimals."""
+    return None if fraction is None else f"{100 * fraction:.2f}%"
+
+
 def prune_table(result: PruneResult) -> str:
     rows = [[c.layer, c.weights, c.pruned, f"{100 * c.pruned / c.weights:.1f}%", c.max_bias_shift]
             for c in result.layers]
     rows.append(["total", result.weights, result.pruned, f"{100 * result.sparsity:.1f}%",
                  max((c.max_bias_shift for c in result.layers), default=0.0)])
-    return table(["layer", "weights", "pruned", "sparsity", "largest bias shift"], rows)
+    return table(["layer", "weights", "pruned", "sparsity", "largest bias shift"], rows) + "\n" + UNSTRUCTURED_NOTE
 
 
 def skipped_table(skipped: list[dict]) -> str:
@@ -46,39 +74,47 @@ def unpruned_table(weights: list[dict]) -> str:
 
 
 def evaluation_table(reports: dict[str, dict]) -> str:
-    """Metrics side by side, one column per evaluated model (e.g. original / pruned): quality,
-    size on disk, and latency per sample (median and min-max of the repeated timings)."""
+    """Metrics side by side, one column per evaluated model (e.g. original / pruned): quality, size
+    on disk, and time per sample (median and quartiles of the repeated timings, in one unit per row);
+    a timing whose quartiles spread widely is marked noisy, with a note under the table."""
     names = list(reports)
-    metrics = [("loss", "loss"), ("accuracy", "accuracy"), ("mse", "mse vs reference"),
-               ("max_abs", "max abs vs reference")]
-    rows = [[label] + [reports[n].get(key) for n in names] for key, label in metrics
-            if any(key in reports[n] for n in names)]
+    rows = [["loss"] + [reports[n].get("loss") for n in names]] if any("loss" in reports[n] for n in names) else []
+    if any("accuracy" in reports[n] for n in names):
+        rows.append(["accuracy"] + [percent(reports[n].get("accuracy")) for n in names])
+    for key, label in (("mse", "mse vs reference"), ("max_abs", "max abs vs reference")):
+        if any(key in reports[n] for n in names):
+            rows.append([label] + [reports[n].get(key) for n in names])
     rows.append(["bytes"] + [reports[n].get("size", {}).get("bytes") for n in names])
-    rows.append(["zlib bytes"] + [reports[n].get("size", {}).get("zlib_bytes") for n in names])
-    for i, batch in enumerate(next((r["latency"]["batches"] for r in reports.values() if "latency" in r), [])):
-        label = f"µs/sample, batch {batch['batch_size']}"
-        cells = [_latency(reports[n]["latency"]["batches"][i].get("model")) if "latency" in reports[n] else None
-                 for n in names]
-        rows.append([label + " (median, min-max)"] + cells)
-        ratios = [_ratio(reports[n]["latency"]["batches"][i].get("ratio")) if "latency" in reports[n] else None
-                  for n in names]
+    rows.append(["bytes, zlib-compressed"] + [reports[n].get("size", {}).get("zlib_bytes") for n in names])
+    noisy = False
+    timed = [n for n in names if "latency" in reports[n]]
+    for i, batch in enumerate(reports[timed[0]]["latency"]["batches"] if timed else []):
+        entries = {n: reports[n]["latency"]["batches"][i] for n in timed}
+        models = {n: e["model"] for n, e in entries.items() if e.get("model")}
+        unit = time_unit([m["median_us"] / 1e6 for m in models.values()])
+        rows.append([f"time per sample, batch {batch['batch_size']} (median, quartiles)"]
+                    + [_time(models.get(n), unit) for n in names])
+        ratios = [_ratio(entries[n].get("ratio")) if n in entries else None for n in names]
         if any(ratios):
             rows.append([f"time vs reference (paired), batch {batch['batch_size']}"] + ratios)
-    return table(["metric"] + names, rows)
+        noisy = noisy or any((e["ratio"] if "ratio" in e else e["model"])["noisy"] for e in entries.values())
+    text = table(["metric"] + names, rows)
+    return text + "\n" + NOISY_NOTE if noisy else text
+
+
+def _time(timing: dict | None, unit: tuple[str, float]) -> str | None:
+    """A model's median time per sample with its quartiles, in ``unit``."""
+    if timing is None:
+        return None
+    q25, q75 = (three_digits(timing[k] / 1e6 * unit[1]) for k in ("q25_us", "q75_us"))
+    return f"{duration(timing['median_us'] / 1e6, unit)} ({q25}-{q75})"
 
 
 def _ratio(ratio: dict | None) -> str | None:
-    """A paired time ratio: its median, and its quartiles when they spread (noisy)."""
+    """A paired time ratio: its median and quartiles, marked when noisy."""
     if ratio is None:
         return None
-    text = f"{ratio['median']:.2f}x"
-    return text + f" (noisy: {ratio['q25']:.2f}-{ratio['q75']:.2f})" if ratio.get("noisy") else text
-
-
-def _latency(entry: dict | None) -> str | None:
-    if entry is None:
-        return None
-    return f"{entry['median_us']:.3g} ({entry['min_us']:.3g}-{entry['max_us']:.3g})"
+    return f"{ratio['median']:.2f}x ({ratio['q25']:.2f}-{ratio['q75']:.2f})" + (" noisy" if ratio["noisy"] else "")
 
 
 def sensitivity_table(report: dict) -> str:
@@ -94,14 +130,14 @@ def sensitivity_table(report: dict) -> str:
     rows = []
     if measured:
         dense = report["dense"]
-        rows.append(["dense", "0.0%", 0] + (["0.0%", "1.00x"] if units else [0.0]) + [0.0, dense.get("loss"),
-                    _percent(dense.get("accuracy")), "-"] + (["-"] if report.get("max_loss_increase") is not None else []))
+        rows.append(["dense", "0.0%", 0] + (["0.00%", "1.00x"] if units else [0.0]) + [0.0, dense.get("loss"),
+                    percent(dense.get("accuracy")), "-"] + (["-"] if report.get("max_loss_increase") is not None else []))
     for p in report["points"]:
         row = [f"{p['ratio']:g}", f"{100 * p['sparsity']:.1f}%", p["pruned"]]
-        row += [_percent(p["macs_removed"]), f"{p['time_ratio']:.2f}x"] if units else [p["score_sum"]]
+        row += [percent(p["macs_removed"]), f"{p['time_ratio']:.2f}x"] if units else [p["score_sum"]]
         if measured:
             change = p.get("loss_increase")
-            row += [p["output_error"], p["loss"], _percent(p["accuracy"]),
+            row += [p["output_error"], p["loss"], percent(p["accuracy"]),
                     None if change is None else f"{100 * change:+.2f}%"]
         if report.get("max_loss_increase") is not None:
             row.append("yes" if p["within_budget"] else "no")
@@ -119,38 +155,43 @@ def storage_table(storage: dict) -> str:
                   f"({len(storage['sparse_tensors'])} tensor(s) stored sparse; onnxruntime expands them to dense at load)"
 
 
-def _percent(value) -> str | None:
-    return None if value is None else f"{100 * value:.2f}%"
-
-
 # --- structured pruning (prune --structured, inspect's unit groups) -------------------------------
 
 def structured_table(report: dict) -> str:
-    """Per layer: units out/in before -> after, parameters, MACs and bytes; then the totals."""
+    """Per layer: units out/in before -> after, parameters and MACs; then the totals (the file's size
+    is the written model's, printed once)."""
     rows = [[r["layer"], f"{r['out_before']} -> {r['out_after']}", f"{r['in_before']} -> {r['in_after']}",
-             r["params_before"], r["params_after"], r["macs_before"], r["macs_after"], r["bytes_before"], r["bytes_after"]]
-            for r in report["layers"]]
+             r["params_before"], r["params_after"], r["macs_before"], r["macs_after"]] for r in report["layers"]]
     rows.append(["total", f"{report['units_before']} -> {report['units_after']} units", "",
-                 report["params_before"], report["params_after"], report["macs_before"], report["macs_after"],
-                 sum(r["bytes_before"] for r in report["layers"]), sum(r["bytes_after"] for r in report["layers"])])
-    return table(["layer", "outputs", "inputs", "params", "params after", "MACs", "MACs after", "bytes",
-                  "bytes after"], rows)
+                 report["params_before"], report["params_after"], report["macs_before"], report["macs_after"]])
+    return table(["layer", "outputs", "inputs", "params", "params after", "MACs", "MACs after"], rows)
 
 
 def timing_table(latency: dict) -> str:
-    """The paired timer's report: per batch and thread setting, each model's median time per sample
-    and the ratio of the second to the first (quartiles when noisy)."""
+    """The paired timer's report: per batch size and thread setting, each model's median time per
+    sample (quartiles) and the median of the paired ratios second/first with their quartiles (wide
+    quartiles: the machine was busy, and the row is marked noisy)."""
     first, second = latency["models"]
-    rows = [[t["batch_size"], t["threads"] or "default", _latency(t[first]), _latency(t[second]), _ratio(t["ratio"]),
-             f"{latency['repeats']} x {t['runs_per_timing']}"] for t in latency["batches"]]
-    return table(["batch", "threads", f"{first} µs/sample", f"{second} µs/sample", f"time {second}/{first}",
+    rows, noisy = [], False
+    for t in latency["batches"]:
+        unit = time_unit([t[first]["median_us"] / 1e6, t[second]["median_us"] / 1e6])
+        noisy = noisy or t["ratio"]["noisy"]
+        rows.append([t["batch_size"], t["threads"] or "default", _time(t[first], unit), _time(t[second], unit),
+                     _ratio(t["ratio"]), f"{latency['repeats']} x {t['runs_per_timing']}"])
+    text = table(["batch", "threads", f"{first} per sample", f"{second} per sample", f"time {second}/{first} (paired)",
                   "paired repeats x runs"], rows)
+    return text + "\n" + NOISY_NOTE if noisy else text
 
 
 def units_table(units: dict) -> str:
-    """inspect: the unit groups found and the layers whose units cannot be removed, with why."""
-    rows = [[g["group"], g["units"], ", ".join(g["consumers"]), " -> ".join(g["path"]) or "-"] for g in units["groups"]]
-    text = table(["unit group (producer)", "units", "consumers", "through"], rows, right={1})
+    """inspect: the unit groups found ("none" when there are none) and the layers whose units cannot be
+    removed, with why."""
+    if units["groups"]:
+        rows = [[g["group"], g["units"], ", ".join(g["consumers"]), " -> ".join(g["path"]) or "-"]
+                for g in units["groups"]]
+        text = table(["unit group (producer)", "units", "consumers", "through"], rows, right={1})
+    else:
+        text = "unit groups: none (prune --structured finds no neuron or channel it can remove)"
     if units["rejected"]:
         text += "\n\n" + table(["layer", "op", "why its units are not removable"],
                                [[r["layer"], r["op"], r["reason"]] for r in units["rejected"]], right=set())

@@ -12,7 +12,7 @@ from onnxprune.find.inventory import unpruned_weights
 from onnxprune.find.layers import analyse_graph
 from onnxprune.find.outputs import protected_output
 from onnxprune.graph import passes
-from onnxprune.graph.index import read_initializer
+from onnxprune.graph.index import FLOAT_TYPES, read_initializer
 from onnxprune.io.data import model_inputs
 from onnxprune.io.models import as_model
 from onnxprune.prepare.analysis import AnalysisCopy
@@ -38,7 +38,7 @@ def inspect(model) -> dict:
     return {
         "ir_version": model.ir_version, "opsets": opsets, "producer": model.producer_name,
         "inputs": [vi.name for vi in model_inputs(model)], "outputs": [o.name for o in model.graph.output],
-        "protected_output": protected, "layers": layers,
+        "protected_output": protected, "layers": layers, "parameters": parameter_count(model),
         "skipped": [asdict(s) for s in found.skipped],
         "unpruned_weights": [asdict(s) for s in unpruned_weights(work, found)],
         "analysis_copy": analysis.notes,
@@ -46,6 +46,15 @@ def inspect(model) -> dict:
         "runtime_copy": model.ir_version > passes.MAX_IR_VERSION or any(
             v > passes.MAX_OPSET for d, v in opsets.items() if d == "ai.onnx"),
     }
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    """Elements of the main graph's float tensors (initializers, sparse ones at their dense shape,
+    Constant nodes): all the weights that the prunable ones are a share of."""
+    constants = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    dense = [t.dims for t in [*model.graph.initializer, *constants] if t.data_type in FLOAT_TYPES]
+    sparse = [t.dims for t in model.graph.sparse_initializer if t.values.data_type in FLOAT_TYPES]
+    return sum(int(np.prod(dims)) for dims in dense + sparse)
 
 
 def _unit_groups(model: onnx.ModelProto) -> dict:
