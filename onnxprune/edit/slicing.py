@@ -9,11 +9,12 @@ padded Conv sees zeros, not c_j, where its kernel overhangs the input: what the 
 grown by later folds, sliced with the Conv's channels, dropped when the Conv is refit. Then
 every initializer of the group (``units.Cut``) keeps only the surviving entries, depthwise Convs'
 ``group`` shrinks, and Reshape constants follow. Names, dtypes, opset, metadata and the graph's
-inputs and outputs are kept; stale intermediate shapes (value_info) are dropped.
+inputs and outputs are kept; intermediate shapes (value_info) keep their ranks, not their sizes.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -27,10 +28,13 @@ from onnxprune.find.units import find_units, selection_node
 from onnxprune.graph.index import read_initializer
 from onnxprune.prepare.shapes import tensor_shapes_static
 
+Measure = Callable[[list[str]], dict[str, tuple[int, ...]]]  # per-sample shapes measured on the data
+
 
 def fold_constants(model: onnx.ModelProto, groups: list[UnitGroup], removed: dict[str, np.ndarray],
-                   constants: dict[str, np.ndarray] | None) -> onnx.ModelProto:
-    """A copy of ``model`` whose consumer biases carry the constants of the removed units."""
+                   constants: dict[str, np.ndarray] | None, measure: Measure | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` whose consumer biases carry the constants of the removed units; ``measure``
+    gives the spatial sizes shape inference cannot tell (a padded Conv's border needs them)."""
     new = onnx.ModelProto()
     new.CopyFrom(model)
     if constants is None:
@@ -51,7 +55,7 @@ def fold_constants(model: onnx.ModelProto, groups: list[UnitGroup], removed: dic
             if layer.op == "Conv":
                 channels = np.zeros(layer.geometry.in_channels)
                 channels[consumer.offset + gone] = constants[group.name][gone]
-                _fold_border(new, layer, layer.to_rows(stored), channels, shift)
+                _fold_border(new, layer, layer.to_rows(stored), channels, shift, measure)
     return new
 
 
@@ -60,12 +64,21 @@ def border_node(layer: Layer) -> str:
     return f"{layer.node}__onnxprune_border"
 
 
-def _fold_border(model: onnx.ModelProto, layer: Layer, rows: np.ndarray, channels: np.ndarray, shift: np.ndarray) -> None:
+def _spatial(model: onnx.ModelProto, name: str, measure: Measure | None) -> tuple[int, ...]:
+    """The spatial dims of tensor ``name``: from shape inference, else measured on the data."""
+    shape = tensor_shapes_static(model).get(name)
+    if (shape is None or any(d is None for d in shape[2:])) and measure is not None:
+        shape = (1, *measure([name])[name])
+    if shape is None or any(d is None for d in shape[2:]):
+        raise ValueError(f"the spatial size of {name!r} is unknown; a padded Conv's border cannot be folded")
+    return tuple(shape[2:])
+
+
+def _fold_border(model: onnx.ModelProto, layer: Layer, rows: np.ndarray, channels: np.ndarray, shift: np.ndarray,
+                 measure: Measure | None = None) -> None:
     """Add to the border map of Conv ``layer`` what constant input ``channels`` gives minus ``shift``
     (its value inside the map, which the bias took)."""
-    shape = tensor_shapes_static(model).get(layer.input)
-    if shape is None or any(d is None for d in shape[2:]):
-        raise ValueError(f"the spatial size of {layer.input!r} is unknown; a padded Conv's border cannot be folded")
+    shape = (1, len(channels), *_spatial(model, layer.input, measure))
     constant = np.broadcast_to(channels.reshape(1, -1, *[1] * (len(shape) - 2)), (1, len(channels), *shape[2:]))
     patches = im2col(constant, layer.geometry)
     groups, per_out = patches.shape[1], layer.out_features // patches.shape[1]
@@ -73,10 +86,7 @@ def _fold_border(model: onnx.ModelProto, layer: Layer, rows: np.ndarray, channel
     border = full - shift[:, None]
     if not np.any(np.abs(border) > 1e-7 * max(1.0, float(np.abs(full).max()))):
         return  # no padding reached, or nothing to fold
-    out_shape = tensor_shapes_static(model).get(layer.preact)
-    if out_shape is None or any(d is None for d in out_shape[2:]):
-        raise ValueError(f"the spatial size of {layer.preact!r} is unknown; a padded Conv's border cannot be folded")
-    border = border.reshape(layer.out_features, *out_shape[2:])
+    border = border.reshape(layer.out_features, *_spatial(model, layer.preact, measure))
     graph, name = model.graph, border_node(layer)
     node = next((n for n in graph.node if n.name == name), None)
     if node is None:
@@ -155,8 +165,19 @@ def slice_units(model: onnx.ModelProto, keep: dict[str, np.ndarray], inputs: str
             value = numpy_helper.to_array(inits[tensor]).copy()
             value[index] -= (group.units - len(kept)) * per_unit
             inits[tensor].CopyFrom(numpy_helper.from_array(value, tensor))
-    del new.graph.value_info[:]
+    _forget_sizes(new.graph.value_info)
     return new
+
+
+def _forget_sizes(infos) -> None:
+    """Intermediate shapes keep their rank and symbolic dims (the matchers read the rank where shape
+    inference cannot tell it) but not their sizes, which the slicing may have changed: onnxruntime
+    trusts declared sizes."""
+    for vi in infos:
+        if vi.type.tensor_type.HasField("shape"):
+            for dim in vi.type.tensor_type.shape.dim:
+                if dim.HasField("dim_value"):
+                    dim.ClearField("dim_value")
 
 
 def _select_inputs(model: onnx.ModelProto, group: UnitGroup, kept: np.ndarray) -> None:
@@ -224,12 +245,13 @@ def input_contract(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, l
 
 
 def remove_units(model: onnx.ModelProto, removed: dict[str, np.ndarray],
-                 constants: dict[str, np.ndarray] | None = None, inputs: str | None = None) -> onnx.ModelProto:
+                 constants: dict[str, np.ndarray] | None = None, inputs: str | None = None,
+                 measure: Measure | None = None) -> onnx.ModelProto:
     """``model`` without the ``removed`` units (indices per group), their constants folded first;
-    ``inputs`` ("slice" or "gather") when input features are among them."""
+    ``inputs`` ("slice" or "gather") when input features are among them; ``measure``: see fold_constants."""
     work = onnx.ModelProto()
     work.CopyFrom(model)  # find_units names unnamed nodes
     groups = find_units(work, inputs=inputs).by_name()
-    folded = fold_constants(work, list(groups.values()), removed, constants)
+    folded = fold_constants(work, list(groups.values()), removed, constants, measure)
     keep = {name: np.setdiff1d(np.arange(groups[name].units), gone) for name, gone in removed.items() if len(gone)}
     return slice_units(folded, keep, inputs)

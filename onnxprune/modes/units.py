@@ -21,6 +21,7 @@ from onnxprune.find.units import find_units
 from onnxprune.io.data import Dataset
 from onnxprune.modes.base import Preset, State
 from onnxprune.modes.weights import fresh
+from onnxprune.prepare.shapes import tensor_shapes
 from onnxprune.score.units import METHODS, UnitScores, make_unit_scorer
 from onnxprune.select.counts import choose_counts, layer_costs, total_macs
 from onnxprune.select.masks import SCOPES, excluded
@@ -97,7 +98,7 @@ class UnitsMode:
             raise InputError(f"the model has no unit group that can be removed ({reasons or 'no prunable layers'})")
         self.original = {g.name: g.units for g in self.groups}
         self.costs = layer_costs(model, all_layers, self.groups, data.feeds)
-        self.all_layers = all_layers
+        self.all_layers, self.data = all_layers, data
         return units.rejected
 
     def begin(self, model: onnx.ModelProto, layers: list[Layer]) -> State:
@@ -118,7 +119,9 @@ class UnitsMode:
 
     def edit(self, state: State, removed: dict[str, np.ndarray], scores: dict[str, UnitScores]) -> State:
         constants = {name: s.constants for name, s in scores.items() if s.constants is not None}
-        model = remove_units(state.model, removed, constants, inputs=self.selection)
+        one = self.data.subset(1).arrays()
+        model = remove_units(state.model, removed, constants, inputs=self.selection,
+                             measure=lambda names: tensor_shapes(state.model, names, one))
         kept = {name: np.delete(index, removed[name]) for name, index in state.carried.items()}
         return State(model, fresh(model, state.layers), self._groups(model), carried=kept)
 
