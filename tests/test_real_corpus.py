@@ -156,3 +156,19 @@ def test_structured_on_every_fixture_writes_the_masked_model_or_says_why_not(nam
     want = floats_of(reference.run([o.name for o in written.graph.output], test))
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(w).max())))
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(MANIFEST) if n not in UNSUPPORTED])
+def test_inspect_and_structured_pruning_see_the_same_unit_groups(name, tmp_path):
+    import onnxprune
+    from onnxprune.errors import InputError
+
+    source = REAL / f"{name}.onnx"
+    calib, _ = corpus.make_data(MANIFEST[name], 8, 0, "calib")
+    seen = sorted(g["group"] for g in onnxprune.inspect(source)["units"]["groups"])
+    try:
+        pruner = onnxprune.Pruner("l2", structured=True, steps=1, refit=False).fit(source, calib)
+    except InputError as exc:
+        assert "no unit group" in str(exc) and seen == [], (seen, str(exc))
+        return
+    assert sorted(g.name for g in pruner.mode_.groups) == seen

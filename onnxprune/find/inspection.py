@@ -10,7 +10,7 @@ import onnx
 from onnxprune.errors import InputError
 from onnxprune.find.inventory import unpruned_weights
 from onnxprune.find.layers import analyse_graph
-from onnxprune.find.outputs import protected_output
+from onnxprune.find.outputs import protected_output, reaching
 from onnxprune.graph import passes
 from onnxprune.graph.index import FLOAT_TYPES, read_initializer
 from onnxprune.io.data import model_inputs
@@ -42,7 +42,7 @@ def inspect(model) -> dict:
         "skipped": [asdict(s) for s in found.skipped],
         "unpruned_weights": [asdict(s) for s in unpruned_weights(work, found)],
         "analysis_copy": analysis.notes,
-        "units": _unit_groups(work),
+        "units": _unit_groups(work, found.layers, protected),
         "runtime_copy": model.ir_version > passes.MAX_IR_VERSION or any(
             v > passes.MAX_OPSET for d, v in opsets.items() if d == "ai.onnx"),
     }
@@ -57,9 +57,10 @@ def parameter_count(model: onnx.ModelProto) -> int:
     return sum(int(np.prod(dims)) for dims in dense + sparse)
 
 
-def _unit_groups(model: onnx.ModelProto) -> dict:
-    """inspect's section on structured pruning: the unit groups and the layers whose units cannot go."""
+def _unit_groups(model: onnx.ModelProto, layers, protected: str | None) -> dict:
+    """inspect's section on structured pruning: the unit groups of the layers that reach the protected
+    output (the ones ``prune --structured`` finds) and the layers whose units cannot go."""
     from onnxprune.find.units import find_units
 
-    units = find_units(model)
+    units = find_units(model, reaching(model, layers, protected)[0] if protected else layers)
     return {"groups": [g.to_dict() for g in units.groups], "rejected": [asdict(r) for r in units.rejected]}
