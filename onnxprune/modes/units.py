@@ -17,6 +17,7 @@ import onnx
 from onnxprune.edit.slicing import drop_border, input_contract, remove_units
 from onnxprune.errors import InputError
 from onnxprune.find.layers import Layer, analyse_graph
+from onnxprune.find.unitgroups import Rejected
 from onnxprune.find.units import find_units
 from onnxprune.io.data import Dataset
 from onnxprune.modes.base import Preset, State
@@ -90,16 +91,23 @@ class UnitsMode:
         """The unit groups of ``layers`` (those that reach the protected output) that no --exclude
         pattern touches; their MACs accounting over ``all_layers``. Returns the rejections."""
         units = find_units(model, layers, inputs=self.selection)
-        by_name = {layer.name: layer for layer in all_layers}
-        self.groups = [g for g in units.groups if not any(excluded(by_name[n], self.exclude) for n in
-                                                          (*g.producers, *(c.layer for c in g.consumers)))]
+        by_name, reaching = {layer.name: layer for layer in all_layers}, {layer.name for layer in layers}
+        rejected = list(units.rejected)
+        for g in units.groups:  # a consumer beyond the protected output: the units are part of that output
+            beyond = [c.layer for c in g.consumers if c.layer not in reaching]
+            if beyond:
+                rejected.append(Rejected(g.producer or g.name, by_name[g.producer].op if g.producer else "input",
+                                         f"its units reach the protected output {output!r} directly (their consumer "
+                                         f"{beyond[0]} lies beyond it)"))
+        self.groups = [g for g in units.groups if all(c.layer in reaching for c in g.consumers)
+                       and not any(excluded(by_name[n], self.exclude) for n in (*g.producers, *(c.layer for c in g.consumers)))]
         if not self.groups:
-            reasons = "; ".join(f"{r.layer} ({r.op}): {r.reason}" for r in units.rejected[:3])
+            reasons = "; ".join(f"{r.layer} ({r.op}): {r.reason}" for r in rejected[:3])
             raise InputError(f"the model has no unit group that can be removed ({reasons or 'no prunable layers'})")
         self.original = {g.name: g.units for g in self.groups}
         self.costs = layer_costs(model, all_layers, self.groups, data.feeds)
         self.all_layers, self.data = all_layers, data
-        return units.rejected
+        return rejected
 
     def begin(self, model: onnx.ModelProto, layers: list[Layer]) -> State:
         kept = {name: np.arange(n) for name, n in self.original.items()}
