@@ -250,7 +250,6 @@ class Pruner:
         return results
 
     def _result(self, state: State, scores, selection, target: float, steps: int, refits) -> PruneResult:
-        validate(state.model, self.data_)
         layers, summary = self.mode_.report(self.dense_, state, scores, selection, self.data_,
                                             repaired=steps > 1 or self.repair_ is not NONE)
         return PruneResult(

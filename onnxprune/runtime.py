@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import RuntimeUnavailable
-from onnxprune.graph.passes import runtime_copy
+from onnxprune.graph.passes import needs_runtime_copy, runtime_copy
 
 
 def _shim_training_optim() -> None:
@@ -226,7 +226,7 @@ def make_session(model: onnx.ModelProto | bytes | str, provider: str = "cpu", th
     """An InferenceSession on a runtime-compatible copy of ``model`` (bytes and paths as they are)."""
     check_installation()
     if isinstance(model, onnx.ModelProto):
-        model = runtime_copy(model).SerializeToString()
+        model = (runtime_copy(model) if needs_runtime_copy(model) else model).SerializeToString()
     return _ort().InferenceSession(model, sess_options=session_options(threads, arena), providers=provider_list(provider))
 
 

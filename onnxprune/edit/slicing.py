@@ -33,10 +33,9 @@ Measure = Callable[[list[str]], dict[str, tuple[int, ...]]]  # per-sample shapes
 
 def fold_constants(model: onnx.ModelProto, groups: list[UnitGroup], removed: dict[str, np.ndarray],
                    constants: dict[str, np.ndarray] | None, measure: Measure | None = None) -> onnx.ModelProto:
-    """A copy of ``model`` whose consumer biases carry the constants of the removed units; ``measure``
-    gives the spatial sizes shape inference cannot tell (a padded Conv's border needs them)."""
-    new = onnx.ModelProto()
-    new.CopyFrom(model)
+    """``model`` (changed in place) with the constants of the removed units in its consumers' biases;
+    ``measure`` gives the spatial sizes shape inference cannot tell (a padded Conv's border needs them)."""
+    new = model
     if constants is None:
         return new
     for group in groups:
@@ -135,10 +134,9 @@ def _take(value: np.ndarray, kept: np.ndarray, cut: Cut, units: int) -> np.ndarr
 
 
 def slice_units(model: onnx.ModelProto, keep: dict[str, np.ndarray], inputs: str | None = None) -> onnx.ModelProto:
-    """A copy of ``model`` with only the ``keep`` units (sorted indices per group name) of each group;
-    ``inputs`` ("slice" or "gather") says how input features are selected the first time."""
-    new = onnx.ModelProto()
-    new.CopyFrom(model)
+    """``model`` (changed in place) with only the ``keep`` units (sorted indices per group name) of each
+    group; ``inputs`` ("slice" or "gather") says how input features are selected the first time."""
+    new = model
     groups = find_units(new, inputs=inputs).by_name()
     inits = {t.name: t for t in new.graph.initializer}
     nodes = {n.name: n for n in new.graph.node}
@@ -247,7 +245,7 @@ def input_contract(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, l
 def remove_units(model: onnx.ModelProto, removed: dict[str, np.ndarray],
                  constants: dict[str, np.ndarray] | None = None, inputs: str | None = None,
                  measure: Measure | None = None) -> onnx.ModelProto:
-    """``model`` without the ``removed`` units (indices per group), their constants folded first;
+    """A copy of ``model`` without the ``removed`` units (indices per group), their constants folded first;
     ``inputs`` ("slice" or "gather") when input features are among them; ``measure``: see fold_constants."""
     work = onnx.ModelProto()
     work.CopyFrom(model)  # find_units names unnamed nodes

@@ -5,7 +5,8 @@ selection) asks this index rather than rebuilding its own ``{output: node}`` map
 """
 from __future__ import annotations
 
-from collections import defaultdict
+import hashlib
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,20 +84,75 @@ def name_nodes(model: onnx.ModelProto) -> None:
             seen.add(candidate)
 
 
-def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with inferred value infos, or ``model`` itself where inference fails: shapes and
-    types are advisory to every caller, which falls back to what the model declares."""
+SMALL = 8           # elements: float initializers up to this size (Resize scales) and every other keep their values
+MEMO_VERSIONS = 32  # model versions whose inferred shapes are remembered (weight-less: small)
+
+
+def inferred(model: onnx.ModelProto, data_prop: bool = False) -> onnx.ModelProto:
+    """``model``'s graph with inferred value infos (read-only: shared by every caller of the same model
+    version), or ``model`` itself where inference fails: shapes and types are advisory to every caller,
+    which falls back to what the model declares. Inference runs once per model version, on a copy
+    without the float weights' values (their shapes and types are what inference reads), keyed by the
+    graph's structure and those shapes; an edit that changes shapes or nodes is a new version."""
+    key = _structure_key(model, data_prop)
+    if key in _INFERRED:
+        _INFERRED.move_to_end(key)
+        return _INFERRED[key]
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        result = onnx.shape_inference.infer_shapes(_weightless(model), strict_mode=False, data_prop=data_prop)
     except Exception:  # noqa: BLE001 - onnx raises several unrelated types here
-        return model
+        result = model
+    _INFERRED[key] = result
+    while len(_INFERRED) > MEMO_VERSIONS:
+        _INFERRED.popitem(last=False)
+    return result
+
+
+_INFERRED: OrderedDict[bytes, onnx.ModelProto] = OrderedDict()
+
+
+def _kept_whole(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_type not in FLOAT_TYPES or int(np.prod(tensor.dims)) <= SMALL
+
+
+def _structure_key(model: onnx.ModelProto, data_prop: bool) -> bytes:
+    digest = hashlib.sha256(f"{model.ir_version}:{data_prop}".encode())
+    for opset in model.opset_import:
+        digest.update(f"{opset.domain}:{opset.version}".encode())
+    graph = model.graph
+    for part in (*graph.node, *graph.input, *graph.output, *graph.value_info):
+        digest.update(part.SerializeToString())
+    for tensor in graph.initializer:
+        digest.update(f"{tensor.name}:{tensor.data_type}:{tuple(tensor.dims)}".encode())
+        if _kept_whole(tensor):
+            digest.update(tensor.SerializeToString())
+    return digest.digest()
+
+
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A model of the same graph whose large float initializers are graph inputs of their shape and type."""
+    copy = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
+    copy.opset_import.extend(model.opset_import)
+    graph, source = copy.graph, model.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
+    graph.value_info.extend(source.value_info)
+    declared = {vi.name for vi in source.input}
+    for tensor in source.initializer:
+        if _kept_whole(tensor):
+            graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return copy
 
 
 def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
     """Ranks of the tensors shape inference can tell (graph inputs, intermediates, initializers)."""
-    inferred = _inferred(model)
+    graph = inferred(model).graph
     ranks = {}
-    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
         t = vi.type.tensor_type
         if t.HasField("shape"):
             ranks[vi.name] = len(t.shape.dim)
@@ -107,9 +163,9 @@ def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element types of the graph's tensors, as shape inference sees them."""
-    graph = _inferred(model).graph
+    graph = inferred(model).graph
     types = {vi.name: vi.type.tensor_type.elem_type for vi in [*graph.input, *graph.value_info, *graph.output]}
-    types.update({t.name: t.data_type for t in graph.initializer})
+    types.update({t.name: t.data_type for t in model.graph.initializer})
     return {k: v for k, v in types.items() if v}
 
 

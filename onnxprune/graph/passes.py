@@ -256,6 +256,13 @@ def needed_nodes(nodes, targets: set[str]) -> list[onnx.NodeProto]:
     return list(reversed(keep))
 
 
+def needs_runtime_copy(model: onnx.ModelProto) -> bool:
+    """Whether onnxruntime needs ``model`` re-stamped (IR or default opset above what it runs, or an
+    opset below its kernels): without, a session reads the model as it is, no copy made."""
+    opsets = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    return model.ir_version > MAX_IR_VERSION or any(v > MAX_OPSET or v < MIN_OPSET for v in opsets)
+
+
 def runtime_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` that this onnxruntime accepts: stamped at most IR 10 / opset 21, and
     converted up to opset 7 when older. It shares nothing with ``model``."""

@@ -8,14 +8,22 @@ import numpy as np
 import onnx
 
 from onnxprune import runtime
+from onnxprune.graph.index import inferred
 from onnxprune.graph.passes import free_batch_copy
 from onnxprune.io.npz import NpzColumn
 
 
 def tensor_shapes(model: onnx.ModelProto, names: list[str], feeds: Mapping[str, np.ndarray | NpzColumn],
                   provider: str = "cpu") -> dict[str, tuple[int, ...]]:
-    """Per-sample shapes of tensors ``names`` (graph inputs or computed), from one sample of ``feeds``."""
+    """Per-sample shapes of tensors ``names`` (graph inputs or computed): what shape inference tells
+    where it is sure (a free batch on the first axis, every other dim known), measured on one sample of
+    ``feeds`` for the rest."""
     shapes = {k: tuple(v.shape[1:]) for k, v in feeds.items() if k in names}
+    static = tensor_shapes_static(model)
+    for name in names:
+        known = static.get(name)
+        if name not in shapes and known and known[0] is None and all(d is not None for d in known[1:]):
+            shapes[name] = tuple(known[1:])
     wanted = [n for n in dict.fromkeys(names) if n not in shapes]
     if wanted:
         free = free_batch_copy(model)
@@ -31,13 +39,10 @@ def output_shape(model: onnx.ModelProto, output: str, feeds: Mapping[str, np.nda
 
 
 def tensor_shapes_static(model: onnx.ModelProto) -> dict[str, tuple]:
-    """Static per-tensor shapes shape inference can tell (None for unknown dims)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # advisory: an unknown shape rejects only the patterns that need it
-        inferred = model
+    """Static per-tensor shapes shape inference can tell (None for unknown dims), once per model version."""
+    graph = inferred(model, data_prop=True).graph
     shapes = {}
-    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
         t = vi.type.tensor_type
         if t.HasField("shape"):
             shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)

@@ -111,6 +111,8 @@ class _AdjointModel:
                 late.append(node)
         early = [node for node in graph.node if not tainted.intersection(node.output)]
         self.prefix, self.prefix_outputs = None, []
+        if all(_plain(node) for node in early):  # onnx-ad reads them as they are: one session, not two
+            return m
         inputs = {vi.name for vi in graph.input}
         constant = {t.name for t in graph.initializer}
         for node in early:  # computed from constants alone (axes, shapes of weights): copied, never cut
@@ -225,6 +227,15 @@ class _AdjointModel:
         z = dict(zip(self.z_outputs, values[len(values) - len(self.z_outputs):]))
         cast = self._cast(feeds)
         return {layer.name: z[layer.input] if layer.input in z else cast[layer.input] for layer in self.layers}
+
+
+def _plain(node: onnx.NodeProto) -> bool:
+    """A node onnx-ad has a rule for and that holds no subgraph (an If, a Loop, a recurrent op is cut off
+    into the forward prefix instead)."""
+    from onnx_ad.rules import REVERSE
+
+    return (node.domain in ("", "ai.onnx") and node.op_type in REVERSE
+            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute))
 
 
 def _reverse(m: onnx.ModelProto, offsets: list[str], seeded: str) -> onnx.ModelProto:
