@@ -17,7 +17,8 @@ pretrained models) goes to its own directory, leaving the committed fixtures alo
 scripts/corpus_data.py:
 
     PY=EXPORTER_VENV/bin/python
-    $PY scripts/export_corpus.py --mnist MNIST_DIR --out CORPUS --wheels WHEELS --no-fixtures --only 'tv_*' 'timm_*_vit*' 'hf_legacy_*' \
+    $PY scripts/export_corpus.py --mnist MNIST_DIR --out CORPUS --wheels WHEELS --no-fixtures \
+        --only 'tv_*' 'timm_*_vit*' 'hf_legacy_*' \
         'hf_dynamo_*_encoder' 'hf_dynamo_*classifier' 'ppocr*' 'silero*' 'nudenet*' 'ddddocr*' 'magika*' 'rapid_*' 'mtcnn*'
     $PY scripts/corpus_data.py --corpus CORPUS --wheels WHEELS
 """
