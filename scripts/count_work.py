@@ -81,7 +81,8 @@ def main() -> int:
     lines = ["# Repeated work per prune", "",
              "Calls counted while `onnxprune.prune` / `onnxprune.prune_structured` prune `models/mnist_mlp.onnx` on "
              "`models/mnist_calib.npz` with their defaults (`python scripts/count_work.py"
-             + "".join(f" --code {c.name}" for c in args.code or []) + "`), each run in a fresh process. "
+             + (" --code OLD --code ." if len(codes) > 1 else "") + "`" + (", OLD a checkout of the commit of the "
+             "first rows" if len(codes) > 1 else "") + "), each run in a fresh process. "
              "A cell reads `all (in onnx-ad)`: the calls made inside onnx-ad's reverse-mode builder, once per "
              "derivative graph, are a library's own and are shown apart.", "",
              "| run @ commit | " + " | ".join(WHAT.values()) + " |", "| --- |" + " ---: |" * len(WHAT)]
