@@ -38,6 +38,9 @@ MEMORY_BUDGET = 3 << 29   # 1.5 GiB of activations and derivatives per batch: a 
 EXACT_LIMIT = 100         # above this many output elements, exact Jacobians give way to random probes
 
 
+MAX_PROBES = 16384        # rows of one sample's tiled batch at most (a batch then holds one sample): --probes' bound
+
+
 AUTO_PROBES = 32          # ... at most this many, fewer when one sample's would not fit the memory budget
                           # (unbiased for G at any number; see docs/benchmarks.md for the accuracy)
 
@@ -180,7 +183,7 @@ def batch_step(model, layers, data, repeats, batch_size, provider, memory_budget
         activation_bytes = sample_bytes(model, data.subset(1).feeds, provider)
     per_sample = activation_bytes * (1 + 2 * repeats)
     by_memory = memory_budget // per_sample if per_sample else batch_size
-    return max(1, min(batch_size, 16384 // repeats, BATCH_ELEMENTS // (repeats * largest), by_memory))
+    return max(1, min(batch_size, MAX_PROBES // repeats, BATCH_ELEMENTS // (repeats * largest), by_memory))
 
 
 def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,
@@ -195,6 +198,8 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Datase
     EngineChoice), the probes (None: exact), whether they were chosen automatically, the batch."""
     if shared not in STATISTICS:
         raise InputError(f"shared-weight statistics must be one of {STATISTICS}, got {shared!r}")
+    if probes is not None and not 1 <= probes <= MAX_PROBES:
+        raise InputError(f"probes must be between 1 and {MAX_PROBES}, got {probes}")
     one = data.subset(1).arrays()
     shapes = SHAPES(model, layers, one, provider)
     shape = shapes(model, [output], one, provider)[output]

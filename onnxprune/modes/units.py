@@ -26,7 +26,7 @@ from onnxprune.graph.index import read_initializer
 from onnxprune.repair.unitrefit import UnitRefit, refit_layer
 from onnxprune.score.units import JACOBIAN_METHODS, METHODS, score_group
 from onnxprune.select.counts import choose_counts, layer_costs, total_macs
-from onnxprune.select.masks import SCOPES, excluded
+from onnxprune.select.masks import SCOPES, check_patterns, excluded
 
 DEFAULT_STEPS = {"ecp": 5}
 INPUT_MODES = {"keep": None, "slice": "slice", "prune": "gather"}
@@ -139,6 +139,7 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
     dense = onnx.ModelProto()
     dense.CopyFrom(as_model(model))
     found = find_layers(dense)
+    check_patterns(found.layers, exclude)
     check_finite_weights(dense, found.layers)
     dataset = as_dataset(data, dense, labels_key)
     check_runs(dense, provider, few_samples(dense, dataset))
