@@ -13,7 +13,7 @@ from onnxprune import runtime
 from onnxprune.derivatives.statistics import MEMORY_BUDGET, sample_bytes
 from onnxprune.errors import CheckFailed, InputError
 from onnxprune.find.outputs import output_kind, scored_output
-from onnxprune.io.data import Dataset
+from onnxprune.io.data import Dataset, declared_batch
 
 REPEATS = 7            # timings per model and batch size; the report gives their median, min and max
 MIN_TIMING = 0.005     # seconds: one timing runs the batch this long at least (clock resolution, noise)
@@ -25,11 +25,13 @@ def predict(model: onnx.ModelProto, data: Dataset, output: str, provider: str = 
     """All values of tensor ``output`` over ``data``, and the seconds the runs took."""
     session = runtime.tensor_session(model, [output], provider, threads)
     chunks, seconds = [], 0.0
-    for feeds, _ in data.batches(batch_size):
+    fixed = declared_batch(model, data)
+    batches = data.padded_batches(fixed) if fixed else ((feeds, None) for feeds, _ in data.batches(batch_size))
+    for feeds, real in batches:
         start = time.perf_counter()
         (value,) = session.run([output], feeds)
         seconds += time.perf_counter() - start
-        chunks.append(value)
+        chunks.append(value[:real])
     return np.concatenate(chunks), seconds
 
 
@@ -43,8 +45,12 @@ def measure_latency(models: dict[str, onnx.ModelProto], data: Dataset, batch_siz
     names = list(sessions)
     batches: list[dict] = []
     result = {"repeats": repeats, "batches": batches}
-    for batch in sorted({min(b, len(data)) for b in batch_sizes}):
-        feeds = data.subset(batch).inputs()
+    declared = {size for size in (declared_batch(m, data) for m in models.values()) if size}
+    if len(declared) > 1:
+        raise InputError(f"the models declare different fixed batch sizes {sorted(declared)}; they cannot be timed in turns")
+    fixed = declared.pop() if declared else None  # an export with a fixed batch runs at that size only
+    for batch in [fixed] if fixed else sorted({min(b, len(data)) for b in batch_sizes}):
+        feeds = next(data.padded_batches(batch))[0] if fixed else data.subset(batch).inputs()
         runs = 1
         for session in sessions.values():
             session.run(None, feeds)  # warm-up: allocations and kernel selection are not latency
