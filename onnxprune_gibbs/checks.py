@@ -40,6 +40,14 @@ def check_features(X, n_features: int | None = None, name: str = "X") -> np.ndar
     return X
 
 
+def check_varying(X: np.ndarray, name: str = "X") -> None:
+    """Training features that differ between samples: with every sample alike, each member predicts one
+    class for all of them and no temperature can make the ensemble learn anything."""
+    if len(X) > 1 and not np.any(X != X[0]):
+        raise InputError(f"{name}: every sample has the same features ({len(X)} samples); the members cannot tell the "
+                         "classes apart")
+
+
 def check_labels(y, n_samples: int, n_classes: int | None = None, name: str = "y") -> np.ndarray:
     """y as int64 (S,): integer-valued, non-negative, below n_classes when given."""
     return class_labels(y, name, n_samples, n_classes)

@@ -25,7 +25,7 @@ import numpy as np
 
 from onnxprune.errors import InputError
 from onnxprune_gibbs import gibbs
-from onnxprune_gibbs.checks import NotFittedError, check_features, check_labels, same_value
+from onnxprune_gibbs.checks import NotFittedError, check_features, check_labels, check_varying, same_value
 from onnxprune_gibbs.members import (
     KINDS,
     MemberBank,
@@ -132,6 +132,7 @@ class GibbsEnsemble:
     def fit(self, X, y) -> GibbsEnsemble:
         self._check_params()
         X = check_features(X)
+        check_varying(X)
         y = check_labels(y, len(X), self.n_classes)
         n_classes = int(self.n_classes or (y.max() + 1))
         if n_classes < 2:

@@ -20,6 +20,9 @@ import math
 import numpy as np
 
 from onnxprune.errors import InputError
+from onnxprune.io.files import available_memory
+
+MAX_GRID = 10_000  # temperatures of a validation grid or curve: each is a column of weights and of votes
 
 QUANTUM = 2.0 ** -50
 LOSS_CLIP = 1e-12  # ensemble log loss uses max(p, LOSS_CLIP): hard votes can give a class 0
@@ -81,7 +84,12 @@ def vote_weights(energies, temperature) -> np.ndarray:
 
 
 def weight_matrix(energies, temperatures) -> np.ndarray:
-    """Quantised weights for several temperatures, shape (M, len(temperatures))."""
+    """Quantised weights for several temperatures, shape (M, len(temperatures)); refused before it
+    is allocated when it (and its columns, made first) would not fit in the memory available."""
+    need, available = 2 * 8 * len(energies) * len(temperatures), available_memory()
+    if need > available:
+        raise InputError(f"{len(energies):,} members x {len(temperatures):,} temperatures need {need / 1e9:,.1f} GB of "
+                         f"weights; {available / 1e9:,.1f} GB are available: use fewer members or temperatures")
     return np.stack([vote_weights(energies, t) for t in temperatures], axis=1)
 
 
@@ -113,6 +121,8 @@ def check_grid(temperatures, allow_limits: bool = False) -> np.ndarray:
     t = np.asarray(temperatures, dtype=np.float64).ravel()
     if t.size == 0:
         raise InputError("the temperature grid is empty")
+    if t.size > MAX_GRID:
+        raise InputError(f"the temperature grid has {t.size:,} temperatures; at most {MAX_GRID:,} are taken")
     if np.any(np.isnan(t)) or np.any(t < 0) or (not allow_limits and (np.any(t <= 0) or np.any(np.isinf(t)))):
         raise InputError("temperatures must be positive finite numbers" if not allow_limits
                          else "temperatures must be non-negative numbers (0 and inf are the limits)")

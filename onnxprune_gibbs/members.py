@@ -30,11 +30,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxprune.errors import InputError
+from onnxprune.io.files import available_memory
 
 KINDS = ("perceptron", "mlp")
 ACTIVATIONS = ("tanh", "relu")
 # Elements of the largest float64 temporary a forward block may create (~64 MB).
 BLOCK_ELEMENTS = 8_000_000
+# Each member is drawn from its own generator: a million take about a minute (100 times the largest study).
+MAX_MEMBERS = 1_000_000
 
 
 @dataclass
@@ -95,8 +98,8 @@ def draw_members(kind: str, n_members: int, n_features: int, n_classes: int, hid
     """Draw ``n_members`` random classifiers (see the module docstring for the distributions)."""
     if activation not in ACTIVATIONS:
         raise InputError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
-    if n_members < 1:
-        raise InputError(f"the ensemble needs at least one member, got {n_members}")
+    if not 1 <= n_members <= MAX_MEMBERS:
+        raise InputError(f"the ensemble needs 1 to {MAX_MEMBERS:,} members, got {n_members:,}")
     if n_classes < 2:
         raise InputError(f"need at least two classes, got {n_classes}")
     if not (np.isfinite(weight_scale) and weight_scale > 0):
@@ -106,12 +109,13 @@ def draw_members(kind: str, n_members: int, n_features: int, n_classes: int, hid
     sizes = layer_sizes(kind, n_features, n_classes, hidden)
     if any(s < 1 for s in sizes):
         raise InputError(f"layer widths must be positive, got {sizes}")
+    _check_memory(n_members, sizes)
     n_layers = len(sizes) - 1
     gains = [np.sqrt(2.0) if (activation == "relu" and i < n_layers - 1) else 1.0 for i in range(n_layers)]
     weights = [np.empty((n_members, sizes[i], sizes[i + 1]), np.float32) for i in range(n_layers)]
     biases = [np.empty((n_members, sizes[i + 1]), np.float32) if bias_scale > 0 else None for i in range(n_layers)]
-    for k, child in enumerate(np.random.SeedSequence(int(seed)).spawn(n_members)):
-        rng = np.random.default_rng(child)
+    for k in range(n_members):  # member k's generator: SeedSequence(seed).spawn(n)[k], made when needed
+        rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(k,)))
         for i in range(n_layers):
             std = gains[i] * weight_scale / np.sqrt(sizes[i])
             weights[i][k] = rng.standard_normal((sizes[i], sizes[i + 1])) * std
@@ -119,6 +123,17 @@ def draw_members(kind: str, n_members: int, n_features: int, n_classes: int, hid
             if bias is not None:
                 bias[k] = rng.standard_normal(sizes[i + 1]) * bias_scale
     return MemberBank(kind, weights, biases, activation, int(n_classes))
+
+
+def _check_memory(n_members: int, sizes: list[int]) -> None:
+    """Refuse before allocating a bank that, with its exported graph and that graph's serialized copy,
+    would not fit in the memory available."""
+    parameters = n_members * sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
+    need, available = 3 * 4 * parameters, available_memory()
+    if need > available:
+        raise InputError(f"{n_members:,} members of {parameters // n_members:,} parameters need about {need / 1e9:,.1f} GB "
+                         f"(the members, the exported graph and its bytes); {available / 1e9:,.1f} GB are available: "
+                         "use fewer members")
 
 
 def member_block_size(bank: MemberBank, n_samples: int) -> int:

@@ -4,6 +4,7 @@ Every case must end with exit code 1 or 2, one line on stderr starting with "Err
 and no file left behind; or, where a corruption can be harmless (a flipped byte inside a float
 weight), succeed with a model that passes onnx.checker.
 """
+import io
 import os
 import subprocess
 import sys
@@ -228,3 +229,65 @@ def test_the_installed_command_prints_exactly_one_line(folder, which):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:"), done.stderr
     assert sorted(p.name for p in folder.iterdir() if p.name not in INPUTS) == []
+
+
+# -- corrupt archives: a CRC mismatch, a broken deflate stream, methods and flags zipfile cannot read --
+def _patch_headers(content: bytes, member: bytes, offset_local: int, offset_central: int, change) -> bytes:
+    """Apply ``change(value) -> value`` to a 2-byte field of ``member``'s local and central headers."""
+    out = bytearray(content)
+    for signature, offset in ((b"PK\x03\x04", offset_local), (b"PK\x01\x02", offset_central)):
+        start = 0
+        while (at := out.find(signature, start)) >= 0:
+            name_at = at + (30 if signature == b"PK\x03\x04" else 46)
+            if out[name_at:name_at + len(member)] == member:
+                value = int.from_bytes(out[at + offset:at + offset + 2], "little")
+                out[at + offset:at + offset + 2] = change(value).to_bytes(2, "little")
+            start = at + 4
+    return bytes(out)
+
+
+def _zip_cases() -> list[tuple[str, bytes]]:
+    rng = np.random.default_rng(SEED + 2)
+    good = data(400)
+    images = {"x": rng.integers(0, 256, (400, 5)).astype(np.uint8), "y": good["y"]}
+    cases = []
+    for name, arrays, member, compressed in (("float x", good, b"x.npy", False), ("uint8 x", images, b"x.npy", False),
+                                             ("labels", good, b"y.npy", False), ("deflated x", good, b"x.npy", True)):
+        buffer = io.BytesIO()
+        (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
+        content = bytearray(buffer.getvalue())
+        start = content.index(member) + len(member) + 128 + 40  # inside the data, past the .npy header
+        if compressed:  # the stream's last block, which the header does not depend on
+            end = content.index(b"PK\x03\x04", start)
+            content[end - 40:end - 24] = rng.bytes(16)
+        else:
+            content[start + int(rng.integers(200))] ^= 0x5A
+        cases.append((f"corrupt {name}", bytes(content)))
+    buffer = io.BytesIO()
+    np.savez(buffer, **good)
+    cases.append(("compression method 99", _patch_headers(buffer.getvalue(), b"x.npy", 8, 10, lambda v: 99)))
+    cases.append(("encrypted flag", _patch_headers(buffer.getvalue(), b"x.npy", 6, 8, lambda v: v | 1)))
+    return cases
+
+
+def _scaled_model() -> onnx.ModelProto:
+    model = _good_model()
+    model.metadata_props.add(key="onnxprune.input_scale", value=repr(1 / 255))
+    return model
+
+
+@pytest.mark.parametrize("name, content", _zip_cases(), ids=[name for name, _ in _zip_cases()])
+def test_corrupt_archive_members_are_one_line_bad_input(folder, capfd, name, content):
+    onnx.save(_scaled_model(), folder / "case.onnx")
+    (folder / "case.npz").write_bytes(content)
+    model, case = str(folder / "case.onnx"), str(folder / "case.npz")
+    for args in (["evaluate", model, "--data", case],
+                 ["prune", model, str(folder / "out.onnx"), "--data", case, "--sparsity", "0.5"],
+                 ["prune", model, "--data", str(folder / "calib.npz"), "--dry-run", "--ratios", "0.5", "--test", case],
+                 ["finetune", model, str(folder / "out.onnx"), "--data", case, "--epochs", "1"],
+                 ["ensemble", "fit", "--data", case, "--members", "5", *(["--scale", "1/255"] if "uint8" in name else []),
+                  str(folder / "out.onnx")]):
+        res = CliRunner().invoke(main, args)
+        _check(res, folder, f"{args[0]}: {name}", capfd=capfd)
+        assert res.exit_code == 2, (args[0], name, res.stderr)
+        assert any(word in res.stderr for word in ("is corrupt", "encrypted", "method 99")), (args[0], name, res.stderr)

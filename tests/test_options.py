@@ -131,7 +131,8 @@ MATRIX = {
     "--verbose": {m: (["-v"], lambda r, j, f: "gradient engine" in r.output) for m in ("weights", "units")},
     "--quiet": {m: (["-q"], lambda r, j, f: r.output == "") for m in ("weights", "units")},
 }
-TESTED_ELSEWHERE = {"--batch-axis": "tests/test_batch_axis.py (weights and --structured)"}
+TESTED_ELSEWHERE = {"--batch-axis": "tests/test_batch_axis.py (weights and --structured)",
+                    "--allow-external-data-outside": "tests/test_safety.py (read through the one model loader)"}
 
 
 def _written(files) -> bytes:

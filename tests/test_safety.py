@@ -1,6 +1,8 @@
 """Nothing lost, nothing misleading (issue 14): outputs never replace inputs or special files and
 appear all or none; bad data and models are one-line exit-2 errors; .npz members are read lazily;
 reports say what they measured."""
+import functools
+import importlib
 import json
 import os
 import stat
@@ -496,3 +498,411 @@ def test_ensemble_takes_quiet_plot_and_json_on_stdout(tmp_path):
                  command=ensemble)
     assert res.exit_code == 0 and "optimum" in json.loads(res.stdout)["curve"]
     assert (tmp_path / "c.png").exists() and not (tmp_path / "-").exists()
+
+
+# == Round 2 (external data as an input, partial commits, races, names, resources) ==================
+def _ext_model(folder: Path, location: str, name="ext.onnx") -> Path:
+    """The fixture's tiny model with every tensor in the external data file ``location``."""
+    model, _, _ = mlp((5, 4, 3), softmax=True)
+    onnx.save(model, str(folder / name), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+              size_threshold=0)
+    return folder / name
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("case", ["prune OUT", "prune --structured OUT", "finetune OUT", "prune --json", "inspect --json",
+                                  "evaluate --json", "evaluate --reference --json"])
+def test_an_inputs_external_data_file_is_an_input(files, case):
+    """model.onnx's weights live in out.onnx.data (exported as out.onnx, then renamed)."""
+    ext = _ext_model(files, "out.onnx.data")
+    data, calib = files / "out.onnx.data", files / "calib.npz"
+    args = {"prune OUT": ["prune", ext, files / "out.onnx", "--data", calib, "--sparsity", "0.5", "--force"],
+            "prune --structured OUT": ["prune", ext, files / "out.onnx", "--data", calib, "--sparsity", "0.5",
+                                       "--structured", "--force"],
+            "finetune OUT": ["finetune", ext, files / "out.onnx", "--data", calib, "--epochs", 1, "--force"],
+            "prune --json": ["prune", ext, files / "o2.onnx", "--data", calib, "--sparsity", "0.5", "--json", data,
+                             "--force"],
+            "inspect --json": ["inspect", ext, "--json", data, "--force"],
+            "evaluate --json": ["evaluate", ext, "--data", calib, "--json", data, "--force"],
+            "evaluate --reference --json": ["evaluate", files / "model.onnx", "--data", calib, "--reference", ext,
+                                            "--json", data, "--force"]}[case]
+    before = snapshot(files)
+    line = one_line_error(invoke(*args))
+    assert "input file" in line and "out.onnx.data" in line, line
+    assert snapshot(files) == before and _listing(files) == sorted(before)
+    assert onnxprune.load_model(ext).graph.initializer[0].raw_data  # its weights are still readable
+
+
+def test_saving_over_the_external_data_a_model_was_read_from_is_refused(tmp_path):
+    ext = _ext_model(tmp_path, "m2.onnx.data", name="m.onnx")
+    before = snapshot(tmp_path)
+    with pytest.raises(onnxprune.InputError, match="input file"):
+        onnxprune.save_model(onnxprune.load_model(ext), tmp_path / "m2.onnx", force=True)
+    assert snapshot(tmp_path) == before
+
+
+def _immutable(path: Path) -> bool:
+    return subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("how", ["became a folder", "immutable"])
+def test_an_output_that_cannot_be_put_in_place_takes_back_the_others(files, monkeypatch, how):
+    """The model is renamed into place first, then the JSON fails: the old OUT comes back."""
+    import onnxprune.cli.ui
+    import onnxprune.io.files
+
+    (files / "out.onnx").write_bytes(b"the previous model")
+    (files / "r.json").write_text("the previous report")
+    real_json, real_replace = onnxprune.cli.ui.json_text, os.replace
+    chattr = False
+    if how == "became a folder":
+        def meanwhile(report):
+            (files / "r.json").unlink()
+            (files / "r.json").mkdir()
+            return real_json(report)
+        monkeypatch.setattr(onnxprune.cli.ui, "json_text", meanwhile)
+    else:
+        chattr = _immutable(files / "r.json")
+        if not chattr:  # not root, or a filesystem without attributes: fail the rename as the kernel would
+            def replace(src, dst):
+                if Path(dst).name == "r.json":
+                    raise PermissionError(1, "Operation not permitted", str(src), None, str(dst))
+                return real_replace(src, dst)
+            monkeypatch.setattr(onnxprune.io.files.os, "replace", replace)
+    try:
+        res = invoke(*prune_args(files, "out.onnx", "--json", files / "r.json", "--force"))
+        line = one_line_error(res, 1)
+        assert "r.json" in line and "no output was written" in line, line
+    finally:
+        if chattr:
+            subprocess.run(["chattr", "-i", str(files / "r.json")])
+    assert (files / "out.onnx").read_bytes() == b"the previous model"
+    assert (files / "r.json").is_dir() if how == "became a folder" else (files / "r.json").read_text() == "the previous report"
+    assert _listing(files) == ["calib.npz", "model.onnx", "out.onnx", "r.json", "test.npz"]
+
+
+def test_a_full_tmpdir_in_finetune_leaves_nothing(files, monkeypatch):
+    import tempfile
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", full)
+    res = invoke("finetune", files / "model.onnx", files / "ft.onnx", "--data", files / "calib.npz", "--epochs", 1,
+                 "--json", files / "r.json")
+    assert "No space left" in one_line_error(res, 1)
+    assert _listing(files) == ["calib.npz", "model.onnx", "test.npz"]
+
+
+def _during_the_run(monkeypatch, action):
+    """Run ``action`` once the prune has computed its model, before its outputs are written."""
+    module = importlib.import_module("onnxprune.cli.prune")  # the package's `prune` is the command
+    real = module.stage_model
+
+    def stage(*args, **kwargs):
+        action()
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, "stage_model", stage)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_fifo_created_at_out_meanwhile_is_not_replaced(files, monkeypatch, force):
+    _during_the_run(monkeypatch, lambda: os.mkfifo(files / "out.onnx"))
+    res = invoke(*prune_args(files, "out.onnx", "--json", files / "r.json", *(["--force"] if force else [])))
+    assert "out.onnx" in one_line_error(res, 1)
+    assert stat.S_ISFIFO(os.lstat(files / "out.onnx").st_mode)
+    assert _listing(files) == ["calib.npz", "model.onnx", "out.onnx", "test.npz"]
+
+
+def test_a_result_that_appeared_meanwhile_is_kept_without_force(files, monkeypatch):
+    """Two prunes to one OUT: the one that finishes second does not replace the other's result."""
+    _during_the_run(monkeypatch, lambda: (files / "out.onnx").write_bytes(b"the other run's model"))
+    res = invoke(*prune_args(files))
+    assert "appeared while this command ran; pass --force" in one_line_error(res, 1)
+    assert (files / "out.onnx").read_bytes() == b"the other run's model"
+    assert _listing(files) == ["calib.npz", "model.onnx", "out.onnx", "test.npz"]
+
+
+def test_two_evaluates_with_one_json_at_once(files, monkeypatch):
+    module = importlib.import_module("onnxprune.cli.evaluate")
+    real = module.stage_json
+
+    def stage(outputs, path, report):
+        Path(path).write_text('{"the other run": 1}')
+        return real(outputs, path, report)
+    monkeypatch.setattr(module, "stage_json", stage)
+    res = invoke("evaluate", files / "model.onnx", "--data", files / "test.npz", "--json", files / "r.json")
+    assert "appeared while this command ran" in one_line_error(res, 1)
+    assert json.loads((files / "r.json").read_text()) == {"the other run": 1}
+
+
+def test_the_input_renamed_to_out_meanwhile_is_not_replaced(files, monkeypatch):
+    original = (files / "model.onnx").read_bytes()
+    (files / "out.onnx").write_bytes(b"an old result")
+    _during_the_run(monkeypatch, lambda: os.replace(files / "model.onnx", files / "out.onnx"))
+    res = invoke(*prune_args(files, "out.onnx", "--force"))
+    assert "refusing to overwrite the input file" in one_line_error(res, 1)
+    assert (files / "out.onnx").read_bytes() == original
+    assert _listing(files) == ["calib.npz", "out.onnx", "test.npz"]
+
+
+def test_the_input_renamed_away_meanwhile_does_not_matter(files, monkeypatch):
+    _during_the_run(monkeypatch, lambda: os.replace(files / "model.onnx", files / "moved.onnx"))
+    res = invoke(*prune_args(files))
+    assert res.exit_code == 0, res.output
+    onnx.checker.check_model(str(files / "out.onnx"))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["prune", "{m}", "{f}/out/", "--data", "{c}", "--sparsity", "0.5"], "names a folder"),
+    (["prune", "{m}", "--data", "{c}", "--sparsity", "0.5", "--", "-out.onnx"], "starts with '-'"),
+    (["inspect", "{m}", "--json", "-v"], "starts with '-'"),
+    (["inspect", "{m}", "--json", "{f}/r/"], "names a folder"),
+    (["prune", "{m}", "{f}/" + "o" * 246 + ".onnx", "--data", "{c}", "--sparsity", "0.5"], "external data file"),
+    (["inspect", "{m}", "--json", "{f}/" + "r" * 251 + ".json"], "the filesystem takes at most"),
+    (["prune", "{m}", "{f}/" + "d/" * 2500 + "out.onnx", "--data", "{c}", "--sparsity", "0.5"], "bytes long"),
+    (["evaluate", "{m}", "--data", "{c}", "--batch-axis", "x=\u00b2"], "NAME=AXIS"),
+    (["prune", "{m}", "{f}/out.onnx", "--data", "{c}", "--sparsity", "0.5", "--exclude", "["], "does not close"),
+    (["prune", "{m}", "{f}/out.onnx", "--data", "{c}", "--sparsity", "0.5", "--exclude", ""], "empty pattern"),
+    (["prune", "{m}", "{f}/out.onnx", "--data", "{c}", "--sparsity", "0.5", "--structured", "--exclude", "["],
+     "does not close"),
+    (["prune", "{m}", "--data", "{c}", "--dry-run", "--exclude", ""], "empty pattern"),
+    (["prune", "{m}", "{f}/out.onnx", "--data", "{c}", "--sparsity", "0.5", "--structured", "--exclude", "nothing*"],
+     "match no prunable layer"),
+    (["prune", "{m}", "{f}/out.onnx", "--data", "{c}", "--sparsity", "0.5", "--probes", "100000"], "--probes"),
+])
+def test_names_and_values_are_checked_before_any_work(files, monkeypatch, args, words):
+    monkeypatch.chdir(files)
+    values = {"{m}": str(files / "model.onnx"), "{c}": str(files / "calib.npz"), "{f}": str(files)}
+    args = [functools.reduce(lambda text, kv: text.replace(*kv), values.items(), a) for a in args]
+    before = _listing(files)
+    line = one_line_error(invoke(*args))
+    assert words in line, line
+    assert _listing(files) == before
+
+
+def test_long_names_that_fit_get_temporary_names_that_fit(files):
+    out, report = files / ("o" * 240 + ".onnx"), files / ("r" * 250 + ".json")
+    res = invoke(*prune_args(files, out.name, "--json", report))
+    assert res.exit_code == 0, res.output
+    onnx.checker.check_model(str(out))
+    assert json.loads(report.read_text())["weights"]["pruned"] == 16
+    assert _listing(files) == sorted(["calib.npz", "model.onnx", "test.npz", out.name, report.name])
+
+
+def test_a_large_file_that_is_no_zip_is_refused_by_its_first_bytes(files):
+    big = files / "big.npz"
+    with open(big, "wb") as f:
+        f.truncate(3 << 30)  # 3 GB, sparse on disk
+    peak = _peak_bytes(lambda: pytest.raises(onnxprune.InputError, api.evaluate, files / "model.onnx", big))
+    assert peak < 50_000_000, peak
+    assert "not a zip archive" in one_line_error(invoke("evaluate", files / "model.onnx", "--data", big))
+
+
+def test_a_sparse_initializer_too_large_to_expand_is_refused_before_allocating(tmp_path, monkeypatch):
+    import onnxprune.io.storage
+
+    values = numpy_helper.from_array(np.array([1.0], np.float32), "W")
+    sparse = helper.make_sparse_tensor(values, numpy_helper.from_array(np.array([5], np.int64), "i"), [65536, 65536])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 65536])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 65536])],
+                              sparse_initializer=[sparse])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "bomb.onnx")
+    monkeypatch.setattr(onnxprune.io.storage, "available_memory", lambda: 8 << 30)
+    peak = _peak_bytes(lambda: pytest.raises(onnxprune.InputError, onnxprune.load_model, tmp_path / "bomb.onnx"))
+    assert peak < 10_000_000, peak
+    line = one_line_error(invoke("inspect", tmp_path / "bomb.onnx"))
+    assert "17.2 GB of dense tensors" in line and "8.6 GB available" in line, line
+
+
+def test_a_fortran_order_array_is_read_once(tmp_path, monkeypatch):
+    model, _, _ = mlp((256, 8, 3), softmax=True)
+    x = np.random.default_rng(0).normal(size=(4000, 256)).astype(np.float32)  # 4 MB
+    for name, array in (("c", x), ("f", np.asfortranarray(x))):
+        np.savez(tmp_path / f"{name}.npz", x=array)
+    opened = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: opened.append(name) or real_open(self, name,
+                                                                                                             *a, **k))
+    peaks, batches = {}, {}
+    for name in ("c", "f"):
+        opened.clear()
+
+        def stream(name=name):
+            dataset = load_dataset(tmp_path / f"{name}.npz", model)
+            batches[name] = np.concatenate([feeds["x"] for feeds, _ in dataset.batches(256)])
+        peaks[name] = _peak_bytes(stream)
+        assert len(opened) <= 3, (name, opened)  # the header, the checking pass, the batches
+    np.testing.assert_array_equal(batches["f"], x)
+    np.testing.assert_array_equal(batches["c"], x)
+    assert peaks["f"] < x.nbytes + peaks["c"] + 2_000_000 + batches["c"].nbytes, peaks
+
+
+# -- models as users bring them --------------------------------------------------------------------
+def _renamed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    for node, name in zip(model.graph.node, names):
+        node.name = name
+    return model
+
+
+@pytest.mark.parametrize("kind", ["duplicate node names", "opset 99", "a weight of shape (0, 5)"])
+def test_models_that_nothing_can_run_are_bad_input(files, kind):
+    if kind == "duplicate node names":
+        model = _renamed(mlp((5, 4, 3), softmax=True)[0], ["same"] * 4)
+    elif kind == "opset 99":
+        model = mlp((5, 4, 3), softmax=True, opset=99)[0]
+    else:
+        w = numpy_helper.from_array(np.zeros((0, 5), np.float32), "W")
+        graph = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["y"], name="fc", transB=1)], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 0])], [w])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, files / "case.onnx")
+    commands = [["prune", files / "case.onnx", files / "out.onnx", "--data", files / "calib.npz", "--sparsity", "0.5"],
+                ["prune", files / "case.onnx", files / "out.onnx", "--data", files / "calib.npz", "--sparsity", "0.5",
+                 "--structured"],
+                ["finetune", files / "case.onnx", files / "out.onnx", "--data", files / "calib.npz", "--epochs", 1]]
+    if kind != "a weight of shape (0, 5)":  # such a model runs (its output is empty); there is nothing to prune
+        commands += [["inspect", files / "case.onnx"], ["evaluate", files / "case.onnx", "--data", files / "calib.npz"]]
+    for args in commands:
+        one_line_error(invoke(*args))
+        assert _listing(files) == ["calib.npz", "case.onnx", "model.onnx", "test.npz"], args
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_declared_fixed_batch_is_evaluated_and_pruned_in_batches_of_that_size(files, batch):
+    """30 test samples: with a batch of 4 the last batch holds 2 and is filled up with copies."""
+    model = onnx.load(str(files / "model.onnx"))
+    for vi in (model.graph.input[0], model.graph.output[0]):
+        vi.type.tensor_type.shape.dim[0].Clear()
+        vi.type.tensor_type.shape.dim[0].dim_value = batch
+    onnx.save(model, files / "fixed.onnx")
+    free = api.evaluate(files / "model.onnx", files / "test.npz", reference=files / "model.onnx")
+    fixed = api.evaluate(files / "fixed.onnx", files / "test.npz", reference=files / "model.onnx")
+    assert fixed["loss"] == pytest.approx(free["loss"], rel=1e-6) and fixed["accuracy"] == free["accuracy"]
+    assert fixed["samples"] == 30 and fixed["max_abs"] < 1e-6
+    assert [b["batch_size"] for b in fixed["latency"]["batches"]] == [batch]
+    res = invoke("prune", files / "fixed.onnx", files / "out.onnx", "--data", files / "calib.npz", "--sparsity", "0.5",
+                 "--test", files / "test.npz")
+    assert res.exit_code == 0, res.output
+    written = onnx.load(str(files / "out.onnx"))
+    assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_value == batch  # its own form
+
+
+def test_a_20000_node_chain_is_inspected(tmp_path):
+    model, _, _ = mlp((5, 4, 3), softmax=True)
+    nodes = list(model.graph.node)
+    chain = [helper.make_node("Identity", ["h0" if k == 0 else f"c{k - 1}"], [f"c{k}"], name=f"c{k}") for k in range(20000)]
+    nodes[2].input[0] = "c19999"  # fc1 reads the end of the chain
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[:2] + chain + nodes[2:])
+    onnx.save(model, tmp_path / "chain.onnx")
+    report = api.inspect(tmp_path / "chain.onnx")
+    assert [layer["layer"] for layer in report["layers"]] == ["fc0", "fc1"]
+
+
+@pytest.mark.parametrize("command", ["prune", "structured", "finetune"])
+def test_external_data_and_weights_inside_give_the_same_bytes(files, command):
+    ext = _ext_model(files, "ext.onnx.bin")
+    outputs = {}
+    for name, source in (("inside", files / "model.onnx"), ("outside", ext)):
+        out = files / f"{name}-out.onnx"
+        args = (["finetune", source, out, "--data", files / "calib.npz", "--epochs", 2] if command == "finetune" else
+                ["prune", source, out, "--data", files / "calib.npz", "--sparsity", "0.5",
+                 *(["--structured"] if command == "structured" else [])])
+        assert invoke(*args).exit_code == 0
+        outputs[name] = {t.name: numpy_helper.to_array(t).tobytes() for t in onnxprune.load_model(out).graph.initializer}
+    assert outputs["inside"] == outputs["outside"] and outputs["inside"]
+
+
+def test_external_data_outside_the_models_folder_needs_permission(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    model, _, _ = mlp((5, 4, 3), softmax=True)
+    onnx.save(model, str(tmp_path / "elsewhere" / "m.onnx"), save_as_external_data=True, location="w.bin",
+              size_threshold=0)
+    (tmp_path / "elsewhere" / "m.onnx").rename(tmp_path / "models" / "m.onnx")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "models" / "weights")  # the location goes through a symlinked folder
+    m = onnx.load(str(tmp_path / "models" / "m.onnx"), load_external_data=False)
+    for t in m.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "weights/w.bin"
+    onnx.save(m, str(tmp_path / "models" / "m.onnx"))
+    np.savez(tmp_path / "calib.npz", **data(40))
+    line = one_line_error(invoke("inspect", tmp_path / "models" / "m.onnx"))
+    assert "outside the model's folder" in line and "--allow-external-data-outside" in line, line
+    res = invoke("prune", tmp_path / "models" / "m.onnx", tmp_path / "out.onnx", "--data", tmp_path / "calib.npz",
+                 "--sparsity", "0.5", "--allow-external-data-outside")
+    assert res.exit_code == 0, res.output
+    inside = onnxprune.prune(mlp((5, 4, 3), softmax=True)[0], tmp_path / "calib.npz", 0.5).model  # onnx.save emptied `model`
+    assert {t.name: t.raw_data for t in onnxprune.load_model(tmp_path / "out.onnx").graph.initializer} == \
+        {t.name: numpy_helper.from_array(numpy_helper.to_array(t)).raw_data for t in inside.graph.initializer}
+    with pytest.raises(onnxprune.InputError, match="outside the model's folder"):  # the flag held for one command only
+        onnxprune.load_model(tmp_path / "models" / "m.onnx")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_external_data_files_get_the_mode_of_the_model_file(files, umask):
+    ext = _ext_model(files, "ext.onnx.bin")
+    previous = os.umask(umask)
+    try:
+        res = invoke("prune", ext, files / "out.onnx", "--data", files / "calib.npz", "--sparsity", "0.5")
+    finally:
+        os.umask(previous)
+    assert res.exit_code == 0, res.output
+    mode = stat.S_IMODE(os.stat(files / "out.onnx").st_mode)
+    assert mode == 0o666 & ~umask and stat.S_IMODE(os.stat(files / "out.onnx.data").st_mode) == mode
+
+
+def test_an_input_scale_that_float32_cannot_hold_is_bad_input(files):
+    np.savez(files / "u8.npz", x=np.random.default_rng(0).integers(0, 256, (40, 5)).astype(np.uint8))
+    for value in ("nan", "inf", "1e300", "0", "-1"):
+        model = onnx.load(str(files / "model.onnx"))
+        model.metadata_props.add(key="onnxprune.input_scale", value=value)
+        onnx.save(model, files / "scaled.onnx")
+        line = one_line_error(invoke("evaluate", files / "scaled.onnx", "--data", files / "u8.npz"))
+        assert "onnxprune.input_scale" in line, (value, line)
+
+
+# -- ensembles: refused or bounded before allocating -------------------------------------------------
+@pytest.mark.parametrize("args, words", [
+    (["fit", "--data", "{zeros}", "--members", "20", "{f}/e.onnx"], "the same features"),
+    (["curve", "--data", "{zeros}", "--members", "20", "-"], "the same features"),
+    (["fit", "--data", "{train}", "--members", str(10**7), "{f}/e.onnx"], "1<=x<=1000000"),
+    (["fit", "--data", "{train}", "--members", "20", "--temperature-grid", f"1:2:{10**9}", "{f}/e.onnx"], "NUM <="),
+    (["curve", "--data", "{train}", "--members", "20", "--temperatures", f"1:2:{10**9}", "-"], "NUM <="),
+    (["fit", "--data", "{train}", "--members", "20", "--scale", "1e300", "{f}/e.onnx"], "float32"),
+])
+def test_ensemble_inputs_that_would_exhaust_or_mislead(tmp_path, args, words):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 4)).astype(np.float32)
+    np.savez(tmp_path / "train.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    np.savez(tmp_path / "zeros.npz", x=np.zeros((80, 4), np.float32), y=np.arange(80) % 2)
+    values = {"{zeros}": str(tmp_path / "zeros.npz"), "{train}": str(tmp_path / "train.npz"), "{f}": str(tmp_path)}
+    args = [functools.reduce(lambda text, kv: text.replace(*kv), values.items(), a) for a in args]
+    line = one_line_error(invoke(*args, command=ensemble))
+    assert words in line, line
+    assert _listing(tmp_path) == ["train.npz", "zeros.npz"]
+
+
+def test_ensemble_memory_is_checked_before_the_members_are_drawn(monkeypatch):
+    import onnxprune_gibbs.gibbs
+    import onnxprune_gibbs.members
+    from onnxprune_gibbs import GibbsEnsemble
+
+    x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    with pytest.raises(onnxprune.InputError, match="1 to 1,000,000 members"):
+        GibbsEnsemble(n_members=10**7).fit(x, y)
+    monkeypatch.setattr(onnxprune_gibbs.members, "available_memory", lambda: 100_000)
+    peak = _peak_bytes(lambda: pytest.raises(onnxprune.InputError, GibbsEnsemble(n_members=5000).fit, x, y))
+    assert peak < 1_000_000, peak
+    monkeypatch.setattr(onnxprune_gibbs.members, "available_memory", lambda: 1 << 40)
+    monkeypatch.setattr(onnxprune_gibbs.gibbs, "available_memory", lambda: 100_000)
+    with pytest.raises(onnxprune.InputError, match="temperatures need"):
+        GibbsEnsemble(n_members=5000).fit(x, y)

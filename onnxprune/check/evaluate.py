@@ -13,7 +13,7 @@ from onnxprune.check.timing import measure_latency
 from onnxprune.derivatives.plan import MEMORY_BUDGET, sample_bytes
 from onnxprune.errors import CheckFailed, InputError
 from onnxprune.find.outputs import output_kind, scored_output
-from onnxprune.io.data import Dataset
+from onnxprune.io.data import Dataset, declared_batch
 
 
 def predict(model: onnx.ModelProto, data: Dataset, output: str, provider: str = "cpu", batch_size: int = 1024,
@@ -21,11 +21,13 @@ def predict(model: onnx.ModelProto, data: Dataset, output: str, provider: str = 
     """All values of tensor ``output`` over ``data``, and the seconds the runs took."""
     session = runtime.tensor_session(model, [output], provider, threads)
     chunks, seconds = [], 0.0
-    for feeds, _ in data.batches(batch_size):
+    fixed = declared_batch(model, data)
+    batches = data.padded_batches(fixed) if fixed else ((feeds, None) for feeds, _ in data.batches(batch_size))
+    for feeds, real in batches:
         start = time.perf_counter()
         (value,) = session.run([output], feeds)
         seconds += time.perf_counter() - start
-        chunks.append(value)
+        chunks.append(value[:real])
     return np.concatenate(chunks), seconds
 
 

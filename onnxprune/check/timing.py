@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 
 from onnxprune import runtime
-from onnxprune.io.data import Dataset
+from onnxprune.errors import InputError
+from onnxprune.io.data import Dataset, declared_batch
 from onnxprune.io.npz import NpzColumn
 
 REPEATS = 7            # timings per model, batch size and thread setting
@@ -40,9 +41,13 @@ def measure_latency(models: dict[str, onnx.ModelProto], data: Dataset, batch_siz
     ``kept_inputs``: per model name, the input features it takes (a --prune-inputs model)."""
     names = list(models)
     entries: list[dict] = []
+    declared = {size for size in (declared_batch(m, data) for m in models.values()) if size}
+    if len(declared) > 1:
+        raise InputError(f"the models declare different fixed batch sizes {sorted(declared)}; they cannot be timed in turns")
+    sizes = sorted(declared or set(batch_sizes))  # an export with a fixed batch runs at that size only
     for thread in threads:
         sessions = {name: runtime.make_session(m, provider, thread) for name, m in models.items()}
-        for batch in sorted(set(batch_sizes)):
+        for batch in sizes:
             samples = data.subset(min(batch, len(data))).repeated(batch).inputs()
             feeds = {name: select_inputs(samples, (kept_inputs or {}).get(name)) for name in names}
             entries.append(_time(sessions, feeds, batch, repeats, min_seconds) | {"threads": thread})

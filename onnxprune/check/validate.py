@@ -11,7 +11,7 @@ from onnxprune import runtime
 from onnxprune.errors import CheckFailed, InputError
 from onnxprune.find.layers import Layer, Skipped
 from onnxprune.graph.index import read_initializer
-from onnxprune.io.data import Dataset, model_inputs
+from onnxprune.io.data import Dataset, declared_batch, model_inputs
 
 
 def check_runs(model: onnx.ModelProto, provider: str = "cpu", feeds: dict[str, np.ndarray] | None = None) -> None:
@@ -79,12 +79,14 @@ def validate(model: onnx.ModelProto, data: Dataset | None = None) -> None:
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise CheckFailed(f"the pruned model fails onnx.checker: {str(exc).splitlines()[0]}") from None
     if data is not None:
+        fixed = declared_batch(model, data)  # an export with a fixed batch runs on exactly that many
+        feeds = next(data.padded_batches(fixed))[0] if fixed else data.subset(8).inputs()
         try:
-            values = runtime.make_session(model).run(None, data.subset(8).inputs())
+            values = runtime.make_session(model).run(None, feeds)
         except runtime.RuntimeUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types
-            raise CheckFailed(f"onnxruntime cannot run the pruned model on 8 calibration samples: "
+            raise CheckFailed(f"onnxruntime cannot run the pruned model on {fixed or 8} calibration samples: "
                               f"{runtime.ort_message(exc)}") from None
         for value in values:
             if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.all(np.isfinite(value)):

@@ -24,7 +24,8 @@ from onnxprune.io.npz import open_npz
 from onnxprune_gibbs.checks import check_features, check_labels, compare_predictions
 from onnxprune_gibbs.estimator import ENERGIES, VOTES, GibbsEnsemble
 from onnxprune_gibbs.export import input_scale_metadata, run_onnx, to_onnx
-from onnxprune_gibbs.members import ACTIVATIONS, KINDS
+from onnxprune_gibbs.gibbs import MAX_GRID
+from onnxprune_gibbs.members import ACTIVATIONS, KINDS, MAX_MEMBERS
 
 FEATURE_KEYS = ("x", "X")
 LABEL_KEYS = ("y", "labels")
@@ -45,8 +46,10 @@ class Scale(click.ParamType):
             number = float(fractions.Fraction(text)) if "/" in text else float(text)
         except (ValueError, ZeroDivisionError):
             self.fail(f"{value!r} is not a number or a fraction like 1/255", param, ctx)
-        if not (math.isfinite(number) and number > 0):
-            self.fail(f"{value!r} is not positive", param, ctx)
+        with np.errstate(over="ignore", under="ignore"):
+            single = np.float32(number)
+        if not (math.isfinite(number) and number > 0 and 0 < single < np.inf):
+            self.fail(f"{value!r} is not a positive number that float32 holds", param, ctx)
         return number
 
 
@@ -85,8 +88,8 @@ class LogGrid(click.ParamType):
             lo, hi, num = float(parts[0]), float(parts[1]), int(parts[2])
         except ValueError:
             self.fail(f"{value!r} does not look like TMIN:TMAX:NUM (e.g. 1e-3:1:31)", param, ctx)
-        if not (0 < lo <= hi < math.inf) or num < 1:
-            self.fail(f"{value!r} needs 0 < TMIN <= TMAX and NUM >= 1", param, ctx)
+        if not (0 < lo <= hi < math.inf) or not 1 <= num <= MAX_GRID:
+            self.fail(f"{value!r} needs 0 < TMIN <= TMAX and 1 <= NUM <= {MAX_GRID:,}", param, ctx)
         return np.logspace(math.log10(lo), math.log10(hi), num)
 
 
@@ -145,8 +148,8 @@ def member_options(func):
     options = [
         click.option("--data", required=True, type=click.Path(dir_okay=False),
                      help="Training data (.npz: x/X and y/labels)."),
-        click.option("--members", "n_members", type=click.IntRange(min=1), default=1000, show_default=True,
-                     help="Number of random members N."),
+        click.option("--members", "n_members", type=click.IntRange(1, MAX_MEMBERS), default=1000, show_default=True,
+                     help=f"Number of random members N (at most {MAX_MEMBERS:,})."),
         click.option("--kind", type=click.Choice(KINDS), default="perceptron", show_default=True,
                      help="perceptron (random linear) or mlp."),
         click.option("--hidden", default="64", metavar="W1,W2", show_default=True,

@@ -7,7 +7,7 @@ import click
 
 from onnxprune import api
 from onnxprune.check.validate import validate
-from onnxprune.cli.options import labels_opt, model_arg, output_opt
+from onnxprune.cli.options import labels_opt, model_arg, out_arg, output_opt
 from onnxprune.cli.tables import table
 from onnxprune.cli.ui import command_errors, common, finish, json_option, make_ui, print_json, stage_json
 from onnxprune.derivatives.engines import ENGINES
@@ -18,7 +18,7 @@ from onnxprune.io.models import stage_model
 
 @click.command()
 @model_arg
-@click.argument("out", type=click.Path(dir_okay=False))
+@out_arg
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training data (.npz with labels).")
 @click.option("--epochs", required=True, type=click.IntRange(min=1), help="Passes over the training data.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Adam learning rate.")

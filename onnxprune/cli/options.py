@@ -8,7 +8,11 @@ import re
 import click
 
 from onnxprune.derivatives.engines import ENGINES
+from onnxprune.derivatives.plan import MAX_PROBES
 from onnxprune.errors import InputError
+from onnxprune.io.files import DATA_SUFFIX
+from onnxprune.io.models import allow_external_data_outside
+from onnxprune.io.paths import check_output_name
 from onnxprune.runtime import PROVIDERS
 
 
@@ -45,7 +49,51 @@ def parse_size(text: str) -> int:
 MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 
-model_arg = click.argument("model", type=click.Path(dir_okay=False))
+class ModelOutput(click.ParamType):
+    """The path of a model to write: a file name with room for its external data file (OUT.data),
+    checked as given (a trailing slash, a leading '-') before anything runs."""
+
+    name = "path"
+
+    def convert(self, value, param, ctx):
+        try:
+            check_output_name(value, room=len(DATA_SUFFIX))
+        except InputError as exc:
+            self.fail(str(exc), param, ctx)
+        return value
+
+
+class Pattern(click.ParamType):
+    """A shell pattern for --exclude: not empty, its brackets closed."""
+
+    name = "pattern"
+
+    def convert(self, value, param, ctx):
+        text = str(value)
+        if not text.strip():
+            self.fail("an empty pattern matches no layer; give a node or weight name, or a shell pattern like fc*",
+                      param, ctx)
+        if re.search(r"\[(?![^\]]*\])", text.replace("[]]", "").replace("[!]]", "")):
+            self.fail(f"{text!r} opens a '[' it does not close (write [[] for a literal '[')", param, ctx)
+        return text
+
+
+def _allow_outside(ctx, param, value) -> None:
+    """--allow-external-data-outside: models read by this command may follow their external data out
+    of their folder (until the command ends)."""
+    if value:
+        ctx.with_resource(allow_external_data_outside(True))
+
+
+def model_arg(func):
+    """MODEL, and the option that lets its external data (and --reference's) lie outside its folder."""
+    func = click.option("--allow-external-data-outside", is_flag=True, expose_value=False, callback=_allow_outside,
+                        help="Read external data files that resolve outside the model's folder (a symlinked folder "
+                             "or file); refused by default.")(func)
+    return click.argument("model", type=click.Path(dir_okay=False))(func)
+
+
+out_arg = click.argument("out", type=ModelOutput())
 provider_opt = click.option("--provider", type=click.Choice(sorted(PROVIDERS)), default="cpu", show_default=True,
                             help="onnxruntime execution provider.")
 output_opt = click.option("--output", "output", default=None, metavar="NAME",
@@ -67,7 +115,7 @@ def parse_batch_axes(ctx, param, values) -> dict[str, int]:
     axes = {}
     for text in values:
         name, sep, axis = str(text).rpartition("=")
-        if not sep or not name or not axis.strip().isdigit():
+        if not sep or not name or not re.fullmatch(r"\s*[0-9]+\s*", axis):
             raise click.BadParameter(f"{text!r} is not NAME=AXIS (an input name and a non-negative axis, e.g. state=1)")
         if name in axes:
             raise click.BadParameter(f"{name!r} is given twice")
@@ -78,6 +126,11 @@ def parse_batch_axes(ctx, param, values) -> dict[str, int]:
 batch_axis_opt = click.option("--batch-axis", "batch_axes", multiple=True, metavar="NAME=AXIS", callback=parse_batch_axes,
                               help="The batch axis of input NAME in the .npz files, where the model's declared shapes do "
                                    "not tell it (repeatable; e.g. state=1 for a recurrent state (2, batch, 128)).")
+exclude_opt = click.option("--exclude", multiple=True, type=Pattern(), metavar="PATTERN",
+                           help="Leave layers matching this node/weight name pattern (repeatable).")
+probes_opt = click.option("--probes", type=click.IntRange(1, MAX_PROBES), default=None,
+                          help=f"Random projections instead of the exact Jacobian (cheaper with many outputs; at most "
+                               f"{MAX_PROBES}).")
 engine_opt = click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
                           help="Gradient engine: adjoint (onnx-ad graphs, any onnxruntime), ort-training (the training "
                                "build's gradient builder), auto (ort-training on the training build, else adjoint; "

@@ -10,12 +10,15 @@ from onnxprune import api
 from onnxprune.check.timing import measure_latency, select_inputs
 from onnxprune.cli.options import (
     Fraction,
+    ModelOutput,
     batch_axis_opt,
     engine_opt,
+    exclude_opt,
     labels_opt,
     memory_opt,
     model_arg,
     output_opt,
+    probes_opt,
     provider_opt,
     seed_opt,
     threads_opt,
@@ -32,7 +35,7 @@ from onnxprune.select.masks import SCOPES
 
 @click.command()
 @model_arg
-@click.argument("out", type=click.Path(dir_okay=False), required=False)
+@click.argument("out", type=ModelOutput(), required=False)
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Calibration data (.npz keyed by input name).")
 @click.option("--sparsity", type=Fraction(), default=None,
               help="Fraction to remove (0.8 or 80%): of the prunable weights, or with --structured of the prunable units.")
@@ -71,11 +74,9 @@ from onnxprune.select.masks import SCOPES
               help="Add the removed weights' compensation to the biases (methods that have one).")
 @click.option("--scope", type=click.Choice(SCOPES), default="global", show_default=True,
               help="One threshold over all layers, or the same fraction in every layer.")
-@click.option("--exclude", multiple=True, metavar="PATTERN",
-              help="Leave layers matching this node/weight name pattern (repeatable).")
+@exclude_opt
 @seed_opt
-@click.option("--probes", type=click.IntRange(min=1), default=None,
-              help="Random projections instead of the exact Jacobian (cheaper with many outputs).")
+@probes_opt
 @click.option("--conv-statistics", type=click.Choice(["exact", "positions"]), default="exact", show_default=True,
               help="Layers sharing a weight across positions (Conv, MatMul on sequences): exact per-sample sums, or "
                    "every position as a sample of its own (cheaper, drops cross-position terms).")

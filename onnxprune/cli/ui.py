@@ -3,6 +3,7 @@
 pipe), --verbose/--quiet, JSON, and the outputs of a command written all or none."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -15,7 +16,14 @@ from typing import Any
 
 import click
 
-from onnxprune.errors import OnnxPruneError, RuntimeUnavailable, interrupt_exit
+from onnxprune.errors import (
+    OnnxPruneError,
+    RuntimeUnavailable,
+    command_finished,
+    command_started,
+    interrupt_exit,
+    received_signal,
+)
 from onnxprune.io.files import STDOUT, Outputs, json_text
 
 BROKEN_PIPE_EXIT = 141  # what a shell reports for a tool killed by SIGPIPE (128 + 13)
@@ -116,9 +124,18 @@ def command_errors(func):
 
 
 def _fail(message: str, code: int, ui) -> None:
+    """The one line and the exit code; a stop signal that came meanwhile is what ended the command,
+    whatever a library made of the KeyboardInterrupt it raised on its way up."""
+    if received_signal() is not None:
+        what, code = interrupt_exit()
+        written = ui.written if ui else []
+        message = what + (f"; {', '.join(map(str, written))} had been written" if written else "; no output was written")
     if ui:
         ui.close()
-    click.echo(f"Error: {message}", err=True)
+    try:
+        click.echo(f"Error: {message}", err=True)
+    except OSError:  # stderr is gone too (a closed terminal after SIGHUP): the exit code still says it
+        pass
     sys.exit(code)
 
 
@@ -170,6 +187,19 @@ class Group(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        command_started()
+        try:
+            code = self._exit_code(args, prog_name, complete_var, extra)
+        except KeyboardInterrupt as exc:  # a stop signal while an error was being reported
+            what, code = interrupt_exit(exc)
+            with contextlib.suppress(OSError):
+                click.echo(f"Error: {what}", err=True)
+        finally:  # also when a command's one-line error exits
+            command_finished()
+        sys.exit(code)
+
+    def _exit_code(self, args, prog_name, complete_var, extra) -> int:
+        stdout = sys.stdout
         try:
             try:
                 super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -199,7 +229,11 @@ class Group(click.Group):
             if exc.errno != errno.EPIPE:
                 raise
             code = _stdout_closed()
-        sys.exit(code)
+        except SystemExit:  # click ends a --help or --version that met a closed stdout (EPIPE) with exit 1,
+            if sys.stdout is stdout:  # after wrapping sys.stdout so that its flush stays quiet
+                raise
+            code = _stdout_closed()
+        return code
 
 
 def _stdout_closed() -> int:

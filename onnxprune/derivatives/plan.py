@@ -26,6 +26,7 @@ Progress = Callable[[int, int], None]  # (samples done, samples total)
 BATCH_ELEMENTS = 1 << 24  # bound on the elements of one tiled batch's largest tensor
 MEMORY_BUDGET = 3 << 29   # 1.5 GiB of activations and derivatives per batch: a 224x224 CNN stays under 2 GB
 EXACT_LIMIT = 100         # above this many output elements, exact Jacobians give way to random probes
+MAX_PROBES = 16384        # rows of one sample's tiled batch at most (a batch then holds one sample): --probes' bound
 AUTO_PROBES = 32          # ... at most this many, fewer when one sample's would not fit the memory budget
 
 
@@ -99,7 +100,7 @@ def batch_step(model, layers, data, repeats, batch_size, provider, memory_budget
         activation_bytes = sample_bytes(model, data.subset(1).feeds, provider)
     per_sample = activation_bytes * (1 + 2 * repeats)
     by_memory = memory_budget // per_sample if per_sample else batch_size
-    return max(1, min(batch_size, 16384 // repeats, BATCH_ELEMENTS // (repeats * largest), by_memory))
+    return max(1, min(batch_size, MAX_PROBES // repeats, BATCH_ELEMENTS // (repeats * largest), by_memory))
 
 
 def plan(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str,

@@ -159,6 +159,9 @@ def analyse_graph(model: onnx.ModelProto) -> GraphLayers:
             result = fail(f"{node.op_type} layers are not supported")
         else:
             continue
+        if not isinstance(result, Rejection) and not (result.out_features and result.in_features):
+            result = fail(f"its weight {result.weight!r} has no elements (shape {result.out_features} x "
+                          f"{result.in_features})")
         if isinstance(result, Rejection):
             found.skipped.append(Skipped(node.name, node.op_type, result.reason))
         else:

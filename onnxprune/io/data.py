@@ -55,6 +55,17 @@ class Dataset:
             labels = None if self.labels is None else self.labels[start:stop]
             yield {**{k: self._rows(k, v, start, stop) for k, v in self.feeds.items()}, **self.fixed}, labels
 
+    def padded_batches(self, size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        """Batches of exactly ``size`` samples, for a model that declares a fixed batch size: (feeds,
+        how many of the batch's samples are real), the last batch filled up with copies of its
+        samples (their outputs are to be dropped)."""
+        for start, (feeds, _) in zip(range(0, len(self), size), self.batches(size)):
+            real = min(size, len(self) - start)
+            if real < size:
+                feeds = {k: v if k in self.fixed else np.take(v, np.arange(size) % real, axis=self.axes.get(k, 0))
+                         for k, v in feeds.items()}
+            yield feeds, real
+
     def subset(self, n: int) -> Dataset:
         return Dataset({k: self._rows(k, v, 0, n) for k, v in self.feeds.items()},
                        None if self.labels is None else self.labels[:n], self.fixed, self.axes)
@@ -86,6 +97,19 @@ def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Graph inputs that are real inputs (older exporters also list initializers as inputs)."""
     inits = {t.name for t in model.graph.initializer}
     return [vi for vi in model.graph.input if vi.name not in inits]
+
+
+def declared_batch(model: onnx.ModelProto, data: Dataset) -> int | None:
+    """The batch size ``model`` declares as a number on the batch axis of every per-sample input (an
+    export traced at a fixed batch takes exactly that many samples per run), else None."""
+    declared = {vi.name: _dims(vi) for vi in model_inputs(model)}
+    sizes = set()
+    for name in data.feeds:
+        dims, axis = declared.get(name), data.axes.get(name, 0)
+        if not dims or axis >= len(dims) or not dims[axis].HasField("dim_value") or dims[axis].dim_value < 1:
+            return None
+        sizes.add(int(dims[axis].dim_value))
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def load_dataset(path: str | Path, model: onnx.ModelProto, labels_key: str | None = None,
@@ -252,12 +276,20 @@ def class_labels(values, what: str, n_samples: int | None = None, n_classes: int
 
 
 def _input_scale(model: onnx.ModelProto) -> float | None:
+    """The model's ``onnxprune.input_scale``: a positive number that stays finite and non-zero in the
+    model's float32 arithmetic (nan, inf or 1e300 would turn every image into NaN or Inf)."""
     for prop in model.metadata_props:
         if prop.key == SCALE_KEY:
             try:
-                return float(prop.value)
+                value = float(prop.value)
             except ValueError:
                 raise InputError(f"model metadata {SCALE_KEY}={prop.value!r} is not a number") from None
+            with np.errstate(over="ignore", under="ignore"):
+                single = np.float32(value)
+            if not (np.isfinite(value) and value > 0 and np.isfinite(single) and single > 0):
+                raise InputError(f"model metadata {SCALE_KEY}={prop.value!r} is not a positive number that float32 "
+                                 "holds (e.g. 0.00392156862745098 for 1/255)")
+            return value
     return None
 
 
@@ -284,10 +316,10 @@ def _check_input(array, vi: onnx.ValueInfoProto, scale: float | None, source: st
     if member is None:
         converted = convert(array, dtype, applied)
         chunks = [converted]
-    else:
+    else:  # read through once: the values checked, and the member's CRC
         column = converted = NpzColumn(member, dtype, applied)
         rows = max(1, CHECK_CHUNK // max(member.row_bytes, 1))
-        chunks = (column.convert(raw) for raw in column.chunks(rows)) if member.dtype.kind == "f" else []
+        chunks = (column.convert(raw) if raw.dtype.kind == "f" or applied else raw for raw in column.chunks(rows))
     for chunk in chunks:
         if chunk.dtype.kind == "f" and not np.all(np.isfinite(chunk)):
             raise InputError(f"{source}: {name!r} contains NaN or Inf")

@@ -1,17 +1,23 @@
 """Atomic, non-clobbering writes for every file the product produces.
 
 A result appears under its final name only once it is complete: we write a temporary file in the
-same folder and ``os.replace`` it. A command with several outputs (a model, its external data, a
-JSON report, a plot) stages them all in ``Outputs`` and renames them together at the end, so a
-failure in any one leaves none behind. Output paths are checked against every input and against
-each other by resolved real path: an input is never replaced, with or without ``force``; an existing
-file (a dangling symlink included) only with ``force``; a FIFO, device, socket or directory never.
+same folder and rename it. A command with several outputs (a model, its external data, a JSON
+report, a plot) stages them all in ``Outputs`` and puts them in place together at the end, all or
+none: a rename that fails undoes the ones before it. Output paths are checked against every input
+and against each other by resolved real path: an input (a model's external data files included,
+which ``note_inputs`` adds when the model is read) is never replaced, with or without ``force``; an
+existing file (a dangling symlink included) only with ``force``; a FIFO, device, socket or
+directory never. Those checks are made again at the moment of each rename, so a file that
+appeared at an output path meanwhile (another run's result, a FIFO, the input renamed there) is
+not replaced either.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import secrets
 import shutil
 import signal
 import stat
@@ -20,92 +26,117 @@ import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from onnxprune.errors import InputError
+from onnxprune.errors import STOP_SIGNALS, InputError, OutputFailed, first_line
+from onnxprune.io.paths import STDOUT, check_output_path, file_identity, file_kind, same_file
 
-STDOUT = "-"  # the --json path that means standard output
-
-
-def _real(path: Path) -> str:
-    return os.path.realpath(path)
+DATA_SUFFIX = ".data"  # a written model's external data file is OUT + this
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether ``a`` and ``b`` name the same file: the same real path, or hard links to one inode."""
-    if _real(a) == _real(b):
-        return True
-    with contextlib.suppress(OSError):
-        return os.path.samefile(a, b)
-    return False
+def usual_mode(path: Path) -> None:
+    """Give ``path`` the permissions of any file the user creates (0666 less the umask): mkstemp and
+    onnx's external data writer make theirs 0600, which a service running as another user cannot
+    read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
-def check_output_path(path: str | Path, force: bool = False, inputs: Iterable[str | Path | None] = ()) -> Path:
-    """Refuse to write over an input, over anything but a regular file, or over an existing file
-    (a dangling symlink included) without ``force``."""
-    path = Path(path)
-    for source in inputs:
-        if source is not None and str(source) != STDOUT and _same_file(Path(source), path):
-            raise InputError(f"refusing to overwrite the input file {path}; choose another output path")
-    if os.path.lexists(path):
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:  # a dangling symlink: replacing it needs --force like any existing name
-            mode = stat.S_IFREG
-        if not stat.S_ISREG(mode):
-            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-                    else "not a regular file")
-            raise InputError(f"{path} is {kind}, not a regular file; choose another output path")
-        if not force:
-            raise InputError(f"{path} exists; pass --force to replace it")
-    if not path.parent.exists():
-        raise InputError(f"output folder {path.parent} does not exist")
-    return path
+def _short(name: str) -> str:
+    """The start of a file name, short enough that a temporary name made of it fits any filesystem."""
+    return os.fsencode(name)[:100].decode("utf-8", "ignore")
 
 
 def _temporary(path: Path, directory: bool = False) -> Path:
-    """A new, empty temporary file (or folder) beside ``path``, with the usual permissions."""
+    """A new, empty temporary file (or folder) beside ``path``, with the usual permissions. Its
+    name keeps the start of ``path``'s name (to tell whose it is) within the filesystem's limit,
+    and its suffix (matplotlib chooses the format by it)."""
+    suffix = path.suffix if len(path.suffix) <= 16 else ""
+    stem = _short(path.name)
     if directory:
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        return Path(tempfile.mkdtemp(prefix=f".{stem}.", dir=path.parent))
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results get the usual permissions
+    usual_mode(Path(tmp))
     return Path(tmp)
 
 
 @contextlib.contextmanager
 def _signals_held():
-    """SIGINT and SIGTERM wait until the block is done (the renames of one set of outputs)."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Stop signals (Ctrl-C, SIGTERM, ...) wait until the block is done (the renames of one set of
+    outputs, or their removal), then take effect. Their handlers are swapped, not the signal mask:
+    onnxruntime's and BLAS's threads would still receive a masked signal, and Python runs its
+    handler in the main thread all the same."""
+    pending: list[int] = []
+    try:
+        previous = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in STOP_SIGNALS}
+    except ValueError:  # not the main thread, whose handlers run anyway
+        yield
+        return
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            handler = previous[signal.Signals(pending[0])]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), pending[0])
+
+
+_active: list[Outputs] = []  # the output sets being written now (the innermost last)
+
+
+def note_inputs(paths: Iterable[str | Path], what: str = "") -> None:
+    """Files that are read as inputs though no option named them (a model's external data files):
+    every output set being written now refuses to write over them, and says so at once when one of
+    its claimed paths is one of them. ``what`` says whose they are, for the message."""
+    files = [Path(p) for p in paths]
+    for outputs in _active:
+        outputs.add_inputs(files, what)
 
 
 class Outputs:
     """The files one command writes, all or none.
 
     ``claim`` checks a path up front (against the inputs, the other outputs and ``force``);
-    ``stage`` writes its content to a temporary file beside it; leaving the ``with`` block renames
-    every staged file into place (signals held meanwhile), or, on any exception, removes them all.
+    ``stage`` writes its content to a temporary file beside it; leaving the ``with`` block puts
+    every staged file in place (signals held meanwhile; a rename that fails undoes the others), or,
+    on any exception, removes them all.
     """
 
     def __init__(self, inputs: Iterable[str | Path | None] = (), force: bool = False):
-        self.inputs = [Path(p) for p in inputs if p is not None and str(p) != STDOUT]
+        self.inputs: list[Path] = []
+        self._identities: dict[tuple[int, int], Path] = {}
         self.force = force
         self.claimed: list[Path] = []
-        self.committed: list[Path] = []              # renamed into place
+        self.committed: list[Path] = []              # put in place
         self._staged: list[tuple[Path, Path]] = []   # (temporary, final)
         self._scratch: list[Path] = []               # temporary folders to remove at the end
+        self.add_inputs([Path(p) for p in inputs if p is not None and str(p) != STDOUT])
+
+    def add_inputs(self, paths: Iterable[Path], what: str = "") -> None:
+        """More input files (see ``note_inputs``), checked against the paths claimed so far."""
+        for path in paths:
+            self.inputs.append(path)
+            identity = file_identity(path)
+            if identity is not None:
+                self._identities.setdefault(identity, path)
+            whose = f" ({what})" if what else ""
+            for claimed in self.claimed:
+                if same_file(claimed, path):
+                    raise InputError(f"refusing to overwrite the input file {claimed}{whose}; choose another output path")
+                data = claimed.parent / (claimed.name + DATA_SUFFIX)
+                if same_file(data, path):
+                    raise InputError(f"refusing to write {claimed}: its external data file {data} is an input file"
+                                     f"{whose}; choose another output path")
 
     def claim(self, path: str | Path) -> Path:
         """Check ``path`` as a new output."""
         path = check_output_path(path, self.force, self.inputs)
         for other in self.claimed:
-            if _same_file(other, path):
+            if same_file(other, path):
                 raise InputError(f"two outputs would be written to {path}; give them different paths")
         self.claimed.append(path)
         return path
@@ -134,25 +165,97 @@ class Outputs:
     def staged_size(self, path: str | Path) -> dict[str, int]:
         """Bytes staged for ``path`` (its external data file included), raw and zlib-compressed."""
         path = Path(path)
-        data = path.parent / (path.name + ".data")
+        data = path.parent / (path.name + DATA_SUFFIX)
         files = [tmp for tmp, final in self._staged if final in (path, data)]
         return {"bytes": sum(f.stat().st_size for f in files),
                 "zlib_bytes": sum(len(zlib.compress(f.read_bytes(), 6)) for f in files)}
 
     def commit(self) -> None:
+        """Put every staged file in place, or none: on the first failure the files already put in
+        place are taken back (a replaced file gets its old content back) and an OutputFailed says why."""
+        placed: list[tuple[Path, Path | None]] = []  # (final, backup of what it replaced)
+        current = None
         with _signals_held():
-            for tmp, final in self._staged:
-                os.replace(tmp, final)
-                self.committed.append(final)
+            try:
+                for tmp, current in self._staged:
+                    placed.append((current, self._place(tmp, current)))
+            except BaseException as exc:
+                for final, backup in reversed(placed):
+                    with contextlib.suppress(OSError):
+                        if backup is not None:
+                            os.replace(backup, final)
+                        else:
+                            os.unlink(final)
+                self._remove_staged()
+                self._clean()
+                if isinstance(exc, InputError):
+                    raise OutputFailed(f"{exc}; no output was written") from None
+                if isinstance(exc, OSError):
+                    raise OutputFailed(f"cannot write {current} ({first_line(exc)}); no output was written") from None
+                raise
+            for _, backup in placed:
+                if backup is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(backup)
+            self.committed.extend(final for final, _ in placed)
             self._staged = []
         self._clean()
 
-    def discard(self) -> None:
+    def _place(self, tmp: Path, final: Path) -> Path | None:
+        """Rename ``tmp`` to ``final`` if what is there now may be replaced: nothing (a new file
+        never replaces one that appeared meanwhile), or with ``force`` a regular file that is no
+        input. Returns a hard link to the replaced file (to undo the rename), or None."""
+        try:
+            os.link(tmp, final)  # fails if anything appeared at final, atomically
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            if not os.path.lexists(final):  # no hard links on this filesystem: the check, then the rename
+                os.replace(tmp, final)
+                return None
+        else:
+            os.unlink(tmp)
+            return None
+        identity = file_identity(final)
+        if identity in self._identities:
+            raise InputError(f"refusing to overwrite the input file {self._identities[identity]}, which is now at {final}")
+        try:
+            mode = os.stat(final).st_mode
+        except OSError:
+            mode = stat.S_IFREG  # a dangling symlink
+        if not stat.S_ISREG(mode):
+            raise InputError(f"{final} became {file_kind(mode)} while this command ran; it is not replaced")
+        if not self.force:
+            raise InputError(f"{final} appeared while this command ran; pass --force to replace it")
+        backup = final.parent / f".{_short(final.name)}.{secrets.token_hex(4)}.replaced"
+        try:
+            os.link(final, backup, follow_symlinks=False)
+            linked = True
+        except OSError:  # no hard link to it allowed: move it aside (its name is empty for a moment)
+            os.rename(final, backup)
+            linked = False
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if linked:
+                os.unlink(backup)
+            else:
+                os.rename(backup, final)
+            raise
+        return backup
+
+    def _remove_staged(self) -> None:
         for tmp, _ in self._staged:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         self._staged = []
-        self._clean()
+
+    def discard(self) -> None:
+        with _signals_held():
+            self._remove_staged()
+            self._clean()
 
     def _clean(self) -> None:
         for folder in self._scratch:
@@ -160,9 +263,12 @@ class Outputs:
         self._scratch = []
 
     def __enter__(self) -> Outputs:
+        _active.append(self)
         return self
 
     def __exit__(self, kind, value, tb) -> None:
+        with contextlib.suppress(ValueError):
+            _active.remove(self)
         if kind is None:
             self.commit()
         else:
@@ -204,6 +310,18 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
     """Atomically produce ``path`` with ``writer(tmp_path)`` (e.g. matplotlib's savefig)."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def available_memory() -> int:
+    """Bytes of memory the system can give now without swapping (MemAvailable; all of it where
+    that is not known)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as f:
+            line = next(line for line in f if line.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return 1 << 62
 
 
 def _json_default(obj):

@@ -1,6 +1,17 @@
-"""Loading and saving ONNX models: corrupt files, external data and atomic writes in one place."""
+"""Loading and saving ONNX models: corrupt files, external data and atomic writes in one place.
+
+A model's external data files are inputs like the model file itself (``note_inputs``: no output
+replaces them), and they are read only from inside the model's folder: a location that resolves
+elsewhere (through a symlinked folder or file) is refused unless the user allows it
+(``allow_external_data_outside``, the CLI's ``--allow-external-data-outside``)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -8,14 +19,29 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from onnxprune.errors import InputError, first_line
-from onnxprune.io.files import Outputs
+from onnxprune.io.files import DATA_SUFFIX, Outputs, note_inputs, usual_mode
 from onnxprune.io.storage import check_sparse, check_storage, densify, sparsify
 
 PROTOBUF_LIMIT = 2**31 - 2**20  # serialized protos above ~2 GB must keep tensors outside the file
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+_outside_allowed = contextvars.ContextVar("external_data_outside_allowed", default=False)
 
 
-def load_model(path: str | Path) -> onnx.ModelProto:
-    """Read an ONNX model with its external data; a one-line InputError for anything unreadable."""
+@contextlib.contextmanager
+def allow_external_data_outside(allowed: bool = True) -> Iterator[None]:
+    """Within the block, models may read external data that resolves outside their folder."""
+    token = _outside_allowed.set(allowed)
+    try:
+        yield
+    finally:
+        _outside_allowed.reset(token)
+
+
+def load_model(path: str | Path, allow_outside: bool | None = None) -> onnx.ModelProto:
+    """Read an ONNX model with its external data; a one-line InputError for anything unreadable.
+    ``allow_outside``: read external data that resolves outside the model's folder (default: as
+    ``allow_external_data_outside`` says, else no)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"model file {path} does not exist")
@@ -25,6 +51,8 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise InputError(f"{path} is not a readable ONNX model ({first_line(exc)})") from None
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise InputError(f"{path} is not an ONNX model (no graph nodes)")
+    _check_opsets(model, path)
+    _check_node_names(model, path)
     if len(model.graph.sparse_initializer):
         try:
             onnx.checker.check_model(model)
@@ -35,11 +63,8 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         except (ValueError, TypeError, IndexError) as exc:
             raise InputError(f"{path}: cannot read its sparse initializers ({first_line(exc)})") from None
     if uses_external_data(model):
-        try:
-            external_data_helper.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-            raise InputError(f"{path}: cannot read its external data ({first_line(exc)})") from None
-        model.metadata_props.add(key=_EXTERNAL_MARK, value="1")
+        files = _load_external_data(model, path, _outside_allowed.get() if allow_outside is None else allow_outside)
+        model.metadata_props.add(key=_EXTERNAL_MARK, value=json.dumps(files))
     try:
         onnx.checker.check_model(str(path) if _oversized(model) else model)
     except (onnx.checker.ValidationError, ValueError) as exc:
@@ -62,7 +87,55 @@ def _check_element_types(model: onnx.ModelProto, path: Path) -> None:
             raise InputError(f"{path}: tensor {name!r} has an element type ({elem}) onnx does not know") from None
 
 
-_EXTERNAL_MARK = "onnxprune.loaded_external_data"
+def _check_opsets(model: onnx.ModelProto, path: Path) -> None:
+    """The default domain's opset is one the installed onnx knows: the meaning of an op at a later
+    opset (99) is unknown, and analysing it at the last known one would guess."""
+    newest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in DEFAULT_DOMAINS and opset.version > newest:
+            raise InputError(f"{path} imports opset {opset.version} of the default domain; the installed onnx "
+                             f"{onnx.__version__} knows opsets up to {newest}")
+
+
+def _check_node_names(model: onnx.ModelProto, path: Path) -> None:
+    """No two nodes of the main graph share a name: onnxruntime refuses such a model."""
+    repeated = [name for name, count in Counter(n.name for n in model.graph.node if n.name).items() if count > 1]
+    if repeated:
+        raise InputError(f"{path}: {len(repeated)} node name(s) are used by several nodes ({repeated[0]!r} first); "
+                         "onnxruntime refuses such models: give every node its own name")
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path, allow_outside: bool) -> list[str]:
+    """Read every external tensor's data into the model, from files that resolve inside the model's
+    folder (unless ``allow_outside``); the files read, which become inputs of the running command."""
+    folder = os.path.realpath(path.parent)
+    files: dict[str, str] = {}
+    for tensor in external_data_helper._get_all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        where = os.path.join(path.parent, location)
+        real = os.path.realpath(where)
+        if location and os.path.commonpath([folder, real]) != folder and not os.path.isabs(location) \
+                and ".." not in Path(location).parts and not allow_outside:
+            raise InputError(f"{path}: the external data of tensor {tensor.name!r} ({location}) resolves to {real}, "
+                             f"outside the model's folder; pass --allow-external-data-outside if you trust it")
+        base = str(path.parent)
+        if location and real != os.path.abspath(where) and os.path.isfile(real):
+            for entry in tensor.external_data:  # read the file the symlinks lead to, where it is
+                if entry.key == "location":
+                    entry.value = os.path.basename(real)
+            base = os.path.dirname(real)
+        try:
+            external_data_helper.load_external_data_for_tensor(tensor, base)
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            raise InputError(f"{path}: cannot read its external data ({first_line(exc)})") from None
+        files.setdefault(real, os.path.abspath(where))
+    note_inputs([path, *files.values()], f"the external data of {path}")
+    return sorted(files.values())
+
+
+_EXTERNAL_MARK = "onnxprune.loaded_external_data"  # its value: the external data files read (JSON)
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
@@ -74,6 +147,15 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
 def had_external_data(model: onnx.ModelProto) -> bool:
     """Whether ``model`` was loaded from a file that kept its tensors outside the .onnx file."""
     return any(p.key == _EXTERNAL_MARK for p in model.metadata_props)
+
+
+def external_data_sources(model: onnx.ModelProto) -> list[Path]:
+    """The external data files ``model`` was loaded from (none when it had its tensors inside)."""
+    for p in model.metadata_props:
+        if p.key == _EXTERNAL_MARK:
+            with contextlib.suppress(ValueError, TypeError):
+                return [Path(f) for f in json.loads(p.value)]
+    return []
 
 
 def save_model(model: onnx.ModelProto, path: str | Path, *, force: bool = False, inputs=(), external_data: bool | None = None,
@@ -91,6 +173,7 @@ def stage_model(model: onnx.ModelProto, path: str | Path, outputs: Outputs, *, e
                 storage: str = "dense") -> Path:
     """Claim ``path`` (and ``path.data`` when tensors go outside) in ``outputs`` and stage the model's
     files there; they appear when ``outputs`` commits."""
+    outputs.add_inputs(external_data_sources(model), "the external data the model was read from")
     path = outputs.claimed_or_claim(path)
     check_storage(storage)
     if external_data is None:
@@ -104,7 +187,7 @@ def stage_model(model: onnx.ModelProto, path: str | Path, outputs: Outputs, *, e
     if not external_data:
         outputs.stage(path, lambda tmp: onnx.save_model(model, str(tmp)))
         return path
-    data_path = outputs.claim(path.parent / (path.name + ".data"))
+    data_path = outputs.claim(path.parent / (path.name + DATA_SUFFIX))
     workdir = outputs.scratch_folder(path)
     # onnx.save_model(save_as_external_data=True) looks for an existing data file relative to the
     # working directory, and keeps tensors under 1 KB inside; we mark every tensor with raw data
@@ -115,6 +198,7 @@ def stage_model(model: onnx.ModelProto, path: str | Path, outputs: Outputs, *, e
     external_data_helper.write_external_data_tensors(model, str(workdir))
     onnx.save_model(model, str(workdir / path.name))
     if (workdir / data_path.name).exists():
+        usual_mode(workdir / data_path.name)  # onnx makes it 0600; the .onnx beside it gets the umask's mode
         outputs.stage_file(workdir / data_path.name, data_path)
     outputs.stage_file(workdir / path.name, path)
     return path

@@ -1,11 +1,20 @@
 """Lazy .npz reading: only the members a command uses are ever decompressed, each member's .npy
 header is checked against the member's real size before any data is read, and a model input is an
 ``NpzColumn`` that decompresses the rows of one batch at a time (a forward stream through the zip
-member), converted to the model's dtype per batch."""
+member), converted to the model's dtype per batch.
+
+Every member a command uses is read to its end once (``NpzMember.chunks``, the pass that also checks
+the values), so that zipfile compares its CRC-32: a corrupted member is a one-line error, not data.
+Members that are encrypted or compressed by a method zipfile cannot undo are refused by their
+headers. A column-major (Fortran-order) array, whose rows are not contiguous in the file, is read
+once, in one pass, into a row-major copy held in memory."""
 from __future__ import annotations
 
+import contextlib
+import lzma
 import math
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -13,6 +22,13 @@ from typing import IO
 import numpy as np
 
 from onnxprune.errors import InputError, first_line
+
+METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
+           zipfile.ZIP_LZMA: "lzma"}  # the compression methods zipfile reads
+READ_CHUNK = 1 << 20  # bytes read at a time when a member is read through
+# what zipfile and its decompressors raise on corrupt members
+CORRUPT = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError, NotImplementedError,
+           RuntimeError)
 
 
 class NpzMember:
@@ -24,6 +40,11 @@ class NpzMember:
         info = archive.getinfo(name)
         key = name[:-4] if name.endswith(".npy") else name
         self.key = key
+        if info.flag_bits & 0x1:
+            raise InputError(f"{source}: array {key!r} is encrypted; store the arrays unencrypted (numpy.savez)")
+        if info.compress_type not in METHODS:
+            raise InputError(f"{source}: array {key!r} is compressed with method {info.compress_type}, which cannot be "
+                             f"read here ({', '.join(METHODS.values())} can); save it with numpy.savez_compressed")
         try:
             with archive.open(info) as f:
                 version = np.lib.format.read_magic(f)
@@ -34,8 +55,10 @@ class NpzMember:
                 else:
                     raise ValueError(f"unknown .npy version {version}")
                 self.offset = f.tell()
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, SyntaxError, TypeError) as exc:
+        except (ValueError, SyntaxError, TypeError) as exc:
             raise InputError(f"{source}: array {key!r} has a corrupt .npy header ({first_line(exc)})") from None
+        except CORRUPT as exc:  # the zip member itself (a CRC, the compressed stream)
+            raise InputError(f"{source}: array {key!r} is corrupt ({first_line(exc)})") from None
         if dtype.hasobject:
             raise InputError(f"{source}: array {key!r} holds Python objects (pickled data is not read)")
         if any(int(d) < 0 for d in shape):
@@ -47,6 +70,18 @@ class NpzMember:
                              f"but holds {max(info.file_size - self.offset, 0):,} bytes")
         self._stream: IO[bytes] | None = None  # open on the member, positioned at _position
         self._position = 0
+        self._rows: np.ndarray | None = None   # a Fortran-order array, read once in row-major order
+
+    @contextlib.contextmanager
+    def _reading(self):
+        """What zipfile and the decompressors raise on a corrupt member, as one-line bad input."""
+        try:
+            yield
+        except InputError:
+            raise
+        except CORRUPT as exc:
+            self.close()
+            raise InputError(f"{self.source}: array {self.key!r} is corrupt ({first_line(exc)})") from None
 
     @property
     def ndim(self) -> int:
@@ -63,32 +98,69 @@ class NpzMember:
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` as a new array (a forward read continues the open stream)."""
-        if not self.shape or self.fortran:  # 0-d, or column-major: rows are not contiguous, read it whole
-            whole = self.read()
-            return whole if not self.shape else np.ascontiguousarray(whole[start:stop])
+        if not self.shape:
+            return self.read()
+        if self.fortran:  # column-major: its rows are not contiguous in the file
+            return self._row_major()[start:stop].copy()
         start, stop = max(0, min(start, len(self))), max(0, min(stop, len(self)))
         stop = max(start, stop)
-        begin = self.offset + start * self.row_bytes
+        with self._reading():
+            raw = self._read_at(self.offset + start * self.row_bytes, (stop - start) * self.row_bytes)
+        return np.frombuffer(raw, self.dtype).reshape((stop - start,) + self.shape[1:]).copy()
+
+    def _read_at(self, begin: int, count: int) -> bytes:
+        """``count`` bytes of the member from ``begin`` on (a forward read continues the open stream);
+        a read that reaches the member's end has zipfile check its CRC."""
         if self._stream is None or begin < self._position:
             self.close()
             self._stream, self._position = self.archive.open(self.name), 0
-        assert self._stream is not None
         if begin > self._position:
             self._stream.seek(begin)
-        count = (stop - start) * self.row_bytes
         raw = self._stream.read(count)
         self._position = begin + len(raw)
         if len(raw) != count:
             raise InputError(f"{self.source}: array {self.key!r} is truncated")
-        return np.frombuffer(raw, self.dtype).reshape((stop - start,) + self.shape[1:]).copy()
+        if self._position == self.offset + self.nbytes:
+            self._stream.read(1)  # at the end: zipfile compares the CRC-32 now
+        return raw
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def _row_major(self) -> np.ndarray:
+        """A Fortran-order array in row-major order, read once in one pass: the file holds the
+        row-major array of the reversed shape, which is our array transposed."""
+        if self._rows is None:
+            rows = np.empty(self.shape, self.dtype)
+            stored = rows.T  # the file's layout: shape reversed, row-major
+            row_bytes = math.prod(stored.shape[1:]) * self.dtype.itemsize
+            step = max(1, READ_CHUNK // max(row_bytes, 1))
+            with self._reading():
+                for start in range(0, len(stored), step):
+                    stop = min(len(stored), start + step)
+                    raw = self._read_at(self.offset + start * row_bytes, (stop - start) * row_bytes)
+                    stored[start:stop] = np.frombuffer(raw, self.dtype).reshape((stop - start,) + stored.shape[1:])
+            self.close()
+            self._rows = rows
+        return self._rows
+
+    def chunks(self, rows: int) -> Iterator[np.ndarray]:
+        """The whole array, ``rows`` rows at a time, read through to the member's end (its CRC checked)."""
+        if not self.shape or len(self) == 0:
+            yield self.read()
+            return
+        for start in range(0, len(self), rows):
+            yield self.rows(start, start + rows)
 
     def read(self) -> np.ndarray:
-        """The whole array."""
-        try:
-            with self.archive.open(self.name) as f:
-                return np.lib.format.read_array(f, allow_pickle=False)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise InputError(f"{self.source}: cannot read array {self.key!r} ({first_line(exc)})") from None
+        """The whole array (its CRC checked)."""
+        if self.fortran and self.shape:
+            return self._row_major().copy()
+        with self._reading(), self.archive.open(self.name) as f:
+            value = np.lib.format.read_array(f, allow_pickle=False)
+            f.read(1)  # at the end: zipfile compares the CRC-32 now
+            return value
 
     def close(self) -> None:
         if self._stream is not None:
@@ -125,8 +197,7 @@ class NpzColumn:
         return value if dtype is None else value.astype(dtype)
 
     def chunks(self, rows: int) -> Iterator[np.ndarray]:
-        for start in range(0, len(self), rows):
-            yield self.member.rows(start, start + rows)
+        return self.member.chunks(rows)
 
 
 def open_npz(path: str | Path) -> dict[str, LazyMember]:
@@ -135,7 +206,8 @@ def open_npz(path: str | Path) -> dict[str, LazyMember]:
     if not path.is_file():
         raise InputError(f"data file {path} does not exist")
     if not zipfile.is_zipfile(path):
-        kind = "an .npy file (one array)" if path.read_bytes()[:6] == b"\x93NUMPY" else "not a zip archive"
+        with open(path, "rb") as f:
+            kind = "an .npy file (one array)" if f.read(6) == b"\x93NUMPY" else "not a zip archive"
         raise InputError(f"{path} is not a readable .npz file ({kind}); save the arrays with numpy.savez")
     try:
         archive = zipfile.ZipFile(path)

@@ -17,6 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.errors import InputError
+from onnxprune.io.files import available_memory
 
 STORAGES = ("dense", "sparse")
 SPARSE_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -91,6 +92,7 @@ def densify(model: onnx.ModelProto) -> list[str]:
     graph = model.graph
     if not len(graph.sparse_initializer):
         return []
+    _check_dense_size(graph.sparse_initializer)
     names = []
     for sparse in graph.sparse_initializer:
         values = numpy_helper.to_array(sparse.values)
@@ -107,6 +109,27 @@ def densify(model: onnx.ModelProto) -> list[str]:
         names.append(sparse.values.name)
     del graph.sparse_initializer[:]
     return names
+
+
+def _check_dense_size(sparse_initializers) -> None:
+    """Refuse before allocating when the dense tensors would not fit in memory (twice: the array and
+    its serialized copy): a 65536 x 65536 sparse tensor of one value is a few bytes on disk and 16 GB
+    dense."""
+    total, largest = 0, ("", 0)
+    for sparse in sparse_initializers:
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(sparse.values.data_type).itemsize
+        except (KeyError, ValueError):
+            raise InputError(f"sparse initializer {sparse.values.name!r} has an element type "
+                             f"({sparse.values.data_type}) onnx does not know") from None
+        size = int(np.prod([int(d) for d in sparse.dims], dtype=object)) * itemsize
+        total += size
+        largest = max(largest, (sparse.values.name, size), key=lambda item: item[1])
+    available = available_memory()
+    if 2 * total > available:
+        raise InputError(f"the sparse initializers expand to {total / 1e9:,.1f} GB of dense tensors ({largest[0]!r}: "
+                         f"{largest[1] / 1e9:,.1f} GB), as onnxruntime and onnxprune read them; that needs more "
+                         f"memory than the {available / 1e9:,.1f} GB available")
 
 
 def storage_report(model: onnx.ModelProto, storage: str = "dense") -> dict:

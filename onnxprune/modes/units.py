@@ -25,7 +25,7 @@ from onnxprune.modes.weights import fresh
 from onnxprune.prepare.shapes import tensor_shapes
 from onnxprune.score.units import METHODS, UnitScores, make_unit_scorer
 from onnxprune.select.counts import choose_counts, layer_costs, total_macs
-from onnxprune.select.masks import SCOPES, excluded
+from onnxprune.select.masks import SCOPES, check_patterns, excluded
 from onnxprune.select.schedule import geometric
 
 DEFAULT_STEPS = {"ecp": 5}
@@ -90,6 +90,7 @@ class UnitsMode:
              data: Dataset) -> list:
         """The unit groups of ``layers`` (those that reach the protected output) that no --exclude
         pattern touches; their MACs accounting over ``all_layers``. Returns the rejections."""
+        check_patterns(all_layers, self.exclude)
         units = find_units(model, layers, inputs=self.selection)
         by_name, reaching = {layer.name: layer for layer in all_layers}, {layer.name for layer in layers}
         rejected = list(units.rejected)

@@ -19,6 +19,13 @@ def excluded(layer: Layer, patterns) -> bool:
     return any(fnmatch.fnmatchcase(layer.name, p) or fnmatch.fnmatchcase(layer.weight, p) for p in patterns)
 
 
+def check_patterns(layers: list[Layer], patterns) -> None:
+    """Every --exclude pattern matches some prunable layer (one that matches none is a typo)."""
+    unused = [p for p in patterns if not any(excluded(layer, [p]) for layer in layers)]
+    if unused:
+        raise InputError(f"--exclude pattern(s) {unused} match no prunable layer")
+
+
 def choose_masks(layers: list[Layer], scores: dict[str, np.ndarray], sparsity: float, scope: str = "global",
                  exclude=()) -> dict[str, np.ndarray]:
     """Boolean (out, in) masks, True = pruned, with exactly round(sparsity * n) weights pruned among
@@ -28,9 +35,7 @@ def choose_masks(layers: list[Layer], scores: dict[str, np.ndarray], sparsity: f
     if scope not in SCOPES:
         raise InputError(f"scope must be one of {SCOPES}, got {scope!r}")
     candidates = [layer for layer in layers if not excluded(layer, exclude)]
-    unused = [p for p in exclude if not any(excluded(layer, [p]) for layer in layers)]
-    if unused:
-        raise InputError(f"--exclude pattern(s) {unused} match no prunable layer")
+    check_patterns(layers, exclude)
     masks = {layer.name: np.zeros((layer.out_features, layer.in_features), bool) for layer in layers}
     for layer in candidates:
         if not np.all(np.isfinite(scores[layer.name])):
