@@ -150,6 +150,10 @@ class Pruner:
                 repair = Compose((repair, preset.then))
         return mode, mode.make_scorer(preset.scorer), schedule, repair, preset.fallback
 
+    def planned_steps(self, target: float) -> int:
+        """How many steps reach ``target`` with this method and schedule (before any work)."""
+        return len(self._plan()[2](target))
+
     def fit(self, model, data) -> Pruner:
         """Prepare ``model`` (a path or ModelProto, never modified), find what can be pruned and score
         it on ``data`` (a .npz path, a Dataset, or a dict of arrays keyed by input name)."""

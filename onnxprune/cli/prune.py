@@ -124,7 +124,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
     batches = _batches(time_batches)
     budgeted = max_loss_increase is not None or max_accuracy_drop is not None
     _check_request(out, dry_run, budgeted, target, ratios, plot_path, storage, structured)
-    ui.steps = steps or (5 if method in ("ecp-refit",) or (structured and method == "ecp") else 1)
+    ui.steps = api.Pruner(**params).planned_steps(target if isinstance(target, float) else 0.5)
     with ui.outputs([model, data, test_data], force) as outputs:
         for path in (out, None if json_path == "-" else json_path, plot_path):
             if path:

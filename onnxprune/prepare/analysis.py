@@ -18,10 +18,9 @@ from onnx import helper, numpy_helper
 
 from onnxprune import runtime
 from onnxprune.graph.index import FLOAT_TYPES, subgraph_reads, tensor_ranks, tensor_types
-from onnxprune.graph.passes import PassResult, ReversiblePass, free_batch_copy
+from onnxprune.graph.passes import BATCH, PassResult, ReversiblePass, free_batch_copy
 
 COPY = "__onnxprune_copy"
-BATCH = "batch"
 
 
 class ConstantsToInitializers(ReversiblePass):
