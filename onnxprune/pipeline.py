@@ -109,7 +109,7 @@ class Pruner:
     the refit.
     """
 
-    def __init__(self, method: str = "ecp", *, structured: bool = False, macs: bool = False, multiple: int = 1,
+    def __init__(self, method: str = "ecp", *, structured: bool = False, macs: bool = False, multiple: int | None = None,
                  inputs: str = "keep", schedule: Schedule | None = None, repair: Repair | None = None,
                  compensation: bool = True, scope: str = "global", exclude=(), seed: int = 0,
                  output: str | None = None, probes: int | None = None, batch_size: int = 256,
@@ -133,11 +133,11 @@ class Pruner:
             if not self.compensation:
                 raise InputError("--no-compensation does not apply to --structured pruning (units are removed with "
                                  "their constants or without, as the method says)")
-            mode = UnitsMode(self.scope, self.macs, self.multiple, self.inputs, self.exclude)
+            mode = UnitsMode(self.scope, self.macs, self.multiple, self.inputs, self.exclude, self.provider)
             if self.repair is not None and self.repair is not NONE and not isinstance(self.repair, Refit):
                 raise InputError(f"repair {self.repair.name!r} does not apply to structured pruning; the refit does")
         else:
-            if self.macs or self.multiple != 1 or self.inputs != "keep":
+            if self.macs or self.multiple is not None or self.inputs != "keep":
                 raise InputError("macs, multiple and inputs apply to structured pruning (structured=True)")
             mode = WeightsMode(self.scope, self.compensation, self.exclude)
         preset = mode.preset(self.method)

@@ -28,6 +28,9 @@ def print_result(ui, result, report: dict, out: str, original) -> None:
     if "timing" in report:
         ui.out()
         ui.out(timing_table(report["timing"]))
+        if result.mode == "units" and not report["faster_than_dense"]:
+            ui.out("The pruned model is not faster than dense at any timed batch: remove more (--macs), round the "
+                   "kept counts (--multiple 8 or 16), or keep the dense model.")
     if "test" in report:
         ui.out()
         ui.out(evaluation_table(report["test"]))

@@ -19,8 +19,9 @@ def structured_options(func):
                           "then the fraction of prunable units removed."),
         click.option("--macs", type=float, default=None, metavar="FRACTION",
                      help="--structured: remove this fraction of the MACs instead (units ranked by error per MAC saved)."),
-        click.option("--multiple", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="--structured: round every layer's kept units to a multiple of N (onnxruntime's fast Conv path: 8)."),
+        click.option("--multiple", type=click.IntRange(min=1), default=None,
+                     help="--structured: round every layer's kept units to a multiple of N [default: Conv channels to the "
+                          "block the provider runs fast, measured (onnxruntime's CPU: 8 or 16), other units unrounded]."),
         click.option("--slice-inputs", is_flag=True,
                      help="--structured: input features of a first dense layer may go too, as long as one contiguous "
                           "range is kept (a Slice inside the model; its inputs do not change)."),
@@ -53,7 +54,7 @@ def refused_options(structured: bool, *, method, macs, multiple, slice_inputs, p
         raise InputError(f"--{'slice' if slice_inputs else 'prune'}-inputs applies to --structured pruning; add --structured")
     if macs is not None:
         raise InputError("--macs applies to --structured pruning; add --structured (or use --sparsity)")
-    if multiple != 1:
+    if multiple is not None:
         raise InputError("--multiple applies to --structured pruning; add --structured")
     if method in STRUCTURED_ONLY:
         raise InputError(f"--method {method} is a structured method; add --structured")
