@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from unitref import replaced
+from unitref import toposort as _toposort  # noqa: F401 - test_structured imports it from here
 
 from onnxprune import runtime
 from onnxprune.edit.slicing import remove_units
@@ -110,50 +112,6 @@ def _inputs(model, n=6):
     vi = model.graph.input[0]
     shape = [n] + [d.dim_value for d in vi.type.tensor_type.shape.dim[1:]]
     return {vi.name: RNG.normal(size=shape).astype(np.float32)}
-
-
-def _replaced(model, group, removed, constants, prefix=""):
-    """The dense model with the removed units of ``group`` replaced by their constants: z*m + k at
-    every tensor a consumer reads (the independent reference of the fold-and-slice rewrite)."""
-    ref = onnx.ModelProto()
-    ref.CopyFrom(model)
-    inferred = onnx.shape_inference.infer_shapes(ref).graph
-    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in [*inferred.input, *inferred.value_info]}
-    for index, consumer in enumerate(group.consumers):
-        shape = shapes[consumer.tensor]
-        width = consumer.width or group.units  # a Concat's channels: the group's at its offset
-        m, k = np.ones(width, np.float32), np.zeros(width, np.float32)
-        m[consumer.offset + removed], k[consumer.offset + removed] = 0, constants[removed]
-        if len(shape) == 2:  # (N, units x block)
-            m, k = np.repeat(m, consumer.block)[None], np.repeat(k, consumer.block)[None]
-        elif len(shape) == 3:  # (N, S, units x block)
-            m, k = np.repeat(m, consumer.block)[None, None], np.repeat(k, consumer.block)[None, None]
-        else:  # (N, C, *spatial)
-            m, k = m.reshape(1, -1, *[1] * (len(shape) - 2)), k.reshape(1, -1, *[1] * (len(shape) - 2))
-        node = next(n for n in ref.graph.node if n.name == consumer.layer)
-        tag = f"{prefix}ref{index}"
-        node.input[list(node.input).index(consumer.tensor)] = f"{tag}_replaced"
-        ref.graph.initializer.extend([numpy_helper.from_array(m, f"{tag}_m"), numpy_helper.from_array(k, f"{tag}_k")])
-        ref.graph.node.extend([helper.make_node("Mul", [consumer.tensor, f"{tag}_m"], [f"{tag}_masked"]),
-                               helper.make_node("Add", [f"{tag}_masked", f"{tag}_k"], [f"{tag}_replaced"])])
-    ref.graph.ClearField("value_info")
-    sorted_nodes = _toposort(ref.graph)
-    del ref.graph.node[:]
-    ref.graph.node.extend(sorted_nodes)
-    return ref
-
-
-def _toposort(graph):
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    nodes, out = list(graph.node), []
-    while nodes:
-        for node in nodes:
-            if all(not i or i in ready for i in node.input):
-                out.append(node)
-                ready.update(node.output)
-                nodes.remove(node)
-                break
-    return out
 
 
 def residual_mlp():
@@ -310,7 +268,7 @@ def test_pattern_shrinks_to_the_masked_model(pattern):
         onnx.checker.check_model(shrunk, full_check=True)
         assert [i.name for i in shrunk.graph.input] == [i.name for i in model.graph.input]
         assert [o.name for o in shrunk.graph.output] == [o.name for o in model.graph.output]
-        reference = _replaced(model, group, removed, constants)
+        reference = replaced(model, group, removed, constants)
         got = runtime.make_session(shrunk).run(None, feeds)[0]
         want = runtime.make_session(reference).run(None, feeds)[0]
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
@@ -345,7 +303,7 @@ def test_every_group_at_once_on_the_residual_cnn():
     onnx.checker.check_model(shrunk, full_check=True)
     reference = model
     for k, (name, group) in enumerate(groups.items()):
-        reference = _replaced(reference, group, removed[name], constants[name], prefix=f"g{k}_")
+        reference = replaced(reference, group, removed[name], constants[name], prefix=f"g{k}_")
     feeds = _inputs(model)
     np.testing.assert_allclose(runtime.make_session(shrunk).run(None, feeds)[0],
                                runtime.make_session(reference).run(None, feeds)[0], atol=1e-5, rtol=1e-5)
@@ -373,17 +331,18 @@ def test_unsafe_couplings_are_rejected_with_their_reason():
                     n("Sigmoid", ["a1"], ["g"]), n("Mul", ["a0", "g"], ["m"]),
                     n("Gemm", ["m", "W2"], ["y"], name="fc2", transB=1)],
                    [_w("W0", 4, 5), _w("W1", 4, 5), _w("W2", 3, 4)], ["N", 5], ["N", 3])
-    assert "computed" in _rejected(gated)["fc0"]
+    assert find_units(gated).by_name()["fc0"].producers == ("fc0", "fc1")  # a gated unit: rows of both
     along_batch = _model([n("Gemm", ["x", "W0"], ["a0"], name="fc0", transB=1),
                           n("Gemm", ["x", "W1"], ["a1"], name="fc1", transB=1),
                           n("Concat", ["a0", "a1"], ["c"], axis=0), n("Gemm", ["c", "W2"], ["y"], name="fc2", transB=1)],
                          [_w("W0", 4, 5), _w("W1", 4, 5), _w("W2", 3, 4)], ["N", 5], ["M", 3])
-    assert "not the units' channel axis" in _rejected(along_batch)["fc0"]
+    assert find_units(along_batch).by_name()["fc0"].producers == ("fc0", "fc1")  # rows of both batches
     joined = _model([n("Gemm", ["x", "W0"], ["a0"], name="fc0", transB=1), n("Gemm", ["x", "W1"], ["a1"], name="fc1", transB=1),
                      n("Concat", ["a0", "a1"], ["c"], axis=1), n("Gemm", ["x", "W3"], ["a3"], name="fc3", transB=1),
                      n("Add", ["c", "a3"], ["s"]), n("Gemm", ["s", "W2"], ["y"], name="fc2", transB=1)],
                     [_w("W0", 4, 5), _w("W1", 4, 5), _w("W3", 8, 5), _w("W2", 3, 8)], ["N", 5], ["N", 3])
-    assert "concatenated" in _rejected(joined)["fc0"]
+    joined_groups = find_units(joined).by_name()  # fc3's rows follow the channels they are added to
+    assert joined_groups["fc0"].producers == ("fc0", "fc3") and joined_groups["fc1"].producers == ("fc1", "fc3")
     stream = _rejected(build_transformer(width=8, heads=2, ffn=6, blocks=1, patch=4, side=8, classes=3))
     assert all("LayerNormalization" in stream[name] for name in ("embed", "block1.o", "block1.ffn2"))
 
@@ -405,7 +364,7 @@ def test_input_features_by_a_contiguous_slice_keep_the_inputs():
     onnx.checker.check_model(shrunk, full_check=True)
     assert shrunk.graph.input == model.graph.input and shrunk.graph.node[0].op_type == "Slice"
     feeds = _inputs(model)
-    want = runtime.make_session(_replaced(model, group, removed, constants)).run(None, feeds)[0]
+    want = runtime.make_session(replaced(model, group, removed, constants)).run(None, feeds)[0]
     np.testing.assert_allclose(runtime.make_session(shrunk).run(None, feeds)[0], want, atol=1e-5, rtol=1e-5)
     again = remove_units(shrunk, {"input:x": np.array([2])}, None)  # narrowed, not a second Slice
     assert [n.op_type for n in again.graph.node].count("Slice") == 1
@@ -425,7 +384,7 @@ def test_pruned_inputs_change_the_input_contract():
     assert kept == {"x": [0, 2, 4]} and contract.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 3
     assert json.loads({p.key: p.value for p in contract.metadata_props}["onnxprune.kept_input_features"]) == kept
     feeds = _inputs(model)
-    want = runtime.make_session(_replaced(model, group, removed, constants)).run(None, feeds)[0]
+    want = runtime.make_session(replaced(model, group, removed, constants)).run(None, feeds)[0]
     got = runtime.make_session(contract).run(None, {"x": feeds["x"][:, kept["x"]]})[0]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 

@@ -33,6 +33,32 @@ class Consumer:
 
 
 @dataclass(frozen=True)
+class ShapeEdit:
+    """A shape entry that counts the units: element ``index`` of constant ``tensor`` (read by node
+    ``reader`` at input ``slot``) shrinks by ``per_unit`` for every unit removed (the constant is
+    first given to ``reader`` alone when other nodes read it). With ``tensor`` None the entry is
+    read at run time from elsewhere, and Reshape ``reader`` gets entry ``index`` of its shape set
+    to -1 instead, which then follows the units."""
+
+    reader: str
+    slot: int
+    tensor: str | None
+    index: int
+    per_unit: int = 0
+
+
+@dataclass(frozen=True)
+class Select:
+    """A computed tensor with one entry per unit along ``axis`` (an attention bias per head, shared
+    by several layers): node ``node`` reads only the surviving units of its input ``slot``, by a
+    Gather inserted in front of it."""
+
+    node: str
+    slot: int
+    axis: int
+
+
+@dataclass(frozen=True)
 class UnitGroup:
     """Units removed together: rows of the ``producers`` (several when they add into one residual
     stream), the columns of the ``consumers``, and every cut between."""
@@ -44,7 +70,8 @@ class UnitGroup:
     consumers: tuple[Consumer, ...]
     cuts: tuple[Cut, ...]
     group_attributes: tuple[str, ...] = ()     # depthwise Conv nodes whose ``group`` equals the unit count
-    reshapes: tuple[tuple[str, int, int], ...] = ()  # (shape initializer, index, entries per unit)
+    reshapes: tuple[ShapeEdit, ...] = ()       # shape entries that follow the units
+    selects: tuple[Select, ...] = ()           # computed per-unit tensors narrowed by a Gather
     path: tuple[str, ...] = ()                 # nodes walked between producer and consumers
     selection: str | None = None               # input features: "Slice" (contiguous) or "Gather" (--prune-inputs)
     lanes: int = 1                             # grouped Convs: units in this many equal blocks, each losing as many
@@ -60,11 +87,13 @@ class UnitGroup:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A layer whose output units cannot be removed, and why."""
+    """A layer whose output units cannot be removed, and why; ``unavoidable`` when no rewrite could
+    (the units are what the model returns, or a normalization over the channels mixes them)."""
 
     layer: str
     op: str
     reason: str
+    unavoidable: bool = False
 
 
 @dataclass
@@ -96,3 +125,12 @@ def in_axis(layer: Layer) -> int:
 
 class Stop(Exception):
     """The units cannot pass a node; the message says why."""
+
+    unavoidable = False
+
+
+class Unavoidable(Stop):
+    """The units cannot be removed by any rewrite: they reach a graph output, or a normalization
+    over the channels (LayerNormalization, an RMS norm) mixes them."""
+
+    unavoidable = True

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import onnx
 
+from onnxprune.find.constants import Constants, static_shapes
 from onnxprune.find.heads import attention_groups
 from onnxprune.find.layers import Layer, analyse_graph
 from onnxprune.find.unitgroups import Consumer, Cut, Rejected, UnitGroup, Units, in_axis, stored_axis
+from onnxprune.find.unitplace import Context
 from onnxprune.find.unitwalk import match_group
 from onnxprune.graph.index import GraphIndex
-from onnxprune.prepare.shapes import tensor_shapes_static
 
 INPUT_SELECTIONS = {"slice": "Slice", "gather": "Gather"}
 
@@ -86,26 +87,25 @@ def find_units(model: onnx.ModelProto, layers: list[Layer] | None = None, inputs
     found = analyse_graph(model)
     layers = found.layers if layers is None else layers
     g = GraphIndex(model)
-    shapes = tensor_shapes_static(model)
-    by_name = {layer.name: layer for layer in found.layers}
-    by_node = {layer.node: layer for layer in found.layers}
+    ctx = Context(g, Constants(g), static_shapes(model), {layer.name: layer for layer in found.layers},
+                  {layer.node: layer for layer in found.layers}, {layer.preact: layer for layer in found.layers})
     depthwise_followers: set[str] = set()
     grouped: set[str] = set()
     groups, rejected = [], []
-    for heads in attention_groups(g, found.layers):
+    for heads in attention_groups(ctx, found.layers):
         if all(p in {layer.name for layer in layers} for p in heads.producers):
             groups.append(heads)
             grouped.update(heads.producers)
     for producer in layers:
         if producer.name in grouped:
             continue  # already in a residual group
-        result = match_group(g, by_name, by_node, producer, shapes)
-        if isinstance(result, UnitGroup):
-            groups.append(result)
-            depthwise_followers.update(result.group_attributes)
-            grouped.update(result.producers)
-        else:
-            rejected.append(result)
+        for result in match_group(ctx, producer):
+            if isinstance(result, UnitGroup):
+                groups.append(result)
+                depthwise_followers.update(result.group_attributes)
+                grouped.update(p for p in result.producers if p != producer.name)
+            else:
+                rejected.append(result)
     kept = [r for r in rejected if not (r.layer in depthwise_followers and r.reason.startswith("depthwise Conv"))]
     input_groups, input_rejected = _input_groups(g, model, found.layers if layers is None else layers, inputs)
     return Units(input_groups + groups, input_rejected + kept)

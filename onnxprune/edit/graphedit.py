@@ -1,0 +1,107 @@
+"""Edits of a graph's constants and nodes that slicing units needs besides the cuts: constants read
+and written wherever they are held (initializers or Constant nodes), given to one reader when
+others share them; shape entries that follow the units; Gathers that narrow a computed tensor to
+the surviving units; graph inputs that declare the shapes of the initializers they carry."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxprune.find.constants import constant_node_value
+from onnxprune.find.unitgroups import Select, ShapeEdit
+
+
+class Store:
+    """The constants of a model by name, held as initializers or as Constant nodes, read and written alike."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.graph = model.graph
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.nodes = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and len(n.output) == 1}
+
+    def get(self, name: str) -> np.ndarray:
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        value = constant_node_value(self.nodes[name])
+        if value is None:
+            raise ValueError(f"Constant {name!r} holds no tensor")
+        return value
+
+    def set(self, name: str, value: np.ndarray) -> None:
+        tensor = numpy_helper.from_array(np.asarray(value), name)
+        if name in self.inits:
+            self.inits[name].CopyFrom(tensor)
+            return
+        node = self.nodes[name]
+        tensor.name = ""
+        del node.attribute[:]
+        node.attribute.append(helper.make_attribute("value", tensor))
+
+    def own(self, name: str, reader: onnx.NodeProto, slot: int) -> str:
+        """``name``, or a copy of it that ``reader`` alone reads at input ``slot`` when others read it too."""
+        readers = sum(list(n.input).count(name) for n in self.graph.node) + sum(o.name == name for o in self.graph.output)
+        if readers == 1:
+            return name
+        copy = f"{name}__{reader.name}_{slot}"
+        while copy in self.inits or copy in self.nodes:
+            copy += "_"
+        self.graph.initializer.append(numpy_helper.from_array(self.get(name), copy))
+        self.inits[copy] = self.graph.initializer[-1]
+        reader.input[slot] = copy
+        return copy
+
+
+def edit_shape(model: onnx.ModelProto, store: Store, edit: ShapeEdit, removed: int) -> None:
+    """A shape entry follows the units: shrunk by ``removed`` x its entries per unit, or set to -1."""
+    nodes = {n.name: n for n in model.graph.node}
+    reader = nodes[edit.reader]
+    if edit.tensor is not None:  # what the reader reads now: an earlier edit may have given it a copy
+        name = store.own(reader.input[edit.slot], reader, edit.slot)
+        value = store.get(name).copy()
+        value.reshape(-1)[edit.index] -= removed * edit.per_unit
+        store.set(name, value)
+        return
+    pin = f"{reader.name}__onnxprune_pin{edit.index}"
+    if pin in nodes:
+        return
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 11:
+        raise ValueError(f"Reshape {reader.name!r}: its shape is computed and opset {opset} has no ScatterElements")
+    for suffix, entry in (("index", edit.index), ("value", -1)):
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray([entry], np.int64), f"{pin}__{suffix}"))
+    position = list(model.graph.node).index(reader)
+    model.graph.node.insert(position, helper.make_node("ScatterElements", [reader.input[1], f"{pin}__index", f"{pin}__value"],
+                                                       [f"{pin}__shape"], name=pin, axis=0))
+    reader.input[1] = f"{pin}__shape"
+
+
+def select_units(model: onnx.ModelProto, select: Select, kept: np.ndarray) -> None:
+    """Node ``select.node`` reads only the kept units of its input: a Gather in front, narrowed later."""
+    graph = model.graph
+    nodes = {n.name: n for n in graph.node}
+    reader = nodes[select.node]
+    name = f"{reader.name}__onnxprune_select{select.slot}"
+    gather = nodes.get(name)
+    indices = next((t for t in graph.initializer if t.name == f"{name}__indices"), None)
+    if gather is not None and indices is not None and reader.input[select.slot] == gather.output[0]:
+        indices.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(indices)[kept], indices.name))
+        return
+    graph.initializer.append(numpy_helper.from_array(np.asarray(kept, np.int64), f"{name}__indices"))
+    position = list(graph.node).index(reader)
+    graph.node.insert(position, helper.make_node("Gather", [reader.input[select.slot], f"{name}__indices"], [f"{name}__out"],
+                                                 name=name, axis=select.axis))
+    reader.input[select.slot] = f"{name}__out"
+
+
+def declare_inputs(model: onnx.ModelProto) -> None:
+    """Initializers that are also graph inputs (exported with their weights as inputs) declare their new shapes."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits and vi.type.tensor_type.HasField("shape"):
+            dims = list(inits[vi.name].dims)
+            shape = vi.type.tensor_type.shape
+            if len(shape.dim) == len(dims):
+                for dim, size in zip(shape.dim, dims):
+                    dim.Clear()
+                    dim.dim_value = int(size)
