@@ -15,21 +15,27 @@ def replaced(model, group, removed, constants, prefix=""):
     inferred = onnx.shape_inference.infer_shapes(ref).graph
     ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in [*inferred.input, *inferred.value_info]
              if vi.type.tensor_type.HasField("shape")}
-    for index, consumer in enumerate(group.consumers):
-        width = consumer.width or group.units  # a Concat's channels: the group's at its offset
+    readers = {}
+    for consumer in group.consumers:  # a layer may read the units at several offsets (a Concat of them twice)
+        readers.setdefault(consumer.layer, []).append(consumer)
+    for index, (name, reads) in enumerate(readers.items()):
+        tensor = reads[0].tensor
+        width = reads[0].width or group.units  # a Concat's channels: the group's at its offset
         m, k = np.ones(width, np.float32), np.zeros(width, np.float32)
-        m[consumer.offset + removed], k[consumer.offset + removed] = 0, constants[removed]
-        layer = layers[consumer.layer]
+        for consumer in reads:
+            m[consumer.offset + removed], k[consumer.offset + removed] = 0, constants[removed]
+        layer = layers[name]
         if layer.kind == "conv":  # (N, C, *spatial)
-            shape = [1, -1] + [1] * (ranks[consumer.tensor] - 2)
+            shape = [1, -1] + [1] * (ranks[tensor] - 2)
             m, k = m.reshape(shape), k.reshape(shape)
         else:  # the units (each a block of features) on the last axis
-            m, k = np.repeat(m, consumer.block), np.repeat(k, consumer.block)
+            m, k = np.repeat(m, reads[0].block), np.repeat(k, reads[0].block)
         node = next(n for n in ref.graph.node if n.name == layer.node)
         tag = f"{prefix}ref{index}"
-        node.input[list(node.input).index(consumer.tensor)] = f"{tag}_replaced"
+        tensor = node.input[0]  # the layer's input, or another group's replacement of it
+        node.input[0] = f"{tag}_replaced"
         ref.graph.initializer.extend([numpy_helper.from_array(m, f"{tag}_m"), numpy_helper.from_array(k, f"{tag}_k")])
-        ref.graph.node.extend([helper.make_node("Mul", [consumer.tensor, f"{tag}_m"], [f"{tag}_masked"]),
+        ref.graph.node.extend([helper.make_node("Mul", [tensor, f"{tag}_m"], [f"{tag}_masked"]),
                                helper.make_node("Add", [f"{tag}_masked", f"{tag}_k"], [f"{tag}_replaced"])])
     ref.graph.ClearField("value_info")
     ordered = toposort(ref.graph)

@@ -290,6 +290,16 @@ def _concat_constant(ctx, walk, node, name, rank) -> Cut | None:
             return None
         if ctx.g.users(source) > 1:
             raise Stop(ctx.g.shared_reason(source, f"Concat {node.name!r} input"))
+        if producer.op_type in ("Expand", "Tile"):  # its entry for the units' axis is 1, or follows them
+            entries = shape_entries(ctx.g, ctx.constants, producer.input[1], ctx.shapes, producer.name, 1)
+            position = rank - walk.axis_from_end
+            entry = entries[position] if entries is not None and len(entries) == rank else None
+            follows = producer.op_type == "Expand" and entry is not None and entry.value == walk.width and entry.tensor
+            if entry is None or (entry.value != 1 and not follows):
+                raise Stop(f"{producer.op_type} {producer.name!r} of a Concat input has a computed or foreign size "
+                           "along the units' axis")
+            if entry.value != 1:
+                walk.reshapes.append(ShapeEdit(entry.reader, entry.slot, entry.tensor, entry.index, 1))
         source = producer.input[0]
     cut = per_channel_cut(ctx, walk, source, f"Concat {node.name!r} input", rank)
     if cut is None and walk.width > 1:

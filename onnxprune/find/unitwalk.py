@@ -26,9 +26,9 @@ from onnxprune.graph.index import attributes
 class _Search:
     """One walk's work lists and findings."""
 
-    def __init__(self, ctx: Context, start: Layer, span: tuple[int, int] | None = None):
-        self.ctx, self.start, self.span = ctx, start, span
-        self.walk = Walk(start, span)
+    def __init__(self, ctx: Context, start: Layer, part: tuple[int, int, int] | None = None):
+        self.ctx, self.start, self.part = ctx, start, part  # (first row, end, index) of a part of its rows
+        self.walk = Walk(start, part[:2] if part else None)
         self.producers: list[Layer] = []
         self.written: set[tuple[str, int]] = {(start.name, self.walk.offset)}  # (producer, offset of the units)
         self.consumers: dict[tuple[str, int], Consumer] = {}  # a Concat may give a layer the units at several offsets
@@ -203,7 +203,7 @@ class _Search:
 
     @property
     def name(self) -> str:
-        return self.start.name if self.span is None else f"{self.start.name}[{self.span[0]}:{self.span[1]}]"
+        return self.start.name if self.part is None else f"{self.start.name}[{self.part[2]}]"
 
     def result(self) -> UnitGroup | Rejected:
         start, walk = self.start, self.walk
@@ -219,24 +219,37 @@ class _Search:
                          path=tuple(dict.fromkeys(walk.path)), lanes=walk.lanes)
 
 
-def match_group(ctx: Context, start: Layer, span: tuple[int, int] | None = None) -> list[UnitGroup | Rejected]:
-    """The unit groups of ``start``'s output rows (one, or one per part when a Split divides them),
-    or why there are none."""
-    search = _Search(ctx, start, span)
-    try:
-        _add_producer(ctx, search.walk, search.producers, start)
-    except Stop as stop:
-        return [Rejected(search.name, start.op, str(stop), stop.unavoidable)]
-    search.run()
-    if not search.stops and not search.consumers:
-        search.stops.append(Stop("no layer reads its units"))
-    divides = [s for s in search.stops if isinstance(s, Divide)]
-    if divides and not any(s.unavoidable for s in search.stops):
-        first, last = span or (0, start.out_features)
-        at = sorted({first + a for d in divides for a in d.at if 0 < a < last - first})
-        bounds = [first, *at, last]
-        return [r for a, b in zip(bounds, bounds[1:]) for r in match_group(ctx, start, (a, b))]
-    return [search.result()]
+def match_group(ctx: Context, start: Layer) -> list[UnitGroup | Rejected]:
+    """The unit groups of ``start``'s output rows, or why there are none: one group, or one per part
+    when a Split or Slice divides them (part k is named ``layer[k]``; a part that an earlier part's
+    group already holds, as an STFT's imaginary half with its real half, is not walked again)."""
+    bounds = [0, start.out_features]
+    while True:
+        results: list[UnitGroup | Rejected] = []
+        at: set[int] = set()
+        covered: set[int] = set()
+        for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            if a in covered:
+                continue
+            search = _Search(ctx, start, (a, b, k) if len(bounds) > 2 else None)
+            try:
+                _add_producer(ctx, search.walk, search.producers, start)
+            except Stop as stop:
+                results.append(Rejected(search.name, start.op, str(stop), stop.unavoidable))
+                continue
+            search.run()
+            if not search.stops and not search.consumers:
+                search.stops.append(Stop("no layer reads its units"))
+            divides = [s for s in search.stops if isinstance(s, Divide)]
+            if divides and not any(s.unavoidable for s in search.stops):
+                at |= {a + x for d in divides for x in d.at if 0 < x < b - a}
+                continue
+            results.append(search.result())
+            if not search.stops:
+                covered |= {offset for name, offset in search.written if name == start.name}
+        if not at:
+            return results
+        bounds = sorted(set(bounds) | at)
 
 
 def _carries(ctx: Context, walk: Walk, name: str) -> bool:
