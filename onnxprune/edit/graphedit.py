@@ -66,13 +66,20 @@ def edit_shape(model: onnx.ModelProto, store: Store, edit: ShapeEdit, removed: i
     if pin in nodes:
         return
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 11:
-        raise ValueError(f"Reshape {reader.name!r}: its shape is computed and opset {opset} has no ScatterElements")
-    for suffix, entry in (("index", edit.index), ("value", -1)):
-        model.graph.initializer.append(numpy_helper.from_array(np.asarray([entry], np.int64), f"{pin}__{suffix}"))
-    position = list(model.graph.node).index(reader)
-    model.graph.node.insert(position, helper.make_node("ScatterElements", [reader.input[1], f"{pin}__index", f"{pin}__value"],
-                                                       [f"{pin}__shape"], name=pin, axis=0))
+    if opset < 10:
+        raise ValueError(f"Reshape {reader.name!r}: its shape is computed and opset {opset} has no Slice with inputs")
+    # the shape with entry ``index`` replaced by -1: Concat(shape[:index], [-1], shape[index + 1:]), which shape
+    # inference still reads through
+    bounds = {"before": 0, "at": edit.index, "after": edit.index + 1, "end": 1 << 62, "minus_one": -1}
+    for suffix, bound in bounds.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray([bound], np.int64), f"{pin}__{suffix}"))
+    shape, position = reader.input[1], list(model.graph.node).index(reader)
+    nodes_in = [helper.make_node("Slice", [shape, f"{pin}__before", f"{pin}__at"], [f"{pin}__head"], name=f"{pin}__head"),
+                helper.make_node("Slice", [shape, f"{pin}__after", f"{pin}__end"], [f"{pin}__tail"], name=f"{pin}__tail"),
+                helper.make_node("Concat", [f"{pin}__head", f"{pin}__minus_one", f"{pin}__tail"], [f"{pin}__shape"],
+                                 name=pin, axis=0)]
+    for k, node in enumerate(nodes_in):
+        model.graph.node.insert(position + k, node)
     reader.input[1] = f"{pin}__shape"
 
 

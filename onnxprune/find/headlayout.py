@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxprune.find.unitgroups import Stop
+from onnxprune.find.constants import shape_entries
+from onnxprune.find.unitgroups import ShapeEdit, Stop
 from onnxprune.find.unitplace import Context
 from onnxprune.graph.index import FLOAT_TYPES, attributes
 
@@ -45,8 +46,9 @@ def squeezed(ctx: Context, node: onnx.NodeProto, layout: Layout) -> Layout:
     return before
 
 
-def part(ctx: Context, node: onnx.NodeProto, tensor: str, layout: Layout) -> Layout:
-    """Q, K or V taken out of a fused projection: the axis they are taken along gets a part factor."""
+def part(ctx: Context, node: onnx.NodeProto, tensor: str, layout: Layout, edits: list) -> Layout:
+    """Q, K or V taken out of a fused projection: the axis they are taken along gets a part factor (a
+    Split's size or a Slice's bounds along the heads follow them: ``edits``)."""
     op, attrs = node.op_type, attributes(node)
     shape = ctx.shapes.get(node.input[0])
     if shape is None:
@@ -73,6 +75,7 @@ def part(ctx: Context, node: onnx.NodeProto, tensor: str, layout: Layout) -> Lay
                 raise Stop(f"Split {node.name!r} into unequal parts along the heads' axis")
             return layout[:axis] + [(("o", shape[axis], None),)] + layout[axis + 1:]
         start, whole = position, count
+        bounds = [(1, position, 1)] if sizes is not None else []  # (slot, entry, parts before and with it)
     else:
         args = [ctx.constants.value(i) if i else None for i in list(node.input[1:5]) + [""] * (5 - len(node.input))]
         starts, ends, axes, steps = args[:4]
@@ -87,10 +90,22 @@ def part(ctx: Context, node: onnx.NodeProto, tensor: str, layout: Layout) -> Lay
         length = end - begin
         if length <= 0 or dim % length or begin % length:
             raise Stop(f"Slice {node.name!r} takes {begin}:{end} of {dim}, not one of equal parts")
+        if starts.ravel()[0] < 0 or ends.ravel()[0] < 0:
+            raise Stop(f"Slice {node.name!r} takes a part counted from the end")
         start, whole = begin // length, dim // length
+        bounds = [(1, 0, start)] + ([(2, 0, start + 1)] if ends.ravel()[0] < dim else [])
     own = tuple(f for f in layout[axis] if not (f[0] == "o" and f[1] == 1))
     if own and not structured(own):
         return layout[:axis] + [(("o", shape[axis], None),)] + layout[axis + 1:]  # a split along another axis
+    if any(f[0] == "h" for f in own):
+        per_head = int(np.prod([f[1] for f in own if f[0] != "h"]))
+        for slot, at, parts in bounds:
+            entries = shape_entries(ctx.g, ctx.constants, node.input[slot], ctx.shapes, node.name, slot)
+            entry = entries[at] if entries is not None and len(entries) > at else None
+            if entry is None or entry.tensor is None:
+                raise Stop(f"{op} {node.name!r} takes its part by bounds an edit cannot follow")
+            if parts:
+                edits.append(ShapeEdit(entry.reader, entry.slot, entry.tensor, entry.index, parts * per_head))
     return layout[:axis] + [(("p", whole, start),) + own] + layout[axis + 1:]
 
 

@@ -133,7 +133,7 @@ class _Trace:
         if op in ("Mul", "Div"):
             return self._scaled(node, layout)
         if op in ("Gather", "Split", "Slice"):
-            return node.input[0], part(self.ctx, node, tensor, layout)
+            return node.input[0], part(self.ctx, node, tensor, layout, self.edits)
         return None
 
     def _reshape(self, node: onnx.NodeProto, layout: Layout) -> Layout:
@@ -155,6 +155,8 @@ class _Trace:
             entry, per_unit = entries[b], int(np.prod(others)) if others else 1
             if entry.value == -1 or (entry.value == 0 and b < len(before) and before[b] == axis):
                 continue
+            if entry.source is not None and _read_from_heads(self.ctx, entry.source, node.input[0], per_unit * self.heads):
+                continue  # read at run time from a tensor upstream whose axis holds the same heads
             if entry.tensor is not None and entry.value is not None and entry.value > 0:
                 self.edits.append(ShapeEdit(entry.reader, entry.slot, entry.tensor, entry.index, per_unit))
             elif any(e.value == -1 for e in entries):
@@ -166,8 +168,12 @@ class _Trace:
     def _scaled(self, node: onnx.NodeProto, layout: Layout):
         """Q or K scaled by a value the same for every head (a constant, or computed from shapes)."""
         rank = len(layout)
-        uniform = [i for i in node.input if i and self._head_uniform(i, layout, rank)]
-        traced = [i for i in node.input if i and i not in uniform]
+        computed = [i for i in node.input if i and self.ctx.constants.value(i) is None]
+        if len(computed) == 1:  # the other a constant: the same for every head when broadcast along them
+            traced = computed if all(self._head_uniform(i, layout, rank) for i in node.input if i and i not in computed) else []
+        else:
+            uniform = [i for i in node.input if i and self._head_uniform(i, layout, rank)]
+            traced = [i for i in node.input if i and i not in uniform]
         if len(traced) != 1 or (node.op_type == "Div" and traced[0] != node.input[0]):
             return None
         return traced[0], layout
@@ -280,6 +286,22 @@ class _Trace:
                          consumers=(Consumer(out.name, size, out.input),), cuts=tuple(dict.fromkeys(cuts)),
                          reshapes=tuple(dict.fromkeys(self.edits)), selects=tuple(dict.fromkeys(self.selects)),
                          path=tuple(dict.fromkeys(self.nodes)))
+
+
+def _read_from_heads(ctx: Context, source: tuple[str, int], tensor: str, size: int, depth: int = 8) -> bool:
+    """Whether axis ``source[1]`` of ``source[0]``, of ``size`` entries, is upstream of ``tensor`` through nodes
+    that only move data (a Reshape of the keys folded with the batch reads the heads back from them)."""
+    shape = ctx.shapes.get(source[0])
+    if shape is None or source[1] >= len(shape) or shape[source[1]] != size:
+        return False
+    while depth > 0:
+        if tensor == source[0]:
+            return True
+        node = ctx.g.producers.get(tensor)
+        if node is None or node.op_type not in PASS + ("Transpose", "Reshape", "Squeeze", "Unsqueeze"):
+            return False
+        tensor, depth = node.input[0], depth - 1
+    return False
 
 
 def _read_for_shape(ctx: Context, node: onnx.NodeProto, depth: int = 6) -> bool:
