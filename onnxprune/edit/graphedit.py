@@ -21,6 +21,8 @@ class Store:
         self.nodes = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and len(n.output) == 1}
 
     def get(self, name: str) -> np.ndarray:
+        if name not in self.inits and name not in self.nodes:
+            self._materialize(name)
         if name in self.inits:
             return numpy_helper.to_array(self.inits[name])
         value = constant_node_value(self.nodes[name])
@@ -28,7 +30,24 @@ class Store:
             raise ValueError(f"Constant {name!r} holds no tensor")
         return value
 
+    def _materialize(self, name: str) -> None:
+        """An Identity chain's output of a shared constant becomes a constant of its own (the Identity goes)."""
+        producers = {out: n for n in self.graph.node for out in n.output}
+        node, source = producers.get(name), name
+        while node is not None and node.op_type == "Identity":
+            source = node.input[0]
+            if source in self.inits or source in self.nodes:
+                break
+            node = producers.get(source)
+        if node is None or node.op_type != "Identity":
+            raise KeyError(f"{name!r} is neither a constant nor an Identity of one")
+        self.graph.node.remove(producers[name])
+        self.graph.initializer.append(numpy_helper.from_array(self.get(source), name))
+        self.inits[name] = self.graph.initializer[-1]
+
     def set(self, name: str, value: np.ndarray) -> None:
+        if name not in self.inits and name not in self.nodes:
+            self._materialize(name)
         tensor = numpy_helper.from_array(np.asarray(value), name)
         if name in self.inits:
             self.inits[name].CopyFrom(tensor)

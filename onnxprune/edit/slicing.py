@@ -211,7 +211,7 @@ def slice_units(model: onnx.ModelProto, keep: dict[str, np.ndarray], inputs: str
             edit_shape(new, Store(new), edit, group.units - len(kept))
         for select in group.selects:
             select_units(new, select, kept)
-    declare_inputs(new)
+        declare_inputs(new)  # before the next group is found again: shape inference reads the declarations
     del new.graph.value_info[:]
     return new
 

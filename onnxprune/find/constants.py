@@ -170,6 +170,9 @@ def static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     inits = {t.name for t in copy.graph.initializer}
+    constant_inputs = [vi for vi in copy.graph.input if vi.name in inits]  # weights exported as inputs too
+    for vi in constant_inputs:
+        copy.graph.input.remove(vi)
     inputs = [vi for vi in copy.graph.input if vi.name not in inits and vi.type.tensor_type.HasField("shape")]
     batch = {vi.type.tensor_type.shape.dim[0].dim_param for vi in inputs if len(vi.type.tensor_type.shape.dim)}
     for vi in inputs:

@@ -41,6 +41,7 @@ class _Trace:
         self.selects: list[Select] = []
         self.cuts: list[Cut] = []
         self.projections: list[tuple[Layer, tuple[Factor, ...]]] = []
+        self.biases: list[tuple[str, tuple[Factor, ...]]] = []  # biases added after a projection, with its last axis
         self.heads = 0
 
     # ---------------------------------------------------------------- the pattern
@@ -132,6 +133,8 @@ class _Trace:
             return node.input[0], squeezed(self.ctx, node, layout)
         if op in ("Mul", "Div"):
             return self._scaled(node, layout)
+        if op == "Add":
+            return self._biased(node, layout)
         if op in ("Gather", "Split", "Slice"):
             return node.input[0], part(self.ctx, node, tensor, layout, self.edits)
         return None
@@ -177,6 +180,20 @@ class _Trace:
         if len(traced) != 1 or (node.op_type == "Div" and traced[0] != node.input[0]):
             return None
         return traced[0], layout
+
+    def _biased(self, node: onnx.NodeProto, layout: Layout):
+        """A projection's bias added after it (a layer whose bias is not its own: one constant shared by
+        several Identities): cut with the projection's rows."""
+        computed = [i for i in node.input if i and self.ctx.constants.value(i) is None]
+        if len(computed) != 1 or structured(tuple(f for axis in layout[:-1] for f in axis)):
+            return None
+        bias = next(i for i in node.input if i and i != computed[0])
+        value = self.ctx.constants.value(bias)
+        total = int(np.prod([f[1] for f in layout[-1]])) if all(f[1] for f in layout[-1]) else None
+        if value is None or value.size != total or (value.ndim and value.shape[-1] != total):
+            return None
+        self.biases.append((bias, tuple(layout[-1])))
+        return computed[0], layout
 
     def _head_uniform(self, name: str, layout: Layout, rank: int) -> bool:
         """Whether operand ``name`` is the same for every head (broadcast along the heads' axes). Where
@@ -280,12 +297,31 @@ class _Trace:
                 cuts.append(Cut(layer.bias, bias.ndim - 1, block, offset=offset, width=width))
             if layer.name not in producers:
                 producers.append(layer.name)
+        for name, last in self.biases:
+            part = last[0] if last[0][0] == "p" else None
+            offset, width = (part[2] * heads, part[1] * heads) if part else (0, 0)
+            if not self.ctx.constants.stored(name) and not _identity(self.ctx, name):
+                raise Stop(f"bias {name!r} of a Q, K or V projection is computed from other constants")
+            if self.ctx.constants.stored(name) and self.ctx.g.users(name) > 1:
+                raise Stop(self.ctx.g.shared_reason(name, "bias"))
+            cuts.append(Cut(name, max(self.ctx.rank(name) or 1, 1) - 1, last[-1][1], offset=offset, width=width))
         out = self.out
         cuts.append(Cut(out.weight, stored_axis(out, in_axis(out)), size))
         return UnitGroup(name=f"heads:{out.name}", producers=tuple(producers), units=heads, tensor=out.input,
                          consumers=(Consumer(out.name, size, out.input),), cuts=tuple(dict.fromkeys(cuts)),
                          reshapes=tuple(dict.fromkeys(self.edits)), selects=tuple(dict.fromkeys(self.selects)),
                          path=tuple(dict.fromkeys(self.nodes)))
+
+
+def _identity(ctx: Context, name: str) -> bool:
+    """Whether ``name`` is an Identity (chain) of a stored constant, read by nothing else (slicing stores it)."""
+    node = ctx.g.producers.get(name)
+    while node is not None and node.op_type == "Identity" and ctx.g.users(name) == 1:
+        name = node.input[0]
+        if ctx.constants.stored(name):
+            return True
+        node = ctx.g.producers.get(name)
+    return False
 
 
 def _read_from_heads(ctx: Context, source: tuple[str, int], tensor: str, size: int, depth: int = 8) -> bool:

@@ -139,9 +139,28 @@ def per_channel_cut(ctx: Context, walk: Walk, name: str, what: str, rank: int | 
     return Cut(name, axis, offset=walk.offset, width=walk.width)
 
 
+def _identity_of_shared(ctx: Context, name: str) -> bool:
+    """Whether ``name`` is an Identity (or a chain of them) of a stored constant other nodes read too."""
+    node = ctx.g.producers.get(name)
+    while node is not None and node.op_type == "Identity" and ctx.g.users(name) == 1:
+        name = node.input[0]
+        if ctx.constants.stored(name):
+            return ctx.g.users(name) > 1
+        node = ctx.g.producers.get(name)
+    return False
+
+
 def stored_source(ctx: Context, walk: Walk, name: str, what: str) -> Cut:
     """A per-unit constant computed from a stored one by Reshape, Unsqueeze or the like (paddle2onnx's
-    biases): the stored one is cut, and each Reshape's entry for the units follows them."""
+    biases): the stored one is cut, and each Reshape's entry for the units follows them. An Identity of
+    a constant that other nodes read too (torch's legacy exporter writes every bias equal to another
+    as an Identity of it) is cut itself: slicing gives it a stored copy of its own first."""
+    if _identity_of_shared(ctx, name):
+        value = ctx.constants.value(name)
+        if value is None or value.size != walk.width:
+            raise Stop(f"{what} {name!r} is not one value per unit")
+        axes = [k for k, d in enumerate(value.shape) if d != 1]
+        return Cut(name, axes[0] if axes else max(value.ndim - 1, 0), offset=walk.offset, width=walk.width)
     current, reshapes = name, []
     while not ctx.constants.stored(current):
         node = ctx.g.producers.get(current)
@@ -153,8 +172,10 @@ def stored_source(ctx: Context, walk: Walk, name: str, what: str) -> Cut:
             reshapes.append((node, current))
         current = node.input[0]
     source = ctx.constants.value(current)
-    if source is None or source.size != walk.width or ctx.g.users(current) > 1:
-        raise Stop(f"{what} {name!r} is computed from {current!r}, which is not one value per unit alone")
+    if ctx.g.users(current) > 1:
+        raise Stop(ctx.g.shared_reason(current, f"{what} {name!r} is computed from"))
+    if source is None or source.size != walk.width:
+        raise Stop(f"{what} {name!r} is computed from {current!r}, which is not one value per unit")
     for node, out in reshapes:
         shape = ctx.constants.value(out)
         position = next((k for k, d in enumerate(shape.shape) if d == walk.width), None) if shape is not None else None
