@@ -171,3 +171,9 @@ def test_a_computed_bias_shared_by_two_layers_is_narrowed_per_layer():
     groups = find_units(model).by_name()
     assert [s.node for s in groups["heads:a.o"].selects] == ["a.attn.biased"]
     assert [s.node for s in groups["heads:b.o"].selects] == ["b.attn.biased"]
+
+
+def test_a_heads_rows_in_a_fused_projection():
+    group = find_units(fused("gather")).by_name()["heads:o"]
+    rows = group.unit_entries("qkv.w")  # head h: D rows of each of Q, K and V
+    assert rows.tolist() == [[p * H * D + h * D + d for p in range(3) for d in range(D)] for h in range(H)]

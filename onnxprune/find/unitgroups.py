@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from onnxprune.find.layers import Layer
 
 
@@ -79,6 +81,16 @@ class UnitGroup:
     @property
     def producer(self) -> str | None:
         return self.producers[0] if self.producers else None
+
+    def unit_entries(self, tensor: str) -> np.ndarray:
+        """(units, entries): for each unit, the indices along the cut axis of initializer ``tensor`` that
+        belong to it (a producer's rows: D rows of each part of a fused QKV per head, the rows of one
+        part of a split layer; a consumer's columns: a block per unit at each offset it reads them)."""
+        cuts = sorted((c for c in self.cuts if c.tensor == tensor), key=lambda c: c.offset)
+        if not cuts or any(c.groups != 1 for c in cuts):
+            raise ValueError(f"group {self.name!r} has no plain cut of {tensor!r}")
+        unit = np.arange(self.units)[:, None]
+        return np.concatenate([(c.offset + unit) * c.block + np.arange(c.block)[None, :] for c in cuts], axis=1)
 
     def to_dict(self) -> dict:
         return {"group": self.name, "producers": list(self.producers), "units": self.units, "tensor": self.tensor,

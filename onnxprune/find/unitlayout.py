@@ -51,11 +51,24 @@ def reshape(ctx, walk, node, tensor, outs):
     if shape is None or target is None:
         raise Stop(f"Reshape {node.name!r} of a tensor of unknown shape")
     axis = channel_axis(ctx, walk, tensor)
+    entries = shape_entries(ctx.g, ctx.constants, node.input[1], ctx.shapes, node.name, 1)
+    if entries is None or len(entries) != len(target):
+        raise Stop(f"Reshape {node.name!r} has a shape whose entries cannot be told")
     after = shape[axis + 1:]
-    if any(d is None for d in after):
-        raise Stop(f"Reshape {node.name!r} of a tensor whose size after the units' axis shape inference cannot tell")
-    inner = int(np.prod(after)) if after else 1
     size = walk.width * walk.block
+    if any(d is None for d in after):  # sizes known at run time only (a detector's grid): the axes before must match
+        before = shape[:axis]
+        b = len(before)
+        known = [e.value if e.value and e.value > 0 else d for e, d in zip(entries, target)]
+        if walk.block != 1 or any(d is None for d in before) or b >= len(known) \
+                or any(d is None for d in known[:b]) or int(np.prod(known[:b])) != int(np.prod(before)):
+            raise Stop(f"Reshape {node.name!r} of a tensor whose size after the units' axis shape inference cannot tell")
+        if known[b] != size:
+            raise Stop(f"Reshape {node.name!r} from {list(shape)} to {known} splits the units' channel axis")
+        follow_entry(walk, node, entries, b, 1)
+        walk.axis_from_end = len(target) - b
+        return outs[:1]
+    inner = int(np.prod(after)) if after else 1
     found = None
     for b in range(len(target) - 1, -1, -1):
         rest = target[b + 1:]
@@ -71,9 +84,6 @@ def reshape(ctx, walk, node, tensor, outs):
     if found is None:
         raise Stop(f"Reshape {node.name!r} from {list(shape)} to {list(target)} splits the units' channel axis")
     b, block = found
-    entries = shape_entries(ctx.g, ctx.constants, node.input[1], ctx.shapes, node.name, 1)
-    if entries is None or len(entries) != len(target):
-        raise Stop(f"Reshape {node.name!r} has a shape whose entries cannot be told")
     follow_entry(walk, node, entries, b, block)
     walk.block, walk.axis_from_end = block, len(target) - b
     return outs[:1]

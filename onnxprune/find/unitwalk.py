@@ -223,6 +223,8 @@ def match_group(ctx: Context, start: Layer) -> list[UnitGroup | Rejected]:
     """The unit groups of ``start``'s output rows, or why there are none: one group, or one per part
     when a Split or Slice divides them (part k is named ``layer[k]``; a part that an earlier part's
     group already holds, as an STFT's imaginary half with its real half, is not walked again)."""
+    if start.out_features == 1:
+        return [Rejected(start.name, start.op, "it has one output unit: removing it removes the layer", True)]
     bounds = [0, start.out_features]
     while True:
         results: list[UnitGroup | Rejected] = []
