@@ -1,29 +1,31 @@
 """Unit groups: the neurons, channels (or features) that must be removed together, found on the graph.
 
 A unit j of a group is output row j of a producer layer (a Gemm/MatMul neuron, a Conv channel). It
-travels through per-channel nodes (activations, PRelu with its slopes, per-channel Mul/Add/Sub/Div,
-inference BatchNormalization, pooling, depthwise Conv, Flatten/Reshape) to the consumer layers that
-read it, where it is one column of a dense layer, a block of columns after a Flatten (one per
-position), or one input channel (a block of kernel taps) of a Conv. Removing unit j means slicing
-every initializer along that path (``Cut``), shrinking depthwise Convs' ``group`` and fixing Reshape
-constants. The walk from a producer is a small matcher per op kind: each either lets the unit
-through (saying what to slice) or stops with the reason the group cannot be coupled safely
-(``Rejected``), which ``inspect`` lists.
+travels through per-unit nodes (activations, per-channel constants, inference BatchNormalization,
+pooling and reductions over other axes, depthwise Convs, and nodes that only move it: Flatten,
+Reshape, Transpose, Squeeze, Concat, Split, Slice, Gather along other axes) to the consumer layers
+that read it: one column of a dense layer, a block of columns after a Flatten, one input channel of
+a Conv. Removing unit j slices every initializer on that path (``Cut``), shrinks depthwise Convs'
+``group`` and makes every shape entry that counts the units follow them (``ShapeEdit``).
 
-Several producers adding into one tensor (a residual stream) share its mask: the walk goes back
-from every join to all of them and forward again from every tensor it reaches. Attention heads are
-matched as a pattern of their own (``match_heads``); the input features of a first dense layer are
-units when asked for (a Slice or a Gather in front of it, see ``slicing``). A grouped Conv reading or
-writing the units splits them into ``lanes`` (its groups), each losing as many. A Concat along the
-channel axis places the units at an ``offset`` among ``width`` channels: each producer keeps its
-own group, and the consumers' columns and any per-channel constant after it are cut at that
-offset. Not coupled (rejected with their reason): a residual join or a depthwise Conv after a
-Concat, Concat along another axis, gating products of two computed tensors, graph outputs,
-quantized weights.
+The couplings are recognised by walking the graph, not by names: where the units meet another
+computed tensor of the same channels (a residual Add; SiLU's x * sigmoid(x), GELU or Mish written
+out; a squeeze-excitation gate; SwiGLU's act(gate) * up), the walk goes back from it to every
+producer writing those channels (they share the group: a residual stream's layers, the SE's last
+layer, a gated FFN's up projection) and forward again. A Split or Slice that takes some of a
+layer's channels one way and some another divides that layer into parts, each a group
+(``layer[k]``); a Concat of the same units twice gives a consumer the units at two offsets. A
+tensor broadcast over the channels may join the units when it does not depend on them (a mask); a
+normalization over them (LayerNormalization, an RMS norm written out) cannot, and neither can a
+graph output: those reasons are ``unavoidable`` and named before any other. Attention heads are
+followed through any layout of their own (``heads``). Constants are read through Constant nodes
+and small constant subgraphs (``constants``). The input features of a first dense layer are units
+when asked for (a Slice or a Gather in front of it, see ``slicing``).
 
-Where each part lives: the records (``Cut``, ``Consumer``, ``UnitGroup``, ``Rejected``) in
-``unitgroups``, the walk (one matcher per op kind) in ``unitwalk``, attention heads in ``heads``;
-this module finds every group of a model.
+Where each part lives: the records in ``unitgroups``; constants and shapes in ``constants``; the
+walk in ``unitwalk`` (its state and per-channel constants in ``unitplace``, one matcher per op kind
+in ``unitsteps`` and ``unitlayout``); attention heads in ``heads`` and ``headlayout``; this module
+finds every group of a model.
 """
 from __future__ import annotations
 
