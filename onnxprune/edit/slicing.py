@@ -171,13 +171,8 @@ def _columns(units: np.ndarray, block: int) -> np.ndarray:
 
 
 def _take(value: np.ndarray, kept: np.ndarray, cut: Cut, units: int) -> np.ndarray:
-    """``value`` with only the ``kept`` units along the cut (per row block for a grouped Conv; the
-    other entries of the axis, before the cut's offset and after its units, all kept)."""
-    if cut.groups == 1:
-        total = value.shape[cut.axis] // cut.block
-        entries = np.concatenate([np.arange(cut.offset), cut.offset + np.asarray(kept, int),
-                                  np.arange(cut.offset + units, total)])
-        return np.take(value, _columns(entries, cut.block), axis=cut.axis)
+    """``value`` with only the ``kept`` units along a grouped Conv's cut: per block of rows, each its
+    own lane of units."""
     lane, rows = units // cut.groups, value.shape[0] // cut.groups
     parts = [np.take(value[g * rows:(g + 1) * rows], _columns(kept[(kept // lane) == g] - g * lane, cut.block), axis=cut.axis)
              for g in range(cut.groups)]
@@ -190,28 +185,36 @@ def slice_units(model: onnx.ModelProto, keep: dict[str, np.ndarray], inputs: str
     new = onnx.ModelProto()
     new.CopyFrom(model)
     groups = find_units(new, inputs=inputs).by_name()
-    for name, kept in keep.items():
-        group = groups[name]
-        kept = np.asarray(kept, int)
-        if len(kept) == group.units:
-            continue
-        if any(c.width for c in group.cuts):  # a Concat: the offsets of the groups beside it move
-            group = find_units(new, inputs=inputs).by_name()[name]
-        store = Store(new)
-        for cut in sorted(group.cuts, key=lambda c: -c.offset):  # the parts of one tensor, last to first
-            store.set(cut.tensor, _take(store.get(cut.tensor), kept, cut, group.units))
+    changed = [(groups[name], np.asarray(kept, int)) for name, kept in keep.items() if len(kept) < groups[name].units]
+    # every cut in the model's own coordinates: the entries of an axis all groups drop go at once, so a
+    # Concat's other groups keep their offsets (a grouped Conv's cut is per block of rows, after)
+    dropped: dict[tuple[str, int], set[int]] = {}
+    per_block = []
+    for group, kept in changed:
+        gone = np.setdiff1d(np.arange(group.units), kept)
+        for cut in group.cuts:
+            if cut.groups == 1:
+                dropped.setdefault((cut.tensor, cut.axis), set()).update(_columns(cut.offset + gone, cut.block).tolist())
+            else:
+                per_block.append((cut, kept, group.units))
+    store = Store(new)
+    for (tensor, axis), entries in dropped.items():
+        store.set(tensor, np.delete(store.get(tensor), sorted(entries), axis=axis))
+    for cut, kept, units in per_block:
+        store.set(cut.tensor, _take(store.get(cut.tensor), kept, cut, units))
+    for group, kept in changed:
         if group.selection:
             _select_inputs(new, group, kept)
         nodes = {n.name: n for n in new.graph.node}
         for node_name in group.group_attributes:
             for attr in nodes[node_name].attribute:
                 if attr.name == "group":
-                    attr.i = len(kept)
+                    attr.i -= group.units - len(kept)
         for edit in group.reshapes:
             edit_shape(new, Store(new), edit, group.units - len(kept))
         for select in group.selects:
             select_units(new, select, kept)
-        declare_inputs(new)  # before the next group is found again: shape inference reads the declarations
+    declare_inputs(new)
     del new.graph.value_info[:]
     return new
 
