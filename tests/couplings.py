@@ -7,7 +7,7 @@ check and runs on onnxruntime."""
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from unitref import removal, replaced
+from unitref import removal, replaced, replaced_all
 
 from onnxprune import runtime
 from onnxprune.edit.slicing import remove_units
@@ -95,9 +95,7 @@ def all_at_once(model, inputs=None, seed=0):
     constants = {g.name: rng.normal(size=g.units) for g in groups}
     shrunk = remove_units(model, removed, constants)
     onnx.checker.check_model(shrunk, full_check=True)
-    reference = model
-    for k, group in enumerate(groups):
-        reference = replaced(reference, group, removed[group.name], constants[group.name], prefix=f"g{k}_")
+    reference = replaced_all(model, groups, removed, constants)
     for given in inputs or [feeds(model)]:
         want = runtime.make_session(reference).run(None, given)
         for a, b in zip(runtime.make_session(shrunk).run(None, given), want):

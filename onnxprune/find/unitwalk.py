@@ -223,8 +223,6 @@ def match_group(ctx: Context, start: Layer) -> list[UnitGroup | Rejected]:
     """The unit groups of ``start``'s output rows, or why there are none: one group, or one per part
     when a Split or Slice divides them (part k is named ``layer[k]``; a part that an earlier part's
     group already holds, as an STFT's imaginary half with its real half, is not walked again)."""
-    if start.out_features == 1:
-        return [Rejected(start.name, start.op, "it has one output unit: removing it removes the layer", True)]
     bounds = [0, start.out_features]
     while True:
         results: list[UnitGroup | Rejected] = []
@@ -250,6 +248,9 @@ def match_group(ctx: Context, start: Layer) -> list[UnitGroup | Rejected]:
             if not search.stops:
                 covered |= {offset for name, offset in search.written if name == start.name}
         if not at:
+            if start.out_features == 1:  # whatever stopped the walk, the one unit can only go with the layer
+                return [Rejected(r.layer, r.op, f"it has one output unit, which cannot go without the layer ({r.reason})",
+                                 True) if isinstance(r, Rejected) else r for r in results]
             return results
         bounds = sorted(set(bounds) | at)
 
