@@ -36,12 +36,15 @@ def fold_constants(model: onnx.ModelProto, groups: list[UnitGroup], removed: dic
     new.CopyFrom(model)
     if constants is None:
         return new
+    found, seen = analyse_graph(new).by_name(), (len(new.graph.node), len(new.graph.initializer))
     for group in groups:
         gone = removed.get(group.name, np.zeros(0, int))
         if not len(gone) or group.name not in constants:
             continue
         for consumer in group.consumers:
-            layer = analyse_graph(new).by_name()[consumer.layer]  # fresh: a fold may have inserted a bias
+            if (len(new.graph.node), len(new.graph.initializer)) != seen:  # a fold inserted a bias or a border map
+                found, seen = analyse_graph(new).by_name(), (len(new.graph.node), len(new.graph.initializer))
+            layer = found[consumer.layer]
             stored = read_initializer(new, layer.weight)
             rows = full_rows(layer, layer.to_rows(stored))
             per_column = np.zeros(rows.shape[1])

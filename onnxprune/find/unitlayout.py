@@ -82,11 +82,19 @@ def reshape(ctx, walk, node, tensor, outs):
             found = (b, inner)  # the units' axis and every axis after it merged: a Flatten
             break
     if found is None:
-        raise Stop(f"Reshape {node.name!r} from {list(shape)} to {list(target)} splits the units' channel axis")
+        raise Stop(f"Reshape {node.name!r} from {list(shape)} to {list(target)} splits the units' channel axis"
+                   + (" (a channel shuffle: its groups must keep equal counts)" if _shuffles(ctx, node, axis) else ""))
     b, block = found
     follow_entry(walk, node, entries, b, block)
     walk.block, walk.axis_from_end = block, len(target) - b
     return outs[:1]
+
+
+def _shuffles(ctx, node, axis) -> bool:
+    """Whether Reshape ``node`` splits channel axis ``axis`` in two that a Transpose then swaps (ShuffleNet)."""
+    readers = ctx.g.consumers[node.output[0]]
+    perm = list(attributes(readers[0]).get("perm", [])) if len(readers) == 1 and readers[0].op_type == "Transpose" else []
+    return len(perm) > axis + 1 and perm[axis] == axis + 1 and perm[axis + 1] == axis
 
 
 def follow_entry(walk, node, entries, b, per_unit) -> None:
