@@ -320,31 +320,51 @@ def _rejected(model):
     return {r.layer: r.reason for r in find_units(model).rejected}
 
 
-def test_unsafe_couplings_are_rejected_with_their_reason():
+def test_what_cannot_go_is_rejected_with_its_reason():
     n = helper.make_node
     from_input = _model([n("Gemm", ["x", "W0", "b0"], ["a0"], name="fc0", transB=1), n("Add", ["a0", "x"], ["s"]),
                          n("Gemm", ["s", "W2"], ["y"], name="fc2", transB=1)],
                         [_w("W0", 5, 5), _w("b0", 5), _w("W2", 3, 5)], ["N", 5], ["N", 3])
     reasons = _rejected(from_input)
     assert "graph input" in reasons["fc0"] and "graph output" in reasons["fc2"]
-    gated = _model([n("Gemm", ["x", "W0"], ["a0"], name="fc0", transB=1), n("Gemm", ["x", "W1"], ["a1"], name="fc1", transB=1),
-                    n("Sigmoid", ["a1"], ["g"]), n("Mul", ["a0", "g"], ["m"]),
-                    n("Gemm", ["m", "W2"], ["y"], name="fc2", transB=1)],
-                   [_w("W0", 4, 5), _w("W1", 4, 5), _w("W2", 3, 4)], ["N", 5], ["N", 3])
-    assert find_units(gated).by_name()["fc0"].producers == ("fc0", "fc1")  # a gated unit: rows of both
-    along_batch = _model([n("Gemm", ["x", "W0"], ["a0"], name="fc0", transB=1),
-                          n("Gemm", ["x", "W1"], ["a1"], name="fc1", transB=1),
-                          n("Concat", ["a0", "a1"], ["c"], axis=0), n("Gemm", ["c", "W2"], ["y"], name="fc2", transB=1)],
-                         [_w("W0", 4, 5), _w("W1", 4, 5), _w("W2", 3, 4)], ["N", 5], ["M", 3])
-    assert find_units(along_batch).by_name()["fc0"].producers == ("fc0", "fc1")  # rows of both batches
-    joined = _model([n("Gemm", ["x", "W0"], ["a0"], name="fc0", transB=1), n("Gemm", ["x", "W1"], ["a1"], name="fc1", transB=1),
-                     n("Concat", ["a0", "a1"], ["c"], axis=1), n("Gemm", ["x", "W3"], ["a3"], name="fc3", transB=1),
-                     n("Add", ["c", "a3"], ["s"]), n("Gemm", ["s", "W2"], ["y"], name="fc2", transB=1)],
-                    [_w("W0", 4, 5), _w("W1", 4, 5), _w("W3", 8, 5), _w("W2", 3, 8)], ["N", 5], ["N", 3])
-    joined_groups = find_units(joined).by_name()  # fc3's rows follow the channels they are added to
-    assert joined_groups["fc0"].producers == ("fc0", "fc3") and joined_groups["fc1"].producers == ("fc1", "fc3")
-    stream = _rejected(build_transformer(width=8, heads=2, ffn=6, blocks=1, patch=4, side=8, classes=3))
-    assert all("LayerNormalization" in stream[name] for name in ("embed", "block1.o", "block1.ffn2"))
+    stream = find_units(build_transformer(width=8, heads=2, ffn=6, blocks=1, patch=4, side=8, classes=3)).rejected
+    why = {r.layer: r for r in stream}
+    assert all(why[name].unavoidable and "the residual stream of LayerNormalization" in why[name].reason
+               for name in ("embed", "block1.o", "block1.ffn2"))
+
+
+def two_producers(join):
+    """fc0 and fc1 of 4 units each joined by ``join``: a gate (fc0 * sigmoid(fc1)), a Concat along the
+    batch, or a Concat along the features added to fc3's 8 outputs; then fc2."""
+    n = helper.make_node
+    nodes = [n("Gemm", ["x", "W0", "b0"], ["a0"], name="fc0", transB=1),
+             n("Gemm", ["x", "W1", "b1"], ["a1"], name="fc1", transB=1)]
+    inits = [_w("W0", 4, 5), _w("b0", 4), _w("W1", 4, 5), _w("b1", 4)]
+    if join == "gate":
+        nodes += [n("Sigmoid", ["a1"], ["g"]), n("Mul", ["a0", "g"], ["m"])]
+        width, out = 4, ["N", 3]
+    elif join == "batch":
+        nodes.append(n("Concat", ["a0", "a1"], ["m"], axis=0))
+        width, out = 4, ["M", 3]
+    else:
+        nodes += [n("Concat", ["a0", "a1"], ["c"], axis=1), n("Gemm", ["x", "W3", "b3"], ["a3"], name="fc3", transB=1),
+                  n("Add", ["c", "a3"], ["m"])]
+        inits += [_w("W3", 8, 5), _w("b3", 8)]
+        width, out = 8, ["N", 3]
+    nodes.append(n("Gemm", ["m", "W2", "b2"], ["y"], name="fc2", transB=1))
+    return _model(nodes, inits + [_w("W2", 3, width), _w("b2", 3)], ["N", 5], out)
+
+
+@pytest.mark.parametrize("join, producers", [("gate", {"fc0": ("fc0", "fc1")}), ("batch", {"fc0": ("fc0", "fc1")}),
+                                             ("features", {"fc0": ("fc0", "fc3"), "fc1": ("fc1", "fc3")})])
+def test_layers_joined_on_the_same_units_share_a_group(join, producers):
+    from couplings import shrinks_to_masked
+
+    model = two_producers(join)
+    groups = find_units(model).by_name()
+    assert {name: groups[name].producers for name in producers} == producers
+    for name in producers:
+        shrinks_to_masked(model, name)
 
 
 def test_inspect_lists_groups_and_rejections():
