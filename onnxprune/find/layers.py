@@ -32,6 +32,8 @@ from onnxprune.find.stored import StoredBias, WeightStep, batchnorm_bias, bias, 
 from onnxprune.graph.index import GraphIndex, Rejection, attributes, fail, name_nodes, read_initializer
 
 KINDS = ("dense", "sequence", "conv")
+BORDER = "__onnxprune_border"  # the Add that holds a padded Conv's folded border (edit.slicing)
+BORDER_CONV = "__conv"          # its Conv of an all-ones image when the map is computed at run time: not a layer
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,8 @@ def analyse_graph(model: onnx.ModelProto) -> GraphLayers:
     found = GraphLayers()
     for node in model.graph.node:
         matcher = MATCHERS.get(node.op_type)
+        if node.name.endswith(BORDER + BORDER_CONV):
+            continue
         if matcher is not None:
             result = matcher(g, node)
         elif node.op_type in LINEAR_OPS:

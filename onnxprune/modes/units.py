@@ -22,7 +22,6 @@ from onnxprune.find.units import find_units
 from onnxprune.io.data import Dataset
 from onnxprune.modes.base import Preset, State
 from onnxprune.modes.weights import fresh
-from onnxprune.prepare.shapes import tensor_shapes
 from onnxprune.score.units import METHODS, UnitScores, make_unit_scorer
 from onnxprune.select.counts import choose_counts, layer_costs, total_macs
 from onnxprune.select.fastpath import conv_channel_block
@@ -143,9 +142,7 @@ class UnitsMode:
 
     def edit(self, state: State, removed: dict[str, np.ndarray], scores: dict[str, UnitScores]) -> State:
         constants = {name: s.constants for name, s in scores.items() if s.constants is not None}
-        one = self.data.subset(1).arrays()
-        model = remove_units(state.model, removed, constants, inputs=self.selection,
-                             measure=lambda names: tensor_shapes(state.model, names, one))
+        model = remove_units(state.model, removed, constants, inputs=self.selection)
         kept = {name: np.delete(index, removed[name]) for name, index in state.carried.items()}
         return State(model, fresh(model, state.layers), self._groups(model), carried=kept)
 
