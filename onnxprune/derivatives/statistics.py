@@ -11,6 +11,7 @@ moments are over samples and positions (the im2col patch values).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -78,22 +79,41 @@ class LayerStatistics:
     def add_shared(self, layer: Layer, g: np.ndarray, z: np.ndarray, scale: float = 1.0, exact: bool = True) -> None:
         """Accumulate a batch of a shared-weight layer: g (batch, R, out, positions) the probes'
         derivatives at the pre-activation (scale 1/R for random probes), z the layer input as the
-        graph has it. Patches are built in chunks of samples so memory stays bounded."""
+        graph has it. Patches are built in chunks of samples so memory stays bounded. As in ``add``,
+        products are float32 for float32 data, on patches shifted by a fixed per-column value c (the
+        first chunk's mean over samples, groups and positions, rounded to float32), and each chunk's
+        sums are added in float64; a chunk beyond float32's range is summed again in float64."""
         n, r, out, positions = g.shape
         per_sample = r * out * positions + 2 * layer.in_features * positions * (layer.conv.groups if layer.conv else 1)
         chunk = max(1, CHUNK_ELEMENTS // max(1, per_sample))
+        dtype = np.float64 if np.float64 in (np.asarray(g).dtype, np.asarray(z).dtype) else np.float32
         for start in range(0, n, chunk):
-            patches = layer_patches(layer, z[start:start + chunk])
+            patches = layer_patches(layer, z[start:start + chunk], dtype)
             if patches.shape[-1] != positions:
                 raise InputError(f"layer {layer.name}: {patches.shape[-1]} input windows but {positions} output "
                                  "positions; its geometry is not understood")
-            with one_blas_thread():  # the same rounding whatever --threads says, as in ``add``
-                accumulate_shared(self, g[start:start + chunk], patches, scale, exact)
-            flat = patches.sum(-1).sum(0)
-            self.sum_z += flat.reshape(self.sum_z.shape)
-            self.sum_z2 += (patches * patches).sum(-1).sum(0).reshape(self.sum_z2.shape)
+            if self.shift is None:
+                mean = patches.mean((0, 1, 3), dtype=np.float64)
+                self.shift = mean.astype(np.float32).astype(np.float64)
+            block = self._shared_block(g[start:start + chunk], patches - self.shift.astype(dtype)[:, None], scale, exact)
+            if not all(np.isfinite(v).all() for v in block):
+                block = self._shared_block(np.asarray(g[start:start + chunk], np.float64),
+                                           patches.astype(np.float64) - self.shift[:, None], scale, exact)
+            self.sum_g += block[0]
+            self.sum_gz += block[1]
+            self.sum_gz2 += block[2]
+            self.sum_z += patches.sum(-1, dtype=np.float64).sum(0).reshape(self.sum_z.shape)
+            self.sum_z2 += np.einsum("ngjt,ngjt->gj", patches, patches, dtype=np.float64).reshape(self.sum_z2.shape)
         self.n += n
         self.count_z += n * positions
+
+    def _shared_block(self, g: np.ndarray, centred: np.ndarray, scale: float, exact: bool) -> tuple[np.ndarray, ...]:
+        """(sum_g, sum_gz, sum_gz2) of one chunk, from patches less the shift."""
+        block = SimpleNamespace(sum_g=np.zeros_like(self.sum_g), sum_gz=np.zeros_like(self.sum_gz),
+                                sum_gz2=np.zeros_like(self.sum_gz2))
+        with one_blas_thread():  # the same rounding whatever --threads says, as in ``add``
+            accumulate_shared(block, g, centred, scale, exact)
+        return block.sum_g, block.sum_gz, block.sum_gz2
 
     @property
     def A(self) -> np.ndarray:
@@ -129,13 +149,13 @@ class LayerStatistics:
         return self._rows(np.maximum(self.sum_z2 / max(self.count_z, 1) - mean**2, 0.0))
 
 
-def layer_patches(layer: Layer, z: np.ndarray) -> np.ndarray:
+def layer_patches(layer: Layer, z: np.ndarray, dtype=np.float64) -> np.ndarray:
     """What each weight of a shared-weight layer multiplies, (batch, groups, in, positions)."""
     z = np.asarray(z)
     if layer.conv is not None:
-        return im2col(z, layer.conv)
+        return im2col(z, layer.conv, dtype)
     n = len(z)
-    return np.asarray(z, np.float64).reshape(n, -1, layer.in_features).transpose(0, 2, 1)[:, None]
+    return np.asarray(z, dtype).reshape(n, -1, layer.in_features).transpose(0, 2, 1)[:, None]
 
 
 def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,
