@@ -11,7 +11,7 @@ from onnxprune import api, runtime
 from onnxprune.derivatives.engines import loss_gradients, output_jacobians
 from onnxprune.derivatives.engines.base import candidates
 from onnxprune.derivatives.statistics import collect_statistics
-from onnxprune.errors import InputError
+from onnxprune.errors import Limitation
 from onnxprune.find.layers import analyse_graph
 from onnxprune.find.outputs import protected_output
 from onnxprune.prepare.shapes import output_shape
@@ -241,7 +241,7 @@ def test_an_op_no_engine_differentiates_is_named_with_its_node():
                    [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
                    {"W": RNG.normal(size=(4, 5)), "b": np.zeros(4), "ratio": np.array(0.5), "train": np.array(True)},
                    ("N", 4))
-    with pytest.raises(InputError, match="no gradient engine can differentiate the model: .*Dropout node 'the_dropout'"):
+    with pytest.raises(Limitation, match="no gradient engine can differentiate the model: .*Dropout node 'the_dropout'"):
         api.prune(model, {"x": RNG.normal(size=(8, 5)).astype(np.float32)}, 0.5)
 
 

@@ -5,7 +5,10 @@ engine (``engines``): exact (one seed per output element) up to EXACT_LIMIT elem
 probes, as many as one sample's activations and derivatives fit the memory budget, up to AUTO_PROBES
 (unbiased at any number). A batch holds as many samples as the tiled derivatives and the memory
 budget allow. ``plan`` makes these choices once per model version; ``DerivativePlan.info`` says what
-was chosen (it goes into every report).
+was chosen (it goes into every report). With an ``Objective`` in the settings (``find.objective``)
+the derivatives are those of the objective tensor on top of the model: every protected output
+batch first and each part weighted by its scale, so the error the sums describe is relative per
+part (``protected``).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import onnx
 
 from onnxprune.derivatives.engines import output_jacobians
 from onnxprune.find.layers import Layer
+from onnxprune.find.objective import Objective
 from onnxprune.graph.index import FLOAT_TYPES, tensor_types
 from onnxprune.io.data import Dataset
 from onnxprune.prepare.shapes import SHAPES, tensor_shapes
@@ -41,6 +45,15 @@ class DerivativeSettings:
     batch_size: int = 256
     provider: str = "cpu"
     threads: int | None = None
+    objective: Objective | None = None  # the protected outputs' parts and scales; None: ``output`` as it is
+
+
+def protected(model: onnx.ModelProto, output: str, objective: Objective | None) -> tuple[onnx.ModelProto, str]:
+    """The model and the tensor whose derivatives are taken: ``objective``'s graph on top of ``model``
+    (see ``find.objective``), or ``model`` and ``output`` when there is none or it is the output itself."""
+    if objective is None:
+        return model, output
+    return objective.graph(model)
 
 
 @dataclass
@@ -104,7 +117,9 @@ def batch_step(model, layers, data, repeats, batch_size, provider, memory_budget
 
 def plan(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str,
          settings: DerivativeSettings) -> DerivativePlan:
-    """The derivatives of ``output`` at ``layers``' pre-activations as ``settings`` ask, on ``model``."""
+    """The derivatives of ``output`` (or of ``settings.objective``) at ``layers``' pre-activations as
+    ``settings`` ask, on ``model``."""
+    model, output = protected(model, output, settings.objective)
     one = data.subset(1).arrays()
     shapes = SHAPES(model, layers, one, settings.provider)
     shape = shapes(model, [output], one, settings.provider)[output]
