@@ -18,6 +18,7 @@ from onnxprune import runtime
 from onnxprune.check.timing import select_inputs
 from onnxprune.find.objective import ElementMoments, OutputPart, batch_first, find_parts, output_batch_axes
 from onnxprune.find.outputs import protected_outputs
+from onnxprune.graph.passes import free_batch_copy
 from onnxprune.io.data import Dataset
 
 STILL = 1e-6  # an element whose variance falls below this fraction of its reference variance stopped varying
@@ -83,7 +84,7 @@ def compare_outputs(model: onnx.ModelProto, reference: onnx.ModelProto, data: Da
         parts, _ = find_parts(reference, outputs, axes, data.subset(1).inputs(), provider)
     rows = [OutputPart(name) for name in outputs]
     rows += [part for part in parts if part.stop is not None]
-    sessions = [runtime.tensor_session(m, outputs, provider, threads) for m in (model, reference)]
+    sessions = [runtime.tensor_session(free_batch_copy(m), outputs, provider, threads) for m in (model, reference)]
     sums = {name: _OutputSums() for name in outputs}
     for feeds, _ in data.batches(batch_size):
         mine = sessions[0].run(outputs, select_inputs(feeds, kept_inputs or {}))

@@ -10,6 +10,8 @@ moments are over samples and positions (the im2col patch values).
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -171,7 +173,7 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Datase
     derivatives = plan(model, layers, data, output, chosen)
     stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
     with blas_threads(chosen.threads):
-        _accumulate(derivatives, layers, data, stats, shared, progress)
+        _accumulate(derivatives, layers, data, stats, shared, progress, chosen.threads or os.cpu_count() or 1)
     if all(not np.any(st.sum_g) for st in stats.values()):
         raise InputError(f"the derivative of {output!r} is zero at every layer (a piecewise-constant op such as "
                          "Round, Sign or ArgMax lies on the way?); protect a tensor before it with --output")
@@ -180,20 +182,28 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Datase
     return stats
 
 
-def _accumulate(derivatives: DerivativePlan, layers, data, stats, shared, progress) -> None:
-    """Add every batch of ``data`` to ``stats``: G in the runtime's float type, products in ``add``."""
+def _accumulate(derivatives: DerivativePlan, layers, data, stats, shared, progress, workers: int = 1) -> None:
+    """Add every batch of ``data`` to ``stats``: G in the runtime's float type, products in ``add``.
+    The shared-weight layers' sums (the costly part) run on ``workers`` threads, a layer per thread
+    with one BLAS thread each: every layer's sums are computed alone and in the same order, so the
+    bytes are the same for any number of threads."""
     jac, shape = derivatives.jac, derivatives.shape
-    for feeds in derivatives.batches(data, progress):
-        squares, inputs = jac.squares(feeds, shape)
-        for layer in layers:
-            g = squares[layer.name]
-            if layer.shared:
-                stats[layer.name].add_shared(layer, g, inputs[layer.name], jac.scale, exact=shared == "exact")
-                continue
-            if not np.isfinite(g).all():  # beyond float32's range: square the rows in float64
-                rows = jac.rows(feeds, shape)[0][layer.name][..., 0].astype(np.float64)
-                g = np.einsum("sro,sro->so", rows, rows) * jac.scale
-            stats[layer.name].add(g, inputs[layer.name])
+    sharing = [layer for layer in layers if layer.shared]
+    with ThreadPoolExecutor(max(1, min(workers, len(sharing)))) as pool, one_blas_thread():
+        for feeds in derivatives.batches(data, progress):
+            squares, inputs = jac.squares(feeds, shape)
+            pending = [pool.submit(stats[layer.name].add_shared, layer, squares[layer.name], inputs[layer.name], jac.scale,
+                                   shared == "exact") for layer in sharing]
+            for layer in layers:
+                if layer.shared:
+                    continue
+                g = squares[layer.name]
+                if not np.isfinite(g).all():  # beyond float32's range: square the rows in float64
+                    rows = jac.rows(feeds, shape)[0][layer.name][..., 0].astype(np.float64)
+                    g = np.einsum("sro,sro->so", rows, rows) * jac.scale
+                stats[layer.name].add(g, inputs[layer.name])
+            for done in pending:
+                done.result()
 
 
 def collect_loss_gradients(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,

@@ -263,7 +263,7 @@ def measure_objective(model: onnx.ModelProto, data: Dataset, output: str | list[
     axes = {name: int(found[name] or 0) for name in outputs}
     parts, shapes = find_parts(model, outputs, axes, one, provider)
     moments = {name: ElementMoments() for name in outputs}
-    session = runtime.tensor_session(model, outputs, provider, threads)
+    session = runtime.tensor_session(free_batch_copy(model), outputs, provider, threads)
     for feeds, _ in data.batches(batch_size):
         for name, value in zip(outputs, session.run(outputs, feeds)):
             moments[name].add(batch_first(np.asarray(value), axes[name]))
