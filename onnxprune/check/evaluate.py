@@ -15,13 +15,14 @@ from onnxprune.check.timing import measure_latency
 from onnxprune.derivatives.plan import MEMORY_BUDGET, sample_bytes
 from onnxprune.errors import CheckFailed, InputError
 from onnxprune.find.outputs import output_kind, scored_output
+from onnxprune.graph.passes import free_batch_copy
 from onnxprune.io.data import Dataset
 
 
 def predict(model: onnx.ModelProto, data: Dataset, output: str, provider: str = "cpu", batch_size: int = 1024,
             threads: int | None = None) -> tuple[np.ndarray, float]:
     """All values of tensor ``output`` over ``data``, and the seconds the runs took."""
-    session = runtime.tensor_session(model, [output], provider, threads)
+    session = runtime.tensor_session(free_batch_copy(model), [output], provider, threads)
     chunks, seconds = [], 0.0
     for feeds, _ in data.batches(batch_size):
         start = time.perf_counter()

@@ -81,7 +81,7 @@ def validate(model: onnx.ModelProto, data: Dataset | None = None) -> None:
         raise CheckFailed(f"the pruned model fails onnx.checker: {str(exc).splitlines()[0]}") from None
     if data is not None:
         try:
-            values = runtime.make_session(model).run(None, data.subset(8).inputs())
+            values = _run_few(model, data)
         except runtime.RuntimeUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types
@@ -90,3 +90,13 @@ def validate(model: onnx.ModelProto, data: Dataset | None = None) -> None:
         for value in values:
             if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.all(np.isfinite(value)):
                 raise CheckFailed("the pruned model produces NaN or Inf on the calibration data")
+
+
+def _run_few(model: onnx.ModelProto, data: Dataset) -> list:
+    """Every output of ``model`` on 8 samples (its batch freed: exporters fix it to the example's), or
+    on the batch its inputs declare where the graph itself cannot take 8 (a Reshape to batch 1)."""
+    try:
+        return runtime.make_session(free_batch_copy(model)).run(None, data.subset(8).inputs())
+    except Exception:  # noqa: BLE001 - onnxruntime's exception types: try the model as declared
+        feeds = few_samples(model, data)
+        return runtime.make_session(model).run(None, feeds if feeds is not None else data.subset(8).inputs())
