@@ -110,7 +110,9 @@ def run_model(name: str, entry: dict, corpus: Path, args, folder: Path) -> dict:
     test = as_dataset(dict(np.load(test_path)), dense)
     objective = measure_objective(dense, as_dataset(calib_arrays, dense).per_sample())
     weights = None
-    result = {"model": name, "wheel": entry.get("wheel"), "calib": args.calib, "test": args.test,
+    command = portable_command(["python", "scripts/wheel_models.py", *args.argv])
+    result = {"model": name, "wheel": entry.get("wheel"), "calib": args.calib, "test": args.test, "command": command,
+              "date": time.strftime("%Y-%m-%d"),
               "outputs": list(objective.outputs), "parts": [p.name for p in objective.parts], "rows": {}}
     for key in args.rows:
         label, params = ROWS[key]
@@ -154,15 +156,17 @@ def fmt(value) -> str:
     return "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def report(results: list[dict], command: str, args) -> str:
+def report(results: list[dict], args) -> str:
     lines = ["# Pretrained wheel models: the relative output error at 50%", "",
-             f"Recorded by `{command}` on {time.strftime('%Y-%m-%d')}. Sparsity {args.sparsity:g} of the prunable "
-             f"weights; the first {args.calib} calibration and {args.test} test samples of each model's data; error = "
-             "mean((y - y_ref)^2) / mean((y_ref - mean y_ref)^2) per output and Concat part on the test samples "
-             "(0: the dense model; 1: each element's mean), worst = the largest.", ""]
+             f"Sparsity {args.sparsity:g} of the prunable weights; per model the first calibration and test samples of "
+             "its data (counts below); error = mean((y - y_ref)^2) / mean((y_ref - mean y_ref)^2) per output and "
+             "Concat part on the test samples (0: the dense model; 1: each element's mean), worst = the largest. "
+             "Seconds are wall-clock on a shared 2-core machine (load 10-16): compare them only within a model.", ""]
     for result in results:
         lines += [f"## {result['model']} ({result['wheel']})", "",
-                  f"Protected outputs: {', '.join(result['outputs'])}; parts: {', '.join(result['parts'])}.", ""]
+                  f"Recorded by `{result['command']}` on {result['date']}: {result['calib']} calibration and "
+                  f"{result['test']} test samples. Protected outputs: {', '.join(result['outputs'])}; parts: "
+                  f"{', '.join(result['parts'])}.", ""]
         parts = list(dict.fromkeys(p for row in result["rows"].values() for p in row.get("parts", {})))
         lines.append("| row | worst | " + " | ".join(parts) + " | layers at 100% | sparsity | seconds |")
         lines.append("| --- | --- | " + " | ".join("---" for _ in parts) + " | --- | --- | --- |")
@@ -192,7 +196,7 @@ def findings(result: dict) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", required=True, type=Path)
+    parser.add_argument("--corpus", type=Path, help="the models, their data and MANIFEST.json (not needed with --render)")
     parser.add_argument("--only", nargs="*", default=list(MODELS))
     parser.add_argument("--rows", type=lambda t: t.split(","), default=list(ROWS))
     parser.add_argument("--sparsity", type=float, default=0.5)
@@ -201,19 +205,25 @@ def main(argv=None) -> int:
     parser.add_argument("--onnxsim-python", type=Path, default=ONNXSIM)
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "wheel-models.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "wheel-models.md")
+    parser.add_argument("--render", action="store_true", help="measure nothing: rewrite --out from --json")
     args = parser.parse_args(argv)
+    args.argv = argv if argv is not None else sys.argv[1:]
+    previous = json.loads(args.json.read_text()) if args.json.exists() else {"results": []}
+    if args.render:
+        fileio.write_text(args.out, report(previous["results"], args))
+        return 0
+    if args.corpus is None:
+        parser.error("--corpus is needed to measure")
     manifest = json.loads((args.corpus / "MANIFEST.json").read_text())
     results = []
-    previous = json.loads(args.json.read_text()) if args.json.exists() else {"results": []}
     kept = {r["model"]: r for r in previous["results"] if r["model"] not in args.only}
     with tempfile.TemporaryDirectory(prefix="wheel-models-") as tmp:
         for name in args.only:
             results.append(run_model(name, manifest[name], args.corpus, args, Path(tmp)))
             merged = [kept.get(m) or next((r for r in results if r["model"] == m), None) for m in MODELS]
             merged = [r for r in merged if r is not None]
-            command = portable_command(["python", "scripts/wheel_models.py", *(argv if argv is not None else sys.argv[1:])])
-            fileio.write_json(args.json, {"results": merged, "command": command})
-            fileio.write_text(args.out, report(merged, command, args))
+            fileio.write_json(args.json, {"results": merged})
+            fileio.write_text(args.out, report(merged, args))
     return 0
 
 

@@ -20,10 +20,11 @@ ADJOINT = "__onnxprune_adjoint_"
 
 
 @contextlib.contextmanager
-def _named_adjoints():
+def _named_adjoints(current: dict):
     """onnx-ad's reverse rules, each naming the nodes it emits after the node it differentiates
     (``<node>__onnxprune_adjoint_<k>``), so that an error inside the derivative graph can name the
-    model's node (onnx-ad leaves its nodes unnamed)."""
+    model's node (onnx-ad leaves its nodes unnamed); ``current["node"]`` is the node being
+    differentiated (a rule's refusal names only its op)."""
     from onnx_ad.rules import REVERSE
 
     original = dict(REVERSE)
@@ -31,6 +32,7 @@ def _named_adjoints():
     def named(rule):
         def run(ctx, node, grads):
             builder, start = ctx.b, len(ctx.b.nodes)
+            current["node"] = node
             contributions = rule(ctx, node, grads)
             if ctx.b is builder:
                 for k, emitted in enumerate(builder.nodes[start:]):
@@ -63,13 +65,17 @@ def _name_the_rest(grad: onnx.ModelProto) -> None:
 def reverse_graph(m: onnx.ModelProto, offsets: list[str], seeded: str) -> onnx.ModelProto:
     from onnx_ad import UnsupportedOperator, reverse
 
+    current: dict = {"node": None}
     try:
-        with _named_adjoints():
+        with _named_adjoints(current):
             grad = reverse(m, inputs=offsets, outputs=[seeded], layout="onnx", prefix="onnxprune__adj__")
         _name_the_rest(grad)
         return grad
     except UnsupportedOperator as exc:
-        raise EngineFailure(f"onnx-ad cannot differentiate {_culprit(m, str(exc))}: {_one_line(exc)}") from None
+        node = current["node"]
+        culprit = (f"{node.op_type} node {node.name or node.output[0]!r}" if node is not None and node.op_type in str(exc)
+                   else _culprit(m, str(exc)))
+        raise EngineFailure(f"onnx-ad cannot differentiate {culprit}: {_one_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - onnx-ad raises plain errors on graphs it does not understand
         raise EngineFailure(f"onnx-ad cannot build the derivative graph: {type(exc).__name__}: {_one_line(exc)}") from None
 
