@@ -52,6 +52,7 @@ from onnxprune.io.data import (  # noqa: E402
 )
 from onnxprune.io.npz import read_npz  # noqa: E402
 from onnxprune.pipeline import Pruner  # noqa: E402
+from onnxprune.prepare.analysis import AnalysisCopy  # noqa: E402
 from onnxprune.prepare.shapes import output_shape  # noqa: E402
 
 from studies.zoo import build_mlp  # noqa: E402
@@ -157,6 +158,7 @@ def measure(spec: dict) -> dict:
     if spec["kind"] == "forward":
         pass
     elif spec["kind"] == "fwdbwd":  # one probe: one forward and one backward pass per sample
+        model = AnalysisCopy.of(model).model  # as the pruner sees it: shared biases unshared, Constants read
         layers = analyse_graph(model).layers
         out = protected_output(model)
         shape = output_shape(model, out, data.subset(1).feeds)
@@ -166,8 +168,10 @@ def measure(spec: dict) -> dict:
             for feeds, _ in data.batches(BATCH):
                 jac.rows(feeds, shape)
     elif spec["kind"] in ("ecp", "gradmag"):  # the statistics each scorer asks for, nothing else
+        model = AnalysisCopy.of(model).model
         layers = analyse_graph(model).layers
         out = protected_output(model)
+        extra["layers"] = len(layers)
         if spec["kind"] == "ecp":
             collect_statistics(model, layers, data, out, probes=spec.get("probes"), threads=threads,
                                shared=spec.get("shared", "exact"), engine=spec["engine"])
@@ -231,6 +235,7 @@ def automatic_probes(model, data: Dataset) -> int:
     from onnxprune.derivatives.plan import DerivativeSettings, plan
     from onnxprune.find.layers import analyse_graph as layers_of
 
+    model = AnalysisCopy.of(model).model
     found = plan(model, layers_of(model).layers, data, protected_output(model), DerivativeSettings())
     return found.probes or found.width
 

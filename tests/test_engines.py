@@ -281,14 +281,17 @@ def test_the_command_refuses_to_start_on_a_clobbered_runtime(monkeypatch, tmp_pa
 
 
 def test_many_outputs_switch_to_random_probes_and_say_so():
-    from onnxprune.derivatives.plan import AUTO_PROBES, EXACT_LIMIT
+    from onnxprune.derivatives.plan import AUTO_PROBES, EXACT_LIMIT, PROBE_SAMPLES
 
     from studies.zoo import build_mlp
 
     model = build_mlp((8,), inputs=6, classes=EXACT_LIMIT + 20)
     x = {"x": RNG.normal(size=(16, 6)).astype(np.float32)}
     auto = api.prune(model, x, 0.5).to_dict()["derivatives"]
-    assert auto["probes"] == AUTO_PROBES and auto["exact"] is False and auto["automatic_probes"] is True
+    assert auto["probes"] == PROBE_SAMPLES // 16 and auto["exact"] is False and auto["automatic_probes"] is True
+    few = api.prune(model, {"x": x["x"][:4]}, 0.5).to_dict()["derivatives"]  # P x n >= PROBE_SAMPLES, up to the cap
+    many = api.prune(model, {"x": RNG.normal(size=(600, 6)).astype(np.float32)}, 0.5).to_dict()["derivatives"]
+    assert few["probes"] == AUTO_PROBES and many["probes"] == 1
     chosen = api.prune(model, x, 0.5, probes=3).to_dict()["derivatives"]
     assert chosen["probes"] == 3 and chosen["automatic_probes"] is False
 
@@ -339,7 +342,7 @@ def test_automatic_probes_shrink_when_one_sample_would_not_fit_the_budget():
     from studies.zoo import build_mlp
 
     model = build_mlp((8,), inputs=6, classes=EXACT_LIMIT + 20)
-    x = {"x": RNG.normal(size=(16, 6)).astype(np.float32)}
+    x = {"x": RNG.normal(size=(4, 6)).astype(np.float32)}  # few samples: the rule alone would ask for AUTO_PROBES
     per_sample = sample_bytes(model, x)
     layers = analyse_graph(model).layers
     info = {}
