@@ -14,6 +14,7 @@ output ECP protects by default and of each Concat part of one; "worst" is the la
 - ecp: the default (the relative objective: each output part divided by its calibration spread);
 - ecp, plain squared error: ``objective="absolute"``, the objective before issue 22;
 - ecp + chained refit: ``refit=True`` (the surviving weights re-solved by least squares);
+- ecp, the same fraction in every layer (``scope="layer"``) and ecp without compensation: diagnostics;
 - magnitude: |W|, global;
 - onnxsim SparseGPT / Wanda: onnxsim 0.8.1's ``apply_sparsegpt_pruning`` / ``apply_wanda_pruning``
   at the same sparsity with every calibration sample (one per batch), run by --onnxsim-python; their
@@ -54,6 +55,8 @@ ROWS = {
     "ecp": ("ecp", dict(method="ecp")),
     "ecp-absolute": ("ecp, plain squared error (before)", dict(method="ecp", objective="absolute")),
     "ecp-refit": ("ecp + chained refit", dict(method="ecp", refit=True)),
+    "ecp-layer": ("ecp, the same fraction in every layer", dict(method="ecp", scope="layer")),
+    "ecp-nocomp": ("ecp without compensation", dict(method="ecp", compensation=False)),
     "magnitude": ("magnitude", dict(method="magnitude")),
     "sparsegpt": ("onnxsim SparseGPT", None),
     "wanda": ("onnxsim Wanda", None),
@@ -124,7 +127,8 @@ def run_model(name: str, entry: dict, corpus: Path, args, folder: Path) -> dict:
                 done = pruner.prune(args.sparsity)
                 weights = weights or [layer.weight for layer in pruner.layers_]
                 pruned = done.model
-                row.update(warnings=done.warnings, sparsity=done.sparsity)
+                row.update(warnings=done.warnings, sparsity=done.sparsity,
+                           layers={c.layer: round(c.sparsity, 4) for c in done.layers})
             else:
                 if not args.onnxsim_python.exists():
                     row["not_run"] = f"no onnxsim python at {args.onnxsim_python}"
@@ -198,7 +202,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, help="the models, their data and MANIFEST.json (not needed with --render)")
     parser.add_argument("--only", nargs="*", default=list(MODELS))
-    parser.add_argument("--rows", type=lambda t: t.split(","), default=list(ROWS))
+    parser.add_argument("--rows", type=lambda t: t.split(","), default=[k for k in ROWS if k not in ("ecp-layer", "ecp-nocomp")])
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--calib", type=int, default=64)
     parser.add_argument("--test", type=int, default=64)

@@ -192,3 +192,21 @@ def test_a_failing_derivative_graph_names_the_model_node(monkeypatch):
     monkeypatch.setitem(REVERSE, "Tanh", broken)
     with pytest.raises(Limitation, match="in the derivative of Tanh node 'act'"):
         api.prune(detector(), {"x": X}, 0.5, engine="adjoint")
+
+
+def test_the_label_free_budget_works_for_structured_pruning(tmp_path):
+    """--structured: whole units of the trunk go; every point's calibration error is measured and the
+    budget picks the largest ratio whose relative error (worst part) is within it."""
+    path = write(tmp_path, detector(hidden=32), calib=X)
+    res = CliRunner().invoke(main, ["prune", path, "--dry-run", "--structured", "--data", str(tmp_path / "calib.npz"),
+                                    "--ratios", "0.1,0.3,0.6,0.9", "--max-output-error", "0.2", "--json", "-"])
+    assert res.exit_code in (0, 1), res.output
+    report = json.loads(res.stdout)
+    assert report["mode"] == "units" and report["max_output_error"] == 0.2
+    assert all(p["calibration_error"] is not None for p in report["points"])
+    kept = None
+    for point in report["points"]:  # the largest ratio with every smaller one within the budget
+        if point["calibration_error"] > 0.2:
+            break
+        kept = point["ratio"]
+    assert report["best_ratio"] == kept and (res.exit_code == 1) == (kept is None)
