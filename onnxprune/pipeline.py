@@ -15,12 +15,14 @@ import numpy as np
 import onnx
 
 from onnxprune import runtime
+from onnxprune.check.relative import compare_outputs, damage_warnings, emptied_layers
 from onnxprune.check.timing import select_inputs
 from onnxprune.check.validate import check_finite_weights, check_runs, few_samples, per_sample, validate
 from onnxprune.derivatives.plan import MEMORY_BUDGET, DerivativeSettings
 from onnxprune.errors import InputError
 from onnxprune.find.inventory import find_layers
-from onnxprune.find.outputs import protected_output, reaching
+from onnxprune.find.objective import measure_objective
+from onnxprune.find.outputs import reaching
 from onnxprune.io.data import as_dataset
 from onnxprune.io.models import as_model
 from onnxprune.modes.base import State
@@ -28,6 +30,7 @@ from onnxprune.modes.units import UnitsMode
 from onnxprune.modes.weights import METHOD_NAMES as WEIGHT_METHODS
 from onnxprune.modes.weights import PRESETS, WeightsMode
 from onnxprune.prepare.analysis import AnalysisCopy, BatchFirstInputs, FoldFixedInputs, declared_shapes_for
+from onnxprune.prepare.pads import explicit_pads_for
 from onnxprune.repair.base import NONE, Compose, LayerRefit, Repair
 from onnxprune.repair.lstsq import HOLDOUT_EVERY
 from onnxprune.repair.refit import Refit
@@ -64,6 +67,9 @@ class PruneResult:
     heldout_error: float | None = None  # a fallback's judge: E||y - y_dense||^2 on the held-out calibration fifth
     fell_back: bool = False             # the one-shot model was kept (its held-out error was the lower)
     kept_inputs: dict[str, list[int]] = field(default_factory=dict)  # units with --prune-inputs: the features to feed
+    protected_outputs: list[str] = field(default_factory=list)  # every protected output (``protected_output``: the first)
+    output_error: dict | None = None    # relative error per protected output and part on the calibration data (check.relative)
+    warnings: list[str] = field(default_factory=list)  # damage the pruning did: layers emptied, outputs that stopped varying
 
     @property
     def sparsity(self) -> float:
@@ -90,6 +96,7 @@ class PruneResult:
                 "fell_back": self.fell_back, "engine": self.engine, "derivatives": self.derivatives,
                 "seconds": self.seconds, "skipped": [asdict(s) for s in self.skipped], "excluded": self.excluded,
                 "kept_inputs": self.kept_inputs, "inputs_changed": bool(self.kept_inputs),
+                "protected_outputs": self.protected_outputs, "output_error": self.output_error, "warnings": self.warnings,
                 self.mode: {**self.summary, "layers": [asdict(c) for c in self.layers]}}
 
 
@@ -116,7 +123,8 @@ class Pruner:
                  labels_key: str | None = None, provider: str = "cpu", threads: int | None = None,
                  force: bool = False, steps: int | None = None, refit: bool | None = None, chained: bool = True,
                  g_weighted: bool = False, conv_statistics: str = "exact", engine: str = "auto",
-                 memory_budget: int = MEMORY_BUDGET, progress: Callable[[str, int, int], None] | None = None):
+                 memory_budget: int = MEMORY_BUDGET, progress: Callable[[str, int, int], None] | None = None,
+                 output_axes: dict[str, int] | None = None, objective: str = "relative"):
         self.method, self.structured, self.macs, self.multiple, self.inputs = method, structured, macs, multiple, inputs
         self.compensation, self.scope, self.exclude = compensation, scope, tuple(exclude)
         self.seed, self.output, self.probes, self.batch_size = seed, output, probes, batch_size
@@ -124,6 +132,7 @@ class Pruner:
         self.schedule, self.repair = schedule, repair
         self.steps, self.refit, self.chained, self.g_weighted = steps, refit, chained, g_weighted
         self.conv_statistics, self.engine, self.memory_budget = conv_statistics, engine, memory_budget
+        self.output_axes, self.objective = dict(output_axes or {}), objective
 
     def _plan(self):
         """(strategy, scorer, schedule, repair, fallback): the method's preset, unless given."""
@@ -173,18 +182,30 @@ class Pruner:
         shapes = declared_shapes_for(self.model_, self.data_.subset(1).arrays(), self.provider)
         if shapes is not None:  # ranks shape inference cannot tell (dynamic H/W): measured on one sample
             self.analysis_.apply(shapes)
+        pads = explicit_pads_for(self.model_, self.data_.subset(1).arrays(), self.provider)
+        if pads is not None:  # auto_pad SAME pooling: the pads it means at the data's size, written out
+            self.analysis_.apply(pads)
         found = find_layers(self.model_)
         self.all_layers_, self.skipped_ = found.layers, list(found.skipped)
         check_finite_weights(self.model_, self.all_layers_)
-        self.output_ = protected_output(self.model_, self.output)
-        layers, unreached = reaching(self.model_, self.all_layers_, self.output_)
+        # The outputs and their parts, each measured in its own scale (find.objective): the error the
+        # statistics describe is relative per part, so no small-valued part is free to destroy.
+        if self.objective not in ("relative", "absolute"):
+            raise InputError(f"objective must be 'relative' or 'absolute', got {self.objective!r}")
+        self.objective_ = measure_objective(self.model_, self.data_, self.output, self.output_axes, self.provider,
+                                            self.threads, self.batch_size)
+        if self.objective == "absolute":  # the plain squared error of the outputs (what ECP minimised before)
+            self.objective_ = self.objective_.absolute()
+        self.outputs_ = list(self.objective_.outputs)
+        self.output_ = self.outputs_[0]
+        layers, unreached = reaching(self.model_, self.all_layers_, self.outputs_)
         self.layers_, folded = per_sample(self.model_, layers, self.data_, self.provider)
         self.skipped_ += unreached + folded
         if not self.layers_:
             raise InputError(f"no prunable layer reaches the protected output {self.output_!r}; choose one with --output")
         self.skipped_ += self.mode_.find(self.model_, self.layers_, self.output_, self.all_layers_, self.data_)
         self.settings_ = DerivativeSettings(self.probes, self.seed, self.engine, self.memory_budget, self.batch_size,
-                                            self.provider, self.threads)
+                                            self.provider, self.threads, self.objective_)
         self.seconds_: dict[str, float] = {}
         self.dense_ = self.mode_.begin(self.model_, self.layers_)
         self.scores_ = self._score(self.dense_)
@@ -229,7 +250,7 @@ class Pruner:
         repairable, _ = self.mode_.to_repair(self.dense_)
         run = self.repair_.start(self.model_, repairable if self.mode_.masked else self.layers_, self.data_,
                                  self.output_, batch_size=self.batch_size, provider=self.provider, threads=self.threads,
-                                 progress=self._progress("refit"), masked=self.mode_.masked)
+                                 progress=self._progress("refit"), masked=self.mode_.masked, objective=self.objective_)
         results: list[PruneResult] = []
         refits: list[LayerRefit] = []
         for step, target in enumerate(targets):
@@ -256,12 +277,22 @@ class Pruner:
     def _result(self, state: State, scores, selection, target: float, steps: int, refits) -> PruneResult:
         layers, summary = self.mode_.report(self.dense_, state, scores, selection, self.data_,
                                             repaired=steps > 1 or self.repair_ is not NONE)
+        error, warnings = self._damage(state.model, layers)
         return PruneResult(
             model=state.model, mode=self.mode_.name, method=self.method, scope=self.scope, target=target,
             protected_output=self.output_, layers=layers, summary=summary, skipped=self.skipped_,
             excluded=[layer.name for layer in state.layers if excluded(layer, self.exclude)],
             repair=self.repair_.name, steps=steps, refits=refits, seconds=dict(self.seconds_), engine=self.engine_,
-            derivatives=self.derivatives_)
+            derivatives=self.derivatives_, protected_outputs=self.outputs_, output_error=error, warnings=warnings)
+
+    def _damage(self, model: onnx.ModelProto, layers: list) -> tuple[dict, list[str]]:
+        """The relative error of every protected output and part on the calibration data, and a warning
+        for every layer left without a weight and every part with values that stopped varying."""
+        objective = self.objective_
+        error = compare_outputs(model, self.model_, self.data_, list(objective.outputs), axes=objective.axes,
+                                parts=list(objective.parts), provider=self.provider, threads=self.threads,
+                                batch_size=self.batch_size)
+        return error, emptied_layers(layers) + damage_warnings(error)
 
     def _own_form(self, result: PruneResult) -> PruneResult:
         """``result`` with the source's own form back (Constants, shared tensors, fixed inputs; see
@@ -297,8 +328,9 @@ class Pruner:
         validate(one_shot_state.model, self.data_)
         layers, summary = self.mode_.report(self.dense_, one_shot_state, self.scores_, selection, self.data_,
                                             repaired=False)
+        measured, warnings = self._damage(one_shot_state.model, layers)
         return replace(result, model=one_shot_state.model, layers=layers, summary=summary, refits=[], steps=1,
-                       fell_back=True, heldout_error=one_shot_error)
+                       fell_back=True, heldout_error=one_shot_error, output_error=measured, warnings=warnings)
 
     def _progress(self, step: str):
         return (lambda done, total: self.progress(step, done, total)) if self.progress else None

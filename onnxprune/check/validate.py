@@ -11,6 +11,7 @@ from onnxprune import runtime
 from onnxprune.errors import CheckFailed, InputError
 from onnxprune.find.layers import Layer, Skipped
 from onnxprune.graph.index import read_initializer
+from onnxprune.graph.passes import free_batch_copy
 from onnxprune.io.data import Dataset, declared_batch, model_inputs
 
 
@@ -48,7 +49,7 @@ def per_sample(model: onnx.ModelProto, layers: list[Layer], data: Dataset, provi
         return layers, []
     try:
         two = {name: np.asarray(value) for name, value in data.subset(2).feeds.items()}
-        values = runtime.run_tensors(model, two, [layer.preact for layer in layers], provider)
+        values = runtime.run_tensors(free_batch_copy(model), two, [layer.preact for layer in layers], provider)
     except Exception:  # noqa: BLE001 - the statistics will name what fails
         return layers, []
     kept, skipped = [], []
@@ -91,3 +92,5 @@ def validate(model: onnx.ModelProto, data: Dataset | None = None) -> None:
         for value in values:
             if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.all(np.isfinite(value)):
                 raise CheckFailed("the pruned model produces NaN or Inf on the calibration data")
+
+

@@ -133,12 +133,14 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     """A model of the same graph whose large float initializers are graph inputs of their shape and type."""
     copy = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
     copy.opset_import.extend(model.opset_import)
+    copy.functions.extend(model.functions)
     graph, source = copy.graph, model.graph
     graph.name = source.name
     graph.node.extend(source.node)
     graph.input.extend(source.input)
     graph.output.extend(source.output)
     graph.value_info.extend(source.value_info)
+    graph.sparse_initializer.extend(source.sparse_initializer)
     declared = {vi.name for vi in source.input}
     for tensor in source.initializer:
         if _kept_whole(tensor):

@@ -39,6 +39,7 @@ from onnx import numpy_helper
 
 from onnxprune import runtime
 from onnxprune.derivatives.engines import output_jacobians
+from onnxprune.derivatives.plan import protected
 from onnxprune.find.layers import Layer, analyse_graph
 from onnxprune.graph.index import read_initializer, tensor_types
 from onnxprune.io.data import Dataset
@@ -211,15 +212,16 @@ class RefitRun:
 
     def __init__(self, spec: Refit, dense: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,
                  batch_size: int = 256, provider: str = "cpu", threads: int | None = None,
-                 progress: Callable[[int, int], None] | None = None, masked: bool = True):
+                 progress: Callable[[int, int], None] | None = None, masked: bool = True, objective=None):
         self.spec, self.dense, self.data, self.output, self.masked = spec, dense, data, output, masked
+        self.objective = objective  # the protected outputs' parts and scales (find.objective), for the G-weighting
         self.batch_size, self.provider, self.threads, self.progress = batch_size, provider, threads, progress
         self.targets = _DenseTargets(dense, layers, provider, threads)
         self.network: _Network | None = None
         self.dense_network: _Network | None = None
         self.fixed: dict[tuple, tuple[Moments, Moments]] = {}  # moments whose inputs never change, per shape
         self.damping: dict[str, float] = {}
-        self.shape = output_shape(dense, output, data.feeds, provider) if spec.g_weighted else None
+        self.shape = output_shape(*protected(dense, output, objective), data.feeds, provider) if spec.g_weighted else None
 
     def _session(self, model: onnx.ModelProto, layers: list[Layer]) -> _Network:
         if self.network is None or self.network.key != structure_key(model):
@@ -252,7 +254,8 @@ class RefitRun:
         jac = None
         if weighted:
             width = int(np.prod(self.shape)) if self.shape else 1
-            jac = output_jacobians(model, layers, self.output, width, provider=self.provider, threads=self.threads)
+            target, name = protected(model, self.output, self.objective)
+            jac = output_jacobians(target, layers, name, width, provider=self.provider, threads=self.threads)
         reports, inserted = [], True
         for done, name in enumerate(names):
             if inserted:  # fresh: a written bias may have been inserted

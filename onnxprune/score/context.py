@@ -77,7 +77,7 @@ class ScoringContext:
                 self.model, self.layers, self.data, self.output, shared=self.conv_statistics,
                 progress=self._report("statistics"), info=self.derivatives, probes=s.probes, seed=s.seed,
                 engine=s.engine, memory_budget=s.memory_budget, batch_size=s.batch_size, provider=s.provider,
-                threads=s.threads))
+                threads=s.threads, objective=s.objective))
         return self._statistics
 
     def loss_gradients(self) -> dict[str, np.ndarray]:
@@ -104,7 +104,7 @@ class ScoringContext:
                 self.model, self.groups, by_name, self.data, self.output, jacobians=jacobians,
                 progress=self._report("statistics"), info=self.derivatives if jacobians else None, probes=s.probes,
                 seed=s.seed, engine=s.engine, memory_budget=s.memory_budget, batch_size=s.batch_size,
-                provider=s.provider, threads=s.threads))
+                provider=s.provider, threads=s.threads, objective=s.objective))
         return self._unit_statistics[jacobians]
 
     def producer_rows(self, group: UnitGroup) -> np.ndarray | None:
