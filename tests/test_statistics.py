@@ -2,11 +2,13 @@
 import numpy as np
 import pytest
 
+from onnxprune.check.validate import per_sample
 from onnxprune.derivatives.statistics import collect_loss_gradients, collect_statistics
 from onnxprune.find.layers import analyse_graph
 from onnxprune.find.outputs import protected_output
 from onnxprune.io.data import Dataset
 
+from engines import AVAILABLE
 from tinynets import data, mlp
 
 
@@ -98,3 +100,28 @@ def test_loss_gradients_match_finite_differences_of_the_cross_entropy():
             down[l][0][idx] -= eps
             num[idx] = (loss(up) - loss(down)) / (2 * eps)
         np.testing.assert_allclose(got[layer.name], num, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", AVAILABLE)
+@pytest.mark.parametrize("shared", ["exact", "positions"])
+def test_a_folded_gemms_statistics_equal_those_of_the_same_weights_as_a_rank3_matmul(engine, shared):
+    """GPT-2's Conv1D exports fold (batch, sequence) into a Gemm's rows: once the rows are grouped by
+    sample, its sums are those of the rank-3 MatMul + Add of the same weights (checked against finite
+    differences in test_conv), with the cross-position terms (``exact``) or without (``positions``)."""
+    from tinylm import tokens, two_layers
+
+    x = Dataset({"x": tokens(23)})
+    sums = {}
+    for folded in (True, False):
+        model = two_layers(folded=folded)
+        layers = analyse_graph(model).layers
+        assert [layer.kind for layer in layers] == (["folded"] * 2 if folded else ["sequence"] * 2)
+        kept, skipped = per_sample(model, layers, x)
+        assert kept == layers and not skipped
+        sums[folded] = collect_statistics(model, layers, x, "logits", shared=shared, batch_size=5, engine=engine)
+    for name in ("l1", "l2"):
+        got, want = sums[True][name], sums[False][name]
+        assert got.n == want.n == 23
+        for field in ("A", "B", "C", "mean_z", "var_z"):
+            np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-5,
+                                       atol=1e-6 * np.abs(getattr(want, field)).max(), err_msg=f"{name}.{field}")
