@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import helper, numpy_helper
 
 from onnxprune.check.validate import per_sample
@@ -49,3 +50,62 @@ def test_a_fold_that_is_not_sample_major_is_skipped_with_its_reason():
     kept, skipped = per_sample(model, layers, Dataset({"x": tokens(4)}))
     assert [layer.name for layer in kept] == ["l2"]
     assert [s.node for s in skipped] == ["l1"] and "not sample by sample" in skipped[0].reason
+
+
+def _output_error(model, pruned, x):
+    from onnxprune import runtime
+
+    dense = runtime.make_session(model).run(None, {"x": x})[0].astype(np.float64)
+    after = runtime.make_session(pruned).run(None, {"x": x})[0].astype(np.float64)
+    return float(((after - dense) ** 2).reshape(len(x), -1).sum(1).mean())
+
+
+def test_the_compensation_of_a_key_projection_is_guarded_and_its_weights_are_not_free():
+    """A shift of every key is invisible through the softmax, so the key bias's C_i is rounding noise:
+    no shift is written for those rows, and removing a key weight scores its uncompensated error,
+    which a real removal measures (for small weights the first-order error is the whole error)."""
+    from onnxprune import runtime
+    from onnxprune.edit.rewrite import rewrite
+    from onnxprune.score.context import ScoringContext
+    from onnxprune.score.weights import ECP
+
+    from tinylm import attention
+
+    model, x = attention(), tokens(40, seq=5, features=6)
+    shifted = onnx.ModelProto()
+    shifted.CopyFrom(model)
+    bias = next(t for t in shifted.graph.initializer if t.name == "k.bias")
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 3.0, "k.bias"))
+    assert _output_error(model, shifted, x) < 1e-9  # the premise: the key bias is invisible
+    layers = analyse_graph(model).layers
+    ctx = ScoringContext(model=model, layers=layers, data=Dataset({"x": x}), output="logits")
+    saliency = ECP()(ctx)
+    key = next(layer for layer in layers if layer.name == "k_proj")
+    stats, w = ctx.statistics()[key.name], ctx.weights[key.name]
+    assert np.all(stats.C < 1e-10 * stats.C_positions)
+    np.testing.assert_array_equal(saliency[key.name].shifts, 0.0)
+    np.testing.assert_allclose(saliency[key.name].scores, w * w * stats.A, rtol=1e-12)
+    for index in [(0, 1), (3, 4), (5, 0)]:  # a hundredth of the weight removed: the first order is the whole error
+        nudged = onnx.ModelProto()
+        nudged.CopyFrom(model)
+        weight = next(t for t in nudged.graph.initializer if t.name == key.weight)
+        stored = numpy_helper.to_array(weight).copy()
+        stored[index[::-1]] *= 0.99
+        weight.CopyFrom(numpy_helper.from_array(stored, key.weight))
+        assert _output_error(model, nudged, x) == pytest.approx(1e-4 * saliency[key.name].scores[index], rel=0.02)
+    masks = {layer.name: np.zeros((layer.out_features, layer.in_features), bool) for layer in layers}
+    masks[key.name][:, ::2] = True
+    _, changes = rewrite(model, layers, masks, {k: s.shifts for k, s in saliency.items()})
+    assert changes[[c.layer for c in changes].index(key.name)].max_bias_shift == 0.0
+    assert runtime  # the sessions above ran on onnxruntime
+
+
+def test_no_written_bias_leaves_float16s_range_on_a_gpt2_export(tmp_path):
+    """GPT-2's fused q/k/v Gemm: the key rows' C_i is noise; ECP at 50% writes shifts the size of the
+    dense biases' scale, not the 1e5 the division by noise gave."""
+    import onnxprune
+
+    result = onnxprune.prune(onnx.load(REAL / "hf_gpt2_tiny_lm.onnx"), gpt2_tokens(24), 0.5, probes=4)
+    assert len(result.layers) == 9  # the 8 block Gemms and the LM head
+    assert max(c.max_bias for c in result.layers) < 1.0
+    assert max(c.max_bias_shift for c in result.layers) < 1.0

@@ -63,11 +63,15 @@ def _add_block(sums, rows: slice, gg: np.ndarray, zt: np.ndarray, scale: float, 
         sums.sum_gz2[rows] += scale * (u * u).sum((0, 1))
         sums.sum_gz[rows] += scale * (u * v[..., None]).sum((0, 1))
         sums.sum_g[rows] += scale * (v * v).sum((0, 1))
+        if getattr(sums, "sum_g_positions", None) is not None:
+            sums.sum_g_positions[rows] += scale * (gg * gg).sum((0, 1, 3))
     else:
         big_g = scale * (gg * gg).sum(1)                                  # (n, rows, T)
         sums.sum_gz2[rows] += np.matmul(big_g, zt * zt).sum(0)
         sums.sum_gz[rows] += np.matmul(big_g, zt).sum(0)
         sums.sum_g[rows] += big_g.sum((0, 2))
+        if getattr(sums, "sum_g_positions", None) is not None:
+            sums.sum_g_positions[rows] += big_g.sum((0, 2))
 
 
 def shared_loss_gradient(g: np.ndarray, patches: np.ndarray) -> np.ndarray:

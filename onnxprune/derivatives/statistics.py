@@ -44,13 +44,15 @@ class LayerStatistics:
     sum_z2: np.ndarray      # like sum_z
     count_z: int = 0        # values summed in sum_z per entry (samples x positions)
     shift: np.ndarray | None = None  # c (in,), set by the first ``add``; None: c = 0
+    sum_g_positions: np.ndarray | None = None  # (out,) sum_s sum_t G_sti: sum_g without cross-position terms
 
     @classmethod
     def zeros(cls, layer: Layer) -> LayerStatistics:
         o, i = layer.out_features, layer.in_features
         groups = layer.conv.groups if layer.conv is not None else 1
         zshape = (i,) if groups == 1 else (groups, i)
-        return cls(0, np.zeros(o), np.zeros((o, i)), np.zeros((o, i)), np.zeros(zshape), np.zeros(zshape))
+        return cls(0, np.zeros(o), np.zeros((o, i)), np.zeros((o, i)), np.zeros(zshape), np.zeros(zshape),
+                    sum_g_positions=np.zeros(o))
 
     def add(self, g: np.ndarray, z: np.ndarray) -> None:
         """Accumulate a batch: g = per-sample G (batch, out), z = layer input (batch, in)."""
@@ -69,6 +71,8 @@ class LayerStatistics:
         self.n += n
         self.count_z += n
         self.sum_g += g.sum(0, dtype=np.float64)
+        if self.sum_g_positions is not None:  # one position: no cross terms
+            self.sum_g_positions += g.sum(0, dtype=np.float64)
         self.sum_gz += products[:, :zc.shape[1]]
         self.sum_gz2 += products[:, zc.shape[1]:]
         first, second = zc.sum(0, dtype=np.float64), zc2.sum(0, dtype=np.float64)
@@ -111,6 +115,12 @@ class LayerStatistics:
     @property
     def C(self) -> np.ndarray:
         return self.sum_g / self.n
+
+    @property
+    def C_positions(self) -> np.ndarray:
+        """E[sum_t G_ti]: C without the cross-position terms, the scale C would have if the positions'
+        derivatives did not cancel (a shift of every key is invisible through a softmax: C ~ 0 there)."""
+        return self.C if self.sum_g_positions is None else self.sum_g_positions / self.n
 
     def _rows(self, values: np.ndarray) -> np.ndarray:
         """Per-group moments (groups, in) -> one row per output (out, in); (in,) stays."""

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import onnx
 
-from onnxprune.edit.rewrite import rewrite
+from onnxprune.edit.rewrite import largest_bias, rewrite
 from onnxprune.errors import InputError
 from onnxprune.find.layers import Layer, analyse_graph
 from onnxprune.io.data import Dataset
@@ -85,6 +85,8 @@ class WeightsMode:
             feeds = data.subset(8).feeds
             changes = [replace(c, max_bias_shift=_bias_change(dense.model, state.model, before, after, feeds))
                        for c, before, after in zip(changes, dense.layers, state.layers)]
+        changes = [replace(c, dense_bias=largest_bias(dense.model, before), max_bias=largest_bias(state.model, after))
+                   for c, before, after in zip(changes, dense.layers, state.layers)]
         weights, pruned = sum(c.weights for c in changes), sum(c.pruned for c in changes)
         return changes, {"compensation": self.compensation and _shifts(scores) is not None,
                          "weights": weights, "pruned": pruned, "sparsity": pruned / weights if weights else 0.0,
