@@ -33,7 +33,7 @@ from onnxprune.repair.lstsq import HOLDOUT_EVERY
 from onnxprune.repair.refit import Refit
 from onnxprune.score.context import ScoringContext
 from onnxprune.score.units import METHODS as UNIT_METHODS
-from onnxprune.select.masks import excluded
+from onnxprune.select.masks import excluded, parse_pattern
 from onnxprune.select.schedule import Schedule, geometric, one_shot, path
 
 METHOD_NAMES = WEIGHT_METHODS
@@ -116,7 +116,8 @@ class Pruner:
                  labels_key: str | None = None, provider: str = "cpu", threads: int | None = None,
                  force: bool = False, steps: int | None = None, refit: bool | None = None, chained: bool = True,
                  g_weighted: bool = False, conv_statistics: str = "exact", engine: str = "auto",
-                 memory_budget: int = MEMORY_BUDGET, progress: Callable[[str, int, int], None] | None = None):
+                 memory_budget: int = MEMORY_BUDGET, progress: Callable[[str, int, int], None] | None = None,
+                 pattern: str | None = None):
         self.method, self.structured, self.macs, self.multiple, self.inputs = method, structured, macs, multiple, inputs
         self.compensation, self.scope, self.exclude = compensation, scope, tuple(exclude)
         self.seed, self.output, self.probes, self.batch_size = seed, output, probes, batch_size
@@ -124,12 +125,15 @@ class Pruner:
         self.schedule, self.repair = schedule, repair
         self.steps, self.refit, self.chained, self.g_weighted = steps, refit, chained, g_weighted
         self.conv_statistics, self.engine, self.memory_budget = conv_statistics, engine, memory_budget
+        self.pattern = pattern  # "N:M": at most N nonzero weights in every M consecutive inputs (select.masks)
 
     def _plan(self):
         """(strategy, scorer, schedule, repair, fallback): the method's preset, unless given."""
         if self.probes is not None and self.probes < 1:
             raise InputError(f"--probes must be a positive number, got {self.probes}")
         if self.structured:
+            if self.pattern:
+                raise InputError("--pattern N:M masks single weights; it does not apply to --structured pruning")
             if not self.compensation:
                 raise InputError("--no-compensation does not apply to --structured pruning (units are removed with "
                                  "their constants or without, as the method says)")
@@ -139,7 +143,8 @@ class Pruner:
         else:
             if self.macs or self.multiple != 1 or self.inputs != "keep":
                 raise InputError("macs, multiple and inputs apply to structured pruning (structured=True)")
-            mode = WeightsMode(self.scope, self.compensation, self.exclude)
+            mode = WeightsMode(self.scope, self.compensation, self.exclude,
+                               parse_pattern(self.pattern) if self.pattern else None)
         preset = mode.preset(self.method)
         schedule = self.schedule or (geometric(self.steps) if self.steps is not None else preset.schedule or one_shot)
         repair = self.repair

@@ -109,3 +109,123 @@ def test_no_written_bias_leaves_float16s_range_on_a_gpt2_export(tmp_path):
     assert len(result.layers) == 9  # the 8 block Gemms and the LM head
     assert max(c.max_bias for c in result.layers) < 1.0
     assert max(c.max_bias_shift for c in result.layers) < 1.0
+
+
+def _zeros_per_group(rows: np.ndarray, m: int, order=None) -> np.ndarray:
+    """Zeros in every group of m consecutive inputs of each row (in ``order``), (out, groups)."""
+    rows = rows if order is None else rows[:, order]
+    return (rows == 0).reshape(len(rows), -1, m).sum(-1)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 8), (1, 2)])
+def test_n_m_masks_prune_the_lowest_scores_of_every_group_exactly(n, m):
+    """The mask against a plain loop over every row and group: the M - N lowest scores of each group
+    of M consecutive inputs, ties to the lower index."""
+    from onnxprune.select.masks import choose_masks
+
+    layers = analyse_graph(two_layers(folded=True, features=8, hidden=16)).layers
+    rng = np.random.default_rng(3)
+    scores = {layer.name: rng.integers(0, 5, size=(layer.out_features, layer.in_features)).astype(float)
+              for layer in layers}
+    masks = choose_masks(layers, scores, (m - n) / m, pattern=(n, m))
+    for layer in layers:
+        want = np.zeros_like(masks[layer.name])
+        for i, row in enumerate(scores[layer.name]):
+            for start in range(0, layer.in_features, m):
+                group = row[start:start + m]
+                lowest = sorted(range(m), key=lambda j: (group[j], j))[:m - n]
+                want[i, [start + j for j in lowest]] = True
+        np.testing.assert_array_equal(masks[layer.name], want)
+
+
+def test_a_convs_n_m_groups_run_along_its_input_channels():
+    """At each kernel position, M consecutive input channels form a group (the (C, kh, kw) row
+    read channel by channel), and a layer whose channels do not split into groups is refused."""
+    from onnxprune.errors import InputError
+    from onnxprune.select.masks import choose_masks
+
+    from tinyconv import cnn
+
+    layer = analyse_graph(cnn()).layers[0]  # 2 input channels, 3x3 kernels
+    scores = np.random.default_rng(0).normal(size=(layer.out_features, layer.in_features))
+    mask = choose_masks([layer], {layer.name: scores}, 0.5, pattern=(1, 2))[layer.name]
+    by_channel = mask.reshape(layer.out_features, 2, -1)       # (out, channel, kernel position)
+    np.testing.assert_array_equal(by_channel.sum(1), 1)        # one of the two channels, everywhere
+    lower = scores.reshape(layer.out_features, 2, -1).argmin(1)
+    np.testing.assert_array_equal(by_channel[:, 1], lower == 1)
+    with pytest.raises(InputError, match="not a multiple of 4"):
+        choose_masks([layer], {layer.name: scores}, 0.5, pattern=(2, 4))
+
+
+def _mlp_model_and_data():
+    from tinynets import data, mlp
+
+    model, _, _ = mlp((8, 16, 8, 4), pattern="gemm_t", seed=2)
+    return model, data(96, d=8, seed=4)
+
+
+@pytest.mark.parametrize("repair", ["none", "refit", "ecp-refit", "block", "finetune"])
+def test_a_2_4_pattern_is_exact_per_group_and_every_repair_keeps_it(repair):
+    """2:4 with ECP, then each repair (the least-squares refit, the ecp-refit preset's steps + refit
+    + distillation, the block Gauss-Newton refit, fine-tuning the written model): every group of 4
+    consecutive inputs of every row still holds exactly 2 zeros."""
+    import onnxprune
+    from onnxprune.repair.blockrefit import BlockRefit
+    from onnxprune.repair.finetune import finetune, zero_masks
+
+    model, arrays = _mlp_model_and_data()
+    options = {"none": {}, "refit": {"refit": True}, "ecp-refit": {"method": "ecp-refit"}, "block": {"repair": BlockRefit()},
+               "finetune": {}}[repair]
+    result = onnxprune.prune(model, arrays, 0.5, pattern="2:4", **options)
+    pruned = result.model
+    if repair == "finetune":
+        pruned = finetune(pruned, arrays["x"], arrays["y"], masks=zero_masks(pruned), epochs=2)[0]
+    assert result.summary["pattern"] == "2:4" and result.sparsity == 0.5
+    for layer in analyse_graph(pruned).layers:
+        rows = layer.to_rows(numpy_helper.to_array(next(t for t in pruned.graph.initializer if t.name == layer.weight)))
+        np.testing.assert_array_equal(_zeros_per_group(rows, 4), 2, err_msg=f"{repair}: {layer.name}")
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from onnxprune.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_the_cli_prunes_a_gpt2_export_2_4_and_inspect_shows_the_pattern(tmp_path):
+    np.savez(tmp_path / "calib.npz", **gpt2_tokens(12))
+    out = tmp_path / "gpt2_2_4.onnx"
+    res = _cli("prune", REAL / "hf_gpt2_tiny_lm.onnx", out, "--data", tmp_path / "calib.npz", "--pattern", "2:4",
+               "--json", tmp_path / "report.json")
+    assert res.exit_code == 0, res.output
+    assert "pattern 2:4: at most 2 nonzero weights in every 4 consecutive inputs of each row" in res.output
+    import json
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["weights"]["pattern"] == "2:4" and report["weights"]["sparsity"] == 0.5
+    res = _cli("inspect", out, "--json", tmp_path / "inspect.json")
+    assert res.exit_code == 0, res.output
+    layers = json.loads((tmp_path / "inspect.json").read_text())["layers"]
+    assert len(layers) == 9 and {layer["pattern"] for layer in layers} == {"2:4"}
+    assert "pattern" in res.output.splitlines()[1]
+    res = _cli("inspect", REAL / "hf_gpt2_tiny_lm.onnx")  # the dense model: no pattern column
+    assert res.exit_code == 0 and "pattern" not in res.output.splitlines()[1]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--pattern", "2:4", "--sparsity", "0.3"], "drop --sparsity 0.3"),
+    (["--pattern", "4:2"], "0 < N < M"),
+    (["--pattern", "two:four"], "must be N:M"),
+    (["--pattern", "2:4", "--structured"], "does not apply to --structured"),
+    (["--pattern", "1:3"], "8 inputs, not a multiple of 3: the pattern 1:3 needs groups of 3; leave it out with --exclude fc0"),
+])
+def test_a_pattern_that_cannot_apply_is_a_one_line_error(tmp_path, args, message):
+    model, arrays = _mlp_model_and_data()
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", **arrays)
+    res = _cli("prune", tmp_path / "m.onnx", tmp_path / "out.onnx", "--data", tmp_path / "calib.npz", *args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output and res.output.startswith("Error: ") and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out.onnx").exists()

@@ -71,6 +71,9 @@ from onnxprune.select.masks import SCOPES
               help="Add the removed weights' compensation to the biases (methods that have one).")
 @click.option("--scope", type=click.Choice(SCOPES), default="global", show_default=True,
               help="One threshold over all layers, or the same fraction in every layer.")
+@click.option("--pattern", default=None, metavar="N:M",
+              help="N:M sparsity (2:4: at most N nonzero weights in every M consecutive inputs of each row, the "
+                   "pattern sparse kernels run); sets --sparsity to (M-N)/M.")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Leave layers matching this node/weight name pattern (repeatable).")
 @seed_opt
@@ -94,7 +97,7 @@ from onnxprune.select.masks import SCOPES
 @common
 @command_errors
 def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias, max_loss_increase, max_accuracy_drop,
-          plot_path, storage, method, steps, refit, chained, g_weighted, compensation, scope, exclude, seed,
+          plot_path, storage, method, steps, refit, chained, g_weighted, compensation, scope, pattern, exclude, seed,
           probes, conv_statistics, batch_size, batch_axes, output, labels_key, provider, threads, engine, memory_budget,
           json_path, force, structured, macs, multiple, slice_inputs, prune_inputs, time_batches, verbose, quiet):
     """Prune MODEL (one-shot, or in --steps) and write the result to OUT.
@@ -114,6 +117,10 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
                     prune_inputs=prune_inputs, storage=storage, compensation=compensation, chained=chained,
                     g_weighted=g_weighted, conv_statistics=conv_statistics)
     mode = mode_options(structured, macs, multiple, slice_inputs, prune_inputs)
+    if pattern is not None:
+        sparsity = _pattern_sparsity(pattern, sparsity, structured, dry_run or max_loss_increase is not None
+                                     or max_accuracy_drop is not None)
+        mode["pattern"] = pattern
     target = (sparsity, macs) if sparsity is not None and macs is not None else macs if macs is not None else sparsity
     params = dict(method=method, compensation=compensation, scope=scope, exclude=exclude, seed=seed, output=output,
                   probes=probes, batch_size=batch_size, labels_key=labels_key, provider=provider, threads=threads,
@@ -174,6 +181,20 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
     print_result(ui, result, report, out, original)
     ui.info(engine_line(result.engine, result.derivatives))
     print_json(json_path, report)
+
+
+def _pattern_sparsity(pattern: str, sparsity, structured: bool, sweeping: bool) -> float:
+    """The sparsity an N:M pattern sets (a --sparsity given with it must agree)."""
+    from onnxprune.select.masks import parse_pattern, pattern_sparsity
+
+    if structured:
+        raise InputError("--pattern N:M masks single weights; it does not apply to --structured pruning")
+    if sweeping:
+        raise InputError("--pattern fixes the sparsity; it does not apply to --dry-run or a budget")
+    implied = pattern_sparsity(parse_pattern(pattern))
+    if sparsity is not None and abs(sparsity - implied) > 1e-9:
+        raise InputError(f"--pattern {pattern} prunes {implied:.0%} of the weights; drop --sparsity {sparsity:g}")
+    return implied
 
 
 def _batches(text: str) -> tuple[int, ...]:

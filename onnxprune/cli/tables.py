@@ -65,6 +65,10 @@ def prune_table(result: PruneResult) -> str:
     rows.append(["total", result.weights, result.pruned, f"{100 * result.sparsity:.1f}%",
                  max((c.max_bias_shift for c in result.layers), default=0.0), _times(max(relative, default=None))])
     text = table(["layer", "weights", "pruned", "sparsity", "largest bias shift", "x dense bias"], rows)
+    pattern = result.summary.get("pattern")
+    if pattern:
+        n, m = pattern.split(":")
+        text += f"\npattern {pattern}: at most {n} nonzero weights in every {m} consecutive inputs of each row"
     beyond = [c for c in result.layers if c.max_bias > FLOAT16_MAX]
     if beyond:
         worst = max(beyond, key=lambda c: c.max_bias)

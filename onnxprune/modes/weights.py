@@ -10,12 +10,13 @@ import onnx
 from onnxprune.edit.rewrite import largest_bias, rewrite
 from onnxprune.errors import InputError
 from onnxprune.find.layers import Layer, analyse_graph
+from onnxprune.find.patterns import Pattern, pattern_problem
 from onnxprune.io.data import Dataset
 from onnxprune.modes.base import Preset, State
 from onnxprune.repair.base import current_bias
 from onnxprune.repair.distill import Distill
 from onnxprune.score.weights import METHODS, Saliency, make_scorer
-from onnxprune.select.masks import choose_masks, excluded
+from onnxprune.select.masks import choose_masks, excluded, pattern_name, pattern_sparsity
 from onnxprune.select.schedule import geometric
 
 PRESETS = {
@@ -26,14 +27,15 @@ METHOD_NAMES = (*METHODS, *PRESETS)
 
 
 class WeightsMode:
-    """Masks over single weights: ``scope`` global (one threshold) or per layer; ``compensation``
-    adds the removed weights' expected contribution to the biases (methods that have one)."""
+    """Masks over single weights: ``scope`` global (one threshold) or per layer, or an N:M ``pattern``
+    (``select.masks``); ``compensation`` adds the removed weights' expected contribution to the
+    biases (methods that have one)."""
 
     name = "weights"
     masked = True
 
-    def __init__(self, scope: str = "global", compensation: bool = True, exclude=()):
-        self.scope, self.compensation, self.exclude = scope, compensation, tuple(exclude)
+    def __init__(self, scope: str = "global", compensation: bool = True, exclude=(), pattern: Pattern | None = None):
+        self.scope, self.compensation, self.exclude, self.pattern = scope, compensation, tuple(exclude), pattern
 
     def preset(self, method: str) -> Preset:
         if method not in METHOD_NAMES:
@@ -46,10 +48,22 @@ class WeightsMode:
     def check(self, target: float) -> None:
         if not 0.0 <= target <= 1.0:
             raise InputError(f"sparsity must be between 0 and 1, got {target}")
+        if self.pattern is not None and abs(target - pattern_sparsity(self.pattern)) > 1e-9:
+            raise InputError(f"the pattern {pattern_name(self.pattern)} prunes {pattern_sparsity(self.pattern):g} of the "
+                             f"weights, not {target:g}")
 
     def find(self, model: onnx.ModelProto, layers: list[Layer], output: str, all_layers: list[Layer],
              data: Dataset) -> list:
-        """Nothing beyond the layers: every weight of every layer is a candidate."""
+        """Nothing beyond the layers: every weight of every layer is a candidate (with a pattern, every
+        layer's inputs must split into its groups: said before anything is scored)."""
+        pattern = self.pattern
+        if pattern is None:
+            return []
+        for layer in layers:
+            problem = None if excluded(layer, self.exclude) else pattern_problem(layer, pattern)
+            if problem:
+                raise InputError(f"{problem}: the pattern {pattern_name(pattern)} needs groups of {pattern[1]}; "
+                                 f"leave it out with --exclude {layer.name}")
         return []
 
     def begin(self, model: onnx.ModelProto, layers: list[Layer]) -> State:
@@ -59,7 +73,7 @@ class WeightsMode:
     def select(self, state: State, scores: dict[str, Saliency], target: float) -> dict[str, np.ndarray]:
         """Masks (True = pruned) with exactly round(target * n) weights; weights already pruned stay so."""
         ranked = _keep_pruned({name: s.scores for name, s in scores.items()}, state.carried)
-        return choose_masks(state.layers, ranked, target, self.scope, self.exclude)
+        return choose_masks(state.layers, ranked, target, self.scope, self.exclude, self.pattern)
 
     def edit(self, state: State, masks: dict[str, np.ndarray], scores: dict[str, Saliency]) -> State:
         shifts = _shifts(scores) if self.compensation else None
@@ -89,6 +103,7 @@ class WeightsMode:
                    for c, before, after in zip(changes, dense.layers, state.layers)]
         weights, pruned = sum(c.weights for c in changes), sum(c.pruned for c in changes)
         return changes, {"compensation": self.compensation and _shifts(scores) is not None,
+                         "pattern": pattern_name(self.pattern),
                          "weights": weights, "pruned": pruned, "sparsity": pruned / weights if weights else 0.0,
                          "score_sum": float(sum(scores[name].scores[m].sum() for name, m in masks.items()))}
 
