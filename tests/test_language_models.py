@@ -229,3 +229,18 @@ def test_a_pattern_that_cannot_apply_is_a_one_line_error(tmp_path, args, message
     assert res.exit_code == 2, res.output
     assert message in res.output and res.output.startswith("Error: ") and len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_fold_of_a_tensor_whose_dimensions_inference_cannot_tell_is_measured_and_pruned():
+    """Legacy exports compute the Reshape's target from Shape ops: the dimensions of what it folds are
+    measured on the calibration data (in the analysis copy only), and the layer is pruned as folded."""
+    from onnxprune.graph.index import GraphIndex
+    from onnxprune.pipeline import Pruner
+
+    model = two_layers(folded=True, computed=True)
+    assert GraphIndex(model).dims["x_in"] == (None, None, None)
+    assert analyse_graph(model).by_name()["l1"].kind == "dense"  # what the graph alone tells
+    pruner = Pruner("ecp").fit(model, {"x": tokens(16)})
+    assert [(layer.name, layer.kind) for layer in pruner.layers_] == [("l1", "folded"), ("l2", "folded")]
+    result = pruner.prune(0.5)
+    assert result.pruned == result.weights // 2 and not result.model.graph.value_info

@@ -20,10 +20,12 @@ def _model(nodes, inits, seq, features, classes, name):
     return model
 
 
-def two_layers(folded: bool, seq=4, features=6, hidden=8, classes=5, seed=0):
+def two_layers(folded: bool, seq=4, features=6, hidden=8, classes=5, seed=0, computed=False):
     """x (N, S, F) -> linear + bias -> Tanh -> a fixed mix of the positions (so that a position's
     output depends on the others) -> linear + bias -> logits (N, S, K). ``folded``: the linears are
-    Gemms on (N x S, features) between Reshapes, as GPT-2 exports; else MatMul + Add on rank 3."""
+    Gemms on (N x S, features) between Reshapes, as GPT-2 exports; else MatMul + Add on rank 3.
+    ``computed``: the first fold reads a tensor reshaped to a shape computed from Shape ops (as a
+    legacy export writes it), so shape inference cannot tell its dimensions."""
     rng = np.random.default_rng(seed)
     w1, b1 = rng.normal(size=(hidden, features)) / np.sqrt(features), rng.normal(size=hidden) * 0.3
     w2, b2 = rng.normal(size=(classes, hidden)) / np.sqrt(hidden), rng.normal(size=classes) * 0.3
@@ -33,7 +35,7 @@ def two_layers(folded: bool, seq=4, features=6, hidden=8, classes=5, seed=0):
         inits += [_init("w1", w1), _init("b1", b1), _init("w2", w2), _init("b2", b2),
                   _init("rows_f", [-1, features], np.int64), _init("seq_h", [-1, seq, hidden], np.int64),
                   _init("rows_h", [-1, hidden], np.int64), _init("seq_k", [-1, seq, classes], np.int64)]
-        nodes = [helper.make_node("Reshape", ["x", "rows_f"], ["x_rows"], name="fold1"),
+        nodes = [helper.make_node("Reshape", ["x_in" if computed else "x", "rows_f"], ["x_rows"], name="fold1"),
                  helper.make_node("Gemm", ["x_rows", "w1", "b1"], ["a1_rows"], name="l1", transB=1),
                  helper.make_node("Reshape", ["a1_rows", "seq_h"], ["a1"], name="unfold1"),
                  helper.make_node("Tanh", ["a1"], ["h1"], name="act1"),
@@ -41,6 +43,12 @@ def two_layers(folded: bool, seq=4, features=6, hidden=8, classes=5, seed=0):
                  helper.make_node("Reshape", ["m1", "rows_h"], ["m1_rows"], name="fold2"),
                  helper.make_node("Gemm", ["m1_rows", "w2", "b2"], ["a2_rows"], name="l2", transB=1),
                  helper.make_node("Reshape", ["a2_rows", "seq_k"], ["logits"], name="unfold2")]
+        if computed:  # x_in = x.view(x.shape[0], x.shape[1], F) with the shape read at run time
+            inits += [_init("first_two", [2], np.int64), _init("zero", [0], np.int64), _init("f", [features], np.int64)]
+            nodes = [helper.make_node("Shape", ["x"], ["x_shape"], name="shape"),
+                     helper.make_node("Slice", ["x_shape", "zero", "first_two"], ["lead"], name="lead"),
+                     helper.make_node("Concat", ["lead", "f"], ["x_view"], axis=0, name="view_shape"),
+                     helper.make_node("Reshape", ["x", "x_view"], ["x_in"], name="view"), *nodes]
     else:
         inits += [_init("w1", w1.T), _init("b1", b1), _init("w2", w2.T), _init("b2", b2)]
         nodes = [helper.make_node("MatMul", ["x", "w1"], ["p1"], name="l1"),
