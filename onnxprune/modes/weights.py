@@ -13,7 +13,7 @@ from onnxprune.find.layers import Layer, analyse_graph
 from onnxprune.find.patterns import Pattern, pattern_problem
 from onnxprune.io.data import Dataset
 from onnxprune.modes.base import Preset, State
-from onnxprune.repair.base import current_bias
+from onnxprune.repair.base import current_biases
 from onnxprune.repair.distill import Distill
 from onnxprune.score.weights import METHODS, Saliency, make_scorer
 from onnxprune.select.masks import choose_masks, excluded, pattern_name, pattern_sparsity
@@ -95,9 +95,11 @@ class WeightsMode:
         """Per layer what the rewrite did (the bias change against the dense model when steps or a
         repair followed), and the mode's summary."""
         changes = state.changes
-        if repaired:
+        if repaired:  # the bias change against the dense model, read off both models (one run each)
             feeds = data.subset(8).feeds
-            changes = [replace(c, max_bias_shift=_bias_change(dense.model, state.model, before, after, feeds))
+            old, new = current_biases(dense.model, dense.layers, feeds), current_biases(state.model, state.layers, feeds)
+            changes = [replace(c, max_bias_shift=float(np.max(np.abs(after.bias_shift_to_stored(new[after.name]
+                                                                                                  - old[before.name])))))
                        for c, before, after in zip(changes, dense.layers, state.layers)]
         changes = [replace(c, dense_bias=largest_bias(dense.model, before), max_bias=largest_bias(state.model, after))
                    for c, before, after in zip(changes, dense.layers, state.layers)]
@@ -125,9 +127,3 @@ def _keep_pruned(scores: dict[str, np.ndarray], pruned: dict[str, np.ndarray]) -
 def _shifts(saliencies: dict[str, Saliency]) -> dict[str, np.ndarray] | None:
     shifts = {name: s.shifts for name, s in saliencies.items() if s.shifts is not None}
     return shifts if len(shifts) == len(saliencies) else None
-
-
-def _bias_change(original: onnx.ModelProto, final: onnx.ModelProto, before: Layer, after: Layer, feeds) -> float:
-    """Largest |change| of a layer's stored bias between two versions of the model."""
-    old, new = current_bias(original, before, feeds), current_bias(final, after, feeds)
-    return float(np.max(np.abs(after.bias_shift_to_stored(new - old))))
