@@ -244,3 +244,33 @@ def test_a_fold_of_a_tensor_whose_dimensions_inference_cannot_tell_is_measured_a
     assert [(layer.name, layer.kind) for layer in pruner.layers_] == [("l1", "folded"), ("l2", "folded")]
     result = pruner.prune(0.5)
     assert result.pruned == result.weights // 2 and not result.model.graph.value_info
+
+
+def test_the_reconstruction_refit_of_a_folded_layer_is_numpys_least_squares_over_its_tokens():
+    """The repair for language models re-solves each row's surviving weights and bias so the layer
+    reproduces the dense pre-activations of every token: numpy's ridge solution over the token rows
+    of the fit samples (every fifth sample, all its tokens, held out)."""
+    from onnxprune import runtime
+    from onnxprune.repair.refit import refit
+
+    from test_refit import ridge
+
+    dense = two_layers(folded=True, features=6, hidden=8)
+    current = onnx.ModelProto()
+    current.CopyFrom(dense)
+    w = next(t for t in current.graph.initializer if t.name == "w1")
+    pruned = numpy_helper.to_array(w).copy()
+    pruned[np.random.default_rng(1).random(pruned.shape) < 0.5] = 0
+    w.CopyFrom(numpy_helper.from_array(pruned, "w1"))
+    x = tokens(30)
+    layers = [layer for layer in analyse_graph(current).layers if layer.name == "l1"]
+    assert layers[0].kind == "folded"
+    new, reports = refit(dense, current, layers, Dataset({"x": x}), "logits", batch_size=7)
+    target = runtime.run_tensors(dense, {"x": x}, ["a1_rows"])[0].astype(np.float64)
+    got = runtime.run_tensors(new, {"x": x}, ["a1_rows"])[0].astype(np.float64)
+    z = x.reshape(-1, 6).astype(np.float64)
+    for i in range(8):
+        cols = np.flatnonzero(pruned[i])
+        theta = ridge(z, cols, target[:, i], reports[0].damping, per_sample=4)
+        np.testing.assert_allclose(got[:, i], z[:, cols] @ theta[:-1] + theta[-1], rtol=1e-3, atol=1e-4)
+    assert np.all(numpy_helper.to_array(next(t for t in new.graph.initializer if t.name == "w1"))[pruned == 0] == 0)
