@@ -91,6 +91,16 @@ def shift_bias(model: onnx.ModelProto, layer: Layer, shift: np.ndarray, weight_d
     return inserted
 
 
+def ensure_bias(model: onnx.ModelProto, layer: Layer) -> bool:
+    """Give a layer without a bias a zero one (in place), as ``shift_bias`` would; whether it did."""
+    if layer.bias is not None:
+        return False
+    dtype = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == layer.weight)).dtype
+    _insert_bias(model, next(n for n in model.graph.node if n.name == layer.node), layer,
+                 dtype if np.dtype(dtype).kind == "f" else np.float32)
+    return True
+
+
 def _add_to_bias(init: onnx.TensorProto, shift: np.ndarray, shape: tuple[int, ...] | None = None) -> None:
     """Add ``shift`` (one value per output, in stored units) to a bias of ``shape`` (a scalar bias is
     expanded to it); an integer (quantized) bias gets the rounded shift."""

@@ -18,7 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune import runtime
-from onnxprune.derivatives.engines.base import EngineFailure
+from onnxprune.derivatives.engines.base import EngineFailure, rademacher
 from onnxprune.derivatives.instrument import exposed, instrument, offset_name
 from onnxprune.errors import InputError
 from onnxprune.find.layers import Layer, by_position, folded_preacts, sample_major
@@ -291,7 +291,7 @@ class OutputJacobians(_AdjointModel):
         """(graph batch, *output_shape, R): the identity per sample (exact), or Rademacher signs, fresh
         for the ``n`` real samples (the padding rows repeat them)."""
         if not self.exact:
-            signs = self.rng.choice(np.array([-1.0, 1.0], self.dtype), size=(n,) + tuple(output_shape) + (self.repeats,))
+            signs = rademacher(self.rng, (n,) + tuple(output_shape) + (self.repeats,), self.dtype)
             return signs if n == self.batch else signs[np.arange(self.batch) % n]
         if "eye" not in self._seeds:
             eye = np.eye(self.output_size, dtype=self.dtype).reshape(tuple(output_shape) + (self.repeats,))

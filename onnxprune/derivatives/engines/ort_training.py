@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxprune import runtime
-from onnxprune.derivatives.engines.base import EngineFailure
+from onnxprune.derivatives.engines.base import EngineFailure, rademacher
 from onnxprune.derivatives.instrument import LABELS, OBJECTIVE, PROBE, batch_dims, exposed, instrument, offset_name
 from onnxprune.errors import InputError
 from onnxprune.find.layers import Layer, by_position, folded_preacts, sample_major
@@ -285,7 +285,7 @@ class OutputJacobians(_GradientModel):
         if exact:
             probe = np.tile(np.eye(self.output_size, dtype=self.dtype), (n, 1))
         else:
-            probe = self.rng.choice(np.array([-1.0, 1.0], self.dtype), size=(n * r, self.output_size))
+            probe = rademacher(self.rng, (n * r, self.output_size), self.dtype)
         return probe.reshape((n * r,) + tuple(output_shape))
 
     def _tiled_rows(self, feeds: dict[str, np.ndarray], probe: np.ndarray):
