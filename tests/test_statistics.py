@@ -125,3 +125,27 @@ def test_a_folded_gemms_statistics_equal_those_of_the_same_weights_as_a_rank3_ma
         for field in ("A", "B", "C", "mean_z", "var_z"):
             np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-5,
                                        atol=1e-6 * np.abs(getattr(want, field)).max(), err_msg=f"{name}.{field}")
+
+
+def test_the_moments_alone_are_numpys_over_samples_and_positions():
+    """The mean-compensation scorer's moments from forward passes only: E[z_j], Var z_j over every
+    sample and position (im2col patches for a Conv, token rows for a folded or rank-3 layer)."""
+    from onnxprune import runtime
+    from onnxprune.derivatives.statistics import collect_moments, layer_patches
+
+    from tinyconv import cnn, images
+    from tinylm import tokens, two_layers
+
+    for model, x in ((two_layers(folded=True), tokens(11)), (two_layers(folded=False), tokens(11)), (cnn(), images(9)["x"]),
+                     (mlp((5, 4, 3))[0], data(13)["x"])):
+        layers = analyse_graph(model).layers
+        got = collect_moments(model, layers, Dataset({"x": x}), batch_size=4)
+        for layer in layers:
+            (z,) = runtime.run_tensors(model, {"x": x}, [layer.input]) if layer.input != "x" else (x,)
+            z = np.asarray(z, np.float64)
+            if layer.op == "Conv":
+                rows = layer_patches(layer, z)[:, 0].transpose(0, 2, 1).reshape(-1, layer.in_features)
+            else:
+                rows = z.reshape(-1, layer.in_features)
+            np.testing.assert_allclose(got[layer.name].mean_z, rows.mean(0), rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(got[layer.name].var_z, rows.var(0), rtol=1e-6, atol=1e-9)

@@ -20,7 +20,7 @@ from onnxprune.derivatives.plan import MEMORY_BUDGET, DerivativePlan, Derivative
 from onnxprune.derivatives.shared import CHUNK_ELEMENTS, STATISTICS, accumulate_shared, shared_loss_gradient
 from onnxprune.errors import InputError
 from onnxprune.find.geometry import im2col
-from onnxprune.find.layers import Layer
+from onnxprune.find.layers import Layer, sample_major
 from onnxprune.io.data import Dataset
 from onnxprune.runtime import blas_threads, one_blas_thread
 
@@ -184,6 +184,42 @@ def _accumulate(derivatives: DerivativePlan, layers, data, stats, shared, progre
                 rows = jac.rows(feeds, shape)[0][layer.name][..., 0].astype(np.float64)
                 g = np.einsum("sro,sro->so", rows, rows) * jac.scale
             stats[layer.name].add(g, inputs[layer.name])
+
+
+def collect_moments(model: onnx.ModelProto, layers: list[Layer], data: Dataset, *, batch_size: int = 256,
+                    provider: str = "cpu", threads: int | None = None, memory_budget: int = MEMORY_BUDGET,
+                    progress: Progress | None = None) -> dict[str, LayerStatistics]:
+    """The activation moments alone (E[z_j], Var z_j over samples and positions; no derivative, G
+    stays 0) from forward passes: what the mean-compensation scorer needs, at a forward pass's cost."""
+    from onnxprune import runtime
+
+    stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
+    names = list(dict.fromkeys(layer.input for layer in layers if layer.input not in data.feeds))
+    session = runtime.tensor_session(model, names, provider, threads) if names else None
+    step = batch_step(model, layers, data, 1, batch_size, provider, memory_budget)
+    done = 0
+    with blas_threads(threads):
+        for feeds, _ in data.batches(step):
+            n = len(next(iter(feeds.values())))
+            values = {**feeds, **dict(zip(names, session.run(names, feeds) if session else []))}
+            for layer in layers:
+                z = sample_major(layer, np.asarray(values[layer.input]), n)
+                if layer.shared:
+                    patches = layer_patches(layer, z)                      # (n, groups, in, positions)
+                    first, second = patches.sum((0, 3)), (patches * patches).sum((0, 3))
+                    count = n * patches.shape[-1]
+                else:
+                    flat = z.reshape(n, -1).astype(np.float64)
+                    first, second, count = flat.sum(0), (flat * flat).sum(0), n
+                st = stats[layer.name]
+                st.sum_z += first.reshape(st.sum_z.shape)
+                st.sum_z2 += second.reshape(st.sum_z2.shape)
+                st.count_z += count
+                st.n += n
+            done += n
+            if progress:
+                progress(done, len(data))
+    return stats
 
 
 def collect_loss_gradients(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,

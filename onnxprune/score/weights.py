@@ -60,7 +60,7 @@ class Variance:
     def __call__(self, ctx: ScoringContext) -> dict[str, Saliency]:
         out = {}
         for layer in ctx.layers:
-            s, w = ctx.statistics()[layer.name], ctx.weights[layer.name]
+            s, w = ctx.moments()[layer.name], ctx.weights[layer.name]
             out[layer.name] = Saliency(w * w * np.broadcast_to(s.var_z, w.shape), w * np.broadcast_to(s.mean_z, w.shape))
         return out
 
