@@ -26,7 +26,7 @@ from onnxprune.io.models import as_model
 from onnxprune.modes.base import State
 from onnxprune.modes.units import UnitsMode
 from onnxprune.modes.weights import METHOD_NAMES as WEIGHT_METHODS
-from onnxprune.modes.weights import PRESETS, WeightsMode
+from onnxprune.modes.weights import PRESETS, WeightsMode, model_defaults
 from onnxprune.prepare.analysis import AnalysisCopy, BatchFirstInputs, FoldFixedInputs, declared_shapes_for
 from onnxprune.repair.base import NONE, Compose, LayerRefit, Repair
 from onnxprune.repair.lstsq import HOLDOUT_EVERY
@@ -38,6 +38,16 @@ from onnxprune.select.schedule import Schedule, geometric, one_shot, path
 
 METHOD_NAMES = WEIGHT_METHODS
 __all__ = ["METHOD_NAMES", "PRESETS", "UNIT_METHODS", "Pruner", "PruneResult"]
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What a run uses where the user may leave the choice to the model (``model_defaults``)."""
+
+    scope: str = "global"
+    refit: bool | None = None   # None: the method's preset says
+    conv_statistics: str = "exact"
+    probes: int | None = None   # None: exact up to EXACT_LIMIT outputs, then automatic
 
 
 @dataclass
@@ -64,6 +74,7 @@ class PruneResult:
     heldout_error: float | None = None  # a fallback's judge: E||y - y_dense||^2 on the held-out calibration fifth
     fell_back: bool = False             # the one-shot model was kept (its held-out error was the lower)
     kept_inputs: dict[str, list[int]] = field(default_factory=dict)  # units with --prune-inputs: the features to feed
+    defaults: dict | None = None  # the model's defaults (``modes.weights.model_defaults``) and which of them applied
 
     @property
     def sparsity(self) -> float:
@@ -89,7 +100,7 @@ class PruneResult:
                 "refits": [asdict(r) for r in self.refits], "heldout_error": self.heldout_error,
                 "fell_back": self.fell_back, "engine": self.engine, "derivatives": self.derivatives,
                 "seconds": self.seconds, "skipped": [asdict(s) for s in self.skipped], "excluded": self.excluded,
-                "kept_inputs": self.kept_inputs, "inputs_changed": bool(self.kept_inputs),
+                "kept_inputs": self.kept_inputs, "inputs_changed": bool(self.kept_inputs), "defaults": self.defaults,
                 self.mode: {**self.summary, "layers": [asdict(c) for c in self.layers]}}
 
 
@@ -111,11 +122,11 @@ class Pruner:
 
     def __init__(self, method: str = "ecp", *, structured: bool = False, macs: bool = False, multiple: int = 1,
                  inputs: str = "keep", schedule: Schedule | None = None, repair: Repair | None = None,
-                 compensation: bool = True, scope: str = "global", exclude=(), seed: int = 0,
+                 compensation: bool = True, scope: str | None = None, exclude=(), seed: int = 0,
                  output: str | None = None, probes: int | None = None, batch_size: int = 256,
                  labels_key: str | None = None, provider: str = "cpu", threads: int | None = None,
                  force: bool = False, steps: int | None = None, refit: bool | None = None, chained: bool = True,
-                 g_weighted: bool = False, conv_statistics: str = "exact", engine: str = "auto",
+                 g_weighted: bool = False, conv_statistics: str | None = None, engine: str = "auto",
                  memory_budget: int = MEMORY_BUDGET, progress: Callable[[str, int, int], None] | None = None,
                  pattern: str | None = None):
         self.method, self.structured, self.macs, self.multiple, self.inputs = method, structured, macs, multiple, inputs
@@ -126,6 +137,8 @@ class Pruner:
         self.steps, self.refit, self.chained, self.g_weighted = steps, refit, chained, g_weighted
         self.conv_statistics, self.engine, self.memory_budget = conv_statistics, engine, memory_budget
         self.pattern = pattern  # "N:M": at most N nonzero weights in every M consecutive inputs (select.masks)
+        # scope, refit, conv_statistics and probes left None take the model's defaults (``model_defaults``)
+        self.chosen_ = Choices(scope or "global", refit, conv_statistics or "exact", probes)
 
     def _plan(self):
         """(strategy, scorer, schedule, repair, fallback): the method's preset, unless given."""
@@ -137,19 +150,19 @@ class Pruner:
             if not self.compensation:
                 raise InputError("--no-compensation does not apply to --structured pruning (units are removed with "
                                  "their constants or without, as the method says)")
-            mode = UnitsMode(self.scope, self.macs, self.multiple, self.inputs, self.exclude)
+            mode = UnitsMode(self.chosen_.scope, self.macs, self.multiple, self.inputs, self.exclude)
             if self.repair is not None and self.repair is not NONE and not isinstance(self.repair, Refit):
                 raise InputError(f"repair {self.repair.name!r} does not apply to structured pruning; the refit does")
         else:
             if self.macs or self.multiple != 1 or self.inputs != "keep":
                 raise InputError("macs, multiple and inputs apply to structured pruning (structured=True)")
-            mode = WeightsMode(self.scope, self.compensation, self.exclude,
+            mode = WeightsMode(self.chosen_.scope, self.compensation, self.exclude,
                                parse_pattern(self.pattern) if self.pattern else None)
         preset = mode.preset(self.method)
         schedule = self.schedule or (geometric(self.steps) if self.steps is not None else preset.schedule or one_shot)
         repair = self.repair
         if repair is None:
-            refit = preset.refit if self.refit is None else self.refit
+            refit = preset.refit if self.chosen_.refit is None else self.chosen_.refit
             repair = Refit(chained=self.chained, g_weighted=self.g_weighted) if refit else NONE
             if refit and preset.then is not None:
                 repair = Compose((repair, preset.then))
@@ -183,9 +196,16 @@ class Pruner:
         self.skipped_ += unreached + folded
         if not self.layers_:
             raise InputError(f"no prunable layer reaches the protected output {self.output_!r}; choose one with --output")
+        self.defaults_ = None if self.structured else model_defaults(self.layers_, self.exclude, self.method)
+        if self.defaults_ is not None:  # what the model is chooses what the user left open
+            given = {"scope": self.scope, "refit": self.refit, "conv_statistics": self.conv_statistics,
+                     "probes": self.probes}
+            self.defaults_["applied"] = {k: v for k, v in self.defaults_["values"].items() if given[k] is None}
+            self.chosen_ = replace(self.chosen_, **self.defaults_["applied"])
+            self.mode_, self.scorer_, self.schedule_, self.repair_, self.fallback_ = self._plan()
         self.skipped_ += self.mode_.find(self.model_, self.layers_, self.output_, self.all_layers_, self.data_)
-        self.settings_ = DerivativeSettings(self.probes, self.seed, self.engine, self.memory_budget, self.batch_size,
-                                            self.provider, self.threads)
+        self.settings_ = DerivativeSettings(self.chosen_.probes, self.seed, self.engine, self.memory_budget,
+                                            self.batch_size, self.provider, self.threads)
         self.seconds_: dict[str, float] = {}
         self.dense_ = self.mode_.begin(self.model_, self.layers_)
         self.scores_ = self._score(self.dense_)
@@ -193,7 +213,7 @@ class Pruner:
 
     def _score(self, state: State) -> dict:
         ctx = ScoringContext(model=state.model, layers=state.layers, data=self.data_, output=self.output_,
-                             settings=self.settings_, groups=state.groups, conv_statistics=self.conv_statistics,
+                             settings=self.settings_, groups=state.groups, conv_statistics=self.chosen_.conv_statistics,
                              force=self.force, progress=self.progress)
         start = time.perf_counter()
         scores = self.scorer_(ctx)
@@ -259,11 +279,11 @@ class Pruner:
         layers, summary = self.mode_.report(self.dense_, state, scores, selection, self.data_,
                                             repaired=steps > 1 or self.repair_ is not NONE)
         return PruneResult(
-            model=state.model, mode=self.mode_.name, method=self.method, scope=self.scope, target=target,
+            model=state.model, mode=self.mode_.name, method=self.method, scope=self.chosen_.scope, target=target,
             protected_output=self.output_, layers=layers, summary=summary, skipped=self.skipped_,
             excluded=[layer.name for layer in state.layers if excluded(layer, self.exclude)],
             repair=self.repair_.name, steps=steps, refits=refits, seconds=dict(self.seconds_), engine=self.engine_,
-            derivatives=self.derivatives_)
+            derivatives=self.derivatives_, defaults=self.defaults_)
 
     def _own_form(self, result: PruneResult) -> PruneResult:
         """``result`` with the source's own form back (Constants, shared tensors, fixed inputs; see

@@ -105,7 +105,8 @@ def test_no_written_bias_leaves_float16s_range_on_a_gpt2_export(tmp_path):
     dense biases' scale, not the 1e5 the division by noise gave."""
     import onnxprune
 
-    result = onnxprune.prune(onnx.load(REAL / "hf_gpt2_tiny_lm.onnx"), gpt2_tokens(24), 0.5, probes=4)
+    result = onnxprune.prune(onnx.load(REAL / "hf_gpt2_tiny_lm.onnx"), gpt2_tokens(24), 0.5, probes=4,
+                             conv_statistics="exact", refit=False)  # the shifts ECP itself writes
     assert len(result.layers) == 9  # the 8 block Gemms and the LM head
     assert max(c.max_bias for c in result.layers) < 1.0
     assert max(c.max_bias_shift for c in result.layers) < 1.0
@@ -274,3 +275,27 @@ def test_the_reconstruction_refit_of_a_folded_layer_is_numpys_least_squares_over
         theta = ridge(z, cols, target[:, i], reports[0].damping, per_sample=4)
         np.testing.assert_allclose(got[:, i], z[:, cols] @ theta[:-1] + theta[-1], rtol=1e-3, atol=1e-4)
     assert np.all(numpy_helper.to_array(next(t for t in new.graph.initializer if t.name == "w1"))[pruned == 0] == 0)
+
+
+def test_a_gpt2_export_pruned_from_the_cli_with_default_options_gets_the_sequence_defaults(tmp_path):
+    """Only --sparsity given: the model is a transformer, so every block layer loses the same fraction
+    and the chained refit runs; the report says which defaults applied, and an option given wins."""
+    import json
+
+    np.savez(tmp_path / "calib.npz", **gpt2_tokens(16))
+    out = tmp_path / "gpt2_50.onnx"
+    res = _cli("prune", REAL / "hf_gpt2_tiny_lm.onnx", out, "--data", tmp_path / "calib.npz", "--sparsity", "0.5",
+               "--json", tmp_path / "report.json")
+    assert res.exit_code == 0, res.output
+    assert ("defaults for a sequence model (token-wise layers hold 100% of the prunable weights): --scope layer, "
+            "--refit") in res.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["scope"] == "layer" and report["repair"] == "refit" and report["defaults"]["model"] == "sequence"
+    assert {round(layer["pruned"] / layer["weights"], 3) for layer in report["weights"]["layers"]} == {0.5}
+    assert len(report["refits"]) == 9
+    res = _cli("prune", REAL / "hf_gpt2_tiny_lm.onnx", out, "--data", tmp_path / "calib.npz", "--sparsity", "0.5",
+               "--scope", "global", "--no-refit", "--force", "--json", tmp_path / "given.json")
+    assert res.exit_code == 0, res.output
+    given = json.loads((tmp_path / "given.json").read_text())
+    assert given["scope"] == "global" and given["repair"] == "none"
+    assert set(given["defaults"]["applied"]) == {"conv_statistics", "probes"}

@@ -62,15 +62,16 @@ from onnxprune.select.masks import SCOPES
                    "ecp 5).")
 @click.option("--refit/--no-refit", default=None,
               help="Re-solve the surviving weights and biases by chained least squares after every step (on for "
-                   "ecp-refit and --structured).")
+                   "ecp-refit, --structured and sequence models).")
 @click.option("--chain/--no-chain", "chained", default=True, show_default=True,
               help="Refit each layer on the pruned network's own inputs (else the dense network's).")
 @click.option("--g-weighting/--no-g-weighting", "g_weighted", default=False, show_default=True,
               help="Weight the last refit's samples by the output sensitivity G.")
 @click.option("--compensation/--no-compensation", default=True, show_default=True,
               help="Add the removed weights' compensation to the biases (methods that have one).")
-@click.option("--scope", type=click.Choice(SCOPES), default="global", show_default=True,
-              help="One threshold over all layers, or the same fraction in every layer.")
+@click.option("--scope", type=click.Choice(SCOPES), default=None,
+              help="One threshold over all layers, or the same fraction in every layer [default: global; layer for "
+                   "sequence models (transformer blocks)].")
 @click.option("--pattern", default=None, metavar="N:M",
               help="N:M sparsity (2:4: at most N nonzero weights in every M consecutive inputs of each row, the "
                    "pattern sparse kernels run); sets --sparsity to (M-N)/M.")
@@ -79,9 +80,10 @@ from onnxprune.select.masks import SCOPES
 @seed_opt
 @click.option("--probes", type=click.IntRange(min=1), default=None,
               help="Random projections instead of the exact Jacobian (cheaper with many outputs).")
-@click.option("--conv-statistics", type=click.Choice(["exact", "positions"]), default="exact", show_default=True,
+@click.option("--conv-statistics", type=click.Choice(["exact", "positions"]), default=None,
               help="Layers sharing a weight across positions (Conv, MatMul on sequences): exact per-sample sums, or "
-                   "every position as a sample of its own (cheaper, drops cross-position terms).")
+                   "every position as a sample of its own (cheaper, drops cross-position terms) [default: exact; "
+                   "positions for sequence models].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Calibration samples per batch of the statistics at most (fewer where --memory-budget needs).")
 @batch_axis_opt

@@ -40,7 +40,7 @@ def refused_options(structured: bool, *, method, macs, multiple, slice_inputs, p
     if structured:
         weights_only = {"--storage sparse": storage != "dense", "--no-compensation": not compensation,
                         "--no-chain": not chained, "--g-weighting": g_weighted,
-                        "--conv-statistics positions": conv_statistics != "exact"}
+                        "--conv-statistics positions": conv_statistics == "positions"}
         given = [name for name, value in weights_only.items() if value]
         if given:
             raise InputError(f"{given[0]} does not apply to --structured pruning")

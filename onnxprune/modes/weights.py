@@ -24,6 +24,23 @@ PRESETS = {
                         fallback=True),
 }
 METHOD_NAMES = (*METHODS, *PRESETS)
+# A model whose prunable weights are mostly in token-wise layers (a transformer's blocks): one fraction
+# per layer and the chained least-squares refit (docs/results/language-models.md measures why)
+SEQUENCE_DEFAULTS = {"scope": "layer", "refit": True, "conv_statistics": "positions", "probes": 4}
+SEQUENCE_SHARE = 0.5
+
+
+def model_defaults(layers: list[Layer], exclude, method: str) -> dict | None:
+    """The defaults that fit ``layers``' model, or None for the general ones: when token-wise layers
+    (MatMul on sequences, Gemms on folded tokens) hold at least SEQUENCE_SHARE of the prunable
+    weights, SEQUENCE_DEFAULTS (a preset method keeps its own refit and schedule)."""
+    candidates = [layer for layer in layers if not excluded(layer, exclude)]
+    total = sum(layer.size for layer in candidates)
+    tokens = sum(layer.size for layer in candidates if layer.kind in ("sequence", "folded"))
+    if not total or tokens < SEQUENCE_SHARE * total:
+        return None
+    values = {k: v for k, v in SEQUENCE_DEFAULTS.items() if not (k == "refit" and method in PRESETS)}
+    return {"model": "sequence", "token_share": tokens / total, "values": values}
 
 
 class WeightsMode:
