@@ -299,3 +299,58 @@ def test_a_gpt2_export_pruned_from_the_cli_with_default_options_gets_the_sequenc
     given = json.loads((tmp_path / "given.json").read_text())
     assert given["scope"] == "global" and given["repair"] == "none"
     assert set(given["defaults"]["applied"]) == {"conv_statistics", "probes"}
+
+
+def _rope_variant(change):
+    """The llama block with its q rotary changed by ``change(graph)`` (to make it mix heads)."""
+    from tinylm import llama_block
+
+    model = llama_block()
+    change(model.graph)
+    return model
+
+
+def test_the_rotary_embedding_is_passed_through_by_a_head_walk_and_commutes_with_removing_heads():
+    """From q's and k's (N, H, S, D) head split the rotary's Slice/Neg/Concat/Mul/Add act within each
+    head alike, so the walk reaches the tensor the scores' MatMul reads; removing a head before the
+    rotary gives the same values as removing it after (onnxruntime on the extracted piece)."""
+    from onnxprune import runtime
+    from onnxprune.find.rotary import head_passthrough
+    from onnxprune.graph.index import GraphIndex
+
+    from tinylm import llama_block
+
+    model = llama_block()
+    g = GraphIndex(model)
+    assert head_passthrough(g, "q.t", 1) == "q.rope" and head_passthrough(g, "k.t", 1) == "k.rope"
+    assert head_passthrough(g, "v.t", 1) == "v.t"       # no rotary on the values: the tensor itself
+    piece = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model)).extract_model(["q.t"], ["q.rope"])
+    for vi in [*piece.graph.input, *piece.graph.output, *piece.graph.value_info]:
+        vi.type.tensor_type.ClearField("shape")  # any number of heads
+    session = runtime.make_session(piece)
+    t = np.random.default_rng(0).normal(size=(3, 2, 6, 4)).astype(np.float32)
+    kept = [1]
+    np.testing.assert_allclose(session.run(None, {"q.t": t[:, kept]})[0], session.run(None, {"q.t": t})[0][:, kept],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_a_head_walk_stops_where_an_op_mixes_the_heads():
+    from onnxprune.find.rotary import head_passthrough
+    from onnxprune.graph.index import GraphIndex
+
+    def per_head_cos(graph):  # cos differs between the two heads: (H, S, D)
+        cos = next(t for t in graph.initializer if t.name == "rope.cos")
+        value = numpy_helper.to_array(cos)
+        cos.CopyFrom(numpy_helper.from_array(np.stack([value, 2 * value]), "rope.cos"))
+
+    def slice_heads(graph):  # the first half of q's rotary slices the head axis instead
+        axis = next(t for t in graph.initializer if t.name == "last_axis")
+        graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "head_axis"))
+        node = next(n for n in graph.node if n.name == "q.rope.first")
+        node.input[3] = "head_axis"
+        assert axis is not None
+
+    for change in (per_head_cos, slice_heads):
+        g = GraphIndex(_rope_variant(change))
+        assert head_passthrough(g, "q.t", 1) is None, change.__name__
+        assert head_passthrough(g, "v.t", 1) == "v.t"

@@ -99,3 +99,85 @@ def attention(seq=5, width=6, classes=4, seed=0, folded=False):
 def tokens(n=24, seq=4, features=6, seed=1):
     """Float 'embeddings' (N, S, F) for the models above."""
     return np.random.default_rng(seed).normal(size=(n, seq, features)).astype(np.float32)
+
+
+def llama_block(seq=6, width=8, heads=2, ffn=12, classes=5, seed=0, theta=10000.0):
+    """One LLaMA-style decoder block on float embeddings x (N, S, W), as torch exports it: RMSNorm
+    written out (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul) with a gain; bias-less q, k, v
+    projections split into heads ((N, S, H, D) -> (N, H, S, D)); the rotary embedding on q and k
+    (t * cos + rotate_half(t) * sin, rotate_half a Slice of each half of the head dimension, a Neg and
+    a Concat); causal softmax attention; the output projection and the residual; then RMSNorm, the
+    SwiGLU FFN (silu(gate) * up, SiLU as x * Sigmoid(x)) and its down projection with the residual;
+    a final RMSNorm and a linear head -> logits (N, S, K)."""
+    rng = np.random.default_rng(seed)
+    d = width // heads
+    inits, nodes = [], []
+
+    def init(name, value, dtype=np.float32):
+        inits.append(_init(name, value, dtype))
+        return name
+
+    def node(op, inputs, name, **attrs):
+        nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def rmsnorm(x, prefix):
+        sq = node("Pow", [x, init(f"{prefix}.two", 2.0)], f"{prefix}.sq")
+        mean = node("ReduceMean", [sq], f"{prefix}.mean", axes=[-1], keepdims=1)
+        var = node("Add", [mean, init(f"{prefix}.eps", 1e-6)], f"{prefix}.var")
+        root = node("Sqrt", [var], f"{prefix}.root")
+        inv = node("Reciprocal", [root], f"{prefix}.inv")
+        normed = node("Mul", [x, inv], f"{prefix}.normed")
+        return node("Mul", [normed, init(f"{prefix}.weight", 1 + 0.1 * rng.normal(size=width))], f"{prefix}.out")
+
+    def linear(x, name, n_in, n_out):
+        return node("MatMul", [x, init(f"{name}.weight", rng.normal(size=(n_in, n_out)) / np.sqrt(n_in))], name)
+
+    freqs = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    angles = np.outer(np.arange(seq), freqs)
+    angles = np.concatenate([angles, angles], axis=1)                     # (S, D), as HF repeats the halves
+    init("rope.cos", np.cos(angles))
+    init("rope.sin", np.sin(angles))
+    init("heads_shape", [0, 0, heads, d], np.int64)
+    init("merge_shape", [0, 0, width], np.int64)
+    init("half_starts", [0], np.int64)
+    init("half_mid", [d // 2], np.int64)
+    init("half_end", [d], np.int64)
+    init("last_axis", [-1], np.int64)
+    h = rmsnorm("x", "attn_norm")
+    projected = {}
+    for name in ("q", "k", "v"):
+        p = linear(h, f"{name}_proj", width, width)
+        split = node("Reshape", [p, "heads_shape"], f"{name}.heads")
+        projected[name] = node("Transpose", [split], f"{name}.t", perm=[0, 2, 1, 3])
+    for name in ("q", "k"):
+        t = projected[name]
+        first = node("Slice", [t, "half_starts", "half_mid", "last_axis"], f"{name}.rope.first")
+        second = node("Slice", [t, "half_mid", "half_end", "last_axis"], f"{name}.rope.second")
+        negated = node("Neg", [second], f"{name}.rope.neg")
+        rotated = node("Concat", [negated, first], f"{name}.rope.rotated", axis=-1)
+        cos = node("Mul", [t, "rope.cos"], f"{name}.rope.cos")
+        sin = node("Mul", [rotated, "rope.sin"], f"{name}.rope.sin")
+        projected[name] = node("Add", [cos, sin], f"{name}.rope")
+    kt = node("Transpose", [projected["k"]], "k.tt", perm=[0, 1, 3, 2])
+    scores = node("MatMul", [projected["q"], kt], "scores")
+    scaled = node("Mul", [scores, init("scale", 1 / np.sqrt(d))], "scaled")
+    masked = node("Add", [scaled, init("causal", np.where(np.tril(np.ones((seq, seq))) > 0, 0.0, -1e4))], "masked")
+    attn = node("Softmax", [masked], "attn", axis=-1)
+    context = node("MatMul", [attn, projected["v"]], "context")
+    merged = node("Transpose", [context], "context.t", perm=[0, 2, 1, 3])
+    flat = node("Reshape", [merged, "merge_shape"], "context.merged")
+    out = linear(flat, "o_proj", width, width)
+    residual = node("Add", ["x", out], "attn_residual")
+    h2 = rmsnorm(residual, "ffn_norm")
+    gate = linear(h2, "gate_proj", width, ffn)
+    up = linear(h2, "up_proj", width, ffn)
+    sigmoid = node("Sigmoid", [gate], "gate.sigmoid")
+    silu = node("Mul", [gate, sigmoid], "gate.silu")
+    product = node("Mul", [silu, up], "swiglu")
+    down = linear(product, "down_proj", ffn, width)
+    residual2 = node("Add", [residual, down], "ffn_residual")
+    final = rmsnorm(residual2, "final_norm")
+    nodes.append(helper.make_node("MatMul", [final, init("head.weight", rng.normal(size=(width, classes)) / np.sqrt(width))],
+                                  ["logits"], name="head"))
+    return _model(nodes, inits, seq, width, classes, "llama_block")

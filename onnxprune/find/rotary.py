@@ -1,0 +1,77 @@
+"""Head-wise ops a unit walk may pass through: the rotary embedding between a head split and attention.
+
+LLaMA-style blocks rotate q and k after splitting them into heads: t * cos + rotate_half(t) * sin,
+rotate_half a Slice of each half of the head dimension, a Neg and a Concat, cos and sin constants
+over (positions, head dimension). Every one of these ops acts within a head and treats all heads
+alike, so removing heads commutes with them: the rotary of the kept heads is the kept heads of the
+rotary, and its constants need no cut. ``head_passthrough`` follows such ops from a tensor with a
+head axis to the one tensor they hand on (the attention's MatMul reads it), so a head walk can treat
+the two as the same heads.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from onnxprune.graph.index import GraphIndex
+
+HEADWISE = {"Slice", "Neg", "Concat", "Mul", "Add", "Sub", "Cast", "Identity"}
+
+
+def _axes(g: GraphIndex, node, rank: int) -> list[int] | None:
+    """The axes a Slice or Concat acts on, non-negative; None when they are not constants."""
+    if node.op_type == "Concat":
+        axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+        return None if axis is None else [axis % rank]
+    if len(node.input) < 4 or not node.input[3]:
+        return list(range(len(g.constant(node.input[1]) if g.constant(node.input[1]) is not None else [])))
+    axes = g.constant(node.input[3])
+    return None if axes is None else [int(a) % rank for a in np.atleast_1d(axes)]
+
+
+def _alike_over_heads(g: GraphIndex, name: str, rank: int, head_axis: int) -> bool:
+    """Whether a constant operand is the same for every head (size 1 or absent along the head axis,
+    broadcast right-aligned to ``rank``)."""
+    value = g.constant(name)
+    if value is None:
+        return False
+    shape = (1,) * (rank - value.ndim) + value.shape
+    return len(shape) == rank and shape[head_axis] == 1
+
+
+def head_passthrough(g: GraphIndex, tensor: str, head_axis: int) -> str | None:
+    """The tensor that ``tensor``'s head-wise ops hand on (``tensor`` itself when none follow it),
+    or None when an op on the way mixes heads: a Slice or Concat along the head axis, a constant that
+    differs between heads, a computed operand from outside, or more than one tensor leaving."""
+    rank = g.ranks.get(tensor)
+    if rank is None or not 0 <= head_axis < rank:
+        return None
+    inside, stack, nodes = {tensor}, [tensor], []
+    while stack:
+        for node in g.consumers.get(stack.pop(), []):
+            if node.op_type not in HEADWISE or node in nodes:
+                continue
+            if node.op_type in ("Slice", "Concat"):
+                axes = _axes(g, node, rank)
+                if axes is None or head_axis in axes:
+                    return None
+            nodes.append(node)
+            inside.update(node.output)
+            stack.extend(node.output)
+    changed = True
+    while changed:  # a node whose other operands are not all inside or head-alike constants is not head-wise
+        changed = False
+        for node in list(nodes):
+            data = node.input[:1] if node.op_type == "Slice" else node.input
+            if all(name in inside or _alike_over_heads(g, name, rank, head_axis) for name in data if name):
+                continue
+            nodes.remove(node)
+            inside.difference_update(node.output)
+            changed = True
+    if any(name not in inside for node in nodes for name in (node.input[:1] if node.op_type == "Slice" else node.input)
+           if name and name not in g.inits):
+        return None
+    leaving = [name for name in inside if any(user not in nodes for user in g.consumers.get(name, []))
+               or name in g.outputs]
+    if len(leaving) != 1:
+        return None
+    return leaving[0]
