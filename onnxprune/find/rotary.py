@@ -22,8 +22,9 @@ def _axes(g: GraphIndex, node, rank: int) -> list[int] | None:
     if node.op_type == "Concat":
         axis = next((a.i for a in node.attribute if a.name == "axis"), None)
         return None if axis is None else [axis % rank]
-    if len(node.input) < 4 or not node.input[3]:
-        return list(range(len(g.constant(node.input[1]) if g.constant(node.input[1]) is not None else [])))
+    if len(node.input) < 4 or not node.input[3]:  # no axes: the first len(starts) axes
+        starts = g.constant(node.input[1])
+        return None if starts is None else list(range(np.atleast_1d(starts).size))
     axes = g.constant(node.input[3])
     return None if axes is None else [int(a) % rank for a in np.atleast_1d(axes)]
 
