@@ -37,6 +37,7 @@ from onnxprune.select.masks import excluded, parse_pattern
 from onnxprune.select.schedule import Schedule, geometric, one_shot, path
 
 METHOD_NAMES = WEIGHT_METHODS
+ERRORS_AT = ("output", "layer")
 __all__ = ["METHOD_NAMES", "PRESETS", "UNIT_METHODS", "Pruner", "PruneResult"]
 
 
@@ -48,6 +49,7 @@ class Choices:
     refit: bool | None = None   # None: the method's preset says
     conv_statistics: str = "exact"
     probes: int | None = None   # None: exact up to EXACT_LIMIT outputs, then automatic
+    error_at: str = "output"    # ECP's error at the protected output (G) or at each layer's own output (G = 1)
 
 
 @dataclass
@@ -128,7 +130,7 @@ class Pruner:
                  force: bool = False, steps: int | None = None, refit: bool | None = None, chained: bool = True,
                  g_weighted: bool = False, conv_statistics: str | None = None, engine: str = "auto",
                  memory_budget: int = MEMORY_BUDGET, progress: Callable[[str, int, int], None] | None = None,
-                 pattern: str | None = None):
+                 pattern: str | None = None, error_at: str | None = None):
         self.method, self.structured, self.macs, self.multiple, self.inputs = method, structured, macs, multiple, inputs
         self.compensation, self.scope, self.exclude = compensation, scope, tuple(exclude)
         self.seed, self.output, self.probes, self.batch_size = seed, output, probes, batch_size
@@ -138,12 +140,15 @@ class Pruner:
         self.conv_statistics, self.engine, self.memory_budget = conv_statistics, engine, memory_budget
         self.pattern = pattern  # "N:M": at most N nonzero weights in every M consecutive inputs (select.masks)
         # scope, refit, conv_statistics and probes left None take the model's defaults (``model_defaults``)
-        self.chosen_ = Choices(scope or "global", refit, conv_statistics or "exact", probes)
+        self.error_at = error_at
+        self.chosen_ = Choices(scope or "global", refit, conv_statistics or "exact", probes, error_at or "output")
 
     def _plan(self):
         """(strategy, scorer, schedule, repair, fallback): the method's preset, unless given."""
         if self.probes is not None and self.probes < 1:
             raise InputError(f"--probes must be a positive number, got {self.probes}")
+        if self.chosen_.error_at not in ERRORS_AT:
+            raise InputError(f"error_at must be one of {', '.join(ERRORS_AT)}, got {self.chosen_.error_at!r}")
         if self.structured:
             if self.pattern:
                 raise InputError("--pattern N:M masks single weights; it does not apply to --structured pruning")
@@ -199,7 +204,7 @@ class Pruner:
         self.defaults_ = None if self.structured else model_defaults(self.layers_, self.exclude, self.method)
         if self.defaults_ is not None:  # what the model is chooses what the user left open
             given = {"scope": self.scope, "refit": self.refit, "conv_statistics": self.conv_statistics,
-                     "probes": self.probes}
+                     "probes": self.probes, "error_at": self.error_at}
             self.defaults_["applied"] = {k: v for k, v in self.defaults_["values"].items() if given[k] is None}
             self.chosen_ = replace(self.chosen_, **self.defaults_["applied"])
             self.mode_, self.scorer_, self.schedule_, self.repair_, self.fallback_ = self._plan()
@@ -214,6 +219,7 @@ class Pruner:
     def _score(self, state: State) -> dict:
         ctx = ScoringContext(model=state.model, layers=state.layers, data=self.data_, output=self.output_,
                              settings=self.settings_, groups=state.groups, conv_statistics=self.chosen_.conv_statistics,
+                             error_at=self.chosen_.error_at,
                              force=self.force, progress=self.progress)
         start = time.perf_counter()
         scores = self.scorer_(ctx)

@@ -354,3 +354,20 @@ def test_a_head_walk_stops_where_an_op_mixes_the_heads():
         g = GraphIndex(_rope_variant(change))
         assert head_passthrough(g, "q.t", 1) is None, change.__name__
         assert head_passthrough(g, "v.t", 1) == "v.t"
+
+
+def test_ecp_with_its_error_at_each_layers_output_is_the_layers_reconstruction_error_without_derivatives():
+    """G = 1: every weight scored by the error it leaves at its own layer's output after the mean shift
+    of its bias, W^2 Var(z) over samples and tokens (numpy), with no derivative computed."""
+    from onnxprune import runtime
+    from onnxprune.pipeline import Pruner
+
+    model, x = two_layers(folded=True), tokens(20)
+    pruner = Pruner("ecp", error_at="layer", scope="global", refit=False).fit(model, {"x": x})
+    assert pruner.engine_["name"] is None and pruner.chosen_.error_at == "layer"
+    for layer in pruner.layers_:
+        (z,) = runtime.run_tensors(model, {"x": x}, [layer.input]) if layer.input != "x" else (x,)
+        z = np.asarray(z, np.float64).reshape(-1, layer.in_features)
+        w = layer.to_rows(numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == layer.weight)))
+        np.testing.assert_allclose(pruner.scores_[layer.name].scores, w * w * z.var(0), rtol=1e-6)
+        np.testing.assert_allclose(pruner.scores_[layer.name].shifts, w * z.mean(0), rtol=1e-6, atol=1e-9)

@@ -84,6 +84,10 @@ from onnxprune.select.masks import SCOPES
               help="Layers sharing a weight across positions (Conv, MatMul on sequences): exact per-sample sums, or "
                    "every position as a sample of its own (cheaper, drops cross-position terms) [default: exact; "
                    "positions for sequence models].")
+@click.option("--error-at", type=click.Choice(["output", "layer"]), default=None,
+              help="Where ECP measures a removal's error: at the protected output (G from its derivatives, the "
+                   "paper's) or at each layer's own output (G = 1: the per-layer reconstruction target, no "
+                   "derivatives) [default: output; layer for sequence models].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Calibration samples per batch of the statistics at most (fewer where --memory-budget needs).")
 @batch_axis_opt
@@ -100,7 +104,7 @@ from onnxprune.select.masks import SCOPES
 @command_errors
 def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias, max_loss_increase, max_accuracy_drop,
           plot_path, storage, method, steps, refit, chained, g_weighted, compensation, scope, pattern, exclude, seed,
-          probes, conv_statistics, batch_size, batch_axes, output, labels_key, provider, threads, engine, memory_budget,
+          probes, conv_statistics, error_at, batch_size, batch_axes, output, labels_key, provider, threads, engine, memory_budget,
           json_path, force, structured, macs, multiple, slice_inputs, prune_inputs, time_batches, verbose, quiet):
     """Prune MODEL (one-shot, or in --steps) and write the result to OUT.
 
@@ -117,7 +121,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
         test_data = evaluate_alias
     refused_options(structured, method=method, macs=macs, multiple=multiple, slice_inputs=slice_inputs,
                     prune_inputs=prune_inputs, storage=storage, compensation=compensation, chained=chained,
-                    g_weighted=g_weighted, conv_statistics=conv_statistics)
+                    g_weighted=g_weighted, conv_statistics=conv_statistics, error_at=error_at)
     mode = mode_options(structured, macs, multiple, slice_inputs, prune_inputs)
     if pattern is not None:
         sparsity = _pattern_sparsity(pattern, sparsity, structured, dry_run or max_loss_increase is not None
@@ -127,7 +131,8 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
     params = dict(method=method, compensation=compensation, scope=scope, exclude=exclude, seed=seed, output=output,
                   probes=probes, batch_size=batch_size, labels_key=labels_key, provider=provider, threads=threads,
                   force=force, steps=steps, refit=refit, chained=chained, g_weighted=g_weighted,
-                  conv_statistics=conv_statistics, engine=engine, memory_budget=memory_budget, progress=ui.progress,
+                  conv_statistics=conv_statistics, error_at=error_at, engine=engine, memory_budget=memory_budget,
+                  progress=ui.progress,
                   **mode)
     batches = _batches(time_batches)
     budgeted = max_loss_increase is not None or max_accuracy_drop is not None

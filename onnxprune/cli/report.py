@@ -52,7 +52,8 @@ def print_result(ui, result, report: dict, out: str, original) -> None:
 
 
 OPTION_TEXT = {"scope": lambda v: f"--scope {v}", "refit": lambda v: "--refit" if v else "--no-refit",
-               "conv_statistics": lambda v: f"--conv-statistics {v}", "probes": lambda v: f"--probes {v}"}
+               "conv_statistics": lambda v: f"--conv-statistics {v}", "probes": lambda v: f"--probes {v}",
+               "error_at": lambda v: f"--error-at {v}"}
 
 
 def defaults_line(defaults: dict) -> str:

@@ -33,6 +33,7 @@ class ScoringContext:
     settings: DerivativeSettings = field(default_factory=DerivativeSettings)
     groups: list[UnitGroup] = field(default_factory=list)
     conv_statistics: str = "exact"          # shared-weight layers: "exact" or "positions" (see derivatives.shared)
+    error_at: str = "output"                # ECP's error: at the protected output (G from derivatives) or each layer's (G = 1)
     force: bool = False
     progress: Callable[[str, int, int], None] | None = None
     timings: dict[str, float] = field(default_factory=dict)

@@ -34,12 +34,16 @@ class ECP:
     output and score 0. A row whose bias the output cannot see (a key projection before a softmax:
     the same shift of every key cancels, so C_i is float rounding, ~1e-14 of what the positions
     alone give) gets no shift and the uncompensated error W_ij^2 A_ij: dividing by C_i there would
-    write shifts of 1e5 and rank the row's weights as free.
+    write shifts of 1e5 and rank the row's weights as free. With ``error_at="layer"`` G is 1: the
+    error is the layer's own output's (the per-layer reconstruction target SparseGPT and Wanda use),
+    A - B^2/C = Var z, from forward passes alone.
     """
 
     name = "ecp"
 
     def __call__(self, ctx: ScoringContext) -> dict[str, Saliency]:
+        if ctx.error_at == "layer":  # G = 1: each layer's own output error, from forward passes alone
+            return Variance()(ctx)
         out = {}
         for layer in ctx.layers:
             s, w = ctx.statistics()[layer.name], ctx.weights[layer.name]
