@@ -139,7 +139,9 @@ def _piece(m: onnx.ModelProto, nodes, producer, sources: list[str], outputs: lis
     passthrough = [name for name in outputs if name in known]  # a cut value read again later: an Identity
     for name in passthrough:
         graph.output.remove(next(o for o in graph.output if o.name == name))
-    return _Passing(runtime.make_session(part, provider, threads), passthrough) if graph.output else _Passing(None, passthrough)
+    if not graph.output:
+        return _Passing(None, passthrough)
+    return _Passing(runtime.make_session(part, provider, threads, arena=False), passthrough)  # no arena: one per piece
 
 
 class _Passing:
