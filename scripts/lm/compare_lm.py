@@ -9,12 +9,15 @@ Reads --out/MANIFEST.json and the exports of scripts/lm/export_lm.py. For every 
 - onnxsim rows: scripts/lm/onnxsim_prune.py in onnxsim's venv (apply_magnitude_pruning, apply_wanda_pruning,
   apply_sparsegpt_pruning; sparsity=r or n=2, m=4; Wanda and SparseGPT calibrated on the same calibration
   windows in batches of 16), the LM head and every other non-block initializer restored to dense afterwards.
-- onnxprune rows: ``onnxprune prune MODEL OUT --data CALIB --sparsity r --exclude <LM head node> --json R`` (ECP,
-  defaults: global scope), with ``--scope layer``, and with ``--scope layer --refit``; the LM head is named by
-  ``--exclude`` when ``onnxprune inspect`` lists it as prunable. 2:4 does not exist in onnxprune: recorded as
-  not available.
-Every prune is a subprocess: wall time and peak RSS come from os.wait4 (the child's ru_maxrss, its own
-waited-for children included). Held-out perplexity: lmcommon.onnx_perplexity on data/heldout.npz (256 x 128).
+- onnxprune rows: ``onnxprune prune MODEL OUT --data CALIB --sparsity 0.5 --exclude <LM head node> --json R``
+  (ECP, defaults: global scope) is run as a command (row onnxprune-ecp-cli). Then ECP (global), ECP --scope layer
+  and ECP --scope layer --refit at every ratio: one scripts/lm/onnxprune_sweep.py process per configuration
+  (onnxprune.Pruner(...).fit once, .prune(r) per ratio; the statistics do not depend on the ratio). When the CLI
+  run pruned none of the blocks' linear layers, the sweeps are recorded as not run, with its reasons. The LM
+  head is named by ``--exclude`` when ``onnxprune inspect`` lists it as prunable. 2:4 does not exist in
+  onnxprune: recorded as not available.
+Every prune is a subprocess: wall time from this script's clock, peak RSS from GNU time's %M (/usr/bin/time).
+Held-out perplexity: lmcommon.onnx_perplexity on data/heldout.npz (256 x 128).
 Block sparsity is counted on the written model (zeros in the blocks' linear weights / their size).
 
 Results go to --results (default docs/results/language-models.json, one row per run, kept between runs:
@@ -46,13 +49,20 @@ ROWS = ["onnxsim-magnitude", "onnxsim-wanda", "onnxsim-sparsegpt", "onnxprune-ec
 ONNXPRUNE_FLAGS = {"onnxprune-ecp": [], "onnxprune-ecp-layer": ["--scope", "layer"],
                    "onnxprune-ecp-layer-refit": ["--scope", "layer", "--refit"]}
 RESULTS = L.REPO / "docs" / "results" / "language-models.json"
+TIME = "/usr/bin/time"   # GNU time (Debian package "time")
 
 
 def run_measured(cmd: list[str], timeout: float, log: pathlib.Path, env=None) -> dict:
-    """Run cmd; wall seconds, peak RSS (MB) of the child from os.wait4, exit code, the last stderr line."""
+    """Run cmd under /usr/bin/time; wall seconds, peak RSS (MB, GNU time's %M), exit code, the last error line.
+
+    GNU time, not this process's os.wait4: a child forked from this process (which holds onnxruntime sessions and
+    the held-out logits, hundreds of MB) keeps the parent's resident size as its maximum across the exec, so
+    ru_maxrss would report this process's size for any small command; time's own child is forked from time."""
     t0 = time.time()
+    timing = log.with_suffix(".time")
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen([TIME, "-o", str(timing), "-f", "%M %e", *cmd], stdout=f, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
         timed_out = threading.Event()
 
         def kill():
@@ -63,13 +73,14 @@ def run_measured(cmd: list[str], timeout: float, log: pathlib.Path, env=None) ->
                 pass
         timer = threading.Timer(timeout, kill)
         timer.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc.wait()
         timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
     text = log.read_text(errors="replace").strip().splitlines()
     errors = [line for line in text if line.startswith("Error:")]
+    measured = timing.read_text().strip().splitlines()[-1].split() if timing.exists() else []
+    peak = round(int(measured[0]) / 1024, 1) if len(measured) == 2 else None
     return {"exit": proc.returncode, "timed_out": timed_out.is_set(), "seconds": round(time.time() - t0, 1),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "peak_rss_mb": peak,
             "message": (errors[-1] if errors else (text[-1] if text else ""))[:400]}
 
 
@@ -383,7 +394,8 @@ def setup_text(args, manifest) -> dict:
             "timeout_s": args.timeout, "machine": f"{os.cpu_count()} CPUs, shared with other jobs",
             "data": manifest["data"], "models": {k: {x: v.get(x) for x in ("architecture", "exporter", "versions", "inputs",
                                                                             "nodes", "dense_perplexity", "torch_perplexity",
-                                                                            "max_abs_logit_diff_vs_torch", "how", "error")}
+                                                                            "max_abs_logit_diff_vs_torch", "how", "error",
+                                                                            "training")}
                                                  for k, v in manifest["models"].items()}}
 
 
@@ -429,21 +441,24 @@ def render(results: dict) -> str:
                   "excluded; embeddings are Gathers and stay dense). onnxsim's functions prune every such layer, the LM "
                   "head included; the head's and every other non-block initializer's dense values are written back after "
                   "(scripts/lm/onnxsim_prune.py). onnxprune: `--exclude` names the LM head node. Time: wall seconds of the "
-                  "prune subprocess (start-up and writing included); memory: its peak RSS (os.wait4). Rows "
+                  "prune subprocess (start-up and writing included); memory: its peak RSS (GNU time's %M). Rows "
                   "`onnxprune-ecp`, `-ecp-layer`, `-ecp-layer-refit` come from one scripts/lm/onnxprune_sweep.py process "
                   "per configuration (`onnxprune.Pruner(...).fit` once, then `.prune(r)` per ratio): their seconds are "
                   "import + fit + that ratio's prune and save, their memory the sweep's peak; `onnxprune-ecp-cli` is "
                   "the command line itself at 50%.", "", "## Models", "",
-                  "| export | architecture | exporter | inputs | nodes | dense ppl (onnxruntime) | ppl (torch) "
+                  "| export | architecture | training | exporter | inputs | nodes | dense ppl (onnxruntime) | ppl (torch) "
                   "| max abs logit diff vs torch |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, m in s["models"].items():
             if m.get("error"):
-                lines.append(f"| {name} | {m['architecture']} | {m['exporter']} | - | - | failed: {m['error']} | | |")
+                lines.append(f"| {name} | {m['architecture']} | - | {m['exporter']} | - | - | failed: {m['error']} | | |")
                 continue
             ins = ", ".join(i["name"] for i in m["inputs"])
             ver = ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items())
-            lines.append(f"| {name} | {m['architecture']} | {m['exporter']} ({ver}) | {ins} | {m['nodes']} | "
+            t = m.get("training")
+            train = (f"{t['parameters']:,} parameters; {t['steps']} steps x {t['batch']} x {t['context']} tokens "
+                     f"({t['tokens_seen']:,} tokens), {t['seconds']:.0f} s, seed {t['seed']}" if t else "-")
+            lines.append(f"| {name} | {m['architecture']} | {train} | {m['exporter']} ({ver}) | {ins} | {m['nodes']} | "
                          f"{fmt(m['dense_perplexity'], '.3f')} | {fmt(m['torch_perplexity'], '.3f')} | "
                          f"{fmt(m['max_abs_logit_diff_vs_torch'], '.2e')} |")
         lines.append("")
@@ -512,13 +527,22 @@ def render(results: dict) -> str:
         rep = r.get("report")
         if r["row"].startswith("onnxsim") and rep and "restored" in rep:
             restored.setdefault((r["model"], r["exporter"]), set()).update(rep["restored"])
+    repointed = {}
+    for r in rows:
+        rep = r.get("report")
+        if r["row"].startswith("onnxsim") and rep and rep.get("nodes_repointed_by_onnxsim"):
+            repointed.setdefault((r["model"], r["exporter"], rep["function"]), rep["nodes_repointed_by_onnxsim"])
+    for (kind, exporter, fn), n in repointed.items():
+        lines.append(f"- {kind}/{exporter}: {fn} wrote {n} pruned weights as new initializers and pointed the nodes at them, "
+                     "leaving the originals unused; scripts/lm/onnxsim_prune.py puts the values back under the original names "
+                     "and drops the unused copies before the LM head is restored")
     for (kind, exporter), names in restored.items():
         lines.append(f"- {kind}/{exporter}: initializers onnxsim changed outside the blocks, written back dense: "
                      f"{', '.join(sorted(names)) or 'none'}")
     for r in rows:
         rep = r.get("report")
         if r["row"] == "onnxsim-wanda" and rep and rep.get("same_mask_as_magnitude") is not None:
-            n_keep = len(rep["changed"]) - len(rep["restored"]) + len(rep["not_changed_of_keep"])
+            n_keep = len(rep["changed"]) + len(rep["not_changed_of_keep"])
             lines.append(f"- {r['model']}/{r['exporter']} Wanda {r['target']}: mask identical to onnxsim magnitude's in "
                          f"{len(rep['same_mask_as_magnitude'])} of {n_keep} block layers")
     return "\n".join(lines) + "\n"

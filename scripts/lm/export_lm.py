@@ -1,7 +1,7 @@
 """Export the trained study models (scripts/lm/train_lm.py) to ONNX three ways and check every export.
 
     /path/to/torch-venv/bin/python scripts/lm/export_lm.py [--out out/lm] [--model gpt2|llama|both]
-        [--exporters legacy,dynamo,optimum] [--cache /shared/cache/lm] [--setup-optimum]
+        [--exporters legacy,dynamo,optimum] [--cache /shared/cache/lm] [--setup-optimum] [--cache-only]
 
 - legacy: torch.onnx.export(dynamo=False, opset 17) of a wrapper ``input_ids -> logits`` around the
   transformers model in eager attention; the wrapper passes ``attention_mask=ones_like(input_ids)``
@@ -154,6 +154,7 @@ def main():
     ap.add_argument("--exporters", default="legacy,dynamo,optimum")
     ap.add_argument("--cache", type=pathlib.Path, default=None, help="also copy the models and data here (with MANIFEST.json)")
     ap.add_argument("--setup-optimum", action="store_true")
+    ap.add_argument("--cache-only", action="store_true", help="export nothing: copy what --out has to --cache")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     import onnx
@@ -182,7 +183,7 @@ def main():
                      "perplexity": "exp(mean next-token cross-entropy) over the 256 x 127 predictions of heldout.npz, "
                                    "onnxruntime "
                                    "CPU (scripts/lm/lmcommon.py onnx_perplexity)"})
-    kinds = ["gpt2", "llama"] if args.model == "both" else [args.model]
+    kinds = [] if args.cache_only else ["gpt2", "llama"] if args.model == "both" else [args.model]
     for kind in kinds:
         model = load_hf(out, kind)
         train = L.load_json(out / kind / "train.json")
@@ -218,6 +219,12 @@ def main():
             manifest["models"][f"{kind}_{exporter}.onnx"] = info
             print(kind, exporter, {k: info[k] for k in ("nodes", "bytes", "max_abs_logit_diff_vs_torch", "dense_perplexity")},
                   flush=True)
+    for info in manifest["models"].values():   # how each model was trained (train_lm.py's train.json)
+        train_json = out / info["model"] / "train.json"
+        if train_json.exists():
+            t = L.load_json(train_json)
+            info["training"] = {**{k: t["training"][k] for k in ("steps", "batch", "context", "tokens_seen", "seconds", "seed")},
+                                "parameters": t["parameters"], "heldout_ppl_torch": t["heldout_ppl_torch"]}
     L.write_json(manifest_path, manifest)
     if args.cache:
         args.cache.mkdir(parents=True, exist_ok=True)

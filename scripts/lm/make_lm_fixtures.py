@@ -98,7 +98,8 @@ def main():
                   f"{desc[kind]}, {how}; {path.stat().st_size:,} bytes, {len(m.graph.node)} nodes; held-out perplexity "
                   f"(16 x 31 next-byte predictions) {ppl:.3f} in onnxruntime, {tppl:.3f} in torch.", "",
                   "Ops: " + ", ".join(f"{k} {v}" for k, v in ops.most_common()) + ".", "",
-                  "Linear layers (MatMul/Gemm with a constant 2-D weight; `transposed`: the weight is stored (out, in)):", "",
+                  "Linear layers (MatMul/Gemm with a constant 2-D weight, as scripts/lm/lmcommon.py linear_layers finds "
+                  "them; shape as stored, (in, out) for all of these):", "",
                   "| node | op | weight | shape | reached through | bias | LM head |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in lin:

@@ -24,6 +24,55 @@ import time
 import numpy as np
 
 
+def normalize(pruned, dense, keep: set) -> dict:
+    """Put onnxsim's result back into the dense model's form, in place, and say what it changed.
+
+    onnxsim's magnitude pruning (the C++ pass behind apply_magnitude_pruning) writes each pruned weight as a new
+    initializer (``_v_913``...), points the node at it and leaves the original initializer unused; Wanda and
+    SparseGPT overwrite the original initializer. Either way: a weight listed in ``keep`` takes the pruned values
+    under its original name; every other weight onnxsim changed (the LM head) gets its dense values back; the
+    initializers no node reads any more are dropped."""
+    from onnx import numpy_helper
+    renamed = sum(1 for pn, dn in zip(pruned.graph.node, dense.graph.node) if list(pn.input) != list(dn.input))
+    dense_inits = {t.name: t for t in dense.graph.initializer}
+    inits = {t.name: t for t in pruned.graph.initializer}
+    changed, restored, other = set(), set(), []
+    if [n.op_type for n in pruned.graph.node] != [n.op_type for n in dense.graph.node]:
+        raise SystemExit("onnxsim changed the graph's nodes; not handled")
+    for pn, dn in zip(pruned.graph.node, dense.graph.node):
+        for j, (b, a) in enumerate(zip(pn.input, dn.input)):
+            if a == b:
+                continue
+            if a in dense_inits and b in inits:
+                if a in keep:
+                    inits[a].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[b]), a))
+                    changed.add(a)
+                else:
+                    restored.add(a)
+                    if a not in inits:
+                        pruned.graph.initializer.append(dense_inits[a])
+                        inits[a] = pruned.graph.initializer[-1]
+                pn.input[j] = a
+            else:
+                other.append(f"{pn.name}: input {j} {a} -> {b}")
+    for t in pruned.graph.initializer:
+        if t.name in dense_inits and not np.array_equal(numpy_helper.to_array(t),
+                                                        numpy_helper.to_array(dense_inits[t.name])):
+            if t.name in keep:
+                changed.add(t.name)
+            else:
+                t.CopyFrom(dense_inits[t.name])
+                restored.add(t.name)
+    used = {i for n in pruned.graph.node for i in n.input} | {i.name for i in pruned.graph.input}
+    dropped = [t.name for t in pruned.graph.initializer if t.name not in used]
+    kept = [t for t in pruned.graph.initializer if t.name in used]
+    del pruned.graph.initializer[:]
+    pruned.graph.initializer.extend(kept)
+    return {"changed": sorted(changed), "restored": sorted(restored), "not_changed_of_keep": sorted(keep - changed),
+            "nodes_repointed_by_onnxsim": renamed,
+            "dropped_unused": dropped, "other_graph_changes": other}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -61,17 +110,11 @@ def main():
     pruned = fn(model, **kw)
     t2 = time.time()
     keep = set(json.load(open(args.keep)))
-    before = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
-    changed, restored = [], []
-    for t in pruned.graph.initializer:
-        if t.name in before and not np.array_equal(numpy_helper.to_array(t), before[t.name]):
-            changed.append(t.name)
-            if t.name not in keep:
-                t.CopyFrom(numpy_helper.from_array(before[t.name], t.name))
-                restored.append(t.name)
-    if args.method == "wanda":   # onnxsim's Wanda uses |W| alone where a MatMul's activation is not 2-D: compare the masks
+    fix = normalize(pruned, dense, keep)
+    if args.method == "wanda":   # is onnxsim's Wanda different from |W| alone here? compare the masks
         plain = {k: v for k, v in kw.items() if k != "calibration_data"}
         magnitude = onnxsim.apply_magnitude_pruning(onnx.load(args.model), **plain)
+        normalize(magnitude, dense, keep)
         mag = {t.name: numpy_helper.to_array(t) == 0 for t in magnitude.graph.initializer if t.name in keep}
         wan = {t.name: numpy_helper.to_array(t) == 0 for t in pruned.graph.initializer if t.name in keep}
         same_as_magnitude = sorted(n for n in keep if n in mag and n in wan and np.array_equal(mag[n], wan[n]))
@@ -85,8 +128,7 @@ def main():
                               f"{os.path.basename(args.data)}"
                               if "calibration_data" in kw else None),
               "onnxsim": onnxsim.__version__ if hasattr(onnxsim, "__version__") else None,
-              "changed": changed, "restored": restored, "not_changed_of_keep": sorted(keep - set(changed)),
-              "same_graph": same_graph, "same_mask_as_magnitude": same_as_magnitude,
+              **fix, "same_graph_after_normalizing": same_graph, "same_mask_as_magnitude": same_as_magnitude,
               "seconds": {"import": round(t0 - t_import, 2), "prune_call": round(t2 - t1, 2),
                           "total": round(time.time() - t_import, 2)}}
     if args.json:
