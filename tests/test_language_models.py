@@ -371,3 +371,47 @@ def test_ecp_with_its_error_at_each_layers_output_is_the_layers_reconstruction_e
         w = layer.to_rows(numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == layer.weight)))
         np.testing.assert_allclose(pruner.scores_[layer.name].scores, w * w * z.var(0), rtol=1e-6)
         np.testing.assert_allclose(pruner.scores_[layer.name].shifts, w * z.mean(0), rtol=1e-6, atol=1e-9)
+
+
+LM = Path(__file__).parent / "fixtures" / "lm"
+
+
+def _perplexity(path, ids) -> float:
+    """exp(mean next-token cross-entropy) of a causal LM's logits on onnxruntime, in numpy float64."""
+    from onnxprune import runtime
+
+    logits = runtime.make_session(str(path)).run(None, {"input_ids": ids})[0].astype(np.float64)[:, :-1]
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return float(np.exp(-np.take_along_axis(logp, ids[:, 1:, None], -1).mean()))
+
+
+def _block_rows(model, weight):
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == weight))
+
+
+@pytest.mark.parametrize("fixture,head,args", [
+    ("gpt2_tiny_legacy", "/model/lm_head/MatMul", ["--sparsity", "0.5"]),
+    ("llama_tiny_dynamo", "node_linear_14", ["--pattern", "2:4"]),
+])
+def test_a_trained_tiny_lm_pruned_from_the_cli_with_default_options_keeps_its_perplexity(tmp_path, fixture, head, args):
+    """The h-lm fixtures (byte-level GPT-2, legacy export with Gemms on folded tokens and computed
+    shapes; LLaMA, dynamo export) pruned with only --sparsity or --pattern (and the LM head left out):
+    every block linear loses half its weights, the head is untouched, and the held-out perplexity
+    (numpy over onnxruntime's logits) stays within 5% of the dense model's."""
+    import json
+
+    source = LM / f"{fixture}.onnx"
+    out = tmp_path / "pruned.onnx"
+    res = _cli("prune", source, out, "--data", LM / "calib.npz", *args, "--exclude", head, "--json", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    assert "defaults for a sequence model" in res.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    dense, pruned = onnx.load(source), onnx.load(out)
+    blocks = [layer for layer in report["weights"]["layers"] if layer["layer"] != head]
+    assert len(blocks) == (8 if fixture.startswith("gpt2") else 14)  # every block linear (the 2 x 4 Gemms, 2 x 7 MatMuls)
+    assert {layer["pruned"] / layer["weights"] for layer in blocks} == {0.5}
+    head_layer = next(layer for layer in analyse_graph(dense).layers if layer.name == head)
+    np.testing.assert_array_equal(_block_rows(pruned, head_layer.weight), _block_rows(dense, head_layer.weight))
+    ids = np.load(LM / "heldout.npz")["input_ids"]
+    assert _perplexity(out, ids) < 1.05 * _perplexity(source, ids)
