@@ -106,7 +106,7 @@ def test_no_written_bias_leaves_float16s_range_on_a_gpt2_export(tmp_path):
     import onnxprune
 
     result = onnxprune.prune(onnx.load(REAL / "hf_gpt2_tiny_lm.onnx"), gpt2_tokens(24), 0.5, probes=4,
-                             conv_statistics="exact", refit=False)  # the shifts ECP itself writes
+                             conv_statistics="exact", refit=False, error_at="output")  # the shifts ECP itself writes
     assert len(result.layers) == 9  # the 8 block Gemms and the LM head
     assert max(c.max_bias for c in result.layers) < 1.0
     assert max(c.max_bias_shift for c in result.layers) < 1.0
@@ -288,7 +288,7 @@ def test_a_gpt2_export_pruned_from_the_cli_with_default_options_gets_the_sequenc
                "--json", tmp_path / "report.json")
     assert res.exit_code == 0, res.output
     assert ("defaults for a sequence model (token-wise layers hold 100% of the prunable weights): --scope layer, "
-            "--refit") in res.output
+            "--refit, --error-at layer") in res.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["scope"] == "layer" and report["repair"] == "refit" and report["defaults"]["model"] == "sequence"
     assert {round(layer["pruned"] / layer["weights"], 3) for layer in report["weights"]["layers"]} == {0.5}
@@ -298,7 +298,7 @@ def test_a_gpt2_export_pruned_from_the_cli_with_default_options_gets_the_sequenc
     assert res.exit_code == 0, res.output
     given = json.loads((tmp_path / "given.json").read_text())
     assert given["scope"] == "global" and given["repair"] == "none"
-    assert set(given["defaults"]["applied"]) == {"conv_statistics", "probes"}
+    assert given["defaults"]["applied"] == {"error_at": "layer"} and given["engine"]["name"] is None
 
 
 def _rope_variant(change):

@@ -25,8 +25,9 @@ PRESETS = {
 }
 METHOD_NAMES = (*METHODS, *PRESETS)
 # A model whose prunable weights are mostly in token-wise layers (a transformer's blocks): one fraction
-# per layer and the chained least-squares refit (docs/results/language-models.md measures why)
-SEQUENCE_DEFAULTS = {"scope": "layer", "refit": True, "conv_statistics": "positions", "probes": 4}
+# per layer, ECP's error at each layer's own output (no derivatives), the chained least-squares refit
+# (docs/results/language-models.md measures why)
+SEQUENCE_DEFAULTS = {"scope": "layer", "refit": True, "error_at": "layer"}
 SEQUENCE_SHARE = 0.5
 
 

@@ -1,7 +1,7 @@
 """Prune the study's language models with onnxsim 0.8.1 and onnxprune; held-out perplexity, time, memory.
 
     .venv/bin/python scripts/lm/compare_lm.py [--out out/lm] [--models gpt2,llama] [--exporters legacy,dynamo,optimum]
-        [--rows onnxsim-magnitude,onnxsim-wanda,onnxsim-sparsegpt,onnxprune-ecp,onnxprune-ecp-layer,onnxprune-ecp-layer-refit]
+        [--rows onnxsim-magnitude,...,onnxprune-defaults,... (ROWS)]
         [--targets 0.5,0.6,0.7,2:4] [--timeout 3600] [--redo] [--report-only]
     ONNXSIM_PYTHON=/path/to/onnxsim-venv/bin/python must name onnxsim 0.8.1's interpreter (or --onnxsim-python).
 
@@ -9,13 +9,17 @@ Reads --out/MANIFEST.json and the exports of scripts/lm/export_lm.py. For every 
 - onnxsim rows: scripts/lm/onnxsim_prune.py in onnxsim's venv (apply_magnitude_pruning, apply_wanda_pruning,
   apply_sparsegpt_pruning; sparsity=r or n=2, m=4; Wanda and SparseGPT calibrated on the same calibration
   windows in batches of 16), the LM head and every other non-block initializer restored to dense afterwards.
-- onnxprune rows: ``onnxprune prune MODEL OUT --data CALIB --sparsity 0.5 --exclude <LM head node> --json R``
-  (ECP, defaults: global scope) is run as a command (row onnxprune-ecp-cli). Then ECP (global), ECP --scope layer
-  and ECP --scope layer --refit at every ratio: one scripts/lm/onnxprune_sweep.py process per configuration
-  (onnxprune.Pruner(...).fit once, .prune(r) per ratio; the statistics do not depend on the ratio). When the CLI
-  run pruned none of the blocks' linear layers, the sweeps are recorded as not run, with its reasons. The LM
-  head is named by ``--exclude`` when ``onnxprune inspect`` lists it as prunable. 2:4 does not exist in
-  onnxprune: recorded as not available.
+- sparsegpt-masks-refit: onnxsim SparseGPT's masks (the zeros of its output) on the dense weights, updated by
+  onnxprune's chained least-squares refit instead of SparseGPT's own update (scripts/lm/refit_masks.py).
+- onnxprune-defaults: the command line with DEFAULT options, ``onnxprune prune MODEL OUT --data CALIB --sparsity r``
+  (or ``--pattern 2:4``) ``--exclude <LM head node> --json R``, one run per target: what a user gets.
+- the other onnxprune rows: one scripts/lm/onnxprune_sweep.py process per configuration (onnxprune.Pruner(...).fit
+  once, .prune(r) per ratio; the statistics do not depend on the ratio; 2:4 is a fit of its own), every option
+  spelled out (ONNXPRUNE_FLAGS): the paper's ECP (global, no weight update), --scope layer, --scope layer --refit
+  (exact statistics with automatic probes: random probes per token), then the refit with the statistics the
+  defaults choose between (positions with 4 and 1 probes, the error at each layer's own output), and magnitude
+  with the refit. When the defaults' 50% run pruned none of the blocks' linear layers, the sweeps are recorded as
+  not run, with its reasons. The LM head is named by ``--exclude`` when ``onnxprune inspect`` lists it as prunable.
 Every prune is a subprocess: wall time from this script's clock, peak RSS from GNU time's %M (/usr/bin/time).
 Held-out perplexity: lmcommon.onnx_perplexity on data/heldout.npz (256 x 128).
 Block sparsity is counted on the written model (zeros in the blocks' linear weights / their size).
@@ -44,10 +48,20 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-ROWS = ["onnxsim-magnitude", "onnxsim-wanda", "onnxsim-sparsegpt", "onnxprune-ecp-cli", "onnxprune-ecp",
-        "onnxprune-ecp-layer", "onnxprune-ecp-layer-refit"]
-ONNXPRUNE_FLAGS = {"onnxprune-ecp": [], "onnxprune-ecp-layer": ["--scope", "layer"],
-                   "onnxprune-ecp-layer-refit": ["--scope", "layer", "--refit"]}
+ROWS = ["onnxsim-magnitude", "onnxsim-wanda", "onnxsim-sparsegpt", "sparsegpt-masks-refit", "onnxprune-defaults",
+        "onnxprune-ecp", "onnxprune-ecp-layer", "onnxprune-ecp-layer-refit", "onnxprune-positions-p4",
+        "onnxprune-positions-p1", "onnxprune-layer-error", "onnxprune-magnitude-refit"]
+# every option spelled out, so that a row means the same whatever onnxprune's defaults for the model are
+PAPER = ["--conv-statistics", "exact", "--error-at", "output"]
+ONNXPRUNE_FLAGS = {"onnxprune-ecp": ["--scope", "global", "--no-refit", *PAPER],
+                   "onnxprune-ecp-layer": ["--scope", "layer", "--no-refit", *PAPER],
+                   "onnxprune-ecp-layer-refit": ["--scope", "layer", "--refit", *PAPER],
+                   "onnxprune-positions-p4": ["--scope", "layer", "--refit", "--conv-statistics", "positions", "--probes",
+                                              "4", "--error-at", "output"],
+                   "onnxprune-positions-p1": ["--scope", "layer", "--refit", "--conv-statistics", "positions", "--probes",
+                                              "1", "--error-at", "output"],
+                   "onnxprune-layer-error": ["--scope", "layer", "--refit", "--error-at", "layer"],
+                   "onnxprune-magnitude-refit": ["--method", "magnitude", "--scope", "layer", "--refit"]}
 RESULTS = L.REPO / "docs" / "results" / "language-models.json"
 TIME = "/usr/bin/time"   # GNU time (Debian package "time")
 
@@ -134,10 +148,12 @@ def block_stats(dense: onnx.ModelProto, pruned_path: pathlib.Path, vocab: int) -
 
 
 def onnxprune_details(rep: dict, dense, vocab: int) -> dict:
+    """What onnxprune's JSON report says (the mode's section holds the totals and the layers)."""
     dl = {r["node"]: r for r in L.linear_layers(dense, vocab)}
     di = {t.name: numpy_helper.to_array(t) for t in dense.graph.initializer}
+    section = rep.get(rep.get("mode", "weights"), {})
     layers = []
-    for row in rep.get("layers", []):
+    for row in section.get("layers", []):
         r = dl.get(row["layer"])
         dense_bias = float(np.abs(di[r["bias"]]).max()) if r and r["bias"] in di else None
         layers.append({"layer": row["layer"], "weights": row["weights"], "pruned": row["pruned"], "sparsity": row["sparsity"],
@@ -145,8 +161,9 @@ def onnxprune_details(rep: dict, dense, vocab: int) -> dict:
                        "max_abs_dense_bias": dense_bias,
                        "rel_bias_shift": (row["max_bias_shift"] / dense_bias) if dense_bias and row.get("max_bias_shift")
                        is not None else None})
-    return {"weights": rep.get("weights"), "pruned": rep.get("pruned"), "sparsity": rep.get("sparsity"),
-            "scope": rep.get("scope"),
+    return {"weights": section.get("weights"), "pruned": section.get("pruned"), "sparsity": section.get("sparsity"),
+            "pattern": section.get("pattern"), "scope": rep.get("scope"), "repair": rep.get("repair"),
+            "defaults": rep.get("defaults"),
             "engine": rep.get("engine", {}).get("name"), "derivatives": rep.get("derivatives"), "seconds": rep.get("seconds"),
             "refit": rep.get("refit"), "fell_back": rep.get("fell_back"), "heldout_error": rep.get("heldout_error"),
             "layers": layers, "excluded": rep.get("excluded"), "skipped": rep.get("skipped")}
@@ -238,7 +255,7 @@ def main():
     def todo(base, rowname, tl):
         return args.redo or (base["model"], base["exporter"], rowname, tl) not in done
 
-    def score(row, dense, out_model, rep_dict):
+    def score(row, dense, out_model, rep_dict, keep=False):
         row["status"] = "ok"
         ppl = L.onnx_perplexity(out_model, heldout, threads=args.threads)
         row["perplexity"] = ppl["perplexity"]
@@ -246,7 +263,7 @@ def main():
         row.update(block_stats(dense, out_model, vocab))
         if rep_dict is not None:
             row["report"] = rep_dict
-        if not args.keep_models:
+        if not args.keep_models and not keep:
             out_model.unlink()
 
     def log(tag, row):
@@ -297,25 +314,50 @@ def main():
                     res = run_measured(cmd, args.timeout, work / f"{tag}.log",
                                        env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
                     row.update(res)
+                    masks_refit = rowname == "onnxsim-sparsegpt" and "sparsegpt-masks-refit" in rows_wanted and todo(
+                        base, "sparsegpt-masks-refit", tl)
                     if res["exit"] == 0 and out_model.exists():
-                        score(row, dense, out_model, json.loads(rep.read_text()) if rep.exists() else None)
+                        score(row, dense, out_model, json.loads(rep.read_text()) if rep.exists() else None,
+                              keep=masks_refit)
                     else:
                         row["status"] = "timeout" if res["timed_out"] else f"exit {res['exit']}"
                     log(tag, row)
                     record(row)
+                    if masks_refit and row["status"] == "ok":  # SparseGPT's masks, onnxprune's refit as the update
+                        refit_row = {**base, "row": "sparsegpt-masks-refit", "target": tl}
+                        refit_out, refit_rep = work / f"{tag}_refit.onnx", work / f"{tag}_refit.json"
+                        cmd = [sys.executable, str(L.HERE / "refit_masks.py"), str(model_path), str(out_model), str(calib),
+                               str(refit_out), "--keep", str(keep_path), "--threads", str(args.threads), "--json",
+                               str(refit_rep)]
+                        refit_row["command"] = " ".join(L.rel(pathlib.Path(c)) if "/" in c else c for c in cmd[1:])
+                        res = run_measured(cmd, args.timeout, work / f"{tag}_refit.log")
+                        refit_row.update(res)
+                        if res["exit"] == 0 and refit_out.exists():
+                            score(refit_row, dense, refit_out, json.loads(refit_rep.read_text()) if refit_rep.exists()
+                                  else None)
+                        else:
+                            refit_row["status"] = "timeout" if res["timed_out"] else f"exit {res['exit']}"
+                        log(f"{tag}_refit", refit_row)
+                        record(refit_row)
+                        if not args.keep_models:
+                            out_model.unlink()
             # ---- onnxprune: the CLI at 50% (defaults), then one scoring per configuration for every ratio
             pr_rows = [r for r in rows_wanted if r.startswith("onnxprune")]
             if not pr_rows:
                 continue
             pats = head_patterns(model_path, dense, vocab, work, args.onnxprune)
             excl = ["--exclude", *pats] if pats else []
-            cli = next((results["rows"][done[k]] for k in [(kind, exporter, "onnxprune-ecp-cli", "50%")] if k in done), None)
-            if "onnxprune-ecp-cli" in pr_rows and todo(base, "onnxprune-ecp-cli", "50%"):
-                tag = f"{kind}_{exporter}_onnxprune-ecp-cli_50"
+            cli = next((results["rows"][done[k]] for k in [(kind, exporter, "onnxprune-defaults", "50%")] if k in done), None)
+            for t in targets if "onnxprune-defaults" in pr_rows else []:  # the command line, only the target given
+                tl = target_label(t)
+                if not todo(base, "onnxprune-defaults", tl):
+                    continue
+                tag = f"{kind}_{exporter}_onnxprune-defaults_{tl.replace(':', 'of').replace('%', '')}"
                 out_model, rep = work / f"{tag}.onnx", work / f"{tag}.json"
-                cmd = [args.onnxprune, "prune", str(model_path), str(out_model), "--data", str(calib), "--sparsity", "0.5",
+                cmd = [args.onnxprune, "prune", str(model_path), str(out_model), "--data", str(calib),
+                       *(["--pattern", t] if isinstance(t, str) else ["--sparsity", str(t)]),
                        "--json", str(rep), "--force", "--threads", str(args.threads), "-v"] + excl
-                row = {**base, "row": "onnxprune-ecp-cli", "target": "50%",
+                row = {**base, "row": "onnxprune-defaults", "target": tl,
                        "command": "onnxprune " + " ".join(L.rel(pathlib.Path(c)) if "/" in c else c for c in cmd[1:])}
                 print(f"[{time.strftime('%H:%M:%S')}] {tag}", flush=True)
                 res = run_measured(cmd, args.timeout, work / f"{tag}.log")
@@ -328,7 +370,8 @@ def main():
                     row["report"] = rep_dict
                 log(tag, row)
                 record(row)
-                cli = row
+                if tl == "50%":
+                    cli = row
             no_blocks = None
             if cli and cli.get("report"):
                 if not any(x["pruned"] for x in cli["report"]["layers"] if x["layer"] in blocks):
@@ -337,11 +380,7 @@ def main():
                     no_blocks = ("the 50% CLI run pruned none of the blocks' linear layers (skipped: "
                                  + "; ".join(reasons) + ")")
             for rowname in [r for r in pr_rows if r in ONNXPRUNE_FLAGS]:
-                missing = [t for t in targets if todo(base, rowname, target_label(t))]
-                for t in [t for t in missing if isinstance(t, str)]:
-                    record({**base, "row": rowname, "target": t, "status": "not available",
-                            "message": "onnxprune has no N:M (2:4) pattern"})
-                ratios = [t for t in missing if not isinstance(t, str)]
+                ratios = [t for t in targets if todo(base, rowname, target_label(t))]
                 if not ratios:
                     continue
                 if no_blocks:
@@ -353,8 +392,7 @@ def main():
                 flags = ONNXPRUNE_FLAGS[rowname]
                 cmd = [sys.executable, str(L.HERE / "onnxprune_sweep.py"), str(model_path), str(calib),
                        "--ratios", ",".join(str(t) for t in ratios), "--prefix", str(work / tag), "--json", str(rep),
-                       "--threads", str(args.threads)] + (["--scope", "layer"] if "--scope" in flags else []) \
-                    + (["--refit"] if "--refit" in flags else []) + excl
+                       "--threads", str(args.threads)] + flags + excl
                 print(f"[{time.strftime('%H:%M:%S')}] {tag} (ratios {ratios})", flush=True)
                 res = run_measured(cmd, args.timeout * len(ratios), work / f"{tag}.log")
                 sweep = json.loads(rep.read_text()) if rep.exists() and res["exit"] == 0 else None
@@ -362,17 +400,19 @@ def main():
                     row = {**base, "row": rowname, "target": target_label(t),
                            "command": "scripts/lm/onnxprune_sweep.py " + " ".join(
                                L.rel(pathlib.Path(c)) if "/" in c else c for c in cmd[2:]),
-                           "equivalent_cli": "onnxprune prune MODEL OUT --data CALIB --sparsity " + str(t) + " "
+                           "equivalent_cli": "onnxprune prune MODEL OUT --data CALIB "
+                                             + (f"--pattern {t} " if isinstance(t, str) else f"--sparsity {t} ")
                                              + " ".join(flags + excl), "sweep": {**res}}
                     if sweep is None:
                         row.update(status="timeout" if res["timed_out"] else f"exit {res['exit']}", message=res["message"],
                                    seconds=res["seconds"], peak_rss_mb=res["peak_rss_mb"])
                     else:
                         part = sweep["ratios"][str(t)]
-                        row["seconds"] = round(sweep["seconds"]["import"] + sweep["seconds"]["fit"] + part["prune_seconds"]
+                        fit = sweep["seconds"][part["fit"]]
+                        row["seconds"] = round(sweep["seconds"]["import"] + fit + part["prune_seconds"]
                                                + part["save_seconds"], 1)
                         row["seconds_detail"] = {"import": sweep["seconds"]["import"],
-                                                 "fit (shared by the ratios)": sweep["seconds"]["fit"],
+                                                 "fit (shared by the ratios)" if part["fit"] == "fit" else "fit": fit,
                                                  "prune": part["prune_seconds"], "save": part["save_seconds"]}
                         row["peak_rss_mb"] = res["peak_rss_mb"]
                         score(row, dense, pathlib.Path(part["file"]), onnxprune_details(part["report"], dense, vocab))
@@ -421,6 +461,64 @@ def skipped_summary(skipped) -> str:
     return "; ".join(f"{n} x {op}: {reason}" for (op, reason), n in groups.items()) or "none"
 
 
+STATISTICS_ROWS = {"onnxprune-ecp-layer-refit": "random probes per token (exact cross-position sums, automatic probes)",
+                   "onnxprune-positions-p4": "positions (every token a sample), 4 probes",
+                   "onnxprune-positions-p1": "positions, 1 probe",
+                   "onnxprune-layer-error": "each layer's own output error (G = 1, no derivatives)",
+                   "onnxprune-magnitude-refit": "magnitude (no statistics), for reference"}
+
+
+def summary(groups: dict) -> list[str]:
+    """The answers, computed from the rows: onnxprune's defaults against onnxsim SparseGPT (perplexity and wall
+    time at each target), the statistics ranked by perplexity and time (all with --scope layer --refit), and
+    SparseGPT's masks with either weight update."""
+    lines = ["## onnxprune with default options against onnxsim SparseGPT", "",
+             "| model / export | target | defaults ppl | SparseGPT ppl | ppl <= SparseGPT's | defaults s | SparseGPT s | "
+             "time / SparseGPT's | defaults MB | SparseGPT MB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (kind, exporter), rs in groups.items():
+        by = {(r["row"], r["target"]): r for r in rs if r["status"] == "ok"}
+        for target in ("50%", "60%", "70%", "2:4"):
+            ours, theirs = by.get(("onnxprune-defaults", target)), by.get(("onnxsim-sparsegpt", target))
+            if not ours or not theirs:
+                continue
+            lines.append(f"| {kind} / {exporter} | {target} | {ours['perplexity']:.3f} | {theirs['perplexity']:.3f} | "
+                         f"{'yes' if ours['perplexity'] <= theirs['perplexity'] else 'no'} | {fmt(ours.get('seconds'), '.0f')} | "
+                         f"{fmt(theirs.get('seconds'), '.0f')} | {fmt(ours['seconds'] / theirs['seconds'], '.2f')}x | "
+                         f"{fmt(ours.get('peak_rss_mb'), '.0f')} | {fmt(theirs.get('peak_rss_mb'), '.0f')} |")
+    lines += ["", "## Which statistics rank best per unit of time", "",
+              "All with one fraction per layer and the chained least-squares refit; seconds of the whole sweep process "
+              "at that target (import, fit, prune, save).", "",
+              "| model / export | statistics | " + " | ".join(f"ppl {t} | s {t}" for t in ("50%", "70%", "2:4")) + " |",
+              "| --- | --- | " + " | ".join("--- | ---" for _ in range(3)) + " |"]
+    for (kind, exporter), rs in groups.items():
+        by = {(r["row"], r["target"]): r for r in rs if r["status"] == "ok"}
+        for row, label in STATISTICS_ROWS.items():
+            cells = [by.get((row, t)) for t in ("50%", "70%", "2:4")]
+            if not any(cells):
+                continue
+            lines.append(f"| {kind} / {exporter} | {label} | " + " | ".join(
+                f"{fmt(c and c['perplexity'], '.3f')} | {fmt(c and c.get('seconds'), '.0f')}" for c in cells) + " |")
+        for t in ("50%", "70%", "2:4"):
+            ranked = sorted((by[(row, t)]["perplexity"], by[(row, t)]["seconds"], label)
+                            for row, label in STATISTICS_ROWS.items() if (row, t) in by)
+            if ranked:
+                lines.append(f"| {kind} / {exporter} | lowest perplexity at {t}: {ranked[0][2]} ({ranked[0][0]:.3f}, "
+                             f"{ranked[0][1]:.0f} s); fastest: {min(ranked, key=lambda x: x[1])[2]} | | | | | | |")
+    lines += ["", "## SparseGPT's masks with either weight update", "",
+              "| model / export | target | SparseGPT (its masks, its update) | its masks, onnxprune's refit | refit s | "
+              "onnxprune defaults (its own masks and refit) |", "| --- | --- | --- | --- | --- | --- |"]
+    for (kind, exporter), rs in groups.items():
+        by = {(r["row"], r["target"]): r for r in rs if r["status"] == "ok"}
+        for target in ("50%", "60%", "70%", "2:4"):
+            sgpt, refit = by.get(("onnxsim-sparsegpt", target)), by.get(("sparsegpt-masks-refit", target))
+            if not sgpt or not refit:
+                continue
+            ours = by.get(("onnxprune-defaults", target))
+            lines.append(f"| {kind} / {exporter} | {target} | {sgpt['perplexity']:.3f} | {refit['perplexity']:.3f} | "
+                         f"{fmt(refit.get('seconds'), '.0f')} | {fmt(ours and ours['perplexity'], '.3f')} |")
+    return lines + [""]
+
+
 def render(results: dict) -> str:
     rows = results["rows"]
     s = results.get("setup", {})
@@ -441,11 +539,14 @@ def render(results: dict) -> str:
                   "excluded; embeddings are Gathers and stay dense). onnxsim's functions prune every such layer, the LM "
                   "head included; the head's and every other non-block initializer's dense values are written back after "
                   "(scripts/lm/onnxsim_prune.py). onnxprune: `--exclude` names the LM head node. Time: wall seconds of the "
-                  "prune subprocess (start-up and writing included); memory: its peak RSS (GNU time's %M). Rows "
-                  "`onnxprune-ecp`, `-ecp-layer`, `-ecp-layer-refit` come from one scripts/lm/onnxprune_sweep.py process "
-                  "per configuration (`onnxprune.Pruner(...).fit` once, then `.prune(r)` per ratio): their seconds are "
-                  "import + fit + that ratio's prune and save, their memory the sweep's peak; `onnxprune-ecp-cli` is "
-                  "the command line itself at 50%.", "", "## Models", "",
+                  "prune subprocess (start-up and writing included); memory: its peak RSS (GNU time's %M). "
+                  "`onnxprune-defaults` is the command line itself with only `--sparsity` or `--pattern` (and `--exclude` "
+                  "for the head), one run per target. The other `onnxprune-*` rows come from one "
+                  "scripts/lm/onnxprune_sweep.py process per configuration (`onnxprune.Pruner(...).fit` once, then "
+                  "`.prune(r)` per ratio; 2:4 fits on its own): their seconds are import + fit + that ratio's prune and "
+                  "save, their memory the sweep's peak. `sparsegpt-masks-refit` is onnxsim SparseGPT's masks with "
+                  "onnxprune's refit as the weight update (its seconds: the refit's process alone, SparseGPT's not "
+                  "included).", "", "## Models", "",
                   "| export | architecture | training | exporter | inputs | nodes | dense ppl (onnxruntime) | ppl (torch) "
                   "| max abs logit diff vs torch |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -465,6 +566,7 @@ def render(results: dict) -> str:
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["model"], r["exporter"]), []).append(r)
+    lines += summary(groups)
     lines += ["## Held-out perplexity, time, memory", ""]
     for (kind, exporter), rs in groups.items():
         dense = next((r for r in rs if r["row"] == "dense"), None)
