@@ -195,7 +195,7 @@ def collect_moments(model: onnx.ModelProto, layers: list[Layer], data: Dataset, 
 
     stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
     names = list(dict.fromkeys(layer.input for layer in layers if layer.input not in data.feeds))
-    session = runtime.tensor_session(model, names, provider, threads) if names else None
+    session = runtime.tensor_session(model, names, provider, threads, arena=False) if names else None
     step = batch_step(model, layers, data, 1, batch_size, provider, memory_budget)
     done = 0
     with blas_threads(threads):

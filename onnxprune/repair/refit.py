@@ -104,7 +104,7 @@ class _DenseTargets:
         self.layers = {layer.name: layer for layer in layers}
         self.targets = {layer.name: fit_target(dense, layer) for layer in layers}
         self.names = list(dict.fromkeys(t for t, _ in self.targets.values()))
-        self.session = runtime.tensor_session(dense, self.names, provider, threads)
+        self.session = runtime.tensor_session(dense, self.names, provider, threads, arena=False)  # runs once a batch
         self.cache: dict[tuple[int, str], np.ndarray] = {}
         self.size = 0
         self.batches: set[int] = set()  # batches whose targets were all computed once
