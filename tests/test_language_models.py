@@ -415,3 +415,23 @@ def test_a_trained_tiny_lm_pruned_from_the_cli_with_default_options_keeps_its_pe
     np.testing.assert_array_equal(_block_rows(pruned, head_layer.weight), _block_rows(dense, head_layer.weight))
     ids = np.load(LM / "heldout.npz")["input_ids"]
     assert _perplexity(out, ids) < 1.05 * _perplexity(source, ids)
+
+
+def test_a_walk_back_from_the_scores_steps_over_the_rotary_to_the_head_split():
+    """What a head walk from Q K^T back to the projections needs: from q's and k's rotary outputs to
+    the tensors the head split wrote, and nothing where an op mixes the heads."""
+    from onnxprune.find.rotary import head_source
+    from onnxprune.graph.index import GraphIndex
+
+    from tinylm import llama_block
+
+    g = GraphIndex(llama_block())
+    assert head_source(g, "q.rope", 1) == "q.t" and head_source(g, "k.rope", 1) == "k.t"
+    assert head_source(g, "v.t", 1) == "v.t"
+
+    def per_head_sin(graph):
+        sin = next(t for t in graph.initializer if t.name == "rope.sin")
+        value = numpy_helper.to_array(sin)
+        sin.CopyFrom(numpy_helper.from_array(np.stack([value, -value]), "rope.sin"))
+
+    assert head_source(GraphIndex(_rope_variant(per_head_sin)), "q.rope", 1) is None

@@ -76,3 +76,25 @@ def head_passthrough(g: GraphIndex, tensor: str, head_axis: int) -> str | None:
     if len(leaving) != 1:
         return None
     return leaving[0]
+
+
+def head_source(g: GraphIndex, tensor: str, head_axis: int) -> str | None:
+    """Back from ``tensor`` through head-wise ops: the one tensor they start from (``tensor`` itself
+    when no head-wise op wrote it), for a walk from the attention scores back to the projections; None
+    when they start from several tensors or one of them mixes heads (``head_passthrough`` checks)."""
+    sources, seen, stack = set(), set(), [tensor]
+    while stack:
+        name = stack.pop()
+        node = g.producers.get(name)
+        if node is None or node.op_type not in HEADWISE:
+            sources.add(name)
+            continue
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        data = node.input[:1] if node.op_type == "Slice" else node.input
+        stack.extend(i for i in data if i and i not in g.inits)
+    if len(sources) != 1:
+        return None
+    source = sources.pop()
+    return source if source == tensor or head_passthrough(g, source, head_axis) == tensor else None
