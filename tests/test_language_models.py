@@ -435,3 +435,14 @@ def test_a_walk_back_from_the_scores_steps_over_the_rotary_to_the_head_split():
         sin.CopyFrom(numpy_helper.from_array(np.stack([value, -value]), "rope.sin"))
 
     assert head_source(GraphIndex(_rope_variant(per_head_sin)), "q.rope", 1) is None
+
+
+def test_the_rotarys_nodes_are_the_span_a_head_walk_adds_to_its_path():
+    from onnxprune.find.rotary import head_span
+    from onnxprune.graph.index import GraphIndex
+
+    from tinylm import llama_block
+
+    exit_, nodes = head_span(GraphIndex(llama_block()), "q.t", 1)
+    assert exit_ == "q.rope" and sorted(nodes) == sorted(
+        ["q.rope.first", "q.rope.second", "q.rope.neg", "q.rope.rotated", "q.rope.cos", "q.rope.sin", "q.rope"])

@@ -43,6 +43,13 @@ def head_passthrough(g: GraphIndex, tensor: str, head_axis: int) -> str | None:
     """The tensor that ``tensor``'s head-wise ops hand on (``tensor`` itself when none follow it),
     or None when an op on the way mixes heads: a Slice or Concat along the head axis, a constant that
     differs between heads, a computed operand from outside, or more than one tensor leaving."""
+    span = head_span(g, tensor, head_axis)
+    return None if span is None else span[0]
+
+
+def head_span(g: GraphIndex, tensor: str, head_axis: int) -> tuple[str, list[str]] | None:
+    """``head_passthrough``'s tensor and the names of the head-wise nodes from ``tensor`` to it (what
+    a head walk adds to its path), or None."""
     rank = g.ranks.get(tensor)
     if rank is None or not 0 <= head_axis < rank:
         return None
@@ -75,7 +82,7 @@ def head_passthrough(g: GraphIndex, tensor: str, head_axis: int) -> str | None:
                or name in g.outputs]
     if len(leaving) != 1:
         return None
-    return leaving[0]
+    return leaving[0], [node.name for node in nodes]
 
 
 def head_source(g: GraphIndex, tensor: str, head_axis: int) -> str | None:
