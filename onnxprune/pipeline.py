@@ -28,7 +28,7 @@ from onnxprune.io.models import as_model
 from onnxprune.modes.base import State
 from onnxprune.modes.units import UnitsMode
 from onnxprune.modes.weights import METHOD_NAMES as WEIGHT_METHODS
-from onnxprune.modes.weights import PRESETS, WeightsMode
+from onnxprune.modes.weights import PRESETS, WeightsMode, model_defaults
 from onnxprune.prepare.analysis import AnalysisCopy, BatchFirstInputs, FoldFixedInputs, declared_shapes_for
 from onnxprune.prepare.pads import explicit_pads_for
 from onnxprune.repair.base import NONE, Compose, LayerRefit, Repair
@@ -36,11 +36,23 @@ from onnxprune.repair.lstsq import HOLDOUT_EVERY
 from onnxprune.repair.refit import Refit
 from onnxprune.score.context import ScoringContext
 from onnxprune.score.units import METHODS as UNIT_METHODS
-from onnxprune.select.masks import excluded
+from onnxprune.select.masks import excluded, parse_pattern
 from onnxprune.select.schedule import Schedule, geometric, one_shot, path
 
 METHOD_NAMES = WEIGHT_METHODS
+ERRORS_AT = ("output", "layer")
 __all__ = ["METHOD_NAMES", "PRESETS", "UNIT_METHODS", "Pruner", "PruneResult"]
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What a run uses where the user may leave the choice to the model (``model_defaults``)."""
+
+    scope: str = "global"
+    refit: bool | None = None   # None: the method's preset says
+    conv_statistics: str = "exact"
+    probes: int | None = None   # None: exact up to EXACT_LIMIT outputs, then automatic
+    error_at: str = "output"    # ECP's error at the protected output (G) or at each layer's own output (G = 1)
 
 
 @dataclass
@@ -70,6 +82,7 @@ class PruneResult:
     protected_outputs: list[str] = field(default_factory=list)  # every protected output (``protected_output``: the first)
     output_error: dict | None = None    # relative error per protected output and part on the calibration data (check.relative)
     warnings: list[str] = field(default_factory=list)  # damage the pruning did: layers emptied, outputs that stopped varying
+    defaults: dict | None = None  # the model's defaults (``modes.weights.model_defaults``) and which of them applied
 
     @property
     def sparsity(self) -> float:
@@ -95,7 +108,7 @@ class PruneResult:
                 "refits": [asdict(r) for r in self.refits], "heldout_error": self.heldout_error,
                 "fell_back": self.fell_back, "engine": self.engine, "derivatives": self.derivatives,
                 "seconds": self.seconds, "skipped": [asdict(s) for s in self.skipped], "excluded": self.excluded,
-                "kept_inputs": self.kept_inputs, "inputs_changed": bool(self.kept_inputs),
+                "kept_inputs": self.kept_inputs, "inputs_changed": bool(self.kept_inputs), "defaults": self.defaults,
                 "protected_outputs": self.protected_outputs, "output_error": self.output_error, "warnings": self.warnings,
                 self.mode: {**self.summary, "layers": [asdict(c) for c in self.layers]}}
 
@@ -118,13 +131,14 @@ class Pruner:
 
     def __init__(self, method: str = "ecp", *, structured: bool = False, macs: bool = False, multiple: int | None = None,
                  inputs: str = "keep", schedule: Schedule | None = None, repair: Repair | None = None,
-                 compensation: bool = True, scope: str = "global", exclude=(), seed: int = 0,
+                 compensation: bool = True, scope: str | None = None, exclude=(), seed: int = 0,
                  output: str | None = None, probes: int | None = None, batch_size: int = 256,
                  labels_key: str | None = None, provider: str = "cpu", threads: int | None = None,
                  force: bool = False, steps: int | None = None, refit: bool | None = None, chained: bool = True,
-                 g_weighted: bool = False, conv_statistics: str = "exact", engine: str = "auto",
+                 g_weighted: bool = False, conv_statistics: str | None = None, engine: str = "auto",
                  memory_budget: int = MEMORY_BUDGET, progress: Callable[[str, int, int], None] | None = None,
-                 output_axes: dict[str, int] | None = None, objective: str = "relative"):
+                 output_axes: dict[str, int] | None = None, objective: str = "relative", pattern: str | None = None,
+                 error_at: str | None = None):
         self.method, self.structured, self.macs, self.multiple, self.inputs = method, structured, macs, multiple, inputs
         self.compensation, self.scope, self.exclude = compensation, scope, tuple(exclude)
         self.seed, self.output, self.probes, self.batch_size = seed, output, probes, batch_size
@@ -133,27 +147,36 @@ class Pruner:
         self.steps, self.refit, self.chained, self.g_weighted = steps, refit, chained, g_weighted
         self.conv_statistics, self.engine, self.memory_budget = conv_statistics, engine, memory_budget
         self.output_axes, self.objective = dict(output_axes or {}), objective
+        self.pattern = pattern  # "N:M": at most N nonzero weights in every M consecutive inputs (select.masks)
+        # scope, refit, conv_statistics and probes left None take the model's defaults (``model_defaults``)
+        self.error_at = error_at
+        self.chosen_ = Choices(scope or "global", refit, conv_statistics or "exact", probes, error_at or "output")
 
     def _plan(self):
         """(strategy, scorer, schedule, repair, fallback): the method's preset, unless given."""
         if self.probes is not None and self.probes < 1:
             raise InputError(f"--probes must be a positive number, got {self.probes}")
+        if self.chosen_.error_at not in ERRORS_AT:
+            raise InputError(f"error_at must be one of {', '.join(ERRORS_AT)}, got {self.chosen_.error_at!r}")
         if self.structured:
+            if self.pattern:
+                raise InputError("--pattern N:M masks single weights; it does not apply to --structured pruning")
             if not self.compensation:
                 raise InputError("--no-compensation does not apply to --structured pruning (units are removed with "
                                  "their constants or without, as the method says)")
-            mode = UnitsMode(self.scope, self.macs, self.multiple, self.inputs, self.exclude, self.provider)
+            mode = UnitsMode(self.chosen_.scope, self.macs, self.multiple, self.inputs, self.exclude, self.provider)
             if self.repair is not None and self.repair is not NONE and not isinstance(self.repair, Refit):
                 raise InputError(f"repair {self.repair.name!r} does not apply to structured pruning; the refit does")
         else:
             if self.macs or self.multiple is not None or self.inputs != "keep":
                 raise InputError("macs, multiple and inputs apply to structured pruning (structured=True)")
-            mode = WeightsMode(self.scope, self.compensation, self.exclude)
+            mode = WeightsMode(self.chosen_.scope, self.compensation, self.exclude,
+                               parse_pattern(self.pattern) if self.pattern else None)
         preset = mode.preset(self.method)
         schedule = self.schedule or (geometric(self.steps) if self.steps is not None else preset.schedule or one_shot)
         repair = self.repair
         if repair is None:
-            refit = preset.refit if self.refit is None else self.refit
+            refit = preset.refit if self.chosen_.refit is None else self.chosen_.refit
             repair = Refit(chained=self.chained, g_weighted=self.g_weighted) if refit else NONE
             if refit and preset.then is not None:
                 repair = Compose((repair, preset.then))
@@ -203,9 +226,16 @@ class Pruner:
         self.skipped_ += unreached + folded
         if not self.layers_:
             raise InputError(f"no prunable layer reaches the protected output {self.output_!r}; choose one with --output")
+        self.defaults_ = None if self.structured else model_defaults(self.layers_, self.exclude, self.method)
+        if self.defaults_ is not None:  # what the model is chooses what the user left open
+            given = {"scope": self.scope, "refit": self.refit, "conv_statistics": self.conv_statistics,
+                     "probes": self.probes, "error_at": self.error_at}
+            self.defaults_["applied"] = {k: v for k, v in self.defaults_["values"].items() if given[k] is None}
+            self.chosen_ = replace(self.chosen_, **self.defaults_["applied"])
+            self.mode_, self.scorer_, self.schedule_, self.repair_, self.fallback_ = self._plan()
         self.skipped_ += self.mode_.find(self.model_, self.layers_, self.output_, self.all_layers_, self.data_)
-        self.settings_ = DerivativeSettings(self.probes, self.seed, self.engine, self.memory_budget, self.batch_size,
-                                            self.provider, self.threads, self.objective_)
+        self.settings_ = DerivativeSettings(self.chosen_.probes, self.seed, self.engine, self.memory_budget,
+                                            self.batch_size, self.provider, self.threads, self.objective_)
         self.seconds_: dict[str, float] = {}
         self.dense_ = self.mode_.begin(self.model_, self.layers_)
         self.scores_ = self._score(self.dense_)
@@ -213,7 +243,8 @@ class Pruner:
 
     def _score(self, state: State) -> dict:
         ctx = ScoringContext(model=state.model, layers=state.layers, data=self.data_, output=self.output_,
-                             settings=self.settings_, groups=state.groups, conv_statistics=self.conv_statistics,
+                             settings=self.settings_, groups=state.groups, conv_statistics=self.chosen_.conv_statistics,
+                             error_at=self.chosen_.error_at,
                              force=self.force, progress=self.progress)
         start = time.perf_counter()
         scores = self.scorer_(ctx)
@@ -279,11 +310,12 @@ class Pruner:
                                             repaired=steps > 1 or self.repair_ is not NONE)
         error, warnings = self._damage(state.model, layers)
         return PruneResult(
-            model=state.model, mode=self.mode_.name, method=self.method, scope=self.scope, target=target,
+            model=state.model, mode=self.mode_.name, method=self.method, scope=self.chosen_.scope, target=target,
             protected_output=self.output_, layers=layers, summary=summary, skipped=self.skipped_,
             excluded=[layer.name for layer in state.layers if excluded(layer, self.exclude)],
             repair=self.repair_.name, steps=steps, refits=refits, seconds=dict(self.seconds_), engine=self.engine_,
-            derivatives=self.derivatives_, protected_outputs=self.outputs_, output_error=error, warnings=warnings)
+            derivatives=self.derivatives_, protected_outputs=self.outputs_, output_error=error, warnings=warnings,
+            defaults=self.defaults_)
 
     def _damage(self, model: onnx.ModelProto, layers: list) -> tuple[dict, list[str]]:
         """The relative error of every protected output and part on the calibration data, and a warning

@@ -539,7 +539,7 @@ def main(argv=None) -> int:
                         "P x n x (forward + backward), and the whole prune against onnxsim's; writes --floor-out")
     parser.add_argument("--floor-data", metavar="NPZ", help="the calibration samples of --floor")
     parser.add_argument("--floor-images", type=int, default=16)
-    parser.add_argument("--onnxsim-python", default="/work/venvs/onnxsim/bin/python")
+    parser.add_argument("--onnxsim-python", default=os.environ.get("ONNXSIM_PYTHON", "onnxsim-venv/bin/python"))
     parser.add_argument("--floor-out", default=str(ROOT / "docs" / "results" / "floor.md"))
     parser.add_argument("--floor-json", default=str(ROOT / "docs" / "results" / "floor.json"))
     args = parser.parse_args(argv)

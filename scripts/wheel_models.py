@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -61,7 +62,7 @@ ROWS = {
     "sparsegpt": ("onnxsim SparseGPT", None),
     "wanda": ("onnxsim Wanda", None),
 }
-ONNXSIM = Path("/work/venvs/onnxsim/bin/python")
+ONNXSIM = Path(os.environ.get("ONNXSIM_PYTHON", "onnxsim-venv/bin/python"))  # onnxsim 0.8.1 in its own venv
 PEER_CODE = """
 import sys, numpy as np, onnx
 from onnxsim import pruning

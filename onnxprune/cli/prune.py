@@ -69,21 +69,30 @@ from onnxprune.select.masks import SCOPES
                    "ecp 5).")
 @click.option("--refit/--no-refit", default=None,
               help="Re-solve the surviving weights and biases by chained least squares after every step (on for "
-                   "ecp-refit and --structured).")
+                   "ecp-refit, --structured and sequence models).")
 @click.option("--chain/--no-chain", "chained", default=True, show_default=True,
               help="Refit each layer on the pruned network's own inputs (else the dense network's).")
 @click.option("--g-weighting/--no-g-weighting", "g_weighted", default=False, show_default=True,
               help="Weight the last refit's samples by the output sensitivity G.")
 @click.option("--compensation/--no-compensation", default=True, show_default=True,
               help="Add the removed weights' compensation to the biases (methods that have one).")
-@click.option("--scope", type=click.Choice(SCOPES), default="global", show_default=True,
-              help="One threshold over all layers, or the same fraction in every layer.")
+@click.option("--scope", type=click.Choice(SCOPES), default=None,
+              help="One threshold over all layers, or the same fraction in every layer [default: global; layer for "
+                   "sequence models (transformer blocks)].")
+@click.option("--pattern", default=None, metavar="N:M",
+              help="N:M sparsity (2:4: at most N nonzero weights in every M consecutive inputs of each row, the "
+                   "pattern sparse kernels run); sets --sparsity to (M-N)/M.")
 @exclude_opt
 @seed_opt
 @probes_opt
-@click.option("--conv-statistics", type=click.Choice(["exact", "positions"]), default="exact", show_default=True,
+@click.option("--conv-statistics", type=click.Choice(["exact", "positions"]), default=None,
               help="Layers sharing a weight across positions (Conv, MatMul on sequences): exact per-sample sums, or "
-                   "every position as a sample of its own (cheaper, drops cross-position terms).")
+                   "every position as a sample of its own (cheaper, drops cross-position terms) [default: exact; "
+                   "positions for sequence models].")
+@click.option("--error-at", type=click.Choice(["output", "layer"]), default=None,
+              help="Where ECP measures a removal's error: at the protected output (G from its derivatives, the "
+                   "paper's) or at each layer's own output (G = 1: the per-layer reconstruction target, no "
+                   "derivatives) [default: output; layer for sequence models].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Calibration samples per batch of the statistics at most (fewer where --memory-budget needs).")
 @batch_axis_opt
@@ -99,8 +108,9 @@ from onnxprune.select.masks import SCOPES
 @common
 @command_errors
 def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias, max_loss_increase, max_accuracy_drop,
-          max_output_error, plot_path, storage, method, steps, refit, chained, g_weighted, compensation, scope, exclude, seed,
-          probes, conv_statistics, batch_size, batch_axes, output, labels_key, provider, threads, engine, memory_budget,
+          max_output_error, plot_path, storage, method, steps, refit, chained, g_weighted, compensation, scope, pattern,
+          exclude, seed, probes, conv_statistics, error_at, batch_size, batch_axes, output, labels_key, provider, threads,
+          engine, memory_budget,
           json_path, force, structured, macs, multiple, slice_inputs, prune_inputs, time_batches, verbose, quiet):
     """Prune MODEL (one-shot, or in --steps) and write the result to OUT.
 
@@ -117,14 +127,19 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
         test_data = evaluate_alias
     refused_options(structured, method=method, macs=macs, multiple=multiple, slice_inputs=slice_inputs,
                     prune_inputs=prune_inputs, storage=storage, compensation=compensation, chained=chained,
-                    g_weighted=g_weighted, conv_statistics=conv_statistics)
+                    g_weighted=g_weighted, conv_statistics=conv_statistics, error_at=error_at)
     mode = mode_options(structured, macs, multiple, slice_inputs, prune_inputs)
+    if pattern is not None:
+        sparsity = _pattern_sparsity(pattern, sparsity, structured, dry_run or max_loss_increase is not None
+                                     or max_accuracy_drop is not None)
+        mode["pattern"] = pattern
     target = (sparsity, macs) if sparsity is not None and macs is not None else macs if macs is not None else sparsity
     output = list(output) or None
     params = dict(method=method, compensation=compensation, scope=scope, exclude=exclude, seed=seed, output=output,
                   probes=probes, batch_size=batch_size, labels_key=labels_key, provider=provider, threads=threads,
                   force=force, steps=steps, refit=refit, chained=chained, g_weighted=g_weighted,
-                  conv_statistics=conv_statistics, engine=engine, memory_budget=memory_budget, progress=ui.progress,
+                  conv_statistics=conv_statistics, error_at=error_at, engine=engine, memory_budget=memory_budget,
+                  progress=ui.progress,
                   **mode)
     batches = _batches(time_batches)
     budgeted = max_loss_increase is not None or max_accuracy_drop is not None or max_output_error is not None
@@ -182,6 +197,20 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
     print_result(ui, result, report, out, original)
     ui.info(engine_line(result.engine, result.derivatives))
     print_json(json_path, report)
+
+
+def _pattern_sparsity(pattern: str, sparsity, structured: bool, sweeping: bool) -> float:
+    """The sparsity an N:M pattern sets (a --sparsity given with it must agree)."""
+    from onnxprune.select.masks import parse_pattern, pattern_sparsity
+
+    if structured:
+        raise InputError("--pattern N:M masks single weights; it does not apply to --structured pruning")
+    if sweeping:
+        raise InputError("--pattern fixes the sparsity; it does not apply to --dry-run or a budget")
+    implied = pattern_sparsity(parse_pattern(pattern))
+    if sparsity is not None and abs(sparsity - implied) > 1e-9:
+        raise InputError(f"--pattern {pattern} prunes {implied:.0%} of the weights; drop --sparsity {sparsity:g}")
+    return implied
 
 
 def _batches(text: str) -> tuple[int, ...]:

@@ -40,6 +40,8 @@ def print_result(ui, result, report: dict, out: str, original) -> None:
     if "storage" in report:
         ui.out()
         ui.out(storage_table(report["storage"]))
+    if result.defaults and result.defaults.get("applied"):
+        ui.out(defaults_line(result.defaults))
     for name, kept in result.kept_inputs.items():
         ui.out(f"\nThe model's input {name!r} changed: it takes {len(kept)} of its features; feed x[:, kept] with "
                "the kept indices of the JSON report (kept_inputs) or the model's metadata onnxprune.kept_input_features.")
@@ -63,6 +65,18 @@ def warn(warnings: list[str]) -> None:
     """Damage the pruning did, on stderr whatever -q says: a model must not be damaged silently."""
     for text in dict.fromkeys(warnings):
         click.echo(f"Warning: {text}", err=True)
+
+
+OPTION_TEXT = {"scope": lambda v: f"--scope {v}", "refit": lambda v: "--refit" if v else "--no-refit",
+               "conv_statistics": lambda v: f"--conv-statistics {v}", "probes": lambda v: f"--probes {v}",
+               "error_at": lambda v: f"--error-at {v}"}
+
+
+def defaults_line(defaults: dict) -> str:
+    """Which defaults the model chose, and why (modes.weights.model_defaults)."""
+    chosen = ", ".join(OPTION_TEXT[k](v) for k, v in defaults["applied"].items())
+    return (f"defaults for a sequence model (token-wise layers hold {100 * defaults['token_share']:.0f}% of the prunable "
+            f"weights): {chosen}; an option given overrides its default")
 
 
 def print_sweep(ui, sweep) -> None:

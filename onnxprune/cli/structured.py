@@ -36,12 +36,13 @@ def structured_options(func):
 
 
 def refused_options(structured: bool, *, method, macs, multiple, slice_inputs, prune_inputs, storage, compensation,
-                    chained, g_weighted, conv_statistics) -> None:
+                    chained, g_weighted, conv_statistics, error_at=None) -> None:
     """One line (exit 2) for an option that means nothing in the chosen mode."""
     if structured:
         weights_only = {"--storage sparse": storage != "dense", "--no-compensation": not compensation,
                         "--no-chain": not chained, "--g-weighting": g_weighted,
-                        "--conv-statistics positions": conv_statistics != "exact"}
+                        "--conv-statistics positions": conv_statistics == "positions",
+                        "--error-at layer": error_at == "layer"}
         given = [name for name, value in weights_only.items() if value]
         if given:
             raise InputError(f"{given[0]} does not apply to --structured pruning")

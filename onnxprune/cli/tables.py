@@ -6,6 +6,7 @@ from onnxprune.pipeline import PruneResult
 
 NOISY_NOTE = (f"noisy: the quartiles of the paired ratios (unpaired: of the timings) lie more than {NOISY_SPREAD:g}x apart; "
               "the machine was busy and the median may be far off: rerun on a quiet machine before trusting it")
+FLOAT16_MAX = 65504.0
 UNSTRUCTURED_NOTE = ("The zeros keep the file's size and onnxruntime's speed (dense kernels); for a smaller and faster "
                      "model remove whole neurons and channels: prune --structured.")
 
@@ -56,11 +57,28 @@ def percent(fraction: float | None) -> str | None:
 
 
 def prune_table(result: PruneResult) -> str:
-    rows = [[c.layer, c.weights, c.pruned, f"{100 * c.pruned / c.weights:.1f}%", c.max_bias_shift]
-            for c in result.layers]
+    """Per layer the weights pruned and the largest bias shift, absolute and as a multiple of the dense
+    bias's largest entry; a note for a written bias beyond float16's range."""
+    rows = [[c.layer, c.weights, c.pruned, f"{100 * c.pruned / c.weights:.1f}%", c.max_bias_shift,
+             _times(c.relative_bias_shift)] for c in result.layers]
+    relative = [c.relative_bias_shift for c in result.layers if c.relative_bias_shift is not None]
     rows.append(["total", result.weights, result.pruned, f"{100 * result.sparsity:.1f}%",
-                 max((c.max_bias_shift for c in result.layers), default=0.0)])
-    return table(["layer", "weights", "pruned", "sparsity", "largest bias shift"], rows) + "\n" + UNSTRUCTURED_NOTE
+                 max((c.max_bias_shift for c in result.layers), default=0.0), _times(max(relative, default=None))])
+    text = table(["layer", "weights", "pruned", "sparsity", "largest bias shift", "x dense bias"], rows)
+    pattern = result.summary.get("pattern")
+    if pattern:
+        n, m = pattern.split(":")
+        text += f"\npattern {pattern}: at most {n} nonzero weights in every {m} consecutive inputs of each row"
+    beyond = [c for c in result.layers if c.max_bias > FLOAT16_MAX]
+    if beyond:
+        worst = max(beyond, key=lambda c: c.max_bias)
+        text += (f"\n{len(beyond)} layer(s) write a bias beyond float16's range ({FLOAT16_MAX:,.0f}; {worst.layer}: "
+                 f"{worst.max_bias:,.0f}): a float16 copy of this model overflows")
+    return text + "\n" + UNSTRUCTURED_NOTE
+
+
+def _times(ratio: float | None) -> str | None:
+    return None if ratio is None else f"{ratio:.3g}x"
 
 
 def skipped_table(skipped: list[dict]) -> str:

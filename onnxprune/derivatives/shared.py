@@ -65,11 +65,15 @@ def _add_block(sums, rows: slice, gg: np.ndarray, zt: np.ndarray, scale: float, 
         sums.sum_gz2[rows] += scale * np.einsum("nrij,nrij->ij", u, u)
         sums.sum_gz[rows] += scale * np.einsum("nrij,nri->ij", u, v)
         sums.sum_g[rows] += scale * np.einsum("nri,nri->i", v, v)
+        if getattr(sums, "sum_g_positions", None) is not None:
+            sums.sum_g_positions[rows] += scale * (gg * gg).sum((0, 1, 3))
     else:
         big_g = (gg * gg).sum(1) * gg.dtype.type(scale)                   # (n, rows, T)
         sums.sum_gz2[rows] += np.matmul(big_g, zt * zt).sum(0)
         sums.sum_gz[rows] += np.matmul(big_g, zt).sum(0)
         sums.sum_g[rows] += big_g.sum((0, 2))
+        if getattr(sums, "sum_g_positions", None) is not None:
+            sums.sum_g_positions[rows] += big_g.sum((0, 2))
 
 
 def shared_loss_gradient(g: np.ndarray, patches: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ from onnxprune.derivatives.plan import MEMORY_BUDGET, DerivativePlan, Derivative
 from onnxprune.derivatives.shared import CHUNK_ELEMENTS, STATISTICS, accumulate_shared, shared_loss_gradient
 from onnxprune.errors import InputError
 from onnxprune.find.geometry import im2col
-from onnxprune.find.layers import Layer
+from onnxprune.find.layers import Layer, sample_major
 from onnxprune.io.data import Dataset
 from onnxprune.runtime import blas_threads, one_blas_thread
 
@@ -47,13 +47,15 @@ class LayerStatistics:
     sum_z2: np.ndarray      # like sum_z
     count_z: int = 0        # values summed in sum_z per entry (samples x positions)
     shift: np.ndarray | None = None  # c (in,), set by the first ``add``; None: c = 0
+    sum_g_positions: np.ndarray | None = None  # (out,) sum_s sum_t G_sti: sum_g without cross-position terms
 
     @classmethod
     def zeros(cls, layer: Layer) -> LayerStatistics:
         o, i = layer.out_features, layer.in_features
         groups = layer.conv.groups if layer.conv is not None else 1
         zshape = (i,) if groups == 1 else (groups, i)
-        return cls(0, np.zeros(o), np.zeros((o, i)), np.zeros((o, i)), np.zeros(zshape), np.zeros(zshape))
+        return cls(0, np.zeros(o), np.zeros((o, i)), np.zeros((o, i)), np.zeros(zshape), np.zeros(zshape),
+                    sum_g_positions=np.zeros(o))
 
     def add(self, g: np.ndarray, z: np.ndarray) -> None:
         """Accumulate a batch: g = per-sample G (batch, out), z = layer input (batch, in)."""
@@ -72,6 +74,8 @@ class LayerStatistics:
         self.n += n
         self.count_z += n
         self.sum_g += g.sum(0, dtype=np.float64)
+        if self.sum_g_positions is not None:  # one position: no cross terms
+            self.sum_g_positions += g.sum(0, dtype=np.float64)
         self.sum_gz += products[:, :zc.shape[1]]
         self.sum_gz2 += products[:, zc.shape[1]:]
         first, second = zc.sum(0, dtype=np.float64), zc2.sum(0, dtype=np.float64)
@@ -133,6 +137,12 @@ class LayerStatistics:
     @property
     def C(self) -> np.ndarray:
         return self.sum_g / self.n
+
+    @property
+    def C_positions(self) -> np.ndarray:
+        """E[sum_t G_ti]: C without the cross-position terms, the scale C would have if the positions'
+        derivatives did not cancel (a shift of every key is invisible through a softmax: C ~ 0 there)."""
+        return self.C if self.sum_g_positions is None else self.sum_g_positions / self.n
 
     def _rows(self, values: np.ndarray) -> np.ndarray:
         """Per-group moments (groups, in) -> one row per output (out, in); (in,) stays."""
@@ -204,6 +214,42 @@ def _accumulate(derivatives: DerivativePlan, layers, data, stats, shared, progre
                 stats[layer.name].add(g, inputs[layer.name])
             for done in pending:
                 done.result()
+
+
+def collect_moments(model: onnx.ModelProto, layers: list[Layer], data: Dataset, *, batch_size: int = 256,
+                    provider: str = "cpu", threads: int | None = None, memory_budget: int = MEMORY_BUDGET,
+                    progress: Progress | None = None) -> dict[str, LayerStatistics]:
+    """The activation moments alone (E[z_j], Var z_j over samples and positions; no derivative, G
+    stays 0) from forward passes: what the mean-compensation scorer needs, at a forward pass's cost."""
+    from onnxprune import runtime
+
+    stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
+    names = list(dict.fromkeys(layer.input for layer in layers if layer.input not in data.feeds))
+    session = runtime.tensor_session(model, names, provider, threads, arena=False) if names else None
+    step = batch_step(model, layers, data, 1, batch_size, provider, memory_budget)
+    done = 0
+    with blas_threads(threads):
+        for feeds, _ in data.batches(step):
+            n = len(next(iter(feeds.values())))
+            values = {**feeds, **dict(zip(names, session.run(names, feeds) if session else []))}
+            for layer in layers:
+                z = sample_major(layer, np.asarray(values[layer.input]), n)
+                if layer.shared:
+                    patches = layer_patches(layer, z)                      # (n, groups, in, positions)
+                    first, second = patches.sum((0, 3)), (patches * patches).sum((0, 3))
+                    count = n * patches.shape[-1]
+                else:
+                    flat = z.reshape(n, -1).astype(np.float64)
+                    first, second, count = flat.sum(0), (flat * flat).sum(0), n
+                st = stats[layer.name]
+                st.sum_z += first.reshape(st.sum_z.shape)
+                st.sum_z2 += second.reshape(st.sum_z2.shape)
+                st.count_z += count
+                st.n += n
+            done += n
+            if progress:
+                progress(done, len(data))
+    return stats
 
 
 def collect_loss_gradients(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,

@@ -17,11 +17,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune import runtime
-from onnxprune.derivatives.engines.base import EngineFailure
+from onnxprune.derivatives.engines.base import EngineFailure, rademacher
 from onnxprune.derivatives.engines.reverse import origin, reverse_graph
 from onnxprune.derivatives.instrument import exposed, instrument, offset_name
 from onnxprune.errors import Limitation
-from onnxprune.find.layers import Layer, by_position
+from onnxprune.find.layers import Layer, by_position, folded_preacts, sample_major
 from onnxprune.graph.index import subgraph_reads, tensor_types
 from onnxprune.graph.passes import needed_nodes
 from onnxprune.prepare.shapes import tensor_shapes
@@ -63,7 +63,7 @@ class _AdjointModel:
         if signature == self._signature and n <= self.batch:
             return
         names = list(feeds) + [layer.preact for layer in self.layers] + [self.output]
-        self.shapes = tensor_shapes(self.model, names, feeds, self.provider)
+        self.shapes = tensor_shapes(self.model, names, feeds, self.provider, folded_preacts(self.layers))
         m, elem = instrument(self.model, self.layers, self.output, [self.output] + self.z_outputs, self.shapes,
                              MIN_OPSET)
         self.batch = n
@@ -222,13 +222,16 @@ class _AdjointModel:
             found.update(zip(late, self.session.run(late, {k: v for k, v in run_feeds.items() if k in self.inputs_of})))
         except Exception as exc:  # noqa: BLE001 - a kernel refusing a shape or a value inside the derivative graph
             raise Limitation(f"onnxruntime failed running the derivative graph: {origin(self.model, exc)}") from None
-        values = [found[name] for name in wanted]
-        return values if n == self.batch else [v[:n] for v in values]
+        values = [found[name] for name in wanted]  # the padding dropped; a folded tensor has several rows per sample
+        return values if n == self.batch else [v[:n * (len(v) // self.batch)] for v in values]
 
     def _inputs(self, feeds: dict[str, np.ndarray], values: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """The layer inputs by layer name, a folded layer's rows grouped by sample."""
         z = dict(zip(self.z_outputs, values[len(values) - len(self.z_outputs):]))
         cast = self._cast(feeds)
-        return {layer.name: z[layer.input] if layer.input in z else cast[layer.input] for layer in self.layers}
+        n = len(next(iter(feeds.values())))
+        return {layer.name: sample_major(layer, z[layer.input] if layer.input in z else cast[layer.input], n)
+                for layer in self.layers}
 
 
 def _plain(node: onnx.NodeProto) -> bool:
@@ -277,7 +280,7 @@ class OutputJacobians(_AdjointModel):
         """(graph batch, *output_shape, R): the identity per sample (exact), or Rademacher signs, fresh
         for the ``n`` real samples (the padding rows repeat them)."""
         if not self.exact:
-            signs = self.rng.choice(np.array([-1.0, 1.0], self.dtype), size=(n,) + tuple(output_shape) + (self.repeats,))
+            signs = rademacher(self.rng, (n,) + tuple(output_shape) + (self.repeats,), self.dtype)
             return signs if n == self.batch else signs[np.arange(self.batch) % n]
         if "eye" not in self._seeds:
             eye = np.eye(self.output_size, dtype=self.dtype).reshape(tuple(output_shape) + (self.repeats,))
