@@ -323,3 +323,24 @@ def test_exported_models_shrink_and_keep_their_stamping(name):
     assert all(before[t.name] == t.data_type for t in out.graph.initializer if t.name in before)
     assert [o.name for o in out.graph.output] == [o.name for o in model.graph.output]
     runtime.make_session(out).run(None, {k: v[:2] for k, v in feeds.items()})
+
+
+def test_global_counts_remove_whole_multiples_at_their_least_cost():
+    """With a channel multiple, global counts remove whole multiples of each group, the cheapest by
+    their summed costs: the least total cost among every split of the target into multiples (brute
+    force), and a group of one multiple stays whole instead of blocking the others."""
+    from itertools import product
+
+    from onnxprune.score.units import UnitScores
+
+    rng = np.random.default_rng(3)
+    units = {"a": 16, "b": 24, "c": 8}
+    costs = {name: np.sort(rng.gamma(2.0, 1.0, n)) for name, n in units.items()}  # each group's removals, cheapest first
+    scores = {name: UnitScores(np.arange(n), costs[name], None) for name, n in units.items()}
+    kept = choose_counts(scores, dict(units), dict(units), [], sparsity=16 / 48, macs=None, scope="global",
+                         multiple={"a": 8, "b": 8, "c": 8})
+    assert all(k % 8 == 0 for k in kept.values()) and kept["c"] == 8
+    assert sum(units[n] - kept[n] for n in units) == 16
+    splits = [(a, b) for a, b in product(range(0, 9, 8), range(0, 17, 8)) if a + b == 16]
+    best = min(costs["a"][:a].sum() + costs["b"][:b].sum() for a, b in splits)
+    assert costs["a"][:16 - kept["a"]].sum() + costs["b"][:24 - kept["b"]].sum() == pytest.approx(best)

@@ -75,13 +75,6 @@ def total_macs(costs: list[LayerCost], kept: dict[str, int]) -> int:
     return sum(c.macs(kept) for c in costs)
 
 
-def unit_macs(costs: list[LayerCost], kept: dict[str, int], group: str) -> int:
-    """MACs saved by removing one more unit of ``group`` at the current counts."""
-    fewer = dict(kept)
-    fewer[group] -= 1
-    return total_macs(costs, kept) - total_macs(costs, fewer)
-
-
 def round_kept(kept: int, units: int, multiple: int) -> int:
     """``kept`` rounded to the nearest multiple of ``multiple`` (at least one multiple, at most all)."""
     if multiple <= 1 or units < multiple:
@@ -98,15 +91,17 @@ def choose_counts(scores: dict[str, UnitScores], counts: dict[str, int], origina
     the others; a group never gets units back). ``multiple``: kept counts rounded to it (one for every
     group, or per group); ``lanes``: groups whose count must be a multiple of that many (grouped
     Convs), at every step."""
+    lanes = lanes or {}
+    steps = {name: math.lcm(multiple.get(name, 1) if isinstance(multiple, dict) else multiple, lanes.get(name, 1))
+             for name in counts}  # every step: a later one cannot give units back to reach a multiple
     if scope == "layer":
         kept = _layer_counts(counts, original, costs, sparsity, macs)
-    else:
-        kept = _global_counts(scores, counts, original, costs, sparsity, macs)
-    lanes = lanes or {}
+    else:  # whole multiples removed at a time where the group has more than one (no rounding after)
+        chunks = {name: step if original[name] % step == 0 and counts[name] % step == 0 and original[name] > step else 1
+                  for name, step in steps.items()}
+        kept = _global_counts(scores, counts, original, costs, sparsity, macs, chunks)
     for name, k in kept.items():
-        lane = lanes.get(name, 1)
-        own = multiple.get(name, 1) if isinstance(multiple, dict) else multiple
-        step = math.lcm(own, lane)  # every step: a later one cannot give units back to reach a multiple
+        lane, step = lanes.get(name, 1), steps[name]
         if step == 1:
             continue
         if original[name] < step:  # too few to round: a grouped Conv's group then keeps all
@@ -135,36 +130,53 @@ def _layer_counts(counts, original, costs, sparsity, macs) -> dict[str, int]:
     return at(high)
 
 
-def _global_counts(scores, counts, original, costs, sparsity, macs) -> dict[str, int]:
+def _global_counts(scores, counts, original, costs, sparsity, macs, chunks: dict[str, int]) -> dict[str, int]:
+    """The cheapest removals over all groups until the target: each group's next ``chunks[name]``
+    units at a time (its channel multiple), ranked by their mean cost (per MAC saved for ``macs``); a
+    chunk that would overshoot the target by more than half of it is left out."""
     kept = dict(counts)
 
-    def priority(name: str) -> float:
-        cost = float(scores[name].costs[counts[name] - kept[name]])  # scores rank the current units
-        return cost / max(unit_macs(costs, kept, name), 1) if macs is not None else cost
+    def removal(name: str) -> tuple[float, float]:
+        """(priority, what the chunk removes: units, or MACs) of the group's next chunk."""
+        gone, size = counts[name] - kept[name], chunks[name]
+        cost = float(np.sum(scores[name].costs[gone:gone + size]))  # scores rank the current units
+        if macs is None:
+            return cost / size, size
+        fewer = dict(kept)
+        fewer[name] -= size
+        saved = total_macs(costs, kept) - total_macs(costs, fewer)
+        return cost / max(saved, 1), saved
 
     if macs is not None:
         dense = total_macs(costs, original)
         target = (1 - macs) * dense
 
-        def reached():
-            return total_macs(costs, kept) <= target
+        def left() -> float:
+            return total_macs(costs, kept) - target
     else:
         goal = int(round(sparsity * sum(original.values())))
 
-        def reached():
-            return sum(original[n] - kept[n] for n in kept) >= goal
+        def left() -> float:
+            return goal - sum(original[n] - kept[n] for n in kept)
 
-    heap = [(priority(name), name) for name in kept if kept[name] > 1]  # every group keeps a unit
+    heap = [(removal(name)[0], name) for name in kept if kept[name] - chunks[name] >= 1]  # every group keeps a unit
     heapq.heapify(heap)
-    while not reached():
+    skipped = False
+    while left() > 0:
         if not heap:
+            if skipped:  # the nearest the chunks allow
+                break
             raise InputError("the request would leave a layer with no unit: every group is down to one unit "
                              "before the target is reached")
         _, name = heapq.heappop(heap)
-        kept[name] -= 1
-        if kept[name] > 1:
-            heapq.heappush(heap, (priority(name), name))
-        if macs is not None:  # removing a unit changes the MACs saved by its neighbours' units
-            heap = [(priority(n), n) for _, n in heap]
+        size = removal(name)[1]
+        if size - left() > left():  # overshoots by more than it would leave undone
+            skipped = True
+            continue
+        kept[name] -= chunks[name]
+        if kept[name] - chunks[name] >= 1:
+            heapq.heappush(heap, (removal(name)[0], name))
+        if macs is not None:  # removing units changes the MACs saved by its neighbours' units
+            heap = [(removal(n)[0], n) for _, n in heap]
             heapq.heapify(heap)
     return kept
