@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 
 from onnxprune.find.constants import shape_entries
-from onnxprune.find.unitgroups import ShapeEdit, Stop
+from onnxprune.find.unitgroups import ShapeEdit
 from onnxprune.find.unitplace import Context
-from onnxprune.graph.index import FLOAT_TYPES, attributes
+from onnxprune.graph.index import FLOAT_TYPES, Rejection, attributes
 
 Layout = list   # one tuple of factors per axis
 
@@ -28,14 +28,14 @@ def squeezed(ctx: Context, node: onnx.NodeProto, layout: Layout) -> Layout:
         axes = None if value is None else value.ravel().tolist()
     if node.op_type == "Unsqueeze":
         if axes is None:
-            raise Stop(f"Unsqueeze {node.name!r} with computed axes")
+            raise Rejection(f"Unsqueeze {node.name!r} with computed axes")
         positions = sorted(int(a) % len(layout) for a in axes)
         if any(structured(layout[p]) for p in positions):
-            raise Stop(f"Unsqueeze {node.name!r} adds an axis the heads are on")
+            raise Rejection(f"Unsqueeze {node.name!r} adds an axis the heads are on")
         return [a for i, a in enumerate(layout) if i not in positions]
     rank = ctx.rank(node.input[0])
     if rank is None:
-        raise Stop(f"Squeeze {node.name!r} of a tensor of unknown rank")
+        raise Rejection(f"Squeeze {node.name!r} of a tensor of unknown rank")
     if axes is None:
         shape = ctx.shapes.get(node.input[0]) or ()
         axes = [i for i, d in enumerate(shape) if d == 1]
@@ -52,18 +52,18 @@ def part(ctx: Context, node: onnx.NodeProto, tensor: str, layout: Layout, edits:
     op, attrs = node.op_type, attributes(node)
     shape = ctx.shapes.get(node.input[0])
     if shape is None:
-        raise Stop(f"{op} {node.name!r} of a tensor of unknown shape")
+        raise Rejection(f"{op} {node.name!r} of a tensor of unknown shape")
     rank = len(shape)
     if op == "Gather":
         index = ctx.constants.value(node.input[1])
         axis = int(attrs.get("axis", 0)) % rank
         if index is None or index.size != 1 or shape[axis] is None:
-            raise Stop(f"Gather {node.name!r} does not take one part of a fused projection")
+            raise Rejection(f"Gather {node.name!r} does not take one part of a fused projection")
         part = (("p", int(shape[axis]), int(index.ravel()[0]) % int(shape[axis])),)
         if index.ndim == 0:
             return layout[:axis] + [part] + layout[axis:]
         if structured(layout[axis]):
-            raise Stop(f"Gather {node.name!r} takes along the heads' axis")
+            raise Rejection(f"Gather {node.name!r} takes along the heads' axis")
         return layout[:axis] + [part] + layout[axis + 1:]
     if op == "Split":
         axis = int(attrs.get("axis", 0)) % rank
@@ -72,7 +72,7 @@ def part(ctx: Context, node: onnx.NodeProto, tensor: str, layout: Layout, edits:
         sizes = ctx.constants.value(node.input[1]) if len(node.input) > 1 and node.input[1] else attrs.get("split")
         if sizes is not None and len(set(np.ravel(sizes).tolist())) != 1:
             if structured(layout[axis]):
-                raise Stop(f"Split {node.name!r} into unequal parts along the heads' axis")
+                raise Rejection(f"Split {node.name!r} into unequal parts along the heads' axis")
             return layout[:axis] + [(("o", shape[axis], None),)] + layout[axis + 1:]
         start, whole = position, count
         bounds = [(1, position, 1)] if sizes is not None else []  # (slot, entry, parts before and with it)
@@ -81,17 +81,17 @@ def part(ctx: Context, node: onnx.NodeProto, tensor: str, layout: Layout, edits:
         starts, ends, axes, steps = args[:4]
         axes = np.arange(rank) if axes is None and len(node.input) <= 3 else axes
         if starts is None or ends is None or axes is None or starts.size != 1 or (steps is not None and np.any(steps != 1)):
-            raise Stop(f"Slice {node.name!r} is not one part of a fused projection")
+            raise Rejection(f"Slice {node.name!r} is not one part of a fused projection")
         axis = int(axes.ravel()[0]) % rank
         dim = shape[axis]
         if dim is None:
-            raise Stop(f"Slice {node.name!r} of an axis of unknown size")
+            raise Rejection(f"Slice {node.name!r} of an axis of unknown size")
         begin, end = (int(np.clip(v if v >= 0 else v + dim, 0, dim)) for v in (starts.ravel()[0], ends.ravel()[0]))
         length = end - begin
         if length <= 0 or dim % length or begin % length:
-            raise Stop(f"Slice {node.name!r} takes {begin}:{end} of {dim}, not one of equal parts")
+            raise Rejection(f"Slice {node.name!r} takes {begin}:{end} of {dim}, not one of equal parts")
         if starts.ravel()[0] < 0 or ends.ravel()[0] < 0:
-            raise Stop(f"Slice {node.name!r} takes a part counted from the end")
+            raise Rejection(f"Slice {node.name!r} takes a part counted from the end")
         start, whole = begin // length, dim // length
         bounds = [(1, 0, start)] + ([(2, 0, start + 1)] if ends.ravel()[0] < dim else [])
     own = tuple(f for f in layout[axis] if not (f[0] == "o" and f[1] == 1))
@@ -103,7 +103,7 @@ def part(ctx: Context, node: onnx.NodeProto, tensor: str, layout: Layout, edits:
             entries = shape_entries(ctx.g, ctx.constants, node.input[slot], ctx.shapes, node.name, slot)
             entry = entries[at] if entries is not None and len(entries) > at else None
             if entry is None or entry.tensor is None:
-                raise Stop(f"{op} {node.name!r} takes its part by bounds an edit cannot follow")
+                raise Rejection(f"{op} {node.name!r} takes its part by bounds an edit cannot follow")
             if parts:
                 edits.append(ShapeEdit(entry.reader, entry.slot, entry.tensor, entry.index, parts * per_head))
     return layout[:axis] + [(("p", whole, start),) + own] + layout[axis + 1:]
@@ -128,7 +128,7 @@ def regroup(layout: Layout, shape: list, name: str) -> Layout:
         product = 1
         while product < d or (d == 1 and i >= 0 and factors[i][1] == 1 and not group):
             if i < 0:
-                raise Stop(f"Reshape {name!r} of {list(shape)} does not keep the heads apart")
+                raise Rejection(f"Reshape {name!r} of {list(shape)} does not keep the heads apart")
             kind, size, part = factors[i]
             if size is None and kind == "o" and not group:  # an axis of unknown size: this one
                 group.insert(0, (kind, d, None))
@@ -137,7 +137,7 @@ def regroup(layout: Layout, shape: list, name: str) -> Layout:
                 break
             if size is None or product * size > d:
                 if kind != "o" or size is None or size % (d // product):
-                    raise Stop(f"Reshape {name!r} of {list(shape)} splits the heads or their size")
+                    raise Rejection(f"Reshape {name!r} of {list(shape)} splits the heads or their size")
                 factors[i] = (kind, size // (d // product), None)
                 group.insert(0, ("o", d // product, None))
                 product = d
@@ -146,13 +146,13 @@ def regroup(layout: Layout, shape: list, name: str) -> Layout:
             product *= size
             i -= 1
         if product != d:
-            raise Stop(f"Reshape {name!r} of {list(shape)} does not keep the heads apart")
+            raise Rejection(f"Reshape {name!r} of {list(shape)} does not keep the heads apart")
         while i >= 0 and factors[i][1] == 1 and factors[i][0] != "o" and (k == 0 or shape[k - 1] != 1):  # one head left
             group.insert(0, factors[i])
             i -= 1
         before.insert(0, tuple(group) or (("o", 1, None),))
     if any(f[0] != "o" for f in factors[:i + 1]):
-        raise Stop(f"Reshape {name!r} of {list(shape)} does not keep the heads apart")
+        raise Rejection(f"Reshape {name!r} of {list(shape)} does not keep the heads apart")
     return before
 
 

@@ -21,9 +21,9 @@ import onnx
 from onnxprune.find.constants import shape_entries
 from onnxprune.find.headlayout import Layout, input_mask, part, reaches_matmul, regroup, squeezed, structured
 from onnxprune.find.layers import Layer
-from onnxprune.find.unitgroups import Consumer, Cut, Select, ShapeEdit, Stop, UnitGroup, in_axis, out_axis, stored_axis
+from onnxprune.find.unitgroups import Consumer, Cut, Select, ShapeEdit, UnitGroup, in_axis, out_axis, stored_axis
 from onnxprune.find.unitplace import Context
-from onnxprune.graph.index import attributes
+from onnxprune.graph.index import Rejection, attributes
 
 Factor = tuple  # (kind, size, part index or None)
 PASS = ("Identity", "Cast", "Dropout")
@@ -51,15 +51,15 @@ class _Trace:
         self.heads = heads
         rank = ctx.rank(out.input)
         if rank is None:
-            raise Stop(f"the rank of {out.input!r} is unknown")
+            raise Rejection(f"the rank of {out.input!r} is unknown")
         layout = [(("o", None, None),)] * (rank - 1) + [(("h", heads, None), ("d", size, None))]
         tensor, layout, node = self._back(out.input, layout)
         if node is None or node.op_type != "MatMul":
-            raise Stop(f"no MatMul of the attention probabilities and the values reads into {out.name!r}")
+            raise Rejection(f"no MatMul of the attention probabilities and the values reads into {out.name!r}")
         self.nodes.append(node.name)
         probabilities, values = node.input
         if layout[-1] != (("d", size, None),) or structured(layout[-2]) or not any(structured(a) for a in layout[:-2]):
-            raise Stop(f"MatMul {node.name!r} does not keep the heads on a batch axis and the head size last")
+            raise Rejection(f"MatMul {node.name!r} does not keep the heads on a batch axis and the head size last")
         batch = layout[:-2]
         self._projection(values, batch + [(("o", None, None),), layout[-1]])
         scores, scores_layout = self._scores(probabilities, batch + [layout[-2], (("o", None, None),)])
@@ -77,18 +77,18 @@ class _Trace:
         while node is not None and node.op_type in PASS:
             node = self.ctx.g.producers.get(node.input[0])
         if node is None or node.op_type != "Reshape":
-            raise Stop(f"{self.out.name!r} does not read heads merged by a Reshape")
+            raise Rejection(f"{self.out.name!r} does not read heads merged by a Reshape")
         shape = self.ctx.shapes.get(node.input[0])
         width = self.out.in_features
         if shape is None or len(shape) < 2:
-            raise Stop(f"Reshape {node.name!r} merges a tensor of unknown shape")
+            raise Rejection(f"Reshape {node.name!r} merges a tensor of unknown shape")
         heads, size = shape[-2], shape[-1]
         if size is None and heads:
             size = width // heads
         if heads is None and size:
             heads = width // size
         if not heads or not size or heads * size != width:
-            raise Stop(f"Reshape {node.name!r} does not merge heads x head size = {width}")
+            raise Rejection(f"Reshape {node.name!r} does not merge heads x head size = {width}")
         return int(heads), int(size)
 
     def _head_size(self, q: str, k: str, default: int) -> int:
@@ -109,7 +109,7 @@ class _Trace:
                 return tensor, layout, None
             node = g.producers.get(tensor)
             if node is None:
-                raise Stop(f"the heads come from the graph input {tensor!r}")
+                raise Rejection(f"the heads come from the graph input {tensor!r}")
             moved = self._move(node, tensor, layout)
             if moved is None:
                 return tensor, layout, node
@@ -142,7 +142,7 @@ class _Trace:
     def _reshape(self, node: onnx.NodeProto, layout: Layout) -> Layout:
         shape = self.ctx.shapes.get(node.input[0])
         if shape is None:
-            raise Stop(f"Reshape {node.name!r} of a tensor of unknown shape")
+            raise Rejection(f"Reshape {node.name!r} of a tensor of unknown shape")
         before = regroup(layout, list(shape), node.name)
         entries = None
         for b, axis in enumerate(layout):
@@ -150,11 +150,11 @@ class _Trace:
                 continue
             others = [f[1] for f in axis if f[0] != "h"]
             if any(s is None for s in others):
-                raise Stop(f"Reshape {node.name!r} merges the heads with an axis of unknown size")
+                raise Rejection(f"Reshape {node.name!r} merges the heads with an axis of unknown size")
             if entries is None:
                 entries = shape_entries(self.ctx.g, self.ctx.constants, node.input[1], self.ctx.shapes, node.name, 1)
                 if entries is None or len(entries) != len(layout):
-                    raise Stop(f"Reshape {node.name!r} has a shape whose entries cannot be told")
+                    raise Rejection(f"Reshape {node.name!r} has a shape whose entries cannot be told")
             entry, per_unit = entries[b], int(np.prod(others)) if others else 1
             if entry.value == -1 or (entry.value == 0 and b < len(before) and before[b] == axis):
                 continue
@@ -163,7 +163,7 @@ class _Trace:
             if entry.tensor is not None and entry.value is not None and entry.value > 0:
                 self.edits.append(ShapeEdit(entry.reader, entry.slot, entry.tensor, entry.index, per_unit))
             elif any(e.value == -1 for e in entries):
-                raise Stop(f"Reshape {node.name!r}: the entry that counts the heads is computed and another is -1")
+                raise Rejection(f"Reshape {node.name!r}: the entry that counts the heads is computed and another is -1")
             else:
                 self.edits.append(ShapeEdit(node.name, 1, None, b))
         return before
@@ -219,7 +219,7 @@ class _Trace:
             self.tensors.append(tensor)
             node = g.producers.get(tensor)
             if node is None:
-                raise Stop("the attention probabilities come from a graph input")
+                raise Rejection("the attention probabilities come from a graph input")
             if node.op_type == "MatMul" and tensor not in self.ctx.by_preact:
                 self.nodes.append(node.name)
                 return node, layout
@@ -227,14 +227,14 @@ class _Trace:
             if node.op_type in ("Softmax", "LogSoftmax"):
                 axis = int(attributes(node).get("axis", -1)) % len(layout)
                 if structured(layout[axis]):
-                    raise Stop(f"Softmax {node.name!r} normalizes over the heads")
+                    raise Rejection(f"Softmax {node.name!r} normalizes over the heads")
                 tensor = node.input[0]
             elif node.op_type in SCORE_OPS:
                 tensor = self._score_operand(node, layout)
             else:
                 moved = self._move(node, tensor, layout)
                 if moved is None:
-                    raise Stop(f"{node.op_type} {node.name!r} between Q K^T and the softmax is not a scale, mask or bias")
+                    raise Rejection(f"{node.op_type} {node.name!r} between Q K^T and the softmax is not a scale, mask or bias")
                 tensor, layout = moved
 
     def _score_operand(self, node: onnx.NodeProto, layout: Layout) -> str:
@@ -242,7 +242,7 @@ class _Trace:
         or one per head (cut when stored, else narrowed by a Gather)."""
         traced = [i for i in node.input if i and reaches_matmul(self.ctx, i)]
         if len(traced) != 1:
-            raise Stop(f"{node.op_type} {node.name!r} on the attention scores has {len(traced)} operands from Q K^T")
+            raise Rejection(f"{node.op_type} {node.name!r} on the attention scores has {len(traced)} operands from Q K^T")
         rank = len(layout)
         head = next(i for i, a in enumerate(layout) if any(f[0] == "h" for f in a))
         for slot, name in enumerate(node.input):
@@ -252,7 +252,7 @@ class _Trace:
             axis = head - (rank - len(shape)) if shape is not None else -1
             others = any(structured(a) for i, a in enumerate(layout) if i != head)
             if shape is None or axis < 0 or shape[axis] != self.heads or others:
-                raise Stop(f"{node.op_type} {node.name!r} adds {name!r} of shape {shape} to the scores")
+                raise Rejection(f"{node.op_type} {node.name!r} adds {name!r} of shape {shape} to the scores")
             if self.ctx.constants.stored(name) and self.ctx.g.users(name) == 1:
                 self.cuts.append(Cut(name, axis))
             else:
@@ -265,16 +265,16 @@ class _Trace:
         layer = self.ctx.by_preact.get(tensor)
         if node is not None or layer is None or layer.kind != "sequence":
             what = f"{node.op_type} {node.name!r}" if node is not None else repr(tensor)
-            raise Stop(f"{what} is between the attention and the Q, K or V projection")
+            raise Rejection(f"{what} is between the attention and the Q, K or V projection")
         last = tuple(layout[-1])
         parts = [f for f in last if f[0] == "p"]
         body = [f for f in last if f[0] != "p"]
         if any(structured(a) for a in layout[:-1]) or len(parts) > 1 or len(body) != 2 or body[0][0] != "h" \
                 or body[1][0] not in "de" or (parts and last[0][0] != "p"):
-            raise Stop(f"projection {layer.name!r} does not write heads x head size on its last axis")
+            raise Rejection(f"projection {layer.name!r} does not write heads x head size on its last axis")
         total = (parts[0][1] if parts else 1) * self.heads * body[1][1]
         if layer.out_features != total:
-            raise Stop(f"projection {layer.name!r} has {layer.out_features} outputs, not {total}")
+            raise Rejection(f"projection {layer.name!r} has {layer.out_features} outputs, not {total}")
         self.projections.append((layer, last))
 
     def _check_users(self) -> None:
@@ -283,7 +283,7 @@ class _Trace:
             readers = [n for n in g.consumers[tensor] if n.name not in inside and not _read_for_shape(self.ctx, n)]
             if readers or tensor in g.outputs or tensor in g.subgraph_readers:
                 what = f"{readers[0].op_type} {readers[0].name!r}" if readers else "a graph output or subgraph"
-                raise Stop(f"{what} also reads {tensor!r} of the attention")
+                raise Rejection(f"{what} also reads {tensor!r} of the attention")
 
     def _group(self, heads: int, size: int) -> UnitGroup:
         cuts, producers = list(self.cuts), []
@@ -301,9 +301,9 @@ class _Trace:
             part = last[0] if last[0][0] == "p" else None
             offset, width = (part[2] * heads, part[1] * heads) if part else (0, 0)
             if not self.ctx.constants.stored(name) and not _identity(self.ctx, name):
-                raise Stop(f"bias {name!r} of a Q, K or V projection is computed from other constants")
+                raise Rejection(f"bias {name!r} of a Q, K or V projection is computed from other constants")
             if self.ctx.constants.stored(name) and self.ctx.g.users(name) > 1:
-                raise Stop(self.ctx.g.shared_reason(name, "bias"))
+                raise Rejection(self.ctx.g.shared_reason(name, "bias"))
             cuts.append(Cut(name, max(self.ctx.rank(name) or 1, 1) - 1, last[-1][1], offset=offset, width=width))
         out = self.out
         cuts.append(Cut(out.weight, stored_axis(out, in_axis(out)), size))
@@ -359,6 +359,6 @@ def attention_groups(ctx: Context, layers: list[Layer]) -> list[UnitGroup]:
             continue
         try:
             found.append(_Trace(ctx, layer).match())
-        except Stop:
+        except Rejection:
             continue  # not attention: the ordinary walk names the reason
     return found

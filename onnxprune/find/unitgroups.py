@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxprune.find.layers import Layer, Skipped
+from onnxprune.graph.index import Rejection
 
 
 @dataclass(frozen=True)
@@ -124,13 +125,7 @@ def in_axis(layer: Layer) -> int:
     return 1 - out_axis(layer) if layer.op != "Conv" else 1
 
 
-class Stop(Exception):
-    """The units cannot pass a node; the message says why."""
-
-    unavoidable = False
-
-
-class Unavoidable(Stop):
+class Unavoidable(Rejection):
     """The units cannot be removed by any rewrite: they reach a graph output, or a normalization
     over the channels (LayerNormalization, an RMS norm) mixes them."""
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from onnxprune.find.constants import shape_entries
-from onnxprune.find.unitgroups import Cut, ShapeEdit, Stop
+from onnxprune.find.unitgroups import Cut, ShapeEdit
 from onnxprune.find.unitplace import Divide, channel_axis, node_axes, per_channel_cut
-from onnxprune.graph.index import attributes
+from onnxprune.graph.index import Rejection, attributes
 
 
 def reduce(ctx, walk, node, tensor, outs):
@@ -19,11 +19,11 @@ def reduce(ctx, walk, node, tensor, outs):
     if axes is None:
         if int(attributes(node).get("noop_with_empty_axes", 0)):
             return outs[:1]
-        raise Stop(f"{node.op_type} {node.name!r} reduces over every axis, the units' channels included")
+        raise Rejection(f"{node.op_type} {node.name!r} reduces over every axis, the units' channels included")
     if axis in axes:
-        raise Stop(f"{node.op_type} {node.name!r} reduces over the units' channels")
+        raise Rejection(f"{node.op_type} {node.name!r} reduces over the units' channels")
     if walk.block != 1 and any(a > axis for a in axes):
-        raise Stop(f"{node.op_type} {node.name!r} reduces flattened units")
+        raise Rejection(f"{node.op_type} {node.name!r} reduces flattened units")
     if not int(attributes(node).get("keepdims", 1)):
         walk.axis_from_end -= sum(1 for a in axes if a > axis)
     return outs[:1]
@@ -32,14 +32,14 @@ def reduce(ctx, walk, node, tensor, outs):
 def flatten(ctx, walk, node, tensor, outs):
     shape = ctx.shapes.get(tensor)
     if shape is None:
-        raise Stop(f"Flatten {node.name!r} of a tensor of unknown shape")
+        raise Rejection(f"Flatten {node.name!r} of a tensor of unknown shape")
     axis = channel_axis(ctx, walk, tensor)
     first = int(attributes(node).get("axis", 1)) % (len(shape) or 1)
     if axis < first or any(d != 1 for d in shape[first:axis]) or walk.block != 1:
-        raise Stop(f"Flatten {node.name!r} merges the units' channels with the axes before them")
+        raise Rejection(f"Flatten {node.name!r} merges the units' channels with the axes before them")
     after = shape[axis + 1:]
     if any(d is None for d in after):
-        raise Stop(f"Flatten {node.name!r} of a tensor whose spatial size shape inference cannot tell")
+        raise Rejection(f"Flatten {node.name!r} of a tensor whose spatial size shape inference cannot tell")
     walk.block, walk.axis_from_end = int(np.prod(after)) if after else 1, 1
     return outs[:1]
 
@@ -49,11 +49,11 @@ def reshape(ctx, walk, node, tensor, outs):
     every axis after it (a Flatten): the new place; the shape entry that counts the units follows them."""
     shape, target = ctx.shapes.get(tensor), ctx.shapes.get(outs[0])
     if shape is None or target is None:
-        raise Stop(f"Reshape {node.name!r} of a tensor of unknown shape")
+        raise Rejection(f"Reshape {node.name!r} of a tensor of unknown shape")
     axis = channel_axis(ctx, walk, tensor)
     entries = shape_entries(ctx.g, ctx.constants, node.input[1], ctx.shapes, node.name, 1)
     if entries is None or len(entries) != len(target):
-        raise Stop(f"Reshape {node.name!r} has a shape whose entries cannot be told")
+        raise Rejection(f"Reshape {node.name!r} has a shape whose entries cannot be told")
     after = shape[axis + 1:]
     size = walk.width * walk.block
     if any(d is None for d in after):  # sizes known at run time only (a detector's grid): the axes before must match
@@ -62,9 +62,9 @@ def reshape(ctx, walk, node, tensor, outs):
         known = [e.value if e.value and e.value > 0 else d for e, d in zip(entries, target)]
         if walk.block != 1 or any(d is None for d in before) or b >= len(known) \
                 or any(d is None for d in known[:b]) or int(np.prod(known[:b])) != int(np.prod(before)):
-            raise Stop(f"Reshape {node.name!r} of a tensor whose size after the units' axis shape inference cannot tell")
+            raise Rejection(f"Reshape {node.name!r} of a tensor whose size after the units' axis shape inference cannot tell")
         if known[b] != size:
-            raise Stop(f"Reshape {node.name!r} from {list(shape)} to {known} splits the units' channel axis")
+            raise Rejection(f"Reshape {node.name!r} from {list(shape)} to {known} splits the units' channel axis")
         follow_entry(walk, node, entries, b, 1)
         walk.axis_from_end = len(target) - b
         return outs[:1]
@@ -82,7 +82,7 @@ def reshape(ctx, walk, node, tensor, outs):
             found = (b, inner)  # the units' axis and every axis after it merged: a Flatten
             break
     if found is None:
-        raise Stop(f"Reshape {node.name!r} from {list(shape)} to {list(target)} splits the units' channel axis"
+        raise Rejection(f"Reshape {node.name!r} from {list(shape)} to {list(target)} splits the units' channel axis"
                    + (" (a channel shuffle: its groups must keep equal counts)" if _shuffles(ctx, node, axis) else ""))
     b, block = found
     follow_entry(walk, node, entries, b, block)
@@ -109,7 +109,7 @@ def follow_entry(walk, node, entries, b, per_unit) -> None:
         walk.reshapes.append(ShapeEdit(entry.reader, entry.slot, entry.tensor, entry.index, per_unit))
         return
     if any(e.value == -1 for e in entries):
-        raise Stop(f"Reshape {node.name!r}: the entry for the units' axis is computed and another entry is -1")
+        raise Rejection(f"Reshape {node.name!r}: the entry for the units' axis is computed and another entry is -1")
     walk.reshapes.append(ShapeEdit(node.name, 1, None, b))
 
 
@@ -118,7 +118,7 @@ def transpose(ctx, walk, node, tensor, outs):
     axis = channel_axis(ctx, walk, tensor)
     perm = attributes(node).get("perm", list(range(rank))[::-1])
     if walk.block != 1:
-        raise Stop(f"Transpose {node.name!r} of flattened units")
+        raise Rejection(f"Transpose {node.name!r} of flattened units")
     walk.axis_from_end = rank - list(perm).index(axis)
     return outs[:1]
 
@@ -127,11 +127,11 @@ def unsqueeze(ctx, walk, node, tensor, outs):
     rank_in, rank_out = ctx.rank(tensor), ctx.rank(outs[0])
     axes = node_axes(ctx, node, rank_out) if rank_out is not None else None
     if rank_in is None or rank_out is None or axes is None:
-        raise Stop(f"Unsqueeze {node.name!r} with unknown axes or rank")
+        raise Rejection(f"Unsqueeze {node.name!r} with unknown axes or rank")
     kept = [a for a in range(rank_out) if a not in axes]  # where the input's axes go
     walk.axis_from_end = rank_out - kept[rank_in - walk.axis_from_end]
     if walk.block != 1 and walk.axis_from_end != 1:
-        raise Stop(f"Unsqueeze {node.name!r} after flattened units")
+        raise Rejection(f"Unsqueeze {node.name!r} after flattened units")
     return outs[:1]
 
 
@@ -142,10 +142,10 @@ def squeeze(ctx, walk, node, tensor, outs):
     if axes is None:
         shape = ctx.shapes.get(tensor)
         if shape is None or any(d is None for d in shape):
-            raise Stop(f"Squeeze {node.name!r} without axes of a tensor of unknown shape")
+            raise Rejection(f"Squeeze {node.name!r} without axes of a tensor of unknown shape")
         axes = [a for a, d in enumerate(shape) if d == 1]
     if axis in axes:
-        raise Stop(f"Squeeze {node.name!r} removes the units' axis")
+        raise Rejection(f"Squeeze {node.name!r} removes the units' axis")
     walk.axis_from_end -= sum(1 for a in axes if a > axis)
     return outs[:1]
 
@@ -157,11 +157,11 @@ def along_other_axes(ctx, walk, node, tensor, outs):
     op, attrs = node.op_type, attributes(node)
     if op == "Gather":
         if node.input[0] != tensor:
-            raise Stop(f"Gather {node.name!r} uses the units as indices")
+            raise Rejection(f"Gather {node.name!r} uses the units as indices")
         along = int(attrs.get("axis", 0)) % rank
         indices = ctx.rank(node.input[1])
         if along == axis or indices is None:
-            raise Stop(f"Gather {node.name!r} selects some of the units' channels")
+            raise Rejection(f"Gather {node.name!r} selects some of the units' channels")
         if along > axis:
             walk.axis_from_end += indices - 1
         return outs[:1]
@@ -171,7 +171,7 @@ def along_other_axes(ctx, walk, node, tensor, outs):
         if axes is None and starts is not None:
             axes = list(range(starts.size))
         if axes is None or (walk.block != 1 and any(a >= axis for a in axes)):
-            raise Stop(f"Slice {node.name!r} of flattened units, or along axes it computes")
+            raise Rejection(f"Slice {node.name!r} of flattened units, or along axes it computes")
         if axis in axes:
             return _slice_channels(ctx, walk, node, outs, axes.index(axis))
         return outs[:1]
@@ -181,34 +181,34 @@ def along_other_axes(ctx, walk, node, tensor, outs):
         return outs
     if op in ("Softmax", "LogSoftmax", "Hardmax"):
         if int(attrs.get("axis", -1)) % rank == axis:
-            raise Stop(f"{op} {node.name!r} normalizes over the units' channels")
+            raise Rejection(f"{op} {node.name!r} normalizes over the units' channels")
         return outs[:1]
     if op in ("Pad", "Tile", "Resize", "Upsample"):
         _keeps_channels(ctx, walk, node, tensor, rank, axis)
         return outs[:1]
-    raise Stop(f"{op} {node.name!r} between layers is not a per-unit operation")
+    raise Rejection(f"{op} {node.name!r} between layers is not a per-unit operation")
 
 
 def _split_channels(ctx, walk, node, outs):
     """Split along the units' axis: the units go on in the output that holds them all, whose size
     follows them (a Split that divides them starts the walk again per part: ``Divide``)."""
     if walk.block != 1:
-        raise Stop(f"Split {node.name!r} of flattened units")
+        raise Rejection(f"Split {node.name!r} of flattened units")
     count = len(node.output)
     entries = shape_entries(ctx.g, ctx.constants, node.input[1], ctx.shapes, node.name, 1) \
         if len(node.input) > 1 and node.input[1] else None
     if entries is not None and any(e.value is None for e in entries):
-        raise Stop(f"Split {node.name!r} into parts of computed sizes")
+        raise Rejection(f"Split {node.name!r} into parts of computed sizes")
     if entries is None and "split" in attributes(node):
-        raise Stop(f"Split {node.name!r} has its sizes in an attribute (opset < 13)")
+        raise Rejection(f"Split {node.name!r} has its sizes in an attribute (opset < 13)")
     sizes = [int(e.value) for e in entries] if entries is not None else [walk.width // count] * count
     if sum(sizes) != walk.width:
-        raise Stop(f"Split {node.name!r} into {sizes}, not the {walk.width} channels it reads")
+        raise Rejection(f"Split {node.name!r} into {sizes}, not the {walk.width} channels it reads")
     low, high, start = walk.offset, walk.offset + walk.units, 0
     for k, size in enumerate(sizes):
         if start <= low and high <= start + size:
             if entries is None or entries[k].tensor is None:
-                raise Stop(f"Split {node.name!r} into equal parts, which removing units would make unequal")
+                raise Rejection(f"Split {node.name!r} into equal parts, which removing units would make unequal")
             entry = entries[k]
             walk.reshapes.append(ShapeEdit(entry.reader, entry.slot, entry.tensor, entry.index, 1))
             walk.offset, walk.width = low - start, size
@@ -224,10 +224,10 @@ def _slice_channels(ctx, walk, node, outs, position):
     entries = [shape_entries(ctx.g, ctx.constants, node.input[slot], ctx.shapes, node.name, slot) for slot in (1, 2)]
     steps = ctx.constants.value(node.input[4]) if len(node.input) > 4 and node.input[4] else None
     if any(e is None or e[position].value is None for e in entries) or (steps is not None and steps.ravel()[position] != 1):
-        raise Stop(f"Slice {node.name!r} of the units' channels with computed or strided bounds")
+        raise Rejection(f"Slice {node.name!r} of the units' channels with computed or strided bounds")
     begin, end = (int(e[position].value) for e in entries)
     if begin < 0 or end < 0:
-        raise Stop(f"Slice {node.name!r} of the units' channels counted from the end")
+        raise Rejection(f"Slice {node.name!r} of the units' channels counted from the end")
     low, high, total = walk.offset, walk.offset + walk.units, walk.width
     before, after, inside = high <= begin, min(end, total) <= low, begin <= low and high <= min(end, total)
     if before or after or inside:
@@ -235,7 +235,7 @@ def _slice_channels(ctx, walk, node, outs, position):
         for entry in follow:
             if entry.value < total:  # an end past the channels needs no change
                 if entry.tensor is None:
-                    raise Stop(f"Slice {node.name!r}: a bound that must follow the units is computed")
+                    raise Rejection(f"Slice {node.name!r}: a bound that must follow the units is computed")
                 walk.reshapes.append(ShapeEdit(entry.reader, entry.slot, entry.tensor, entry.index, 1))
         if before or after:
             return []  # the units are not in this slice
@@ -245,28 +245,28 @@ def _slice_channels(ctx, walk, node, outs, position):
 
 
 def _keeps_channels(ctx, walk, node, tensor, rank, axis) -> None:
-    """Pad, Tile, Resize or Upsample: Stop unless they leave the units' axis as it is."""
+    """Pad, Tile, Resize or Upsample: Rejection unless they leave the units' axis as it is."""
     op, attrs = node.op_type, attributes(node)
     if op == "Resize" and len(node.input) > 3 and node.input[3]:
         entries = shape_entries(ctx.g, ctx.constants, node.input[3], ctx.shapes, node.name, 3)
         if entries is None or len(entries) != rank or walk.block != 1:
-            raise Stop(f"Resize {node.name!r} to sizes that cannot be told")
+            raise Rejection(f"Resize {node.name!r} to sizes that cannot be told")
         follow_entry(walk, node, entries, axis, 1)
         return
     slot = {"Pad": 1, "Tile": 1, "Resize": 2, "Upsample": 1}[op]
     name = node.input[slot] if len(node.input) > slot else ""
     values = ctx.constants.value(name) if name else np.asarray(attrs.get("pads", attrs.get("scales", [])))
     if values is None:
-        raise Stop(f"{op} {node.name!r} has computed {'pads' if op == 'Pad' else 'repeats or scales'}")
+        raise Rejection(f"{op} {node.name!r} has computed {'pads' if op == 'Pad' else 'repeats or scales'}")
     values = values.ravel()
     if op == "Pad":
         if len(node.input) > 3 and node.input[3]:
-            raise Stop(f"Pad {node.name!r} with axes")
+            raise Rejection(f"Pad {node.name!r} with axes")
         changed = values.size != 2 * rank or values[axis] != 0 or values[axis + rank] != 0
     else:
         changed = values.size != rank or values[axis] != 1
     if changed:
-        raise Stop(f"{op} {node.name!r} changes the units' channel axis")
+        raise Rejection(f"{op} {node.name!r} changes the units' channel axis")
 
 
 def concat(ctx, walk, node, tensor, outs):
@@ -274,7 +274,7 @@ def concat(ctx, walk, node, tensor, outs):
     axis it keeps them in place (the other inputs must carry the same units: constants are cut)."""
     shape = ctx.shapes.get(tensor)
     if shape is None or list(node.input).count(tensor) != 1:
-        raise Stop(f"Concat {node.name!r} of a tensor of unknown rank, or of itself twice")
+        raise Rejection(f"Concat {node.name!r} of a tensor of unknown rank, or of itself twice")
     rank = len(shape)
     along = int(attributes(node).get("axis", 0)) % rank
     axis = rank - walk.axis_from_end
@@ -285,12 +285,12 @@ def concat(ctx, walk, node, tensor, outs):
                 walk.cuts.extend([cut] if cut else [])
         return outs[:1]
     if walk.block != 1:
-        raise Stop(f"Concat {node.name!r} of flattened units")
+        raise Rejection(f"Concat {node.name!r} of flattened units")
     widths = []
     for name in node.input:
         other = ctx.shapes.get(name)
         if other is None or len(other) != rank or other[along] is None:
-            raise Stop(f"Concat {node.name!r} input {name!r} has a channel count shape inference cannot tell")
+            raise Rejection(f"Concat {node.name!r} input {name!r} has a channel count shape inference cannot tell")
         widths.append(int(other[along]))
     index = list(node.input).index(tensor)
     walk.offset += sum(widths[:index])
@@ -307,19 +307,19 @@ def _concat_constant(ctx, walk, node, name, rank) -> Cut | None:
             walk.carried.append(name)  # computed from the model's input: it must carry the same units
             return None
         if ctx.g.users(source) > 1:
-            raise Stop(ctx.g.shared_reason(source, f"Concat {node.name!r} input"))
+            raise Rejection(ctx.g.shared_reason(source, f"Concat {node.name!r} input"))
         if producer.op_type in ("Expand", "Tile"):  # its entry for the units' axis is 1, or follows them
             entries = shape_entries(ctx.g, ctx.constants, producer.input[1], ctx.shapes, producer.name, 1)
             position = rank - walk.axis_from_end
             entry = entries[position] if entries is not None and len(entries) == rank else None
             follows = producer.op_type == "Expand" and entry is not None and entry.value == walk.width and entry.tensor
             if entry is None or (entry.value != 1 and not follows):
-                raise Stop(f"{producer.op_type} {producer.name!r} of a Concat input has a computed or foreign size "
+                raise Rejection(f"{producer.op_type} {producer.name!r} of a Concat input has a computed or foreign size "
                            "along the units' axis")
             if entry.value != 1:
                 walk.reshapes.append(ShapeEdit(entry.reader, entry.slot, entry.tensor, entry.index, 1))
         source = producer.input[0]
     cut = per_channel_cut(ctx, walk, source, f"Concat {node.name!r} input", rank)
     if cut is None and walk.width > 1:
-        raise Stop(f"Concat {node.name!r} joins the units with {name!r}, which has one channel")
+        raise Rejection(f"Concat {node.name!r} joins the units with {name!r}, which has one channel")
     return cut

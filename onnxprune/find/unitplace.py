@@ -9,8 +9,8 @@ import onnx
 
 from onnxprune.find.constants import Constants, shape_entries
 from onnxprune.find.layers import Layer
-from onnxprune.find.unitgroups import Cut, ShapeEdit, Stop
-from onnxprune.graph.index import GraphIndex, attributes
+from onnxprune.find.unitgroups import Cut, ShapeEdit
+from onnxprune.graph.index import GraphIndex, Rejection, attributes
 
 UNARY = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "Gelu", "Softplus", "Softsign", "HardSigmoid",
          "HardSwish", "Mish", "ThresholdedRelu", "Identity", "Dropout", "Clip", "Erf", "Abs", "Neg", "Exp", "Sqrt",
@@ -78,12 +78,12 @@ class Walk:
     def set_lanes(self, groups: int, name: str) -> None:
         """A grouped Conv reads or writes the units: every one of its groups must keep as many."""
         if self.lanes not in (1, groups) or self.units % groups:
-            raise Stop(f"grouped Conv {name!r} (groups={groups}) does not divide the {self.units} units "
+            raise Rejection(f"grouped Conv {name!r} (groups={groups}) does not divide the {self.units} units "
                        f"into the same blocks as the rest of the group")
         self.lanes = groups
 
 
-class Divide(Stop):
+class Divide(Rejection):
     """A Split or Slice takes some of the units one way and some another: the walk starts again from
     the producer once per part (``at``: the unit indices where a part begins)."""
 
@@ -93,10 +93,10 @@ class Divide(Stop):
 
 
 def channel_axis(ctx: Context, walk: Walk, tensor: str) -> int:
-    """The units' axis in ``tensor`` (from its start); Stop when its rank is unknown."""
+    """The units' axis in ``tensor`` (from its start); Rejection when its rank is unknown."""
     rank = ctx.rank(tensor)
     if rank is None:
-        raise Stop(f"the rank of {tensor!r} is unknown (shape inference could not tell)")
+        raise Rejection(f"the rank of {tensor!r} is unknown (shape inference could not tell)")
     return rank - walk.axis_from_end
 
 
@@ -107,33 +107,33 @@ def node_axes(ctx: Context, node: onnx.NodeProto, rank: int, slot: int = 1) -> l
     if axes is None and len(node.input) > slot and node.input[slot]:
         value = ctx.constants.value(node.input[slot])
         if value is None:
-            raise Stop(f"{node.op_type} {node.name!r} has computed axes")
+            raise Rejection(f"{node.op_type} {node.name!r} has computed axes")
         axes = value.ravel().tolist()
     return None if axes is None else sorted(int(a) % rank for a in axes)
 
 
 def per_channel_cut(ctx: Context, walk: Walk, name: str, what: str, rank: int | None) -> Cut | None:
     """A constant that acts per channel (or is the same for all): the cut it needs (None: nothing);
-    Stop when it is not one value per unit."""
+    Rejection when it is not one value per unit."""
     value = ctx.constants.value(name)
     if value is None:
-        raise Stop(f"{what} {name!r} is computed, not a constant")
+        raise Rejection(f"{what} {name!r} is computed, not a constant")
     if value.size == 1:
         return None
     dims = tuple(value.shape)
     if rank is not None and len(dims) > rank:
-        raise Stop(f"{what} {name!r} has shape {list(dims)}, more axes than the units' tensor")
+        raise Rejection(f"{what} {name!r} has shape {list(dims)}, more axes than the units' tensor")
     if len(dims) < walk.axis_from_end:  # the same value for every unit (per position at most)
         return None
     axis = len(dims) - walk.axis_from_end
     if dims[axis] == 1:
         return None
     if walk.block != 1:
-        raise Stop(f"{what} {name!r} acts per feature after a Flatten, not per unit")
+        raise Rejection(f"{what} {name!r} acts per feature after a Flatten, not per unit")
     if dims[axis] != walk.width:
-        raise Stop(f"{what} {name!r} has shape {list(dims)}, not one value per unit (and position)")
+        raise Rejection(f"{what} {name!r} has shape {list(dims)}, not one value per unit (and position)")
     if ctx.g.users(name) > 1:
-        raise Stop(ctx.g.shared_reason(name, what))
+        raise Rejection(ctx.g.shared_reason(name, what))
     if not ctx.constants.stored(name):
         return stored_source(ctx, walk, name, what)
     return Cut(name, axis, offset=walk.offset, width=walk.width)
@@ -158,30 +158,30 @@ def stored_source(ctx: Context, walk: Walk, name: str, what: str) -> Cut:
     if _identity_of_shared(ctx, name):
         value = ctx.constants.value(name)
         if value is None or value.size != walk.width:
-            raise Stop(f"{what} {name!r} is not one value per unit")
+            raise Rejection(f"{what} {name!r} is not one value per unit")
         axes = [k for k, d in enumerate(value.shape) if d != 1]
         return Cut(name, axes[0] if axes else max(value.ndim - 1, 0), offset=walk.offset, width=walk.width)
     current, reshapes = name, []
     while not ctx.constants.stored(current):
         node = ctx.g.producers.get(current)
         if node is None or node.op_type not in ("Reshape", "Unsqueeze", "Squeeze", "Identity", "Cast", "Flatten"):
-            raise Stop(f"{what} {name!r} holds one value per unit but is computed from other constants")
+            raise Rejection(f"{what} {name!r} holds one value per unit but is computed from other constants")
         if ctx.g.users(current) > 1:
-            raise Stop(ctx.g.shared_reason(current, what))
+            raise Rejection(ctx.g.shared_reason(current, what))
         if node.op_type == "Reshape":
             reshapes.append((node, current))
         current = node.input[0]
     source = ctx.constants.value(current)
     if ctx.g.users(current) > 1:
-        raise Stop(ctx.g.shared_reason(current, f"{what} {name!r} is computed from"))
+        raise Rejection(ctx.g.shared_reason(current, f"{what} {name!r} is computed from"))
     if source is None or source.size != walk.width:
-        raise Stop(f"{what} {name!r} is computed from {current!r}, which is not one value per unit")
+        raise Rejection(f"{what} {name!r} is computed from {current!r}, which is not one value per unit")
     for node, out in reshapes:
         shape = ctx.constants.value(out)
         position = next((k for k, d in enumerate(shape.shape) if d == walk.width), None) if shape is not None else None
         entries = shape_entries(ctx.g, ctx.constants, node.input[1], ctx.shapes, node.name, 1)
         if position is None or entries is None or entries[position].tensor is None or entries[position].value != walk.width:
-            raise Stop(f"Reshape {node.name!r} of {what} {name!r} has a shape that cannot follow the units")
+            raise Rejection(f"Reshape {node.name!r} of {what} {name!r} has a shape that cannot follow the units")
         entry = entries[position]
         walk.reshapes.append(ShapeEdit(entry.reader, entry.slot, entry.tensor, entry.index, 1))
     axes = [k for k, d in enumerate(source.shape) if d != 1]

@@ -8,7 +8,7 @@ import onnx
 
 from onnxprune.find import unitlayout
 from onnxprune.find.layers import BORDER
-from onnxprune.find.unitgroups import Cut, Stop, Unavoidable, stored_axis
+from onnxprune.find.unitgroups import Cut, Unavoidable, stored_axis
 from onnxprune.find.unitplace import (
     BINARY,
     NORMALIZING,
@@ -21,12 +21,12 @@ from onnxprune.find.unitplace import (
     per_channel_cut,
     stored_source,
 )
-from onnxprune.graph.index import attributes
+from onnxprune.graph.index import Rejection, attributes
 
 
 def step(ctx: Context, walk: Walk, node: onnx.NodeProto, tensor: str) -> list[str]:
     """Let the units in ``tensor`` through ``node`` (one input computed, the rest constants): the
-    outputs that carry them, with ``walk`` moved to their place; Stop with the reason otherwise."""
+    outputs that carry them, with ``walk`` moved to their place; Rejection with the reason otherwise."""
     op = node.op_type
     outs = [o for o in node.output if o]
     if node.name.endswith(BORDER) and ctx.constants.value(node.input[1]) is None:
@@ -40,9 +40,9 @@ def step(ctx: Context, walk: Walk, node: onnx.NodeProto, tensor: str) -> list[st
         return []  # the shape follows the units; where it is read as a Reshape's entry, that Reshape checks it
     if op in UNARY:
         if op == "Clip" and any(i and ctx.constants.value(i) is None for i in node.input[1:]):
-            raise Stop(f"Clip {node.name!r} has bounds computed from the model's inputs")
+            raise Rejection(f"Clip {node.name!r} has bounds computed from the model's inputs")
         if len(outs) > 1 and op != "Dropout":
-            raise Stop(f"{op} {node.name!r} has several outputs")
+            raise Rejection(f"{op} {node.name!r} has several outputs")
         return outs[:1]
     if op in BINARY:
         rank = ctx.rank(outs[0])
@@ -53,13 +53,13 @@ def step(ctx: Context, walk: Walk, node: onnx.NodeProto, tensor: str) -> list[st
         return outs[:1]
     if op in POOLING:
         if ctx.rank(tensor) == 2:
-            raise Stop(f"{op} {node.name!r} on a 2-D tensor")
+            raise Rejection(f"{op} {node.name!r} on a 2-D tensor")
         if len(outs) > 1:
-            raise Stop(f"{op} {node.name!r} has an indices output")
+            raise Rejection(f"{op} {node.name!r} has an indices output")
         return outs[:1]
     if op in NORMALIZING:
         return _normalizing(ctx, walk, node, tensor, outs)
-    raise Stop(f"{op} {node.name!r} between layers is not a per-unit operation")
+    raise Rejection(f"{op} {node.name!r} between layers is not a per-unit operation")
 
 
 def _normalizing(ctx, walk, node, tensor, outs):
@@ -68,9 +68,9 @@ def _normalizing(ctx, walk, node, tensor, outs):
     axis = channel_axis(ctx, walk, tensor)
     first = int(attributes(node).get("axis", -1)) % rank if rank else None
     if node.op_type == "GroupNormalization":
-        raise Stop(f"GroupNormalization {node.name!r} normalizes over groups of channels")
+        raise Rejection(f"GroupNormalization {node.name!r} normalizes over groups of channels")
     if first is not None and axis < first:
-        raise Stop(f"{node.op_type} {node.name!r} normalizes over axes after the units' channels")
+        raise Rejection(f"{node.op_type} {node.name!r} normalizes over axes after the units' channels")
     raise Unavoidable(f"the residual stream of {node.op_type} {node.name!r}: it normalizes over the channels, so "
                       "removing one changes all the others (its FFN units and attention heads are groups of their own)")
 
@@ -78,12 +78,12 @@ def _normalizing(ctx, walk, node, tensor, outs):
 def _batchnorm(ctx, walk, node, tensor, outs):
     attrs = attributes(node)
     if attrs.get("training_mode", 0) or len(outs) > 1 or walk.block != 1:
-        raise Stop(f"BatchNormalization {node.name!r} in training mode (or after a Flatten)")
+        raise Rejection(f"BatchNormalization {node.name!r} in training mode (or after a Flatten)")
     for name in node.input[1:5]:
         if ctx.constants.value(name) is None:
-            raise Stop(f"BatchNormalization parameter {name!r} is not a constant")
+            raise Rejection(f"BatchNormalization parameter {name!r} is not a constant")
         if ctx.g.users(name) > 1:
-            raise Stop(ctx.g.shared_reason(name, "BatchNormalization parameter"))
+            raise Rejection(ctx.g.shared_reason(name, "BatchNormalization parameter"))
         walk.cuts.append(Cut(name, 0, offset=walk.offset, width=walk.width) if ctx.constants.stored(name)
                          else stored_source(ctx, walk, name, "BatchNormalization parameter"))
     return outs[:1]
@@ -92,7 +92,7 @@ def _batchnorm(ctx, walk, node, tensor, outs):
 def _instancenorm(ctx, walk, node, tensor, outs):
     """InstanceNormalization normalizes each channel over its positions: per unit, its scale and bias cut."""
     if walk.block != 1 or walk.axis_from_end != (ctx.rank(tensor) or 0) - 1:
-        raise Stop(f"InstanceNormalization {node.name!r} does not normalize the units' channel axis")
+        raise Rejection(f"InstanceNormalization {node.name!r} does not normalize the units' channel axis")
     for name in node.input[1:3]:
         cut = per_channel_cut(ctx, walk, name, "InstanceNormalization parameter", 1)
         walk.cuts.extend([cut] if cut else [])
@@ -103,9 +103,9 @@ def _conv(ctx, walk, node, tensor, outs):
     """A depthwise Conv (one group per unit) lets the units through: its channels follow them."""
     layer = ctx.layers.get(node.name)
     if layer is None:
-        raise Stop(f"Conv {node.name!r} between layers is not a prunable layer")
+        raise Rejection(f"Conv {node.name!r} between layers is not a prunable layer")
     if walk.concatenated and layer.geometry.groups > 1:
-        raise Stop(f"grouped Conv {node.name!r} after a Concat (not coupled)")
+        raise Rejection(f"grouped Conv {node.name!r} after a Concat (not coupled)")
     if layer.geometry.groups == walk.units and layer.out_features == walk.units:
         walk.cuts.append(Cut(layer.weight, stored_axis(layer, 0)))
         if layer.bias is not None:
@@ -117,7 +117,7 @@ def _conv(ctx, walk, node, tensor, outs):
             walk.path.append(node.name)
             return [layer.preact]
         return outs[:1]
-    raise Stop(f"grouped Conv {node.name!r} (groups={layer.geometry.groups}) reads the units")
+    raise Rejection(f"grouped Conv {node.name!r} (groups={layer.geometry.groups}) reads the units")
 
 
 MOVING = ("Gather", "Slice", "Split", "Softmax", "LogSoftmax", "Hardmax", "Pad", "Tile", "Resize", "Upsample")

@@ -17,10 +17,10 @@ import numpy as np
 import onnx
 
 from onnxprune.find.layers import BORDER, Layer, Skipped
-from onnxprune.find.unitgroups import Consumer, Cut, Stop, Unavoidable, UnitGroup, in_axis, out_axis, stored_axis
+from onnxprune.find.unitgroups import Consumer, Cut, Unavoidable, UnitGroup, in_axis, out_axis, stored_axis
 from onnxprune.find.unitplace import BINARY, DATA_INPUTS, JOINS, REDUCE, UNARY, Context, Divide, Walk, node_axes
 from onnxprune.find.unitsteps import step
-from onnxprune.graph.index import attributes
+from onnxprune.graph.index import Rejection, attributes
 
 
 class _Search:
@@ -36,7 +36,7 @@ class _Search:
         self.entered: set[tuple[str, str, tuple]] = set()  # (node, the input the units entered it by, their place)
         self.forward: list[tuple[str, tuple]] = [(start.preact, self.walk.place)]
         self.backward: list[tuple[str, tuple]] = []
-        self.stops: list[Stop] = []
+        self.stops: list[Rejection] = []
 
     def run(self) -> None:
         while self.forward or self.backward:
@@ -60,7 +60,7 @@ class _Search:
         try:
             action(*args)
             return True
-        except Stop as stop:
+        except Rejection as stop:
             self.stops.append(stop)
             return False
 
@@ -69,9 +69,9 @@ class _Search:
         if tensor in g.outputs:
             raise Unavoidable(f"its units reach the graph output {tensor!r}")
         if tensor in g.subgraph_readers:
-            raise Stop(g.shared_reason(tensor, "the units' tensor"))
+            raise Rejection(g.shared_reason(tensor, "the units' tensor"))
         if not g.consumers[tensor]:
-            raise Stop(f"tensor {tensor!r} is not read by any node")
+            raise Rejection(f"tensor {tensor!r} is not read by any node")
 
     def _computed(self, node: onnx.NodeProto) -> list[str]:
         """The inputs of ``node`` that carry data computed from the model's inputs (not its parameters)."""
@@ -104,14 +104,14 @@ class _Search:
         computed = self._computed(node)
         if len(computed) > 1 and node.op_type != "Concat":
             if node.op_type not in JOINS:
-                raise Stop(f"{node.op_type} {node.name!r} reads the units together with another computed tensor")
+                raise Rejection(f"{node.op_type} {node.name!r} reads the units together with another computed tensor")
             if walk.block != 1:
-                raise Stop(f"{node.op_type} {node.name!r} joins flattened units")
+                raise Rejection(f"{node.op_type} {node.name!r} joins flattened units")
             self._join(node, [i for i in computed if i != tensor], tensor, place)
             self.forward.append((node.output[0], place))
             return
         if layer is not None and node.op_type != "Conv":
-            raise Stop(f"{layer.op} {layer.name!r} reads the units in an unsupported position")
+            raise Rejection(f"{layer.op} {layer.name!r} reads the units in an unsupported position")
         for out in step(ctx, walk, node, tensor):
             self.forward.append((out, walk.place))
         self.backward.extend((t, walk.place) for t in walk.carried)
@@ -129,7 +129,7 @@ class _Search:
                 raise Unavoidable(f"the residual stream of {reduction.op_type} {reduction.name!r}: a normalization "
                                   "over the channels written out, so removing one changes all the others")
             if _depends(self.ctx, other, {tensor, self.start.preact}):
-                raise Stop(f"{node.op_type} {node.name!r} combines the units with {other!r}, which is computed from "
+                raise Rejection(f"{node.op_type} {node.name!r} combines the units with {other!r}, which is computed from "
                            "all of their channels")
 
     def _back(self, tensor: str, place: tuple) -> None:
@@ -145,7 +145,7 @@ class _Search:
             return
         node = ctx.g.producers.get(tensor)
         if node is None:
-            raise Stop(f"the units' channels come from the graph input {tensor!r}")
+            raise Rejection(f"the units' channels come from the graph input {tensor!r}")
         computed = self._computed(node)
         self.forward.append((tensor, place))
         if node.op_type == "Concat":
@@ -155,7 +155,7 @@ class _Search:
                 return
             walk.place = place
             if walk.block != 1:
-                raise Stop(f"{node.op_type} {node.name!r} joins flattened units")
+                raise Rejection(f"{node.op_type} {node.name!r} joins flattened units")
             carried = [i for i in computed if _carries(ctx, walk, i)]
             self.backward.extend((i, place) for i in carried)
             self._join(node, [i for i in computed if i not in carried], carried[0] if carried else tensor, place)
@@ -166,7 +166,7 @@ class _Search:
                 step(ctx, walk, node, computed[0])
                 self.backward.append((computed[0], before))
         else:
-            raise Stop(f"{node.op_type} {node.name!r} writes the units from {len(computed)} computed tensors")
+            raise Rejection(f"{node.op_type} {node.name!r} writes the units from {len(computed)} computed tensors")
 
     def _back_concat(self, node: onnx.NodeProto, computed: list[str], place: tuple) -> None:
         """Back through a Concat: along the units' axis to the input that holds them (a Concat that
@@ -174,7 +174,7 @@ class _Search:
         ctx, walk = self.ctx, self.walk
         rank = ctx.rank(node.output[0])
         if rank is None:
-            raise Stop(f"Concat {node.name!r} of unknown rank")
+            raise Rejection(f"Concat {node.name!r} of unknown rank")
         if int(attributes(node).get("axis", 0)) % rank != rank - place[0]:
             source = computed[0]
             if self._visit(node, source, place):
@@ -187,11 +187,11 @@ class _Search:
         for name in node.input:
             shape = ctx.shapes.get(name)
             if shape is None or shape[rank - place[0]] is None:
-                raise Stop(f"Concat {node.name!r} input {name!r} has a channel count shape inference cannot tell")
+                raise Rejection(f"Concat {node.name!r} input {name!r} has a channel count shape inference cannot tell")
             size = int(shape[rank - place[0]])
             if start <= low and high <= start + size:
                 if name not in computed:
-                    raise Stop(f"Concat {node.name!r} writes the units from the constant {name!r}")
+                    raise Rejection(f"Concat {node.name!r} writes the units from the constant {name!r}")
                 before = (place[0], place[1], low - start, size)
                 if self._visit(node, name, before):
                     self.backward.append((name, before))
@@ -199,7 +199,7 @@ class _Search:
             if low < start + size < high:
                 raise Divide(f"Concat {node.name!r} writes the units from several inputs", [start + size - low])
             start += size
-        raise Stop(f"Concat {node.name!r} does not hold the units where they are")
+        raise Rejection(f"Concat {node.name!r} does not hold the units where they are")
 
     @property
     def name(self) -> str:
@@ -234,12 +234,12 @@ def match_group(ctx: Context, start: Layer) -> list[UnitGroup | Skipped]:
             search = _Search(ctx, start, (a, b, k) if len(bounds) > 2 else None)
             try:
                 _add_producer(ctx, search.walk, search.producers, start)
-            except Stop as stop:
+            except Rejection as stop:
                 results.append(Skipped(search.name, start.op, str(stop), stop.unavoidable))
                 continue
             search.run()
             if not search.stops and not search.consumers:
-                search.stops.append(Stop("no layer reads its units"))
+                search.stops.append(Rejection("no layer reads its units"))
             divides = [s for s in search.stops if isinstance(s, Divide)]
             if divides and not any(s.unavoidable for s in search.stops):
                 at |= {a + x for d in divides for x in d.at if 0 < x < b - a}
@@ -276,7 +276,7 @@ def _normalization(ctx: Context, walk: Walk, name: str) -> onnx.NodeProto | None
                 return node
             try:
                 axes = node_axes(ctx, node, rank)
-            except Stop:
+            except Rejection:
                 return node
             return node if axes is None or (rank - walk.axis_from_end) in axes else None
         if len(computed) != 1 or node.op_type not in UNARY | BINARY:
@@ -315,7 +315,7 @@ def _place_before(ctx: Context, walk: Walk, node: onnx.NodeProto, source: str, t
         walk.place = candidate
         try:
             outs = step(ctx, walk, node, source)
-        except Stop:
+        except Rejection:
             outs = []
         moved = walk.place
         walk.cuts, walk.reshapes, walk.groups, walk.path = list(cuts), list(reshapes), list(groups), list(path)
@@ -326,7 +326,7 @@ def _place_before(ctx: Context, walk: Walk, node: onnx.NodeProto, source: str, t
     walk.place = place
     if found is not None:
         return found
-    raise Stop(f"{node.op_type} {node.name!r} cannot be walked back to the producers")
+    raise Rejection(f"{node.op_type} {node.name!r} cannot be walked back to the producers")
 
 
 def _add_producer(ctx: Context, walk: Walk, producers: list, layer: Layer) -> None:
@@ -334,15 +334,15 @@ def _add_producer(ctx: Context, walk: Walk, producers: list, layer: Layer) -> No
     (and bias) are cut."""
     g = ctx.g
     if any(s.op == "DequantizeLinear" for s in layer.weight_path):
-        raise Stop(f"{layer.name!r} has quantized weights, which are not sliced")
+        raise Rejection(f"{layer.name!r} has quantized weights, which are not sliced")
     if layer.op == "Conv" and layer.geometry.groups != 1:
         if layer.geometry.groups == layer.out_features:
-            raise Stop(f"depthwise Conv {layer.name!r}: its channels follow its input's")
+            raise Rejection(f"depthwise Conv {layer.name!r}: its channels follow its input's")
         walk.set_lanes(layer.geometry.groups, layer.name)
     if layer.out_features != walk.width or walk.block != 1:
-        raise Stop(f"{layer.name!r} writes {layer.out_features} channels into a group of {walk.units}")
+        raise Rejection(f"{layer.name!r} writes {layer.out_features} channels into a group of {walk.units}")
     if layer.op == "Conv" and layer.geometry.groups != 1 and walk.concatenated:
-        raise Stop(f"grouped Conv {layer.name!r} writes some of its channels into the group")
+        raise Rejection(f"grouped Conv {layer.name!r} writes some of its channels into the group")
     producers.append(layer)
     span = (walk.offset, walk.width) if walk.concatenated else (0, 0)
     walk.cuts.append(Cut(layer.weight, stored_axis(layer, out_axis(layer)), offset=span[0], width=span[1]))
@@ -361,16 +361,16 @@ def _add_consumer(walk: Walk, layer: Layer, tensor: str) -> Consumer:
     if groups != 1:
         walk.set_lanes(groups, layer.name)
     if any(s.op == "DequantizeLinear" for s in layer.weight_path):
-        raise Stop(f"consumer {layer.name!r} has quantized weights")
+        raise Rejection(f"consumer {layer.name!r} has quantized weights")
     if layer.op == "Conv" and block != 1:
-        raise Stop(f"Conv {layer.name!r} reads flattened units")
+        raise Rejection(f"Conv {layer.name!r} reads flattened units")
     if walk.axis_from_end != (len(layer.weight_shape) - 1 if layer.op == "Conv" else 1):
-        raise Stop(f"{layer.op} {layer.name!r} reads the units along another axis than its input features")
+        raise Rejection(f"{layer.op} {layer.name!r} reads the units along another axis than its input features")
     per = int(np.prod(layer.weight_shape[2:])) if layer.op == "Conv" else block
     if layer.in_features * groups != walk.width * per:
-        raise Stop(f"consumer {layer.name!r} has {layer.in_features * groups} inputs, not {walk.width} x {per}")
+        raise Rejection(f"consumer {layer.name!r} has {layer.in_features * groups} inputs, not {walk.width} x {per}")
     if groups != 1 and (walk.concatenated or any(s.op == "Transpose" for s in layer.weight_path)):
-        raise Stop(f"grouped Conv {layer.name!r} with a transposed weight or after a Concat")
+        raise Rejection(f"grouped Conv {layer.name!r} with a transposed weight or after a Concat")
     walk.cuts.append(Cut(layer.weight, stored_axis(layer, in_axis(layer)), block if layer.op != "Conv" else 1, groups,
                          walk.offset, walk.width))
     return Consumer(layer.name, per, tensor, walk.offset, walk.width)

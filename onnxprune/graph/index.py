@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -224,12 +223,22 @@ class GraphIndex:
         return None
 
 
-@dataclass(frozen=True)
-class Rejection:
-    """Why a pattern did not match (onnxscript's ``MatchResult.fail``): matchers return the thing
-    they found or one of these, and the reason reaches ``inspect`` and ``-v`` as it is."""
+class Rejection(Exception):
+    """Why a pattern did not match (onnxscript's ``MatchResult.fail``): a matcher returns the thing it
+    found or one of these (``fail``), and a walk that cannot pass a node raises one; the reason reaches
+    ``inspect`` and ``-v`` as it is. ``unavoidable``: no rewrite could get past it (``Unavoidable``)."""
 
-    reason: str
+    unavoidable = False
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+    def __eq__(self, other: object) -> bool:  # a value: two rejections for one reason are the same
+        return type(other) is type(self) and other.reason == self.reason
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.reason))
 
 
 def fail(reason: str) -> Rejection:
