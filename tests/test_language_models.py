@@ -446,3 +446,31 @@ def test_the_rotarys_nodes_are_the_span_a_head_walk_adds_to_its_path():
     exit_, nodes = head_span(GraphIndex(llama_block()), "q.t", 1)
     assert exit_ == "q.rope" and sorted(nodes) == sorted(
         ["q.rope.first", "q.rope.second", "q.rope.neg", "q.rope.rotated", "q.rope.cos", "q.rope.sin", "q.rope"])
+
+
+def test_a_llama_blocks_heads_are_one_group_through_the_rotary_and_shrink_to_the_masked_model():
+    """The head walk steps over q's and k's rotary embedding: the block's heads are one group (q, k, v
+    rows and o_proj columns together); removing half of them with constants in their place equals the
+    masked dense model."""
+    from couplings import shrinks_to_masked
+
+    from onnxprune.find.units import find_units
+
+    from tinylm import llama_block
+
+    model = llama_block(heads=4, width=16)
+    group = find_units(model).by_name()["heads:o_proj"]
+    assert group.units == 4 and set(group.producers) == {"q_proj", "k_proj", "v_proj"}
+    shrinks_to_masked(model, "heads:o_proj")
+
+
+def test_a_rotary_that_differs_between_heads_stops_the_head_walk():
+    from onnxprune.find.units import find_units
+
+    def per_head_cos(graph):  # cos differs between the two heads: (H, S, D)
+        cos = next(t for t in graph.initializer if t.name == "rope.cos")
+        value = numpy_helper.to_array(cos)
+        cos.CopyFrom(numpy_helper.from_array(np.stack([value, 2 * value]), "rope.cos"))
+
+    assert "heads:o_proj" in find_units(_rope_variant(lambda graph: None)).by_name()
+    assert "heads:o_proj" not in find_units(_rope_variant(per_head_cos)).by_name()

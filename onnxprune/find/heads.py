@@ -21,6 +21,7 @@ import onnx
 from onnxprune.find.constants import shape_entries
 from onnxprune.find.headlayout import Layout, input_mask, part, reaches_matmul, regroup, squeezed, structured
 from onnxprune.find.layers import Layer
+from onnxprune.find.rotary import HEADWISE, head_source, head_span
 from onnxprune.find.unitgroups import Consumer, Cut, Select, ShapeEdit, UnitGroup, in_axis, out_axis, stored_axis
 from onnxprune.find.unitplace import Context
 from onnxprune.graph.index import Rejection, attributes
@@ -110,11 +111,30 @@ class _Trace:
             node = g.producers.get(tensor)
             if node is None:
                 raise Rejection(f"the heads come from the graph input {tensor!r}")
+            rotary = self._rotary(tensor, layout)
+            if rotary is not None:  # a rotary embedding: head-wise, the same for every head
+                tensor = rotary
+                continue
             moved = self._move(node, tensor, layout)
             if moved is None:
                 return tensor, layout, node
             self.nodes.append(node.name)
             tensor, layout = moved
+
+    def _rotary(self, tensor: str, layout: Layout) -> str | None:
+        """The tensor a rotary embedding (or other head-wise ops, ``find.rotary``) writing ``tensor``
+        starts from, its nodes added to the walk's; None where none does."""
+        head = next((i for i, a in enumerate(layout) if any(f[0] == "h" for f in a)), None)
+        node = self.ctx.g.producers[tensor]
+        if head is None or node.op_type not in HEADWISE or node.op_type in ("Cast", "Identity"):
+            return None
+        source = head_source(self.ctx.g, tensor, head)
+        span = None if source is None or source == tensor else head_span(self.ctx.g, source, head)
+        if span is None or span[0] != tensor:
+            return None
+        self.nodes.extend(span[1])
+        self.tensors.extend(o for n in span[1] for o in self.ctx.g.nodes[n].output if o and o != tensor)
+        return source
 
     def _move(self, node: onnx.NodeProto, tensor: str, layout: Layout):
         """The input and its layout when ``node`` only moves the heads; None when it does something else."""
