@@ -18,6 +18,7 @@ from onnxprune import runtime
 from onnxprune.check.timing import select_inputs
 from onnxprune.check.validate import check_finite_weights, check_runs, few_samples, per_sample, validate
 from onnxprune.derivatives.plan import MEMORY_BUDGET, DerivativeSettings
+from onnxprune.derivatives.workers import import_ray
 from onnxprune.errors import InputError
 from onnxprune.find.inventory import find_layers
 from onnxprune.find.outputs import protected_output, reaching
@@ -116,7 +117,8 @@ class Pruner:
                  labels_key: str | None = None, provider: str = "cpu", threads: int | None = None,
                  force: bool = False, steps: int | None = None, refit: bool | None = None, chained: bool = True,
                  g_weighted: bool = False, conv_statistics: str = "exact", engine: str = "auto",
-                 memory_budget: int = MEMORY_BUDGET, progress: Callable[[str, int, int], None] | None = None):
+                 memory_budget: int = MEMORY_BUDGET, workers: int | None = None, ray: str | None = None,
+                 progress: Callable[[str, int, int], None] | None = None):
         self.method, self.structured, self.macs, self.multiple, self.inputs = method, structured, macs, multiple, inputs
         self.compensation, self.scope, self.exclude = compensation, scope, tuple(exclude)
         self.seed, self.output, self.probes, self.batch_size = seed, output, probes, batch_size
@@ -124,11 +126,16 @@ class Pruner:
         self.schedule, self.repair = schedule, repair
         self.steps, self.refit, self.chained, self.g_weighted = steps, refit, chained, g_weighted
         self.conv_statistics, self.engine, self.memory_budget = conv_statistics, engine, memory_budget
+        self.workers, self.ray = workers, ray  # the statistics on local worker processes or a Ray cluster
 
     def _plan(self):
         """(strategy, scorer, schedule, repair, fallback): the method's preset, unless given."""
         if self.probes is not None and self.probes < 1:
             raise InputError(f"--probes must be a positive number, got {self.probes}")
+        if self.workers is not None and self.workers < 1:
+            raise InputError(f"--workers must be a positive number, got {self.workers}")
+        if self.ray is not None:
+            import_ray()  # a missing extra is said before any work
         if self.structured:
             if not self.compensation:
                 raise InputError("--no-compensation does not apply to --structured pruning (units are removed with "
@@ -180,7 +187,7 @@ class Pruner:
             raise InputError(f"no prunable layer reaches the protected output {self.output_!r}; choose one with --output")
         self.skipped_ += self.mode_.find(self.model_, self.layers_, self.output_, self.all_layers_, self.data_)
         self.settings_ = DerivativeSettings(self.probes, self.seed, self.engine, self.memory_budget, self.batch_size,
-                                            self.provider, self.threads)
+                                            self.provider, self.threads, workers=self.workers, ray=self.ray)
         self.seconds_: dict[str, float] = {}
         self.dense_ = self.mode_.begin(self.model_, self.layers_)
         self.scores_ = self._score(self.dense_)
@@ -193,6 +200,9 @@ class Pruner:
         start = time.perf_counter()
         scores = self.scorer_(ctx)
         used = ctx.derivatives
+        if self.settings_.sharded and "shards" not in used:
+            raise InputError(f"--workers and --ray spread the statistics over workers, and method {self.method!r} "
+                             "collects none; drop them")
         self.engine_ = used["engine"].as_json() if "engine" in used else {
             "name": None, "reason": f"method {self.method!r} needs no derivatives"}
         self.derivatives_ = {k: v for k, v in used.items() if k != "engine"}

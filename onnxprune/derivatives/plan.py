@@ -10,7 +10,7 @@ was chosen (it goes into every report).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,10 @@ AUTO_PROBES = 32          # ... at most this many, fewer when one sample's would
 @dataclass(frozen=True)
 class DerivativeSettings:
     """What the user chose about derivatives: ``probes`` (None: exact up to EXACT_LIMIT outputs, then
-    automatic), the engine, the memory budget per batch, the largest batch, provider and threads."""
+    automatic), the engine, the memory budget per batch, the largest batch, provider and threads; and
+    where the sums are computed: in this process (``workers`` and ``ray`` None), on ``workers`` local
+    processes, or on Ray actors of the cluster at ``ray`` (an address, or "auto"), over shards of
+    ``shard_size`` samples (None: chosen from the data, see ``shards.shard_size``)."""
 
     probes: int | None = None
     seed: int = 0
@@ -42,6 +45,14 @@ class DerivativeSettings:
     batch_size: int = 256
     provider: str = "cpu"
     threads: int | None = None
+    workers: int | None = None
+    ray: str | None = None
+    shard_size: int | None = None
+
+    @property
+    def sharded(self) -> bool:
+        """The sums are computed by the sharded service (``derivatives.shards``), not in this process."""
+        return self.workers is not None or self.ray is not None
 
 
 @dataclass
@@ -64,6 +75,17 @@ class DerivativePlan:
         the output's elements, the batch."""
         return {"engine": self.jac.choice, "probes": self.probes, "exact": self.probes is None,
                 "automatic_probes": self.automatic, "outputs": self.width, "batch": self.step}
+
+    def detached(self) -> DerivativePlan:
+        """The same choices without the engine: what a worker process is sent (``attached`` there)."""
+        return replace(self, jac=None)
+
+    def attached(self, model: onnx.ModelProto, layers: list[Layer], output: str,
+                 settings: DerivativeSettings) -> DerivativePlan:
+        """The same choices with an engine of this process's own (its graph is built on the first batch)."""
+        jac = output_jacobians(model, layers, output, self.width, probes=self.probes, seed=settings.seed,
+                               provider=settings.provider, threads=settings.threads, engine=settings.engine)
+        return replace(self, jac=jac)
 
     def batches(self, data: Dataset, progress: Progress | None = None) -> Iterator[dict[str, np.ndarray]]:
         """The calibration feeds in batches of ``step`` samples, reporting progress after each."""
@@ -115,8 +137,7 @@ def plan(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str
     if automatic:  # as many as one sample's activations and derivatives fit the budget, up to AUTO_PROBES
         fit = (settings.memory_budget // activation_bytes - 1) // 2 if activation_bytes else AUTO_PROBES
         probes = int(max(1, min(AUTO_PROBES, fit)))
-    jac = output_jacobians(model, layers, output, width, probes=probes, seed=settings.seed, provider=settings.provider,
-                           threads=settings.threads, engine=settings.engine)
-    step = batch_step(model, layers, data, jac.repeats, settings.batch_size, settings.provider, settings.memory_budget,
+    repeats = width if probes is None else probes
+    step = batch_step(model, layers, data, repeats, settings.batch_size, settings.provider, settings.memory_budget,
                       activation_bytes, shapes)
-    return DerivativePlan(jac, shape, step, probes, automatic)
+    return DerivativePlan(None, shape, step, probes, automatic).attached(model, layers, output, settings)
