@@ -39,10 +39,11 @@ def prune_structured(model, data, *, sparsity: float | None = None, macs: float 
 
 def evaluate(model, data, *, reference=None, output: str | None = None, provider: str = "cpu",
              batch_size: int = 1024, labels_key: str | None = None, threads: int | None = None,
-             latency: bool = True) -> dict:
-    """Loss and accuracy (when ``data`` has labels), discrepancy against ``reference`` (mean squared
-    and max abs difference of the output), and latency (paired with ``reference``), all measured on
-    onnxruntime."""
+             latency: bool = True, output_axes: dict[str, int] | None = None) -> dict:
+    """Loss and accuracy (when ``data`` has labels), discrepancy against ``reference`` (the relative
+    error of every protected output and Concat part, ``check.relative``; mean squared and max abs
+    difference of the scored output), and latency (paired with ``reference``), all measured on
+    onnxruntime. ``output_axes``: batch axes of outputs the model's runs cannot tell."""
     model = as_model(model)
     reference = as_model(reference) if reference is not None else None
     dataset = as_dataset(data, model, labels_key)
@@ -50,4 +51,4 @@ def evaluate(model, data, *, reference=None, output: str | None = None, provider
         if m is not None:
             check_runs(m, provider, few_samples(m, dataset))
     return evaluate_dataset(model, dataset, reference=reference, output=output, provider=provider,
-                            batch_size=batch_size, threads=threads, latency=latency)
+                            batch_size=batch_size, threads=threads, latency=latency, output_axes=output_axes)

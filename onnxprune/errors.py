@@ -29,6 +29,13 @@ class InputError(OnnxPruneError):
     exit_code = 2
 
 
+class Limitation(OnnxPruneError):
+    """The input is valid (the model runs) but onnxprune cannot do this with it: an op without a
+    derivative rule, a derivative graph onnxruntime refuses. Ours to fix, not the user's. Exit 1."""
+
+    exit_code = 1
+
+
 class CheckFailed(OnnxPruneError):
     """The work ran but a check on its result failed (checker, runtime, a budget). Exit 1."""
 

@@ -15,30 +15,45 @@ import numpy as np
 import onnx
 
 from onnxprune import runtime
+from onnxprune.check.relative import compare_outputs, damage_warnings, emptied_layers
 from onnxprune.check.timing import select_inputs
 from onnxprune.check.validate import check_finite_weights, check_runs, few_samples, per_sample, validate
 from onnxprune.derivatives.plan import MEMORY_BUDGET, DerivativeSettings
 from onnxprune.derivatives.workers import import_ray
 from onnxprune.errors import InputError
 from onnxprune.find.inventory import find_layers
-from onnxprune.find.outputs import protected_output, reaching
+from onnxprune.find.objective import measure_objective
+from onnxprune.find.outputs import reaching
 from onnxprune.io.data import as_dataset
 from onnxprune.io.models import as_model
 from onnxprune.modes.base import State
 from onnxprune.modes.units import UnitsMode
 from onnxprune.modes.weights import METHOD_NAMES as WEIGHT_METHODS
-from onnxprune.modes.weights import PRESETS, WeightsMode
+from onnxprune.modes.weights import PRESETS, WeightsMode, model_defaults
 from onnxprune.prepare.analysis import AnalysisCopy, BatchFirstInputs, FoldFixedInputs, declared_shapes_for
+from onnxprune.prepare.pads import explicit_pads_for
 from onnxprune.repair.base import NONE, Compose, LayerRefit, Repair
 from onnxprune.repair.lstsq import HOLDOUT_EVERY
 from onnxprune.repair.refit import Refit
 from onnxprune.score.context import ScoringContext
 from onnxprune.score.units import METHODS as UNIT_METHODS
-from onnxprune.select.masks import excluded
+from onnxprune.select.masks import excluded, parse_pattern
 from onnxprune.select.schedule import Schedule, geometric, one_shot, path
 
 METHOD_NAMES = WEIGHT_METHODS
+ERRORS_AT = ("output", "layer")
 __all__ = ["METHOD_NAMES", "PRESETS", "UNIT_METHODS", "Pruner", "PruneResult"]
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What a run uses where the user may leave the choice to the model (``model_defaults``)."""
+
+    scope: str = "global"
+    refit: bool | None = None   # None: the method's preset says
+    conv_statistics: str = "exact"
+    probes: int | None = None   # None: exact up to EXACT_LIMIT outputs, then automatic
+    error_at: str = "output"    # ECP's error at the protected output (G) or at each layer's own output (G = 1)
 
 
 @dataclass
@@ -65,6 +80,10 @@ class PruneResult:
     heldout_error: float | None = None  # a fallback's judge: E||y - y_dense||^2 on the held-out calibration fifth
     fell_back: bool = False             # the one-shot model was kept (its held-out error was the lower)
     kept_inputs: dict[str, list[int]] = field(default_factory=dict)  # units with --prune-inputs: the features to feed
+    protected_outputs: list[str] = field(default_factory=list)  # every protected output (``protected_output``: the first)
+    output_error: dict | None = None    # relative error per protected output and part on the calibration data (check.relative)
+    warnings: list[str] = field(default_factory=list)  # damage the pruning did: layers emptied, outputs that stopped varying
+    defaults: dict | None = None  # the model's defaults (``modes.weights.model_defaults``) and which of them applied
 
     @property
     def sparsity(self) -> float:
@@ -90,7 +109,8 @@ class PruneResult:
                 "refits": [asdict(r) for r in self.refits], "heldout_error": self.heldout_error,
                 "fell_back": self.fell_back, "engine": self.engine, "derivatives": self.derivatives,
                 "seconds": self.seconds, "skipped": [asdict(s) for s in self.skipped], "excluded": self.excluded,
-                "kept_inputs": self.kept_inputs, "inputs_changed": bool(self.kept_inputs),
+                "kept_inputs": self.kept_inputs, "inputs_changed": bool(self.kept_inputs), "defaults": self.defaults,
+                "protected_outputs": self.protected_outputs, "output_error": self.output_error, "warnings": self.warnings,
                 self.mode: {**self.summary, "layers": [asdict(c) for c in self.layers]}}
 
 
@@ -110,15 +130,16 @@ class Pruner:
     the refit.
     """
 
-    def __init__(self, method: str = "ecp", *, structured: bool = False, macs: bool = False, multiple: int = 1,
+    def __init__(self, method: str = "ecp", *, structured: bool = False, macs: bool = False, multiple: int | None = None,
                  inputs: str = "keep", schedule: Schedule | None = None, repair: Repair | None = None,
-                 compensation: bool = True, scope: str = "global", exclude=(), seed: int = 0,
+                 compensation: bool = True, scope: str | None = None, exclude=(), seed: int = 0,
                  output: str | None = None, probes: int | None = None, batch_size: int = 256,
                  labels_key: str | None = None, provider: str = "cpu", threads: int | None = None,
                  force: bool = False, steps: int | None = None, refit: bool | None = None, chained: bool = True,
-                 g_weighted: bool = False, conv_statistics: str = "exact", engine: str = "auto",
-                 memory_budget: int = MEMORY_BUDGET, workers: int | None = None, ray: str | None = None,
-                 progress: Callable[[str, int, int], None] | None = None):
+                 g_weighted: bool = False, conv_statistics: str | None = None, engine: str = "auto",
+                 memory_budget: int = MEMORY_BUDGET, progress: Callable[[str, int, int], None] | None = None,
+                 output_axes: dict[str, int] | None = None, objective: str = "relative", pattern: str | None = None,
+                 error_at: str | None = None, workers: int | None = None, ray: str | None = None):
         self.method, self.structured, self.macs, self.multiple, self.inputs = method, structured, macs, multiple, inputs
         self.compensation, self.scope, self.exclude = compensation, scope, tuple(exclude)
         self.seed, self.output, self.probes, self.batch_size = seed, output, probes, batch_size
@@ -127,6 +148,11 @@ class Pruner:
         self.steps, self.refit, self.chained, self.g_weighted = steps, refit, chained, g_weighted
         self.conv_statistics, self.engine, self.memory_budget = conv_statistics, engine, memory_budget
         self.workers, self.ray = workers, ray  # the statistics on local worker processes or a Ray cluster
+        self.output_axes, self.objective = dict(output_axes or {}), objective
+        self.pattern = pattern  # "N:M": at most N nonzero weights in every M consecutive inputs (select.masks)
+        # scope, refit, conv_statistics and probes left None take the model's defaults (``model_defaults``)
+        self.error_at = error_at
+        self.chosen_ = Choices(scope or "global", refit, conv_statistics or "exact", probes, error_at or "output")
 
     def _plan(self):
         """(strategy, scorer, schedule, repair, fallback): the method's preset, unless given."""
@@ -136,26 +162,35 @@ class Pruner:
             raise InputError(f"--workers must be a positive number, got {self.workers}")
         if self.ray is not None:
             import_ray()  # a missing extra is said before any work
+        if self.chosen_.error_at not in ERRORS_AT:
+            raise InputError(f"error_at must be one of {', '.join(ERRORS_AT)}, got {self.chosen_.error_at!r}")
         if self.structured:
+            if self.pattern:
+                raise InputError("--pattern N:M masks single weights; it does not apply to --structured pruning")
             if not self.compensation:
                 raise InputError("--no-compensation does not apply to --structured pruning (units are removed with "
                                  "their constants or without, as the method says)")
-            mode = UnitsMode(self.scope, self.macs, self.multiple, self.inputs, self.exclude)
+            mode = UnitsMode(self.chosen_.scope, self.macs, self.multiple, self.inputs, self.exclude, self.provider)
             if self.repair is not None and self.repair is not NONE and not isinstance(self.repair, Refit):
                 raise InputError(f"repair {self.repair.name!r} does not apply to structured pruning; the refit does")
         else:
-            if self.macs or self.multiple != 1 or self.inputs != "keep":
+            if self.macs or self.multiple is not None or self.inputs != "keep":
                 raise InputError("macs, multiple and inputs apply to structured pruning (structured=True)")
-            mode = WeightsMode(self.scope, self.compensation, self.exclude)
+            mode = WeightsMode(self.chosen_.scope, self.compensation, self.exclude,
+                               parse_pattern(self.pattern) if self.pattern else None)
         preset = mode.preset(self.method)
         schedule = self.schedule or (geometric(self.steps) if self.steps is not None else preset.schedule or one_shot)
         repair = self.repair
         if repair is None:
-            refit = preset.refit if self.refit is None else self.refit
+            refit = preset.refit if self.chosen_.refit is None else self.chosen_.refit
             repair = Refit(chained=self.chained, g_weighted=self.g_weighted) if refit else NONE
             if refit and preset.then is not None:
                 repair = Compose((repair, preset.then))
         return mode, mode.make_scorer(preset.scorer), schedule, repair, preset.fallback
+
+    def planned_steps(self, target: float) -> int:
+        """How many steps reach ``target`` with this method and schedule (before any work)."""
+        return len(self._plan()[2](target))
 
     def fit(self, model, data) -> Pruner:
         """Prepare ``model`` (a path or ModelProto, never modified), find what can be pruned and score
@@ -176,18 +211,38 @@ class Pruner:
         shapes = declared_shapes_for(self.model_, self.data_.subset(1).arrays(), self.provider)
         if shapes is not None:  # ranks shape inference cannot tell (dynamic H/W): measured on one sample
             self.analysis_.apply(shapes)
+        pads = explicit_pads_for(self.model_, self.data_.subset(1).arrays(), self.provider)
+        if pads is not None:  # auto_pad SAME pooling: the pads it means at the data's size, written out
+            self.analysis_.apply(pads)
         found = find_layers(self.model_)
         self.all_layers_, self.skipped_ = found.layers, list(found.skipped)
         check_finite_weights(self.model_, self.all_layers_)
-        self.output_ = protected_output(self.model_, self.output)
-        layers, unreached = reaching(self.model_, self.all_layers_, self.output_)
+        # The outputs and their parts, each measured in its own scale (find.objective): the error the
+        # statistics describe is relative per part, so no small-valued part is free to destroy.
+        if self.objective not in ("relative", "absolute"):
+            raise InputError(f"objective must be 'relative' or 'absolute', got {self.objective!r}")
+        self.objective_ = measure_objective(self.model_, self.data_, self.output, self.output_axes, self.provider,
+                                            self.threads, self.batch_size)
+        if self.objective == "absolute":  # the plain squared error of the outputs (what ECP minimised before)
+            self.objective_ = self.objective_.absolute()
+        self.outputs_ = list(self.objective_.outputs)
+        self.output_ = self.outputs_[0]
+        layers, unreached = reaching(self.model_, self.all_layers_, self.outputs_)
         self.layers_, folded = per_sample(self.model_, layers, self.data_, self.provider)
         self.skipped_ += unreached + folded
         if not self.layers_:
             raise InputError(f"no prunable layer reaches the protected output {self.output_!r}; choose one with --output")
+        self.defaults_ = None if self.structured else model_defaults(self.layers_, self.exclude, self.method)
+        if self.defaults_ is not None:  # what the model is chooses what the user left open
+            given = {"scope": self.scope, "refit": self.refit, "conv_statistics": self.conv_statistics,
+                     "probes": self.probes, "error_at": self.error_at}
+            self.defaults_["applied"] = {k: v for k, v in self.defaults_["values"].items() if given[k] is None}
+            self.chosen_ = replace(self.chosen_, **self.defaults_["applied"])
+            self.mode_, self.scorer_, self.schedule_, self.repair_, self.fallback_ = self._plan()
         self.skipped_ += self.mode_.find(self.model_, self.layers_, self.output_, self.all_layers_, self.data_)
-        self.settings_ = DerivativeSettings(self.probes, self.seed, self.engine, self.memory_budget, self.batch_size,
-                                            self.provider, self.threads, workers=self.workers, ray=self.ray)
+        self.settings_ = DerivativeSettings(self.chosen_.probes, self.seed, self.engine, self.memory_budget,
+                                            self.batch_size, self.provider, self.threads, self.objective_,
+                                            workers=self.workers, ray=self.ray)
         self.seconds_: dict[str, float] = {}
         self.dense_ = self.mode_.begin(self.model_, self.layers_)
         self.scores_ = self._score(self.dense_)
@@ -195,7 +250,8 @@ class Pruner:
 
     def _score(self, state: State) -> dict:
         ctx = ScoringContext(model=state.model, layers=state.layers, data=self.data_, output=self.output_,
-                             settings=self.settings_, groups=state.groups, conv_statistics=self.conv_statistics,
+                             settings=self.settings_, groups=state.groups, conv_statistics=self.chosen_.conv_statistics,
+                             error_at=self.chosen_.error_at,
                              force=self.force, progress=self.progress)
         start = time.perf_counter()
         scores = self.scorer_(ctx)
@@ -235,7 +291,7 @@ class Pruner:
         repairable, _ = self.mode_.to_repair(self.dense_)
         run = self.repair_.start(self.model_, repairable if self.mode_.masked else self.layers_, self.data_,
                                  self.output_, batch_size=self.batch_size, provider=self.provider, threads=self.threads,
-                                 progress=self._progress("refit"), masked=self.mode_.masked)
+                                 progress=self._progress("refit"), masked=self.mode_.masked, objective=self.objective_)
         results: list[PruneResult] = []
         refits: list[LayerRefit] = []
         for step, target in enumerate(targets):
@@ -262,12 +318,23 @@ class Pruner:
     def _result(self, state: State, scores, selection, target: float, steps: int, refits) -> PruneResult:
         layers, summary = self.mode_.report(self.dense_, state, scores, selection, self.data_,
                                             repaired=steps > 1 or self.repair_ is not NONE)
+        error, warnings = self._damage(state.model, layers)
         return PruneResult(
-            model=state.model, mode=self.mode_.name, method=self.method, scope=self.scope, target=target,
+            model=state.model, mode=self.mode_.name, method=self.method, scope=self.chosen_.scope, target=target,
             protected_output=self.output_, layers=layers, summary=summary, skipped=self.skipped_,
             excluded=[layer.name for layer in state.layers if excluded(layer, self.exclude)],
             repair=self.repair_.name, steps=steps, refits=refits, seconds=dict(self.seconds_), engine=self.engine_,
-            derivatives=self.derivatives_)
+            derivatives=self.derivatives_, protected_outputs=self.outputs_, output_error=error, warnings=warnings,
+            defaults=self.defaults_)
+
+    def _damage(self, model: onnx.ModelProto, layers: list) -> tuple[dict, list[str]]:
+        """The relative error of every protected output and part on the calibration data, and a warning
+        for every layer left without a weight and every part with values that stopped varying."""
+        objective = self.objective_
+        error = compare_outputs(model, self.model_, self.data_, list(objective.outputs), axes=objective.axes,
+                                parts=list(objective.parts), provider=self.provider, threads=self.threads,
+                                batch_size=self.batch_size)
+        return error, emptied_layers(layers) + damage_warnings(error)
 
     def _own_form(self, result: PruneResult) -> PruneResult:
         """``result`` with the source's own form back (Constants, shared tensors, fixed inputs; see
@@ -303,8 +370,9 @@ class Pruner:
         validate(one_shot_state.model, self.data_)
         layers, summary = self.mode_.report(self.dense_, one_shot_state, self.scores_, selection, self.data_,
                                             repaired=False)
+        measured, warnings = self._damage(one_shot_state.model, layers)
         return replace(result, model=one_shot_state.model, layers=layers, summary=summary, refits=[], steps=1,
-                       fell_back=True, heldout_error=one_shot_error)
+                       fell_back=True, heldout_error=one_shot_error, output_error=measured, warnings=warnings)
 
     def _progress(self, step: str):
         return (lambda done, total: self.progress(step, done, total)) if self.progress else None

@@ -253,7 +253,8 @@ def proto_session(model: onnx.ModelProto, provider: str = "cpu", threads: int | 
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def tensor_session(model: onnx.ModelProto, names: list[str], provider: str = "cpu", threads: int | None = None):
+def tensor_session(model: onnx.ModelProto, names: list[str], provider: str = "cpu", threads: int | None = None,
+                   arena: bool = True):
     """A session whose outputs are the tensors ``names`` (graph outputs or intermediates)."""
     from onnxprune.graph.index import tensor_types
 
@@ -261,7 +262,7 @@ def tensor_session(model: onnx.ModelProto, names: list[str], provider: str = "cp
     types = tensor_types(m)
     del m.graph.output[:]
     m.graph.output.extend(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None) for n in names)
-    return make_session(m, provider, threads)
+    return make_session(m, provider, threads, arena)
 
 
 def run_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str],

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from onnxprune.check.evaluate import evaluate_dataset, predict
+from onnxprune.check.evaluate import evaluate_dataset
+from onnxprune.check.relative import compare_outputs
 from onnxprune.check.timing import measure_latency, select_inputs
 from onnxprune.errors import InputError, OnnxPruneError
 from onnxprune.io.data import as_dataset
@@ -44,13 +45,16 @@ class SensitivityPoint:
     sparsity: float                    # the sparsity reached (exact counts round)
     pruned: int
     score_sum: float | None            # sum of the pruned weights' own scores (no cross terms); None for units
-    output_error: float | None = None  # measured E||y_pruned - y_dense||^2 of the protected output
+    output_error: float | None = None  # relative output error on the evaluation data (the worst part; check.relative)
     loss: float | None = None
     accuracy: float | None = None
     loss_increase: float | None = None  # (loss - dense loss) / dense loss
     within_budget: bool | None = None
     macs_removed: float | None = None   # units: the fraction of the dense MACs removed
     time_ratio: float | None = None     # units: paired time of the pruned model / the dense one (median)
+    calibration_error: float | None = None  # relative output error on the calibration data (the worst part)
+    output_parts: list = field(default_factory=list)  # per output and part, on the evaluation data (else calibration)
+    warnings: list[str] = field(default_factory=list)  # the prune's damage warnings (layers emptied, outputs still)
 
 
 @dataclass
@@ -68,18 +72,24 @@ class SensitivityReport:
     engine: dict | None = None              # the gradient engine that scored, and why
     derivatives: dict = field(default_factory=dict)  # probes, exact, batch (see PruneResult)
     mode: str = "weights"
+    max_output_error: float | None = None   # the budget on the relative output error
+    error_data: str = "calibration"         # where the relative output errors were measured: "test" or "calibration"
+    protected_outputs: list[str] = field(default_factory=list)
 
     @property
     def budget_text(self) -> str:
         """The budget in words ('' when there is none)."""
         parts = ([f"the loss within +{100 * self.max_loss_increase:g}%"] if self.max_loss_increase is not None else []) + (
-            [f"the accuracy within {self.max_accuracy_drop:g} points"] if self.max_accuracy_drop is not None else [])
+            [f"the accuracy within {self.max_accuracy_drop:g} points"] if self.max_accuracy_drop is not None else []) + (
+            [f"the relative output error within {100 * self.max_output_error:g}% (on the {self.error_data} data)"]
+            if self.max_output_error is not None else [])
         return " and ".join(parts)
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "method": self.method, "weights": self.weights, "protected_output": self.protected_output,
                 "dense": self.dense, "max_loss_increase": self.max_loss_increase,
-                "max_accuracy_drop": self.max_accuracy_drop, "best_ratio": self.best_ratio,
+                "max_accuracy_drop": self.max_accuracy_drop, "max_output_error": self.max_output_error,
+                "error_data": self.error_data, "protected_outputs": self.protected_outputs, "best_ratio": self.best_ratio,
                 "points": [asdict(p) for p in self.points], "seconds": self.seconds, "engine": self.engine,
                 "derivatives": self.derivatives}
 
@@ -99,15 +109,15 @@ def parse_ratios(text: str | list | tuple) -> list[float]:
     return ratios
 
 
-def parse_budget(text: str | float) -> float:
-    """A relative loss increase: '1%' or '0.01' -> 0.01."""
+def parse_budget(text: str | float, option: str = "--max-loss-increase") -> float:
+    """A relative budget: '1%' or '0.01' -> 0.01."""
     raw = str(text).strip()
     match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%?)", raw)
     if not match:
-        raise InputError(f"--max-loss-increase must be a fraction (0.01) or a percentage (1%), got {text!r}")
+        raise InputError(f"{option} must be a fraction (0.01) or a percentage (1%), got {text!r}")
     value = float(match.group(1)) / (100.0 if match.group(2) else 1.0)
     if not np.isfinite(value):
-        raise InputError(f"--max-loss-increase must be finite, got {text!r}")
+        raise InputError(f"{option} must be finite, got {text!r}")
     return value
 
 
@@ -116,7 +126,7 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
                 output: str | None = None, provider: str = "cpu", threads: int | None = None,
                 batch_size: int = 256, progress: Callable[[str, int, int], None] | None = None,
                 max_accuracy_drop: float | None = None, keep_best: bool = False,
-                **params) -> SensitivityReport:
+                max_output_error: float | str | None = None, **params) -> SensitivityReport:
     """The loss-vs-sparsity curve of ``model`` pruned with ``method`` (scored once on ``data``).
 
     ``evaluate``: data (a .npz path, dict or Dataset; labels for the loss) on which every pruned
@@ -124,17 +134,22 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
     relative to the dense loss on that data; the report's ``best_ratio`` is the largest ratio that
     keeps the loss within it, every smaller ratio included (None when even the smallest does not).
     ``max_accuracy_drop`` (percentage points) bounds the accuracy the same way, alone or with the
-    loss budget. With ``keep_best`` the report's ``best_result`` is the PruneResult at ``best_ratio``
+    loss budget; ``max_output_error`` (0.05 or "5%") the relative output error of every protected
+    output and part (``check.relative``), on ``evaluate`` or else on the calibration data: a budget
+    without labels. With ``keep_best`` the report's ``best_result`` is the PruneResult at ``best_ratio``
     (what ``prune --max-loss-increase`` writes, without scoring again).
     ``params`` are Pruner's (compensation, scope, exclude, seed, probes, ...). Nothing is written.
     """
     ratios = parse_ratios(ratios)
     budget = None if max_loss_increase is None else parse_budget(max_loss_increase)
+    error_budget = None if max_output_error is None else parse_budget(max_output_error, "--max-output-error")
+    budgeted = budget is not None or max_accuracy_drop is not None or error_budget is not None
     if budget is not None and evaluate is None:
         raise InputError("--max-loss-increase needs evaluation data with labels (--test TEST.npz)")
     if max_accuracy_drop is not None and (evaluate is None or not 0 <= max_accuracy_drop <= 100):
         raise InputError("--max-accuracy-drop needs evaluation data with labels (--test TEST.npz) and 0..100 points")
     source = as_model(model)
+    scored = output[0] if isinstance(output, (list, tuple)) else output  # the loss and accuracy: of the first
     test = None
     if evaluate is not None:
         test = as_dataset(evaluate, source, labels_key, require_labels=budget is not None or max_accuracy_drop is not None)
@@ -143,11 +158,10 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
                     batch_size=batch_size, progress=progress, **params).fit(source, data)
     seconds = dict(pruner.seconds_)
     seconds["fit"] = time.perf_counter() - start
-    dense, dense_values = None, None
+    dense = None
     if test is not None:
-        dense = _metrics(evaluate_dataset(source, test, output=output, provider=provider, threads=threads,
+        dense = _metrics(evaluate_dataset(source, test, output=scored, provider=provider, threads=threads,
                                           latency=False))
-        dense_values = predict(pruner.model_, test, pruner.output_, provider, threads=threads)[0]
         if budget is not None and dense.get("loss") is None:
             raise InputError("--max-loss-increase needs a loss: the evaluation data has no labels")
     points, best_result, all_within = [], None, True
@@ -161,23 +175,24 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
             timing = measure_latency({"dense": source, "pruned": result.model}, seen, (TIME_BATCH,), provider=provider,
                                      threads=(1,), kept_inputs={"pruned": result.kept_inputs})
             point.time_ratio = timing["batches"][0]["ratio"]["median"]
+        assert result.output_error is not None  # every prune measures it on the calibration data
+        point.calibration_error = result.output_error["relative_error"]
+        point.output_parts, point.warnings = result.output_error["parts"], result.warnings
         if test is not None:
-            assert dense is not None and dense_values is not None  # measured with the test data above
+            assert dense is not None  # measured with the test data above
             fed = replace(test, feeds=select_inputs(test.feeds, result.kept_inputs))
-            measured = _metrics(evaluate_dataset(result.model, fed, output=output, provider=provider,
+            measured = _metrics(evaluate_dataset(result.model, fed, output=scored, provider=provider,
                                                  threads=threads, latency=False))
-            values = predict(result.model, fed, pruner.output_, provider, threads=threads)[0]
-            diff = (values.astype(np.float64) - dense_values.astype(np.float64)).reshape(len(values), -1)
-            point.output_error = float((diff**2).sum(1).mean())
+            compared = compare_outputs(result.model, source, test, pruner.outputs_, axes=pruner.objective_.axes,
+                                       parts=list(pruner.objective_.parts), provider=provider, threads=threads,
+                                       batch_size=batch_size, kept_inputs=result.kept_inputs)
+            point.output_error, point.output_parts = compared["relative_error"], compared["parts"]
             point.loss, point.accuracy = measured.get("loss"), measured.get("accuracy")
             if point.loss is not None and dense.get("loss"):
                 point.loss_increase = (point.loss - dense["loss"]) / abs(dense["loss"])
-            if budget is not None:
-                point.within_budget = bool(point.loss <= dense["loss"] + budget * abs(dense["loss"]))
-            if max_accuracy_drop is not None:
-                kept = point.accuracy >= dense["accuracy"] - max_accuracy_drop / 100 - 1e-12
-                point.within_budget = kept and point.within_budget is not False
-            all_within = all_within and bool(point.within_budget)
+        if budgeted:
+            point.within_budget = _within(point, dense, budget, max_accuracy_drop, error_budget)
+            all_within = all_within and point.within_budget
             if keep_best and all_within:
                 best_result = result
         points.append(point)
@@ -185,7 +200,7 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
             progress("ratios", done, len(ratios))
     seconds["prune and evaluate"] = time.perf_counter() - start
     best = None
-    if budget is not None or max_accuracy_drop is not None:
+    if budgeted:
         for point in points:
             if not point.within_budget:
                 break
@@ -196,7 +211,25 @@ def sensitivity(model, data, ratios=DEFAULT_RATIOS, *, method: str = "ecp", eval
                              points=points,
                              dense=dense, max_loss_increase=budget, best_ratio=best, seconds=seconds,
                              max_accuracy_drop=max_accuracy_drop, best_result=best_result if best is not None else None,
-                             engine=pruner.engine_, derivatives=pruner.derivatives_)
+                             engine=pruner.engine_, derivatives=pruner.derivatives_, max_output_error=error_budget,
+                             error_data="test" if test is not None else "calibration", protected_outputs=pruner.outputs_)
+
+
+def _within(point: SensitivityPoint, dense: dict | None, loss_budget: float | None, accuracy_drop: float | None,
+            error_budget: float | None) -> bool:
+    """Whether ``point`` keeps every budget given: the loss and the accuracy against dense on the test
+    data, the relative output error (on the test data, else on the calibration data)."""
+    kept = True
+    if loss_budget is not None:
+        assert dense is not None and point.loss is not None
+        kept = point.loss <= dense["loss"] + loss_budget * abs(dense["loss"])
+    if accuracy_drop is not None:
+        assert dense is not None and point.accuracy is not None
+        kept = kept and point.accuracy >= dense["accuracy"] - accuracy_drop / 100 - 1e-12
+    if error_budget is not None:
+        error = point.output_error if point.output_error is not None else point.calibration_error
+        kept = kept and error is not None and error <= error_budget
+    return bool(kept)
 
 
 def _metrics(report: dict) -> dict:

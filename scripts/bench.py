@@ -52,6 +52,7 @@ from onnxprune.io.data import (  # noqa: E402
 )
 from onnxprune.io.npz import read_npz  # noqa: E402
 from onnxprune.pipeline import Pruner  # noqa: E402
+from onnxprune.prepare.analysis import AnalysisCopy  # noqa: E402
 from onnxprune.prepare.shapes import output_shape  # noqa: E402
 
 from studies.zoo import build_mlp  # noqa: E402
@@ -104,6 +105,11 @@ def images(samples: int, offset: int = 0) -> np.ndarray:
 
 
 def load(name: str, samples: int):
+    if name.startswith("file:"):  # "file:MODEL.onnx|DATA.npz": a model of one's own and its first samples
+        path, data = name[len("file:"):].split("|")
+        model = as_model(path)
+        with np.load(data) as arrays:
+            return model, as_dataset({k: arrays[k][:samples] for k in arrays.files if k not in ("y", "labels")}, model)
     if name == "mlp":
         model = build_mlp((1024, 1024))
     elif name == "mlp1000":
@@ -152,6 +158,7 @@ def measure(spec: dict) -> dict:
     if spec["kind"] == "forward":
         pass
     elif spec["kind"] == "fwdbwd":  # one probe: one forward and one backward pass per sample
+        model = AnalysisCopy.of(model).model  # as the pruner sees it: shared biases unshared, Constants read
         layers = analyse_graph(model).layers
         out = protected_output(model)
         shape = output_shape(model, out, data.subset(1).feeds)
@@ -161,8 +168,10 @@ def measure(spec: dict) -> dict:
             for feeds, _ in data.batches(BATCH):
                 jac.rows(feeds, shape)
     elif spec["kind"] in ("ecp", "gradmag"):  # the statistics each scorer asks for, nothing else
+        model = AnalysisCopy.of(model).model
         layers = analyse_graph(model).layers
         out = protected_output(model)
+        extra["layers"] = len(layers)
         if spec["kind"] == "ecp":
             collect_statistics(model, layers, data, out, probes=spec.get("probes"), threads=threads,
                                shared=spec.get("shared", "exact"), engine=spec["engine"])
@@ -170,17 +179,65 @@ def measure(spec: dict) -> dict:
             labels = np.asarray(read_npz(ROOT / "models" / "mnist_test.npz")["y"][:len(data)], np.int64)
             collect_loss_gradients(model, layers, Dataset(data.feeds, labels), out, threads=threads,
                                    engine=spec["engine"])
+    elif spec["kind"] == "prune":  # a whole prune as the command runs it: fit, select, edit, checks
+        Pruner("ecp", threads=threads, engine=spec["engine"]).fit(model, data).prune(spec["sparsity"])
+    elif spec["kind"] == "onnxsim":  # onnxsim 0.8.1's pruning of the same model on the same samples
+        extra = onnxsim_prune(spec, model, data)
     else:  # a whole Pruner.fit: checks, statistics and scores
         labels = np.asarray(read_npz(ROOT / "models" / "mnist_test.npz")["y"][:len(data)], np.int64)
         pruner = Pruner(spec["method"], threads=threads, probes=spec.get("probes"), engine=spec["engine"])
         pruner.fit(model, Dataset(data.feeds, labels))
         extra = {"steps": {k: round(v, 3) for k, v in pruner.seconds_.items()}}
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    cpu += extra.pop("child_cpu_seconds", 0.0)
+    if spec["kind"] in ("ecp", "prune"):
+        extra["probes"] = spec.get("probes") or automatic_probes(model, data)
     fwd += forward_times(model, data, threads)
     # the least disturbed forward pass: other processes only ever add time (wall and CPU: caches, shared cores)
     return {**spec, "seconds": wall, "cpu_seconds": cpu, "forward_seconds": float(np.min([f[0] for f in fwd])),
             "forward_cpu_seconds": float(np.min([f[1] for f in fwd])), "rss_before_mb": before_rss,
             "peak_rss_mb": peak_mb(), "load": os.getloadavg()[0], **extra}
+
+
+ONNXSIM_CODE = """
+import sys, numpy as np, onnx
+from onnxsim import pruning
+model, calib, out, kind, fraction = sys.argv[1:6]
+d = dict(np.load(calib))
+n = len(next(iter(d.values())))
+batches = [{k: v[i:i + 1] for k, v in d.items()} for i in range(n)]
+apply = pruning.apply_sparsegpt_pruning if kind == "sparsegpt" else pruning.apply_wanda_pruning
+onnx.save(apply(onnx.load(model), calibration_data=batches, num_samples=n, sparsity=float(fraction)), out)
+"""
+
+
+def onnxsim_prune(spec: dict, model, data: Dataset) -> dict:
+    """onnxsim's SparseGPT or Wanda on ``data`` in its own python (spec["python"]); its CPU time."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path, calib, out = Path(tmp) / "m.onnx", Path(tmp) / "calib.npz", Path(tmp) / "out.onnx"
+        import onnx as _onnx
+
+        _onnx.save(model, onnx_path)
+        np.savez(calib, **data.arrays())
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = subprocess.run([spec["python"], "-c", ONNXSIM_CODE, str(onnx_path), str(calib), str(out), spec["method"],
+                               str(spec["sparsity"])], capture_output=True, text=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0:
+            raise SystemExit(f"onnxsim failed: {done.stderr[-2000:]}")
+    return {"child_cpu_seconds": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)}
+
+
+def automatic_probes(model, data: Dataset) -> int:
+    """The seeds the default statistics choose for ``model``: P random probes, or K exact rows."""
+    from onnxprune.derivatives.plan import DerivativeSettings, plan
+    from onnxprune.find.layers import analyse_graph as layers_of
+
+    model = AnalysisCopy.of(model).model
+    found = plan(model, layers_of(model).layers, data, protected_output(model), DerivativeSettings())
+    return found.probes or found.width
 
 
 def run_measure(spec: dict, inline: bool, repeats: int = 1) -> dict:
@@ -478,10 +535,19 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
     parser.add_argument("--render", metavar="JSON", help="measure nothing: rewrite --out from this run's JSON")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--floor", metavar="MODEL", help="measure only the statistics of MODEL against the floor "
+                        "P x n x (forward + backward), and the whole prune against onnxsim's; writes --floor-out")
+    parser.add_argument("--floor-data", metavar="NPZ", help="the calibration samples of --floor")
+    parser.add_argument("--floor-images", type=int, default=16)
+    parser.add_argument("--onnxsim-python", default=os.environ.get("ONNXSIM_PYTHON", "onnxsim-venv/bin/python"))
+    parser.add_argument("--floor-out", default=str(ROOT / "docs" / "results" / "floor.md"))
+    parser.add_argument("--floor-json", default=str(ROOT / "docs" / "results" / "floor.json"))
     args = parser.parse_args(argv)
     if args.measure:
         print(json.dumps(measure(json.loads(args.measure))))
         return 0
+    if args.floor:
+        return floor_study(args, argv)
     if args.render:
         results = json.loads(Path(args.render).read_text())
         fileio.write_text(args.out, report(results, results["command"]))
@@ -533,6 +599,61 @@ def main(argv=None) -> int:
     fileio.write_json(args.json, results)
     print(f"wrote {args.out} and {args.json}", file=sys.stderr)
     return 0
+
+
+FLOOR_STEPS = [
+    ("forward", {"kind": "forward"}),
+    ("forward + backward, 1 probe (the floor's unit)", {"kind": "fwdbwd"}),
+    ("ECP statistics, default settings", {"kind": "ecp"}),
+    ("onnxprune prune --sparsity 0.5 (ECP, whole)", {"kind": "prune", "sparsity": 0.5}),
+    ("onnxsim 0.8.1 SparseGPT at 0.5 (whole)", {"kind": "onnxsim", "method": "sparsegpt", "sparsity": 0.5}),
+    ("onnxsim 0.8.1 Wanda at 0.5 (whole)", {"kind": "onnxsim", "method": "wanda", "sparsity": 0.5}),
+]
+
+
+def floor_study(args, argv) -> int:
+    """The statistics of one model against the floor P x n x (forward + backward), side by side in one
+    run (each step in its own subprocess, --repeats times, the least disturbed kept), and the whole
+    prune against onnxsim's SparseGPT and Wanda on the same samples."""
+    from studies.provenance import portable_command
+
+    for path in (args.floor_out, args.floor_json):
+        fileio.check_output_path(path, force=args.force)
+    name = f"file:{args.floor}|{args.floor_data}"
+    rows = []
+    for label, spec in FLOOR_STEPS:
+        spec = {"model": name, "samples": args.floor_images, "engine": "adjoint", "python": args.onnxsim_python, **spec}
+        row = run_measure(spec, args.inline, args.repeats)
+        rows.append({"label": label, **row})
+        print(f"{label}: {row['seconds']:.1f} s wall, {cpu_ratio(row):.1f} x forward (CPU)", file=sys.stderr)
+    command = "python scripts/bench.py " + portable_command(argv if argv is not None else sys.argv[1:])
+    results = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "rows": rows,
+               "images": args.floor_images, "load_end": os.getloadavg()[0]}
+    fileio.write_json(args.floor_json, results)
+    fileio.write_text(args.floor_out, floor_report(results, Path(args.floor).name))
+    return 0
+
+
+def floor_report(results: dict, model: str) -> str:
+    rows = {row["kind"]: row for row in results["rows"] if row["kind"] not in ("onnxsim",)}
+    unit, stats = rows["fwdbwd"], rows["ecp"]
+    probes = stats["probes"]
+    floor_cpu = probes * cpu_ratio(unit) if probes else None
+    lines = ["# Statistics against the floor", "",
+             f"Recorded by `{results['command']}` on {results['date']}; machine: {results['machine']}, load average "
+             f"{results['load_end']:.1f} at the end (a shared machine). Model {model}, {results['images']} images; every "
+             "step in its own subprocess, side by side in this one run; `x forward` divides its CPU time (all threads) by "
+             "one forward pass's over the same images (the fastest of five before and five after it). The floor is "
+             f"P x (forward + backward) with the default statistics' P = {probes} seeds (random probes, or the exact "
+             "Jacobian's rows), the backward being onnxruntime's 1-probe derivative pass.", "",
+             "| step | seconds (wall) | x forward (CPU) | x floor (CPU) | peak RSS MB |", "| --- | --- | --- | --- | --- |"]
+    for row in results["rows"]:
+        over = f"{cpu_ratio(row) / floor_cpu:.2f}" if floor_cpu and row["kind"] == "ecp" else "-"
+        lines.append(f"| {row['label']} | {row['seconds']:.1f} | {cpu_ratio(row):.1f} | {over} | {row['peak_rss_mb']:.0f} |")
+    if floor_cpu:
+        lines += ["", f"The default statistics took {cpu_ratio(stats) / floor_cpu:.2f} x the floor in CPU time "
+                      f"({cpu_ratio(stats):.1f} x forward against {floor_cpu:.1f} x)."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

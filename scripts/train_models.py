@@ -30,7 +30,7 @@ from onnxprune.runtime import make_session
 
 from studies.mnist import load_mnist
 from studies.provenance import portable_path
-from studies.zoo import build_mlp, build_resnet, build_transformer, widths_argument
+from studies.zoo import build_mlp, build_mobilenet, build_resnet, build_silu_cnn, build_transformer, build_vit, widths_argument
 
 CNN_FILE = "mnist_cnn.onnx"
 CNN_ARCHITECTURE = ("x[784] -> 1x28x28 -> conv1 8@5x5 -> ReLU -> MaxPool 2 -> conv2 16@5x5 -> ReLU -> MaxPool 2 -> "
@@ -54,7 +54,24 @@ EXTRA = {
                     "Reshape (N, 16, 4, 16) + Transpose per head split -> residual Add; LayerNormalization -> FFN "
                     "MatMul+Add 64->128 -> ReLU -> MatMul+Add 128->64 -> residual Add) -> LayerNormalization -> "
                     "ReduceMean over patches -> head Gemm 10"),
+    # the structured-pruning speed study's architectures: SiLU, depthwise + squeeze-excitation + HardSwish, GELU
+    "silu_cnn": ("mnist_silu_cnn.onnx", build_silu_cnn, "auto",
+                 "x[784] -> 1x28x28 -> conv1 Conv 16@3x3 pad 1 -> SiLU -> MaxPool 2 -> conv2 Conv 32@3x3 pad 1 -> SiLU -> "
+                 "MaxPool 2 -> Flatten (1568) -> fc1 Gemm 64 -> SiLU -> fc2 Gemm 10 (SiLU written x * Sigmoid(x))"),
+    "mobilenet": ("mnist_mobilenet.onnx", build_mobilenet, "auto",
+                  "x[784] -> 1x28x28 -> stem Conv 16@3x3 stride 2 -> HardSwish (14x14) -> 3 inverted residual blocks "
+                  "(out, expanded, stride) = (16, 48, 1), (24, 72, 2), (24, 72, 1): expand Conv 1x1 -> HardSwish -> "
+                  "depthwise Conv 3x3 -> HardSwish -> squeeze-excitation (GlobalAveragePool -> Conv 1x1 to expanded/4 -> "
+                  "ReLU -> Conv 1x1 -> HardSigmoid -> Mul) -> project Conv 1x1 (+ the block's input in blocks 1 and 3) "
+                  "-> head Conv 1x1 96 -> HardSwish -> GlobalAveragePool -> Flatten -> fc Gemm 10 (HardSwish written "
+                  "x * HardSigmoid(x); no BatchNormalization)"),
+    "vit": ("mnist_vit.onnx", build_vit, "adjoint",
+            "the transformer above (16 patches of 7x7, width 64, 2 pre-norm blocks, 4 heads of 16, FFN 128) with GELU "
+            "in the FFN written x * 0.5 * (1 + Erf(x / sqrt 2)), as torch's exporter writes it"),
 }
+INITS = {"resnet": "Conv weights Kaiming-uniform (±sqrt(6/fan_in)), Conv biases and the Gemm uniform in ±1/sqrt(fan_in)",
+         "silu_cnn": "Conv weights Kaiming-uniform (±sqrt(6/fan_in)), Conv biases and the Gemms uniform in ±1/sqrt(fan_in)",
+         "mobilenet": "Conv weights Kaiming-uniform (±sqrt(6/fan_in)), Conv biases and the Gemm uniform in ±1/sqrt(fan_in)"}
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -145,7 +162,7 @@ def train_extra(name: str, x, y, epochs: int, args) -> tuple[onnx.ModelProto, li
     trainer = "onnx-ad's reverse mode (the adjoint engine)" if engine == "adjoint" else "onnxruntime-training"
     stamp(model, (
         f"{name} {arch}, initialised as studies.zoo.build_{name} says with seed {args.seed}, trained on the "
-        "60,000 MNIST training images "
+        f"{'first ' + format(len(x), ',') + ' of the ' if len(x) < 60000 else ''}60,000 MNIST training images "
         f"scaled to [0,1] for {epochs} epochs with Adam (lr {LR}, batch {BATCH}, shuffle seed {args.seed}) by "
         f"scripts/train_models.py with {trainer} (no torch). Feed uint8 pixels (N, 784) times "
         f"onnxprune.input_scale. {ATTRIBUTION}"
@@ -161,12 +178,13 @@ def extra_readme(args, name, model, history, seconds, metrics, out: Path) -> str
     start, end = markers(name)
     lines = [start, "", f"## {filename}", "", f"Made by `scripts/train_models.py` (onnxruntime "
              f"{onnxruntime.__version__}, no torch) with:", "", "```", command_line(args, only=name), "```", ""]
-    init = ("Conv weights Kaiming-uniform (±sqrt(6/fan_in)), Conv biases and the Gemm uniform in ±1/sqrt(fan_in)"
-            if name == "resnet" else "Weights and biases uniform in ±1/sqrt(fan_in) (PyTorch's default), "
-            "LayerNormalization scale 1 and bias 0, position embedding normal(0, 0.02)")
+    init = INITS.get(name, "Weights and biases uniform in ±1/sqrt(fan_in) (PyTorch's default), "
+                     "LayerNormalization scale 1 and bias 0, position embedding normal(0, 0.02)")
+    images = (f"the first {args.train_images:,} of the 60,000 training images" if args.train_images
+              else "all 60,000 training images")
     lines.append(f"- `{filename}` (`studies.zoo.build_{name}`): {arch}. {init}; seed {args.seed}; input `x` "
                  "float32 [N, 784], output `logits` [N, 10], opset 17, "
-                 f"IR 8. Trained like the MLP (all 60,000 training images, Adam lr {LR}, batch {BATCH}) with the "
+                 f"IR 8. Trained like the MLP ({images}, Adam lr {LR}, batch {BATCH}) with the "
                  f"`{engine}` gradient engine of `onnxprune.finetune`"
                  + (" (onnxruntime-training's LayerNormalization gradient needs optional outputs the graph does "
                     "not have)." if engine == "adjoint" else "."))
@@ -227,14 +245,17 @@ def command_line(args, only: str | None = None) -> str:
         for hidden in args.hidden:
             parts += ["--hidden", ",".join(map(str, hidden))]
         parts += ["--cnn-epochs", str(args.cnn_epochs)]
-        parts += ["--resnet-epochs", str(args.resnet_epochs), "--transformer-epochs", str(args.transformer_epochs)]
+        for name in EXTRA:
+            parts += [f"--{name.replace('_', '-')}-epochs", str(extra_epochs(args, name))]
     else:
-        parts += [f"--{only}-epochs", str(extra_epochs(args, only)), "--only", only]
+        parts += [f"--{only.replace('_', '-')}-epochs", str(extra_epochs(args, only)), "--only", only]
+        if args.train_images:
+            parts += ["--train-images", str(args.train_images)]
     return shlex.join(parts)
 
 
 def extra_epochs(args, name: str) -> int:
-    return args.resnet_epochs if name == "resnet" else args.transformer_epochs
+    return getattr(args, f"{name}_epochs")
 
 
 def architecture(hidden) -> str:
@@ -340,9 +361,13 @@ def main(argv=None) -> int:
     parser.add_argument("--cnn-epochs", type=int, default=8, help="epochs for the CNN (0: do not train it)")
     parser.add_argument("--resnet-epochs", type=int, default=4, help="epochs for the residual CNN (0: do not train it)")
     parser.add_argument("--transformer-epochs", type=int, default=8, help="epochs for the transformer (0: do not train it)")
-    parser.add_argument("--only", default=None, metavar="resnet,transformer",
-                        help="train only these of the residual CNN and the transformer; no other file but their "
-                             "README block is written")
+    for name in ("silu_cnn", "mobilenet", "vit"):
+        parser.add_argument(f"--{name.replace('_', '-')}-epochs", type=int, default=0,
+                            help=f"epochs for {EXTRA[name][0]} (0, the default: do not train it)")
+    parser.add_argument("--train-images", type=int, default=0,
+                        help="--only: train on the first N training images (0: all of them)")
+    parser.add_argument("--only", default=None, metavar="resnet,transformer,...",
+                        help=f"train only these of {', '.join(EXTRA)}; no other file but their README block is written")
     parser.add_argument("--force", action="store_true", help="replace existing output files")
     args = parser.parse_args(argv)
     args.hidden = args.hidden or [DEFAULT_HIDDEN]
@@ -371,8 +396,9 @@ def main(argv=None) -> int:
     scaled = train_x.astype(np.float32) * np.float32(INPUT_SCALE)
 
     blocks = {}
+    subset = slice(0, args.train_images or None) if args.only is not None else slice(None)
     for name in extras:
-        model, history, seconds = train_extra(name, scaled, train_y, extra_epochs(args, name), args)
+        model, history, seconds = train_extra(name, scaled[subset], train_y[subset], extra_epochs(args, name), args)
         metrics = evaluate(model, test_x, test_y)
         print(f"  {EXTRA[name][0]}: test loss {metrics[0]:.4f}, accuracy {100 * metrics[1]:.2f}%, {seconds:.1f} s",
               file=sys.stderr)

@@ -74,7 +74,7 @@ def test_an_unknown_batch_axis_asks_for_batch_axis_and_the_option_gives_it(array
     assert sess.run(None, arrays)[0].shape == (N, 3)  # the written model takes the state in its own layout
 
 
-@pytest.mark.parametrize("option, message", [("state", "is not NAME=AXIS"), ("cell=1", "not an input of the model"),
+@pytest.mark.parametrize("option, message", [("state", "is not NAME=AXIS"), ("cell=1", "neither a per-sample input"),
                                              ("state=3", "has 3 axes"), ("x=0", None)])
 def test_batch_axis_values(arrays, tmp_path, option, message):
     onnx.save(stateful([2, None, 3]), tmp_path / "m.onnx")

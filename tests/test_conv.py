@@ -7,7 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxprune
 from onnxprune import runtime
-from onnxprune.derivatives.statistics import collect_statistics, layer_patches
+from onnxprune.derivatives.statistics import LayerStatistics, collect_statistics, layer_patches
 from onnxprune.edit.rewrite import rewrite
 from onnxprune.find.geometry import conv_geometry, im2col
 from onnxprune.find.layers import analyse_graph
@@ -224,3 +224,40 @@ def test_shared_sums_in_blocks_equal_the_definition(monkeypatch, chunk, exact):
         want = (big.sum((0, 2)), np.einsum("not,nojt->oj", big, z), np.einsum("not,nojt->oj", big, z * z))
     for got, expected in zip((sums.sum_g, sums.sum_gz, sums.sum_gz2), want):
         np.testing.assert_allclose(got, 0.5 * expected, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_shared_sums_keep_the_residual_of_raw_pixels():
+    """The float32 products run on patches shifted by their mean, so the ECP residual A - B^2/C (a
+    G-weighted variance) of raw pixels (120 +- 60, zero padding around) is what float64 inputs give,
+    where every product is float64."""
+    model = cnn()
+    x = (120.0 + 60.0 * images(9)["x"]).astype(np.float32)
+    layers = analyse_graph(model).layers
+    single = collect_statistics(model, layers, Dataset({"x": x}), "logits", batch_size=4)
+    double = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
+    from onnxprune.derivatives.engines import output_jacobians
+
+    jac = output_jacobians(model, layers, "logits", 3)
+    squares, inputs = jac.squares({"x": x}, (3,))
+    for layer in layers:
+        if layer.shared:
+            double[layer.name].add_shared(layer, squares[layer.name].astype(np.float64),
+                                          np.asarray(inputs[layer.name], np.float64))
+        else:
+            double[layer.name].add(squares[layer.name].astype(np.float64), np.asarray(inputs[layer.name], np.float64))
+    for layer in layers:
+        s, d = single[layer.name], double[layer.name]
+        live = d.C > 0  # rows whose unit is never active have no residual to compare
+        assert live.any()
+        residual = d.A[live] - d.B[live] ** 2 / d.C[live, None]
+        got = s.A[live] - s.B[live] ** 2 / s.C[live, None]
+        np.testing.assert_allclose(got, residual, rtol=1e-4, atol=1e-7 * np.abs(residual).max())
+
+
+def test_conv_statistics_are_the_same_bytes_for_any_thread_count():
+    model, x = cnn(channels=3), images(10, channels=3)["x"]
+    layers = analyse_graph(model).layers
+    one, three = (collect_statistics(model, layers, Dataset({"x": x}), "logits", batch_size=4, threads=t) for t in (1, 3))
+    for name in one:
+        for field in ("sum_g", "sum_gz", "sum_gz2", "sum_z", "sum_z2"):
+            assert getattr(one[name], field).tobytes() == getattr(three[name], field).tobytes(), (name, field)

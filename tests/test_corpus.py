@@ -101,14 +101,15 @@ def test_what_each_fixture_is_for():
     assert "ConvTranspose" in reasons["deconv"]
 
 
-def test_several_outputs_protect_the_first_and_name_the_layers_that_do_not_reach_it(tmp_path):
+def test_several_outputs_are_all_protected_and_a_chosen_one_names_the_layers_that_do_not_reach_it(tmp_path):
     model = onnx.load(FIXTURES / "torch_legacy_two_outputs.onnx")
     feeds = random_feeds(model)
     result = onnxprune.prune(model, feeds, 0.5)
-    assert [c.layer for c in result.layers] == ["/body/Gemm", "/emb/Gemm"]
-    assert any(s.node == "/cls/Gemm" and "does not reach" in s.reason for s in result.skipped)
+    assert result.protected_outputs == ["embedding", "logits"] and not result.skipped
+    assert [c.layer for c in result.layers] == ["/body/Gemm", "/emb/Gemm", "/cls/Gemm"]
     chosen = onnxprune.prune(model, feeds, 0.5, output="logits")
     assert [c.layer for c in chosen.layers] == ["/body/Gemm", "/cls/Gemm"]
+    assert any(s.node == "/emb/Gemm" and "does not reach" in s.reason for s in chosen.skipped)
 
 
 def test_float16_model_keeps_float16_weights_and_its_statistics_match_a_float32_copy():

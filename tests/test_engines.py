@@ -11,7 +11,7 @@ from onnxprune import api, runtime
 from onnxprune.derivatives.engines import loss_gradients, output_jacobians
 from onnxprune.derivatives.engines.base import candidates
 from onnxprune.derivatives.statistics import collect_statistics
-from onnxprune.errors import InputError
+from onnxprune.errors import Limitation
 from onnxprune.find.layers import analyse_graph
 from onnxprune.find.outputs import protected_output
 from onnxprune.prepare.shapes import output_shape
@@ -241,7 +241,7 @@ def test_an_op_no_engine_differentiates_is_named_with_its_node():
                    [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
                    {"W": RNG.normal(size=(4, 5)), "b": np.zeros(4), "ratio": np.array(0.5), "train": np.array(True)},
                    ("N", 4))
-    with pytest.raises(InputError, match="no gradient engine can differentiate the model: .*Dropout node 'the_dropout'"):
+    with pytest.raises(Limitation, match="no gradient engine can differentiate the model: .*Dropout node 'the_dropout'"):
         api.prune(model, {"x": RNG.normal(size=(8, 5)).astype(np.float32)}, 0.5)
 
 
@@ -281,14 +281,17 @@ def test_the_command_refuses_to_start_on_a_clobbered_runtime(monkeypatch, tmp_pa
 
 
 def test_many_outputs_switch_to_random_probes_and_say_so():
-    from onnxprune.derivatives.plan import AUTO_PROBES, EXACT_LIMIT
+    from onnxprune.derivatives.plan import AUTO_PROBES, EXACT_LIMIT, PROBE_SAMPLES
 
     from studies.zoo import build_mlp
 
     model = build_mlp((8,), inputs=6, classes=EXACT_LIMIT + 20)
     x = {"x": RNG.normal(size=(16, 6)).astype(np.float32)}
     auto = api.prune(model, x, 0.5).to_dict()["derivatives"]
-    assert auto["probes"] == AUTO_PROBES and auto["exact"] is False and auto["automatic_probes"] is True
+    assert auto["probes"] == PROBE_SAMPLES // 16 and auto["exact"] is False and auto["automatic_probes"] is True
+    few = api.prune(model, {"x": x["x"][:4]}, 0.5).to_dict()["derivatives"]  # P x n >= PROBE_SAMPLES, up to the cap
+    many = api.prune(model, {"x": RNG.normal(size=(600, 6)).astype(np.float32)}, 0.5).to_dict()["derivatives"]
+    assert few["probes"] == AUTO_PROBES and many["probes"] == 1
     chosen = api.prune(model, x, 0.5, probes=3).to_dict()["derivatives"]
     assert chosen["probes"] == 3 and chosen["automatic_probes"] is False
 
@@ -339,7 +342,7 @@ def test_automatic_probes_shrink_when_one_sample_would_not_fit_the_budget():
     from studies.zoo import build_mlp
 
     model = build_mlp((8,), inputs=6, classes=EXACT_LIMIT + 20)
-    x = {"x": RNG.normal(size=(16, 6)).astype(np.float32)}
+    x = {"x": RNG.normal(size=(4, 6)).astype(np.float32)}  # few samples: the rule alone would ask for AUTO_PROBES
     per_sample = sample_bytes(model, x)
     layers = analyse_graph(model).layers
     info = {}

@@ -100,3 +100,45 @@ def test_a_model_with_the_batch_off_axis_0_prunes_and_runs(method, tmp_path):
     assert not [vi for vi in result.model.graph.value_info if vi.name in ("t", "u", "q")]  # declarations undone
     onnx.checker.check_model(result.model, full_check=True)
     assert np.isfinite(run(result.model, x[:8], ["y"])["y"]).all()
+
+
+def same_padded_pool(mode="SAME_UPPER", pool="MaxPool"):
+    """x (N, 2, 7, 6) -> Conv 3x3 (pads 1) -> Relu -> 3x3 pool, strides 2, auto_pad ``mode`` (keras2onnx's
+    MaxPool) -> Flatten -> Gemm (3 classes)."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "Wc"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "bc"),
+             numpy_helper.from_array(rng.standard_normal((3, 4 * 4 * 3)).astype(np.float32) / 7, "Wf"),
+             numpy_helper.from_array(np.zeros(3, np.float32), "bf")]
+    nodes = [helper.make_node("Conv", ["x", "Wc", "bc"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node(pool, ["r"], ["p"], name="pool", kernel_shape=[3, 3], strides=[2, 2], auto_pad=mode),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "Wf", "bf"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 7, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("mode, pool", [("SAME_UPPER", "MaxPool"), ("SAME_LOWER", "MaxPool"), ("SAME_UPPER", "AveragePool")])
+def test_same_padded_pooling_is_differentiated_with_its_pads_written_out(mode, pool):
+    """onnx-ad refuses auto_pad SAME; the analysis copy writes the pads out for the data's size (the
+    same outputs as onnxruntime's SAME), ECP scores every layer, and the written model keeps auto_pad."""
+    from onnxprune.prepare.pads import explicit_pads_for
+
+    model = same_padded_pool(mode, pool)
+    x = np.random.default_rng(2).standard_normal((16, 2, 7, 6)).astype(np.float32)
+    explicit = onnx.ModelProto()
+    explicit.CopyFrom(model)
+    step = explicit_pads_for(explicit, {"x": x})
+    assert step is not None and step(explicit).changed
+    assert not any(a.name == "auto_pad" for n in explicit.graph.node for a in n.attribute if n.op_type == pool)
+    np.testing.assert_allclose(run(explicit, x, ["y"])["y"], run(model, x, ["y"])["y"], rtol=1e-6, atol=1e-6)
+    result = api.prune(model, {"x": x}, 0.5)
+    assert [c.layer for c in result.layers] == ["conv", "fc"] and result.pruned == round(0.5 * result.weights)
+    written = next(n for n in result.model.graph.node if n.op_type == pool)
+    attrs = {a.name: helper.get_attribute_value(a) for a in written.attribute}
+    assert attrs["auto_pad"] == mode.encode() and "pads" not in attrs
+    assert run(result.model, x[:3], ["y"])["y"].shape == (3, 3)

@@ -108,16 +108,15 @@ STRUCTURED_FRACTION = 0.3
 def _masked_dense(pruner, result):
     """The dense analysis copy with every group's removed units replaced by their constants (zero for a
     method without): the independent reference of the one-shot structured model without a refit."""
-    from test_units import _replaced
+    from unitref import replaced_all
 
-    reference = pruner.model_
+    removed, constants = {}, {}
     for group in pruner.dense_.groups:
-        removed = np.asarray(result.summary["groups"][group.name]["removed"], int)
-        if len(removed):
-            constants = pruner.scores_[group.name].constants
-            constants = np.zeros(group.units) if constants is None else constants
-            reference = _replaced(reference, group, removed, constants, prefix=f"{group.name}_")
-    return reference
+        gone = np.asarray(result.summary["groups"][group.name]["removed"], int)
+        if len(gone):
+            values = pruner.scores_[group.name].constants
+            removed[group.name], constants[group.name] = gone, np.zeros(group.units) if values is None else values
+    return replaced_all(pruner.model_, pruner.dense_.groups, removed, constants)
 
 
 @pytest.mark.parametrize("name", [n for n in sorted(MANIFEST) if n not in UNSUPPORTED])

@@ -3,12 +3,12 @@ with a shift keep float64 accuracy, and thread limits apply."""
 import numpy as np
 import pytest
 
-from onnxprune.derivatives import instrument as jacobians
 from onnxprune.derivatives.engines.ort_training import OutputJacobians
 from onnxprune.derivatives.statistics import LayerStatistics, collect_statistics
 from onnxprune.find.layers import analyse_graph
 from onnxprune.find.outputs import protected_output
 from onnxprune.io.data import Dataset
+from onnxprune.prepare.shapes import output_shape
 from onnxprune.runtime import blas_threads
 
 from engines import requires_training
@@ -31,7 +31,7 @@ def test_split_gradient_is_used_and_gives_the_tiled_rows(name, probes):
     model, x = MODELS[name]()
     layers = analyse_graph(model).layers
     output = protected_output(model)
-    shape = jacobians.output_shape(model, output, {"x": x})
+    shape = output_shape(model, output, {"x": x})
     jac = OutputJacobians(model, layers, output, int(np.prod(shape)), probes=probes, seed=5)
     rows, inputs = jac.rows({"x": x}, shape)
     assert jac.split is not None, "the forward pass should run once per sample, not once per probe"

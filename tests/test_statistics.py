@@ -2,11 +2,13 @@
 import numpy as np
 import pytest
 
+from onnxprune.check.validate import per_sample
 from onnxprune.derivatives.statistics import collect_loss_gradients, collect_statistics
 from onnxprune.find.layers import analyse_graph
 from onnxprune.find.outputs import protected_output
 from onnxprune.io.data import Dataset
 
+from engines import AVAILABLE
 from tinynets import data, mlp
 
 
@@ -98,3 +100,52 @@ def test_loss_gradients_match_finite_differences_of_the_cross_entropy():
             down[l][0][idx] -= eps
             num[idx] = (loss(up) - loss(down)) / (2 * eps)
         np.testing.assert_allclose(got[layer.name], num, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", AVAILABLE)
+@pytest.mark.parametrize("shared", ["exact", "positions"])
+def test_a_folded_gemms_statistics_equal_those_of_the_same_weights_as_a_rank3_matmul(engine, shared):
+    """GPT-2's Conv1D exports fold (batch, sequence) into a Gemm's rows: once the rows are grouped by
+    sample, its sums are those of the rank-3 MatMul + Add of the same weights (checked against finite
+    differences in test_conv), with the cross-position terms (``exact``) or without (``positions``)."""
+    from tinylm import tokens, two_layers
+
+    x = Dataset({"x": tokens(23)})
+    sums = {}
+    for folded in (True, False):
+        model = two_layers(folded=folded)
+        layers = analyse_graph(model).layers
+        assert [layer.kind for layer in layers] == (["folded"] * 2 if folded else ["sequence"] * 2)
+        kept, skipped = per_sample(model, layers, x)
+        assert kept == layers and not skipped
+        sums[folded] = collect_statistics(model, layers, x, "logits", shared=shared, batch_size=5, engine=engine)
+    for name in ("l1", "l2"):
+        got, want = sums[True][name], sums[False][name]
+        assert got.n == want.n == 23
+        for field in ("A", "B", "C", "mean_z", "var_z"):
+            np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-5,
+                                       atol=1e-6 * np.abs(getattr(want, field)).max(), err_msg=f"{name}.{field}")
+
+
+def test_the_moments_alone_are_numpys_over_samples_and_positions():
+    """The mean-compensation scorer's moments from forward passes only: E[z_j], Var z_j over every
+    sample and position (im2col patches for a Conv, token rows for a folded or rank-3 layer)."""
+    from onnxprune import runtime
+    from onnxprune.derivatives.statistics import collect_moments, layer_patches
+
+    from tinyconv import cnn, images
+    from tinylm import tokens, two_layers
+
+    for model, x in ((two_layers(folded=True), tokens(11)), (two_layers(folded=False), tokens(11)), (cnn(), images(9)["x"]),
+                     (mlp((5, 4, 3))[0], data(13)["x"])):
+        layers = analyse_graph(model).layers
+        got = collect_moments(model, layers, Dataset({"x": x}), batch_size=4)
+        for layer in layers:
+            (z,) = runtime.run_tensors(model, {"x": x}, [layer.input]) if layer.input != "x" else (x,)
+            z = np.asarray(z, np.float64)
+            if layer.op == "Conv":
+                rows = layer_patches(layer, z)[:, 0].transpose(0, 2, 1).reshape(-1, layer.in_features)
+            else:
+                rows = z.reshape(-1, layer.in_features)
+            np.testing.assert_allclose(got[layer.name].mean_z, rows.mean(0), rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(got[layer.name].var_z, rows.var(0), rtol=1e-6, atol=1e-9)

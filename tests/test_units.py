@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from unitref import replaced
+from unitref import toposort as _toposort  # noqa: F401 - test_structured imports it from here
 
 from onnxprune import runtime
 from onnxprune.edit.slicing import remove_units
@@ -110,50 +112,6 @@ def _inputs(model, n=6):
     vi = model.graph.input[0]
     shape = [n] + [d.dim_value for d in vi.type.tensor_type.shape.dim[1:]]
     return {vi.name: RNG.normal(size=shape).astype(np.float32)}
-
-
-def _replaced(model, group, removed, constants, prefix=""):
-    """The dense model with the removed units of ``group`` replaced by their constants: z*m + k at
-    every tensor a consumer reads (the independent reference of the fold-and-slice rewrite)."""
-    ref = onnx.ModelProto()
-    ref.CopyFrom(model)
-    inferred = onnx.shape_inference.infer_shapes(ref).graph
-    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in [*inferred.input, *inferred.value_info]}
-    for index, consumer in enumerate(group.consumers):
-        shape = shapes[consumer.tensor]
-        width = consumer.width or group.units  # a Concat's channels: the group's at its offset
-        m, k = np.ones(width, np.float32), np.zeros(width, np.float32)
-        m[consumer.offset + removed], k[consumer.offset + removed] = 0, constants[removed]
-        if len(shape) == 2:  # (N, units x block)
-            m, k = np.repeat(m, consumer.block)[None], np.repeat(k, consumer.block)[None]
-        elif len(shape) == 3:  # (N, S, units x block)
-            m, k = np.repeat(m, consumer.block)[None, None], np.repeat(k, consumer.block)[None, None]
-        else:  # (N, C, *spatial)
-            m, k = m.reshape(1, -1, *[1] * (len(shape) - 2)), k.reshape(1, -1, *[1] * (len(shape) - 2))
-        node = next(n for n in ref.graph.node if n.name == consumer.layer)
-        tag = f"{prefix}ref{index}"
-        node.input[list(node.input).index(consumer.tensor)] = f"{tag}_replaced"
-        ref.graph.initializer.extend([numpy_helper.from_array(m, f"{tag}_m"), numpy_helper.from_array(k, f"{tag}_k")])
-        ref.graph.node.extend([helper.make_node("Mul", [consumer.tensor, f"{tag}_m"], [f"{tag}_masked"]),
-                               helper.make_node("Add", [f"{tag}_masked", f"{tag}_k"], [f"{tag}_replaced"])])
-    ref.graph.ClearField("value_info")
-    sorted_nodes = _toposort(ref.graph)
-    del ref.graph.node[:]
-    ref.graph.node.extend(sorted_nodes)
-    return ref
-
-
-def _toposort(graph):
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    nodes, out = list(graph.node), []
-    while nodes:
-        for node in nodes:
-            if all(not i or i in ready for i in node.input):
-                out.append(node)
-                ready.update(node.output)
-                nodes.remove(node)
-                break
-    return out
 
 
 def residual_mlp():
@@ -310,7 +268,7 @@ def test_pattern_shrinks_to_the_masked_model(pattern):
         onnx.checker.check_model(shrunk, full_check=True)
         assert [i.name for i in shrunk.graph.input] == [i.name for i in model.graph.input]
         assert [o.name for o in shrunk.graph.output] == [o.name for o in model.graph.output]
-        reference = _replaced(model, group, removed, constants)
+        reference = replaced(model, group, removed, constants)
         got = runtime.make_session(shrunk).run(None, feeds)[0]
         want = runtime.make_session(reference).run(None, feeds)[0]
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
@@ -345,7 +303,7 @@ def test_every_group_at_once_on_the_residual_cnn():
     onnx.checker.check_model(shrunk, full_check=True)
     reference = model
     for k, (name, group) in enumerate(groups.items()):
-        reference = _replaced(reference, group, removed[name], constants[name], prefix=f"g{k}_")
+        reference = replaced(reference, group, removed[name], constants[name], prefix=f"g{k}_")
     feeds = _inputs(model)
     np.testing.assert_allclose(runtime.make_session(shrunk).run(None, feeds)[0],
                                runtime.make_session(reference).run(None, feeds)[0], atol=1e-5, rtol=1e-5)
@@ -362,30 +320,51 @@ def _rejected(model):
     return {r.layer: r.reason for r in find_units(model).rejected}
 
 
-def test_unsafe_couplings_are_rejected_with_their_reason():
+def test_what_cannot_go_is_rejected_with_its_reason():
     n = helper.make_node
     from_input = _model([n("Gemm", ["x", "W0", "b0"], ["a0"], name="fc0", transB=1), n("Add", ["a0", "x"], ["s"]),
                          n("Gemm", ["s", "W2"], ["y"], name="fc2", transB=1)],
                         [_w("W0", 5, 5), _w("b0", 5), _w("W2", 3, 5)], ["N", 5], ["N", 3])
     reasons = _rejected(from_input)
     assert "graph input" in reasons["fc0"] and "graph output" in reasons["fc2"]
-    gated = _model([n("Gemm", ["x", "W0"], ["a0"], name="fc0", transB=1), n("Gemm", ["x", "W1"], ["a1"], name="fc1", transB=1),
-                    n("Sigmoid", ["a1"], ["g"]), n("Mul", ["a0", "g"], ["m"]),
-                    n("Gemm", ["m", "W2"], ["y"], name="fc2", transB=1)],
-                   [_w("W0", 4, 5), _w("W1", 4, 5), _w("W2", 3, 4)], ["N", 5], ["N", 3])
-    assert "computed" in _rejected(gated)["fc0"]
-    along_batch = _model([n("Gemm", ["x", "W0"], ["a0"], name="fc0", transB=1),
-                          n("Gemm", ["x", "W1"], ["a1"], name="fc1", transB=1),
-                          n("Concat", ["a0", "a1"], ["c"], axis=0), n("Gemm", ["c", "W2"], ["y"], name="fc2", transB=1)],
-                         [_w("W0", 4, 5), _w("W1", 4, 5), _w("W2", 3, 4)], ["N", 5], ["M", 3])
-    assert "not the units' channel axis" in _rejected(along_batch)["fc0"]
-    joined = _model([n("Gemm", ["x", "W0"], ["a0"], name="fc0", transB=1), n("Gemm", ["x", "W1"], ["a1"], name="fc1", transB=1),
-                     n("Concat", ["a0", "a1"], ["c"], axis=1), n("Gemm", ["x", "W3"], ["a3"], name="fc3", transB=1),
-                     n("Add", ["c", "a3"], ["s"]), n("Gemm", ["s", "W2"], ["y"], name="fc2", transB=1)],
-                    [_w("W0", 4, 5), _w("W1", 4, 5), _w("W3", 8, 5), _w("W2", 3, 8)], ["N", 5], ["N", 3])
-    assert "concatenated" in _rejected(joined)["fc0"]
-    stream = _rejected(build_transformer(width=8, heads=2, ffn=6, blocks=1, patch=4, side=8, classes=3))
-    assert all("LayerNormalization" in stream[name] for name in ("embed", "block1.o", "block1.ffn2"))
+    stream = find_units(build_transformer(width=8, heads=2, ffn=6, blocks=1, patch=4, side=8, classes=3)).rejected
+    why = {r.layer: r for r in stream}
+    assert all(why[name].unavoidable and "the residual stream of LayerNormalization" in why[name].reason
+               for name in ("embed", "block1.o", "block1.ffn2"))
+
+
+def two_producers(join):
+    """fc0 and fc1 of 4 units each joined by ``join``: a gate (fc0 * sigmoid(fc1)), a Concat along the
+    batch, or a Concat along the features added to fc3's 8 outputs; then fc2."""
+    n = helper.make_node
+    nodes = [n("Gemm", ["x", "W0", "b0"], ["a0"], name="fc0", transB=1),
+             n("Gemm", ["x", "W1", "b1"], ["a1"], name="fc1", transB=1)]
+    inits = [_w("W0", 4, 5), _w("b0", 4), _w("W1", 4, 5), _w("b1", 4)]
+    if join == "gate":
+        nodes += [n("Sigmoid", ["a1"], ["g"]), n("Mul", ["a0", "g"], ["m"])]
+        width, out = 4, ["N", 3]
+    elif join == "batch":
+        nodes.append(n("Concat", ["a0", "a1"], ["m"], axis=0))
+        width, out = 4, ["M", 3]
+    else:
+        nodes += [n("Concat", ["a0", "a1"], ["c"], axis=1), n("Gemm", ["x", "W3", "b3"], ["a3"], name="fc3", transB=1),
+                  n("Add", ["c", "a3"], ["m"])]
+        inits += [_w("W3", 8, 5), _w("b3", 8)]
+        width, out = 8, ["N", 3]
+    nodes.append(n("Gemm", ["m", "W2", "b2"], ["y"], name="fc2", transB=1))
+    return _model(nodes, inits + [_w("W2", 3, width), _w("b2", 3)], ["N", 5], out)
+
+
+@pytest.mark.parametrize("join, producers", [("gate", {"fc0": ("fc0", "fc1")}), ("batch", {"fc0": ("fc0", "fc1")}),
+                                             ("features", {"fc0": ("fc0", "fc3"), "fc1": ("fc1", "fc3")})])
+def test_layers_joined_on_the_same_units_share_a_group(join, producers):
+    from couplings import shrinks_to_masked
+
+    model = two_producers(join)
+    groups = find_units(model).by_name()
+    assert {name: groups[name].producers for name in producers} == producers
+    for name in producers:
+        shrinks_to_masked(model, name)
 
 
 def test_inspect_lists_groups_and_rejections():
@@ -405,7 +384,7 @@ def test_input_features_by_a_contiguous_slice_keep_the_inputs():
     onnx.checker.check_model(shrunk, full_check=True)
     assert shrunk.graph.input == model.graph.input and shrunk.graph.node[0].op_type == "Slice"
     feeds = _inputs(model)
-    want = runtime.make_session(_replaced(model, group, removed, constants)).run(None, feeds)[0]
+    want = runtime.make_session(replaced(model, group, removed, constants)).run(None, feeds)[0]
     np.testing.assert_allclose(runtime.make_session(shrunk).run(None, feeds)[0], want, atol=1e-5, rtol=1e-5)
     again = remove_units(shrunk, {"input:x": np.array([2])}, None)  # narrowed, not a second Slice
     assert [n.op_type for n in again.graph.node].count("Slice") == 1
@@ -425,7 +404,7 @@ def test_pruned_inputs_change_the_input_contract():
     assert kept == {"x": [0, 2, 4]} and contract.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 3
     assert json.loads({p.key: p.value for p in contract.metadata_props}["onnxprune.kept_input_features"]) == kept
     feeds = _inputs(model)
-    want = runtime.make_session(_replaced(model, group, removed, constants)).run(None, feeds)[0]
+    want = runtime.make_session(replaced(model, group, removed, constants)).run(None, feeds)[0]
     got = runtime.make_session(contract).run(None, {"x": feeds["x"][:, kept["x"]]})[0]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 

@@ -1,5 +1,6 @@
 """Evaluate a model on onnxruntime: loss and accuracy against labels, discrepancy against a
-reference model, latency (the paired timer, ``timing``) and size in bytes."""
+reference model (the relative error of every protected output and part, ``relative``), latency
+(the paired timer, ``timing``) and size in bytes."""
 from __future__ import annotations
 
 import time
@@ -9,6 +10,7 @@ import numpy as np
 import onnx
 
 from onnxprune import runtime
+from onnxprune.check.relative import compare_outputs
 from onnxprune.check.timing import measure_latency
 from onnxprune.derivatives.plan import MEMORY_BUDGET, sample_bytes
 from onnxprune.errors import CheckFailed, InputError
@@ -59,11 +61,14 @@ def looks_like_probabilities(values: np.ndarray) -> bool:
 
 
 def evaluate_dataset(model: onnx.ModelProto, data: Dataset, *, reference: onnx.ModelProto | None = None,
-                     output: str | None = None, provider: str = "cpu", batch_size: int = 1024,
-                     threads: int | None = None, latency: bool = True) -> dict:
+                     output: str | list[str] | None = None, provider: str = "cpu", batch_size: int = 1024,
+                     threads: int | None = None, latency: bool = True, output_axes: dict[str, int] | None = None) -> dict:
     """The evaluation report of ``model`` on ``data`` (see ``onnxprune.evaluate``); ``latency``
-    times ``model`` (paired with ``reference`` when given) at batch 1 and at ``batch_size``."""
-    output = scored_output(model, output)
+    times ``model`` (paired with ``reference`` when given) at batch 1 and at ``batch_size``. With
+    several ``output`` names the first is scored (loss, accuracy) and all are compared with the
+    reference; ``output_axes``: their batch axes where given (``--batch-axis``)."""
+    names = [output] if isinstance(output, str) else list(output or [])
+    output = scored_output(model, names[0] if names else None)
     values, _ = predict(model, data, output, provider, batch_size, threads)
     kind = output_kind(model, output)
     if kind == "logits" and looks_like_probabilities(values):
@@ -89,6 +94,10 @@ def evaluate_dataset(model: onnx.ModelProto, data: Dataset, *, reference: onnx.M
         diff = values.astype(np.float64) - ref_values.astype(np.float64)
         report["mse"] = float(np.mean(diff**2))
         report["max_abs"] = float(np.max(np.abs(diff)))
+        compared = compare_outputs(model, reference, data, names or None, provider=provider, threads=threads,
+                                   batch_size=batch_size, given_axes=output_axes)
+        report.update(relative_error=compared["relative_error"], worst_part=compared["worst"],
+                      output_errors=compared["parts"])
     report["batch_size"] = batch_size
     report["size"] = model_bytes(model)
     if reference is not None:

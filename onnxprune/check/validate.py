@@ -11,6 +11,7 @@ from onnxprune import runtime
 from onnxprune.errors import CheckFailed, InputError
 from onnxprune.find.layers import Layer, Skipped
 from onnxprune.graph.index import read_initializer
+from onnxprune.graph.passes import free_batch_copy
 from onnxprune.io.data import Dataset, declared_batch, model_inputs
 
 
@@ -41,24 +42,50 @@ def few_samples(model: onnx.ModelProto, data: Dataset) -> dict[str, np.ndarray] 
 
 
 def per_sample(model: onnx.ModelProto, layers: list[Layer], data: Dataset, provider: str = "cpu"):
-    """(layers whose pre-activation has one row per sample, Skipped for the others). An export may fold
-    a sequence into the batch (Reshape to (N*S, F) before a Gemm): its rows are not samples, and the
-    per-sample statistics do not apply (measured on two samples)."""
+    """(layers whose pre-activation's rows group by sample, Skipped for the others). An export may fold
+    a sequence into the batch (Reshape to (N*S, F) before a Gemm): such a "folded" layer is kept when
+    its rows do group sample by sample (2P rows for two samples, the first P those of the first sample
+    alone); any other layer needs one row per sample (measured on two samples)."""
     if len(data) < 2 or not layers:
         return layers, []
     try:
         two = {name: np.asarray(value) for name, value in data.subset(2).feeds.items()}
-        values = runtime.run_tensors(model, two, [layer.preact for layer in layers], provider)
+        values = runtime.run_tensors(free_batch_copy(model), two, [layer.preact for layer in layers], provider)
     except Exception:  # noqa: BLE001 - the statistics will name what fails
         return layers, []
+    folded = [layer.preact for layer in layers if layer.kind == "folded"]
+    try:
+        alone = dict(zip(folded, runtime.run_tensors(model, {k: v[:1] for k, v in two.items()}, folded, provider)
+                         if folded else []))
+    except Exception:  # noqa: BLE001 - a fixed batch of two: the grouping cannot be measured
+        alone = {}
     kept, skipped = [], []
     for layer, value in zip(layers, values):
-        if value.ndim and value.shape[0] != 2:
-            skipped.append(Skipped(layer.name, layer.op, f"its output has {value.shape[0]} rows for 2 samples (a Reshape "
-                                                         "folds another axis into the batch): rows are not samples"))
-        else:
-            kept.append(layer)
+        rows = value.shape[0] if value.ndim else 2
+        if layer.kind == "folded":
+            why = (_fold_problem(value, alone[layer.preact]) if layer.preact in alone else
+                   "its rows fold the batch with other axes, and the model does not run on one sample to tell how")
+            if why:
+                skipped.append(Skipped(layer.name, layer.op, why))
+                continue
+        elif rows != 2:
+            skipped.append(Skipped(layer.name, layer.op, f"its output has {rows} rows for 2 samples (a Reshape folds "
+                                                         "another axis into the batch): rows are not samples"))
+            continue
+        kept.append(layer)
     return kept, skipped
+
+
+def _fold_problem(two: np.ndarray, one: np.ndarray) -> str | None:
+    """Why a folded layer's rows on two samples (``two``) do not group sample by sample, given the
+    first sample's rows alone (``one``); None when they do."""
+    if two.ndim != 2 or one.ndim != 2 or len(two) != 2 * len(one):
+        return (f"its output has {two.shape[0] if two.ndim else 1} rows for 2 samples and "
+                f"{one.shape[0] if one.ndim else 1} for 1: rows do not group by sample")
+    scale = float(np.max(np.abs(one))) if one.size else 0.0
+    if not np.allclose(two[:len(one)], one, rtol=1e-3, atol=1e-4 * scale + 1e-30):
+        return "its rows fold the batch with other axes, but not sample by sample (not batch-first)"
+    return None
 
 
 def check_finite_weights(model: onnx.ModelProto, layers: list[Layer]) -> None:
@@ -91,3 +118,5 @@ def validate(model: onnx.ModelProto, data: Dataset | None = None) -> None:
         for value in values:
             if np.issubdtype(np.asarray(value).dtype, np.floating) and not np.all(np.isfinite(value)):
                 raise CheckFailed("the pruned model produces NaN or Inf on the calibration data")
+
+

@@ -15,21 +15,26 @@ from onnxprune.cli.prune import prune
 from onnxprune.cli.ui import Group, command_errors
 from onnxprune.runtime import check_installation
 
+MMAP_THRESHOLD = 64 << 20
+
 
 def return_freed_memory() -> None:
-    """Blocks over 1 MB get their own mappings, given back to the system when freed (glibc only).
+    """Blocks over 64 MB get their own mappings, given back to the system when freed (glibc only).
 
     glibc's default threshold rises to 32 MB with the first large frees, after which numpy's
     per-layer derivative arrays and im2col patches are carved from the heap and stay resident once
     freed: on ResNet-18 at 224x224 (4 calibration images) the peak was 2,056 MB as it is and
-    1,982 MB with the threshold held at 1 MB (1,773 MB with onnxruntime's CPU arena also off).
+    1,982 MB with the threshold held at 1 MB (1,773 MB with onnxruntime's CPU arena also off). At
+    1 MB every temporary of the statistics was a fresh zero-filled mapping, which cost 1.36x on the
+    whole run (issue 22); at 64 MB only the large ones are (the derivative arrays of a batch, the
+    patches of a 224x224 layer), and the many small ones reuse the heap.
     The command owns its process, so the command sets it, not the library."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc: its allocator keeps its own policy
         pass
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 import click
 
 from onnxprune import api
-from onnxprune.cli.options import batch_axis_opt, labels_opt, model_arg, output_opt, provider_opt, threads_opt
+from onnxprune.cli.options import (
+    batch_axis_opt,
+    labels_opt,
+    model_arg,
+    output_opt,
+    provider_opt,
+    split_batch_axes,
+    threads_opt,
+)
 from onnxprune.cli.tables import evaluation_table
 from onnxprune.cli.ui import command_errors, common, finish, json_option, make_ui, print_json, stage_json
 from onnxprune.io.data import load_dataset
@@ -33,11 +41,13 @@ def evaluate(model, data, reference, batch_size, batch_axes, output, labels_key,
     with ui.outputs([model, data, reference], force) as outputs:
         if json_path and json_path != "-":
             outputs.claim(json_path)
+        output_axes: dict[str, int] = {}
         if batch_axes:
             model = api.as_model(model)
-            data = load_dataset(data, model, labels_key, batch_axes=batch_axes)
+            input_axes, output_axes = split_batch_axes(model, batch_axes)
+            data = load_dataset(data, model, labels_key, batch_axes=input_axes)
         report = api.evaluate(model, data, reference=reference, output=output, provider=provider,
-                              batch_size=batch_size, labels_key=labels_key, threads=threads)
+                              batch_size=batch_size, labels_key=labels_key, threads=threads, output_axes=output_axes)
         stage_json(outputs, json_path, report)
     finish(ui, outputs)
     ui.out(evaluation_table({"value": report}))

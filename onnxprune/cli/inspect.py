@@ -27,9 +27,11 @@ def inspect(model, json_path, force, verbose, quiet):
     ui.out(f"IR {report['ir_version']}, opsets {report['opsets']}, inputs {report['inputs']}, outputs {report['outputs']}, "
            f"protected output {report['protected_output']!r}")
     if report["layers"]:
-        ui.out(table(["layer", "op", "weight", "shape", "weights", "sparsity"],
+        patterned = any(r["pattern"] for r in report["layers"])  # N:M sparsity (prune --pattern)
+        ui.out(table(["layer", "op", "weight", "shape", "weights", "sparsity"] + ["pattern"] * patterned,
                      [[r["layer"], r["op"], r["weight"], "x".join(map(str, r["shape"])), r["weights"],
-                       f"{100 * r['sparsity']:.1f}%"] for r in report["layers"]], right={4, 5}))
+                       f"{100 * r['sparsity']:.1f}%"] + [r["pattern"]] * patterned for r in report["layers"]],
+                     right={4, 5}))
     else:
         ui.out("prunable layers: none")
     if report["skipped"]:

@@ -124,13 +124,27 @@ def parse_batch_axes(ctx, param, values) -> dict[str, int]:
 
 
 batch_axis_opt = click.option("--batch-axis", "batch_axes", multiple=True, metavar="NAME=AXIS", callback=parse_batch_axes,
-                              help="The batch axis of input NAME in the .npz files, where the model's declared shapes do "
-                                   "not tell it (repeatable; e.g. state=1 for a recurrent state (2, batch, 128)).")
+                              help="The batch axis of input NAME in the .npz files, or of output NAME, where the model's "
+                                   "declared shapes and a run on two samples do not tell it (repeatable; e.g. state=1 for a "
+                                   "recurrent state (2, batch, 128)).")
 exclude_opt = click.option("--exclude", multiple=True, type=Pattern(), metavar="PATTERN",
                            help="Leave layers matching this node/weight name pattern (repeatable).")
 probes_opt = click.option("--probes", type=click.IntRange(1, MAX_PROBES), default=None,
                           help=f"Random projections instead of the exact Jacobian (cheaper with many outputs; at most "
                                f"{MAX_PROBES}).")
+outputs_opt = click.option("--output", "output", multiple=True, metavar="NAME",
+                           help="Tensor to protect (repeatable: each output counts, its error relative to its own scale) "
+                                "[default: every float output; logits before a final Softmax or Sigmoid].")
+
+
+def split_batch_axes(model, axes: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """``--batch-axis`` values as (those of model inputs, those of outputs)."""
+    from onnxprune.io.data import model_inputs
+
+    inputs = {vi.name for vi in model_inputs(model)}
+    return ({k: v for k, v in axes.items() if k in inputs}, {k: v for k, v in axes.items() if k not in inputs})
+
+
 engine_opt = click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
                           help="Gradient engine: adjoint (onnx-ad graphs, any onnxruntime), ort-training (the training "
                                "build's gradient builder), auto (ort-training on the training build, else adjoint; "

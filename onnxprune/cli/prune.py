@@ -17,10 +17,11 @@ from onnxprune.cli.options import (
     labels_opt,
     memory_opt,
     model_arg,
-    output_opt,
+    outputs_opt,
     probes_opt,
     provider_opt,
     seed_opt,
+    split_batch_axes,
     threads_opt,
     workers_options,
 )
@@ -52,6 +53,9 @@ from onnxprune.select.masks import SCOPES
                    "(and written, without --dry-run).")
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=None, metavar="POINTS",
               help="Accuracy budget in percentage points on --test (0.5: at most 0.5 points below dense).")
+@click.option("--max-output-error", default=None, metavar="5%|0.05",
+              help="Label-free budget: the relative output error of every protected output and part, "
+                   "mean((y - y_ref)^2) / mean((y_ref - mean y_ref)^2), on --test (else on the calibration data).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Dry run or budget: draw the curve to this PNG (loss against sparsity; with --structured accuracy "
                    "and time against MACs; needs matplotlib).")
@@ -66,25 +70,34 @@ from onnxprune.select.masks import SCOPES
                    "ecp 5).")
 @click.option("--refit/--no-refit", default=None,
               help="Re-solve the surviving weights and biases by chained least squares after every step (on for "
-                   "ecp-refit and --structured).")
+                   "ecp-refit, --structured and sequence models).")
 @click.option("--chain/--no-chain", "chained", default=True, show_default=True,
               help="Refit each layer on the pruned network's own inputs (else the dense network's).")
 @click.option("--g-weighting/--no-g-weighting", "g_weighted", default=False, show_default=True,
               help="Weight the last refit's samples by the output sensitivity G.")
 @click.option("--compensation/--no-compensation", default=True, show_default=True,
               help="Add the removed weights' compensation to the biases (methods that have one).")
-@click.option("--scope", type=click.Choice(SCOPES), default="global", show_default=True,
-              help="One threshold over all layers, or the same fraction in every layer.")
+@click.option("--scope", type=click.Choice(SCOPES), default=None,
+              help="One threshold over all layers, or the same fraction in every layer [default: global; layer for "
+                   "sequence models (transformer blocks)].")
+@click.option("--pattern", default=None, metavar="N:M",
+              help="N:M sparsity (2:4: at most N nonzero weights in every M consecutive inputs of each row, the "
+                   "pattern sparse kernels run); sets --sparsity to (M-N)/M.")
 @exclude_opt
 @seed_opt
 @probes_opt
-@click.option("--conv-statistics", type=click.Choice(["exact", "positions"]), default="exact", show_default=True,
+@click.option("--conv-statistics", type=click.Choice(["exact", "positions"]), default=None,
               help="Layers sharing a weight across positions (Conv, MatMul on sequences): exact per-sample sums, or "
-                   "every position as a sample of its own (cheaper, drops cross-position terms).")
+                   "every position as a sample of its own (cheaper, drops cross-position terms) [default: exact; "
+                   "positions for sequence models].")
+@click.option("--error-at", type=click.Choice(["output", "layer"]), default=None,
+              help="Where ECP measures a removal's error: at the protected output (G from its derivatives, the "
+                   "paper's) or at each layer's own output (G = 1: the per-layer reconstruction target, no "
+                   "derivatives) [default: output; layer for sequence models].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Calibration samples per batch of the statistics at most (fewer where --memory-budget needs).")
 @batch_axis_opt
-@output_opt
+@outputs_opt
 @labels_opt
 @provider_opt
 @threads_opt
@@ -97,16 +110,17 @@ from onnxprune.select.masks import SCOPES
 @common
 @command_errors
 def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias, max_loss_increase, max_accuracy_drop,
-          plot_path, storage, method, steps, refit, chained, g_weighted, compensation, scope, exclude, seed,
-          probes, conv_statistics, batch_size, batch_axes, output, labels_key, provider, threads, engine, memory_budget,
-          workers, ray, json_path, force, structured, macs, multiple, slice_inputs, prune_inputs, time_batches, verbose, quiet):
+          max_output_error, plot_path, storage, method, steps, refit, chained, g_weighted, compensation, scope, pattern,
+          exclude, seed, probes, conv_statistics, error_at, batch_size, batch_axes, output, labels_key, provider, threads,
+          engine, memory_budget, workers, ray,
+          json_path, force, structured, macs, multiple, slice_inputs, prune_inputs, time_batches, verbose, quiet):
     """Prune MODEL (one-shot, or in --steps) and write the result to OUT.
 
     Without --structured, single weights become zeros (the file compresses; the model is as fast).
     With --structured, whole neurons, channels and heads go: the model is smaller and faster.
-    With --max-loss-increase or --max-accuracy-drop (and --test), the largest of --ratios within
-    the budget is chosen, scoring once, and written (exit 1 if none fits). With --dry-run, write
-    no model: report how the error grows over --ratios.
+    With --max-loss-increase or --max-accuracy-drop (and --test), or --max-output-error (no labels
+    needed), the largest of --ratios within the budget is chosen, scoring once, and written (exit 1
+    if none fits). With --dry-run, write no model: report how the error grows over --ratios.
     """
     ui = make_ui(verbose, quiet, json_path)
     if evaluate_alias is not None:
@@ -115,31 +129,37 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
         test_data = evaluate_alias
     refused_options(structured, method=method, macs=macs, multiple=multiple, slice_inputs=slice_inputs,
                     prune_inputs=prune_inputs, storage=storage, compensation=compensation, chained=chained,
-                    g_weighted=g_weighted, conv_statistics=conv_statistics)
+                    g_weighted=g_weighted, conv_statistics=conv_statistics, error_at=error_at)
     mode = mode_options(structured, macs, multiple, slice_inputs, prune_inputs)
+    if pattern is not None:
+        sparsity = _pattern_sparsity(pattern, sparsity, structured, dry_run or max_loss_increase is not None
+                                     or max_accuracy_drop is not None)
+        mode["pattern"] = pattern
     target = (sparsity, macs) if sparsity is not None and macs is not None else macs if macs is not None else sparsity
+    output = list(output) or None
     params = dict(method=method, compensation=compensation, scope=scope, exclude=exclude, seed=seed, output=output,
                   probes=probes, batch_size=batch_size, labels_key=labels_key, provider=provider, threads=threads,
                   force=force, steps=steps, refit=refit, chained=chained, g_weighted=g_weighted,
-                  conv_statistics=conv_statistics, engine=engine, memory_budget=memory_budget, workers=workers, ray=ray,
-                  progress=ui.progress, **mode)
+                  conv_statistics=conv_statistics, error_at=error_at, engine=engine, memory_budget=memory_budget,
+                  workers=workers, ray=ray, progress=ui.progress, **mode)
     batches = _batches(time_batches)
-    budgeted = max_loss_increase is not None or max_accuracy_drop is not None
+    budgeted = max_loss_increase is not None or max_accuracy_drop is not None or max_output_error is not None
     _check_request(out, dry_run, budgeted, target, ratios, plot_path, storage, structured)
-    ui.steps = steps or (5 if method in ("ecp-refit",) or (structured and method == "ecp") else 1)
+    ui.steps = api.Pruner(**params).planned_steps(target if isinstance(target, float) else 0.5)
     with ui.outputs([model, data, test_data], force) as outputs:
         for path in (out, None if json_path == "-" else json_path, plot_path):
             if path:
                 outputs.claim(path)
         ui.info(f"scoring {model} with {method}{' (structured)' if structured else ''} on {data}")
         original = api.as_model(model)
-        calib, test = (None if path is None else load_dataset(path, original, labels_key, batch_axes=batch_axes)
+        input_axes, params["output_axes"] = split_batch_axes(original, batch_axes)
+        calib, test = (None if path is None else load_dataset(path, original, labels_key, batch_axes=input_axes)
                        for path in (data, test_data))
-        hint_probes(ui, original, output, probes, method)
+        hint_probes(ui, original, output[0] if output else None, probes, method)
         sweep = None
         if dry_run or budgeted:
-            sweep = _sweep(original, calib, ratios, test, max_loss_increase, max_accuracy_drop, plot_path, params,
-                           keep_best=not dry_run, structured=structured)
+            sweep = _sweep(original, calib, ratios, test, max_loss_increase, max_accuracy_drop, max_output_error, plot_path,
+                           params, keep_best=not dry_run, structured=structured)
             if plot_path:
                 from onnxprune.sweep import plot
 
@@ -156,8 +176,9 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
                 report["timing"] = measure_latency({"original": original, "pruned": result.model}, timed, batches,
                                                    provider=provider, threads=(1, threads),
                                                    kept_inputs={"pruned": result.kept_inputs})
+                report["faster_than_dense"] = any(b["ratio"]["median"] < 1 for b in report["timing"]["batches"])
             if test is not None:
-                report["test"] = _compare(original, result, test, output, provider, threads)
+                report["test"] = _compare(original, result, test, output, provider, threads, params["output_axes"])
             if storage == "sparse":
                 report["storage"] = storage_report(result.model, storage)
             stage_model(result.model, out, outputs, storage=storage)
@@ -177,6 +198,20 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
     print_result(ui, result, report, out, original)
     ui.info(engine_line(result.engine, result.derivatives))
     print_json(json_path, report)
+
+
+def _pattern_sparsity(pattern: str, sparsity, structured: bool, sweeping: bool) -> float:
+    """The sparsity an N:M pattern sets (a --sparsity given with it must agree)."""
+    from onnxprune.select.masks import parse_pattern, pattern_sparsity
+
+    if structured:
+        raise InputError("--pattern N:M masks single weights; it does not apply to --structured pruning")
+    if sweeping:
+        raise InputError("--pattern fixes the sparsity; it does not apply to --dry-run or a budget")
+    implied = pattern_sparsity(parse_pattern(pattern))
+    if sparsity is not None and abs(sparsity - implied) > 1e-9:
+        raise InputError(f"--pattern {pattern} prunes {implied:.0%} of the weights; drop --sparsity {sparsity:g}")
+    return implied
 
 
 def _batches(text: str) -> tuple[int, ...]:
@@ -205,7 +240,7 @@ def _check_request(out, dry_run, budgeted, target, ratios, plot_path, storage, s
     given = [name for name, value in {"--ratios": ratios, "--plot": plot_path}.items() if value is not None]
     if given and not budgeted:
         raise InputError(f"{given[0]} is an option of the dry run or of a budget; add --dry-run "
-                         "or --max-loss-increase / --max-accuracy-drop")
+                         "or --max-loss-increase / --max-accuracy-drop / --max-output-error")
     if out is None:
         raise InputError("missing OUT, the path of the pruned model (or add --dry-run to write no model)")
     if budgeted and target is not None:
@@ -215,16 +250,27 @@ def _check_request(out, dry_run, budgeted, target, ratios, plot_path, storage, s
                          "several --ratios)")
 
 
-def _compare(original, result, test: Dataset, output, provider, threads) -> dict:
+def _compare(original, result, test: Dataset, output, provider, threads, output_axes) -> dict:
     """The original and the pruned model on the test data: quality and size (their speed is the
-    report's paired ``timing``); a model whose inputs changed is fed only its kept features."""
+    report's paired ``timing``), the relative error of every protected output and part; a model
+    whose inputs changed is fed only its kept features."""
+    from onnxprune.check.relative import compare_outputs
+
     pruned_test = replace(test, feeds=select_inputs(test.feeds, result.kept_inputs))
-    return {"original": api.evaluate(original, test, output=output, provider=provider, threads=threads, latency=False),
-            "pruned": api.evaluate(result.model, pruned_test, output=output, provider=provider, threads=threads,
-                                   reference=None if result.kept_inputs else original, latency=False)}
+    report = {"original": api.evaluate(original, test, output=output, provider=provider, threads=threads, latency=False),
+              "pruned": api.evaluate(result.model, pruned_test, output=output, provider=provider, threads=threads,
+                                     reference=None if result.kept_inputs else original, latency=False,
+                                     output_axes=output_axes)}
+    if result.kept_inputs:  # the reference takes every feature: compared here with the kept ones fed to the model
+        compared = compare_outputs(result.model, original, test, result.protected_outputs, provider=provider,
+                                   threads=threads, kept_inputs=result.kept_inputs, given_axes=output_axes)
+        report["pruned"].update(relative_error=compared["relative_error"], worst_part=compared["worst"],
+                                output_errors=compared["parts"])
+    return report
 
 
-def _sweep(model, data, ratios, test, max_loss_increase, max_accuracy_drop, plot_path, params, keep_best, structured):
+def _sweep(model, data, ratios, test, max_loss_increase, max_accuracy_drop, max_output_error, plot_path, params, keep_best,
+           structured):
     """The dry run's sensitivity report (scored once); with ``keep_best`` it keeps the model of the
     largest ratio within the budget."""
     from onnxprune.sweep import DEFAULT_RATIOS, STRUCTURED_RATIOS, check_plotting, parse_budget, parse_ratios, sensitivity
@@ -237,11 +283,14 @@ def _sweep(model, data, ratios, test, max_loss_increase, max_accuracy_drop, plot
     if plot_path:
         check_plotting()
     return sensitivity(model, data, ratio_list, evaluate=test, max_loss_increase=budget,
-                       max_accuracy_drop=max_accuracy_drop, keep_best=keep_best, **params)
+                       max_accuracy_drop=max_accuracy_drop, max_output_error=max_output_error, keep_best=keep_best,
+                       **params)
 
 
 def _check_budget(sweep) -> None:
     if sweep.budget_text and sweep.best_ratio is None:
-        dense = sweep.dense
-        raise CheckFailed(f"no ratio keeps {sweep.budget_text} of dense (dense loss {dense['loss']:.4g}, accuracy "
-                          f"{100 * dense['accuracy']:.2f}%; smallest tried: {sweep.points[0].ratio:g})")
+        dense = sweep.dense or {}
+        known = ([f"dense loss {dense['loss']:.4g}"] if dense.get("loss") is not None else []) + (
+            [f"accuracy {100 * dense['accuracy']:.2f}%"] if dense.get("accuracy") is not None else [])
+        raise CheckFailed(f"no ratio keeps {sweep.budget_text} of dense ({', '.join(known + [''])}smallest tried: "
+                          f"{sweep.points[0].ratio:g})")

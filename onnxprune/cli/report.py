@@ -2,8 +2,11 @@
 with -v how the derivatives were computed and what was left out."""
 from __future__ import annotations
 
+import click
+
 from onnxprune import api
 from onnxprune.cli.tables import (
+    error_table,
     evaluation_table,
     prune_table,
     sensitivity_table,
@@ -28,16 +31,25 @@ def print_result(ui, result, report: dict, out: str, original) -> None:
     if "timing" in report:
         ui.out()
         ui.out(timing_table(report["timing"]))
+        if result.mode == "units" and not report["faster_than_dense"]:
+            ui.out("The pruned model is not faster than dense at any timed batch: remove more (--macs), round the "
+                   "kept counts (--multiple 8 or 16), or keep the dense model.")
     if "test" in report:
         ui.out()
         ui.out(evaluation_table(report["test"]))
     if "storage" in report:
         ui.out()
         ui.out(storage_table(report["storage"]))
+    if result.defaults and result.defaults.get("applied"):
+        ui.out(defaults_line(result.defaults))
     for name, kept in result.kept_inputs.items():
         ui.out(f"\nThe model's input {name!r} changed: it takes {len(kept)} of its features; feed x[:, kept] with "
                "the kept indices of the JSON report (kept_inputs) or the model's metadata onnxprune.kept_input_features.")
+    if result.output_error is not None:
+        ui.out()
+        ui.out(error_table(result.output_error, "calibration"))
     ui.out(f"wrote {out}: {report['written']['bytes']:,} bytes ({report['written']['zlib_bytes']:,} zlib-compressed)")
+    warn(result.warnings)
     compensation = "" if result.summary.get("compensation", True) else " without compensation"
     ui.info(f"method {result.method}{compensation}, repair {result.repair}, protected output "
             f"{result.protected_output!r}, seconds " + ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()))
@@ -49,8 +61,31 @@ def print_result(ui, result, report: dict, out: str, original) -> None:
             ui.info(unpruned_table(others))
 
 
+def warn(warnings: list[str]) -> None:
+    """Damage the pruning did, on stderr whatever -q says: a model must not be damaged silently."""
+    for text in dict.fromkeys(warnings):
+        click.echo(f"Warning: {text}", err=True)
+
+
+OPTION_TEXT = {"scope": lambda v: f"--scope {v}", "refit": lambda v: "--refit" if v else "--no-refit",
+               "conv_statistics": lambda v: f"--conv-statistics {v}", "probes": lambda v: f"--probes {v}",
+               "error_at": lambda v: f"--error-at {v}"}
+
+
+def defaults_line(defaults: dict) -> str:
+    """Which defaults the model chose, and why (modes.weights.model_defaults)."""
+    chosen = ", ".join(OPTION_TEXT[k](v) for k, v in defaults["applied"].items())
+    return (f"defaults for a sequence model (token-wise layers hold {100 * defaults['token_share']:.0f}% of the prunable "
+            f"weights): {chosen}; an option given overrides its default")
+
+
 def print_sweep(ui, sweep) -> None:
     ui.out(sensitivity_table(sweep.to_dict()))
+    if sweep.best_result is not None:
+        warn(sweep.best_result.warnings)
+    else:
+        for point in sweep.points:
+            warn([f"at ratio {point.ratio:g}: {text}" for text in point.warnings])
     if sweep.budget_text:
         best = sweep.best_ratio
         ui.out()

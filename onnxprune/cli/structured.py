@@ -19,8 +19,9 @@ def structured_options(func):
                           "then the fraction of prunable units removed."),
         click.option("--macs", type=float, default=None, metavar="FRACTION",
                      help="--structured: remove this fraction of the MACs instead (units ranked by error per MAC saved)."),
-        click.option("--multiple", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="--structured: round every layer's kept units to a multiple of N (onnxruntime's fast Conv path: 8)."),
+        click.option("--multiple", type=click.IntRange(min=1), default=None,
+                     help="--structured: round every layer's kept units to a multiple of N [default: Conv channels to the "
+                          "block the provider runs fast, measured (onnxruntime's CPU: 8 or 16), other units unrounded]."),
         click.option("--slice-inputs", is_flag=True,
                      help="--structured: input features of a first dense layer may go too, as long as one contiguous "
                           "range is kept (a Slice inside the model; its inputs do not change)."),
@@ -35,12 +36,13 @@ def structured_options(func):
 
 
 def refused_options(structured: bool, *, method, macs, multiple, slice_inputs, prune_inputs, storage, compensation,
-                    chained, g_weighted, conv_statistics) -> None:
+                    chained, g_weighted, conv_statistics, error_at=None) -> None:
     """One line (exit 2) for an option that means nothing in the chosen mode."""
     if structured:
         weights_only = {"--storage sparse": storage != "dense", "--no-compensation": not compensation,
                         "--no-chain": not chained, "--g-weighting": g_weighted,
-                        "--conv-statistics positions": conv_statistics != "exact"}
+                        "--conv-statistics positions": conv_statistics == "positions",
+                        "--error-at layer": error_at == "layer"}
         given = [name for name, value in weights_only.items() if value]
         if given:
             raise InputError(f"{given[0]} does not apply to --structured pruning")
@@ -53,7 +55,7 @@ def refused_options(structured: bool, *, method, macs, multiple, slice_inputs, p
         raise InputError(f"--{'slice' if slice_inputs else 'prune'}-inputs applies to --structured pruning; add --structured")
     if macs is not None:
         raise InputError("--macs applies to --structured pruning; add --structured (or use --sparsity)")
-    if multiple != 1:
+    if multiple is not None:
         raise InputError("--multiple applies to --structured pruning; add --structured")
     if method in STRUCTURED_ONLY:
         raise InputError(f"--method {method} is a structured method; add --structured")

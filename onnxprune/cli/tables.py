@@ -6,6 +6,7 @@ from onnxprune.pipeline import PruneResult
 
 NOISY_NOTE = (f"noisy: the quartiles of the paired ratios (unpaired: of the timings) lie more than {NOISY_SPREAD:g}x apart; "
               "the machine was busy and the median may be far off: rerun on a quiet machine before trusting it")
+FLOAT16_MAX = 65504.0
 UNSTRUCTURED_NOTE = ("The zeros keep the file's size and onnxruntime's speed (dense kernels); for a smaller and faster "
                      "model remove whole neurons and channels: prune --structured.")
 
@@ -56,11 +57,28 @@ def percent(fraction: float | None) -> str | None:
 
 
 def prune_table(result: PruneResult) -> str:
-    rows = [[c.layer, c.weights, c.pruned, f"{100 * c.pruned / c.weights:.1f}%", c.max_bias_shift]
-            for c in result.layers]
+    """Per layer the weights pruned and the largest bias shift, absolute and as a multiple of the dense
+    bias's largest entry; a note for a written bias beyond float16's range."""
+    rows = [[c.layer, c.weights, c.pruned, f"{100 * c.pruned / c.weights:.1f}%", c.max_bias_shift,
+             _times(c.relative_bias_shift)] for c in result.layers]
+    relative = [c.relative_bias_shift for c in result.layers if c.relative_bias_shift is not None]
     rows.append(["total", result.weights, result.pruned, f"{100 * result.sparsity:.1f}%",
-                 max((c.max_bias_shift for c in result.layers), default=0.0)])
-    return table(["layer", "weights", "pruned", "sparsity", "largest bias shift"], rows) + "\n" + UNSTRUCTURED_NOTE
+                 max((c.max_bias_shift for c in result.layers), default=0.0), _times(max(relative, default=None))])
+    text = table(["layer", "weights", "pruned", "sparsity", "largest bias shift", "x dense bias"], rows)
+    pattern = result.summary.get("pattern")
+    if pattern:
+        n, m = pattern.split(":")
+        text += f"\npattern {pattern}: at most {n} nonzero weights in every {m} consecutive inputs of each row"
+    beyond = [c for c in result.layers if c.max_bias > FLOAT16_MAX]
+    if beyond:
+        worst = max(beyond, key=lambda c: c.max_bias)
+        text += (f"\n{len(beyond)} layer(s) write a bias beyond float16's range ({FLOAT16_MAX:,.0f}; {worst.layer}: "
+                 f"{worst.max_bias:,.0f}): a float16 copy of this model overflows")
+    return text + "\n" + UNSTRUCTURED_NOTE
+
+
+def _times(ratio: float | None) -> str | None:
+    return None if ratio is None else f"{ratio:.3g}x"
 
 
 def skipped_table(skipped: list[dict]) -> str:
@@ -81,6 +99,9 @@ def evaluation_table(reports: dict[str, dict]) -> str:
     rows = [["loss"] + [reports[n].get("loss") for n in names]] if any("loss" in reports[n] for n in names) else []
     if any("accuracy" in reports[n] for n in names):
         rows.append(["accuracy"] + [percent(reports[n].get("accuracy")) for n in names])
+    if any("relative_error" in reports[n] for n in names):
+        rows.append(["relative output error vs reference"] + [reports[n].get("relative_error") for n in names])
+        rows += _part_rows(reports, names)
     for key, label in (("mse", "mse vs reference"), ("max_abs", "max abs vs reference")):
         if any(key in reports[n] for n in names):
             rows.append([label] + [reports[n].get(key) for n in names])
@@ -102,6 +123,24 @@ def evaluation_table(reports: dict[str, dict]) -> str:
     return text + "\n" + NOISY_NOTE if noisy else text
 
 
+def _part_rows(reports: dict[str, dict], names: list[str]) -> list[list]:
+    """One row per output and part compared, where there are several (the worst is the row above)."""
+    parts = {row["part"]: None for n in names for row in reports[n].get("output_errors") or []}
+    if len(parts) < 2:
+        return []
+    errors = {n: {row["part"]: row["relative_error"] for row in reports[n].get("output_errors") or []} for n in names}
+    return [[f"  {part}"] + [errors[n].get(part) for n in names] for part in parts]
+
+
+def error_table(error: dict, where: str) -> str:
+    """The relative output error per protected output and part (``check.relative``), and the values
+    that stopped varying."""
+    rows = [[row["part"], row["source"] or "", row["elements"], row["relative_error"], row["stopped_varying"]]
+            for row in error["parts"]]
+    return table([f"output (relative error on the {where} data)", "from", "values", "relative error", "no longer vary"],
+                 rows, right={2, 3, 4})
+
+
 def _time(timing: dict | None, unit: tuple[str, float]) -> str | None:
     """A model's median time per sample with its quartiles, in ``unit``."""
     if timing is None:
@@ -121,25 +160,28 @@ def sensitivity_table(report: dict) -> str:
     """One row per ratio of a dry run: the fraction reached, what it cost, and what was measured."""
     measured = report.get("dense") is not None
     units = report.get("mode") == "units"
+    budgeted = any(report.get(k) is not None for k in ("max_loss_increase", "max_accuracy_drop", "max_output_error"))
     headers = ["ratio", "units removed" if units else "sparsity", "pruned"]
     headers += ["MACs removed", "time / dense"] if units else ["score sum"]
+    headers.append("relative error, calibration")
     if measured:
-        headers += ["output error", "loss", "accuracy", "loss change"]
-    if report.get("max_loss_increase") is not None:
+        headers += ["relative error, test", "loss", "accuracy", "loss change"]
+    if budgeted:
         headers.append("within budget")
     rows = []
     if measured:
         dense = report["dense"]
-        rows.append(["dense", "0.0%", 0] + (["0.00%", "1.00x"] if units else [0.0]) + [0.0, dense.get("loss"),
-                    percent(dense.get("accuracy")), "-"] + (["-"] if report.get("max_loss_increase") is not None else []))
+        rows.append(["dense", "0.0%", 0] + (["0.00%", "1.00x"] if units else [0.0]) + [0.0, 0.0, dense.get("loss"),
+                    percent(dense.get("accuracy")), "-"] + (["-"] if budgeted else []))
     for p in report["points"]:
         row = [f"{p['ratio']:g}", f"{100 * p['sparsity']:.1f}%", p["pruned"]]
         row += [percent(p["macs_removed"]), f"{p['time_ratio']:.2f}x"] if units else [p["score_sum"]]
+        row.append(p.get("calibration_error"))
         if measured:
             change = p.get("loss_increase")
             row += [p["output_error"], p["loss"], percent(p["accuracy"]),
                     None if change is None else f"{100 * change:+.2f}%"]
-        if report.get("max_loss_increase") is not None:
+        if budgeted:
             row.append("yes" if p["within_budget"] else "no")
         rows.append(row)
     return table(headers, rows)

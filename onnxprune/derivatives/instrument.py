@@ -7,7 +7,8 @@ onnx-ad's reverse mode (``adjoint``) or onnxruntime-training's GradientGraphBuil
 (``ort-training``).
 
 The offsets have the pre-activation's full shape per sample ((C, H, W) for a Conv, (S, out) for a
-MatMul on sequences), and the graph inputs are declared with the data's per-sample shape (the
+MatMul on sequences; (S, out) reshaped to the rows (N x S, out) for a folded layer, so that its
+derivative comes out grouped by sample), and the graph inputs are declared with the data's per-sample shape (the
 training build's MaxPool gradient crashes on tensors of unknown shape; onnx-ad's Conv and Slice
 rules need declared shapes). Statistics run on a float32 copy of float16 models, and on a copy
 whose activation fake quantization (QuantizeLinear -> DequantizeLinear pairs) is replaced by
@@ -18,8 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.find.layers import Layer
 from onnxprune.graph.index import producers, tensor_types
@@ -59,12 +61,20 @@ def instrument(model: onnx.ModelProto, layers: list[Layer], output: str, extra_o
         node = producer_of[layer.preact]
         raw = f"{layer.preact}__onnxprune_raw"
         node.output[list(node.output).index(layer.preact)] = raw
-        new_nodes.append((node, helper.make_node("Add", [raw, offset_name(layer)], [layer.preact],
-                                                 name=f"onnxprune__offset_add__{layer.name}")))
+        offset = [] if layer.kind != "folded" else [  # (batch, S, out) -> the rows (batch x S, out)
+            helper.make_node("Constant", [], [f"{offset_name(layer)}__rows_shape"], name=f"onnxprune__offset_shape__{layer.name}",
+                             value=numpy_helper.from_array(np.array([-1, layer.out_features], np.int64))),
+            helper.make_node("Reshape", [offset_name(layer), f"{offset_name(layer)}__rows_shape"],
+                             [f"{offset_name(layer)}__rows"], name=f"onnxprune__offset_rows__{layer.name}")]
+        added = offset[-1].output[0] if offset else offset_name(layer)
+        new_nodes.append((node, *offset, helper.make_node("Add", [raw, added], [layer.preact],
+                                                          name=f"onnxprune__offset_add__{layer.name}")))
         graph.input.append(helper.make_tensor_value_info(offset_name(layer), types.get(layer.preact, elem),
                                                          batch_dims(shapes[layer.preact])))
-    for producer, add in new_nodes:
-        graph.node.insert(list(graph.node).index(producer) + 1, add)
+    for producer, *added in new_nodes:
+        at = list(graph.node).index(producer) + 1
+        for k, node in enumerate(added):
+            graph.node.insert(at + k, node)
     nodes = [n for node in needed_nodes(graph.node, {output, *extra_outputs}) for n in spell(node)]
     del graph.node[:]
     graph.node.extend(nodes)

@@ -32,42 +32,48 @@ def accumulate_shared(sums, g: np.ndarray, patches: np.ndarray, scale: float, ex
 
     g: (n, r, out, T) derivatives of the protected output's r probes at every position;
     patches: (n, groups, J, T) the values each row's weights multiply; scale: 1 for exact
-    Jacobian rows, 1/r for random probes. Every sum is linear over samples, probes and rows, so they
-    are taken in blocks of (samples, probes, rows) whose float64 temporaries (u is (probes, rows, J)
-    per sample: 600 MB for one sample of a 512-channel 3x3 Conv with 32 probes) stay under
-    CHUNK_ELEMENTS each.
+    Jacobian rows, 1/r for random probes. Products are taken in the patches' float type (float32
+    for a float32 model: BLAS's sgemm, half the bytes) and each block's sums are added to the float64
+    totals. Every sum is linear over samples, probes and rows, so they are taken in blocks of
+    (samples, probes, rows) whose temporaries (u is (probes, rows, J) per sample: 600 MB in float64
+    for one sample of a 512-channel 3x3 Conv with 32 probes) stay under CHUNK_ELEMENTS each.
     """
     n, r, out, positions = g.shape
     groups, per = patches.shape[1], out // patches.shape[1]
+    dtype = np.float32 if patches.dtype == np.float32 else np.float64
     unit = max(positions, patches.shape[2])  # elements per (sample, probe, row) of the largest temporary
     row_step = min(per, max(1, CHUNK_ELEMENTS // unit))
     probe_step = min(r, max(1, CHUNK_ELEMENTS // (unit * row_step)))
     sample_step = max(1, CHUNK_ELEMENTS // (unit * row_step * probe_step))
     for start in range(0, n, sample_step):
         samples = slice(start, start + sample_step)
-        zs = np.asarray(patches[samples], np.float64)
+        zs = np.asarray(patches[samples], dtype)
         for group in range(groups):
-            zt = zs[:, group].transpose(0, 2, 1)                                    # (n, T, J)
+            zt = np.ascontiguousarray(zs[:, group].transpose(0, 2, 1))                # (n, T, J)
             for first in range(group * per, (group + 1) * per, row_step):
                 rows = slice(first, min(first + row_step, (group + 1) * per))
                 for probe in range(0, r, probe_step):
-                    gg = np.asarray(g[samples, probe:probe + probe_step, rows], np.float64)  # (n, r, rows, T)
+                    gg = np.asarray(g[samples, probe:probe + probe_step, rows], dtype)  # (n, r, rows, T)
                     _add_block(sums, rows, gg, zt, scale, exact)
 
 
 def _add_block(sums, rows: slice, gg: np.ndarray, zt: np.ndarray, scale: float, exact: bool) -> None:
-    """One block of ``accumulate_shared``: gg (n, r, rows, T), zt (n, T, J)."""
+    """One block of ``accumulate_shared``: gg (n, r, rows, T), zt (n, T, J), in one float type."""
     if exact:
         u = np.matmul(gg, zt[:, None])                                    # (n, r, rows, J)
         v = gg.sum(-1)                                                    # (n, r, rows)
-        sums.sum_gz2[rows] += scale * (u * u).sum((0, 1))
-        sums.sum_gz[rows] += scale * (u * v[..., None]).sum((0, 1))
-        sums.sum_g[rows] += scale * (v * v).sum((0, 1))
+        sums.sum_gz2[rows] += scale * np.einsum("nrij,nrij->ij", u, u)
+        sums.sum_gz[rows] += scale * np.einsum("nrij,nri->ij", u, v)
+        sums.sum_g[rows] += scale * np.einsum("nri,nri->i", v, v)
+        if getattr(sums, "sum_g_positions", None) is not None:
+            sums.sum_g_positions[rows] += scale * (gg * gg).sum((0, 1, 3))
     else:
-        big_g = scale * (gg * gg).sum(1)                                  # (n, rows, T)
+        big_g = (gg * gg).sum(1) * gg.dtype.type(scale)                   # (n, rows, T)
         sums.sum_gz2[rows] += np.matmul(big_g, zt * zt).sum(0)
         sums.sum_gz[rows] += np.matmul(big_g, zt).sum(0)
         sums.sum_g[rows] += big_g.sum((0, 2))
+        if getattr(sums, "sum_g_positions", None) is not None:
+            sums.sum_g_positions[rows] += big_g.sum((0, 2))
 
 
 def shared_loss_gradient(g: np.ndarray, patches: np.ndarray) -> np.ndarray:

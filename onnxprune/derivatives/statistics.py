@@ -10,7 +10,10 @@ moments are over samples and positions (the im2col patch values).
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -22,7 +25,7 @@ from onnxprune.derivatives.shards import shard_seed
 from onnxprune.derivatives.shared import CHUNK_ELEMENTS, STATISTICS, accumulate_shared, shared_loss_gradient
 from onnxprune.errors import InputError
 from onnxprune.find.geometry import im2col
-from onnxprune.find.layers import Layer
+from onnxprune.find.layers import Layer, sample_major
 from onnxprune.io.data import Dataset
 from onnxprune.runtime import blas_threads, one_blas_thread
 
@@ -46,13 +49,15 @@ class LayerStatistics:
     sum_z2: np.ndarray      # like sum_z
     count_z: int = 0        # values summed in sum_z per entry (samples x positions)
     shift: np.ndarray | None = None  # c (in,), set by the first ``add``; None: c = 0
+    sum_g_positions: np.ndarray | None = None  # (out,) sum_s sum_t G_sti: sum_g without cross-position terms
 
     @classmethod
     def zeros(cls, layer: Layer) -> LayerStatistics:
         o, i = layer.out_features, layer.in_features
         groups = layer.conv.groups if layer.conv is not None else 1
         zshape = (i,) if groups == 1 else (groups, i)
-        return cls(0, np.zeros(o), np.zeros((o, i)), np.zeros((o, i)), np.zeros(zshape), np.zeros(zshape))
+        return cls(0, np.zeros(o), np.zeros((o, i)), np.zeros((o, i)), np.zeros(zshape), np.zeros(zshape),
+                    sum_g_positions=np.zeros(o))
 
     def add(self, g: np.ndarray, z: np.ndarray) -> None:
         """Accumulate a batch: g = per-sample G (batch, out), z = layer input (batch, in)."""
@@ -71,6 +76,8 @@ class LayerStatistics:
         self.n += n
         self.count_z += n
         self.sum_g += g.sum(0, dtype=np.float64)
+        if self.sum_g_positions is not None:  # one position: no cross terms
+            self.sum_g_positions += g.sum(0, dtype=np.float64)
         self.sum_gz += products[:, :zc.shape[1]]
         self.sum_gz2 += products[:, zc.shape[1]:]
         first, second = zc.sum(0, dtype=np.float64), zc2.sum(0, dtype=np.float64)
@@ -80,20 +87,31 @@ class LayerStatistics:
     def add_shared(self, layer: Layer, g: np.ndarray, z: np.ndarray, scale: float = 1.0, exact: bool = True) -> None:
         """Accumulate a batch of a shared-weight layer: g (batch, R, out, positions) the probes'
         derivatives at the pre-activation (scale 1/R for random probes), z the layer input as the
-        graph has it. Patches are built in chunks of samples so memory stays bounded."""
+        graph has it. Patches are built in chunks of samples so memory stays bounded. As in ``add``,
+        products are float32 for float32 data, on patches shifted by a fixed per-column value c (the
+        first chunk's mean over samples, groups and positions, rounded to float32), and each chunk's
+        sums are added in float64; a chunk beyond float32's range is summed again in float64."""
         n, r, out, positions = g.shape
         per_sample = r * out * positions + 2 * layer.in_features * positions * (layer.conv.groups if layer.conv else 1)
         chunk = max(1, CHUNK_ELEMENTS // max(1, per_sample))
+        dtype = np.float64 if np.float64 in (np.asarray(g).dtype, np.asarray(z).dtype) else np.float32
         for start in range(0, n, chunk):
-            patches = layer_patches(layer, z[start:start + chunk])
+            patches = layer_patches(layer, z[start:start + chunk], dtype)
             if patches.shape[-1] != positions:
                 raise InputError(f"layer {layer.name}: {patches.shape[-1]} input windows but {positions} output "
                                  "positions; its geometry is not understood")
-            with one_blas_thread():  # the same rounding whatever --threads says, as in ``add``
-                accumulate_shared(self, g[start:start + chunk], patches, scale, exact)
-            flat = patches.sum(-1).sum(0)
-            self.sum_z += flat.reshape(self.sum_z.shape)
-            self.sum_z2 += (patches * patches).sum(-1).sum(0).reshape(self.sum_z2.shape)
+            if self.shift is None:
+                mean = patches.mean((0, 1, 3), dtype=np.float64)
+                self.shift = mean.astype(np.float32).astype(np.float64)
+            block = self._shared_block(g[start:start + chunk], patches - self.shift.astype(dtype)[:, None], scale, exact)
+            if not all(np.isfinite(v).all() for v in block):
+                block = self._shared_block(np.asarray(g[start:start + chunk], np.float64),
+                                           patches.astype(np.float64) - self.shift[:, None], scale, exact)
+            self.sum_g += block[0]
+            self.sum_gz += block[1]
+            self.sum_gz2 += block[2]
+            self.sum_z += patches.sum(-1, dtype=np.float64).sum(0).reshape(self.sum_z.shape)
+            self.sum_z2 += np.einsum("ngjt,ngjt->gj", patches, patches, dtype=np.float64).reshape(self.sum_z2.shape)
         self.n += n
         self.count_z += n * positions
 
@@ -107,7 +125,7 @@ class LayerStatistics:
         if self.n == 0:
             self.shift = other.shift
         elif self.shift is not None or other.shift is not None:
-            mine = np.zeros_like(other.sum_z) if self.shift is None else self.shift
+            mine = np.zeros(self.sum_gz.shape[1]) if self.shift is None else self.shift
             d = ((np.zeros_like(mine) if other.shift is None else other.shift) - mine)[None, :]
             g = other.sum_g[:, None]
             gz, gz2 = gz + d * g, gz2 + 2 * d * gz + d * d * g
@@ -115,11 +133,21 @@ class LayerStatistics:
         self.n += other.n
         self.count_z += other.count_z
         self.sum_g += other.sum_g
+        if self.sum_g_positions is not None and other.sum_g_positions is not None:
+            self.sum_g_positions += other.sum_g_positions
         self.sum_gz += gz
         self.sum_gz2 += gz2
         self.sum_z += other.sum_z
         self.sum_z2 += other.sum_z2
         return self
+
+    def _shared_block(self, g: np.ndarray, centred: np.ndarray, scale: float, exact: bool) -> tuple[np.ndarray, ...]:
+        """(sum_g, sum_gz, sum_gz2) of one chunk, from patches less the shift."""
+        block = SimpleNamespace(sum_g=np.zeros_like(self.sum_g), sum_gz=np.zeros_like(self.sum_gz),
+                                sum_gz2=np.zeros_like(self.sum_gz2))
+        with one_blas_thread():  # the same rounding whatever --threads says, as in ``add``
+            accumulate_shared(block, g, centred, scale, exact)
+        return block.sum_g, block.sum_gz, block.sum_gz2
 
     @property
     def A(self) -> np.ndarray:
@@ -138,6 +166,12 @@ class LayerStatistics:
     def C(self) -> np.ndarray:
         return self.sum_g / self.n
 
+    @property
+    def C_positions(self) -> np.ndarray:
+        """E[sum_t G_ti]: C without the cross-position terms, the scale C would have if the positions'
+        derivatives did not cancel (a shift of every key is invisible through a softmax: C ~ 0 there)."""
+        return self.C if self.sum_g_positions is None else self.sum_g_positions / self.n
+
     def _rows(self, values: np.ndarray) -> np.ndarray:
         """Per-group moments (groups, in) -> one row per output (out, in); (in,) stays."""
         if values.ndim == 1:
@@ -155,13 +189,13 @@ class LayerStatistics:
         return self._rows(np.maximum(self.sum_z2 / max(self.count_z, 1) - mean**2, 0.0))
 
 
-def layer_patches(layer: Layer, z: np.ndarray) -> np.ndarray:
+def layer_patches(layer: Layer, z: np.ndarray, dtype=np.float64) -> np.ndarray:
     """What each weight of a shared-weight layer multiplies, (batch, groups, in, positions)."""
     z = np.asarray(z)
     if layer.conv is not None:
-        return im2col(z, layer.conv)
+        return im2col(z, layer.conv, dtype)
     n = len(z)
-    return np.asarray(z, np.float64).reshape(n, -1, layer.in_features).transpose(0, 2, 1)[:, None]
+    return np.asarray(z, dtype).reshape(n, -1, layer.in_features).transpose(0, 2, 1)[:, None]
 
 
 def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,
@@ -183,7 +217,7 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Datase
     else:
         stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
         with blas_threads(chosen.threads):
-            _accumulate(derivatives, layers, data, stats, shared, progress)
+            _accumulate(derivatives, layers, data, stats, shared, progress, chosen.threads or os.cpu_count() or 1)
     if all(not np.any(st.sum_g) for st in stats.values()):
         raise InputError(f"the derivative of {output!r} is zero at every layer (a piecewise-constant op such as "
                          "Round, Sign or ArgMax lies on the way?); protect a tensor before it with --output")
@@ -211,7 +245,8 @@ class LayerJob:
         self.derivatives.jac.reseed(shard_seed(self.settings.seed, index))
         stats = {layer.name: LayerStatistics.zeros(layer) for layer in self.layers}
         with blas_threads(self.settings.threads):
-            _accumulate(self.derivatives, self.layers, data, stats, self.shared, None)
+            _accumulate(self.derivatives, self.layers, data, stats, self.shared, None,
+                        self.settings.threads or os.cpu_count() or 1)
         return stats, {"engine": self.derivatives.jac.choice}
 
     @staticmethod
@@ -221,20 +256,64 @@ class LayerJob:
         return first
 
 
-def _accumulate(derivatives: DerivativePlan, layers, data, stats, shared, progress) -> None:
-    """Add every batch of ``data`` to ``stats``: G in the runtime's float type, products in ``add``."""
+def _accumulate(derivatives: DerivativePlan, layers, data, stats, shared, progress, workers: int = 1) -> None:
+    """Add every batch of ``data`` to ``stats``: G in the runtime's float type, products in ``add``.
+    The shared-weight layers' sums (the costly part) run on ``workers`` threads, a layer per thread
+    with one BLAS thread each: every layer's sums are computed alone and in the same order, so the
+    bytes are the same for any number of threads."""
     jac, shape = derivatives.jac, derivatives.shape
-    for feeds in derivatives.batches(data, progress):
-        squares, inputs = jac.squares(feeds, shape)
-        for layer in layers:
-            g = squares[layer.name]
-            if layer.shared:
-                stats[layer.name].add_shared(layer, g, inputs[layer.name], jac.scale, exact=shared == "exact")
-                continue
-            if not np.isfinite(g).all():  # beyond float32's range: square the rows in float64
-                rows = jac.rows(feeds, shape)[0][layer.name][..., 0].astype(np.float64)
-                g = np.einsum("sro,sro->so", rows, rows) * jac.scale
-            stats[layer.name].add(g, inputs[layer.name])
+    sharing = [layer for layer in layers if layer.shared]
+    with ThreadPoolExecutor(max(1, min(workers, len(sharing)))) as pool, one_blas_thread():
+        for feeds in derivatives.batches(data, progress):
+            squares, inputs = jac.squares(feeds, shape)
+            pending = [pool.submit(stats[layer.name].add_shared, layer, squares[layer.name], inputs[layer.name], jac.scale,
+                                   shared == "exact") for layer in sharing]
+            for layer in layers:
+                if layer.shared:
+                    continue
+                g = squares[layer.name]
+                if not np.isfinite(g).all():  # beyond float32's range: square the rows in float64
+                    rows = jac.rows(feeds, shape)[0][layer.name][..., 0].astype(np.float64)
+                    g = np.einsum("sro,sro->so", rows, rows) * jac.scale
+                stats[layer.name].add(g, inputs[layer.name])
+            for done in pending:
+                done.result()
+
+
+def collect_moments(model: onnx.ModelProto, layers: list[Layer], data: Dataset, *, batch_size: int = 256,
+                    provider: str = "cpu", threads: int | None = None, memory_budget: int = MEMORY_BUDGET,
+                    progress: Progress | None = None) -> dict[str, LayerStatistics]:
+    """The activation moments alone (E[z_j], Var z_j over samples and positions; no derivative, G
+    stays 0) from forward passes: what the mean-compensation scorer needs, at a forward pass's cost."""
+    from onnxprune import runtime
+
+    stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
+    names = list(dict.fromkeys(layer.input for layer in layers if layer.input not in data.feeds))
+    session = runtime.tensor_session(model, names, provider, threads, arena=False) if names else None
+    step = batch_step(model, layers, data, 1, batch_size, provider, memory_budget)
+    done = 0
+    with blas_threads(threads):
+        for feeds, _ in data.batches(step):
+            n = len(next(iter(feeds.values())))
+            values = {**feeds, **dict(zip(names, session.run(names, feeds) if session else []))}
+            for layer in layers:
+                z = sample_major(layer, np.asarray(values[layer.input]), n)
+                if layer.shared:
+                    patches = layer_patches(layer, z)                      # (n, groups, in, positions)
+                    first, second = patches.sum((0, 3)), (patches * patches).sum((0, 3))
+                    count = n * patches.shape[-1]
+                else:
+                    flat = z.reshape(n, -1).astype(np.float64)
+                    first, second, count = flat.sum(0), (flat * flat).sum(0), n
+                st = stats[layer.name]
+                st.sum_z += first.reshape(st.sum_z.shape)
+                st.sum_z2 += second.reshape(st.sum_z2.shape)
+                st.count_z += count
+                st.n += n
+            done += n
+            if progress:
+                progress(done, len(data))
+    return stats
 
 
 def collect_loss_gradients(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,

@@ -64,7 +64,7 @@ def _unit_values(layer: Layer, consumer: Consumer, units: int, z: np.ndarray) ->
     """The unit values a consumer reads, (samples, units, positions)."""
     z = np.asarray(z, np.float64)
     block, width, own = consumer.block, consumer.width or units, slice(consumer.offset, consumer.offset + units)
-    if layer.kind == "sequence":  # (samples, ..., units x block): positions and the block's features
+    if layer.kind in ("sequence", "folded"):  # (samples, ..., units x block): positions and the block's features
         return z.reshape(len(z), -1, width, block)[:, :, own].transpose(0, 2, 1, 3).reshape(len(z), units, -1)
     if layer.kind == "conv":
         return z.reshape(len(z), width, -1)[:, own]

@@ -28,6 +28,13 @@ class LayerChange:
     sparsity: float          # zeros / weights after the rewrite
     max_bias_shift: float    # largest |change| of the stored bias
     bias_inserted: bool
+    dense_bias: float = 0.0  # largest |stored bias| of the dense model's layer (0: none)
+    max_bias: float = 0.0    # largest |stored bias| written
+
+    @property
+    def relative_bias_shift(self) -> float | None:
+        """The largest shift as a multiple of the dense bias's largest entry (None without a dense bias)."""
+        return self.max_bias_shift / self.dense_bias if self.dense_bias > 0 else None
 
 
 def rewrite(model: onnx.ModelProto, layers: list[Layer], masks: dict[str, np.ndarray],
@@ -44,6 +51,7 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], masks: dict[str, np.nda
         stored = inits[layer.weight]
         weight = layer.prune_stored(numpy_helper.to_array(stored), mask)
         stored.CopyFrom(numpy_helper.from_array(weight, layer.weight))
+        before = largest_bias(new, layer)
         shift = np.zeros(layer.out_features)
         if shifts is not None and mask.any():
             shift = layer.bias_shift_to_stored(np.where(mask, shifts[layer.name], 0.0).sum(1))
@@ -51,8 +59,17 @@ def rewrite(model: onnx.ModelProto, layers: list[Layer], masks: dict[str, np.nda
         changes.append(LayerChange(
             layer=layer.name, weights=layer.size, pruned=int(mask.sum()),
             sparsity=float(np.count_nonzero(layer.to_rows(weight) == 0) / weight.size),
-            max_bias_shift=float(np.abs(shift).max()) if shift.size else 0.0, bias_inserted=inserted))
+            max_bias_shift=float(np.abs(shift).max()) if shift.size else 0.0, bias_inserted=inserted,
+            dense_bias=before, max_bias=float(np.abs(shift).max(initial=0.0)) if inserted else largest_bias(new, layer)))
     return new, changes
+
+
+def largest_bias(model: onnx.ModelProto, layer: Layer) -> float:
+    """The largest |entry| of the layer's stored bias (0 without one): what a float16 copy must hold."""
+    if layer.bias is None:
+        return 0.0
+    init = next((t for t in model.graph.initializer if t.name == layer.bias), None)
+    return float(np.abs(numpy_helper.to_array(init).astype(np.float64)).max(initial=0.0)) if init is not None else 0.0
 
 
 def shift_bias(model: onnx.ModelProto, layer: Layer, shift: np.ndarray, weight_dtype, inits=None, nodes=None) -> bool:
@@ -72,6 +89,16 @@ def shift_bias(model: onnx.ModelProto, layer: Layer, shift: np.ndarray, weight_d
         bias_name = layer.bias
     _add_to_bias(inits[bias_name], shift, layer.bias_shape)
     return inserted
+
+
+def ensure_bias(model: onnx.ModelProto, layer: Layer) -> bool:
+    """Give a layer without a bias a zero one (in place), as ``shift_bias`` would; whether it did."""
+    if layer.bias is not None:
+        return False
+    dtype = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == layer.weight)).dtype
+    _insert_bias(model, next(n for n in model.graph.node if n.name == layer.node), layer,
+                 dtype if np.dtype(dtype).kind == "f" else np.float32)
+    return True
 
 
 def _add_to_bias(init: onnx.TensorProto, shift: np.ndarray, shape: tuple[int, ...] | None = None) -> None:

@@ -14,36 +14,36 @@ inputs and outputs are kept; intermediate shapes (value_info) keep their ranks, 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxprune.edit.graphedit import Store, declare_inputs, edit_shape, select_units
 from onnxprune.edit.rewrite import shift_bias
 from onnxprune.find.geometry import im2col
-from onnxprune.find.layers import Layer, analyse_graph, full_rows
+from onnxprune.find.layers import BORDER, BORDER_CONV, Layer, analyse_graph, full_rows
 from onnxprune.find.unitgroups import Cut, UnitGroup
 from onnxprune.find.units import find_units, selection_node
 from onnxprune.graph.index import read_initializer
 from onnxprune.prepare.shapes import tensor_shapes_static
 
-Measure = Callable[[list[str]], dict[str, tuple[int, ...]]]  # per-sample shapes measured on the data
-
 
 def fold_constants(model: onnx.ModelProto, groups: list[UnitGroup], removed: dict[str, np.ndarray],
-                   constants: dict[str, np.ndarray] | None, measure: Measure | None = None) -> onnx.ModelProto:
-    """``model`` (changed in place) with the constants of the removed units in its consumers' biases;
-    ``measure`` gives the spatial sizes shape inference cannot tell (a padded Conv's border needs them)."""
+                   constants: dict[str, np.ndarray] | None) -> onnx.ModelProto:
+    """``model`` (changed in place) with the constants of the removed units in its consumers' biases."""
     new = model
     if constants is None:
         return new
+    found, seen = analyse_graph(new).by_name(), (len(new.graph.node), len(new.graph.initializer))
     for group in groups:
         gone = removed.get(group.name, np.zeros(0, int))
         if not len(gone) or group.name not in constants:
             continue
         for consumer in group.consumers:
-            layer = analyse_graph(new).by_name()[consumer.layer]  # fresh: a fold may have inserted a bias
+            if (len(new.graph.node), len(new.graph.initializer)) != seen:  # a fold inserted a bias or a border map
+                found, seen = analyse_graph(new).by_name(), (len(new.graph.node), len(new.graph.initializer))
+            layer = found[consumer.layer]
             stored = read_initializer(new, layer.weight)
             rows = full_rows(layer, layer.to_rows(stored))
             per_column = np.zeros(rows.shape[1])
@@ -54,30 +54,24 @@ def fold_constants(model: onnx.ModelProto, groups: list[UnitGroup], removed: dic
             if layer.op == "Conv":
                 channels = np.zeros(layer.geometry.in_channels)
                 channels[consumer.offset + gone] = constants[group.name][gone]
-                _fold_border(new, layer, layer.to_rows(stored), channels, shift, measure)
+                _fold_border(new, layer, layer.to_rows(stored), channels, shift)
     return new
 
 
 def border_node(layer: Layer) -> str:
     """Name of the Add that carries a padded Conv's border correction."""
-    return f"{layer.node}__onnxprune_border"
+    return f"{layer.node}{BORDER}"
 
 
-def _spatial(model: onnx.ModelProto, name: str, measure: Measure | None) -> tuple[int, ...]:
-    """The spatial dims of tensor ``name``: from shape inference, else measured on the data."""
-    shape = tensor_shapes_static(model).get(name)
-    if (shape is None or any(d is None for d in shape[2:])) and measure is not None:
-        shape = (1, *measure([name])[name])
-    if shape is None or any(d is None for d in shape[2:]):
-        raise ValueError(f"the spatial size of {name!r} is unknown; a padded Conv's border cannot be folded")
-    return tuple(shape[2:])
-
-
-def _fold_border(model: onnx.ModelProto, layer: Layer, rows: np.ndarray, channels: np.ndarray, shift: np.ndarray,
-                 measure: Measure | None = None) -> None:
+def _fold_border(model: onnx.ModelProto, layer: Layer, rows: np.ndarray, channels: np.ndarray, shift: np.ndarray) -> None:
     """Add to the border map of Conv ``layer`` what constant input ``channels`` gives minus ``shift``
-    (its value inside the map, which the bias took)."""
-    shape = (1, len(channels), *_spatial(model, layer.input, measure))
+    (its value inside the map, which the bias took); computed in the graph where the sizes are known at
+    run time only."""
+    shapes = tensor_shapes_static(model)
+    shape, out_shape = shapes.get(layer.input), shapes.get(layer.preact)
+    if shape is None or out_shape is None or any(d is None for d in (*shape[2:], *out_shape[2:])):
+        _fold_border_at_run_time(model, layer, rows, channels, shift)
+        return
     constant = np.broadcast_to(channels.reshape(1, -1, *[1] * (len(shape) - 2)), (1, len(channels), *shape[2:]))
     patches = im2col(constant, layer.geometry)
     groups, per_out = patches.shape[1], layer.out_features // patches.shape[1]
@@ -85,7 +79,7 @@ def _fold_border(model: onnx.ModelProto, layer: Layer, rows: np.ndarray, channel
     border = full - shift[:, None]
     if not np.any(np.abs(border) > 1e-7 * max(1.0, float(np.abs(full).max()))):
         return  # no padding reached, or nothing to fold
-    border = border.reshape(layer.out_features, *_spatial(model, layer.preact, measure))
+    border = border.reshape(layer.out_features, *out_shape[2:])
     graph, name = model.graph, border_node(layer)
     node = next((n for n in graph.node if n.name == name), None)
     if node is None:
@@ -102,16 +96,74 @@ def _fold_border(model: onnx.ModelProto, layer: Layer, rows: np.ndarray, channel
     init.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(init) + border).astype(np.float32), init.name))
 
 
+def _fold_border_at_run_time(model: onnx.ModelProto, layer: Layer, rows: np.ndarray, channels: np.ndarray,
+                             shift: np.ndarray) -> None:
+    """The border map of a padded Conv whose input size is known at run time only: the constant
+    channels' contribution is a Conv of an all-ones image (of the input's size, one channel) with
+    their kernel summed over the channels (``border_kernel``), computed in the graph; minus the
+    ``shift`` the bias took. Later folds add to its kernel and shift."""
+    geo = layer.geometry
+    if geo.auto_pad in ("NOTSET", "VALID") and not any(geo.pads):
+        return  # no padding: the bias holds it all
+    weight = rows.reshape(layer.out_features, -1, *geo.kernel)
+    per_out = layer.out_features // geo.groups
+    own = channels.reshape(geo.groups, -1)[np.arange(layer.out_features) // per_out]  # (out, in per group)
+    kernel = np.einsum("oi...,oi->o...", weight, own)[:, None].astype(np.float32)
+    offset = shift.reshape(-1, *[1] * geo.rank).astype(np.float32)
+    graph, name = model.graph, border_node(layer)
+    inits = {t.name: t for t in graph.initializer}
+    if name in {n.name for n in graph.node}:
+        for suffix, value in (("kernel", kernel), ("shift", offset)):
+            init = inits[f"{name}__{suffix}"]
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + value, init.name))
+        return
+    if layer.preact in {o.name for o in graph.output}:
+        raise ValueError(f"padded Conv {layer.name!r} writes the graph output; its border cannot be folded")
+    out = f"{layer.preact}__onnxprune_bordered"
+    for n in graph.node:
+        n.input[:] = [out if i == layer.preact else i for i in n.input]
+    for suffix, value in (("kernel", kernel), ("shift", offset), ("two", np.array([2], np.int64)),
+                          ("end", np.array([1 << 62], np.int64)), ("ones", np.array([1, 1], np.int64))):
+        graph.initializer.append(numpy_helper.from_array(value, f"{name}__{suffix}"))
+    attrs: dict[str, object] = {"strides": list(geo.strides), "dilations": list(geo.dilations)}
+    attrs.update({"auto_pad": geo.auto_pad} if geo.auto_pad not in ("NOTSET", "") else {"pads": list(geo.pads)})
+    n = helper.make_node
+    nodes = [n("Shape", [layer.input], [f"{name}__shape"], name=f"{name}__shape"),
+             n("Slice", [f"{name}__shape", f"{name}__two", f"{name}__end"], [f"{name}__size"], name=f"{name}__size"),
+             n("Concat", [f"{name}__ones", f"{name}__size"], [f"{name}__image_shape"], name=f"{name}__image_shape", axis=0),
+             n("ConstantOfShape", [f"{name}__image_shape"], [f"{name}__image"], name=f"{name}__image",
+               value=numpy_helper.from_array(np.ones(1, np.float32))),
+             n("Conv", [f"{name}__image", f"{name}__kernel"], [f"{name}__full"], name=border_kernel(layer)),
+             n("Sub", [f"{name}__full", f"{name}__shift"], [f"{name}__map"], name=f"{name}__map"),
+             n("Add", [layer.preact, f"{name}__map"], [out], name=name)]
+    nodes[4].attribute.extend(helper.make_attribute(key, value) for key, value in attrs.items())
+    position = next(i for i, node in enumerate(graph.node) if layer.preact in node.output)
+    for k, node in enumerate(nodes, start=position + 1):
+        graph.node.insert(k, node)
+
+
+def border_kernel(layer: Layer) -> str:
+    """Name of the Conv that computes a run-time border map (not a layer of the model)."""
+    return f"{border_node(layer)}{BORDER_CONV}"
+
+
 def drop_border(model: onnx.ModelProto, layer: Layer) -> None:
-    """Remove the border Add of Conv ``layer`` (a refit fits the layer as it is, without it)."""
+    """Remove the border Add of Conv ``layer`` and what computes its map (a refit fits the layer as
+    it is, without it)."""
     graph = model.graph
-    node = next((n for n in graph.node if n.name == border_node(layer)), None)
+    name = border_node(layer)
+    node = next((n for n in graph.node if n.name == name), None)
     if node is None:
         return
     for n in graph.node:
         n.input[:] = [node.input[0] if i == node.output[0] else i for i in n.input]
-    graph.initializer.remove(next(t for t in graph.initializer if t.name == node.input[1]))
-    graph.node.remove(node)
+    helpers = {n.name for n in graph.node if n.name == name or n.name.startswith(f"{name}__")}
+    kept = [n for n in graph.node if n.name not in helpers]
+    del graph.node[:]
+    graph.node.extend(kept)
+    dropped = [t for t in graph.initializer if t.name == node.input[1] or t.name.startswith(f"{name}__")]
+    for t in dropped:
+        graph.initializer.remove(t)
 
 
 def _columns(units: np.ndarray, block: int) -> np.ndarray:
@@ -120,13 +172,8 @@ def _columns(units: np.ndarray, block: int) -> np.ndarray:
 
 
 def _take(value: np.ndarray, kept: np.ndarray, cut: Cut, units: int) -> np.ndarray:
-    """``value`` with only the ``kept`` units along the cut (per row block for a grouped Conv; the
-    other channels of a Concat all kept)."""
-    if cut.groups == 1:
-        width = cut.width or units
-        entries = np.concatenate([np.arange(cut.offset), cut.offset + np.asarray(kept, int),
-                                  np.arange(cut.offset + units, width)])
-        return np.take(value, _columns(entries, cut.block), axis=cut.axis)
+    """``value`` with only the ``kept`` units along a grouped Conv's cut: per block of rows, each its
+    own lane of units."""
     lane, rows = units // cut.groups, value.shape[0] // cut.groups
     parts = [np.take(value[g * rows:(g + 1) * rows], _columns(kept[(kept // lane) == g] - g * lane, cut.block), axis=cut.axis)
              for g in range(cut.groups)]
@@ -138,31 +185,36 @@ def slice_units(model: onnx.ModelProto, keep: dict[str, np.ndarray], inputs: str
     group; ``inputs`` ("slice" or "gather") says how input features are selected the first time."""
     new = model
     groups = find_units(new, inputs=inputs).by_name()
-    inits = {t.name: t for t in new.graph.initializer}
-    nodes = {n.name: n for n in new.graph.node}
-    for name, kept in keep.items():
-        group = groups[name]
-        kept = np.asarray(kept, int)
-        if len(kept) == group.units:
-            continue
-        if any(c.width for c in group.cuts):  # a Concat: the offsets of the groups beside it move
-            group = find_units(new, inputs=inputs).by_name()[name]
-            inits = {t.name: t for t in new.graph.initializer}
+    changed = [(groups[name], np.asarray(kept, int)) for name, kept in keep.items() if len(kept) < groups[name].units]
+    # every cut in the model's own coordinates: the entries of an axis all groups drop go at once, so a
+    # Concat's other groups keep their offsets (a grouped Conv's cut is per block of rows, after)
+    dropped: dict[tuple[str, int], set[int]] = {}
+    per_block = []
+    for group, kept in changed:
+        gone = np.setdiff1d(np.arange(group.units), kept)
         for cut in group.cuts:
-            init = inits[cut.tensor]
-            value = numpy_helper.to_array(init)
-            init.CopyFrom(numpy_helper.from_array(_take(value, kept, cut, group.units), cut.tensor))
+            if cut.groups == 1:
+                dropped.setdefault((cut.tensor, cut.axis), set()).update(_columns(cut.offset + gone, cut.block).tolist())
+            else:
+                per_block.append((cut, kept, group.units))
+    store = Store(new)
+    for (tensor, axis), entries in dropped.items():
+        store.set(tensor, np.delete(store.get(tensor), sorted(entries), axis=axis))
+    for cut, kept, units in per_block:
+        store.set(cut.tensor, _take(store.get(cut.tensor), kept, cut, units))
+    for group, kept in changed:
         if group.selection:
             _select_inputs(new, group, kept)
-            inits = {t.name: t for t in new.graph.initializer}
+        nodes = {n.name: n for n in new.graph.node}
         for node_name in group.group_attributes:
             for attr in nodes[node_name].attribute:
                 if attr.name == "group":
-                    attr.i = len(kept)
-        for tensor, index, per_unit in group.reshapes:
-            value = numpy_helper.to_array(inits[tensor]).copy()
-            value[index] -= (group.units - len(kept)) * per_unit
-            inits[tensor].CopyFrom(numpy_helper.from_array(value, tensor))
+                    attr.i -= group.units - len(kept)
+        for edit in group.reshapes:
+            edit_shape(new, Store(new), edit, group.units - len(kept))
+        for select in group.selects:
+            select_units(new, select, kept)
+    declare_inputs(new)
     _forget_sizes(new.graph.value_info)
     return new
 
@@ -243,13 +295,12 @@ def input_contract(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, l
 
 
 def remove_units(model: onnx.ModelProto, removed: dict[str, np.ndarray],
-                 constants: dict[str, np.ndarray] | None = None, inputs: str | None = None,
-                 measure: Measure | None = None) -> onnx.ModelProto:
+                 constants: dict[str, np.ndarray] | None = None, inputs: str | None = None) -> onnx.ModelProto:
     """A copy of ``model`` without the ``removed`` units (indices per group), their constants folded first;
-    ``inputs`` ("slice" or "gather") when input features are among them; ``measure``: see fold_constants."""
+    ``inputs`` ("slice" or "gather") when input features are among them."""
     work = onnx.ModelProto()
     work.CopyFrom(model)  # find_units names unnamed nodes
     groups = find_units(work, inputs=inputs).by_name()
-    folded = fold_constants(work, list(groups.values()), removed, constants, measure)
+    folded = fold_constants(work, list(groups.values()), removed, constants)
     keep = {name: np.setdiff1d(np.arange(groups[name].units), gone) for name, gone in removed.items() if len(gone)}
     return slice_units(folded, keep, inputs)

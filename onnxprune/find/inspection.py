@@ -11,6 +11,7 @@ from onnxprune.errors import InputError
 from onnxprune.find.inventory import unpruned_weights
 from onnxprune.find.layers import analyse_graph
 from onnxprune.find.outputs import protected_output, reaching
+from onnxprune.find.patterns import detect_pattern
 from onnxprune.graph import passes
 from onnxprune.graph.index import FLOAT_TYPES, read_initializer
 from onnxprune.io.data import model_inputs
@@ -27,9 +28,11 @@ def inspect(model) -> dict:
     layers = []
     for layer in found.layers:
         w = read_initializer(work, layer.weight)
+        rows = layer.to_rows(w)
         layers.append({"layer": layer.name, "op": layer.op, "kind": layer.kind, "weight": layer.weight, "bias": layer.bias,
                        "shape": [layer.out_features, layer.in_features], "dtype": str(w.dtype),
-                       "weights": layer.size, "sparsity": float(np.count_nonzero(layer.to_rows(w) == 0) / w.size)})
+                       "weights": layer.size, "sparsity": float(np.count_nonzero(rows == 0) / w.size),
+                       "pattern": detect_pattern(layer, rows)})
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     try:
         protected = protected_output(work)

@@ -7,6 +7,11 @@ where W and b live in the graph and how they map to the (out, in) view the stati
 - MatMul ``z @ W`` followed by an Add of a per-output bias on either side; on 2-D inputs a "dense"
   layer, on inputs of rank >= 3 (batch x sequence x features) a "sequence" layer whose weight is
   shared by every position;
+- a Gemm or a 2-D MatMul whose input a Reshape folded from rank >= 3 ((batch, sequence, features) ->
+  (batch x sequence, features), GPT-2's Conv1D on every exporter) is a "folded" layer: its rows are
+  positions, sample by sample (sample-major, as the Reshape lays them out), so it is summed like a
+  "sequence" layer once the rows are grouped back by sample (``sample_major``; ``check.validate``
+  measures that the rows do group so);
 - Conv (1-D, 2-D, 3-D; groups, depthwise, strides, pads, auto_pad, dilations) with its bias input or
   a separate Add of a (1, C, 1, 1)-shaped constant; row i of the (out, in) view is
   ``W[i].reshape(-1)`` (in = C/groups * prod(kernel)).
@@ -31,7 +36,9 @@ from onnxprune.find.geometry import ConvGeometry, conv_geometry
 from onnxprune.find.stored import StoredBias, WeightStep, batchnorm_bias, bias, node_weight, weight_path
 from onnxprune.graph.index import GraphIndex, Rejection, attributes, fail, name_nodes, read_initializer
 
-KINDS = ("dense", "sequence", "conv")
+KINDS = ("dense", "sequence", "folded", "conv")
+BORDER = "__onnxprune_border"  # the Add that holds a padded Conv's folded border (edit.slicing)
+BORDER_CONV = "__conv"          # its Conv of an all-ones image when the map is computed at run time: not a layer
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ class Layer:
     alpha: float = 1.0
     beta: float = 1.0
     bias_node: str | None = None  # the node holding the bias when it is not the layer's node (Add, BatchNormalization)
-    kind: str = "dense"  # "dense" (one position per sample), "sequence" (MatMul on rank >= 3), "conv"
+    kind: str = "dense"  # "dense" (one position per sample), "sequence" (MatMul on rank >= 3), "folded", "conv"
     conv: ConvGeometry | None = None
     weight_path: tuple[WeightStep, ...] = ()   # from the initializer to the node's weight input
     weight_shape: tuple[int, ...] = ()         # the weight as the node sees it
@@ -73,7 +80,7 @@ class Layer:
 
     @property
     def shared(self) -> bool:
-        """Whether the weight is applied at several positions per sample (Conv, sequence MatMul)."""
+        """Whether the weight is applied at several positions per sample (Conv, sequence MatMul, folded rows)."""
         return self.kind != "dense"
 
     def node_weight(self, stored: np.ndarray) -> np.ndarray:
@@ -153,6 +160,8 @@ def analyse_graph(model: onnx.ModelProto) -> GraphLayers:
     found = GraphLayers()
     for node in model.graph.node:
         matcher = MATCHERS.get(node.op_type)
+        if node.name.endswith(BORDER + BORDER_CONV):
+            continue
         if matcher is not None:
             result = matcher(g, node)
         elif node.op_type in LINEAR_OPS:
@@ -195,6 +204,24 @@ def _bias_add(g: GraphIndex, output: str, out: int, axis_from_end: int, max_rank
     return StoredBias(found.init, found.shape, found.quantized, found.factor, node=add.name, output=add.output[0])
 
 
+def folds_rows(g: GraphIndex, tensor: str, features: int) -> bool:
+    """Whether ``tensor`` is a Reshape to rank 2 that folds the batch and at least one more leading
+    axis into the rows: (batch, sequence, ..., f1, f2) -> (batch x sequence, f1 x f2 = features).
+    A flatten (N, C, H, W) -> (N, C x H x W) keeps the batch alone in the rows and is not one."""
+    node = g.producers.get(tensor)
+    if node is None or node.op_type != "Reshape" or g.ranks.get(tensor) != 2:
+        return False
+    before = g.dims.get(node.input[0], ())
+    product = 1
+    for start in range(len(before) - 1, 0, -1):  # the shortest trailing block that makes the features
+        dim = before[start]
+        if dim is None:
+            return False
+        product *= dim
+        if product >= features:
+            return product == features and start >= 2
+    return False
+
 def match_gemm(g: GraphIndex, node: onnx.NodeProto) -> Layer | Rejection:
     attrs = attributes(node)
     if attrs.get("transA", 0):
@@ -211,10 +238,12 @@ def match_gemm(g: GraphIndex, node: onnx.NodeProto) -> Layer | Rejection:
         if isinstance(found, Rejection):
             return found
         stored = found
+    folded = folds_rows(g, node.input[0], int(inp))
     return Layer(name=node.name, op="Gemm", node=node.name, weight=weight.init, input=node.input[0],
                  preact=node.output[0], out_features=int(out), in_features=int(inp), transposed=transposed,
                  alpha=float(attrs.get("alpha", 1.0)), weight_path=weight.steps, weight_shape=weight.shape,
-                 **_bias_fields(g, node.output[0], int(out), stored, beta, batchnorm_axis=True))
+                 kind="folded" if folded else "dense",
+                 **_bias_fields(g, node.output[0], int(out), stored, beta, batchnorm_axis=not folded))
 
 
 def match_matmul(g: GraphIndex, node: onnx.NodeProto) -> Layer | Rejection:
@@ -231,10 +260,11 @@ def match_matmul(g: GraphIndex, node: onnx.NodeProto) -> Layer | Rejection:
     inp, out = weight.shape
     stored = _bias_add(g, node.output[0], int(out), 1, max_rank=rank)
     preact = stored.output if stored is not None and stored.output else node.output[0]
+    kind = "sequence" if rank > 2 else "folded" if folds_rows(g, node.input[0], int(inp)) else "dense"
     return Layer(name=node.name, op="MatMul", node=node.name, weight=weight.init, input=node.input[0], preact=preact,
                  out_features=int(out), in_features=int(inp), transposed=True,
-                 kind="dense" if rank == 2 else "sequence", weight_path=weight.steps, weight_shape=weight.shape,
-                 **_bias_fields(g, preact, int(out), stored, 1.0, batchnorm_axis=rank == 2))
+                 kind=kind, weight_path=weight.steps, weight_shape=weight.shape,
+                 **_bias_fields(g, preact, int(out), stored, 1.0, batchnorm_axis=kind == "dense"))
 
 
 def match_conv(g: GraphIndex, node: onnx.NodeProto) -> Layer | Rejection:
@@ -268,9 +298,22 @@ MATCHERS = {"Gemm": match_gemm, "MatMul": match_matmul, "Conv": match_conv}
 def by_position(layer: Layer, g: np.ndarray) -> np.ndarray:
     """Derivatives at a pre-activation, (rows, *preact shape) -> (rows, out, positions)."""
     rows = len(g)
-    if layer.kind == "sequence":  # (rows, ..., out): positions are the middle axes
+    if layer.kind in ("sequence", "folded"):  # (rows, ..., out): positions are the middle axes
         return np.moveaxis(g.reshape(rows, -1, layer.out_features), 2, 1)
     return g.reshape(rows, layer.out_features, -1)  # dense (rows, out) or conv (rows, out, *spatial)
+
+
+def sample_major(layer: Layer, z: np.ndarray, samples: int) -> np.ndarray:
+    """A tensor of a folded layer (samples x positions, features) as (samples, positions, features);
+    any other layer's as it is."""
+    if layer.kind != "folded":
+        return z
+    return np.asarray(z).reshape(samples, -1, *np.shape(z)[1:])
+
+
+def folded_preacts(layers: list[Layer]) -> set[str]:
+    """The pre-activations of the folded layers (their per-sample shape is (positions, out))."""
+    return {layer.preact for layer in layers if layer.kind == "folded"}
 
 
 def full_rows(layer: Layer, rows: np.ndarray) -> np.ndarray:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from onnxprune.find.layers import Layer
 
 
@@ -33,6 +35,32 @@ class Consumer:
 
 
 @dataclass(frozen=True)
+class ShapeEdit:
+    """A shape entry that counts the units: element ``index`` of constant ``tensor`` (read by node
+    ``reader`` at input ``slot``) shrinks by ``per_unit`` for every unit removed (the constant is
+    first given to ``reader`` alone when other nodes read it). With ``tensor`` None the entry is
+    read at run time from elsewhere, and Reshape ``reader`` gets entry ``index`` of its shape set
+    to -1 instead, which then follows the units."""
+
+    reader: str
+    slot: int
+    tensor: str | None
+    index: int
+    per_unit: int = 0
+
+
+@dataclass(frozen=True)
+class Select:
+    """A computed tensor with one entry per unit along ``axis`` (an attention bias per head, shared
+    by several layers): node ``node`` reads only the surviving units of its input ``slot``, by a
+    Gather inserted in front of it."""
+
+    node: str
+    slot: int
+    axis: int
+
+
+@dataclass(frozen=True)
 class UnitGroup:
     """Units removed together: rows of the ``producers`` (several when they add into one residual
     stream), the columns of the ``consumers``, and every cut between."""
@@ -44,7 +72,8 @@ class UnitGroup:
     consumers: tuple[Consumer, ...]
     cuts: tuple[Cut, ...]
     group_attributes: tuple[str, ...] = ()     # depthwise Conv nodes whose ``group`` equals the unit count
-    reshapes: tuple[tuple[str, int, int], ...] = ()  # (shape initializer, index, entries per unit)
+    reshapes: tuple[ShapeEdit, ...] = ()       # shape entries that follow the units
+    selects: tuple[Select, ...] = ()           # computed per-unit tensors narrowed by a Gather
     path: tuple[str, ...] = ()                 # nodes walked between producer and consumers
     selection: str | None = None               # input features: "Slice" (contiguous) or "Gather" (--prune-inputs)
     lanes: int = 1                             # grouped Convs: units in this many equal blocks, each losing as many
@@ -53,6 +82,16 @@ class UnitGroup:
     def producer(self) -> str | None:
         return self.producers[0] if self.producers else None
 
+    def unit_entries(self, tensor: str) -> np.ndarray:
+        """(units, entries): for each unit, the indices along the cut axis of initializer ``tensor`` that
+        belong to it (a producer's rows: D rows of each part of a fused QKV per head, the rows of one
+        part of a split layer; a consumer's columns: a block per unit at each offset it reads them)."""
+        cuts = sorted((c for c in self.cuts if c.tensor == tensor), key=lambda c: c.offset)
+        if not cuts or any(c.groups != 1 for c in cuts):
+            raise ValueError(f"group {self.name!r} has no plain cut of {tensor!r}")
+        unit = np.arange(self.units)[:, None]
+        return np.concatenate([(c.offset + unit) * c.block + np.arange(c.block)[None, :] for c in cuts], axis=1)
+
     def to_dict(self) -> dict:
         return {"group": self.name, "producers": list(self.producers), "units": self.units, "tensor": self.tensor,
                 "consumers": [c.layer for c in self.consumers], "path": list(self.path)}
@@ -60,11 +99,13 @@ class UnitGroup:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A layer whose output units cannot be removed, and why."""
+    """A layer whose output units cannot be removed, and why; ``unavoidable`` when no rewrite could
+    (the units are what the model returns, or a normalization over the channels mixes them)."""
 
     layer: str
     op: str
     reason: str
+    unavoidable: bool = False
 
 
 @dataclass
@@ -96,3 +137,12 @@ def in_axis(layer: Layer) -> int:
 
 class Stop(Exception):
     """The units cannot pass a node; the message says why."""
+
+    unavoidable = False
+
+
+class Unavoidable(Stop):
+    """The units cannot be removed by any rewrite: they reach a graph output, or a normalization
+    over the channels (LayerNormalization, an RMS norm) mixes them."""
+
+    unavoidable = True

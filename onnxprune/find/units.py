@@ -1,40 +1,43 @@
 """Unit groups: the neurons, channels (or features) that must be removed together, found on the graph.
 
 A unit j of a group is output row j of a producer layer (a Gemm/MatMul neuron, a Conv channel). It
-travels through per-channel nodes (activations, PRelu with its slopes, per-channel Mul/Add/Sub/Div,
-inference BatchNormalization, pooling, depthwise Conv, Flatten/Reshape) to the consumer layers that
-read it, where it is one column of a dense layer, a block of columns after a Flatten (one per
-position), or one input channel (a block of kernel taps) of a Conv. Removing unit j means slicing
-every initializer along that path (``Cut``), shrinking depthwise Convs' ``group`` and fixing Reshape
-constants. The walk from a producer is a small matcher per op kind: each either lets the unit
-through (saying what to slice) or stops with the reason the group cannot be coupled safely
-(``Rejected``), which ``inspect`` lists.
+travels through per-unit nodes (activations, per-channel constants, inference BatchNormalization,
+pooling and reductions over other axes, depthwise Convs, and nodes that only move it: Flatten,
+Reshape, Transpose, Squeeze, Concat, Split, Slice, Gather along other axes) to the consumer layers
+that read it: one column of a dense layer, a block of columns after a Flatten, one input channel of
+a Conv. Removing unit j slices every initializer on that path (``Cut``), shrinks depthwise Convs'
+``group`` and makes every shape entry that counts the units follow them (``ShapeEdit``).
 
-Several producers adding into one tensor (a residual stream) share its mask: the walk goes back
-from every join to all of them and forward again from every tensor it reaches. Attention heads are
-matched as a pattern of their own (``match_heads``); the input features of a first dense layer are
-units when asked for (a Slice or a Gather in front of it, see ``slicing``). A grouped Conv reading or
-writing the units splits them into ``lanes`` (its groups), each losing as many. A Concat along the
-channel axis places the units at an ``offset`` among ``width`` channels: each producer keeps its
-own group, and the consumers' columns and any per-channel constant after it are cut at that
-offset. Not coupled (rejected with their reason): a residual join or a depthwise Conv after a
-Concat, Concat along another axis, gating products of two computed tensors, graph outputs,
-quantized weights.
+The couplings are recognised by walking the graph, not by names: where the units meet another
+computed tensor of the same channels (a residual Add; SiLU's x * sigmoid(x), GELU or Mish written
+out; a squeeze-excitation gate; SwiGLU's act(gate) * up), the walk goes back from it to every
+producer writing those channels (they share the group: a residual stream's layers, the SE's last
+layer, a gated FFN's up projection) and forward again. A Split or Slice that takes some of a
+layer's channels one way and some another divides that layer into parts, each a group
+(``layer[k]``); a Concat of the same units twice gives a consumer the units at two offsets. A
+tensor broadcast over the channels may join the units when it does not depend on them (a mask); a
+normalization over them (LayerNormalization, an RMS norm written out) cannot, and neither can a
+graph output: those reasons are ``unavoidable`` and named before any other. Attention heads are
+followed through any layout of their own (``heads``). Constants are read through Constant nodes
+and small constant subgraphs (``constants``). The input features of a first dense layer are units
+when asked for (a Slice or a Gather in front of it, see ``slicing``).
 
-Where each part lives: the records (``Cut``, ``Consumer``, ``UnitGroup``, ``Rejected``) in
-``unitgroups``, the walk (one matcher per op kind) in ``unitwalk``, attention heads in ``heads``;
-this module finds every group of a model.
+Where each part lives: the records in ``unitgroups``; constants and shapes in ``constants``; the
+walk in ``unitwalk`` (its state and per-channel constants in ``unitplace``, one matcher per op kind
+in ``unitsteps`` and ``unitlayout``); attention heads in ``heads`` and ``headlayout``; this module
+finds every group of a model.
 """
 from __future__ import annotations
 
 import onnx
 
+from onnxprune.find.constants import Constants, static_shapes
 from onnxprune.find.heads import attention_groups
 from onnxprune.find.layers import Layer, analyse_graph
 from onnxprune.find.unitgroups import Consumer, Cut, Rejected, UnitGroup, Units, in_axis, stored_axis
+from onnxprune.find.unitplace import Context
 from onnxprune.find.unitwalk import match_group
 from onnxprune.graph.index import GraphIndex
-from onnxprune.prepare.shapes import tensor_shapes_static
 
 INPUT_SELECTIONS = {"slice": "Slice", "gather": "Gather"}
 
@@ -86,26 +89,25 @@ def find_units(model: onnx.ModelProto, layers: list[Layer] | None = None, inputs
     found = analyse_graph(model)
     layers = found.layers if layers is None else layers
     g = GraphIndex(model)
-    shapes = tensor_shapes_static(model)
-    by_name = {layer.name: layer for layer in found.layers}
-    by_node = {layer.node: layer for layer in found.layers}
+    ctx = Context(g, Constants(g), static_shapes(model), {layer.name: layer for layer in found.layers},
+                  {layer.node: layer for layer in found.layers}, {layer.preact: layer for layer in found.layers})
     depthwise_followers: set[str] = set()
     grouped: set[str] = set()
     groups, rejected = [], []
-    for heads in attention_groups(g, found.layers):
+    for heads in attention_groups(ctx, found.layers):
         if all(p in {layer.name for layer in layers} for p in heads.producers):
             groups.append(heads)
             grouped.update(heads.producers)
     for producer in layers:
         if producer.name in grouped:
             continue  # already in a residual group
-        result = match_group(g, by_name, by_node, producer, shapes)
-        if isinstance(result, UnitGroup):
-            groups.append(result)
-            depthwise_followers.update(result.group_attributes)
-            grouped.update(result.producers)
-        else:
-            rejected.append(result)
+        for result in match_group(ctx, producer):
+            if isinstance(result, UnitGroup):
+                groups.append(result)
+                depthwise_followers.update(result.group_attributes)
+                grouped.update(p for p in result.producers if p != producer.name)
+            else:
+                rejected.append(result)
     kept = [r for r in rejected if not (r.layer in depthwise_followers and r.reason.startswith("depthwise Conv"))]
     input_groups, input_rejected = _input_groups(g, model, found.layers if layers is None else layers, inputs)
     return Units(input_groups + groups, input_rejected + kept)

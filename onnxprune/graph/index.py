@@ -133,12 +133,14 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     """A model of the same graph whose large float initializers are graph inputs of their shape and type."""
     copy = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name)
     copy.opset_import.extend(model.opset_import)
+    copy.functions.extend(model.functions)
     graph, source = copy.graph, model.graph
     graph.name = source.name
     graph.node.extend(source.node)
     graph.input.extend(source.input)
     graph.output.extend(source.output)
     graph.value_info.extend(source.value_info)
+    graph.sparse_initializer.extend(source.sparse_initializer)
     declared = {vi.name for vi in source.input}
     for tensor in source.initializer:
         if _kept_whole(tensor):
@@ -148,17 +150,23 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Ranks of the tensors shape inference can tell (graph inputs, intermediates, initializers)."""
-    graph = inferred(model).graph
-    ranks = {}
-    for vi in [*graph.input, *graph.value_info, *graph.output]:
+def tensor_dims(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Shapes of the tensors shape inference can tell (graph inputs, intermediates, initializers),
+    None for a dimension it cannot."""
+    found = inferred(model)
+    dims: dict[str, tuple[int | None, ...]] = {}
+    for vi in [*found.graph.input, *found.graph.value_info, *found.graph.output]:
         t = vi.type.tensor_type
         if t.HasField("shape"):
-            ranks[vi.name] = len(t.shape.dim)
+            dims[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
     for init in model.graph.initializer:
-        ranks[init.name] = len(init.dims)
-    return ranks
+        dims[init.name] = tuple(init.dims)
+    return dims
+
+
+def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Ranks of the tensors shape inference can tell (graph inputs, intermediates, initializers)."""
+    return {name: len(shape) for name, shape in tensor_dims(model).items()}
 
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -188,7 +196,8 @@ class GraphIndex:
         self.producers = producers(graph)
         self.consumers = consumers(graph)
         self.outputs = {o.name for o in graph.output}
-        self.ranks = tensor_ranks(model)
+        self.dims = tensor_dims(model)
+        self.ranks = {name: len(shape) for name, shape in self.dims.items()}
         self.nodes = {node.name: node for node in graph.node}
         self.subgraph_readers = subgraph_readers(graph)  # outer-scope names, by the node whose subgraph reads them
 

@@ -22,9 +22,9 @@ from onnxprune.find.units import find_units
 from onnxprune.io.data import Dataset
 from onnxprune.modes.base import Preset, State
 from onnxprune.modes.weights import fresh
-from onnxprune.prepare.shapes import tensor_shapes
 from onnxprune.score.units import METHODS, UnitScores, make_unit_scorer
 from onnxprune.select.counts import choose_counts, layer_costs, total_macs
+from onnxprune.select.fastpath import conv_channel_block
 from onnxprune.select.masks import SCOPES, check_patterns, excluded
 from onnxprune.select.schedule import geometric
 
@@ -51,18 +51,21 @@ class LayerShrink:
 
 class UnitsMode:
     """Unit groups removed whole. The target is a fraction of the units, or of the dense MACs with
-    ``macs``; ``multiple`` rounds every group's kept count; ``inputs``: "keep" never removes input
+    ``macs``; ``multiple`` rounds every group's kept count (None: a group of Conv channels is rounded to
+    the channel block ``provider`` runs fast, measured: ``select.fastpath``); ``inputs``: "keep" never removes input
     features, "slice" keeps one contiguous range of a first dense layer's inputs by a Slice inside the
     model, "prune" lets any go and changes the model's input to the kept features."""
 
     name = "units"
     masked = False
 
-    def __init__(self, scope: str = "global", macs: bool = False, multiple: int = 1, inputs: str = "keep", exclude=()):
+    def __init__(self, scope: str = "global", macs: bool = False, multiple: int | None = None, inputs: str = "keep",
+                 exclude=(), provider: str = "cpu"):
         if scope not in SCOPES:
             raise InputError(f"scope must be one of {SCOPES}, got {scope!r}")
-        if multiple < 1:
+        if multiple is not None and multiple < 1:
             raise InputError(f"--multiple must be a positive number, got {multiple}")
+        self.provider = provider
         if inputs not in INPUT_MODES:
             raise InputError(f"inputs must be one of {', '.join(INPUT_MODES)}, got {inputs!r}")
         self.scope, self.macs, self.multiple, self.inputs, self.exclude = scope, macs, multiple, inputs, tuple(exclude)
@@ -106,9 +109,20 @@ class UnitsMode:
             reasons = "; ".join(f"{r.layer} ({r.op}): {r.reason}" for r in rejected[:3])
             raise InputError(f"the model has no unit group that can be removed ({reasons or 'no prunable layers'})")
         self.original = {g.name: g.units for g in self.groups}
+        self.multiples = self._multiples(by_name)
         self.costs = layer_costs(model, all_layers, self.groups, data.feeds)
         self.all_layers, self.data = all_layers, data
         return rejected
+
+    def _multiples(self, layers: dict[str, Layer]) -> dict[str, int]:
+        """Per group the multiple its kept count is rounded to: the one asked for, else for channels of a
+        Conv the provider's fast channel block where the dense model is on it (else rounding buys nothing)."""
+        if self.multiple is not None:
+            return {g.name: self.multiple for g in self.groups}
+        convs = [g for g in self.groups
+                 if any(layers[n].op == "Conv" for n in (*g.producers, *(c.layer for c in g.consumers)))]
+        block = conv_channel_block(self.provider) if convs else 1
+        return {g.name: block if g in convs and g.units % block == 0 else 1 for g in self.groups}
 
     def begin(self, model: onnx.ModelProto, layers: list[Layer]) -> State:
         kept = {name: np.arange(n) for name, n in self.original.items()}
@@ -122,15 +136,13 @@ class UnitsMode:
         """Per group the units to remove (indices among those it has now)."""
         counts = {name: len(index) for name, index in state.carried.items()}
         kept = choose_counts(scores, counts, self.original, self.costs, sparsity=None if self.macs else target,
-                             macs=target if self.macs else None, scope=self.scope, multiple=self.multiple,
+                             macs=target if self.macs else None, scope=self.scope, multiple=self.multiples,
                              lanes={g.name: g.lanes for g in self.groups})
         return {name: scores[name].removal(counts[name] - kept[name]) for name in counts}
 
     def edit(self, state: State, removed: dict[str, np.ndarray], scores: dict[str, UnitScores]) -> State:
         constants = {name: s.constants for name, s in scores.items() if s.constants is not None}
-        one = self.data.subset(1).arrays()
-        model = remove_units(state.model, removed, constants, inputs=self.selection,
-                             measure=lambda names: tensor_shapes(state.model, names, one))
+        model = remove_units(state.model, removed, constants, inputs=self.selection)
         kept = {name: np.delete(index, removed[name]) for name, index in state.carried.items()}
         return State(model, fresh(model, state.layers), self._groups(model), carried=kept)
 
@@ -166,7 +178,7 @@ class UnitsMode:
         layers = _layer_report(dense.model, state.model, self.all_layers, self.costs, self.original, final)
         units_before, units_after = sum(self.original.values()), sum(final.values())
         return layers, {
-            "of": self.what, "multiple": self.multiple, "inputs": self.inputs,
+            "of": self.what, "multiple": self.multiple, "multiples": self.multiples, "inputs": self.inputs,
             "units_before": units_before, "units_after": units_after,
             "sparsity": 1 - units_after / units_before if units_before else 0.0,
             "params_before": sum(r.params_before for r in layers), "params_after": sum(r.params_after for r in layers),

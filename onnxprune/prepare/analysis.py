@@ -17,11 +17,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune import runtime
-from onnxprune.graph.index import FLOAT_TYPES, subgraph_reads, tensor_ranks, tensor_types
-from onnxprune.graph.passes import PassResult, ReversiblePass, free_batch_copy
+from onnxprune.graph.index import FLOAT_TYPES, subgraph_reads, tensor_dims, tensor_ranks, tensor_types
+from onnxprune.graph.passes import BATCH, PassResult, ReversiblePass, free_batch_copy
 
 COPY = "__onnxprune_copy"
-BATCH = "batch"
 
 
 class ConstantsToInitializers(ReversiblePass):
@@ -269,6 +268,22 @@ def unknown_rank_tensors(model: onnx.ModelProto) -> list[str]:
     return [out for node in model.graph.node for out in node.output if out and out not in known]
 
 
+def unknown_fold_inputs(model: onnx.ModelProto) -> list[str]:
+    """Float tensors a Reshape turns into a Gemm's or MatMul's input whose last dims shape inference
+    cannot tell (a legacy export computes the Reshape's target from Shape ops): measured, they say
+    whether the Reshape folds tokens into the rows (``find.layers.folds_rows``)."""
+    dims = tensor_dims(model)
+    producer = {out: node for node in model.graph.node for out in node.output}
+    found = []
+    for node in model.graph.node:
+        reshape = producer.get(node.input[0]) if node.op_type in ("Gemm", "MatMul") and node.input else None
+        if reshape is not None and reshape.op_type == "Reshape":
+            before = dims.get(reshape.input[0])
+            if before is not None and len(before) >= 3 and None in before[1:]:
+                found.append(reshape.input[0])
+    return list(dict.fromkeys(found))
+
+
 @dataclass
 class AnalysisCopy:
     """The passes applied to a copy of a model, in order, and how to give a pruned copy its form back."""
@@ -304,7 +319,7 @@ class AnalysisCopy:
 def declared_shapes_for(model: onnx.ModelProto, feeds: dict[str, np.ndarray], provider: str = "cpu") -> DeclareShapes | None:
     """A DeclareShapes pass for the tensors of unknown rank, measured on the first sample of ``feeds``
     and on it twice (None when there are none, or onnxruntime cannot produce them)."""
-    names = unknown_rank_tensors(model)
+    names = unknown_rank_tensors(model) + unknown_fold_inputs(model)
     if not names:
         return None
     try:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
 import onnx
@@ -14,21 +14,23 @@ from onnxprune.io.npz import NpzColumn
 
 
 def tensor_shapes(model: onnx.ModelProto, names: list[str], feeds: Mapping[str, np.ndarray | NpzColumn],
-                  provider: str = "cpu") -> dict[str, tuple[int, ...]]:
+                  provider: str = "cpu", folded: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
     """Per-sample shapes of tensors ``names`` (graph inputs or computed): what shape inference tells
     where it is sure (a free batch on the first axis, every other dim known), measured on one sample of
-    ``feeds`` for the rest."""
+    ``feeds`` for the rest; a tensor named in ``folded`` holds the batch folded with positions in its
+    rows (a folded layer's pre-activation), so its per-sample shape is the one sample's whole shape
+    (positions, features), always measured."""
     shapes = {k: tuple(v.shape[1:]) for k, v in feeds.items() if k in names}
     static = tensor_shapes_static(model)
     for name in names:
         known = static.get(name)
-        if name not in shapes and known and known[0] is None and all(d is not None for d in known[1:]):
+        if name not in shapes and name not in folded and known and known[0] is None and all(d is not None for d in known[1:]):
             shapes[name] = tuple(known[1:])
     wanted = [n for n in dict.fromkeys(names) if n not in shapes]
     if wanted:
         free = free_batch_copy(model)
         values = runtime.run_tensors(free, {k: v[:1] for k, v in feeds.items()}, wanted, provider)
-        shapes.update({n: tuple(v.shape[1:]) for n, v in zip(wanted, values)})
+        shapes.update({n: tuple(v.shape if n in folded else v.shape[1:]) for n, v in zip(wanted, values)})
     return shapes
 
 

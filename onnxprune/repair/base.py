@@ -105,13 +105,23 @@ def current_bias(model: onnx.ModelProto, layer: Layer, feeds: dict[str, np.ndarr
     """The layer's constant term per output in pre-activation units, read off the model itself
     (a - W x on a few samples, a read where ``fit_target`` says), so Gemm's beta, a
     BatchNormalization or a Conv's Add all count."""
+    return current_biases(model, [layer], feeds, provider)[layer.name]
+
+
+def current_biases(model: onnx.ModelProto, layers: list[Layer], feeds: dict, provider: str = "cpu") -> dict[str, np.ndarray]:
+    """``current_bias`` of every layer, from one session run (``feeds``: arrays or lazy .npz columns)."""
     few = {k: v[:8] for k, v in feeds.items()}
-    target, factors = fit_target(model, layer)
-    names = [target] if layer.input in few else [layer.input, target]
-    values = runtime.run_tensors(model, few, names, provider)
-    z, a = (few[layer.input], values[0]) if layer.input in few else values
-    weight = layer.to_rows(read_initializer(model, layer.weight))
-    return (position_rows(layer, a, factors) - linear_rows(layer, patch_rows(layer, z), weight)).mean(0)
+    targets = {layer.name: fit_target(model, layer) for layer in layers}
+    names = list(dict.fromkeys([name for layer in layers for name in (layer.input, targets[layer.name][0])
+                                if name not in few]))
+    values = {**few, **dict(zip(names, runtime.run_tensors(model, few, names, provider)))}
+    out = {}
+    for layer in layers:
+        target, factors = targets[layer.name]
+        weight = layer.to_rows(read_initializer(model, layer.weight))
+        rows = position_rows(layer, values[target], factors) - linear_rows(layer, patch_rows(layer, values[layer.input]), weight)
+        out[layer.name] = rows.mean(0)
+    return out
 
 
 def structure_key(model: onnx.ModelProto) -> tuple:

@@ -39,6 +39,8 @@ from onnx import numpy_helper
 
 from onnxprune import runtime
 from onnxprune.derivatives.engines import output_jacobians
+from onnxprune.derivatives.plan import protected
+from onnxprune.edit.rewrite import ensure_bias
 from onnxprune.find.layers import Layer, analyse_graph
 from onnxprune.graph.index import read_initializer, tensor_types
 from onnxprune.io.data import Dataset
@@ -54,6 +56,7 @@ from onnxprune.repair.base import (
     structure_key,
     write_layer,
 )
+from onnxprune.repair.chain import Pieces
 from onnxprune.repair.lstsq import (
     GRID_ROWS,
     HOLDOUT_EVERY,
@@ -93,28 +96,33 @@ class _Network:
 
 
 class _DenseTargets:
-    """The dense model's fit targets per batch and layer, from one session, kept while they fit; a
-    layer whose rows are a subset of the dense layer's (units sliced away) gets those rows."""
+    """The dense model's fit targets per batch and layer, from one session: every layer's from one
+    run of a batch, kept as the session returns them while they fit in CACHE_BYTES (in graph order;
+    the others take a run each when asked for); a layer whose rows are a subset of the dense layer's
+    (units sliced away) gets those rows."""
 
     def __init__(self, dense: onnx.ModelProto, layers: list[Layer], provider, threads):
         self.layers = {layer.name: layer for layer in layers}
         self.targets = {layer.name: fit_target(dense, layer) for layer in layers}
-        self.session = runtime.tensor_session(dense, list(dict.fromkeys(t for t, _ in self.targets.values())),
-                                              provider, threads)
+        self.names = list(dict.fromkeys(t for t, _ in self.targets.values()))
+        self.session = runtime.tensor_session(dense, self.names, provider, threads, arena=False)  # runs once a batch
         self.cache: dict[tuple[int, str], np.ndarray] = {}
         self.size = 0
+        self.batches: set[int] = set()  # batches whose targets were all computed once
 
     def __call__(self, index: int, feeds, name: str, rows: np.ndarray | None = None) -> np.ndarray:
-        key = (index, name)
-        if key not in self.cache:
-            target, factors = self.targets[name]
-            (a,) = self.session.run([target], feeds)
-            t = position_rows(self.layers[name], a, factors)
-            if self.size + t.nbytes > CACHE_BYTES:
-                return t if rows is None else t[:, rows]
-            self.cache[key] = t
-            self.size += t.nbytes
-        t = self.cache[key]
+        target, factors = self.targets[name]
+        a = self.cache.get((index, target))
+        if a is None:
+            wanted = [target] if index in self.batches else self.names
+            values = dict(zip(wanted, self.session.run(wanted, feeds)))
+            self.batches.add(index)
+            a = values[target]
+            for n, v in values.items():
+                if self.size + v.nbytes <= CACHE_BYTES:
+                    self.cache[(index, n)] = v
+                    self.size += v.nbytes
+        t = position_rows(self.layers[name], a, factors)
         return t if rows is None else t[:, rows]
 
 
@@ -211,15 +219,17 @@ class RefitRun:
 
     def __init__(self, spec: Refit, dense: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,
                  batch_size: int = 256, provider: str = "cpu", threads: int | None = None,
-                 progress: Callable[[int, int], None] | None = None, masked: bool = True):
+                 progress: Callable[[int, int], None] | None = None, masked: bool = True, objective=None):
         self.spec, self.dense, self.data, self.output, self.masked = spec, dense, data, output, masked
+        self.objective = objective  # the protected outputs' parts and scales (find.objective), for the G-weighting
         self.batch_size, self.provider, self.threads, self.progress = batch_size, provider, threads, progress
         self.targets = _DenseTargets(dense, layers, provider, threads)
         self.network: _Network | None = None
+        self.pieces: Pieces | None = None
         self.dense_network: _Network | None = None
         self.fixed: dict[tuple, tuple[Moments, Moments]] = {}  # moments whose inputs never change, per shape
         self.damping: dict[str, float] = {}
-        self.shape = output_shape(dense, output, data.feeds, provider) if spec.g_weighted else None
+        self.shape = output_shape(*protected(dense, output, objective), data.feeds, provider) if spec.g_weighted else None
 
     def _session(self, model: onnx.ModelProto, layers: list[Layer]) -> _Network:
         if self.network is None or self.network.key != structure_key(model):
@@ -252,8 +262,15 @@ class RefitRun:
         jac = None
         if weighted:
             width = int(np.prod(self.shape)) if self.shape else 1
-            jac = output_jacobians(model, layers, self.output, width, provider=self.provider, threads=self.threads)
-        reports, inserted = [], True
+            target, name = protected(model, self.output, self.objective)
+            jac = output_jacobians(target, layers, name, width, provider=self.provider, threads=self.threads)
+        pieces = None
+        if self.spec.chained and not weighted:  # inputs from the network cut before every layer (repair.chain)
+            if any(ensure_bias(model, layer) for layer in layers if not refit_problem(layer)):
+                found = analyse_graph(model).by_name()
+                layers = [found[n] for n in names]
+            pieces = self._pieces(model, layers)
+        reports, inserted = [], pieces is None
         for done, name in enumerate(names):
             if inserted:  # fresh: a written bias may have been inserted
                 found = analyse_graph(model).by_name()
@@ -262,22 +279,43 @@ class RefitRun:
             problem = refit_problem(layer)
             if problem:
                 reports.append(LayerRefit(name, skipped=problem))
-                continue
-            with runtime.one_blas_thread():  # small products: the same rounding at any --threads, and faster
-                report, inserted = self._refit_layer(model, layer, layers, jac, final, (rows or {}).get(name))
-            reports.append(report)
+            else:
+                with runtime.one_blas_thread():  # small products: the same rounding at any --threads, and faster
+                    report, inserted = self._refit_layer(model, layer, layers, jac, final, (rows or {}).get(name),
+                                                         None if pieces is None else pieces.cache)
+                reports.append(report)
+            if pieces is not None and done + 1 < len(names):
+                pieces.update(model, [layer.weight, layer.bias])
+                pieces.advance(done)
             if self.progress:
                 self.progress(done + 1, len(names))
         return model, reports
 
-    def _refit_layer(self, model, layer, layers, jac, final, dense_rows):
-        network = self._session(model, layers)
-        source = network if self.spec.chained else self._dense_session(layers)
+    def _pieces(self, model: onnx.ModelProto, layers: list[Layer]) -> Pieces | None:
+        """The network cut before every layer (kept across steps while the graph is the same), run up
+        to the first layer; None when the layers are not in graph order or the cuts would not fit."""
+        if self.pieces is None or self.pieces.key != structure_key(model):
+            self.pieces = Pieces(model, layers, {layer.name: fit_target(model, layer)[0] for layer in layers},
+                                 self.provider, self.threads)
+        if [layer.name for layer in self.pieces.layers] != [layer.name for layer in layers]:
+            return None
+        self.pieces.update(model)
+        return self.pieces if self.pieces.start([feeds for feeds, _ in self.data.batches(self.batch_size)]) else None
+
+    def _refit_layer(self, model, layer, layers, jac, final, dense_rows, cut=None):
+        """Refit one layer; its inputs from ``cut`` (per batch, the values cut before it: ``Pieces``)
+        when given, else from a session of the whole network."""
+        network = self._session(model, layers) if cut is None else None
+        source = (network if self.spec.chained else self._dense_session(layers)) if cut is None else None
         weight = layer.to_rows(read_initializer(model, layer.weight))
         keep = weight != 0 if self.masked else np.ones(weight.shape, bool)
         survivors = [np.flatnonzero(row) for row in keep]
         target, factors = fit_target(model, layer)
-        bias = self._bias(network, layer, weight, target, factors)
+        if cut is None:
+            bias = self._bias(network, layer, weight, target, factors)
+        else:
+            z, a = cut[0][layer.input], cut[0][target]
+            bias = (position_rows(layer, a, factors) - linear_rows(layer, patch_rows(layer, z), weight)).mean(0)
         weighted = jac is not None
         fixed = not weighted and self._fixed_input(model, layer, layers)
         blocks = _row_blocks(survivors) if weighted else [None]
@@ -291,7 +329,8 @@ class RefitRun:
                 held = Moments(layer, survivors if weighted else None, rows)
                 offset = 0
                 for index, (feeds, _) in enumerate(self.data.batches(self.batch_size)):
-                    z = feeds[layer.input] if layer.input in feeds else source.run([layer.input], feeds)[0]
+                    z = (cut[index][layer.input] if cut is not None else feeds[layer.input] if layer.input in feeds
+                         else source.run([layer.input], feeds)[0])
                     x, t, g = patch_rows(layer, z), self.targets(index, feeds, layer.name, dense_rows), None
                     if weighted:
                         g = jac(feeds, self.shape)[0][layer.name]  # (batch, out) or (batch, out, positions)
@@ -321,7 +360,7 @@ class RefitRun:
                             sum(r[4] for r in results) / sampled, weighted)
         new_weight[~keep] = 0.0
         inserted = write_layer(model, layer, new_weight, new_bias - bias)
-        if self.network is not None and not inserted:
+        if self.network is not None and not inserted and self.network.key == structure_key(model):
             self.network.update(model, [layer.weight, layer.bias])
         return report, inserted
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from onnxprune.derivatives.plan import DerivativeSettings
-from onnxprune.derivatives.statistics import LayerStatistics, collect_loss_gradients, collect_statistics
+from onnxprune.derivatives.statistics import LayerStatistics, collect_loss_gradients, collect_moments, collect_statistics
 from onnxprune.derivatives.units import UnitStatistics, unit_statistics
 from onnxprune.errors import InputError
 from onnxprune.find.layers import Layer, effective_weights
@@ -33,12 +33,14 @@ class ScoringContext:
     settings: DerivativeSettings = field(default_factory=DerivativeSettings)
     groups: list[UnitGroup] = field(default_factory=list)
     conv_statistics: str = "exact"          # shared-weight layers: "exact" or "positions" (see derivatives.shared)
+    error_at: str = "output"                # ECP's error: at the protected output (G from derivatives) or each layer's (G = 1)
     force: bool = False
     progress: Callable[[str, int, int], None] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     derivatives: dict = field(default_factory=dict)  # what computed them: engine, probes, exact, batch
     _weights: dict[str, np.ndarray] | None = None
     _statistics: dict[str, LayerStatistics] | None = None
+    _moments: dict[str, LayerStatistics] | None = None
     _loss_gradients: dict[str, np.ndarray] | None = None
     _unit_statistics: dict[bool, dict[str, UnitStatistics]] = field(default_factory=dict)
 
@@ -77,8 +79,20 @@ class ScoringContext:
                 self.model, self.layers, self.data, self.output, shared=self.conv_statistics,
                 progress=self._report("statistics"), info=self.derivatives, probes=s.probes, seed=s.seed,
                 engine=s.engine, memory_budget=s.memory_budget, batch_size=s.batch_size, provider=s.provider,
-                threads=s.threads, workers=s.workers, ray=s.ray, shard_size=s.shard_size))
+                threads=s.threads, objective=s.objective, workers=s.workers, ray=s.ray, shard_size=s.shard_size))
         return self._statistics
+
+    def moments(self) -> dict[str, LayerStatistics]:
+        """The activation moments (mean_z, var_z): the full statistics when computed already, else
+        from forward passes alone."""
+        if self._statistics is not None:
+            return self._statistics
+        if self._moments is None:
+            s = self.settings
+            self._moments = self._timed("moments", lambda: collect_moments(
+                self.model, self.layers, self.data, batch_size=s.batch_size, provider=s.provider, threads=s.threads,
+                memory_budget=s.memory_budget, progress=self._report("moments")))
+        return self._moments
 
     def loss_gradients(self) -> dict[str, np.ndarray]:
         if self._loss_gradients is None:
@@ -105,7 +119,8 @@ class ScoringContext:
                 self.model, self.groups, by_name, self.data, self.output, jacobians=jacobians,
                 progress=self._report("statistics"), info=self.derivatives, probes=s.probes,
                 seed=s.seed, engine=s.engine, memory_budget=s.memory_budget, batch_size=s.batch_size,
-                provider=s.provider, threads=s.threads, workers=s.workers, ray=s.ray, shard_size=s.shard_size))
+                provider=s.provider, threads=s.threads, objective=s.objective, workers=s.workers, ray=s.ray,
+                shard_size=s.shard_size))
         return self._unit_statistics[jacobians]
 
     def producer_rows(self, group: UnitGroup) -> np.ndarray | None:

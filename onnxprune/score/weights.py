@@ -23,25 +23,36 @@ class Saliency:
     shifts: np.ndarray | None = None
 
 
+INVISIBLE_BIAS = 1e-6  # C_i below this fraction of its cross-term-free scale: the output cannot see b_i
+
+
 class ECP:
     """Elimination-compensation: I_ij = W_ij^2 (A_ij - B_ij^2 / C_i), Delta b_ij = W_ij B_ij / C_i.
 
     The output error left after removing W_ij and optimally shifting b_i, to first order in the
-    output (never the loss); rows with C_i = 0 do not reach the output and score 0.
+    output (never the loss); rows whose derivatives are zero at every position do not reach the
+    output and score 0. A row whose bias the output cannot see (a key projection before a softmax:
+    the same shift of every key cancels, so C_i is float rounding, ~1e-14 of what the positions
+    alone give) gets no shift and the uncompensated error W_ij^2 A_ij: dividing by C_i there would
+    write shifts of 1e5 and rank the row's weights as free. With ``error_at="layer"`` G is 1: the
+    error is the layer's own output's (the per-layer reconstruction target SparseGPT and Wanda use),
+    A - B^2/C = Var z, from forward passes alone.
     """
 
     name = "ecp"
 
     def __call__(self, ctx: ScoringContext) -> dict[str, Saliency]:
+        if ctx.error_at == "layer":  # G = 1: each layer's own output error, from forward passes alone
+            return Variance()(ctx)
         out = {}
         for layer in ctx.layers:
             s, w = ctx.statistics()[layer.name], ctx.weights[layer.name]
-            c = s.C[:, None]
-            live = c > 0
-            safe_c = np.where(live, c, 1.0)
-            ratio = np.where(live, s.B / safe_c, 0.0)
+            c, scale = s.C[:, None], s.C_positions[:, None]
+            visible = c > INVISIBLE_BIAS * scale
+            reached = scale > 0
+            ratio = np.where(visible, s.B / np.where(visible, c, 1.0), 0.0)
             residual = np.maximum(s.A - s.B * ratio, 0.0)
-            out[layer.name] = Saliency(w * w * np.where(live, residual, 0.0), w * ratio)
+            out[layer.name] = Saliency(w * w * np.where(reached, residual, 0.0), w * ratio)
         return out
 
 
@@ -53,7 +64,7 @@ class Variance:
     def __call__(self, ctx: ScoringContext) -> dict[str, Saliency]:
         out = {}
         for layer in ctx.layers:
-            s, w = ctx.statistics()[layer.name], ctx.weights[layer.name]
+            s, w = ctx.moments()[layer.name], ctx.weights[layer.name]
             out[layer.name] = Saliency(w * w * np.broadcast_to(s.var_z, w.shape), w * np.broadcast_to(s.mean_z, w.shape))
         return out
 

@@ -91,12 +91,13 @@ def round_kept(kept: int, units: int, multiple: int) -> int:
 
 def choose_counts(scores: dict[str, UnitScores], counts: dict[str, int], original: dict[str, int],
                   costs: list[LayerCost], *, sparsity: float | None, macs: float | None, scope: str,
-                  multiple: int = 1, lanes: dict[str, int] | None = None) -> dict[str, int]:
+                  multiple: int | dict[str, int] = 1, lanes: dict[str, int] | None = None) -> dict[str, int]:
     """How many units each group keeps: ``sparsity`` of the original units or ``macs`` of the dense
     MACs removed, over all groups at once (``global``: by cost, per MAC saved for ``macs``) or the
     same fraction in each (``layer``). ``counts``: units each group has now (earlier steps removed
-    the others; a group never gets units back). ``lanes``: groups whose count must be a multiple
-    of that many (grouped Convs), at every step."""
+    the others; a group never gets units back). ``multiple``: kept counts rounded to it (one for every
+    group, or per group); ``lanes``: groups whose count must be a multiple of that many (grouped
+    Convs), at every step."""
     if scope == "layer":
         kept = _layer_counts(counts, original, costs, sparsity, macs)
     else:
@@ -104,7 +105,8 @@ def choose_counts(scores: dict[str, UnitScores], counts: dict[str, int], origina
     lanes = lanes or {}
     for name, k in kept.items():
         lane = lanes.get(name, 1)
-        step = math.lcm(multiple, lane)  # every step: a later one cannot give units back to reach a multiple
+        own = multiple.get(name, 1) if isinstance(multiple, dict) else multiple
+        step = math.lcm(own, lane)  # every step: a later one cannot give units back to reach a multiple
         if step == 1:
             continue
         if original[name] < step:  # too few to round: a grouped Conv's group then keeps all

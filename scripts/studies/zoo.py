@@ -142,12 +142,13 @@ def build_resnet(widths: Sequence[int] = (16, 32), seed: int = 0, side: int = 28
 
 
 def build_transformer(width: int = 64, heads: int = 4, ffn: int = 128, blocks: int = 2, patch: int = 7, seed: int = 0,
-                      side: int = 28, classes: int = 10) -> onnx.ModelProto:
+                      side: int = 28, classes: int = 10, activation: str = "relu") -> onnx.ModelProto:
     """A small vision transformer on flat (N, side*side) images: patch x patch patches embedded by a
     MatMul + Add, a learnt position embedding, ``blocks`` pre-norm encoder blocks (LayerNormalization ->
     multi-head self-attention, Q/K/V/O each MatMul + Add, heads split by Reshape (N, S, heads, size) and
     Transpose -> residual Add; LayerNormalization -> FFN MatMul + Add -> ReLU -> MatMul + Add -> residual
-    Add), a final LayerNormalization, the mean over the patches and a Gemm ``head``."""
+    Add), a final LayerNormalization, the mean over the patches and a Gemm ``head``. ``activation="gelu"``
+    writes the FFN's GELU as torch's exporter does: x * 0.5 * (1 + erf(x / sqrt 2)) (a ViT)."""
     if width % heads:
         raise ValueError(f"width {width} is not a multiple of heads {heads}")
     p = _Params(seed)
@@ -198,11 +199,118 @@ def build_transformer(width: int = 64, heads: int = 4, ffn: int = 128, blocks: i
         attended = linear(f"block{b}.o", f"{a}.context", width, width)
         nodes.append(make("Add", [stream, attended], [f"block{b}.mid"], name=f"block{b}.residual1"))
         h = norm(f"block{b}.norm2", f"block{b}.mid")
-        nodes.append(make("Relu", [linear(f"block{b}.ffn1", h, width, ffn)], [f"block{b}.ffn_act"], name=f"block{b}.ffn_relu"))
+        up = linear(f"block{b}.ffn1", h, width, ffn)
+        if activation == "gelu":
+            nodes.extend(_gelu(p, up, f"block{b}.ffn_act"))
+        else:
+            nodes.append(make("Relu", [up], [f"block{b}.ffn_act"], name=f"block{b}.ffn_relu"))
         down = linear(f"block{b}.ffn2", f"block{b}.ffn_act", ffn, width)
         nodes.append(make("Add", [f"block{b}.mid", down], [f"block{b}.out"], name=f"block{b}.residual2"))
         stream = f"block{b}.out"
     nodes.append(make("ReduceMean", [norm("final_norm", stream)], ["pooled"], name="pool", axes=[1], keepdims=0))
     head = [p.uniform("head.weight", (classes, width), width), p.uniform("head.bias", (classes,), width)]
     nodes.append(make("Gemm", ["pooled", *head], ["logits"], name="head", transB=1))
-    return _finish(nodes, p, "mnist_transformer", side * side, classes)
+    return _finish(nodes, p, "mnist_vit" if activation == "gelu" else "mnist_transformer", side * side, classes)
+
+
+def _gelu(p: _Params, source: str, out: str) -> list[onnx.NodeProto]:
+    """GELU as torch's exporter writes it: x * 0.5 * (1 + erf(x / sqrt 2))."""
+    make = helper.make_node
+    root, one, half = (p.constant(f"{out}.{k}", np.array(v, np.float32)) for k, v in
+                       (("sqrt2", np.sqrt(2)), ("one", 1.0), ("half", 0.5)))
+    return [make("Div", [source, root], [f"{out}.scaled"], name=f"{out}.div"),
+            make("Erf", [f"{out}.scaled"], [f"{out}.erf"], name=f"{out}.erf"),
+            make("Add", [f"{out}.erf", one], [f"{out}.erf1"], name=f"{out}.add"),
+            make("Mul", [source, f"{out}.erf1"], [f"{out}.x_erf"], name=f"{out}.mul"),
+            make("Mul", [f"{out}.x_erf", half], [out], name=out)]
+
+
+def _silu(source: str, out: str) -> list[onnx.NodeProto]:
+    """SiLU as torch's exporter writes it: x * sigmoid(x)."""
+    make = helper.make_node
+    return [make("Sigmoid", [source], [f"{out}.sigmoid"], name=f"{out}.sigmoid"),
+            make("Mul", [source, f"{out}.sigmoid"], [out], name=out)]
+
+
+def _hardswish(source: str, out: str) -> list[onnx.NodeProto]:
+    """HardSwish as torch's dynamo exporter writes it: x * HardSigmoid(x) (alpha 1/6, beta 1/2)."""
+    make = helper.make_node
+    return [make("HardSigmoid", [source], [f"{out}.gate"], name=f"{out}.hardsigmoid", alpha=1 / 6, beta=0.5),
+            make("Mul", [source, f"{out}.gate"], [out], name=out)]
+
+
+def _conv(p: _Params, nodes: list, name: str, source: str, cin: int, cout: int, k: int = 3, stride: int = 1,
+          groups: int = 1) -> str:
+    """A Conv k x k (padded to keep the size), its weights Kaiming-uniform, its bias PyTorch's default."""
+    fan_in = cin // groups * k * k
+    nodes.append(helper.make_node("Conv", [source, p.uniform(f"{name}.weight", (cout, cin // groups, k, k), fan_in,
+                                                            gain=np.sqrt(6)),
+                                           p.uniform(f"{name}.bias", (cout,), fan_in)], [f"{name}.out"], name=name,
+                                  kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride, stride], group=groups))
+    return f"{name}.out"
+
+
+def build_silu_cnn(widths: Sequence[int] = (16, 32), seed: int = 0, side: int = 28, classes: int = 10) -> onnx.ModelProto:
+    """A CNN with SiLU on flat (N, side*side) images: per width a Conv 3x3 -> SiLU -> MaxPool 2, then
+    Flatten -> Gemm 64 -> SiLU -> Gemm ``fc2``; SiLU written x * sigmoid(x) as torch exports it."""
+    p, nodes = _Params(seed), []
+    make = helper.make_node
+    nodes.append(make("Reshape", ["x", p.constant("image_shape", np.array([-1, 1, side, side], np.int64))], ["image"],
+                      name="to_image"))
+    stream, width, size = "image", 1, side
+    for k, out in enumerate(widths, start=1):
+        nodes.extend(_silu(_conv(p, nodes, f"conv{k}", stream, width, out), f"act{k}"))
+        nodes.append(make("MaxPool", [f"act{k}"], [f"pool{k}.out"], name=f"pool{k}", kernel_shape=[2, 2], strides=[2, 2]))
+        stream, width, size = f"pool{k}.out", out, size // 2
+    features = width * size * size
+    nodes.append(make("Flatten", [stream], ["flat"], name="flatten"))
+    nodes.append(make("Gemm", ["flat", p.uniform("fc1.weight", (64, features), features), p.uniform("fc1.bias", (64,), features)],
+                      ["fc1.out"], name="fc1", transB=1))
+    nodes.extend(_silu("fc1.out", "act_fc1"))
+    nodes.append(make("Gemm", ["act_fc1", p.uniform("fc2.weight", (classes, 64), 64), p.uniform("fc2.bias", (classes,), 64)],
+                      ["logits"], name="fc2", transB=1))
+    return _finish(nodes, p, "mnist_silu_cnn", side * side, classes)
+
+
+def build_mobilenet(seed: int = 0, side: int = 28, classes: int = 10, stem: int = 16,
+                    stages: Sequence[tuple[int, int, int]] = ((16, 48, 1), (24, 72, 2), (24, 72, 1))) -> onnx.ModelProto:
+    """A MobileNetV3-style net on flat (N, side*side) images: a stride-2 stem Conv 3x3 -> HardSwish, then per
+    stage (out, expanded, stride) an inverted residual block: expand Conv 1x1 -> HardSwish -> depthwise Conv
+    3x3 -> HardSwish -> squeeze-excitation (GlobalAveragePool -> Conv 1x1 to expanded/4 -> ReLU -> Conv 1x1 ->
+    HardSigmoid -> Mul) -> project Conv 1x1, added to its input where the shape allows; then a head Conv 1x1
+    96 -> HardSwish -> GlobalAveragePool -> Flatten -> Gemm ``fc``. HardSwish written x * HardSigmoid(x) as
+    torch's dynamo exporter does. No BatchNormalization (see build_resnet)."""
+    p, nodes = _Params(seed), []
+    make = helper.make_node
+    nodes.append(make("Reshape", ["x", p.constant("image_shape", np.array([-1, 1, side, side], np.int64))], ["image"],
+                      name="to_image"))
+    nodes.extend(_hardswish(_conv(p, nodes, "stem", "image", 1, stem, stride=2), "stem_act"))
+    stream, width = "stem_act", stem
+    for b, (out, expanded, stride) in enumerate(stages, start=1):
+        name = f"block{b}"
+        nodes.extend(_hardswish(_conv(p, nodes, f"{name}.expand", stream, width, expanded, k=1), f"{name}.expand_act"))
+        nodes.extend(_hardswish(_conv(p, nodes, f"{name}.dw", f"{name}.expand_act", expanded, expanded, stride=stride,
+                                      groups=expanded), f"{name}.dw_act"))
+        squeezed = max(4, expanded // 4)
+        nodes.append(make("GlobalAveragePool", [f"{name}.dw_act"], [f"{name}.se_pool"], name=f"{name}.se_pool"))
+        nodes.append(make("Relu", [_conv(p, nodes, f"{name}.se1", f"{name}.se_pool", expanded, squeezed, k=1)],
+                          [f"{name}.se_relu"], name=f"{name}.se_relu"))
+        nodes.append(make("HardSigmoid", [_conv(p, nodes, f"{name}.se2", f"{name}.se_relu", squeezed, expanded, k=1)],
+                          [f"{name}.gate"], name=f"{name}.gate", alpha=1 / 6, beta=0.5))
+        nodes.append(make("Mul", [f"{name}.dw_act", f"{name}.gate"], [f"{name}.excited"], name=f"{name}.excite"))
+        projected = _conv(p, nodes, f"{name}.project", f"{name}.excited", expanded, out, k=1)
+        if stride == 1 and out == width:
+            nodes.append(make("Add", [stream, projected], [f"{name}.out"], name=f"{name}.residual"))
+            projected = f"{name}.out"
+        stream, width = projected, out
+    nodes.extend(_hardswish(_conv(p, nodes, "head", stream, width, 96, k=1), "head_act"))
+    nodes += [make("GlobalAveragePool", ["head_act"], ["gap.out"], name="gap"),
+              make("Flatten", ["gap.out"], ["flat"], name="flatten"),
+              make("Gemm", ["flat", p.uniform("fc.weight", (classes, 96), 96), p.uniform("fc.bias", (classes,), 96)], ["logits"],
+                   name="fc", transB=1)]
+    return _finish(nodes, p, "mnist_mobilenet", side * side, classes)
+
+
+def build_vit(seed: int = 0, **kwargs) -> onnx.ModelProto:
+    """``build_transformer`` with GELU in its FFN: a small ViT."""
+    return build_transformer(seed=seed, activation="gelu", **kwargs)

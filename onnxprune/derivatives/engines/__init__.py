@@ -39,10 +39,10 @@ class _Chosen:
                 return getattr(self.impl, method)(*args)
             except EngineFailure as exc:
                 self._failures.append(str(exc))
-                if not self._todo:
-                    from onnxprune.errors import InputError
+                if not self._todo:  # the model runs (checked before): the limitation is ours, not the input's
+                    from onnxprune.errors import Limitation
 
-                    raise InputError("no gradient engine can differentiate the model: " + "; ".join(self._failures)) from None
+                    raise Limitation("no gradient engine can differentiate the model: " + "; ".join(self._failures)) from None
                 self._next()
                 self.choice = EngineChoice(self.choice.name, f"fallback: {self._failures[-1]}")
 

