@@ -14,14 +14,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
 
 from onnxprune.derivatives.plan import DerivativeSettings, Progress
 from onnxprune.errors import InputError
-from onnxprune.io.data import Dataset
+from onnxprune.io.data import Dataset, NpzColumn
 
 MAX_SHARDS = 64  # shards of whole batches, at most this many unless one batch is the whole shard
 
@@ -59,7 +59,7 @@ def shard_size(samples: int, step: int, requested: int | None = None) -> int:
 def split(data: Dataset, size: int) -> Iterator[tuple[int, Dataset]]:
     """The shards of ``data`` in order, each a Dataset of its rows (read when reached: streamed)."""
     for index, (feeds, labels) in enumerate(data.batches(size)):
-        rows = {name: np.asarray(feeds[name]) for name in data.feeds}
+        rows: dict[str, np.ndarray | NpzColumn] = {name: np.asarray(feeds[name]) for name in data.feeds}
         yield index, Dataset(rows, labels, data.fixed, data.axes)
 
 

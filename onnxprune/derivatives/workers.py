@@ -23,7 +23,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, cast
 
 from onnxprune.derivatives.plan import DerivativeSettings
 from onnxprune.derivatives.shards import Job, with_threads, worker_threads
@@ -153,16 +153,17 @@ class LocalWorkers:
                 busy[self.conns[number]] = (number, shard[0])
             if not busy:
                 return
-            for conn in wait(list(busy)):
-                number, index = busy.pop(conn)  # type: ignore[call-overload]
+            for ready in wait(list(busy)):
+                conn = cast(Connection, ready)
+                number, index = busy.pop(conn)
                 try:
-                    kind, value = conn.recv()  # type: ignore[union-attr]
+                    kind, value = conn.recv()
                 except (EOFError, OSError):
                     raise self._lost(number, index) from None
                 if kind == "error":
-                    raise value
+                    raise cast(BaseException, value)
                 idle.append(number)
-                yield value
+                yield cast(tuple[int, Any, dict], value)
 
     def _lost(self, number: int, index: int | None) -> WorkerLost:
         proc = self.procs[number]
