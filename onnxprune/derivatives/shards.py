@@ -12,32 +12,17 @@ number of workers and whichever worker took which shard.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator
-from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from onnxprune.derivatives.plan import DerivativeSettings, Progress
+from onnxprune.derivatives.plan import Progress
+from onnxprune.derivatives.workers import Job, pool
 from onnxprune.errors import InputError
 from onnxprune.io.data import Dataset, NpzColumn
 
 MAX_SHARDS = 64  # shards of whole batches, at most this many unless one batch is the whole shard
-
-
-class Job(Protocol):
-    """What a worker computes: ``start`` once in the worker (what every shard shares), then
-    ``shard`` per shard (its sums and what ran); ``merge`` combines two shards' sums (in place of
-    the first) on the driver. ``settings`` says how (the worker's threads are set by the service)."""
-
-    settings: DerivativeSettings
-
-    def start(self) -> None: ...
-
-    def shard(self, index: int, data: Dataset) -> tuple[Any, dict]: ...
-
-    def merge(self, first: Any, second: Any) -> Any: ...
 
 
 def shard_seed(seed: int, index: int) -> list[int]:
@@ -91,16 +76,9 @@ class Tree:
             level, position = level + 1, position // 2
 
 
-def worker_threads(settings: DerivativeSettings, workers: int) -> int:
-    """Threads of each local worker: --threads, else the CPUs shared out (at least one)."""
-    return settings.threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
-
-
 def run(job: Job, data: Dataset, step: int, progress: Progress | None = None) -> tuple[Any, dict]:
     """The sums of ``job`` over ``data`` by the workers its settings name: (the merged sums, what ran:
     the first shard's report with the workers, the shards and the cluster)."""
-    from onnxprune.derivatives.workers import pool
-
     settings = job.settings
     size = shard_size(len(data), step, settings.shard_size)
     count = math.ceil(len(data) / size)
@@ -122,8 +100,3 @@ def run(job: Job, data: Dataset, step: int, progress: Progress | None = None) ->
         report = {**(first or {}), "workers": workers.size, "shards": count, "shard_size": size,
                   "cluster": workers.where}
     return tree.root, report
-
-
-def with_threads(job, threads: int):
-    """``job`` (a dataclass with ``settings``) with its engine's threads set to ``threads``."""
-    return replace(job, settings=replace(job.settings, threads=threads))

@@ -12,6 +12,7 @@ run with one line (``WorkerLost``); nothing is retried.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import pickle
@@ -22,11 +23,11 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import replace
 from multiprocessing.connection import Connection, wait
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from onnxprune.derivatives.plan import DerivativeSettings
-from onnxprune.derivatives.shards import Job, with_threads, worker_threads
 from onnxprune.errors import STOP_SIGNALS, InputError, OnnxPruneError, RuntimeUnavailable, first_line
 from onnxprune.io.data import Dataset
 
@@ -34,6 +35,30 @@ CHILD = "from onnxprune.derivatives.workers import serve; serve()"
 RAY_DEPTH = 2         # shards queued per Ray actor: the next one's data travels while one is computed
 CONNECT_TIMEOUT = 10  # seconds to reach a Ray cluster's address before saying it is unreachable
 STOP_WAIT = 5         # seconds a stopped local worker gets before it is killed
+
+
+class Job(Protocol):
+    """What a worker computes: ``start`` once in the worker (what every shard shares), then
+    ``shard`` per shard (its sums and what ran); ``merge`` combines two shards' sums (in place of
+    the first) on the driver. ``settings`` says how (the worker's threads are set by the service)."""
+
+    settings: DerivativeSettings
+
+    def start(self) -> None: ...
+
+    def shard(self, index: int, data: Dataset) -> tuple[Any, dict]: ...
+
+    def merge(self, first: Any, second: Any) -> Any: ...
+
+
+def worker_threads(settings: DerivativeSettings, workers: int) -> int:
+    """Threads of each local worker: --threads, else the CPUs shared out (at least one)."""
+    return settings.threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
+
+
+def with_threads(job, threads: int):
+    """``job`` (a dataclass with ``settings``) with its engine's threads set to ``threads``."""
+    return replace(job, settings=replace(job.settings, threads=threads))
 
 
 class WorkerLost(OnnxPruneError):
@@ -205,7 +230,7 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise RuntimeUnavailable("--ray needs Ray, which is not installed: pip install 'onnxprune[ray]'") from None
+        raise InputError("--ray needs Ray, which is not installed: pip install 'onnxprune[ray]'") from None
     return ray
 
 
@@ -299,7 +324,8 @@ class RayWorkers:
         from ray.exceptions import RayActorError, RayError, RayTaskError
 
         try:
-            return self.ray.get(ref)
+            index, sums, info = self.ray.get(ref)
+            return index, copy.deepcopy(sums), info  # the object store's arrays are read-only; the reduce adds in place
         except RayTaskError as exc:  # the job raised: ours as it is, else one line
             raise _portable(exc.cause if exc.cause is not None else exc, index) from None
         except RayActorError as exc:
