@@ -34,6 +34,7 @@ from onnxprune.io.data import Dataset
 CHILD = "from onnxprune.derivatives.workers import serve; serve()"
 RAY_DEPTH = 2         # shards queued per Ray actor: the next one's data travels while one is computed
 CONNECT_TIMEOUT = 10  # seconds to reach a Ray cluster's address before saying it is unreachable
+_joined: list[str] = []  # the address this process's Ray connection is to
 STOP_WAIT = 5         # seconds a stopped local worker gets before it is killed
 
 
@@ -263,9 +264,12 @@ def _reachable(address: str) -> None:
 def connect(ray, address: str) -> str:
     """Join the cluster at ``address`` (once per process); our stop-signal handlers are kept (Ray's
     would turn SIGTERM into a bare exit)."""
-    if ray.is_initialized():
-        return "connected"
     target = ray_address(ray, address)
+    if ray.is_initialized():
+        if _joined == [target]:
+            return target
+        ray.shutdown()  # another cluster (an API caller's earlier run): this one is asked for
+    _joined.clear()
     _reachable(target)
     saved = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:
@@ -276,6 +280,7 @@ def connect(ray, address: str) -> str:
         for signum, handler in saved.items():
             if handler is not None:
                 signal.signal(signum, handler)
+    _joined.append(target)
     return target
 
 
