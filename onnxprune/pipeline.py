@@ -127,7 +127,8 @@ class Pruner:
     step. ``steps``, ``refit``, ``chained`` and ``g_weighted`` are the command line's spelling of the
     same. A method name may be a preset of scorer, schedule and repair: ``ecp-refit`` (weights) is
     ECP + geometric(5) + Refit + a label-free distillation; structured ``ecp`` runs in 5 steps with
-    the refit.
+    the refit. ``workers`` (local processes) or ``ray`` (a Ray cluster's address, or "auto") compute
+    the statistics shard by shard (``derivatives.shards``): the same seed, the same model for any count.
     """
 
     def __init__(self, method: str = "ecp", *, structured: bool = False, macs: bool = False, multiple: int | None = None,
