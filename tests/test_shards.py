@@ -114,6 +114,20 @@ def test_sums_on_worker_processes_equal_one_process_and_do_not_depend_on_the_wor
     assert not np.array_equal(again[layers[0].name].sum_g, probed[0][layers[0].name].sum_g)  # the seed is used
 
 
+@pytest.mark.parametrize("name", ["mnist_mlp", "mnist_cnn", "mnist_resnet"])
+def test_the_shipped_models_sums_on_workers_equal_one_process(name):
+    """The MNIST MLP, CNN and ResNet export, 64 images in 4 shards on 2 workers: one process's exact sums."""
+    from onnxprune.api import as_dataset, as_model
+    from onnxprune.find.outputs import protected_output
+
+    root = Path(__file__).resolve().parents[1] / "models"
+    model = as_model(root / f"{name}.onnx")
+    dataset = as_dataset(root / "mnist_calib.npz", model).subset(64)
+    layers, output = analyse_graph(model).layers, protected_output(model)
+    one = collect_statistics(model, layers, dataset, output, batch_size=16)
+    _close(collect_statistics(model, layers, dataset, output, batch_size=16, workers=2, shard_size=16), one, rtol=1e-5)
+
+
 def test_unit_sums_and_loss_gradients_on_workers_equal_one_process():
     model, layers, dataset, output = _mlp_case()
     by_name, groups = analyse_graph(model).by_name(), find_units(model).groups
