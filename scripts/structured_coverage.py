@@ -57,7 +57,7 @@ def inspect_row(name, path, onnxprune, args, work):
         "groups": len(groups),
         "group_units": sum(g["units"] for g in groups),
         "group_consumer_layers": len(consumers & set(layers)),
-        "rejected_layers": len({r["layer"] for r in rejected}),
+        "rejected_layers": len({r["node"] for r in rejected}),
         "rejection_reasons": Counter(reason_key(r["op"], r["reason"]) for r in rejected).most_common(),
         "skipped": Counter(reason_key(s["op"], s["reason"]) for s in rep.get("skipped", [])).most_common(),
         "protected_output": rep.get("protected_output"),

@@ -72,7 +72,7 @@ def coverage(model: onnx.ModelProto, feeds: dict | None = None) -> dict:
     grouped = {p for g in units.groups for p in g.producers}
     followers = {n for g in units.groups for n in g.group_attributes}
     grouped |= {layer.name for layer in layers if layer.node in followers}
-    rejected = {r.layer: r for r in units.rejected}
+    rejected = {r.node: r for r in units.rejected}
     unavoidable = {name for name, r in rejected.items() if name not in grouped and r.unavoidable}
     other = [r for name, r in rejected.items() if name not in grouped and name not in unavoidable]
     names = {layer.name for layer in layers}
@@ -83,7 +83,7 @@ def coverage(model: onnx.ModelProto, feeds: dict | None = None) -> dict:
             "covered": (len(grouped & names) + len(unavoidable & names)) / max(1, len(layers)),
             "unavoidable_reasons": Counter(QUOTED.sub("…", rejected[n].reason) for n in unavoidable).most_common(),
             "other_reasons": Counter(f"{r.op}: {QUOTED.sub('…', r.reason)}" for r in other).most_common(),
-            "other_examples": [f"{r.layer}: {r.reason}" for r in other[:5]],
+            "other_examples": [f"{r.node}: {r.reason}" for r in other[:5]],
             "unaccounted": sorted(unaccounted)[:5], "find_seconds": round(seconds, 2)}
 
 

@@ -109,4 +109,4 @@ def consumers(model):
 
 
 def reasons(model):
-    return {r.layer: r for r in find_units(model).rejected}
+    return {r.node: r for r in find_units(model).rejected}

@@ -174,7 +174,7 @@ def test_a_depthwise_chain_is_one_group_and_the_residual_stream_another():
     assert groups["stem"].producers == ("stem", "project")
     assert [c.layer for c in groups["stem"].consumers] == ["expand", "head"]
     assert [c.layer for c in groups["expand"].consumers] == ["project"] and groups["expand"].group_attributes == ("dw",)
-    assert "dw" not in {r.layer for r in units.rejected}
+    assert "dw" not in {r.node for r in units.rejected}
     for name in ("stem", "expand", "head"):
         shrinks_to_masked(model, name)
 

@@ -150,7 +150,7 @@ CASES = {**{f"separate-{v}": (lambda v=v: separate(v)) for v in ("legacy", "shar
 def test_heads_in_every_spelling_shrink_to_the_masked_model(case):
     model = CASES[case]()
     groups = {g.name: g for g in find_units(model).groups if g.name.startswith("heads:")}
-    assert groups, [(r.layer, r.reason) for r in find_units(model).rejected]
+    assert groups, [(r.node, r.reason) for r in find_units(model).rejected]
     for name, group in groups.items():
         assert group.units == H and [c.block for c in group.consumers] == [D]
         shrunk = shrinks_to_masked(model, name)

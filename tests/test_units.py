@@ -317,7 +317,7 @@ def test_reshape_constant_follows_the_channels():
 
 
 def _rejected(model):
-    return {r.layer: r.reason for r in find_units(model).rejected}
+    return {r.node: r.reason for r in find_units(model).rejected}
 
 
 def test_what_cannot_go_is_rejected_with_its_reason():
@@ -328,7 +328,7 @@ def test_what_cannot_go_is_rejected_with_its_reason():
     reasons = _rejected(from_input)
     assert "graph input" in reasons["fc0"] and "graph output" in reasons["fc2"]
     stream = find_units(build_transformer(width=8, heads=2, ffn=6, blocks=1, patch=4, side=8, classes=3)).rejected
-    why = {r.layer: r for r in stream}
+    why = {r.node: r for r in stream}
     assert all(why[name].unavoidable and "the residual stream of LayerNormalization" in why[name].reason
                for name in ("embed", "block1.o", "block1.ffn2"))
 
@@ -372,7 +372,7 @@ def test_inspect_lists_groups_and_rejections():
 
     report = onnxprune.inspect(mlp_gemm())
     assert [g["group"] for g in report["units"]["groups"]] == ["fc0", "fc1"]
-    assert report["units"]["rejected"][0]["layer"] == "fc2"
+    assert report["units"]["rejected"][0]["node"] == "fc2"
 
 
 def test_input_features_by_a_contiguous_slice_keep_the_inputs():
@@ -410,5 +410,5 @@ def test_pruned_inputs_change_the_input_contract():
 
 
 def test_inputs_read_by_other_nodes_are_not_units():
-    reasons = {r.layer: r.reason for r in find_units(cnn(), inputs="slice").rejected}
+    reasons = {r.node: r.reason for r in find_units(cnn(), inputs="slice").rejected}
     assert "Reshape" in reasons["input:x"]

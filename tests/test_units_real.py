@@ -42,7 +42,7 @@ def _check(model, name):
     units = find_units(model)
     nodes = {n.name for n in model.graph.node}
     for rejected in units.rejected:
-        assert rejected.reason and rejected.layer, rejected
+        assert rejected.reason and rejected.node, rejected
     feeds = _feeds(name, model)
     rng = np.random.default_rng(0)
     for group in units.groups:
@@ -65,7 +65,7 @@ def _check(model, name):
 @pytest.mark.parametrize("name", sorted(MANIFEST))
 def test_units_of_the_analysis_copy_shrink_to_the_masked_model(name):
     units = _check(AnalysisCopy.of(onnx.load(REAL / f"{name}.onnx")).model, name)
-    assert len(units.groups) >= AT_LEAST.get(name, 0), [(r.layer, r.reason) for r in units.rejected]
+    assert len(units.groups) >= AT_LEAST.get(name, 0), [(r.node, r.reason) for r in units.rejected]
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST))

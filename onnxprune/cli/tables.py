@@ -82,7 +82,7 @@ def _times(ratio: float | None) -> str | None:
 
 
 def skipped_table(skipped: list[dict]) -> str:
-    rows = [[s.get("node", s.get("layer")), s["op"], s["reason"]] for s in skipped]
+    rows = [[s["node"], s["op"], s["reason"]] for s in skipped]
     return table(["node", "op", "why it is not pruned"], rows, right=set())
 
 
@@ -236,5 +236,5 @@ def units_table(units: dict) -> str:
         text = "unit groups: none (prune --structured finds no neuron or channel it can remove)"
     if units["rejected"]:
         text += "\n\n" + table(["layer", "op", "why its units are not removable"],
-                               [[r["layer"], r["op"], r["reason"]] for r in units["rejected"]], right=set())
+                               [[r["node"], r["op"], r["reason"]] for r in units["rejected"]], right=set())
     return text

@@ -104,14 +104,14 @@ class LayerStatistics:
                 mean = patches.mean((0, 1, 3), dtype=np.float64)
                 self.shift = mean.astype(np.float32).astype(np.float64)
             block = self._shared_block(g[start:start + chunk], patches - self.shift.astype(dtype)[:, None], scale, exact)
-            if not all(np.isfinite(v).all() for v in block):
+            if not all(np.isfinite(v).all() for v in vars(block).values() if v is not None):
                 block = self._shared_block(np.asarray(g[start:start + chunk], np.float64),
                                            patches.astype(np.float64) - self.shift[:, None], scale, exact)
-            self.sum_g += block[0]
-            self.sum_gz += block[1]
-            self.sum_gz2 += block[2]
+            self.sum_g += block.sum_g
+            self.sum_gz += block.sum_gz
+            self.sum_gz2 += block.sum_gz2
             if self.sum_g_positions is not None:
-                self.sum_g_positions += block[3]
+                self.sum_g_positions += block.sum_g_positions
             self.sum_z += patches.sum(-1, dtype=np.float64).sum(0).reshape(self.sum_z.shape)
             self.sum_z2 += np.einsum("ngjt,ngjt->gj", patches, patches, dtype=np.float64).reshape(self.sum_z2.shape)
         self.n += n
@@ -143,13 +143,14 @@ class LayerStatistics:
         self.sum_z2 += other.sum_z2
         return self
 
-    def _shared_block(self, g: np.ndarray, centred: np.ndarray, scale: float, exact: bool) -> tuple[np.ndarray, ...]:
-        """(sum_g, sum_gz, sum_gz2, sum_g_positions) of one chunk, from patches less the shift."""
+    def _shared_block(self, g: np.ndarray, centred: np.ndarray, scale: float, exact: bool) -> SimpleNamespace:
+        """The sums (sum_g, sum_gz, sum_gz2, sum_g_positions) of one chunk, from patches less the shift."""
         block = SimpleNamespace(sum_g=np.zeros_like(self.sum_g), sum_gz=np.zeros_like(self.sum_gz),
-                                sum_gz2=np.zeros_like(self.sum_gz2), sum_g_positions=np.zeros_like(self.sum_g))
+                                sum_gz2=np.zeros_like(self.sum_gz2),
+                                sum_g_positions=None if self.sum_g_positions is None else np.zeros_like(self.sum_g_positions))
         with one_blas_thread():  # the same rounding whatever --threads says, as in ``add``
             accumulate_shared(block, g, centred, scale, exact)
-        return block.sum_g, block.sum_gz, block.sum_gz2, block.sum_g_positions
+        return block
 
     @property
     def A(self) -> np.ndarray:

@@ -124,9 +124,14 @@ class Layer:
 
 @dataclass(frozen=True)
 class Skipped:
+    """What is not pruned -- a layer, or the units of a layer's output -- and why (``inspect``, ``-v``
+    and the JSON show the reason as it is); ``unavoidable`` when no rewrite could prune it (the units
+    are what the model returns, or a normalization over the channels mixes them)."""
+
     node: str
     op: str
     reason: str
+    unavoidable: bool = False
 
 
 @dataclass

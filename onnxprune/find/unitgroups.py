@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxprune.find.layers import Layer
+from onnxprune.find.layers import Layer, Skipped
 
 
 @dataclass(frozen=True)
@@ -97,21 +97,10 @@ class UnitGroup:
                 "consumers": [c.layer for c in self.consumers], "path": list(self.path)}
 
 
-@dataclass(frozen=True)
-class Rejected:
-    """A layer whose output units cannot be removed, and why; ``unavoidable`` when no rewrite could
-    (the units are what the model returns, or a normalization over the channels mixes them)."""
-
-    layer: str
-    op: str
-    reason: str
-    unavoidable: bool = False
-
-
 @dataclass
 class Units:
     groups: list[UnitGroup]
-    rejected: list[Rejected]
+    rejected: list[Skipped]
 
     def by_name(self) -> dict[str, UnitGroup]:
         return {g.name: g for g in self.groups}

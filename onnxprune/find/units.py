@@ -33,8 +33,8 @@ import onnx
 
 from onnxprune.find.constants import Constants, static_shapes
 from onnxprune.find.heads import attention_groups
-from onnxprune.find.layers import Layer, analyse_graph
-from onnxprune.find.unitgroups import Consumer, Cut, Rejected, UnitGroup, Units, in_axis, stored_axis
+from onnxprune.find.layers import Layer, Skipped, analyse_graph
+from onnxprune.find.unitgroups import Consumer, Cut, UnitGroup, Units, in_axis, stored_axis
 from onnxprune.find.unitplace import Context
 from onnxprune.find.unitwalk import match_group
 from onnxprune.graph.index import GraphIndex
@@ -63,7 +63,7 @@ def _input_groups(g: GraphIndex, model: onnx.ModelProto, layers: list[Layer], mo
         readers = [layer for layer in layers if layer.input == tensor]
         others = [n.op_type for n in g.consumers[tensor] if n.name not in {r.node for r in readers}]
         if others or not readers or any(r.kind != "dense" or r.weight_path for r in readers) or g.ranks.get(vi.name) != 2:
-            rejected.append(Rejected(f"input:{vi.name}", "input", f"input {vi.name!r} is read by "
+            rejected.append(Skipped(f"input:{vi.name}", "input", f"input {vi.name!r} is read by "
                                      f"{', '.join(sorted(set(others))) or 'no dense layer'}, not only by 2-D dense layers"))
             continue
         units = readers[0].in_features
@@ -108,6 +108,6 @@ def find_units(model: onnx.ModelProto, layers: list[Layer] | None = None, inputs
                 grouped.update(p for p in result.producers if p != producer.name)
             else:
                 rejected.append(result)
-    kept = [r for r in rejected if not (r.layer in depthwise_followers and r.reason.startswith("depthwise Conv"))]
+    kept = [r for r in rejected if not (r.node in depthwise_followers and r.reason.startswith("depthwise Conv"))]
     input_groups, input_rejected = _input_groups(g, model, found.layers if layers is None else layers, inputs)
     return Units(input_groups + groups, input_rejected + kept)

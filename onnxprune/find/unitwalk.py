@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxprune.find.layers import BORDER, Layer
-from onnxprune.find.unitgroups import Consumer, Cut, Rejected, Stop, Unavoidable, UnitGroup, in_axis, out_axis, stored_axis
+from onnxprune.find.layers import BORDER, Layer, Skipped
+from onnxprune.find.unitgroups import Consumer, Cut, Stop, Unavoidable, UnitGroup, in_axis, out_axis, stored_axis
 from onnxprune.find.unitplace import BINARY, DATA_INPUTS, JOINS, REDUCE, UNARY, Context, Divide, Walk, node_axes
 from onnxprune.find.unitsteps import step
 from onnxprune.graph.index import attributes
@@ -205,11 +205,11 @@ class _Search:
     def name(self) -> str:
         return self.start.name if self.part is None else f"{self.start.name}[{self.part[2]}]"
 
-    def result(self) -> UnitGroup | Rejected:
+    def result(self) -> UnitGroup | Skipped:
         start, walk = self.start, self.walk
         if self.stops:
             chosen = next((s for s in self.stops if s.unavoidable), self.stops[0])
-            return Rejected(self.name, start.op, str(chosen), chosen.unavoidable)
+            return Skipped(self.name, start.op, str(chosen), chosen.unavoidable)
         position = {node.name: i for i, node in enumerate(self.ctx.g.model.graph.node)}
         readers = sorted(self.consumers.values(), key=lambda c: (position[self.ctx.layers[c.layer].node], c.offset))
         writers = sorted({p.name: p for p in self.producers}.values(), key=lambda p: position[p.node])
@@ -219,13 +219,13 @@ class _Search:
                          path=tuple(dict.fromkeys(walk.path)), lanes=walk.lanes)
 
 
-def match_group(ctx: Context, start: Layer) -> list[UnitGroup | Rejected]:
+def match_group(ctx: Context, start: Layer) -> list[UnitGroup | Skipped]:
     """The unit groups of ``start``'s output rows, or why there are none: one group, or one per part
     when a Split or Slice divides them (part k is named ``layer[k]``; a part that an earlier part's
     group already holds, as an STFT's imaginary half with its real half, is not walked again)."""
     bounds = [0, start.out_features]
     while True:
-        results: list[UnitGroup | Rejected] = []
+        results: list[UnitGroup | Skipped] = []
         at: set[int] = set()
         covered: set[int] = set()
         for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
@@ -235,7 +235,7 @@ def match_group(ctx: Context, start: Layer) -> list[UnitGroup | Rejected]:
             try:
                 _add_producer(ctx, search.walk, search.producers, start)
             except Stop as stop:
-                results.append(Rejected(search.name, start.op, str(stop), stop.unavoidable))
+                results.append(Skipped(search.name, start.op, str(stop), stop.unavoidable))
                 continue
             search.run()
             if not search.stops and not search.consumers:
@@ -249,8 +249,8 @@ def match_group(ctx: Context, start: Layer) -> list[UnitGroup | Rejected]:
                 covered |= {offset for name, offset in search.written if name == start.name}
         if not at:
             if start.out_features == 1:  # whatever stopped the walk, the one unit can only go with the layer
-                return [Rejected(r.layer, r.op, f"it has one output unit, which cannot go without the layer ({r.reason})",
-                                 True) if isinstance(r, Rejected) else r for r in results]
+                return [Skipped(r.node, r.op, f"it has one output unit, which cannot go without the layer ({r.reason})",
+                                 True) if isinstance(r, Skipped) else r for r in results]
             return results
         bounds = sorted(set(bounds) | at)
 

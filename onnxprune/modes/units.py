@@ -16,8 +16,7 @@ import onnx
 
 from onnxprune.edit.slicing import drop_border, input_contract, remove_units
 from onnxprune.errors import InputError
-from onnxprune.find.layers import Layer, analyse_graph
-from onnxprune.find.unitgroups import Rejected
+from onnxprune.find.layers import Layer, Skipped, analyse_graph
 from onnxprune.find.units import find_units
 from onnxprune.io.data import Dataset
 from onnxprune.modes.base import Preset, State
@@ -100,13 +99,13 @@ class UnitsMode:
         for g in units.groups:  # a consumer beyond the protected output: the units are part of that output
             beyond = [c.layer for c in g.consumers if c.layer not in reaching]
             if beyond:
-                rejected.append(Rejected(g.producer or g.name, by_name[g.producer].op if g.producer else "input",
+                rejected.append(Skipped(g.producer or g.name, by_name[g.producer].op if g.producer else "input",
                                          f"its units reach the protected output {output!r} directly (their consumer "
                                          f"{beyond[0]} lies beyond it)"))
         self.groups = [g for g in units.groups if all(c.layer in reaching for c in g.consumers)
                        and not any(excluded(by_name[n], self.exclude) for n in (*g.producers, *(c.layer for c in g.consumers)))]
         if not self.groups:
-            reasons = "; ".join(f"{r.layer} ({r.op}): {r.reason}" for r in rejected[:3])
+            reasons = "; ".join(f"{r.node} ({r.op}): {r.reason}" for r in rejected[:3])
             raise InputError(f"the model has no unit group that can be removed ({reasons or 'no prunable layers'})")
         self.original = {g.name: g.units for g in self.groups}
         self.multiples = self._multiples(by_name)
@@ -116,13 +115,14 @@ class UnitsMode:
 
     def _multiples(self, layers: dict[str, Layer]) -> dict[str, int]:
         """Per group the multiple its kept count is rounded to: the one asked for, else for channels of a
-        Conv the provider's fast channel block where the dense model is on it (else rounding buys nothing)."""
+        Conv the provider's fast channel block where the dense model is on it with more than one block
+        (off it, rounding buys nothing; with one block, rounding would forbid removing any unit)."""
         if self.multiple is not None:
             return {g.name: self.multiple for g in self.groups}
         convs = [g for g in self.groups
                  if any(layers[n].op == "Conv" for n in (*g.producers, *(c.layer for c in g.consumers)))]
         block = conv_channel_block(self.provider) if convs else 1
-        return {g.name: block if g in convs and g.units % block == 0 else 1 for g in self.groups}
+        return {g.name: block if g in convs and g.units % block == 0 and g.units > block else 1 for g in self.groups}
 
     def begin(self, model: onnx.ModelProto, layers: list[Layer]) -> State:
         kept = {name: np.arange(n) for name, n in self.original.items()}

@@ -293,7 +293,10 @@ class RefitRun:
 
     def _pieces(self, model: onnx.ModelProto, layers: list[Layer]) -> Pieces | None:
         """The network cut before every layer (kept across steps while the graph is the same), run up
-        to the first layer; None when the layers are not in graph order or the cuts would not fit."""
+        to the first layer; None when there is no layer, the layers are not in graph order or the cuts
+        would not fit."""
+        if not layers:
+            return None
         if self.pieces is None or self.pieces.key != structure_key(model):
             self.pieces = Pieces(model, layers, {layer.name: fit_target(model, layer)[0] for layer in layers},
                                  self.provider, self.threads)

@@ -23,7 +23,7 @@ from onnxprune.derivatives.instrument import exposed, instrument, offset_name
 from onnxprune.errors import Limitation
 from onnxprune.find.layers import Layer, by_position, folded_preacts, sample_major
 from onnxprune.graph.index import subgraph_reads, tensor_types
-from onnxprune.graph.passes import needed_nodes
+from onnxprune.graph.passes import free_batch_copy, needed_nodes
 from onnxprune.prepare.shapes import tensor_shapes
 
 MIN_OPSET = 16  # onnx-ad needs ScatterND with reduction (16) for MaxPool, Softmax-13, ReduceSum's axes input (13)
@@ -157,7 +157,8 @@ class _AdjointModel:
     def _declare_unknown(self, m: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
         """Shapes inference leaves unknown or symbolic (onnx-ad needs every differentiated value's rank,
         and a Conv's input shape in numbers: ShuffleNet's channel shuffle Reshapes hide them), measured
-        on one sample of the model itself and declared with the graph's batch."""
+        on the batch the graph is built for (whole shapes: a tensor may hold its batch on another axis,
+        as a sequence-first transformer's do)."""
         known = {vi.name for vi in [*m.graph.input, *m.graph.output, *m.graph.value_info]  # every dim a number
                  if vi.type.tensor_type.HasField("shape")
                  and all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)} | {t.name for t in m.graph.initializer}
@@ -166,21 +167,21 @@ class _AdjointModel:
         if not missing:
             return
         try:
-            shapes = tensor_shapes(self.model, missing, feeds, self.provider)
+            values = runtime.run_tensors(free_batch_copy(self.model), feeds, missing, self.provider)
         except Exception:  # noqa: BLE001 - onnx-ad will name what it still misses
             return
+        shapes = {name: tuple(value.shape) for name, value in zip(missing, values)}
         types = tensor_types(self.model)
         shapeless = [vi for vi in m.graph.value_info if vi.name in shapes]  # typed but without a shape in numbers
         for vi in shapeless:
             m.graph.value_info.remove(vi)
         for name, shape in shapes.items():
             if name in types:
-                m.graph.value_info.append(helper.make_tensor_value_info(name, types[name], [self.batch, *shape]))
+                m.graph.value_info.append(helper.make_tensor_value_info(name, types[name], list(shape)))
         for vi in m.graph.output:  # the exposed copies of those tensors
             source = vi.name[: -len("__onnxprune_z")] if vi.name.endswith("__onnxprune_z") else None
             if source in shapes and not vi.type.tensor_type.HasField("shape"):
-                vi.CopyFrom(helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type,
-                                                          [self.batch, *shapes[source]]))
+                vi.CopyFrom(helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, list(shapes[source])))
 
     def _reduce_squares(self, grad: onnx.ModelProto, elem: int) -> None:
         """Outputs G = sum over the seed axis of the squared derivative, for single-use layers."""
