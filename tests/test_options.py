@@ -116,8 +116,9 @@ MATRIX = {
     "--engine": {m: (["--engine", "adjoint"], lambda r, j, f: j["engine"]["name"] == "adjoint") for m in ("weights", "units")},
     "--memory-budget": {m: (["--memory-budget", "2000"], lambda r, j, f: j["derivatives"]["batch"] < 48)
                         for m in ("weights", "units")},
-    "--workers": {m: (["--workers", "2"], lambda r, j, f: j["derivatives"]["workers"] == 2
-                      and j["derivatives"]["cluster"] == "local") for m in ("weights", "units")},
+    "--workers": {m: (["--workers", "2", "--batch-size", "8"], lambda r, j, f: j["derivatives"]["workers"] == 2
+                      and j["derivatives"]["shards"] == 6 and j["derivatives"]["cluster"] == "local")
+                  for m in ("weights", "units")},
     "--json": {m: ([], lambda r, j, f: j["mode"] in ("weights", "units")) for m in ("weights", "units")},
     "--data": {m: ([], lambda r, j, f: j["derivatives"]["outputs"] == 3) for m in ("weights", "units")},
     "--force": {m: (["--force", "touch=1"], lambda r, j, f: r.exit_code == 0 and j is not None) for m in ("weights", "units")},
