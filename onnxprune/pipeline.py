@@ -258,8 +258,9 @@ class Pruner:
         scores = self.scorer_(ctx)
         used = ctx.derivatives
         if self.settings_.sharded and "shards" not in used:
-            raise InputError(f"--workers and --ray spread the statistics over workers, and method {self.method!r} "
-                             "collects none; drop them")
+            how = " with the error at each layer" if self.chosen_.error_at == "layer" else ""
+            raise InputError(f"--workers and --ray spread the derivative statistics over workers, and method "
+                             f"{self.method!r}{how} takes none; drop them")
         self.engine_ = used["engine"].as_json() if "engine" in used else {
             "name": None, "reason": f"method {self.method!r} needs no derivatives"}
         self.derivatives_ = {k: v for k, v in used.items() if k != "engine"}

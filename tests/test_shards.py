@@ -174,6 +174,15 @@ def test_the_pruned_model_is_the_same_with_1_and_2_workers(tmp_path, extra):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
+def test_workers_for_a_method_without_derivative_statistics_are_refused_in_one_line(tmp_path):
+    model, calib = _files(tmp_path)
+    done = _prune(model, calib, tmp_path / "out.onnx", "--method", "magnitude", "--workers", "2")
+    assert done.exit_code == 2, done.output
+    assert done.output.strip().splitlines() == ["Error: --workers and --ray spread the derivative statistics over "
+                                                "workers, and method 'magnitude' takes none; drop them"]
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_a_dry_run_on_workers_says_where_the_sums_were_computed(tmp_path):
     model, calib = _files(tmp_path)
     done = CliRunner().invoke(main, ["prune", model, "--data", calib, "--dry-run", "--workers", "2", "-v",
