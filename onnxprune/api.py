@@ -18,8 +18,8 @@ def prune(model, data, sparsity: float, *, method: str = "ecp", **params) -> Pru
 
     ``params`` are Pruner's (compensation, scope, exclude, seed, output, probes, batch_size,
     labels_key, provider, threads, force, schedule, repair, steps, refit, chained, g_weighted, engine,
-    memory_budget, progress; structured with macs, multiple, inputs). Save the result with
-    ``onnxprune.save_model``.
+    memory_budget, workers, ray, progress; structured with macs, multiple, inputs). Save the result
+    with ``onnxprune.save_model``.
     """
     return Pruner(method, **params).fit(model, data).prune(sparsity)
 

@@ -19,6 +19,7 @@ from onnxprune.check.relative import compare_outputs, damage_warnings, emptied_l
 from onnxprune.check.timing import select_inputs
 from onnxprune.check.validate import check_finite_weights, check_runs, few_samples, per_sample, validate
 from onnxprune.derivatives.plan import MEMORY_BUDGET, DerivativeSettings
+from onnxprune.derivatives.workers import import_ray
 from onnxprune.errors import InputError
 from onnxprune.find.inventory import find_layers
 from onnxprune.find.objective import measure_objective
@@ -126,7 +127,8 @@ class Pruner:
     step. ``steps``, ``refit``, ``chained`` and ``g_weighted`` are the command line's spelling of the
     same. A method name may be a preset of scorer, schedule and repair: ``ecp-refit`` (weights) is
     ECP + geometric(5) + Refit + a label-free distillation; structured ``ecp`` runs in 5 steps with
-    the refit.
+    the refit. ``workers`` (local processes) or ``ray`` (a Ray cluster's address, or "auto") compute
+    the statistics shard by shard (``derivatives.shards``): the same seed, the same model for any count.
     """
 
     def __init__(self, method: str = "ecp", *, structured: bool = False, macs: bool = False, multiple: int | None = None,
@@ -138,7 +140,7 @@ class Pruner:
                  g_weighted: bool = False, conv_statistics: str | None = None, engine: str = "auto",
                  memory_budget: int = MEMORY_BUDGET, progress: Callable[[str, int, int], None] | None = None,
                  output_axes: dict[str, int] | None = None, objective: str = "relative", pattern: str | None = None,
-                 error_at: str | None = None):
+                 error_at: str | None = None, workers: int | None = None, ray: str | None = None):
         self.method, self.structured, self.macs, self.multiple, self.inputs = method, structured, macs, multiple, inputs
         self.compensation, self.scope, self.exclude = compensation, scope, tuple(exclude)
         self.seed, self.output, self.probes, self.batch_size = seed, output, probes, batch_size
@@ -146,6 +148,7 @@ class Pruner:
         self.schedule, self.repair = schedule, repair
         self.steps, self.refit, self.chained, self.g_weighted = steps, refit, chained, g_weighted
         self.conv_statistics, self.engine, self.memory_budget = conv_statistics, engine, memory_budget
+        self.workers, self.ray = workers, ray  # the statistics on local worker processes or a Ray cluster
         self.output_axes, self.objective = dict(output_axes or {}), objective
         self.pattern = pattern  # "N:M": at most N nonzero weights in every M consecutive inputs (select.masks)
         # scope, refit, conv_statistics and probes left None take the model's defaults (``model_defaults``)
@@ -156,6 +159,10 @@ class Pruner:
         """(strategy, scorer, schedule, repair, fallback): the method's preset, unless given."""
         if self.probes is not None and self.probes < 1:
             raise InputError(f"--probes must be a positive number, got {self.probes}")
+        if self.workers is not None and self.workers < 1:
+            raise InputError(f"--workers must be a positive number, got {self.workers}")
+        if self.ray is not None:
+            import_ray()  # a missing extra is said before any work
         if self.chosen_.error_at not in ERRORS_AT:
             raise InputError(f"error_at must be one of {', '.join(ERRORS_AT)}, got {self.chosen_.error_at!r}")
         if self.structured:
@@ -235,7 +242,8 @@ class Pruner:
             self.mode_, self.scorer_, self.schedule_, self.repair_, self.fallback_ = self._plan()
         self.skipped_ += self.mode_.find(self.model_, self.layers_, self.output_, self.all_layers_, self.data_)
         self.settings_ = DerivativeSettings(self.chosen_.probes, self.seed, self.engine, self.memory_budget,
-                                            self.batch_size, self.provider, self.threads, self.objective_)
+                                            self.batch_size, self.provider, self.threads, self.objective_,
+                                            workers=self.workers, ray=self.ray)
         self.seconds_: dict[str, float] = {}
         self.dense_ = self.mode_.begin(self.model_, self.layers_)
         self.scores_ = self._score(self.dense_)
@@ -249,6 +257,10 @@ class Pruner:
         start = time.perf_counter()
         scores = self.scorer_(ctx)
         used = ctx.derivatives
+        if self.settings_.sharded and "shards" not in used:
+            how = " with the error at each layer" if self.chosen_.error_at == "layer" else ""
+            raise InputError(f"--workers and --ray spread the derivative statistics over workers, and method "
+                             f"{self.method!r}{how} takes none; drop them")
         self.engine_ = used["engine"].as_json() if "engine" in used else {
             "name": None, "reason": f"method {self.method!r} needs no derivatives"}
         self.derivatives_ = {k: v for k, v in used.items() if k != "engine"}

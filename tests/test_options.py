@@ -116,6 +116,9 @@ MATRIX = {
     "--engine": {m: (["--engine", "adjoint"], lambda r, j, f: j["engine"]["name"] == "adjoint") for m in ("weights", "units")},
     "--memory-budget": {m: (["--memory-budget", "2000"], lambda r, j, f: j["derivatives"]["batch"] < 48)
                         for m in ("weights", "units")},
+    "--workers": {m: (["--workers", "2", "--batch-size", "8"], lambda r, j, f: j["derivatives"]["workers"] == 2
+                      and j["derivatives"]["shards"] == 6 and j["derivatives"]["cluster"] == "local")
+                  for m in ("weights", "units")},
     "--json": {m: ([], lambda r, j, f: j["mode"] in ("weights", "units")) for m in ("weights", "units")},
     "--data": {m: ([], lambda r, j, f: j["derivatives"]["outputs"] == 3) for m in ("weights", "units")},
     "--force": {m: (["--force", "touch=1"], lambda r, j, f: r.exit_code == 0 and j is not None) for m in ("weights", "units")},
@@ -139,7 +142,8 @@ MATRIX = {
     "--quiet": {m: (["-q"], lambda r, j, f: r.output == "") for m in ("weights", "units")},
 }
 TESTED_ELSEWHERE = {"--batch-axis": "tests/test_batch_axis.py (weights and --structured)",
-                    "--allow-external-data-outside": "tests/test_safety.py (read through the one model loader)"}
+                    "--allow-external-data-outside": "tests/test_safety.py (read through the one model loader)",
+                    "--ray": "tests/test_shards.py (a Ray head started for the session; without the extra: exit 2)"}
 
 
 def _written(files) -> bytes:

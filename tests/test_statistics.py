@@ -149,3 +149,20 @@ def test_the_moments_alone_are_numpys_over_samples_and_positions():
                 rows = z.reshape(-1, layer.in_features)
             np.testing.assert_allclose(got[layer.name].mean_z, rows.mean(0), rtol=1e-6, atol=1e-9)
             np.testing.assert_allclose(got[layer.name].var_z, rows.var(0), rtol=1e-6, atol=1e-9)
+
+
+def test_a_convs_sum_over_positions_is_kept_and_equals_sum_g_without_cross_terms():
+    """sum_g_positions (the scale ECP tells reached rows by) of a Conv: without the cross-position
+    terms it is sum_g itself, with them it is the same sum of squares G_t over positions."""
+    from tinyconv import cnn, images
+
+    model, x = cnn(), images(9)["x"]
+    layers = analyse_graph(model).layers
+    positions = collect_statistics(model, layers, Dataset({"x": x}), "logits", shared="positions", batch_size=4)
+    exact = collect_statistics(model, layers, Dataset({"x": x}), "logits", shared="exact", batch_size=4)
+    for layer in layers:
+        if layer.op != "Conv":
+            continue
+        assert positions[layer.name].sum_g_positions.min() > 0
+        np.testing.assert_allclose(positions[layer.name].sum_g_positions, positions[layer.name].sum_g, rtol=1e-6)
+        np.testing.assert_allclose(exact[layer.name].sum_g_positions, positions[layer.name].sum_g, rtol=1e-6)

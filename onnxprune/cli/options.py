@@ -151,6 +151,26 @@ engine_opt = click.option("--engine", type=click.Choice(ENGINES), default="auto"
                                "either falls back to the other for an op it cannot differentiate).")
 
 
+MAX_WORKERS = 4096
+
+
+def _ray_address(ctx, param, value):
+    if value is not None and not str(value).strip():
+        raise click.BadParameter("give the cluster's address (HOST:PORT, or ray://HOST:PORT) or auto")
+    return None if value is None else str(value).strip()
+
+
+def workers_options(func):
+    """--workers and --ray: where the statistics are computed (derivatives.shards), one definition for
+    every command that collects them."""
+    func = click.option("--ray", "ray", default=None, metavar="ADDRESS|auto", callback=_ray_address,
+                        help="Compute the statistics on the Ray cluster at ADDRESS (auto: the one `ray start` made on "
+                             "this machine), one actor per CPU or per --workers; needs pip install 'onnxprune[ray]'.")(func)
+    return click.option("--workers", type=click.IntRange(1, MAX_WORKERS), default=None, metavar="N",
+                        help="Compute the statistics on N worker processes, shard by shard (with --ray: N Ray actors); "
+                             "the same seed gives the same model with any N.")(func)
+
+
 def parse_widths(text: str) -> tuple[int, ...]:
     """Hidden layer widths from text like "64,64" (an InputError, one line, for anything else)."""
     try:

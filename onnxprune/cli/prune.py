@@ -23,6 +23,7 @@ from onnxprune.cli.options import (
     seed_opt,
     split_batch_axes,
     threads_opt,
+    workers_options,
 )
 from onnxprune.cli.report import engine_line, hint_probes, print_result, print_sweep
 from onnxprune.cli.structured import STRUCTURED_ONLY, mode_options, refused_options, structured_options
@@ -102,6 +103,7 @@ from onnxprune.select.masks import SCOPES
 @threads_opt
 @engine_opt
 @memory_opt
+@workers_options
 @json_option
 @click.option("--force", is_flag=True, help="Replace existing output files; run nonlinear above its size limit.")
 @structured_options
@@ -110,7 +112,7 @@ from onnxprune.select.masks import SCOPES
 def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias, max_loss_increase, max_accuracy_drop,
           max_output_error, plot_path, storage, method, steps, refit, chained, g_weighted, compensation, scope, pattern,
           exclude, seed, probes, conv_statistics, error_at, batch_size, batch_axes, output, labels_key, provider, threads,
-          engine, memory_budget,
+          engine, memory_budget, workers, ray,
           json_path, force, structured, macs, multiple, slice_inputs, prune_inputs, time_batches, verbose, quiet):
     """Prune MODEL (one-shot, or in --steps) and write the result to OUT.
 
@@ -139,8 +141,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
                   probes=probes, batch_size=batch_size, labels_key=labels_key, provider=provider, threads=threads,
                   force=force, steps=steps, refit=refit, chained=chained, g_weighted=g_weighted,
                   conv_statistics=conv_statistics, error_at=error_at, engine=engine, memory_budget=memory_budget,
-                  progress=ui.progress,
-                  **mode)
+                  workers=workers, ray=ray, progress=ui.progress, **mode)
     batches = _batches(time_batches)
     budgeted = max_loss_increase is not None or max_accuracy_drop is not None or max_output_error is not None
     _check_request(out, dry_run, budgeted, target, ratios, plot_path, storage, structured)

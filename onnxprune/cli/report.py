@@ -109,6 +109,8 @@ def engine_line(engine: dict | None, derivatives: dict | None = None) -> str:
         line += f"; exact Jacobian ({d['outputs']} outputs)"
     if "batch" in d:
         line += f"; batches of {d['batch']}"
+    if "workers" in d:
+        line += f"; {d['shards']} shards of {d['shard_size']} samples on {d['workers']} workers ({d['cluster']})"
     return line
 
 

@@ -17,7 +17,7 @@ scale, so the error the sums describe is relative per part (``protected``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,10 @@ PROBE_SAMPLES = 256       # ... and P x samples >= this: the ranking's noise fol
 @dataclass(frozen=True)
 class DerivativeSettings:
     """What the user chose about derivatives: ``probes`` (None: exact up to EXACT_LIMIT outputs, then
-    automatic), the engine, the memory budget per batch, the largest batch, provider and threads."""
+    automatic), the engine, the memory budget per batch, the largest batch, provider and threads; and
+    where the sums are computed: in this process (``workers`` and ``ray`` None), on ``workers`` local
+    processes, or on Ray actors of the cluster at ``ray`` (an address, or "auto"), over shards of
+    ``shard_size`` samples (None: chosen from the data, see ``shards.shard_size``)."""
 
     probes: int | None = None
     seed: int = 0
@@ -52,6 +55,14 @@ class DerivativeSettings:
     provider: str = "cpu"
     threads: int | None = None
     objective: Objective | None = None  # the protected outputs' parts and scales; None: ``output`` as it is
+    workers: int | None = None
+    ray: str | None = None
+    shard_size: int | None = None
+
+    @property
+    def sharded(self) -> bool:
+        """The sums are computed by the sharded service (``derivatives.shards``), not in this process."""
+        return self.workers is not None or self.ray is not None
 
 
 def protected(model: onnx.ModelProto, output: str, objective: Objective | None) -> tuple[onnx.ModelProto, str]:
@@ -82,6 +93,21 @@ class DerivativePlan:
         the output's elements, the batch."""
         return {"engine": self.jac.choice, "probes": self.probes, "exact": self.probes is None,
                 "automatic_probes": self.automatic, "outputs": self.width, "batch": self.step}
+
+    def detached(self) -> DerivativePlan:
+        """The same choices without the engine: what a worker process is sent (``attached`` there)."""
+        return replace(self, jac=None)
+
+    def attached(self, model: onnx.ModelProto, layers: list[Layer], output: str,
+                 settings: DerivativeSettings) -> DerivativePlan:
+        """The same choices with an engine of this process's own (its graph is built on the first batch),
+        on ``output`` or the settings' objective over it (``protected``)."""
+        return self._on(*protected(model, output, settings.objective), layers, settings)
+
+    def _on(self, target: onnx.ModelProto, wrt: str, layers: list[Layer], settings: DerivativeSettings) -> DerivativePlan:
+        jac = output_jacobians(target, layers, wrt, self.width, probes=self.probes, seed=settings.seed,
+                               provider=settings.provider, threads=settings.threads, engine=settings.engine)
+        return replace(self, jac=jac)
 
     def batches(self, data: Dataset, progress: Progress | None = None) -> Iterator[dict[str, np.ndarray]]:
         """The calibration feeds in batches of ``step`` samples, reporting progress after each."""
@@ -125,18 +151,17 @@ def plan(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str
          settings: DerivativeSettings) -> DerivativePlan:
     """The derivatives of ``output`` (or of ``settings.objective``) at ``layers``' pre-activations as
     ``settings`` ask, on ``model``."""
-    model, output = protected(model, output, settings.objective)
+    target, wrt = protected(model, output, settings.objective)
     one = data.subset(1).arrays()
-    shapes = SHAPES(model, layers, one, settings.provider)
-    shape = shapes(model, [output], one, settings.provider)[output]
+    shapes = SHAPES(target, layers, one, settings.provider)
+    shape = shapes(target, [wrt], one, settings.provider)[wrt]
     width = int(np.prod(shape)) if shape else 1
     probes, automatic = settings.probes, settings.probes is None and width > EXACT_LIMIT
-    activation_bytes = sample_bytes(model, one, settings.provider, shapes)
+    activation_bytes = sample_bytes(target, one, settings.provider, shapes)
     if automatic:  # P x n >= PROBE_SAMPLES, within AUTO_PROBES and what one sample fits in the budget
         fit = (settings.memory_budget // activation_bytes - 1) // 2 if activation_bytes else AUTO_PROBES
         probes = int(max(1, min(AUTO_PROBES, fit, -(-PROBE_SAMPLES // max(len(data), 1)))))
-    jac = output_jacobians(model, layers, output, width, probes=probes, seed=settings.seed, provider=settings.provider,
-                           threads=settings.threads, engine=settings.engine)
-    step = batch_step(model, layers, data, jac.repeats, settings.batch_size, settings.provider, settings.memory_budget,
+    repeats = width if probes is None else probes
+    step = batch_step(target, layers, data, repeats, settings.batch_size, settings.provider, settings.memory_budget,
                       activation_bytes, shapes)
-    return DerivativePlan(jac, shape, step, probes, automatic)
+    return DerivativePlan(None, shape, step, probes, automatic)._on(target, wrt, layers, settings)

@@ -18,8 +18,10 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 
+from onnxprune.derivatives import shards
 from onnxprune.derivatives.engines import loss_gradients
 from onnxprune.derivatives.plan import MEMORY_BUDGET, DerivativePlan, DerivativeSettings, Progress, batch_step, plan
+from onnxprune.derivatives.shards import shard_seed
 from onnxprune.derivatives.shared import CHUNK_ELEMENTS, STATISTICS, accumulate_shared, shared_loss_gradient
 from onnxprune.errors import InputError
 from onnxprune.find.geometry import im2col
@@ -115,6 +117,32 @@ class LayerStatistics:
         self.n += n
         self.count_z += n * positions
 
+    def merge(self, other: LayerStatistics) -> LayerStatistics:
+        """Add ``other``'s sums (another set of samples) to these, in float64, and return self: its
+        shifted sums are first re-centred on this shift c (d = c' - c: sum G (z - c) = sum G (z - c') +
+        d sum G, sum G (z - c)^2 = sum G (z - c')^2 + 2 d sum G (z - c') + d^2 sum G)."""
+        if other.n == 0:
+            return self
+        gz, gz2 = other.sum_gz, other.sum_gz2
+        if self.n == 0:
+            self.shift = other.shift
+        elif self.shift is not None or other.shift is not None:
+            mine = np.zeros(self.sum_gz.shape[1]) if self.shift is None else self.shift
+            d = ((np.zeros_like(mine) if other.shift is None else other.shift) - mine)[None, :]
+            g = other.sum_g[:, None]
+            gz, gz2 = gz + d * g, gz2 + 2 * d * gz + d * d * g
+            self.shift = mine
+        self.n += other.n
+        self.count_z += other.count_z
+        self.sum_g += other.sum_g
+        if self.sum_g_positions is not None and other.sum_g_positions is not None:
+            self.sum_g_positions += other.sum_g_positions
+        self.sum_gz += gz
+        self.sum_gz2 += gz2
+        self.sum_z += other.sum_z
+        self.sum_z2 += other.sum_z2
+        return self
+
     def _shared_block(self, g: np.ndarray, centred: np.ndarray, scale: float, exact: bool) -> SimpleNamespace:
         """The sums (sum_g, sum_gz, sum_gz2, sum_g_positions) of one chunk, from patches less the shift."""
         block = SimpleNamespace(sum_g=np.zeros_like(self.sum_g), sum_gz=np.zeros_like(self.sum_gz),
@@ -184,15 +212,51 @@ def collect_statistics(model: onnx.ModelProto, layers: list[Layer], data: Datase
         raise InputError(f"shared-weight statistics must be one of {STATISTICS}, got {shared!r}")
     chosen = DerivativeSettings(**settings)
     derivatives = plan(model, layers, data, output, chosen)
-    stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
-    with blas_threads(chosen.threads):
-        _accumulate(derivatives, layers, data, stats, shared, progress, chosen.threads or os.cpu_count() or 1)
+    ran = derivatives.info()
+    if chosen.sharded:
+        job = LayerJob(model, layers, output, shared, derivatives.detached(), chosen)
+        stats, sharding = shards.run(job, data, derivatives.step, progress)
+        ran.update(sharding)
+    else:
+        stats = {layer.name: LayerStatistics.zeros(layer) for layer in layers}
+        with blas_threads(chosen.threads):
+            _accumulate(derivatives, layers, data, stats, shared, progress, chosen.threads or os.cpu_count() or 1)
     if all(not np.any(st.sum_g) for st in stats.values()):
         raise InputError(f"the derivative of {output!r} is zero at every layer (a piecewise-constant op such as "
                          "Round, Sign or ArgMax lies on the way?); protect a tensor before it with --output")
     if info is not None:
-        info.update(derivatives.info())
+        info.update(ran)
     return stats
+
+
+@dataclass
+class LayerJob:
+    """``collect_statistics`` on a worker: the ECP statistics of one shard, with the driver's
+    derivative choices (``plan``, detached) and the shard's own probes."""
+
+    model: onnx.ModelProto
+    layers: list[Layer]
+    output: str
+    shared: str
+    plan: DerivativePlan
+    settings: DerivativeSettings
+
+    def start(self) -> None:
+        self.derivatives = self.plan.attached(self.model, self.layers, self.output, self.settings)
+
+    def shard(self, index: int, data: Dataset) -> tuple[dict[str, LayerStatistics], dict]:
+        self.derivatives.jac.reseed(shard_seed(self.settings.seed, index))
+        stats = {layer.name: LayerStatistics.zeros(layer) for layer in self.layers}
+        with blas_threads(self.settings.threads):
+            _accumulate(self.derivatives, self.layers, data, stats, self.shared, None,
+                        self.settings.threads or os.cpu_count() or 1)
+        return stats, {"engine": self.derivatives.jac.choice}
+
+    @staticmethod
+    def merge(first: dict[str, LayerStatistics], second: dict[str, LayerStatistics]) -> dict[str, LayerStatistics]:
+        for name, stats in first.items():
+            stats.merge(second[name])
+        return first
 
 
 def _accumulate(derivatives: DerivativePlan, layers, data, stats, shared, progress, workers: int = 1) -> None:
@@ -258,26 +322,78 @@ def collect_moments(model: onnx.ModelProto, layers: list[Layer], data: Dataset, 
 def collect_loss_gradients(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str, *,
                            batch_size: int = 256, provider: str = "cpu", threads: int | None = None,
                            progress: Progress | None = None, engine: str = "auto",
-                           memory_budget: int = MEMORY_BUDGET, info: dict | None = None) -> dict[str, np.ndarray]:
-    """E[dL/dW] in the (out, in) view, L = softmax cross-entropy of ``output`` against the labels."""
+                           memory_budget: int = MEMORY_BUDGET, info: dict | None = None, workers: int | None = None,
+                           ray: str | None = None, shard_size: int | None = None) -> dict[str, np.ndarray]:
+    """E[dL/dW] in the (out, in) view, L = softmax cross-entropy of ``output`` against the labels;
+    on the sharded service when ``workers`` or ``ray`` say so (see DerivativeSettings)."""
     if data.labels is None:
         raise InputError("loss gradients need labels in the data (array 'y' or 'labels')")
-    grads = loss_gradients(model, layers, output, provider=provider, threads=threads, engine=engine)
-    sums = {layer.name: np.zeros((layer.out_features, layer.in_features)) for layer in layers}
+    chosen = DerivativeSettings(engine=engine, memory_budget=memory_budget, batch_size=batch_size, provider=provider,
+                                threads=threads, workers=workers, ray=ray, shard_size=shard_size)
     step = batch_step(model, layers, data, 1, batch_size, provider, memory_budget)
-    done = 0
-    with blas_threads(threads):
-        for feeds, labels in data.batches(step):
-            assert labels is not None  # checked above
-            g, z = grads(feeds, labels)
-            for layer in layers:
-                if layer.shared:
-                    sums[layer.name] += shared_loss_gradient(g[layer.name], layer_patches(layer, z[layer.name]))
-                else:
-                    sums[layer.name] += g[layer.name].T @ np.asarray(z[layer.name], np.float64).reshape(len(labels), -1)
-            done += len(labels)
-            if progress:
-                progress(done, len(data))
+    job = GradientJob(model, layers, output, step, chosen)
+    ran: dict = {"batch": step}
+    if chosen.sharded:
+        sums, sharding = shards.run(job, data, step, progress)
+        ran.update(sharding)
+    else:
+        job.start()
+        with blas_threads(threads):
+            sums = job.sums(data, progress)
+        ran["engine"] = job.grads.choice
     if info is not None and "engine" not in info:
-        info.update(engine=grads.choice, batch=step)
-    return {name: s / len(data) for name, s in sums.items()}
+        info.update(ran)
+    return {name: s / len(data) for name, s in sums.sums.items()}
+
+
+@dataclass
+class GradientSums:
+    """Loss gradients summed over n samples, per layer (out, in)."""
+
+    n: int
+    sums: dict[str, np.ndarray]
+
+    def merge(self, other: GradientSums) -> GradientSums:
+        self.n += other.n
+        for name, values in self.sums.items():
+            values += other.sums[name]
+        return self
+
+
+@dataclass
+class GradientJob:
+    """``collect_loss_gradients``' sums, in this process or on a worker shard by shard."""
+
+    model: onnx.ModelProto
+    layers: list[Layer]
+    output: str
+    step: int
+    settings: DerivativeSettings
+
+    def start(self) -> None:
+        s = self.settings
+        self.grads = loss_gradients(self.model, self.layers, self.output, provider=s.provider, threads=s.threads,
+                                    engine=s.engine)
+
+    def sums(self, data: Dataset, progress: Progress | None = None) -> GradientSums:
+        sums = GradientSums(0, {layer.name: np.zeros((layer.out_features, layer.in_features)) for layer in self.layers})
+        for feeds, labels in data.batches(self.step):
+            assert labels is not None  # checked by collect_loss_gradients
+            g, z = self.grads(feeds, labels)
+            for layer in self.layers:
+                if layer.shared:
+                    sums.sums[layer.name] += shared_loss_gradient(g[layer.name], layer_patches(layer, z[layer.name]))
+                else:
+                    sums.sums[layer.name] += g[layer.name].T @ np.asarray(z[layer.name], np.float64).reshape(len(labels), -1)
+            sums.n += len(labels)
+            if progress:
+                progress(sums.n, len(data))
+        return sums
+
+    def shard(self, index: int, data: Dataset) -> tuple[GradientSums, dict]:
+        with blas_threads(self.settings.threads):
+            return self.sums(data), {"engine": self.grads.choice}
+
+    @staticmethod
+    def merge(first: GradientSums, second: GradientSums) -> GradientSums:
+        return first.merge(second)

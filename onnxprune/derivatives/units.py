@@ -28,7 +28,9 @@ import numpy as np
 import onnx
 
 from onnxprune import runtime
-from onnxprune.derivatives.plan import DerivativeSettings, Progress, plan
+from onnxprune.derivatives import shards
+from onnxprune.derivatives.plan import DerivativePlan, DerivativeSettings, Progress, plan
+from onnxprune.derivatives.shards import shard_seed
 from onnxprune.derivatives.statistics import layer_patches
 from onnxprune.find.layers import Layer, full_rows
 from onnxprune.find.unitgroups import Consumer, UnitGroup
@@ -105,52 +107,134 @@ def unit_statistics(model: onnx.ModelProto, groups: list[UnitGroup], layers: dic
                     **settings) -> dict[str, UnitStatistics]:
     """Streamed statistics of every group over ``data``: the Jacobian sums (only when ``jacobians``)
     from the output derivatives ``plan`` chooses (``settings``: a DerivativeSettings' fields), as
-    the layer statistics do; ``info`` receives what ran."""
+    the layer statistics do, in this process or on the sharded service; ``info`` receives what ran."""
     chosen = DerivativeSettings(**settings)
-    consumers = list({c.layer: layers[c.layer] for g in groups for c in g.consumers}.values())
-    weights = {layer.name: full_rows(layer, layer.to_rows(read_initializer(model, layer.weight))) for layer in consumers}
-    sums = {}
-    for g in groups:
-        k = g.units
-        sums[g.name] = dict(vv=np.zeros((k, k)), vu=np.zeros((k, k)), uu=np.zeros((k, k)), sum_z=np.zeros(k),
-                            sum_z2=np.zeros(k), count=0, n=0,
-                            col={c.layer: np.zeros((3, weights[c.layer].shape[1])) for c in g.consumers})
-    names = list(dict.fromkeys(layer.input for layer in consumers))
-    with runtime.blas_threads(chosen.threads):
-        if jacobians:
-            derivatives = plan(model, consumers, data, output, chosen)
-            for feeds in derivatives.batches(data, progress):
-                rows, inputs = derivatives.jac.rows(feeds, derivatives.shape)
-                for g in groups:
-                    _add_batch(sums[g.name], g, layers, weights, rows, inputs, derivatives.jac.scale)
-            if info is not None:
-                info.update(derivatives.info())
-        else:
-            session = runtime.tensor_session(model, names, chosen.provider, chosen.threads)
-            done = 0
-            for feeds, _ in data.batches(chosen.batch_size):
-                values = dict(zip(names, session.run(names, feeds)))
-                for g in groups:
-                    _add_batch(sums[g.name], g, layers, weights, None, {c.name: values[c.input] for c in consumers}, 1.0)
-                done += len(next(iter(feeds.values())))
-                if progress:
-                    progress(done, len(data))
+    job = UnitJob(model, groups, layers, output, None, chosen)
+    ran: dict = {}
+    step = chosen.batch_size
+    if jacobians:
+        derivatives = plan(model, job.consumers, data, output, chosen)
+        job.plan, step, ran = derivatives.detached(), derivatives.step, derivatives.info()
+    if chosen.sharded:
+        sums, sharding = shards.run(job, data, step, progress)
+        ran.update(sharding)
+        weights = job.weights()
+    else:
+        job.start()
+        with runtime.blas_threads(chosen.threads):
+            sums = job.sums(data, progress)
+        weights = job.consumer_weights
+    if info is not None:
+        info.update(ran)
     return {g.name: _finish(sums[g.name], g, weights, jacobians) for g in groups}
 
 
-def _add_batch(acc: dict, group: UnitGroup, layers, weights, rows, inputs, scale: float) -> None:
+@dataclass
+class UnitSums:
+    """One group's sums over n samples: the Gram matrices of v and u (when Jacobians are taken), the
+    unit values' moments, and per consumer the count, sum and sum of squares of its input columns."""
+
+    n: int
+    vv: np.ndarray
+    vu: np.ndarray
+    uu: np.ndarray
+    sum_z: np.ndarray
+    sum_z2: np.ndarray
+    count: int
+    col: dict[str, np.ndarray]  # consumer layer -> (3, its inputs)
+
+    @classmethod
+    def zeros(cls, group: UnitGroup, weights: dict[str, np.ndarray]) -> UnitSums:
+        k = group.units
+        return cls(0, np.zeros((k, k)), np.zeros((k, k)), np.zeros((k, k)), np.zeros(k), np.zeros(k), 0,
+                   {c.layer: np.zeros((3, weights[c.layer].shape[1])) for c in group.consumers})
+
+    def merge(self, other: UnitSums) -> UnitSums:
+        """Add ``other``'s sums (another set of samples) to these; return self."""
+        self.n += other.n
+        self.count += other.count
+        for name in ("vv", "vu", "uu", "sum_z", "sum_z2"):
+            getattr(self, name)[...] += getattr(other, name)
+        for layer, values in self.col.items():
+            values += other.col[layer]
+        return self
+
+
+@dataclass
+class UnitJob:
+    """``unit_statistics``' sums, in this process or on a worker shard by shard: ``plan`` (the driver's
+    derivative choices, detached) when the Jacobian sums are taken, else plain forward passes."""
+
+    model: onnx.ModelProto
+    groups: list[UnitGroup]
+    layers: dict[str, Layer]
+    output: str
+    plan: DerivativePlan | None
+    settings: DerivativeSettings
+
+    @property
+    def consumers(self) -> list[Layer]:
+        return list({c.layer: self.layers[c.layer] for g in self.groups for c in g.consumers}.values())
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {layer.name: full_rows(layer, layer.to_rows(read_initializer(self.model, layer.weight)))
+                for layer in self.consumers}
+
+    def start(self) -> None:
+        s = self.settings
+        self.consumer_weights = self.weights()
+        if self.plan is not None:
+            self.derivatives = self.plan.attached(self.model, self.consumers, self.output, s)
+        else:
+            self.names = list(dict.fromkeys(layer.input for layer in self.consumers))
+            self.session = runtime.tensor_session(self.model, self.names, s.provider, s.threads)
+
+    def sums(self, data: Dataset, progress: Progress | None = None) -> dict[str, UnitSums]:
+        sums = {g.name: UnitSums.zeros(g, self.consumer_weights) for g in self.groups}
+        if self.plan is not None:
+            for feeds in self.derivatives.batches(data, progress):
+                rows, inputs = self.derivatives.jac.rows(feeds, self.derivatives.shape)
+                for g in self.groups:
+                    _add_batch(sums[g.name], g, self.layers, self.consumer_weights, rows, inputs, self.derivatives.jac.scale)
+            return sums
+        done = 0
+        for feeds, _ in data.batches(self.settings.batch_size):
+            values = dict(zip(self.names, self.session.run(self.names, feeds)))
+            inputs = {c.name: values[c.input] for c in self.consumers}
+            for g in self.groups:
+                _add_batch(sums[g.name], g, self.layers, self.consumer_weights, None, inputs, 1.0)
+            done += len(next(iter(feeds.values())))
+            if progress:
+                progress(done, len(data))
+        return sums
+
+    def shard(self, index: int, data: Dataset) -> tuple[dict[str, UnitSums], dict]:
+        if self.plan is not None:
+            self.derivatives.jac.reseed(shard_seed(self.settings.seed, index))
+        with runtime.blas_threads(self.settings.threads):
+            sums = self.sums(data)
+        return sums, {"engine": self.derivatives.jac.choice} if self.plan is not None else {}
+
+    @staticmethod
+    def merge(first: dict[str, UnitSums], second: dict[str, UnitSums]) -> dict[str, UnitSums]:
+        for name, sums in first.items():
+            sums.merge(second[name])
+        return first
+
+
+def _add_batch(acc: UnitSums, group: UnitGroup, layers, weights, rows, inputs, scale: float) -> None:
     first = group.consumers[0]
     z = inputs[first.layer]
     values = _unit_values(layers[first.layer], first, group.units, z)
-    acc["sum_z"] += values.sum((0, 2))
-    acc["sum_z2"] += (values * values).sum((0, 2))
-    acc["count"] += values.shape[0] * values.shape[2]
-    acc["n"] += len(z)
+    acc.sum_z += values.sum((0, 2))
+    acc.sum_z2 += (values * values).sum((0, 2))
+    acc.count += values.shape[0] * values.shape[2]
+    acc.n += len(z)
     uv: tuple[np.ndarray, np.ndarray] | None = None  # the consumers' u and v summed
     for consumer in group.consumers:
         layer = layers[consumer.layer]
         x = _consumer_columns(layer, inputs[consumer.layer])
-        acc["col"][consumer.layer] += [np.full(x.shape[1], len(x)), x.sum(0), (x * x).sum(0)]
+        acc.col[consumer.layer] += [np.full(x.shape[1], len(x)), x.sum(0), (x * x).sum(0)]
         if rows is not None:
             cu, cv = _uv(layer, weights[layer.name], rows[layer.name], inputs[layer.name], group.units,
                          consumer, scale)
@@ -158,21 +242,21 @@ def _add_batch(acc: dict, group: UnitGroup, layers, weights, rows, inputs, scale
     if uv is not None:
         u, v = uv
         u2, v2 = u.reshape(-1, group.units), v.reshape(-1, group.units)
-        acc["vv"] += v2.T @ v2
-        acc["vu"] += v2.T @ u2
-        acc["uu"] += u2.T @ u2
+        acc.vv += v2.T @ v2
+        acc.vu += v2.T @ u2
+        acc.uu += u2.T @ u2
 
 
-def _finish(acc: dict, group: UnitGroup, weights, jacobians: bool) -> UnitStatistics:
+def _finish(acc: UnitSums, group: UnitGroup, weights, jacobians: bool) -> UnitStatistics:
     fluctuation, norm2 = np.zeros(group.units), np.zeros(group.units)
     for consumer in group.consumers:
-        count, first, second = acc["col"][consumer.layer]
+        count, first, second = acc.col[consumer.layer]
         var = np.maximum(second / np.maximum(count, 1) - (first / np.maximum(count, 1)) ** 2, 0.0)
         squares = (weights[consumer.layer] ** 2).sum(0)
         width, own = consumer.width or group.units, slice(consumer.offset, consumer.offset + group.units)
         fluctuation += (squares * var).reshape(width, consumer.block)[own].sum(1)
         norm2 += squares.reshape(width, consumer.block)[own].sum(1)
-    n = acc["n"]
-    scaled = {k: acc[k] / n if jacobians else None for k in ("vv", "vu", "uu")}
-    return UnitStatistics(n=n, sum_z=acc["sum_z"], sum_z2=acc["sum_z2"], count_z=acc["count"],
+    n = acc.n
+    scaled = {k: getattr(acc, k) / n if jacobians else None for k in ("vv", "vu", "uu")}
+    return UnitStatistics(n=n, sum_z=acc.sum_z, sum_z2=acc.sum_z2, count_z=acc.count,
                           fluctuation=fluctuation, column_norm2=norm2, **scaled)

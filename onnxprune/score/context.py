@@ -79,7 +79,7 @@ class ScoringContext:
                 self.model, self.layers, self.data, self.output, shared=self.conv_statistics,
                 progress=self._report("statistics"), info=self.derivatives, probes=s.probes, seed=s.seed,
                 engine=s.engine, memory_budget=s.memory_budget, batch_size=s.batch_size, provider=s.provider,
-                threads=s.threads, objective=s.objective))
+                threads=s.threads, objective=s.objective, workers=s.workers, ray=s.ray, shard_size=s.shard_size))
         return self._statistics
 
     def moments(self) -> dict[str, LayerStatistics]:
@@ -106,7 +106,8 @@ class ScoringContext:
             self._loss_gradients = self._timed("loss gradients", lambda: collect_loss_gradients(
                 self.model, self.layers, self.data, self.output, batch_size=s.batch_size, provider=s.provider,
                 threads=s.threads, progress=self._report("loss gradients"), engine=s.engine,
-                memory_budget=s.memory_budget, info=self.derivatives))
+                memory_budget=s.memory_budget, info=self.derivatives, workers=s.workers, ray=s.ray,
+                shard_size=s.shard_size))
         return self._loss_gradients
 
     def unit_statistics(self, jacobians: bool = True) -> dict[str, UnitStatistics]:
@@ -116,9 +117,10 @@ class ScoringContext:
             by_name = {layer.name: layer for layer in self.layers}
             self._unit_statistics[jacobians] = self._timed("statistics", lambda: unit_statistics(
                 self.model, self.groups, by_name, self.data, self.output, jacobians=jacobians,
-                progress=self._report("statistics"), info=self.derivatives if jacobians else None, probes=s.probes,
+                progress=self._report("statistics"), info=self.derivatives, probes=s.probes,
                 seed=s.seed, engine=s.engine, memory_budget=s.memory_budget, batch_size=s.batch_size,
-                provider=s.provider, threads=s.threads, objective=s.objective))
+                provider=s.provider, threads=s.threads, objective=s.objective, workers=s.workers, ray=s.ray,
+                shard_size=s.shard_size))
         return self._unit_statistics[jacobians]
 
     def producer_rows(self, group: UnitGroup) -> np.ndarray | None:

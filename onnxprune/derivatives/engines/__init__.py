@@ -51,6 +51,12 @@ class _Chosen:
 
 
 class _OutputJacobians(_Chosen):
+    def reseed(self, seed) -> None:
+        """Random probes from here on drawn from ``seed`` (an int or a sequence of ints), also by an engine
+        that a fallback builds later: a shard's probes then depend on the shard alone."""
+        self._kwargs["seed"] = seed
+        self.impl.rng = np.random.default_rng(seed)
+
     def rows(self, feeds, output_shape):
         return self._call("rows", feeds, output_shape)
 
