@@ -18,7 +18,7 @@ from onnxprune import runtime
 from onnxprune.check.relative import compare_outputs, damage_warnings, emptied_layers
 from onnxprune.check.timing import select_inputs
 from onnxprune.check.validate import check_finite_weights, check_runs, few_samples, per_sample, validate
-from onnxprune.derivatives.plan import MEMORY_BUDGET, DerivativeSettings
+from onnxprune.derivatives.plan import MEMORY_BUDGET, DerivativeSettings, protected
 from onnxprune.derivatives.workers import import_ray
 from onnxprune.errors import InputError
 from onnxprune.find.inventory import find_layers
@@ -30,7 +30,13 @@ from onnxprune.modes.base import State
 from onnxprune.modes.units import UnitsMode
 from onnxprune.modes.weights import METHOD_NAMES as WEIGHT_METHODS
 from onnxprune.modes.weights import PRESETS, WeightsMode, model_defaults
-from onnxprune.prepare.analysis import AnalysisCopy, BatchFirstInputs, FoldFixedInputs, declared_shapes_for
+from onnxprune.prepare.analysis import (
+    AnalysisCopy,
+    BatchFirstInputs,
+    FoldFixedInputs,
+    FreeDeclaredBatch,
+    declared_shapes_for,
+)
 from onnxprune.prepare.pads import explicit_pads_for
 from onnxprune.repair.base import NONE, Compose, LayerRefit, Repair
 from onnxprune.repair.lstsq import HOLDOUT_EVERY
@@ -151,7 +157,7 @@ class Pruner:
         self.workers, self.ray = workers, ray  # the statistics on local worker processes or a Ray cluster
         self.output_axes, self.objective = dict(output_axes or {}), objective
         self.pattern = pattern  # "N:M": at most N nonzero weights in every M consecutive inputs (select.masks)
-        # scope, refit, conv_statistics and probes left None take the model's defaults (``model_defaults``)
+        # scope, refit and error_at left None take the model's defaults (``model_defaults``)
         self.error_at = error_at
         self.chosen_ = Choices(scope or "global", refit, conv_statistics or "exact", probes, error_at or "output")
 
@@ -208,6 +214,7 @@ class Pruner:
         if self.full_data_.axes:  # the batch on another axis: batch-first in the analysis copy
             self.analysis_.apply(BatchFirstInputs(self.full_data_.axes))
         self.data_ = self.full_data_.per_sample()
+        self.analysis_.apply(FreeDeclaredBatch(self.data_.subset(1).arrays(), self.provider))
         check_runs(self.model_, self.provider, few_samples(self.model_, self.data_))
         shapes = declared_shapes_for(self.model_, self.data_.subset(1).arrays(), self.provider)
         if shapes is not None:  # ranks shape inference cannot tell (dynamic H/W): measured on one sample
@@ -235,8 +242,9 @@ class Pruner:
             raise InputError(f"no prunable layer reaches the protected output {self.output_!r}; choose one with --output")
         self.defaults_ = None if self.structured else model_defaults(self.layers_, self.exclude, self.method)
         if self.defaults_ is not None:  # what the model is chooses what the user left open
+            sharded = "output" if self.workers or self.ray else None  # workers asked for: the output's statistics
             given = {"scope": self.scope, "refit": self.refit, "conv_statistics": self.conv_statistics,
-                     "probes": self.probes, "error_at": self.error_at}
+                     "probes": self.probes, "error_at": self.error_at or sharded}
             self.defaults_["applied"] = {k: v for k, v in self.defaults_["values"].items() if given[k] is None}
             self.chosen_ = replace(self.chosen_, **self.defaults_["applied"])
             self.mode_, self.scorer_, self.schedule_, self.repair_, self.fallback_ = self._plan()
@@ -358,12 +366,16 @@ class Pruner:
         rows = np.flatnonzero(np.arange(len(held)) % HOLDOUT_EVERY == 0)
         feeds = {k: v[rows] for k, v in held.feeds.items()}
 
-        def error(model):
-            (y,) = runtime.tensor_session(model, [self.output_], self.provider, self.threads).run([self.output_], feeds)
-            return float(((np.asarray(y, np.float64) - dense) ** 2).reshape(len(y), -1).sum(1).mean())
+        def objective(model) -> np.ndarray:  # every protected output, relative per part (find.objective)
+            target, name = protected(model, self.output_, self.objective_)
+            (y,) = runtime.tensor_session(target, [name], self.provider, self.threads).run([name], feeds)
+            return np.asarray(y, np.float64)
 
-        (dense,) = runtime.tensor_session(self.model_, [self.output_], self.provider, self.threads).run([self.output_], feeds)
-        dense = np.asarray(dense, np.float64)
+        def error(model):
+            y = objective(model)
+            return float(((y - dense) ** 2).reshape(len(y), -1).sum(1).mean())
+
+        dense = objective(self.model_)
         selection = self.mode_.select(self.dense_, self.scores_, result.target)
         one_shot_state = self.mode_.edit(self.dense_, selection, self.scores_)
         result.heldout_error, one_shot_error = error(result.model), error(one_shot_state.model)

@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 from outputnets import detector, sequence_first
 
 from onnxprune import api
@@ -210,3 +210,27 @@ def test_the_label_free_budget_works_for_structured_pruning(tmp_path):
             break
         kept = point["ratio"]
     assert report["best_ratio"] == kept and (res.exit_code == 1) == (kept is None)
+
+
+def test_inspect_finds_the_unit_groups_of_every_protected_output():
+    """Two branches, one per output: inspect lists the groups structured pruning finds, of both."""
+    rng = np.random.default_rng(0)
+
+    def p(name, shape):
+        return numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+
+    nodes = []
+    for a, b, out in (("A", "B", "big"), ("C", "D", "small")):
+        nodes += [helper.make_node("Gemm", ["x", f"W{a}", f"b{a}"], [f"z{a}"], name=f"fc{a}", transB=1),
+                  helper.make_node("Relu", [f"z{a}"], [f"h{a}"]),
+                  helper.make_node("Gemm", [f"h{a}", f"W{b}", f"b{b}"], [out], name=f"fc{b}", transB=1)]
+    inits = [p(f"W{a}", (16, 8)) for a in "AC"] + [p(f"b{a}", (16,)) for a in "AC"]
+    inits += [p(f"W{b}", (4, 16)) for b in "BD"] + [p(f"b{b}", (4,)) for b in "BD"]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", 4]) for o in ("big", "small")],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    report = api.inspect(model)
+    pruned = api.prune_structured(model, {"x": rng.normal(size=(64, 8)).astype(np.float32)}, sparsity=0.5)
+    assert report["protected_outputs"] == pruned.protected_outputs == ["big", "small"]
+    assert sorted(g["group"] for g in report["units"]["groups"]) == sorted(pruned.summary["groups"]) == ["fcA", "fcC"]

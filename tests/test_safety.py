@@ -793,6 +793,43 @@ def test_a_declared_fixed_batch_is_evaluated_and_pruned_in_batches_of_that_size(
     assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_value == batch  # its own form
 
 
+@pytest.mark.parametrize("options", [["--refit"], ["--method", "variance"], ["--error-at", "layer"], ["--steps", "2"],
+                                     ["--method", "ecp-refit"]])
+def test_every_pass_of_a_prune_runs_a_declared_fixed_batch_that_the_graph_can_exceed(files, options):
+    """An export traced at batch 1 whose graph runs on more: moments, refits, steps and distillation
+    run on the data's batches (a free batch in the analysis copy), equal to the free model's prune,
+    and the written model declares batch 1 again."""
+    model = onnx.load(str(files / "model.onnx"))
+    for vi in (model.graph.input[0], model.graph.output[0]):
+        vi.type.tensor_type.shape.dim[0].Clear()
+        vi.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, files / "fixed.onnx")
+    for name in ("fixed", "model"):
+        res = invoke("prune", files / f"{name}.onnx", files / f"{name}_out.onnx", "--data", files / "calib.npz",
+                     "--sparsity", "0.5", *options)
+        assert res.exit_code == 0, res.output
+    written, free = onnx.load(str(files / "fixed_out.onnx")), onnx.load(str(files / "model_out.onnx"))
+    assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    for a, b in zip(written.graph.initializer, free.graph.initializer):
+        np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b), rtol=1e-4, atol=1e-6)
+
+
+def test_a_graph_that_holds_its_traced_batch_is_pruned_one_sample_at_a_time(files):
+    """A Reshape to the traced batch (1, 5): the graph cannot run on more, so every run takes batches
+    of exactly one sample, and the pruned model is written."""
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32), "W")
+    shape = numpy_helper.from_array(np.array([1, 5], np.int64), "shape")
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["r"], name="hard"),
+                               helper.make_node("Gemm", ["r", "W"], ["y"], name="fc", transB=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [w, shape])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), files / "hard.onnx")
+    res = invoke("prune", files / "hard.onnx", files / "out.onnx", "--data", files / "calib.npz", "--sparsity", "0.5",
+                 "--json", files / "r.json")
+    assert res.exit_code == 0, res.output
+    assert json.loads((files / "r.json").read_text())["derivatives"]["batch"] == 1
+
+
 def test_a_20000_node_chain_is_inspected(tmp_path):
     model, _, _ = mlp((5, 4, 3), softmax=True)
     nodes = list(model.graph.node)

@@ -336,6 +336,7 @@ def test_global_counts_remove_whole_multiples_at_their_least_cost():
     rng = np.random.default_rng(3)
     units = {"a": 16, "b": 24, "c": 8}
     costs = {name: np.sort(rng.gamma(2.0, 1.0, n)) for name, n in units.items()}  # each group's removals, cheapest first
+    costs["c"] *= 1e-3  # the cheapest units are in the group that cannot lose a multiple
     scores = {name: UnitScores(np.arange(n), costs[name], None) for name, n in units.items()}
     kept = choose_counts(scores, dict(units), dict(units), [], sparsity=16 / 48, macs=None, scope="global",
                          multiple={"a": 8, "b": 8, "c": 8})

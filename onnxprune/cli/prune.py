@@ -88,8 +88,7 @@ from onnxprune.select.masks import SCOPES
 @probes_opt
 @click.option("--conv-statistics", type=click.Choice(["exact", "positions"]), default=None,
               help="Layers sharing a weight across positions (Conv, MatMul on sequences): exact per-sample sums, or "
-                   "every position as a sample of its own (cheaper, drops cross-position terms) [default: exact; "
-                   "positions for sequence models].")
+                   "every position as a sample of its own (cheaper, drops cross-position terms) [default: exact].")
 @click.option("--error-at", type=click.Choice(["output", "layer"]), default=None,
               help="Where ECP measures a removal's error: at the protected output (G from its derivatives, the "
                    "paper's) or at each layer's own output (G = 1: the per-layer reconstruction target, no "
@@ -133,7 +132,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
     mode = mode_options(structured, macs, multiple, slice_inputs, prune_inputs)
     if pattern is not None:
         sparsity = _pattern_sparsity(pattern, sparsity, structured, dry_run or max_loss_increase is not None
-                                     or max_accuracy_drop is not None)
+                                     or max_accuracy_drop is not None or max_output_error is not None)
         mode["pattern"] = pattern
     target = (sparsity, macs) if sparsity is not None and macs is not None else macs if macs is not None else sparsity
     output = list(output) or None

@@ -27,7 +27,7 @@ from onnxprune.derivatives.engines import output_jacobians
 from onnxprune.find.layers import Layer
 from onnxprune.find.objective import Objective
 from onnxprune.graph.index import FLOAT_TYPES, tensor_types
-from onnxprune.io.data import Dataset
+from onnxprune.io.data import Dataset, declared_batch
 from onnxprune.prepare.shapes import SHAPES, tensor_shapes
 
 Progress = Callable[[int, int], None]  # (samples done, samples total)
@@ -162,6 +162,6 @@ def plan(model: onnx.ModelProto, layers: list[Layer], data: Dataset, output: str
         fit = (settings.memory_budget // activation_bytes - 1) // 2 if activation_bytes else AUTO_PROBES
         probes = int(max(1, min(AUTO_PROBES, fit, -(-PROBE_SAMPLES // max(len(data), 1)))))
     repeats = width if probes is None else probes
-    step = batch_step(target, layers, data, repeats, settings.batch_size, settings.provider, settings.memory_budget,
-                      activation_bytes, shapes)
+    step = declared_batch(model, data) or batch_step(  # a graph holding its traced batch runs on that many
+        target, layers, data, repeats, settings.batch_size, settings.provider, settings.memory_budget, activation_bytes, shapes)
     return DerivativePlan(None, shape, step, probes, automatic)._on(target, wrt, layers, settings)

@@ -10,7 +10,7 @@ import onnx
 from onnxprune.errors import InputError
 from onnxprune.find.inventory import unpruned_weights
 from onnxprune.find.layers import analyse_graph
-from onnxprune.find.outputs import protected_output, reaching
+from onnxprune.find.outputs import protected_output, protected_outputs, reaching
 from onnxprune.find.patterns import detect_pattern
 from onnxprune.graph import passes
 from onnxprune.graph.index import FLOAT_TYPES, read_initializer
@@ -35,17 +35,17 @@ def inspect(model) -> dict:
                        "pattern": detect_pattern(layer, rows)})
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     try:
-        protected = protected_output(work)
+        protected, every = protected_output(work), protected_outputs(work)
     except InputError:
-        protected = None
+        protected, every = None, []
     return {
         "ir_version": model.ir_version, "opsets": opsets, "producer": model.producer_name,
         "inputs": [vi.name for vi in model_inputs(model)], "outputs": [o.name for o in model.graph.output],
-        "protected_output": protected, "layers": layers, "parameters": parameter_count(model),
+        "protected_output": protected, "protected_outputs": every, "layers": layers, "parameters": parameter_count(model),
         "skipped": [asdict(s) for s in found.skipped],
         "unpruned_weights": [asdict(s) for s in unpruned_weights(work, found)],
         "analysis_copy": analysis.notes,
-        "units": _unit_groups(work, found.layers, protected),
+        "units": _unit_groups(work, found.layers, every),
         "runtime_copy": model.ir_version > passes.MAX_IR_VERSION or any(
             v > passes.MAX_OPSET for d, v in opsets.items() if d == "ai.onnx"),
     }
@@ -60,9 +60,9 @@ def parameter_count(model: onnx.ModelProto) -> int:
     return sum(int(np.prod(dims)) for dims in dense + sparse)
 
 
-def _unit_groups(model: onnx.ModelProto, layers, protected: str | None) -> dict:
+def _unit_groups(model: onnx.ModelProto, layers, protected: list[str]) -> dict:
     """inspect's section on structured pruning: the unit groups of the layers that reach the protected
-    output (the ones ``prune --structured`` finds) and the layers whose units cannot go."""
+    outputs (the ones ``prune --structured`` finds) and the layers whose units cannot go."""
     from onnxprune.find.units import find_units
 
     units = find_units(model, reaching(model, layers, protected)[0] if protected else layers)

@@ -33,7 +33,7 @@ from onnxprune.errors import InputError
 from onnxprune.find.outputs import protected_outputs
 from onnxprune.graph.index import attributes, producers, tensor_types
 from onnxprune.graph.passes import free_batch_copy
-from onnxprune.io.data import Dataset
+from onnxprune.io.data import Dataset, declared_batch
 
 OBJECTIVE = "onnxprune__protected"
 
@@ -263,10 +263,12 @@ def measure_objective(model: onnx.ModelProto, data: Dataset, output: str | list[
     axes = {name: int(found[name] or 0) for name in outputs}
     parts, shapes = find_parts(model, outputs, axes, one, provider)
     moments = {name: ElementMoments() for name in outputs}
-    session = runtime.tensor_session(free_batch_copy(model), outputs, provider, threads)
-    for feeds, _ in data.batches(batch_size):
+    fixed = declared_batch(model, data)  # a graph that holds its traced batch runs on exactly that many
+    session = runtime.tensor_session(model if fixed else free_batch_copy(model), outputs, provider, threads)
+    batches = data.padded_batches(fixed) if fixed else ((feeds, None) for feeds, _ in data.batches(batch_size))
+    for feeds, real in batches:
         for name, value in zip(outputs, session.run(outputs, feeds)):
-            moments[name].add(batch_first(np.asarray(value), axes[name]))
+            moments[name].add(batch_first(np.asarray(value), axes[name])[:real])
     scales, spreads, basis = [], [], []
     for part in parts:
         variance = part.take(moments[part.output].variance()[None])

@@ -212,6 +212,55 @@ class BatchFirstInputs(ReversiblePass):
             graph.input[index].CopyFrom(original)
 
 
+class FreeDeclaredBatch(ReversiblePass):
+    """An export traced at a fixed batch (its inputs and outputs declare N, often 1) whose graph runs
+    on more samples gets a free batch in the analysis copy (in place), so that every run of it --
+    statistics, moments, refits, the fallback's judge -- takes the batches the data gives;
+    ``restore`` declares N again. A graph that cannot run on N + 1 samples (a Reshape to the traced
+    batch) keeps its declared batch.
+
+    requires: inputs batch-first (after ``BatchFirstInputs``); ``feeds`` one sample per input."""
+
+    def __init__(self, feeds: dict[str, np.ndarray], provider: str = "cpu"):
+        self.feeds, self.provider = feeds, provider
+        self.declared: list[tuple[str, int]] = []  # (input or output name, its declared batch)
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        graph = model.graph
+        inits = {t.name for t in graph.initializer}
+        infos = [vi for vi in [*graph.input, *graph.output] if vi.name not in inits and vi.type.HasField("tensor_type")]
+        fixed = {vi.name: vi.type.tensor_type.shape.dim[0].dim_value for vi in infos
+                 if len(vi.type.tensor_type.shape.dim) and vi.type.tensor_type.shape.dim[0].dim_value >= 1}
+        batch = {fixed[name] for name in self.feeds if name in fixed}
+        if len(batch) != 1:
+            return PassResult(False)
+        more = batch.pop() + 1
+        try:
+            runtime.make_session(free_batch_copy(model), self.provider).run(
+                None, {k: np.repeat(v[:1], more, axis=0) for k, v in self.feeds.items()})
+        except runtime.RuntimeUnavailable:
+            raise
+        except Exception:  # noqa: BLE001 - the graph itself holds the traced batch
+            return PassResult(False)
+        for vi in infos:
+            if vi.name in fixed:
+                self.declared.append((vi.name, fixed[vi.name]))
+                dim = vi.type.tensor_type.shape.dim[0]
+                dim.Clear()
+                dim.dim_param = BATCH
+        del graph.value_info[:]  # intermediate shapes of the traced batch
+        return PassResult(True, f"the declared batch {more - 1} freed (restored in the written model)")
+
+    def restore(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        infos = {vi.name: vi for vi in [*graph.input, *graph.output]}
+        for name, size in self.declared:
+            if name in infos and len(infos[name].type.tensor_type.shape.dim):
+                dim = infos[name].type.tensor_type.shape.dim[0]
+                dim.Clear()
+                dim.dim_value = size
+
+
 def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Every read of tensor ``old`` in ``graph`` and its subgraphs (outer-scope references) reads ``new``."""
     for node in graph.node:

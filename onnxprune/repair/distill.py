@@ -13,15 +13,17 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune import runtime
+from onnxprune.derivatives.plan import protected
 from onnxprune.find.layers import Layer
+from onnxprune.graph.index import tensor_types
 from onnxprune.io.data import Dataset
 from onnxprune.repair.base import LayerRefit, parametric, refit_problem
 from onnxprune.repair.lstsq import HOLDOUT_EVERY
 
 
 class _DistillRun:
-    def __init__(self, spec: Distill, dense, data: Dataset, output: str, provider, threads, batch_size):
-        self.spec, self.dense, self.data, self.output = spec, dense, data, output
+    def __init__(self, spec: Distill, dense, data: Dataset, output: str, provider, threads, batch_size, objective=None):
+        self.spec, self.dense, self.data, self.output, self.objective = spec, dense, data, output, objective
         self.provider, self.threads, self.batch_size = provider, threads, batch_size
         self.feeds = {k: np.asarray(v) for k, v in data.feeds.items()}  # an .npz's columns are read once, here
 
@@ -33,12 +35,12 @@ class _DistillRun:
         inits = {t.name: t for t in current.graph.initializer}
         if not names or any(inits[n].data_type != onnx.TensorProto.FLOAT for n in names):
             return current, [LayerRefit(layer.name, skipped="distillation needs float32 weights") for layer in layers]
-        (dense_y,) = runtime.tensor_session(self.dense, [self.output], self.provider, self.threads).run(
-            [self.output], self.feeds)
+        target, name = protected(self.dense, self.output, self.objective)  # every protected output, relative
+        (dense_y,) = runtime.tensor_session(target, [name], self.provider, self.threads).run([name], self.feeds)
         try:
             session = self._session(current, names, dense_y.shape[1:])
         except Exception as exc:  # onnx-ad refuses an op or a shape: keep the refit's model
-            reason = f"distillation unavailable: {str(exc).splitlines()[0][:200]}"
+            reason = f"distillation unavailable: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}"
             return current, [LayerRefit(layer.name, skipped=reason) for layer in layers]
         n = len(dense_y)
         held = np.arange(n) % HOLDOUT_EVERY == 0
@@ -111,19 +113,19 @@ class _DistillRun:
         """The loss sum ||y - T||^2 of the network with ``names`` as inputs, and its gradients."""
         from onnx_ad import reverse
 
-        m = parametric(runtime.runtime_copy(model), names)
+        m, name = protected(parametric(runtime.runtime_copy(model), names), self.output, self.objective)
         graph = m.graph
         for vi in graph.input:  # reverse mode needs declared shapes (Conv, Slice): the data's per sample
             if vi.name in self.feeds:
                 vi.CopyFrom(helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type,
                                                           ["N", *self.feeds[vi.name].shape[1:]]))
-        y = next(o for o in graph.output if o.name == self.output)
+        elem = tensor_types(m).get(name, onnx.TensorProto.FLOAT)
         graph.input.append(helper.make_tensor_value_info(DISTILL_TARGET, onnx.TensorProto.FLOAT, ["N", *shape]))
-        graph.node.extend([helper.make_node("Sub", [self.output, DISTILL_TARGET], [f"{DISTILL_LOSS}__d"]),
+        graph.node.extend([helper.make_node("Sub", [name, DISTILL_TARGET], [f"{DISTILL_LOSS}__d"]),
                            helper.make_node("Mul", [f"{DISTILL_LOSS}__d"] * 2, [f"{DISTILL_LOSS}__dd"]),
                            helper.make_node("ReduceSum", [f"{DISTILL_LOSS}__dd"], [DISTILL_LOSS], keepdims=0)])
         del graph.output[:]
-        graph.output.append(helper.make_tensor_value_info(DISTILL_LOSS, y.type.tensor_type.elem_type, []))
+        graph.output.append(helper.make_tensor_value_info(DISTILL_LOSS, elem, []))
         inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
         return runtime.make_session(reverse(inferred, inputs=names, outputs=[DISTILL_LOSS], layout="onnx"),
                                     self.provider, self.threads)
@@ -150,5 +152,6 @@ class Distill:
     every_step: bool = False  # also after the refits of the steps before the last
     name = "distill"
 
-    def start(self, dense, layers, data, output, *, batch_size=256, provider="cpu", threads=None, **_) -> _DistillRun:
-        return _DistillRun(self, dense, data, output, provider, threads, batch_size)
+    def start(self, dense, layers, data, output, *, batch_size=256, provider="cpu", threads=None, objective=None,
+              **_) -> _DistillRun:
+        return _DistillRun(self, dense, data, output, provider, threads, batch_size, objective)

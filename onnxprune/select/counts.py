@@ -97,7 +97,7 @@ def choose_counts(scores: dict[str, UnitScores], counts: dict[str, int], origina
     if scope == "layer":
         kept = _layer_counts(counts, original, costs, sparsity, macs)
     else:  # whole multiples removed at a time where the group has more than one (no rounding after)
-        chunks = {name: step if original[name] % step == 0 and counts[name] % step == 0 and original[name] > step else 1
+        chunks = {name: step if original[name] % step == 0 and counts[name] % step == 0 else 1
                   for name, step in steps.items()}
         kept = _global_counts(scores, counts, original, costs, sparsity, macs, chunks)
     for name, k in kept.items():
