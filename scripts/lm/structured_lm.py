@@ -35,9 +35,11 @@ def reasons(entries: list[dict]) -> dict[str, int]:
     return counts
 
 
-def run_one(args, kind: str, exporter: str, info: dict, heldout: np.ndarray, work: pathlib.Path) -> dict:
-    model_path = args.out / kind / f"{kind}_{exporter}.onnx"
-    row: dict = {"model": kind, "exporter": exporter, "sparsity": args.sparsity}
+def run_one(args, kind: str, exporter: str, model_path: pathlib.Path, calib_file: pathlib.Path, heldout: np.ndarray,
+            work: pathlib.Path) -> dict:
+    row: dict = {"model": kind, "exporter": exporter, "sparsity": args.sparsity, "model_file": L.rel(model_path),
+                 "heldout": f"{heldout.shape[0]} x {heldout.shape[1]} tokens",
+                 "dense_perplexity": L.onnx_perplexity(model_path, heldout, threads=args.threads)["perplexity"]}
     ins_json = work / f"{kind}_{exporter}.structured-inspect.json"
     ins_cmd = [args.onnxprune, "inspect", str(model_path), "--json", str(ins_json), "--force", "-q"]
     res = C.run_measured(ins_cmd, args.timeout, work / f"{kind}_{exporter}.structured-inspect.log")
@@ -50,11 +52,10 @@ def run_one(args, kind: str, exporter: str, info: dict, heldout: np.ndarray, wor
                       "units": int(sum(g["units"] for g in groups)),
                       "not_removable": reasons(units.get("rejected", [])),
                       "prunable_layers": len(ins.get("layers", []))}
-    with np.load(args.out / "data" / info["calibration_file"]) as z:
+    with np.load(calib_file) as z:
         calib_arrays = {k: z[k][:args.calib_n] for k in z.files}
     calib = work / f"calib{args.calib_n}_{kind}_{exporter}.npz"
-    if not calib.exists():
-        np.savez(calib, **calib_arrays)
+    np.savez(calib, **calib_arrays)
     tag = f"{kind}_{exporter}_structured_{round(args.sparsity * 100)}"
     out_model, rep = work / f"{tag}.onnx", work / f"{tag}.json"
     cmd = [args.onnxprune, "prune", str(model_path), str(out_model), "--data", str(calib), "--structured", "--sparsity",
@@ -95,25 +96,36 @@ def main():
     ap.add_argument("--calib-n", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fixtures", action="store_true",
+                    help="also the committed tiny fixtures of tests/fixtures/lm (GPT-2 legacy, LLaMA dynamo; their own "
+                         "calibration and held-out windows)")
     ap.add_argument("--onnxprune", default=str(pathlib.Path(C.sys.executable).parent / "onnxprune"))
     args = ap.parse_args()
     work = args.work or args.out / "compare"
     work.mkdir(parents=True, exist_ok=True)
     manifest = L.load_json(args.out / "MANIFEST.json")
     heldout = np.load(args.out / "data" / "heldout.npz")["input_ids"]
+    runs = []
     for kind in args.models.split(","):
         for exporter in args.exporters.split(","):
             info = manifest["models"].get(f"{kind}_{exporter}.onnx")
-            if info is None or "error" in info:
-                continue
-            row = run_one(args, kind, exporter, info, heldout, work)
-            with open(args.results.with_suffix(".lock"), "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                results = json.loads(args.results.read_text()) if args.results.exists() else {"rows": []}
-                rows = [r for r in results.get("structured", []) if (r["model"], r["exporter"], r["sparsity"])
-                        != (kind, exporter, args.sparsity)]
-                results["structured"] = sorted(rows + [row], key=lambda r: C.order({**r, "row": "dense", "target": "-"}))
-                C.write_report(args.results, results)
+            if info is not None and "error" not in info:
+                runs.append((kind, exporter, args.out / kind / f"{kind}_{exporter}.onnx",
+                             args.out / "data" / info["calibration_file"], heldout))
+    if args.fixtures:
+        fixtures = L.REPO / "tests" / "fixtures" / "lm"
+        tiny_heldout = np.load(fixtures / "heldout.npz")["input_ids"]
+        runs += [(f"{kind} fixture", exporter, fixtures / f"{kind}_tiny_{exporter}.onnx", fixtures / "calib.npz", tiny_heldout)
+                 for kind, exporter in (("gpt2", "legacy"), ("llama", "dynamo"))]
+    for kind, exporter, model_path, calib_file, held in runs:
+        row = run_one(args, kind, exporter, model_path, calib_file, held, work)
+        with open(args.results.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            results = json.loads(args.results.read_text()) if args.results.exists() else {"rows": []}
+            rows = [r for r in results.get("structured", []) if (r["model"], r["exporter"], r["sparsity"])
+                    != (kind, exporter, args.sparsity)]
+            results["structured"] = sorted(rows + [row], key=lambda r: C.order({**r, "row": "dense", "target": "-"}))
+            C.write_report(args.results, results)
 
 
 if __name__ == "__main__":
