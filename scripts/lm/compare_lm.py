@@ -541,12 +541,26 @@ def structured_section(rows: list[dict]) -> list[str]:
                  if ins["groups"] else "none")
         why = "; ".join(f"{n} x {reason}" for reason, n in ins["not_removable"].items()) or "-"
         res = r.get("result") or {}
-        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('message', '')}"
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('message', '')[:240]}"
         lines.append(f"| {r['model']} / {r['exporter']} | {found} | {why} | {r['sparsity']:.0%} | {status} | "
                      f"{fmt(r.get('perplexity'), '.3f')} | {fmt(r.get('dense_perplexity'), '.3f')} | "
                      f"{kept(res, 'units')} | {kept(res, 'params')} | "
                      f"{kept(res, 'macs')} | {fmt(r.get('seconds'), '.0f')} | "
                      f"{fmt(r.get('peak_rss_mb'), '.0f')} |")
+    return lines + [""]
+
+
+def memory_section(rows: list[dict]) -> list[str]:
+    """scripts/lm/memory_lm.py's rows: peak resident size per phase of one default prune."""
+    if not rows:
+        return []
+    lines = ["## Where onnxprune's memory goes (scripts/lm/memory_lm.py)", "",
+             "One default prune through the API in one process, its resident size sampled every few milliseconds and "
+             "charged to the phase running then (`fit: <stage>` where the pipeline reports its progress).", ""]
+    for r in rows:
+        lines += [f"- {r['model']} at {r['target']}, calibration {json.dumps(r['calibration_shape'])}, "
+                  f"{r['seconds']:.0f} s; peak in phase `{r['peak_phase']}`: "
+                  + ", ".join(f"{p} {mb:.0f} MB" for p, mb in r["peak_rss_mb"].items()) + "."]
     return lines + [""]
 
 
@@ -599,6 +613,7 @@ def render(results: dict) -> str:
         groups.setdefault((r["model"], r["exporter"]), []).append(r)
     lines += summary(groups)
     lines += structured_section(results.get("structured", []))
+    lines += memory_section(results.get("memory", []))
     lines += ["## Held-out perplexity, time, memory", ""]
     for (kind, exporter), rs in groups.items():
         dense = next((r for r in rs if r["row"] == "dense"), None)
