@@ -417,6 +417,27 @@ def test_a_trained_tiny_lm_pruned_from_the_cli_with_default_options_keeps_its_pe
     assert _perplexity(out, ids) < 1.05 * _perplexity(source, ids)
 
 
+def test_a_structured_prune_of_gemms_on_folded_tokens_with_computed_shapes_runs_every_step(tmp_path):
+    """The legacy GPT-2 fixture computes its Reshapes' shapes from Shape ops, so that its FFN's second
+    Gemm is known to fold tokens only from shapes measured on the analysis copy. After the first step
+    slices the FFN units, the layers re-read from the sliced model must still be folded layers (else
+    the next step's derivative graph adds a per-sample offset to the token rows and fails): the prune
+    runs its steps, the written c_fc Gemms have fewer outputs than dense, and the held-out perplexity
+    (numpy over onnxruntime's logits) stays within 5% of the dense model's."""
+    source, out = LM / "gpt2_tiny_legacy.onnx", tmp_path / "pruned.onnx"
+    res = _cli("prune", source, out, "--data", LM / "calib.npz", "--structured", "--sparsity", "0.3", "--steps", "2",
+               "--time-batches", "1")
+    assert res.exit_code == 0, res.output
+    dense, pruned = onnx.load(source), onnx.load(out)
+    widths = {}
+    for name, model in (("dense", dense), ("pruned", pruned)):
+        layers = [layer for layer in analyse_graph(model).layers if "mlp/c_fc" in layer.name]
+        widths[name] = [_block_rows(model, layer.weight).shape[1] for layer in layers]  # Conv1D stores (in, out)
+    assert widths["dense"] == [128, 128] and sum(widths["pruned"]) < sum(widths["dense"])
+    ids = np.load(LM / "heldout.npz")["input_ids"]
+    assert _perplexity(out, ids) < 1.05 * _perplexity(source, ids)
+
+
 def test_a_walk_back_from_the_scores_steps_over_the_rotary_to_the_head_split():
     """What a head walk from Q K^T back to the projections needs: from q's and k's rotary outputs to
     the tensors the head split wrote, and nothing where an op mixes the heads."""
