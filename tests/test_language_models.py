@@ -467,3 +467,26 @@ def test_the_rotarys_nodes_are_the_span_a_head_walk_adds_to_its_path():
     exit_, nodes = head_span(GraphIndex(llama_block()), "q.t", 1)
     assert exit_ == "q.rope" and sorted(nodes) == sorted(
         ["q.rope.first", "q.rope.second", "q.rope.neg", "q.rope.rotated", "q.rope.cos", "q.rope.sin", "q.rope"])
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_ecp_under_the_outputs_derivatives_scores_a_token_wise_last_layer_as_numpy_does(folded):
+    """The last layer writes the logits, so its output Jacobian is the identity at every token: removing
+    W_ij and shifting b_i by the best constant leaves E_s sum_t (W_ij z_stj - shift)^2, i.e.
+    W_ij^2 (E_s sum_t z_stj^2 - (E_s sum_t z_stj)^2 / T), from the layer's inputs z in numpy float64.
+    The exact per-sample sums of a MatMul on rank 3 and of a Gemm on folded tokens must give these
+    scores (up to the objective's constant scale), and none of them zero."""
+    import onnxprune
+
+    model = two_layers(folded)
+    x = np.random.default_rng(1).normal(size=(12, 4, 6)).astype(np.float32)
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    w1, w2 = (inits["w1"].T, inits["w2"]) if folded else (inits["w1"], inits["w2"].T)
+    z = inits["mix"] @ np.tanh(x.astype(np.float64) @ w1 + inits["b1"])  # (samples, tokens, hidden)
+    per_sample = z.sum(1)
+    reference = w2**2 * ((z**2).sum(1).mean(0) - per_sample.mean(0) ** 2 / z.shape[1])[None, :]
+    pruner = onnxprune.Pruner("ecp", scope="layer", refit=False, error_at="output", conv_statistics="exact",
+                              objective="absolute", threads=1).fit(model, {"x": x})
+    scores = pruner.scores_["l2"].scores
+    assert (scores > 0).all()
+    np.testing.assert_allclose(scores / scores.sum(), reference / reference.sum(), rtol=1e-4)
