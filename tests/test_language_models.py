@@ -417,6 +417,27 @@ def test_a_trained_tiny_lm_pruned_from_the_cli_with_default_options_keeps_its_pe
     assert _perplexity(out, ids) < 1.05 * _perplexity(source, ids)
 
 
+def test_a_structured_prune_of_gemms_on_folded_tokens_with_computed_shapes_runs_every_step(tmp_path):
+    """The legacy GPT-2 fixture computes its Reshapes' shapes from Shape ops, so that its FFN's second
+    Gemm is known to fold tokens only from shapes measured on the analysis copy. After the first step
+    slices the FFN units, the layers re-read from the sliced model must still be folded layers (else
+    the next step's derivative graph adds a per-sample offset to the token rows and fails): the prune
+    runs its steps, the written c_fc Gemms have fewer outputs than dense, and the held-out perplexity
+    (numpy over onnxruntime's logits) stays within 5% of the dense model's."""
+    source, out = LM / "gpt2_tiny_legacy.onnx", tmp_path / "pruned.onnx"
+    res = _cli("prune", source, out, "--data", LM / "calib.npz", "--structured", "--sparsity", "0.3", "--steps", "2",
+               "--time-batches", "1")
+    assert res.exit_code == 0, res.output
+    dense, pruned = onnx.load(source), onnx.load(out)
+    widths = {}
+    for name, model in (("dense", dense), ("pruned", pruned)):
+        layers = [layer for layer in analyse_graph(model).layers if "mlp/c_fc" in layer.name]
+        widths[name] = [_block_rows(model, layer.weight).shape[1] for layer in layers]  # Conv1D stores (in, out)
+    assert widths["dense"] == [128, 128] and sum(widths["pruned"]) < sum(widths["dense"])
+    ids = np.load(LM / "heldout.npz")["input_ids"]
+    assert _perplexity(out, ids) < 1.05 * _perplexity(source, ids)
+
+
 def test_a_walk_back_from_the_scores_steps_over_the_rotary_to_the_head_split():
     """What a head walk from Q K^T back to the projections needs: from q's and k's rotary outputs to
     the tensors the head split wrote, and nothing where an op mixes the heads."""
@@ -474,3 +495,24 @@ def test_a_rotary_that_differs_between_heads_stops_the_head_walk():
 
     assert "heads:o_proj" in find_units(_rope_variant(lambda graph: None)).by_name()
     assert "heads:o_proj" not in find_units(_rope_variant(per_head_cos)).by_name()
+@pytest.mark.parametrize("folded", [False, True])
+def test_ecp_under_the_outputs_derivatives_scores_a_token_wise_last_layer_as_numpy_does(folded):
+    """The last layer writes the logits, so its output Jacobian is the identity at every token: removing
+    W_ij and shifting b_i by the best constant leaves E_s sum_t (W_ij z_stj - shift)^2, i.e.
+    W_ij^2 (E_s sum_t z_stj^2 - (E_s sum_t z_stj)^2 / T), from the layer's inputs z in numpy float64.
+    The exact per-sample sums of a MatMul on rank 3 and of a Gemm on folded tokens must give these
+    scores (up to the objective's constant scale), and none of them zero."""
+    import onnxprune
+
+    model = two_layers(folded)
+    x = np.random.default_rng(1).normal(size=(12, 4, 6)).astype(np.float32)
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    w1, w2 = (inits["w1"].T, inits["w2"]) if folded else (inits["w1"], inits["w2"].T)
+    z = inits["mix"] @ np.tanh(x.astype(np.float64) @ w1 + inits["b1"])  # (samples, tokens, hidden)
+    per_sample = z.sum(1)
+    reference = w2**2 * ((z**2).sum(1).mean(0) - per_sample.mean(0) ** 2 / z.shape[1])[None, :]
+    pruner = onnxprune.Pruner("ecp", scope="layer", refit=False, error_at="output", conv_statistics="exact",
+                              objective="absolute", threads=1).fit(model, {"x": x})
+    scores = pruner.scores_["l2"].scores
+    assert (scores > 0).all()
+    np.testing.assert_allclose(scores / scores.sum(), reference / reference.sum(), rtol=1e-4)

@@ -129,9 +129,11 @@ class WeightsMode:
 
 
 def fresh(model: onnx.ModelProto, layers: list[Layer]) -> list[Layer]:
-    """The same layers re-read from ``model`` (an edit or a repair may have inserted biases)."""
+    """The same layers re-read from ``model`` (an edit or a repair may have inserted biases), each
+    keeping its kind: whether a Gemm's rows fold tokens was told by shapes measured on the analysis
+    copy, which a sliced model's shape inference may no longer see."""
     found = analyse_graph(model).by_name()
-    return [found[layer.name] for layer in layers]
+    return [replace(found[layer.name], kind=layer.kind) for layer in layers]
 
 
 def _keep_pruned(scores: dict[str, np.ndarray], pruned: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

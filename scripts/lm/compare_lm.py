@@ -519,6 +519,52 @@ def summary(groups: dict) -> list[str]:
     return lines + [""]
 
 
+def kept(result: dict, what: str) -> str:
+    before, after = result.get(f"{what}_before"), result.get(f"{what}_after")
+    return f"{after:,} of {before:,}" if before else "-"
+
+
+def structured_section(rows: list[dict]) -> list[str]:
+    """scripts/lm/structured_lm.py's rows: the unit groups inspect finds, and the --structured prune's outcome."""
+    if not rows:
+        return []
+    lines = ["## Structured: `onnxprune inspect` and `onnxprune prune --structured` (scripts/lm/structured_lm.py)", "",
+             "Default options, only `--structured --sparsity S`; the study's exports on the same calibration windows as the "
+             "rows above (held-out perplexity on data/heldout.npz); the `fixture` rows are the committed tiny byte-level "
+             "models of tests/fixtures/lm with their own 16 x 32 calibration and held-out windows.", "",
+             "| model / export | unit groups (units each) | layers whose units cannot go (count x reason) | sparsity | "
+             "status | perplexity | dense ppl | units kept | parameters kept | MACs kept | seconds | peak RSS MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        ins = r["inspect"]
+        found = (f"{len(ins['groups'])}: " + ", ".join(f"{g['group']} ({g['units']})" for g in ins["groups"])
+                 if ins["groups"] else "none")
+        why = "; ".join(f"{n} x {reason}" for reason, n in ins["not_removable"].items()) or "-"
+        res = r.get("result") or {}
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('message', '')[:240]}"
+        lines.append(f"| {r['model']} / {r['exporter']} | {found} | {why} | {r['sparsity']:.0%} | {status} | "
+                     f"{fmt(r.get('perplexity'), '.3f')} | {fmt(r.get('dense_perplexity'), '.3f')} | "
+                     f"{kept(res, 'units')} | {kept(res, 'params')} | "
+                     f"{kept(res, 'macs')} | {fmt(r.get('seconds'), '.0f')} | "
+                     f"{fmt(r.get('peak_rss_mb'), '.0f')} |")
+    return lines + ["", "Parameters and MACs as onnxprune's report gives them (its prunable layers; MACs per sample, in which "
+                    "a Gemm on folded tokens counts once, not once per token).", ""]
+
+
+def memory_section(rows: list[dict]) -> list[str]:
+    """scripts/lm/memory_lm.py's rows: peak resident size per phase of one default prune."""
+    if not rows:
+        return []
+    lines = ["## Where onnxprune's memory goes (scripts/lm/memory_lm.py)", "",
+             "One default prune through the API in one process, its resident size sampled every few milliseconds and "
+             "charged to the phase running then (`fit: <stage>` where the pipeline reports its progress).", ""]
+    for r in rows:
+        lines += [f"- {r['model']} at {r['target']}, calibration {json.dumps(r['calibration_shape'])}, "
+                  f"{r['seconds']:.0f} s; peak in phase `{r['peak_phase']}`: "
+                  + ", ".join(f"{p} {mb:.0f} MB" for p, mb in r["peak_rss_mb"].items()) + "."]
+    return lines + [""]
+
+
 def render(results: dict) -> str:
     rows = results["rows"]
     s = results.get("setup", {})
@@ -567,6 +613,8 @@ def render(results: dict) -> str:
     for r in rows:
         groups.setdefault((r["model"], r["exporter"]), []).append(r)
     lines += summary(groups)
+    lines += structured_section(results.get("structured", []))
+    lines += memory_section(results.get("memory", []))
     lines += ["## Held-out perplexity, time, memory", ""]
     for (kind, exporter), rs in groups.items():
         dense = next((r for r in rs if r["row"] == "dense"), None)
