@@ -22,6 +22,7 @@ running one and two samples (the axis that grows from 1 to 2) or named with ``--
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -67,8 +68,18 @@ def batch_first(values: np.ndarray, axis: int) -> np.ndarray:
     return values if axis == 0 else np.moveaxis(values, axis, 0)
 
 
+Run = Callable[[dict[str, np.ndarray], list[str]], list[np.ndarray]]  # tensors' values for feeds
+
+
+def free_runs(model: onnx.ModelProto, names: list[str], provider: str = "cpu", threads: int | None = None) -> Run:
+    """Runs of ``model`` with a free batch fetching any of ``names``, on one session."""
+    session = runtime.tensor_session(free_batch_copy(model), list(dict.fromkeys(names)), provider, threads)
+    return lambda feeds, wanted: session.run(wanted, feeds)
+
+
 def output_batch_axes(model: onnx.ModelProto, outputs: list[str], one: dict[str, np.ndarray], two: dict[str, np.ndarray],
-                      given: dict[str, int] | None = None, provider: str = "cpu") -> dict[str, int | None]:
+                      given: dict[str, int] | None = None, provider: str = "cpu", run: Run | None = None
+                      ) -> dict[str, int | None]:
     """The batch axis of each of ``outputs``: as ``given`` (``--batch-axis NAME=AXIS``), else the one
     axis that holds 1 then 2 when the model runs on the feeds of one sample and of two; 0 when the
     model cannot run on two samples; None for an output without one."""
@@ -78,8 +89,8 @@ def output_batch_axes(model: onnx.ModelProto, outputs: list[str], one: dict[str,
     if not todo:
         return axes
     try:
-        runnable = free_batch_copy(model)
-        shapes = [[np.shape(v) for v in runtime.run_tensors(runnable, f, todo, provider)] for f in (one, two)]
+        run = run or free_runs(model, todo, provider)
+        shapes = [[np.shape(v) for v in run(f, todo)] for f in (one, two)]
     except Exception:  # noqa: BLE001 - a model that runs one sample at a time: the batch is first as declared
         return {**axes, **{name: 0 for name in todo}}
     for name, a, b in zip(todo, *shapes):
@@ -209,10 +220,8 @@ class Objective:
                  "measured_by": basis} for part, spread, basis in zip(self.parts, self.spreads, self.basis)]
 
 
-def find_parts(model: onnx.ModelProto, outputs: list[str], axes, one: dict[str, np.ndarray],
-               provider: str = "cpu") -> tuple[list[OutputPart], dict[str, tuple[int, ...]]]:
-    """Every part of ``outputs`` (see ``concat_parts``) and each output's per-sample shape, batch first,
-    measured on the feeds ``one`` of one sample."""
+def part_sources(model: onnx.ModelProto, outputs: list[str]) -> list[str]:
+    """``outputs`` and the inputs of a Concat that produces one (through Identity nodes)."""
     producer_of = producers(model.graph)
     names = list(outputs)
     for name in outputs:
@@ -221,9 +230,16 @@ def find_parts(model: onnx.ModelProto, outputs: list[str], axes, one: dict[str, 
             node = producer_of.get(node.input[0])
         if node is not None and node.op_type == "Concat":
             names += [i for i in node.input if i]
-    names = list(dict.fromkeys(names))
+    return list(dict.fromkeys(names))
+
+
+def find_parts(model: onnx.ModelProto, outputs: list[str], axes, one: dict[str, np.ndarray],
+               provider: str = "cpu", run: Run | None = None) -> tuple[list[OutputPart], dict[str, tuple[int, ...]]]:
+    """Every part of ``outputs`` (see ``concat_parts``) and each output's per-sample shape, batch first,
+    measured on the feeds ``one`` of one sample."""
+    names = part_sources(model, outputs)
     try:
-        values = runtime.run_tensors(free_batch_copy(model), one, names, provider)
+        values = (run or free_runs(model, names, provider))(one, names)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types
         raise InputError(f"onnxruntime cannot compute the protected outputs {outputs}: {runtime.ort_message(exc)}") from None
     shapes = {name: tuple(np.shape(v)) for name, v in zip(names, values)}
@@ -253,7 +269,15 @@ def measure_objective(model: onnx.ModelProto, data: Dataset, output: str | list[
             raise InputError(f"--batch-axis {name}={axis}: {name!r} is neither a per-sample input nor a protected "
                              f"output (protected: {outputs})")
     one = data.subset(1).inputs()
-    found = output_batch_axes(model, outputs, one, data.repeated(2).inputs(), given_axes, provider)
+    fixed = declared_batch(model, data)  # a graph that holds its traced batch runs on exactly that many
+    run: Run | None = None
+    if not fixed:  # one session for the axes, the parts and the moments
+        try:
+            run = free_runs(model, part_sources(model, outputs), provider, threads)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types
+            raise InputError(f"onnxruntime cannot compute the protected outputs {outputs}: "
+                             f"{runtime.ort_message(exc)}") from None
+    found = output_batch_axes(model, outputs, one, data.repeated(2).inputs(), given_axes, provider, run)
     unbatched = [name for name in outputs if found[name] is None]
     if unbatched and (names or len(unbatched) == len(outputs)):
         name = unbatched[0]
@@ -261,13 +285,14 @@ def measure_objective(model: onnx.ModelProto, data: Dataset, output: str | list[
                          f"name it with --batch-axis {name}=AXIS, or protect another tensor with --output")
     outputs = [name for name in outputs if name not in unbatched]  # by default: outputs of every sample only
     axes = {name: int(found[name] or 0) for name in outputs}
-    parts, shapes = find_parts(model, outputs, axes, one, provider)
+    parts, shapes = find_parts(model, outputs, axes, one, provider, run)
     moments = {name: ElementMoments() for name in outputs}
-    fixed = declared_batch(model, data)  # a graph that holds its traced batch runs on exactly that many
-    session = runtime.tensor_session(model if fixed else free_batch_copy(model), outputs, provider, threads)
+    if run is None:
+        session = runtime.tensor_session(model, outputs, provider, threads)
+        run = lambda feeds, wanted: session.run(wanted, feeds)  # noqa: E731
     batches = data.padded_batches(fixed) if fixed else ((feeds, None) for feeds, _ in data.batches(batch_size))
     for feeds, real in batches:
-        for name, value in zip(outputs, session.run(outputs, feeds)):
+        for name, value in zip(outputs, run(feeds, outputs)):
             moments[name].add(batch_first(np.asarray(value), axes[name])[:real])
     scales, spreads, basis = [], [], []
     for part in parts:
