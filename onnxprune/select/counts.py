@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import InputError
-from onnxprune.find.layers import Layer
+from onnxprune.find.layers import Layer, folded_preacts
 from onnxprune.find.unitgroups import UnitGroup
 from onnxprune.prepare.shapes import tensor_shapes
 from onnxprune.score.units import UnitScores
@@ -39,7 +39,8 @@ class LayerCost:
 
 def layer_costs(model: onnx.ModelProto, layers: list[Layer], groups: list[UnitGroup], feeds) -> list[LayerCost]:
     """MAC accounting of every layer, from one sample's pre-activation shapes."""
-    shapes = tensor_shapes(model, [layer.preact for layer in layers], {k: v[:1] for k, v in feeds.items()})
+    shapes = tensor_shapes(model, [layer.preact for layer in layers], {k: v[:1] for k, v in feeds.items()},
+                           folded=folded_preacts(layers))  # a folded layer's rows are a sample's positions
     produced = {p: g for g in groups for p in g.producers}
     consumed: dict[str, list] = {}
     for g in groups:
