@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 from couplings import Graph, all_at_once, consumers, feeds, find_units, reasons, shrinks_to_masked
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 
 # ------------------------------------------------------------------ activations: functions of the unit itself
@@ -272,3 +272,39 @@ def test_constants_fold_into_a_padded_conv_of_any_input_size():
                                    lambda: cnn_with(gelu_erf_shared)])
 def test_every_group_at_once(build):
     all_at_once(build())
+
+
+def _two_blocks_sharing_a_computed_shape(width=4, hidden=6, seed=0):
+    """Two FFN blocks on (N, S, W) whose hidden Reshape back to (N, S, hidden) reads one shape computed
+    once (Concat of the input's batch and sequence sizes and the constant hidden width), as the dynamo
+    exporter writes GPT-2: the constant counts both blocks' units."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"), numpy_helper.from_array(np.array([2], np.int64), "two"),
+             numpy_helper.from_array(np.array([hidden], np.int64), "hidden"),
+             numpy_helper.from_array(np.array([-1, width], np.int64), "rows")]
+    n = helper.make_node
+    nodes = [n("Shape", ["x"], ["x.shape"], name="shape"), n("Slice", ["x.shape", "zero", "two"], ["ns"], name="ns"),
+             n("Concat", ["ns", "hidden"], ["view"], name="view", axis=0)]
+    stream = "x"
+    for k in range(2):
+        inits += [numpy_helper.from_array(rng.normal(size=(hidden, width)).astype(np.float32), f"W1_{k}"),
+                  numpy_helper.from_array(rng.normal(size=hidden).astype(np.float32), f"b1_{k}"),
+                  numpy_helper.from_array(rng.normal(size=(hidden, width)).astype(np.float32), f"W2_{k}")]
+        nodes += [n("Reshape", [stream, "rows"], [f"flat{k}"], name=f"flat{k}"),
+                  n("Gemm", [f"flat{k}", f"W1_{k}", f"b1_{k}"], [f"a{k}"], name=f"fc{k}", transB=1),
+                  n("Relu", [f"a{k}"], [f"h{k}"], name=f"relu{k}"),
+                  n("Reshape", [f"h{k}", "view"], [f"v{k}"], name=f"unflat{k}"),
+                  n("MatMul", [f"v{k}", f"W2_{k}"], [f"o{k}"], name=f"proj{k}"),
+                  n("Add", [f"o{k}", stream], [f"s{k}"], name=f"res{k}")]
+        stream = f"s{k}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", width])],
+                              [helper.make_tensor_value_info(stream, TensorProto.FLOAT, ["N", "S", width])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_blocks_whose_reshapes_share_one_computed_shape_each_shrink_to_the_masked_model():
+    """Each block's units are cut where its own Reshape reads the shared shape (the constant inside the
+    Concat counts both blocks' units: editing it would narrow the other block too)."""
+    model = _two_blocks_sharing_a_computed_shape()
+    assert {g.name for g in find_units(model).groups} == {"fc0", "fc1"}
+    all_at_once(model)

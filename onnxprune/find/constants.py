@@ -193,3 +193,14 @@ def static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     for t in model.graph.initializer:
         shapes[t.name] = tuple(int(d) for d in t.dims)
     return shapes
+
+
+def sole_entry(g, entry, reshape) -> bool:
+    """Whether a constant shape entry is ``reshape``'s alone to edit: read by it, or by a node (a Concat
+    computing the shape) whose output only it reads; a shape computed once for several blocks' Reshapes
+    (the dynamo exporter's) is not."""
+    if entry.reader == reshape.name:
+        return True
+    reader = g.nodes.get(entry.reader)
+    return reader is not None and all(user.name == reshape.name for out in reader.output if out
+                                      for user in g.consumers.get(out, []))

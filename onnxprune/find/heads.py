@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxprune.find.constants import shape_entries
+from onnxprune.find.constants import shape_entries, sole_entry
 from onnxprune.find.headlayout import Layout, input_mask, part, reaches_matmul, regroup, squeezed, structured
 from onnxprune.find.layers import Layer
 from onnxprune.find.rotary import HEADWISE, head_source, head_span
@@ -180,7 +180,7 @@ class _Trace:
                 continue
             if entry.source is not None and _read_from_heads(self.ctx, entry.source, node.input[0], per_unit * self.heads):
                 continue  # read at run time from a tensor upstream whose axis holds the same heads
-            if entry.tensor is not None and entry.value is not None and entry.value > 0:
+            if entry.tensor is not None and entry.value is not None and entry.value > 0 and sole_entry(self.ctx.g, entry, node):
                 self.edits.append(ShapeEdit(entry.reader, entry.slot, entry.tensor, entry.index, per_unit))
             elif any(e.value == -1 for e in entries):
                 raise Rejection(f"Reshape {node.name!r}: the entry that counts the heads is computed and another is -1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.find.constants import shape_entries
+from onnxprune.find.constants import shape_entries, sole_entry
 from onnxprune.find.unitgroups import Cut, ShapeEdit
 from onnxprune.find.unitplace import Divide, channel_axis, node_axes, per_channel_cut
 from onnxprune.graph.index import Rejection, attributes
@@ -65,7 +65,7 @@ def reshape(ctx, walk, node, tensor, outs):
             raise Rejection(f"Reshape {node.name!r} of a tensor whose size after the units' axis shape inference cannot tell")
         if known[b] != size:
             raise Rejection(f"Reshape {node.name!r} from {list(shape)} to {known} splits the units' channel axis")
-        follow_entry(walk, node, entries, b, 1)
+        follow_entry(ctx.g, walk, node, entries, b, 1)
         walk.axis_from_end = len(target) - b
         return outs[:1]
     inner = int(np.prod(after)) if after else 1
@@ -85,7 +85,7 @@ def reshape(ctx, walk, node, tensor, outs):
         raise Rejection(f"Reshape {node.name!r} from {list(shape)} to {list(target)} splits the units' channel axis"
                    + (" (a channel shuffle: its groups must keep equal counts)" if _shuffles(ctx, node, axis) else ""))
     b, block = found
-    follow_entry(walk, node, entries, b, block)
+    follow_entry(ctx.g, walk, node, entries, b, block)
     walk.block, walk.axis_from_end = block, len(target) - b
     return outs[:1]
 
@@ -97,7 +97,7 @@ def _shuffles(ctx, node, axis) -> bool:
     return len(perm) > axis + 1 and perm[axis] == axis + 1 and perm[axis + 1] == axis
 
 
-def follow_entry(walk, node, entries, b, per_unit) -> None:
+def follow_entry(g, walk, node, entries, b, per_unit) -> None:
     """Make Reshape ``node``'s entry ``b`` (the units' axis) follow the units."""
     entry = entries[b]
     if entry.value == -1 or (entry.source is not None and walk.places.get(entry.source[0], (None, None))[1] == entry.source[1]
@@ -105,7 +105,7 @@ def follow_entry(walk, node, entries, b, per_unit) -> None:
         return  # inferred, or read at run time from the units' axis of a tensor that carries them
     if entry.value == 0 and walk.places.get(node.input[0], (None, None))[1] == b and per_unit == walk.block:
         return  # copied from the input's same axis
-    if entry.tensor is not None and entry.value is not None and entry.value > 0:
+    if entry.tensor is not None and entry.value is not None and entry.value > 0 and sole_entry(g, entry, node):
         walk.reshapes.append(ShapeEdit(entry.reader, entry.slot, entry.tensor, entry.index, per_unit))
         return
     if any(e.value == -1 for e in entries):
@@ -251,7 +251,7 @@ def _keeps_channels(ctx, walk, node, tensor, rank, axis) -> None:
         entries = shape_entries(ctx.g, ctx.constants, node.input[3], ctx.shapes, node.name, 3)
         if entries is None or len(entries) != rank or walk.block != 1:
             raise Rejection(f"Resize {node.name!r} to sizes that cannot be told")
-        follow_entry(walk, node, entries, axis, 1)
+        follow_entry(ctx.g, walk, node, entries, axis, 1)
         return
     slot = {"Pad": 1, "Tile": 1, "Resize": 2, "Upsample": 1}[op]
     name = node.input[slot] if len(node.input) > slot else ""
