@@ -108,18 +108,21 @@ class LayerStatistics:
             self.sum_g += block[0]
             self.sum_gz += block[1]
             self.sum_gz2 += block[2]
+            if self.sum_g_positions is not None:
+                self.sum_g_positions += block[3]
             self.sum_z += patches.sum(-1, dtype=np.float64).sum(0).reshape(self.sum_z.shape)
             self.sum_z2 += np.einsum("ngjt,ngjt->gj", patches, patches, dtype=np.float64).reshape(self.sum_z2.shape)
         self.n += n
         self.count_z += n * positions
 
     def _shared_block(self, g: np.ndarray, centred: np.ndarray, scale: float, exact: bool) -> tuple[np.ndarray, ...]:
-        """(sum_g, sum_gz, sum_gz2) of one chunk, from patches less the shift."""
+        """(sum_g, sum_gz, sum_gz2, sum_g_positions) of one chunk, from patches less the shift; the last
+        is what tells ECP a row reaches the output (``C_positions``): without it every row reads as cut off."""
         block = SimpleNamespace(sum_g=np.zeros_like(self.sum_g), sum_gz=np.zeros_like(self.sum_gz),
-                                sum_gz2=np.zeros_like(self.sum_gz2))
+                                sum_gz2=np.zeros_like(self.sum_gz2), sum_g_positions=np.zeros_like(self.sum_g))
         with one_blas_thread():  # the same rounding whatever --threads says, as in ``add``
             accumulate_shared(block, g, centred, scale, exact)
-        return block.sum_g, block.sum_gz, block.sum_gz2
+        return block.sum_g, block.sum_gz, block.sum_gz2, block.sum_g_positions
 
     @property
     def A(self) -> np.ndarray:
