@@ -134,7 +134,8 @@ def unprotected_outputs(model: onnx.ModelProto, objective) -> list[str]:
             and o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
 
 
-def run_model(name: str, entry: dict, corpus: Path, args, folder: Path) -> dict:
+def run_model(name: str, entry: dict, corpus: Path, args, folder: Path, save=lambda result: None) -> dict:
+    """Every row of one model; ``save`` gets the result after each row (a run stopped midway keeps its rows)."""
     model_path = corpus / f"{name}.onnx"
     dense = onnx.load(model_path)
     calib = first(corpus / entry["data"]["calib"], args.calib, folder, f"{name}.calib")
@@ -188,6 +189,7 @@ def run_model(name: str, entry: dict, corpus: Path, args, folder: Path) -> dict:
         except OnnxPruneError as exc:
             row["error"] = str(exc)[:300]
         result["rows"][key] = row
+        save(result)
         shown = row.get("worst", row.get("error", row.get("not_run")))
         print(f"{name} {label}: {shown}", file=sys.stderr)
     return result
@@ -302,7 +304,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, help="the models, their data and MANIFEST.json (not needed with --render)")
     parser.add_argument("--only", nargs="*", default=list(MODELS))
-    parser.add_argument("--rows", type=lambda t: t.split(","), default=[k for k in ROWS if k not in ("ecp-layer", "ecp-nocomp")])
+    parser.add_argument("--rows", type=lambda t: [k for k in t.split(",") if k],
+                        default=[k for k in ROWS if k not in ("ecp-layer", "ecp-nocomp")])
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--calib", type=int, default=64)
     parser.add_argument("--test", type=int, default=64)
@@ -328,17 +331,22 @@ def main(argv=None) -> int:
     manifest = json.loads((args.corpus / "MANIFEST.json").read_text())
     results = []
     kept = {r["model"]: r for r in previous["results"] if r["model"] not in args.only}
+
+    def save(result: dict) -> None:
+        before = next((r for r in previous["results"] if r["model"] == result["model"]), None)
+        if args.add_rows and before is not None:
+            result = added_to(before, result)
+        done = {**{r["model"]: r for r in results}, result["model"]: result}
+        merged = [r for r in (kept.get(m) or done.get(m) for m in MODELS) if r is not None]
+        fileio.write_json(args.json, {"results": merged})
+        fileio.write_text(args.out, report(merged, args))
+
     with tempfile.TemporaryDirectory(prefix="wheel-models-") as tmp:
         for name in args.only:
-            result = run_model(name, manifest[name], args.corpus, args, Path(tmp))
+            result = run_model(name, manifest[name], args.corpus, args, Path(tmp), save)
+            save(result)
             before = next((r for r in previous["results"] if r["model"] == name), None)
-            if args.add_rows and before is not None:
-                result = added_to(before, result)
-            results.append(result)
-            merged = [kept.get(m) or next((r for r in results if r["model"] == m), None) for m in MODELS]
-            merged = [r for r in merged if r is not None]
-            fileio.write_json(args.json, {"results": merged})
-            fileio.write_text(args.out, report(merged, args))
+            results.append(added_to(before, result) if args.add_rows and before is not None else result)
     return 0
 
 
