@@ -188,6 +188,9 @@ def run_model(name: str, entry: dict, corpus: Path, args, folder: Path, save=lam
                 row["layers_at_100"] = zero_layers(pruned, weights)
         except OnnxPruneError as exc:
             row["error"] = str(exc)[:300]
+        except Exception as exc:  # a defect of onnxprune's, recorded as such so the other rows still run
+            text = (str(exc).strip().splitlines() or [""])
+            row["error"] = f"unexpected {type(exc).__name__}: {' '.join(text)[:300]}"
         result["rows"][key] = row
         save(result)
         shown = row.get("worst", row.get("error", row.get("not_run")))
