@@ -55,6 +55,7 @@ from onnxprune.pipeline import Pruner  # noqa: E402
 from onnxprune.prepare.analysis import AnalysisCopy  # noqa: E402
 from onnxprune.prepare.shapes import output_shape  # noqa: E402
 
+from studies.peers import ONNXSIM_PRUNE, ONNXSIM_PYTHON  # noqa: E402
 from studies.zoo import build_mlp  # noqa: E402
 
 BATCH = 256
@@ -199,18 +200,6 @@ def measure(spec: dict) -> dict:
             "peak_rss_mb": peak_mb(), "load": os.getloadavg()[0], **extra}
 
 
-ONNXSIM_CODE = """
-import sys, numpy as np, onnx
-from onnxsim import pruning
-model, calib, out, kind, fraction = sys.argv[1:6]
-d = dict(np.load(calib))
-n = len(next(iter(d.values())))
-batches = [{k: v[i:i + 1] for k, v in d.items()} for i in range(n)]
-apply = pruning.apply_sparsegpt_pruning if kind == "sparsegpt" else pruning.apply_wanda_pruning
-onnx.save(apply(onnx.load(model), calibration_data=batches, num_samples=n, sparsity=float(fraction)), out)
-"""
-
-
 def onnxsim_prune(spec: dict, model, data: Dataset) -> dict:
     """onnxsim's SparseGPT or Wanda on ``data`` in its own python (spec["python"]); its CPU time."""
     import tempfile
@@ -222,7 +211,7 @@ def onnxsim_prune(spec: dict, model, data: Dataset) -> dict:
         _onnx.save(model, onnx_path)
         np.savez(calib, **data.arrays())
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        done = subprocess.run([spec["python"], "-c", ONNXSIM_CODE, str(onnx_path), str(calib), str(out), spec["method"],
+        done = subprocess.run([spec["python"], "-c", ONNXSIM_PRUNE, str(onnx_path), str(calib), str(out), spec["method"],
                                str(spec["sparsity"])], capture_output=True, text=True)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if done.returncode != 0:
@@ -539,7 +528,7 @@ def main(argv=None) -> int:
                         "P x n x (forward + backward), and the whole prune against onnxsim's; writes --floor-out")
     parser.add_argument("--floor-data", metavar="NPZ", help="the calibration samples of --floor")
     parser.add_argument("--floor-images", type=int, default=16)
-    parser.add_argument("--onnxsim-python", default=os.environ.get("ONNXSIM_PYTHON", "onnxsim-venv/bin/python"))
+    parser.add_argument("--onnxsim-python", default=str(ONNXSIM_PYTHON))
     parser.add_argument("--floor-out", default=str(ROOT / "docs" / "results" / "floor.md"))
     parser.add_argument("--floor-json", default=str(ROOT / "docs" / "results" / "floor.json"))
     args = parser.parse_args(argv)

