@@ -516,3 +516,17 @@ def test_ecp_under_the_outputs_derivatives_scores_a_token_wise_last_layer_as_num
     scores = pruner.scores_["l2"].scores
     assert (scores > 0).all()
     np.testing.assert_allclose(scores / scores.sum(), reference / reference.sum(), rtol=1e-4)
+
+
+def test_the_dynamo_llamas_heads_are_found_through_a_rotary_computed_from_the_positions():
+    """The dynamo export computes cos and sin from the positions (Cos/Sin of an arange, unsqueezed over
+    the heads): the head walk steps over that rotary too, and every group, heads included, shrinks to
+    the masked model on real tokens."""
+    from couplings import all_at_once
+
+    from onnxprune.find.units import find_units
+
+    model = onnx.load(str(LM / "llama_tiny_dynamo.onnx"))
+    tokens = np.load(LM / "calib.npz")["input_ids"][:2]
+    assert {"heads:node_linear_3", "heads:node_linear_10"} <= set(find_units(model).by_name())
+    all_at_once(model, inputs=[{"input_ids": tokens}])

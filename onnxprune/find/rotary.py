@@ -30,12 +30,14 @@ def _axes(g: GraphIndex, node, rank: int) -> list[int] | None:
 
 
 def _alike_over_heads(g: GraphIndex, name: str, rank: int, head_axis: int) -> bool:
-    """Whether a constant operand is the same for every head (size 1 or absent along the head axis,
-    broadcast right-aligned to ``rank``)."""
+    """Whether an operand from outside is the same for every head: size 1 or absent along the head
+    axis, broadcast right-aligned to ``rank`` (a constant, or a tensor computed from the positions alone,
+    as the dynamo exporter writes cos and sin)."""
     value = g.constant(name)
-    if value is None:
+    dims = value.shape if value is not None else g.dims.get(name)
+    if dims is None:
         return False
-    shape = (1,) * (rank - value.ndim) + value.shape
+    shape = (1,) * (rank - len(dims)) + tuple(dims)
     return len(shape) == rank and shape[head_axis] == 1
 
 
@@ -75,8 +77,8 @@ def head_span(g: GraphIndex, tensor: str, head_axis: int) -> tuple[str, list[str
             nodes.remove(node)
             inside.difference_update(node.output)
             changed = True
-    if any(name not in inside for node in nodes for name in (node.input[:1] if node.op_type == "Slice" else node.input)
-           if name and name not in g.inits):
+    if any(name not in inside and not _alike_over_heads(g, name, rank, head_axis) for node in nodes
+           for name in (node.input[:1] if node.op_type == "Slice" else node.input) if name and name not in g.inits):
         return None
     leaving = [name for name in inside if any(user not in nodes for user in g.consumers.get(name, []))
                or name in g.outputs]
@@ -90,6 +92,7 @@ def head_source(g: GraphIndex, tensor: str, head_axis: int) -> str | None:
     when no head-wise op wrote it), for a walk from the attention scores back to the projections; None
     when they start from several tensors or one of them mixes heads (``head_passthrough`` checks)."""
     sources, seen, stack = set(), set(), [tensor]
+    rank = g.ranks.get(tensor)
     while stack:
         name = stack.pop()
         node = g.producers.get(name)
@@ -100,7 +103,7 @@ def head_source(g: GraphIndex, tensor: str, head_axis: int) -> str | None:
             continue
         seen.add(node.name)
         data = node.input[:1] if node.op_type == "Slice" else node.input
-        stack.extend(i for i in data if i and i not in g.inits)
+        stack.extend(i for i in data if i and i not in g.inits and not (rank and _alike_over_heads(g, i, rank, head_axis)))
     if len(sources) != 1:
         return None
     source = sources.pop()
