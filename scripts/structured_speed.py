@@ -151,6 +151,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"- {len(ok)} of {len(rows)} runs wrote a model; `faster_than_dense` (any timed setting below 1) true in "
             f"{sum(bool(r['faster_than_dense']) for r in ok)}.",
             "- Not faster than dense at batch 32 with either thread setting: " + (", ".join(slower) or "none") + "."]
+    out += [f"- {note}" for note in meta.get("notes", [])]
     return "\n".join(out) + "\n"
 
 
@@ -165,20 +166,29 @@ def main() -> int:
     ap.add_argument("--memory-limit-gb", type=int, default=8)
     ap.add_argument("--keep", type=Path, help="keep the pruned models and their JSON reports in this folder")
     ap.add_argument("--render", action="store_true", help="rewrite the markdown from the JSON, measuring nothing")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[], help="with --render: add the runs of these JSONs")
+    ap.add_argument("--note", action="append", default=[], help="with --render: a line under the table")
     args = ap.parse_args()
     json_path = Path(f"{args.out}.json")
     if args.render:
         rec = json.loads(json_path.read_text())
+        for other in args.merge:
+            merged = json.loads(other.read_text())
+            rec["runs"] += merged["runs"]
+            rec["meta"]["command"] += "; " + merged["meta"]["command"]
+        rec["meta"]["notes"] = rec["meta"].get("notes", []) + args.note
+        json_path.write_text(json.dumps(rec, indent=1, default=str) + "\n")
         Path(f"{args.out}.md").write_text(markdown(rec["runs"], rec["meta"]))
         return 0
     import importlib.metadata as md
     import os
 
-    meta = {"command": "python scripts/structured_speed.py" + (" --only ..." if args.only else ""),
+    names = [n for n in MNIST + CORPUS if not args.only or any(fnmatch.fnmatchcase(n, p) for p in args.only)]
+    meta = {"command": "python scripts/structured_speed.py" + (f" --only {' '.join(args.only)}" if args.only else "")
+            + (f" --samples {args.samples}" if any(not n.startswith("mnist_") for n in names) else ""),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "onnxprune": md.version("onnxprune"),
             "onnxruntime": md.version("onnxruntime"), "cpus": os.cpu_count(), "timeout_s": args.timeout,
             "memory_limit_gb": args.memory_limit_gb, "samples": args.samples}
-    names = [n for n in MNIST + CORPUS if not args.only or any(fnmatch.fnmatchcase(n, p) for p in args.only)]
     ratios = [float(r) for r in args.ratios.split(",")]
     previous = {}
     if json_path.exists():
