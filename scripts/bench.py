@@ -604,7 +604,7 @@ def floor_study(args, argv) -> int:
     """The statistics of one model against the floor P x n x (forward + backward), side by side in one
     run (each step in its own subprocess, --repeats times, the least disturbed kept), and the whole
     prune against onnxsim's SparseGPT and Wanda on the same samples."""
-    from studies.provenance import portable_command
+    from studies.provenance import portable_command, portable_path
 
     for path in (args.floor_out, args.floor_json):
         fileio.check_output_path(path, force=args.force)
@@ -615,6 +615,9 @@ def floor_study(args, argv) -> int:
         row = run_measure(spec, args.inline, args.repeats)
         rows.append({"label": label, **row})
         print(f"{label}: {row['seconds']:.1f} s wall, {cpu_ratio(row):.1f} x forward (CPU)", file=sys.stderr)
+    for row in rows:  # the files as the command names them, without this machine's folders
+        row["model"] = f"file:{portable_path(args.floor)}|{portable_path(args.floor_data)}"
+        row["python"] = portable_path(row["python"]) if row.get("python") else row.get("python")
     command = "python scripts/bench.py " + portable_command(argv if argv is not None else sys.argv[1:])
     results = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "rows": rows,
                "images": args.floor_images, "load_end": os.getloadavg()[0]}

@@ -8,6 +8,9 @@ a time limit and an address-space cap. Writes docs/results/structured-coverage.m
 
     .venv/bin/python scripts/structured_coverage.py --corpus out/corpus [--only NAME ...] [--no-prune]
     .venv/bin/python scripts/structured_coverage.py --render        # the markdown again from the JSON
+
+With ``--before EARLIER.json`` (this script's JSON of an earlier onnxprune), every row and the reasons
+table show the earlier counts beside the new ones.
 """
 from __future__ import annotations
 
@@ -143,14 +146,32 @@ def markdown(rows, meta):
         out.append(f"| {r['model']} | {r['source']} | {r['prunable_layers']} | {r['group_layers']} "
                    f"({pct(r['group_layers'], r['prunable_layers'])}) | {r['groups']} ({r['group_units']:,}) | "
                    f"{r['rejected_layers']} | {reasons} |")
-    out += ["", "## Rejection reasons over the corpus", "", "| reason | layers | models |", "| --- | --- | --- |"]
-    totals, models = Counter(), Counter()
+    before = [r["before"] for r in rows if r.get("before")]
+    if before:
+        out += ["", f"## Before and after ({meta.get('before')})", "",
+                "| model | prunable layers | in a unit group before -> after | rejected before -> after |",
+                "| --- | --- | --- | --- |"]
+        for r in rows:
+            b = r.get("before")
+            if b and r.get("inspect_rc") == 0:
+                out.append(f"| {r['model']} | {r['prunable_layers']} | {b['group_layers']} -> {r['group_layers']} | "
+                           f"{b['rejected_layers']} -> {r['rejected_layers']} |")
+    out += ["", "## Rejection reasons over the corpus", "",
+            "| reason | layers | models |" + (" layers before |" if before else ""),
+            "| --- | --- | --- |" + (" --- |" if before else "")]
+    totals, models, earlier = Counter(), Counter(), Counter()
     for r in rows:
         for why, k in r.get("rejection_reasons", []):
             totals[why] += k
             models[why] += 1
+    for b in before:
+        for why, k in b["rejection_reasons"]:
+            earlier[why] += k
     for why, k in totals.most_common():
-        out.append(f"| {why} | {k} | {models[why]} |")
+        out.append(f"| {why} | {k} | {models[why]} |" + (f" {earlier[why]} |" if before else ""))
+    for why, k in earlier.most_common() if before else []:
+        if why not in totals:
+            out.append(f"| {why} | 0 | 0 | {k} |")
     pruned = [r for r in rows if "prune_rc" in r]
     if pruned:
         out += ["", f"## `prune --structured --sparsity {meta['sparsity']}` today", "",
@@ -176,6 +197,16 @@ def markdown(rows, meta):
     return "\n".join(out) + "\n"
 
 
+def add_before(rec, earlier):
+    """The earlier counts of every model of ``earlier`` (a JSON of this script) into ``rec``."""
+    old = {r["model"]: r for r in earlier["models"] if r.get("inspect_rc") == 0}
+    for r in rec["models"]:
+        if r["model"] in old:
+            r["before"] = {k: old[r["model"]][k] for k in ("prunable_layers", "group_layers", "rejected_layers",
+                                                            "rejection_reasons")}
+    rec["meta"]["before"] = f"before: measured {earlier['meta']['date']}, on the code before the unit-group couplings"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", type=Path, default=ROOT / "out" / "corpus")
@@ -186,9 +217,12 @@ def main():
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per command")
     ap.add_argument("--memory-limit-gb", type=int, default=8)
     ap.add_argument("--render", action="store_true", help="rewrite the markdown from the JSON, measuring nothing")
+    ap.add_argument("--before", type=Path, help="this script's JSON of an earlier onnxprune, shown beside the counts")
     args = ap.parse_args()
     if args.render:
         rec = json.loads(Path(f"{args.out}.json").read_text())
+        if args.before:
+            add_before(rec, json.loads(args.before.read_text()))
         manifest_path = args.corpus / "MANIFEST.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
         for r in rec["models"]:

@@ -17,6 +17,7 @@ import onnx
 from onnxprune.edit.slicing import drop_border, input_contract, remove_units
 from onnxprune.errors import InputError
 from onnxprune.find.layers import Layer, Skipped, analyse_graph
+from onnxprune.find.unitgroups import UnitGroup
 from onnxprune.find.units import find_units
 from onnxprune.io.data import Dataset
 from onnxprune.modes.base import Preset, State
@@ -157,12 +158,13 @@ class UnitsMode:
         changed = {c.layer for g in self.groups if len(state.carried[g.name]) < self.original[g.name]
                    for c in g.consumers}
         dense = {layer.name: layer for layer in self.all_layers}
-        rows = {}
+        kept: dict[str, list[np.ndarray]] = {}
         for g in self.groups:
             for producer in g.producers:
-                if producer in changed:
-                    per = dense[producer].out_features // self.original[g.name]  # a head's D rows
-                    rows[producer] = (state.carried[g.name][:, None] * per + np.arange(per)).ravel()
+                if producer in changed:  # a split layer produces several groups, each its own rows
+                    kept.setdefault(producer, []).append(_kept_rows(g, dense[producer], self.original[g.name],
+                                                                    state.carried[g.name]))
+        rows = {producer: np.sort(np.concatenate(parts)) for producer, parts in kept.items()}
         layers = [layer for layer in state.layers if layer.name in changed]
         for layer in layers:
             drop_border(state.model, layer)
@@ -204,3 +206,13 @@ def _layer_report(dense, pruned, layers, costs, original, final) -> list[LayerSh
                                 size["before"], size["after"], by_cost[layer.name].macs(original),
                                 by_cost[layer.name].macs(final), nbytes["before"], nbytes["after"]))
     return rows
+
+
+def _kept_rows(group: UnitGroup, layer: Layer, units: int, carried: np.ndarray) -> np.ndarray:
+    """The dense output rows of ``layer`` that the kept units of ``group`` hold: its cut's entries (a
+    part of a split layer, the D rows of each part of a fused QKV per head), else D rows per unit."""
+    try:
+        return group.unit_entries(layer.weight)[carried].ravel()
+    except ValueError:  # no plain cut of the weight (a grouped Conv): D consecutive rows per unit
+        per = layer.out_features // units
+        return (carried[:, None] * per + np.arange(per)).ravel()

@@ -129,5 +129,15 @@ class ScoringContext:
         if not group.producers:
             return None
         by_name = {layer.name: layer for layer in self.layers}
-        return np.hstack([by_name[p].to_rows(read_initializer(self.model, by_name[p].weight)).reshape(group.units, -1)
+        return np.hstack([_unit_rows(group, by_name[p], read_initializer(self.model, by_name[p].weight))
                           for p in group.producers])
+
+
+def _unit_rows(group: UnitGroup, layer: Layer, weight: np.ndarray) -> np.ndarray:
+    """(units, rest): the rows of ``layer`` that each unit of ``group`` holds, by the group's cut of the
+    weight (one part of a split layer, the D rows of each part of a fused QKV), else consecutive rows."""
+    rows = layer.to_rows(weight)
+    try:
+        return rows[group.unit_entries(layer.weight)].reshape(group.units, -1)
+    except ValueError:  # no plain cut of the weight (a grouped Conv): the rows in order
+        return rows.reshape(group.units, -1)
