@@ -285,3 +285,16 @@ def test_a_division_by_another_sum_is_not_a_softmax():
         if node.op_type == "ReduceSum":
             node.input[0] = "shifted"
     assert Pruner(method="ecp").fit(model, {"x": X}).prune(0.5).protected_outputs == ["y"]
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.97])
+def test_an_output_part_that_lost_most_of_its_variation_is_warned_of(sparsity):
+    """A warning names every output part whose relative error on the calibration data reaches one half
+    (whatever its scale), and only those."""
+    result = api.prune(detector(), {"x": X}, sparsity)
+    lost = {row["part"] for row in result.output_error["parts"] if row["relative_error"] is not None
+            and row["relative_error"] >= 0.5 and row["whole"] != any(not r["whole"] for r in result.output_error["parts"]
+                                                                   if r["output"] == row["output"])}
+    warned = {w.split()[1] for w in result.warnings if "relative error of" in w}
+    assert warned == lost
+    assert lost if sparsity > 0.9 else not lost

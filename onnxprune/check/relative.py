@@ -98,13 +98,21 @@ def compare_outputs(model: onnx.ModelProto, reference: onnx.ModelProto, data: Da
     return {"relative_error": worst[0], "worst": worst[1], "parts": table}
 
 
+LOST = 0.5  # relative error from which an output part has lost most of what it says about the samples
+
+
 def damage_warnings(comparison: dict) -> list[str]:
     """One sentence per part of an output (the output itself where it has no parts) with elements that
-    no longer vary over the data."""
+    no longer vary over the data, or with a relative error of LOST or more."""
     split = {row["output"] for row in comparison["parts"] if not row["whole"]}
-    return [f"{row['stopped_varying']:,} of the {row['elements']:,} values of output {row['part']} no longer vary over "
-            f"the calibration data (the pruned model gives each the same value for every sample)"
-            for row in comparison["parts"] if row["stopped_varying"] and row["whole"] != (row["output"] in split)]
+    rows = [row for row in comparison["parts"] if row["whole"] != (row["output"] in split)]
+    still = [f"{row['stopped_varying']:,} of the {row['elements']:,} values of output {row['part']} no longer vary over "
+             f"the calibration data (the pruned model gives each the same value for every sample)"
+             for row in rows if row["stopped_varying"]]
+    lost = [f"output {row['part']} has a relative error of {row['relative_error']:.3g} on the calibration data (0: as "
+            f"dense, 1: no better than its mean over the samples): prune less, or refit"
+            for row in rows if row["relative_error"] is not None and row["relative_error"] >= LOST]
+    return still + lost
 
 
 def emptied_layers(changes: list) -> list[str]:

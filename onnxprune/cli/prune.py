@@ -175,7 +175,7 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
                 report["timing"] = measure_latency({"original": original, "pruned": result.model}, timed, batches,
                                                    provider=provider, threads=(1, threads),
                                                    kept_inputs={"pruned": result.kept_inputs})
-                report["faster_than_dense"] = any(b["ratio"]["median"] < 1 for b in report["timing"]["batches"])
+                report["faster_than_dense"] = all(b["ratio"]["median"] < 1 for b in report["timing"]["batches"])
             if test is not None:
                 report["test"] = _compare(original, result, test, output, provider, threads, params["output_axes"])
             if storage == "sparse":

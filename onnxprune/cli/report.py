@@ -32,8 +32,11 @@ def print_result(ui, result, report: dict, out: str, original) -> None:
         ui.out()
         ui.out(timing_table(report["timing"]))
         if result.mode == "units" and not report["faster_than_dense"]:
-            ui.out("The pruned model is not faster than dense at any timed batch: remove more (--macs), round the "
-                   "kept counts (--multiple 8 or 16), or keep the dense model.")
+            slower = ", ".join(f"batch {b['batch_size']} with {b['threads'] or 'default'} thread(s) "
+                               f"({b['ratio']['median']:.2f}x{', noisy' if b['ratio']['noisy'] else ''})"
+                               for b in report["timing"]["batches"] if b["ratio"]["median"] >= 1)
+            ui.out(f"The pruned model is not faster than dense at {slower}: remove more (--macs), round the kept "
+                   "counts (--multiple 8 or 16), or keep the dense model.")
     if "test" in report:
         ui.out()
         ui.out(evaluation_table(report["test"]))
