@@ -88,7 +88,7 @@ class PruneResult:
     kept_inputs: dict[str, list[int]] = field(default_factory=dict)  # units with --prune-inputs: the features to feed
     protected_outputs: list[str] = field(default_factory=list)  # every protected output (``protected_output``: the first)
     output_error: dict | None = None    # relative error per protected output and part on the calibration data (check.relative)
-    warnings: list[str] = field(default_factory=list)  # damage the pruning did: layers emptied, outputs that stopped varying
+    warnings: list[str] = field(default_factory=list)  # damage: layers emptied, output parts that stopped varying or lost it
     defaults: dict | None = None  # the model's defaults (``modes.weights.model_defaults``) and which of them applied
 
     @property
@@ -140,7 +140,7 @@ class Pruner:
     def __init__(self, method: str = "ecp", *, structured: bool = False, macs: bool = False, multiple: int | None = None,
                  inputs: str = "keep", schedule: Schedule | None = None, repair: Repair | None = None,
                  compensation: bool = True, scope: str | None = None, exclude=(), seed: int = 0,
-                 output: str | None = None, probes: int | None = None, batch_size: int = 256,
+                 output: str | list[str] | None = None, probes: int | None = None, batch_size: int = 256,
                  labels_key: str | None = None, provider: str = "cpu", threads: int | None = None,
                  force: bool = False, steps: int | None = None, refit: bool | None = None, chained: bool = True,
                  g_weighted: bool = False, conv_statistics: str | None = None, engine: str = "auto",
