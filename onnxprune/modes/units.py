@@ -116,14 +116,14 @@ class UnitsMode:
 
     def _multiples(self, layers: dict[str, Layer]) -> dict[str, int]:
         """Per group the multiple its kept count is rounded to: the one asked for, else for channels of a
-        Conv the provider's fast channel block where the dense model is on it with more than one block
-        (off it, rounding buys nothing; with one block, rounding would forbid removing any unit)."""
+        Conv the provider's fast channel block where the dense model is on it (off it, rounding buys
+        nothing; a group of one block stays whole: fewer channels would take the slow path)."""
         if self.multiple is not None:
             return {g.name: self.multiple for g in self.groups}
         convs = [g for g in self.groups
                  if any(layers[n].op == "Conv" for n in (*g.producers, *(c.layer for c in g.consumers)))]
         block = conv_channel_block(self.provider) if convs else 1
-        return {g.name: block if g in convs and g.units % block == 0 and g.units > block else 1 for g in self.groups}
+        return {g.name: block if g in convs and g.units % block == 0 else 1 for g in self.groups}
 
     def begin(self, model: onnx.ModelProto, layers: list[Layer]) -> State:
         kept = {name: np.arange(n) for name, n in self.original.items()}

@@ -165,7 +165,7 @@ def _global_counts(scores, counts, original, costs, sparsity, macs, chunks: dict
     skipped = False
     while left() > 0:
         if not heap:
-            if skipped:  # the nearest the chunks allow
+            if skipped or any(size > 1 for size in chunks.values()):  # the nearest the multiples allow
                 break
             raise InputError("the request would leave a layer with no unit: every group is down to one unit "
                              "before the target is reached")
