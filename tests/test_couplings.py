@@ -180,10 +180,12 @@ def test_a_depthwise_chain_is_one_group_and_the_residual_stream_another():
 
 
 # ------------------------------------------------------------------ Split and Slice along the channels
-def c2f():
-    """YOLOv8's C2f: cv1 -> SiLU -> Split in halves; m(y1) = y1 + cv2(cv1(y1)); Concat(y0, y1, m(y1)) -> cv2."""
+def c2f(stem=False):
+    """YOLOv8's C2f: cv1 -> SiLU -> Split in halves; m(y1) = y1 + cv2(cv1(y1)); Concat(y0, y1, m(y1)) -> cv2;
+    with ``stem`` a Conv + SiLU before it (cv1 then reads the stem's units)."""
     g = Graph()
-    a = silu(g, g.conv("x", "cv1", 2, 8), "act1")
+    source = silu(g, g.conv("x", "stem", 2, 8), "act0") if stem else "x"
+    a = silu(g, g.conv(source, "cv1", 8 if stem else 2, 8), "act1")
     g.nodes.append(helper.make_node("Split", [a, g.const("halves", [4, 4], np.int64)], ["y0", "y1"], name="split", axis=1))
     inner = silu(g, g.conv("y1", "m.cv1", 4, 4, k=3, pads=1), "m.act1")
     m = g.add("Add", ["y1", silu(g, g.conv(inner, "m.cv2", 4, 4, k=3, pads=1), "m.act2")], "m")
