@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from corpus import run_measured  # noqa: E402  (the subprocess runner with its time and memory limits)
 
-MNIST = ["mnist_cnn", "mnist_silu_cnn", "mnist_mobilenet", "mnist_vit"]
+MNIST = ["mnist_cnn", "mnist_silu_cnn", "mnist_mobilenet", "mnist_vit", "mnist_resnet", "mnist_transformer"]
 CORPUS = ["nudenet_yolov8n_320", "tv_legacy_mobilenet_v2", "tv_legacy_resnet50", "timm_legacy_vit_small_patch16_224"]
 TIME_BATCHES = "1,32"
 
