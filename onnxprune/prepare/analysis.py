@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from onnxprune import runtime
 from onnxprune.graph.index import FLOAT_TYPES, subgraph_reads, tensor_dims, tensor_ranks, tensor_types
-from onnxprune.graph.passes import BATCH, PassResult, ReversiblePass, free_batch_copy
+from onnxprune.graph.passes import BATCH, FreeBatch, PassResult, ReversiblePass, free_batch_copy
 
 COPY = "__onnxprune_copy"
 
@@ -242,13 +242,8 @@ class FreeDeclaredBatch(ReversiblePass):
             raise
         except Exception:  # noqa: BLE001 - the graph itself holds the traced batch
             return PassResult(False)
-        for vi in infos:
-            if vi.name in fixed:
-                self.declared.append((vi.name, fixed[vi.name]))
-                dim = vi.type.tensor_type.shape.dim[0]
-                dim.Clear()
-                dim.dim_param = BATCH
-        del graph.value_info[:]  # intermediate shapes of the traced batch
+        self.declared = list(fixed.items())
+        FreeBatch()(model)  # the intermediate shapes of the traced batch go too
         return PassResult(True, f"the declared batch {more - 1} freed (restored in the written model)")
 
     def restore(self, model: onnx.ModelProto) -> None:
