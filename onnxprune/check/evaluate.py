@@ -24,8 +24,7 @@ def predict(model: onnx.ModelProto, data: Dataset, output: str, provider: str = 
     session = runtime.tensor_session(model, [output], provider, threads)
     chunks, seconds = [], 0.0
     fixed = declared_batch(model, data)
-    batches = data.padded_batches(fixed) if fixed else ((feeds, None) for feeds, _ in data.batches(batch_size))
-    for feeds, real in batches:
+    for feeds, real in data.runs(batch_size, fixed):
         start = time.perf_counter()
         (value,) = session.run([output], feeds)
         seconds += time.perf_counter() - start

@@ -86,8 +86,7 @@ def compare_outputs(model: onnx.ModelProto, reference: onnx.ModelProto, data: Da
     sessions = [runtime.tensor_session(m, outputs, provider, threads) for m in (model, reference)]
     sums = {name: _OutputSums() for name in outputs}
     fixed = declared_batch(model, data) or declared_batch(reference, data)  # a fixed batch runs on exactly that many
-    batches = data.padded_batches(fixed) if fixed else ((feeds, None) for feeds, _ in data.batches(batch_size))
-    for feeds, real in batches:
+    for feeds, real in data.runs(batch_size, fixed):
         mine = sessions[0].run(outputs, select_inputs(feeds, kept_inputs or {}))
         theirs = sessions[1].run(outputs, feeds)
         for name, y, y_ref in zip(outputs, mine, theirs):

@@ -290,8 +290,7 @@ def measure_objective(model: onnx.ModelProto, data: Dataset, output: str | list[
     if run is None:
         session = runtime.tensor_session(model, outputs, provider, threads)
         run = lambda feeds, wanted: session.run(wanted, feeds)  # noqa: E731
-    batches = data.padded_batches(fixed) if fixed else ((feeds, None) for feeds, _ in data.batches(batch_size))
-    for feeds, real in batches:
+    for feeds, real in data.runs(batch_size, fixed):
         for name, value in zip(outputs, run(feeds, outputs)):
             moments[name].add(batch_first(np.asarray(value), axes[name])[:real])
     scales, spreads, basis = [], [], []

@@ -66,6 +66,15 @@ class Dataset:
                          for k, v in feeds.items()}
             yield feeds, real
 
+    def runs(self, batch_size: int, fixed: int | None) -> Iterator[tuple[dict[str, np.ndarray], int | None]]:
+        """The batches a model runs on: exactly ``fixed`` samples each where it declares that batch
+        (``padded_batches``), else at most ``batch_size`` (all of them real: None)."""
+        if fixed:
+            yield from self.padded_batches(fixed)
+        else:
+            for feeds, _ in self.batches(batch_size):
+                yield feeds, None
+
     def subset(self, n: int) -> Dataset:
         return Dataset({k: self._rows(k, v, 0, n) for k, v in self.feeds.items()},
                        None if self.labels is None else self.labels[:n], self.fixed, self.axes)
