@@ -16,7 +16,15 @@ import onnx
 
 from onnxprune import runtime
 from onnxprune.check.timing import select_inputs
-from onnxprune.find.objective import ElementMoments, OutputPart, batch_first, find_parts, output_batch_axes
+from onnxprune.find.objective import (
+    ElementMoments,
+    OutputPart,
+    batch_first,
+    find_parts,
+    free_runs,
+    output_batch_axes,
+    part_sources,
+)
 from onnxprune.find.outputs import protected_outputs
 from onnxprune.io.data import Dataset, declared_batch
 
@@ -75,12 +83,15 @@ def compare_outputs(model: onnx.ModelProto, reference: onnx.ModelProto, data: Da
     ``kept_inputs``: the features a model whose inputs were pruned takes (``check.timing.select_inputs``);
     ``given_axes``: outputs' batch axes named by the user (``--batch-axis``)."""
     outputs = protected_outputs(reference, list(outputs) if outputs else None)
+    measuring = axes is None or parts is None  # one session of the reference for its axes and parts
+    run = free_runs(reference, part_sources(reference, outputs), provider, threads) if measuring else None
     if axes is None:
-        found = output_batch_axes(reference, outputs, data.subset(1).inputs(), data.repeated(2).inputs(), given_axes, provider)
+        found = output_batch_axes(reference, outputs, data.subset(1).inputs(), data.repeated(2).inputs(), given_axes,
+                                  provider, run)
         outputs = [name for name in outputs if found[name] is not None]
         axes = {name: int(found[name] or 0) for name in outputs}
     if parts is None:
-        parts, _ = find_parts(reference, outputs, axes, data.subset(1).inputs(), provider)
+        parts, _ = find_parts(reference, outputs, axes, data.subset(1).inputs(), provider, run)
     rows = [OutputPart(name) for name in outputs]
     rows += [part for part in parts if part.stop is not None]
     sessions = [runtime.tensor_session(m, outputs, provider, threads) for m in (model, reference)]
