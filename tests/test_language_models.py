@@ -530,3 +530,71 @@ def test_the_dynamo_llamas_heads_are_found_through_a_rotary_computed_from_the_po
     tokens = np.load(LM / "calib.npz")["input_ids"][:2]
     assert {"heads:node_linear_3", "heads:node_linear_10"} <= set(find_units(model).by_name())
     all_at_once(model, inputs=[{"input_ids": tokens}])
+
+
+def _legacy_and_optimum_spelling(graph):
+    """The llama block as the legacy exporter and optimum write it: rotate_half's Slice axes are Constant
+    nodes and its middle is computed from the head tensor's shape (Shape -> Gather -> Div -> Unsqueeze);
+    the attention probabilities are guarded by ``Where(IsNaN(p), 0, p)``."""
+    from unitref import toposort
+
+    added = []
+
+    def const(name, value):
+        added.append(helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(np.asarray(value))))
+        return name
+
+    for name in ("q", "k"):
+        t = f"{name}.t"
+        size = [f"{name}.shape", f"{name}.size", f"{name}.half", f"{name}.mid"]
+        added += [helper.make_node("Shape", [t], [size[0]], name=size[0]),
+                  helper.make_node("Gather", [size[0], const(f"{name}.last", np.int64(-1))], [size[1]], name=size[1]),
+                  helper.make_node("Div", [size[1], const(f"{name}.two", np.int64(2))], [size[2]], name=size[2]),
+                  helper.make_node("Unsqueeze", [size[2], const(f"{name}.zero", np.array([0], np.int64))], [size[3]],
+                                   name=size[3])]
+        for node in graph.node:
+            if node.name in (f"{name}.rope.first", f"{name}.rope.second"):
+                node.input[3] = const(f"{node.name}.axes", np.array([-1], np.int64))
+                node.input[2 if node.name.endswith("first") else 1] = size[3]
+    context = next(n for n in graph.node if n.name == "context")
+    added += [helper.make_node("IsNaN", ["attn"], ["attn.nan"], name="attn.nan"),
+              helper.make_node("Where", ["attn.nan", const("attn.zero", np.float32(0)), "attn"], ["attn.guarded"],
+                               name="attn.guarded")]
+    context.input[0] = "attn.guarded"
+    ordered = toposort(graph, added)
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def test_a_llama_block_in_the_legacy_and_optimum_spelling_has_its_heads_found_and_shrinks_to_the_masked_model():
+    """rotate_half reads the head size from a Shape of the head tensor (a reader that follows the kept
+    heads by itself), its Slices take their axes from Constant nodes, and a NaN guard rewrites the
+    probabilities from themselves: none of these mixes heads, so the heads are one group and removing
+    them equals the masked dense model."""
+    from couplings import shrinks_to_masked
+
+    from onnxprune.find.units import find_units
+
+    model = _rope_variant(_legacy_and_optimum_spelling)
+    onnx.checker.check_model(model, full_check=True)
+    group = find_units(model).by_name()["heads:o_proj"]
+    assert group.units == 2 and {"attn.nan", "q.rope.first"} <= set(group.path)
+    shrinks_to_masked(model, "heads:o_proj")
+
+
+def test_the_heads_of_gpt2s_gemms_on_folded_tokens_are_found_and_shrink_to_the_masked_model():
+    """GPT-2's legacy export folds the tokens into the rows of c_attn and c_proj with x.view(-1, x.size(-1))
+    (shapes computed at run time, unknown to shape inference): both are folded layers, the walk from
+    c_proj back through the fold and the head merge reaches c_attn's Q, K and V parts, and every group,
+    heads included, shrinks to the masked model on real tokens."""
+    from couplings import all_at_once
+
+    from onnxprune.find.units import find_units
+
+    model = onnx.load(str(LM / "gpt2_tiny_legacy.onnx"))
+    kinds = {layer.name: layer.kind for layer in analyse_graph(model).layers}
+    assert {kinds[f"/model/transformer/h.{b}/{p}/Gemm"] for b in (0, 1) for p in ("attn/c_attn", "attn/c_proj")} == {"folded"}
+    groups = find_units(model).by_name()
+    assert {f"heads:/model/transformer/h.{b}/attn/c_proj/Gemm" for b in (0, 1)} <= set(groups)
+    assert groups["heads:/model/transformer/h.0/attn/c_proj/Gemm"].units == 2
+    all_at_once(model, inputs=[{"input_ids": np.load(LM / "calib.npz")["input_ids"][:2]}])

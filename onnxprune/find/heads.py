@@ -74,23 +74,26 @@ class _Trace:
     def _merged_heads(self) -> tuple[int, int]:
         """(heads, head size) from the Reshape that merges them before the output projection."""
         tensor = self.out.input
-        node = self.ctx.g.producers.get(tensor)
-        while node is not None and node.op_type in PASS:
-            node = self.ctx.g.producers.get(node.input[0])
-        if node is None or node.op_type != "Reshape":
-            raise Rejection(f"{self.out.name!r} does not read heads merged by a Reshape")
-        shape = self.ctx.shapes.get(node.input[0])
-        width = self.out.in_features
-        if shape is None or len(shape) < 2:
-            raise Rejection(f"Reshape {node.name!r} merges a tensor of unknown shape")
-        heads, size = shape[-2], shape[-1]
-        if size is None and heads:
-            size = width // heads
-        if heads is None and size:
-            heads = width // size
-        if not heads or not size or heads * size != width:
-            raise Rejection(f"Reshape {node.name!r} does not merge heads x head size = {width}")
-        return int(heads), int(size)
+        for _ in range(2 if self.out.kind == "folded" else 1):  # tokens folded into rows: maybe by a Reshape of its own
+            node = self.ctx.g.producers.get(tensor)
+            while node is not None and node.op_type in PASS:
+                node = self.ctx.g.producers.get(node.input[0])
+            if node is None or node.op_type != "Reshape":
+                raise Rejection(f"{self.out.name!r} does not read heads merged by a Reshape")
+            shape = self.ctx.shapes.get(node.input[0])
+            width = self.out.in_features
+            if shape is None or len(shape) < 2:
+                raise Rejection(f"Reshape {node.name!r} merges a tensor of unknown shape")
+            heads, size = shape[-2], shape[-1]
+            told = heads is not None  # else one head read from the tokens' (batch, sequence, features) is no merge
+            if size is None and heads:
+                size = width // heads
+            if heads is None and size:
+                heads = width // size
+            if heads and size and heads * size == width and (told or size != width):
+                return int(heads), int(size)
+            tensor = node.input[0]
+        raise Rejection(f"Reshape {node.name!r} does not merge heads x head size = {width}")
 
     def _head_size(self, q: str, k: str, default: int) -> int:
         for name, axis in ((q, -1), (k, -2)):
@@ -163,6 +166,10 @@ class _Trace:
         shape = self.ctx.shapes.get(node.input[0])
         if shape is None:
             raise Rejection(f"Reshape {node.name!r} of a tensor of unknown shape")
+        if shape[-1] is None and not any(structured(a) for a in layout[:-1]):  # x.view(-1, x.size(-1)): its last axis kept
+            entries = shape_entries(self.ctx.g, self.ctx.constants, node.input[1], self.ctx.shapes, node.name, 1)
+            if entries is not None and len(entries) == len(layout) and entries[-1].source == (node.input[0], len(shape) - 1):
+                return [(("o", None, None),)] * (len(shape) - 1) + [layout[-1]]
         before = regroup(layout, list(shape), node.name)
         entries = None
         for b, axis in enumerate(layout):
@@ -180,6 +187,8 @@ class _Trace:
                 continue
             if entry.source is not None and _read_from_heads(self.ctx, entry.source, node.input[0], per_unit * self.heads):
                 continue  # read at run time from a tensor upstream whose axis holds the same heads
+            if entry.source is not None and entry.source[0] == node.input[0] and before[entry.source[1]] == axis:
+                continue  # read at run time from the same factors of its own input (x.view(-1, x.size(-1)))
             if entry.tensor is not None and entry.value is not None and entry.value > 0 and sole_entry(self.ctx.g, entry, node):
                 self.edits.append(ShapeEdit(entry.reader, entry.slot, entry.tensor, entry.index, per_unit))
             elif any(e.value == -1 for e in entries):
@@ -261,12 +270,18 @@ class _Trace:
         """The scores' operand of an Add/Mul/Where on them; the others are the same for every head,
         or one per head (cut when stored, else narrowed by a Gather)."""
         traced = [i for i in node.input if i and reaches_matmul(self.ctx, i)]
+        skipped = set(traced)
+        guard = self.ctx.g.producers.get(node.input[0])
+        if node.op_type == "Where" and len(traced) == 2 and guard is not None and guard.op_type in ("IsNaN", "IsInf") \
+                and guard.input[0] in node.input[1:]:  # where(isnan(p), 0, p): a guard of each score on itself
+            self.nodes.append(guard.name)
+            traced = [guard.input[0]]
         if len(traced) != 1:
             raise Rejection(f"{node.op_type} {node.name!r} on the attention scores has {len(traced)} operands from Q K^T")
         rank = len(layout)
         head = next(i for i, a in enumerate(layout) if any(f[0] == "h" for f in a))
         for slot, name in enumerate(node.input):
-            if not name or name == traced[0] or self._head_uniform(name, layout, rank):
+            if not name or name in skipped or self._head_uniform(name, layout, rank):
                 continue
             shape = self.ctx.shapes.get(name)
             axis = head - (rank - len(shape)) if shape is not None else -1
@@ -283,7 +298,7 @@ class _Trace:
         """Back to the projection that writes Q, K or V: its rows in blocks of the head size."""
         tensor, layout, node = self._back(tensor, layout)
         layer = self.ctx.by_preact.get(tensor)
-        if node is not None or layer is None or layer.kind != "sequence":
+        if node is not None or layer is None or layer.kind not in ("sequence", "folded"):
             what = f"{node.op_type} {node.name!r}" if node is not None else repr(tensor)
             raise Rejection(f"{what} is between the attention and the Q, K or V projection")
         last = tuple(layout[-1])
@@ -372,10 +387,10 @@ def _read_for_shape(ctx: Context, node: onnx.NodeProto, depth: int = 6) -> bool:
 
 
 def attention_groups(ctx: Context, layers: list[Layer]) -> list[UnitGroup]:
-    """Head groups of every sequence layer that reads merged attention heads."""
+    """Head groups of every sequence layer (or layer on folded tokens) that reads merged attention heads."""
     found = []
     for layer in layers:
-        if layer.kind != "sequence":
+        if layer.kind not in ("sequence", "folded"):
             continue
         try:
             found.append(_Trace(ctx, layer).match())

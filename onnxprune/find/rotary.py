@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxprune.find.constants import constant_node_value
 from onnxprune.graph.index import GraphIndex
 
 HEADWISE = {"Slice", "Neg", "Concat", "Mul", "Add", "Sub", "Cast", "Identity"}
@@ -23,10 +24,16 @@ def _axes(g: GraphIndex, node, rank: int) -> list[int] | None:
         axis = next((a.i for a in node.attribute if a.name == "axis"), None)
         return None if axis is None else [axis % rank]
     if len(node.input) < 4 or not node.input[3]:  # no axes: the first len(starts) axes
-        starts = g.constant(node.input[1])
+        starts = _constant(g, node.input[1])
         return None if starts is None else list(range(np.atleast_1d(starts).size))
-    axes = g.constant(node.input[3])
+    axes = _constant(g, node.input[3])
     return None if axes is None else [int(a) % rank for a in np.atleast_1d(axes)]
+
+
+def _constant(g: GraphIndex, name: str) -> np.ndarray | None:
+    """An initializer's or a Constant node's value (the legacy exporter writes a Slice's axes as the latter)."""
+    node = g.producers.get(name)
+    return constant_node_value(node) if node is not None and node.op_type == "Constant" else g.constant(name)
 
 
 def _alike_over_heads(g: GraphIndex, name: str, rank: int, head_axis: int) -> bool:
@@ -51,7 +58,8 @@ def head_passthrough(g: GraphIndex, tensor: str, head_axis: int) -> str | None:
 
 def head_span(g: GraphIndex, tensor: str, head_axis: int) -> tuple[str, list[str]] | None:
     """``head_passthrough``'s tensor and the names of the head-wise nodes from ``tensor`` to it (what
-    a head walk adds to its path), or None."""
+    a head walk adds to its path), or None. A Shape reading a tensor on the way (rotate_half's
+    half of the head size) follows the kept heads by itself."""
     rank = g.ranks.get(tensor)
     if rank is None or not 0 <= head_axis < rank:
         return None
@@ -80,8 +88,8 @@ def head_span(g: GraphIndex, tensor: str, head_axis: int) -> tuple[str, list[str
     if any(name not in inside and not _alike_over_heads(g, name, rank, head_axis) for node in nodes
            for name in (node.input[:1] if node.op_type == "Slice" else node.input) if name and name not in g.inits):
         return None
-    leaving = [name for name in inside if any(user not in nodes for user in g.consumers.get(name, []))
-               or name in g.outputs]
+    leaving = [name for name in inside if name in g.outputs or any(
+        user not in nodes and user.op_type not in ("Shape", "Size") for user in g.consumers.get(name, []))]
     if len(leaving) != 1:
         return None
     return leaving[0], [node.name for node in nodes]
