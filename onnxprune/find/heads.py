@@ -73,15 +73,14 @@ class _Trace:
 
     def _merged_heads(self) -> tuple[int, int]:
         """(heads, head size) from the Reshape that merges them before the output projection."""
-        tensor = self.out.input
+        tensor, width, tried = self.out.input, self.out.in_features, ""
         for _ in range(2 if self.out.kind == "folded" else 1):  # tokens folded into rows: maybe by a Reshape of its own
             node = self.ctx.g.producers.get(tensor)
             while node is not None and node.op_type in PASS:
                 node = self.ctx.g.producers.get(node.input[0])
             if node is None or node.op_type != "Reshape":
                 raise Rejection(f"{self.out.name!r} does not read heads merged by a Reshape")
-            shape = self.ctx.shapes.get(node.input[0])
-            width = self.out.in_features
+            shape, tried = self.ctx.shapes.get(node.input[0]), node.name
             if shape is None or len(shape) < 2:
                 raise Rejection(f"Reshape {node.name!r} merges a tensor of unknown shape")
             heads, size = shape[-2], shape[-1]
@@ -93,7 +92,7 @@ class _Trace:
             if heads and size and heads * size == width and (told or size != width):
                 return int(heads), int(size)
             tensor = node.input[0]
-        raise Rejection(f"Reshape {node.name!r} does not merge heads x head size = {width}")
+        raise Rejection(f"Reshape {tried!r} does not merge heads x head size = {width}")
 
     def _head_size(self, q: str, k: str, default: int) -> int:
         for name, axis in ((q, -1), (k, -2)):
