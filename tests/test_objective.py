@@ -298,3 +298,36 @@ def test_an_output_part_that_lost_most_of_its_variation_is_warned_of(sparsity):
     warned = {w.split()[1] for w in result.warnings if "relative error of" in w}
     assert warned == lost
     assert lost if sparsity > 0.9 else not lost
+
+
+def test_damage_only_the_test_data_show_is_warned_of_with_test(tmp_path):
+    """x0 is 0 on every calibration sample, so its weights score 0 and go first; output column 0 reads
+    mostly x0. On the calibration data nothing changes (no warning there), on --test data where x0
+    varies column 0 has lost its signal: the warning names the test data, in the JSON as on stderr."""
+    w = np.array([[1.0, 0.05], [0.01, 0.05], [0.01, 0.05], [0.01, 0.05]], np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="lin")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    calib, test = rng.normal(size=(64, 4)).astype(np.float32), rng.normal(size=(64, 4)).astype(np.float32)
+    calib[:, 0] = 0
+    np.savez(tmp_path / "calib.npz", x=calib)
+    np.savez(tmp_path / "test.npz", x=test)
+    res = CliRunner().invoke(main, ["prune", str(tmp_path / "m.onnx"), str(tmp_path / "out.onnx"), "--data",
+                                    str(tmp_path / "calib.npz"), "--test", str(tmp_path / "test.npz"), "--sparsity", "0.25",
+                                    "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    pruned = numpy_helper.to_array(onnx.load(tmp_path / "out.onnx").graph.initializer[0])
+    assert (pruned[0] == 0).all()  # x0's weights went
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["output_error"]["relative_error"] < 1e-6
+    want = test @ w
+    lost = ((test @ pruned - want) ** 2).mean() / want.var(0).mean()  # independent of onnxprune's comparison
+    assert lost >= 0.5
+    assert [w for w in report["warnings"] if "on the test data" in w] and not [w for w in report["warnings"] if
+                                                                              "calibration data" in w]
+    assert "relative error" in res.output and "on the test data" in res.output

@@ -111,15 +111,15 @@ def compare_outputs(model: onnx.ModelProto, reference: onnx.ModelProto, data: Da
 LOST = 0.5  # relative error from which an output part has lost most of what it says about the samples
 
 
-def damage_warnings(comparison: dict) -> list[str]:
+def damage_warnings(comparison: dict, data: str = "the calibration data") -> list[str]:
     """One sentence per part of an output (the output itself where it has no parts) with elements that
-    no longer vary over the data, or with a relative error of LOST or more."""
+    no longer vary over ``data``, or with a relative error of LOST or more there."""
     split = {row["output"] for row in comparison["parts"] if not row["whole"]}
     rows = [row for row in comparison["parts"] if row["whole"] != (row["output"] in split)]
     still = [f"{row['stopped_varying']:,} of the {row['elements']:,} values of output {row['part']} no longer vary over "
-             f"the calibration data (the pruned model gives each the same value for every sample)"
+             f"{data} (the pruned model gives each the same value for every sample)"
              for row in rows if row["stopped_varying"]]
-    lost = [f"output {row['part']} has a relative error of {row['relative_error']:.3g} on the calibration data (0: as "
+    lost = [f"output {row['part']} has a relative error of {row['relative_error']:.3g} on {data} (0: as "
             f"dense, 1: no better than its mean over the samples): prune less, or refit"
             for row in rows if row["relative_error"] is not None and row["relative_error"] >= LOST]
     return still + lost

@@ -7,6 +7,7 @@ from dataclasses import replace
 import click
 
 from onnxprune import api
+from onnxprune.check.relative import damage_warnings
 from onnxprune.check.timing import measure_latency, select_inputs
 from onnxprune.cli.options import (
     Fraction,
@@ -178,6 +179,9 @@ def prune(model, out, data, sparsity, dry_run, ratios, test_data, evaluate_alias
                 report["faster_than_dense"] = all(b["ratio"]["median"] < 1 for b in report["timing"]["batches"])
             if test is not None:
                 report["test"] = _compare(original, result, test, output, provider, threads, params["output_axes"])
+                parts = report["test"]["pruned"].get("output_errors")  # held-out damage the calibration data can hide
+                result.warnings += damage_warnings({"parts": parts}, "the test data") if parts else []
+                report["warnings"] = result.warnings
             if storage == "sparse":
                 report["storage"] = storage_report(result.model, storage)
             stage_model(result.model, out, outputs, storage=storage)
