@@ -310,3 +310,24 @@ def test_blocks_whose_reshapes_share_one_computed_shape_each_shrink_to_the_maske
     model = _two_blocks_sharing_a_computed_shape()
     assert {g.name for g in find_units(model).groups} == {"fc0", "fc1"}
     all_at_once(model)
+
+
+def test_a_block_cut_where_it_reads_a_shared_shape_is_found_again_for_the_next_step():
+    """The cut block's Reshape gets a shape of its own that writes the kept width (not -1): shape inference
+    still tells its hidden axis, so a later step finds the block again and shrinks it further, equal to
+    the masked model of the once-shrunk one."""
+    from unitref import removal
+
+    from onnxprune.edit.slicing import remove_units
+    from onnxprune.find.constants import static_shapes
+
+    model = _two_blocks_sharing_a_computed_shape()
+    rng = np.random.default_rng(0)
+    group = find_units(model).by_name()["fc0"]
+    gone = removal(group, rng)
+    shrunk = remove_units(model, {"fc0": gone}, {"fc0": rng.normal(size=group.units)})
+    assert static_shapes(shrunk)["v0"][-1] == group.units - len(gone)
+    assert static_shapes(shrunk)["v1"][-1] == group.units  # the other block reads the shared shape as before
+    again = find_units(shrunk).by_name()
+    assert again["fc0"].units == group.units - len(gone) and again["fc1"].units == group.units
+    shrinks_to_masked(shrunk, "fc0")

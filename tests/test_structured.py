@@ -345,3 +345,21 @@ def test_global_counts_remove_whole_multiples_at_their_least_cost():
     splits = [(a, b) for a, b in product(range(0, 9, 8), range(0, 17, 8)) if a + b == 16]
     best = min(costs["a"][:a].sum() + costs["b"][:b].sum() for a, b in splits)
     assert costs["a"][:16 - kept["a"]].sum() + costs["b"][:24 - kept["b"]].sum() == pytest.approx(best)
+
+
+def test_a_group_no_longer_found_keeps_its_units_and_the_others_reach_the_target():
+    """A later step may not find a group again (its walk stops on the edited graph): it has no scores, so
+    it keeps what it has, and the cheapest units of the others make up the target (brute force over them)."""
+    from onnxprune.score.units import UnitScores
+
+    rng = np.random.default_rng(4)
+    units = {"a": 10, "b": 12, "heads": 4}
+    counts = {"a": 10, "b": 12, "heads": 2}
+    costs = {name: np.sort(rng.gamma(2.0, 1.0, units[name])) for name in ("a", "b")}
+    scores = {name: UnitScores(np.arange(units[name]), costs[name], None) for name in ("a", "b")}
+    kept = choose_counts(scores, counts, units, [], sparsity=0.5, macs=None, scope="global")
+    assert kept["heads"] == 2
+    removed = 13 - 2  # half of the 26 original units, 2 heads already gone
+    assert sum(counts[n] - kept[n] for n in ("a", "b")) == removed
+    best = min(costs["a"][:k].sum() + costs["b"][:removed - k].sum() for k in range(removed + 1) if removed - k <= 12)
+    assert costs["a"][:10 - kept["a"]].sum() + costs["b"][:12 - kept["b"]].sum() == pytest.approx(best)

@@ -82,20 +82,23 @@ def edit_shape(model: onnx.ModelProto, store: Store, edit: ShapeEdit, removed: i
         store.set(name, value)
         return
     pin = f"{reader.name}__onnxprune_pin{edit.index}"
-    if pin in nodes:
+    if pin in nodes:  # another group's edit of the same entry in this rewrite
+        if edit.value is not None:
+            store.set(f"{pin}__entry", store.get(f"{pin}__entry") - removed * edit.per_unit)
         return
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 10:
         raise ValueError(f"Reshape {reader.name!r}: its shape is computed and opset {opset} has no Slice with inputs")
-    # the shape with entry ``index`` replaced by -1: Concat(shape[:index], [-1], shape[index + 1:]), which shape
+    # the shape with entry ``index`` replaced: Concat(shape[:index], [entry], shape[index + 1:]), which shape
     # inference still reads through
-    bounds = {"before": 0, "at": edit.index, "after": edit.index + 1, "end": 1 << 62, "minus_one": -1}
+    entry = -1 if edit.value is None else edit.value - removed * edit.per_unit
+    bounds = {"before": 0, "at": edit.index, "after": edit.index + 1, "end": 1 << 62, "entry": entry}
     for suffix, bound in bounds.items():
         model.graph.initializer.append(numpy_helper.from_array(np.asarray([bound], np.int64), f"{pin}__{suffix}"))
     shape, position = reader.input[1], list(model.graph.node).index(reader)
     nodes_in = [helper.make_node("Slice", [shape, f"{pin}__before", f"{pin}__at"], [f"{pin}__head"], name=f"{pin}__head"),
                 helper.make_node("Slice", [shape, f"{pin}__after", f"{pin}__end"], [f"{pin}__tail"], name=f"{pin}__tail"),
-                helper.make_node("Concat", [f"{pin}__head", f"{pin}__minus_one", f"{pin}__tail"], [f"{pin}__shape"],
+                helper.make_node("Concat", [f"{pin}__head", f"{pin}__entry", f"{pin}__tail"], [f"{pin}__shape"],
                                  name=pin, axis=0)]
     for k, node in enumerate(nodes_in):
         model.graph.node.insert(position + k, node)

@@ -180,11 +180,12 @@ def _take(value: np.ndarray, kept: np.ndarray, cut: Cut, units: int) -> np.ndarr
     return np.concatenate(parts, axis=0)
 
 
-def slice_units(model: onnx.ModelProto, keep: dict[str, np.ndarray], inputs: str | None = None) -> onnx.ModelProto:
+def slice_units(model: onnx.ModelProto, keep: dict[str, np.ndarray], inputs: str | None = None,
+                kinds: dict[str, str] | None = None) -> onnx.ModelProto:
     """``model`` (changed in place) with only the ``keep`` units (sorted indices per group name) of each
     group; ``inputs`` ("slice" or "gather") says how input features are selected the first time."""
     new = model
-    groups = find_units(new, inputs=inputs).by_name()
+    groups = find_units(new, inputs=inputs, kinds=kinds).by_name()
     changed = [(groups[name], np.asarray(kept, int)) for name, kept in keep.items() if len(kept) < groups[name].units]
     # every cut in the model's own coordinates: the entries of an axis all groups drop go at once, so a
     # Concat's other groups keep their offsets (a grouped Conv's cut is per block of rows, after)
@@ -295,12 +296,13 @@ def input_contract(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, l
 
 
 def remove_units(model: onnx.ModelProto, removed: dict[str, np.ndarray],
-                 constants: dict[str, np.ndarray] | None = None, inputs: str | None = None) -> onnx.ModelProto:
+                 constants: dict[str, np.ndarray] | None = None, inputs: str | None = None,
+                 kinds: dict[str, str] | None = None) -> onnx.ModelProto:
     """A copy of ``model`` without the ``removed`` units (indices per group), their constants folded first;
     ``inputs`` ("slice" or "gather") when input features are among them."""
     work = onnx.ModelProto()
     work.CopyFrom(model)  # find_units names unnamed nodes
-    groups = find_units(work, inputs=inputs).by_name()
+    groups = find_units(work, inputs=inputs, kinds=kinds).by_name()
     folded = fold_constants(work, list(groups.values()), removed, constants)
     keep = {name: np.setdiff1d(np.arange(groups[name].units), gone) for name, gone in removed.items() if len(gone)}
-    return slice_units(folded, keep, inputs)
+    return slice_units(folded, keep, inputs, kinds)

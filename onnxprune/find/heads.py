@@ -23,6 +23,7 @@ from onnxprune.find.headlayout import Layout, input_mask, part, reaches_matmul, 
 from onnxprune.find.layers import Layer
 from onnxprune.find.rotary import HEADWISE, head_source, head_span
 from onnxprune.find.unitgroups import Consumer, Cut, Select, ShapeEdit, UnitGroup, in_axis, out_axis, stored_axis
+from onnxprune.find.unitlayout import pinned
 from onnxprune.find.unitplace import Context
 from onnxprune.graph.index import Rejection, attributes
 
@@ -74,7 +75,7 @@ class _Trace:
     def _merged_heads(self) -> tuple[int, int]:
         """(heads, head size) from the Reshape that merges them before the output projection."""
         tensor, width, tried = self.out.input, self.out.in_features, ""
-        for _ in range(2 if self.out.kind == "folded" else 1):  # tokens folded into rows: maybe by a Reshape of its own
+        for attempt in range(2 if self.out.kind == "folded" else 1):  # tokens folded into rows: maybe by a Reshape of its own
             node = self.ctx.g.producers.get(tensor)
             while node is not None and node.op_type in PASS:
                 node = self.ctx.g.producers.get(node.input[0])
@@ -84,7 +85,8 @@ class _Trace:
             if shape is None or len(shape) < 2:
                 raise Rejection(f"Reshape {node.name!r} merges a tensor of unknown shape")
             heads, size = shape[-2], shape[-1]
-            told = heads is not None  # else one head read from the tokens' (batch, sequence, features) is no merge
+            # one head, where the count is inferred, may be a (batch, tokens, features) fold read as a merge: look further
+            told = heads is not None or attempt == 1 or self.out.kind != "folded"
             if size is None and heads:
                 size = width // heads
             if heads is None and size:
@@ -193,7 +195,7 @@ class _Trace:
             elif any(e.value == -1 for e in entries):
                 raise Rejection(f"Reshape {node.name!r}: the entry that counts the heads is computed and another is -1")
             else:
-                self.edits.append(ShapeEdit(node.name, 1, None, b))
+                self.edits.append(pinned(node, b, entry, per_unit))
         return before
 
     def _scaled(self, node: onnx.NodeProto, layout: Layout):

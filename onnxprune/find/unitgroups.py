@@ -40,14 +40,16 @@ class ShapeEdit:
     """A shape entry that counts the units: element ``index`` of constant ``tensor`` (read by node
     ``reader`` at input ``slot``) shrinks by ``per_unit`` for every unit removed (the constant is
     first given to ``reader`` alone when other nodes read it). With ``tensor`` None the entry is
-    read at run time from elsewhere, and Reshape ``reader`` gets entry ``index`` of its shape set
-    to -1 instead, which then follows the units."""
+    computed (or a constant other Reshapes share), and Reshape ``reader`` gets entry ``index`` of its
+    shape written: ``value`` less ``per_unit`` per unit removed where the entry's value is known (so
+    shape inference still tells the axis), else -1, which then follows the units."""
 
     reader: str
     slot: int
     tensor: str | None
     index: int
     per_unit: int = 0
+    value: int | None = None
 
 
 @dataclass(frozen=True)

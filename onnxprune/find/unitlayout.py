@@ -110,7 +110,14 @@ def follow_entry(g, walk, node, entries, b, per_unit) -> None:
         return
     if any(e.value == -1 for e in entries):
         raise Rejection(f"Reshape {node.name!r}: the entry for the units' axis is computed and another entry is -1")
-    walk.reshapes.append(ShapeEdit(node.name, 1, None, b))
+    walk.reshapes.append(pinned(node, b, entry, per_unit))
+
+
+def pinned(node, b: int, entry, per_unit: int) -> ShapeEdit:
+    """Reshape ``node``'s entry ``b`` written by the edit: its known value shrinking by ``per_unit`` per unit,
+    or -1 where only the run time knows it."""
+    known = entry.value is not None and entry.value > 0
+    return ShapeEdit(node.name, 1, None, b, per_unit if known else 0, entry.value if known else None)
 
 
 def transpose(ctx, walk, node, tensor, outs):

@@ -29,6 +29,8 @@ finds every group of a model.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import onnx
 
 from onnxprune.find.constants import Constants, static_shapes
@@ -83,18 +85,23 @@ def _selection(node: onnx.NodeProto | None, mode: str | None) -> str:
     return INPUT_SELECTIONS[mode]
 
 
-def find_units(model: onnx.ModelProto, layers: list[Layer] | None = None, inputs: str | None = None) -> Units:
+def find_units(model: onnx.ModelProto, layers: list[Layer] | None = None, inputs: str | None = None,
+               kinds: dict[str, str] | None = None) -> Units:
     """Every producer layer's unit group, or its rejection, and with ``inputs`` ("slice" or
-    "gather") the groups of input features; ``model`` gets node names in place."""
+    "gather") the groups of input features; ``model`` gets node names in place. ``kinds`` (else those
+    of ``layers``): the layers' kinds as the analysis copy's measured shapes told them, which an edited
+    model's shape inference may no longer see (a Gemm on folded tokens after a shared shape was edited)."""
     found = analyse_graph(model)
-    layers = found.layers if layers is None else layers
+    kinds = kinds if kinds is not None else {layer.name: layer.kind for layer in layers or []}
+    every = [replace(layer, kind=kinds.get(layer.name, layer.kind)) for layer in found.layers]
+    layers = every if layers is None else layers
     g = GraphIndex(model)
-    ctx = Context(g, Constants(g), static_shapes(model), {layer.name: layer for layer in found.layers},
-                  {layer.node: layer for layer in found.layers}, {layer.preact: layer for layer in found.layers})
+    ctx = Context(g, Constants(g), static_shapes(model), {layer.name: layer for layer in every},
+                  {layer.node: layer for layer in every}, {layer.preact: layer for layer in every})
     depthwise_followers: set[str] = set()
     grouped: set[str] = set()
     groups, rejected = [], []
-    for heads in attention_groups(ctx, found.layers):
+    for heads in attention_groups(ctx, every):
         if all(p in {layer.name for layer in layers} for p in heads.producers):
             groups.append(heads)
             grouped.update(heads.producers)
@@ -109,5 +116,5 @@ def find_units(model: onnx.ModelProto, layers: list[Layer] | None = None, inputs
             else:
                 rejected.append(result)
     kept = [r for r in rejected if not (r.node in depthwise_followers and r.reason.startswith("depthwise Conv"))]
-    input_groups, input_rejected = _input_groups(g, model, found.layers if layers is None else layers, inputs)
+    input_groups, input_rejected = _input_groups(g, model, layers, inputs)
     return Units(input_groups + groups, input_rejected + kept)

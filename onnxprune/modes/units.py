@@ -70,6 +70,7 @@ class UnitsMode:
             raise InputError(f"inputs must be one of {', '.join(INPUT_MODES)}, got {inputs!r}")
         self.scope, self.macs, self.multiple, self.inputs, self.exclude = scope, macs, multiple, inputs, tuple(exclude)
         self.selection = INPUT_MODES[inputs]
+        self.kinds: dict[str, str] = {}  # every layer's kind on the analysis copy (find), for the edited models' groups
 
     @property
     def what(self) -> str:
@@ -94,7 +95,8 @@ class UnitsMode:
         """The unit groups of ``layers`` (those that reach the protected output) that no --exclude
         pattern touches; their MACs accounting over ``all_layers``. Returns the rejections."""
         check_patterns(all_layers, self.exclude)
-        units = find_units(model, layers, inputs=self.selection)
+        self.kinds = {layer.name: layer.kind for layer in all_layers}  # as measured on the analysis copy
+        units = find_units(model, layers, inputs=self.selection, kinds=self.kinds)
         by_name, reaching = {layer.name: layer for layer in all_layers}, {layer.name for layer in layers}
         rejected = list(units.rejected)
         for g in units.groups:  # a consumer beyond the protected output: the units are part of that output
@@ -131,7 +133,7 @@ class UnitsMode:
 
     def _groups(self, model: onnx.ModelProto):
         """The groups as they are in ``model`` (a fold may have inserted a bias, a cut to follow)."""
-        return [g for g in find_units(model, inputs=self.selection).groups if g.name in self.original]
+        return [g for g in find_units(model, inputs=self.selection, kinds=self.kinds).groups if g.name in self.original]
 
     def select(self, state: State, scores: dict[str, UnitScores], target: float) -> dict[str, np.ndarray]:
         """Per group the units to remove (indices among those it has now)."""
@@ -139,11 +141,12 @@ class UnitsMode:
         kept = choose_counts(scores, counts, self.original, self.costs, sparsity=None if self.macs else target,
                              macs=target if self.macs else None, scope=self.scope, multiple=self.multiples,
                              lanes={g.name: g.lanes for g in self.groups})
-        return {name: scores[name].removal(counts[name] - kept[name]) for name in counts}
+        return {name: scores[name].removal(counts[name] - kept[name]) if kept[name] < counts[name] else np.array([], int)
+                for name in counts}
 
     def edit(self, state: State, removed: dict[str, np.ndarray], scores: dict[str, UnitScores]) -> State:
         constants = {name: s.constants for name, s in scores.items() if s.constants is not None}
-        model = remove_units(state.model, removed, constants, inputs=self.selection)
+        model = remove_units(state.model, removed, constants, inputs=self.selection, kinds=self.kinds)
         kept = {name: np.delete(index, removed[name]) for name, index in state.carried.items()}
         return State(model, fresh(model, state.layers), self._groups(model), carried=kept)
 
