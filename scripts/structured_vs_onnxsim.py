@@ -92,6 +92,9 @@ def markdown(rec: dict) -> str:
            "counted alike for both. onnxsim's sparsity was bisected to match onnxprune's MACs removed. *Error*: "
            "relative output error against the dense model per output part. *Time*: the paired timer, pruned/dense "
            "time per sample (median, quartiles), below 1 is faster.", "",
+           *([f"Test data: {meta['data']}. Variance of each dense output part over these samples (the denominator of "
+              "its relative error): " + ", ".join(f"{k} {v:.3g}" for k, v in meta["dense_spread"].items()) + ".", ""]
+             if meta.get("dense_spread") else []),
            "| R (onnxprune) | tool | sparsity asked | MACs removed | params | relative error per part | time pruned/dense |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rec["rows"]:
@@ -141,14 +144,16 @@ def main() -> int:
             s, sim_removed, sim = matched(args.onnxsim_python, model_path, removed, dense_macs, feeds, work, args.bisect)
             row = {"ratio": ratio}
             for tool, model, sparsity, gone in (("onnxprune", ours, ratio, removed), ("onnxsim", sim, s, sim_removed)):
+                compared = compare_outputs(model, dense, data)
+                spread = {p["part"]: p["spread"] for p in compared["parts"]}  # the dense part's variance over the samples
                 row[tool] = {"sparsity": sparsity, "macs_removed": gone, "params": params(model),
-                             "parts": parts(compare_outputs(model, dense, data)),
-                             "timing": timing(dense, model, data, (1, args.samples))}
+                             "parts": parts(compared), "timing": timing(dense, model, data, (1, args.samples))}
             rows.append(row)
             print(ratio, json.dumps(row), flush=True)
     meta = {"command": "python scripts/structured_vs_onnxsim.py --corpus CORPUS --kept KEPT --onnxsim-python PY",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model, "onnxsim": version,
-            "samples": args.samples, "dense_macs": dense_macs, "kept_command": args.kept_command}
+            "samples": args.samples, "dense_macs": dense_macs, "kept_command": args.kept_command,
+            "data": entry.get("description"), "dense_spread": spread}
     rec = {"meta": meta, "rows": rows}
     Path(f"{args.out}.json").write_text(json.dumps(rec, indent=1) + "\n")
     Path(f"{args.out}.md").write_text(markdown(rec))

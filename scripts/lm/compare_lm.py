@@ -547,8 +547,8 @@ def structured_section(rows: list[dict]) -> list[str]:
                      f"{kept(res, 'units')} | {kept(res, 'params')} | "
                      f"{kept(res, 'macs')} | {fmt(r.get('seconds'), '.0f')} | "
                      f"{fmt(r.get('peak_rss_mb'), '.0f')} |")
-    return lines + ["", "Parameters and MACs as onnxprune's report gives them (its prunable layers; MACs per sample, in which "
-                    "a Gemm on folded tokens counts once, not once per token).", ""]
+    return lines + ["", "Parameters and MACs as onnxprune's report gives them (its prunable layers; MACs per sample, a sequence "
+                    "of the calibration length, every token counted, a Gemm on folded tokens included).", ""]
 
 
 def memory_section(rows: list[dict]) -> list[str]:
