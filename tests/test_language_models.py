@@ -598,3 +598,24 @@ def test_the_heads_of_gpt2s_gemms_on_folded_tokens_are_found_and_shrink_to_the_m
     assert {f"heads:/model/transformer/h.{b}/attn/c_proj/Gemm" for b in (0, 1)} <= set(groups)
     assert groups["heads:/model/transformer/h.0/attn/c_proj/Gemm"].units == 2
     all_at_once(model, inputs=[{"input_ids": np.load(LM / "calib.npz")["input_ids"][:2]}])
+
+
+@pytest.mark.parametrize("fixture", ["gpt2_tiny_legacy", "llama_tiny_dynamo"])
+def test_a_structured_prune_removes_attention_heads_of_a_trained_tiny_lm_and_keeps_its_perplexity(tmp_path, fixture):
+    """Half of every group per layer in two steps: one of the two heads of each block goes (GPT-2: through
+    the Gemms on folded tokens; LLaMA: through the rotary computed from the positions) with half of the
+    FFN units, the written model's projections are narrower, and the held-out perplexity (numpy over
+    onnxruntime's logits) stays within 15% of the dense model's (7.5% measured for LLaMA, 2% for GPT-2)."""
+    import json
+
+    source, out = LM / f"{fixture}.onnx", tmp_path / "pruned.onnx"
+    res = _cli("prune", source, out, "--data", LM / "calib.npz", "--structured", "--sparsity", "0.5", "--scope", "layer",
+               "--steps", "2", "--time-batches", "1", "--json", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    groups = json.loads((tmp_path / "r.json").read_text())["units"]["groups"]
+    heads = {name: g for name, g in groups.items() if name.startswith("heads:")}
+    assert len(heads) == 2 and all((g["units_before"], g["units_after"]) == (2, 1) for g in heads.values())
+    dense_params = sum(int(np.prod(t.dims)) for t in onnx.load(source).graph.initializer)
+    assert sum(int(np.prod(t.dims)) for t in onnx.load(out).graph.initializer) < dense_params
+    ids = np.load(LM / "heldout.npz")["input_ids"]
+    assert _perplexity(out, ids) < 1.15 * _perplexity(source, ids)

@@ -235,6 +235,7 @@ def _keeps_last_axis(g: GraphIndex, reshape: onnx.NodeProto, rank: int) -> bool:
     entries = shape_entries(g, Constants(g), reshape.input[1], {reshape.input[0]: (None,) * rank})
     return entries is not None and len(entries) == 2 and entries[1].source == (reshape.input[0], rank - 1)
 
+
 def match_gemm(g: GraphIndex, node: onnx.NodeProto) -> Layer | Rejection:
     attrs = attributes(node)
     if attrs.get("transA", 0):

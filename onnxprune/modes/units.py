@@ -141,8 +141,8 @@ class UnitsMode:
         kept = choose_counts(scores, counts, self.original, self.costs, sparsity=None if self.macs else target,
                              macs=target if self.macs else None, scope=self.scope, multiple=self.multiples,
                              lanes={g.name: g.lanes for g in self.groups})
-        return {name: scores[name].removal(counts[name] - kept[name]) if kept[name] < counts[name] else np.array([], int)
-                for name in counts}
+        return {name: scores[name].removal(counts[name] - kept[name]) if name in scores and kept[name] < counts[name]
+                else np.array([], int) for name in counts}  # a group this step no longer finds keeps its units
 
     def edit(self, state: State, removed: dict[str, np.ndarray], scores: dict[str, UnitScores]) -> State:
         constants = {name: s.constants for name, s in scores.items() if s.constants is not None}

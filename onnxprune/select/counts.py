@@ -160,8 +160,8 @@ def _global_counts(scores, counts, original, costs, sparsity, macs, chunks: dict
         def left() -> float:
             return goal - sum(original[n] - kept[n] for n in kept)
 
-    heap = [(removal(name)[0], name) for name in kept  # every group keeps a unit; one no longer found (an
-            if name in scores and kept[name] - chunks[name] >= 1]  # attention down to one head) keeps what it has
+    heap = [(removal(name)[0], name) for name in kept  # every group keeps a unit; one a later step no longer
+            if name in scores and kept[name] - chunks[name] >= 1]  # finds (no scores) keeps what it has
     heapq.heapify(heap)
     skipped = False
     while left() > 0:

@@ -529,12 +529,14 @@ def structured_section(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     lines = ["## Structured: `onnxprune inspect` and `onnxprune prune --structured` (scripts/lm/structured_lm.py)", "",
-             "Default options, only `--structured --sparsity S`; the study's exports on the same calibration windows as the "
-             "rows above (held-out perplexity on data/heldout.npz); the `fixture` rows are the committed tiny byte-level "
-             "models of tests/fixtures/lm with their own 16 x 32 calibration and held-out windows.", "",
+             "Default options, only `--structured --sparsity S` (and the options the sparsity column names); the study's "
+             "exports on the same calibration windows as the rows above (held-out perplexity on data/heldout.npz); the "
+             "`fixture` rows are the committed tiny byte-level models of tests/fixtures/lm with their own 16 x 32 "
+             "calibration and held-out windows. *Heads kept*: attention heads over every block.", "",
              "| model / export | unit groups (units each) | layers whose units cannot go (count x reason) | sparsity | "
-             "status | perplexity | dense ppl | units kept | parameters kept | MACs kept | seconds | peak RSS MB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "status | perplexity | dense ppl | units kept | heads kept | parameters kept | MACs kept | seconds | "
+             "peak RSS MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ins = r["inspect"]
         found = (f"{len(ins['groups'])}: " + ", ".join(f"{g['group']} ({g['units']})" for g in ins["groups"])
@@ -542,9 +544,13 @@ def structured_section(rows: list[dict]) -> list[str]:
         why = "; ".join(f"{n} x {reason}" for reason, n in ins["not_removable"].items()) or "-"
         res = r.get("result") or {}
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('message', '')[:240]}"
-        lines.append(f"| {r['model']} / {r['exporter']} | {found} | {why} | {r['sparsity']:.0%} | {status} | "
+        heads = [g for name, g in (res.get("groups") or {}).items() if name.startswith("heads:")]
+        head_text = (f"{sum(g['units_after'] for g in heads)} of {sum(g['units_before'] for g in heads)}" if heads
+                     else "-")
+        asked = f"{r['sparsity']:.0%}" + (f" `{r['options']}`" if r.get("options") else "")
+        lines.append(f"| {r['model']} / {r['exporter']} | {found} | {why} | {asked} | {status} | "
                      f"{fmt(r.get('perplexity'), '.3f')} | {fmt(r.get('dense_perplexity'), '.3f')} | "
-                     f"{kept(res, 'units')} | {kept(res, 'params')} | "
+                     f"{kept(res, 'units')} | {head_text} | {kept(res, 'params')} | "
                      f"{kept(res, 'macs')} | {fmt(r.get('seconds'), '.0f')} | "
                      f"{fmt(r.get('peak_rss_mb'), '.0f')} |")
     return lines + ["", "Parameters and MACs as onnxprune's report gives them (its prunable layers; MACs per sample, a sequence "

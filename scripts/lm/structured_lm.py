@@ -19,6 +19,7 @@ import fcntl
 import json
 import pathlib
 import re
+import shlex
 import time
 
 import compare_lm as C
@@ -37,7 +38,8 @@ def reasons(entries: list[dict]) -> dict[str, int]:
 
 def run_one(args, kind: str, exporter: str, model_path: pathlib.Path, calib_file: pathlib.Path, heldout: np.ndarray,
             work: pathlib.Path) -> dict:
-    row: dict = {"model": kind, "exporter": exporter, "sparsity": args.sparsity, "model_file": L.rel(model_path),
+    row: dict = {"model": kind, "exporter": exporter, "sparsity": args.sparsity, "options": args.options,
+                 "model_file": L.rel(model_path),
                  "heldout": f"{heldout.shape[0]} x {heldout.shape[1]} tokens",
                  "dense_perplexity": L.onnx_perplexity(model_path, heldout, threads=args.threads)["perplexity"]}
     ins_json = work / f"{kind}_{exporter}.structured-inspect.json"
@@ -56,10 +58,11 @@ def run_one(args, kind: str, exporter: str, model_path: pathlib.Path, calib_file
         calib_arrays = {k: z[k][:args.calib_n] for k in z.files}
     calib = work / f"calib{args.calib_n}_{kind}_{exporter}.npz"
     np.savez(calib, **calib_arrays)
-    tag = f"{kind}_{exporter}_structured_{round(args.sparsity * 100)}"
+    tag = f"{kind}_{exporter}_structured_{round(args.sparsity * 100)}" + re.sub(r"[^a-z0-9]+", "_", args.options)
     out_model, rep = work / f"{tag}.onnx", work / f"{tag}.json"
     cmd = [args.onnxprune, "prune", str(model_path), str(out_model), "--data", str(calib), "--structured", "--sparsity",
-           str(args.sparsity), "--json", str(rep), "--force", "--threads", str(args.threads), "-v"]
+           str(args.sparsity), *shlex.split(args.options), "--json", str(rep), "--force", "--threads", str(args.threads),
+           "-v"]
     row["command"] = "onnxprune " + " ".join(L.rel(pathlib.Path(c)) if "/" in c else c for c in cmd[1:])
     print(f"[{time.strftime('%H:%M:%S')}] {tag}", flush=True)
     res = C.run_measured(cmd, args.timeout, work / f"{tag}.log")
@@ -93,6 +96,7 @@ def main():
     ap.add_argument("--models", default="gpt2,llama")
     ap.add_argument("--exporters", default="legacy,dynamo,optimum")
     ap.add_argument("--sparsity", type=float, default=0.3)
+    ap.add_argument("--options", default="", help="more prune options, e.g. '--scope layer' (default: none, the defaults)")
     ap.add_argument("--calib-n", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--threads", type=int, default=2)
@@ -122,8 +126,8 @@ def main():
         with open(args.results.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             results = json.loads(args.results.read_text()) if args.results.exists() else {"rows": []}
-            rows = [r for r in results.get("structured", []) if (r["model"], r["exporter"], r["sparsity"])
-                    != (kind, exporter, args.sparsity)]
+            rows = [r for r in results.get("structured", []) if (r["model"], r["exporter"], r["sparsity"], r.get("options", ""))
+                    != (kind, exporter, args.sparsity, args.options)]
             results["structured"] = sorted(rows + [row], key=lambda r: C.order({**r, "row": "dense", "target": "-"}))
             C.write_report(args.results, results)
 
