@@ -331,3 +331,23 @@ def test_damage_only_the_test_data_show_is_warned_of_with_test(tmp_path):
     assert [w for w in report["warnings"] if "on the test data" in w] and not [w for w in report["warnings"] if
                                                                               "calibration data" in w]
     assert "relative error" in res.output and "on the test data" in res.output
+
+
+def test_streamed_output_sums_over_chunks_of_samples_equal_numpys(monkeypatch):
+    """The output sums take a batch a few samples at a time (float64 copies stay small for a language
+    model's logits): the variances, mean squares and squared differences equal numpy's on the whole."""
+    import onnxprune.find.objective as objective
+    from onnxprune.check.relative import _OutputSums
+
+    monkeypatch.setattr(objective, "CHUNK_ELEMENTS", 50)  # 2 samples of (5, 5) per chunk
+    rng = np.random.default_rng(7)
+    y_ref = (3 + rng.normal(size=(23, 5, 5))).astype(np.float32)
+    y = (y_ref + 0.1 * rng.normal(size=y_ref.shape)).astype(np.float32)
+    sums = _OutputSums()
+    sums.add(y[:11], y_ref[:11])
+    sums.add(y[11:], y_ref[11:])
+    y64, ref64 = y.astype(np.float64), y_ref.astype(np.float64)
+    np.testing.assert_allclose(sums.squared, ((y64 - ref64) ** 2).sum(0), rtol=1e-12)
+    np.testing.assert_allclose(sums.reference.variance(), ref64.var(0), rtol=1e-9)
+    np.testing.assert_allclose(sums.model.mean_square(), (y64 ** 2).mean(0), rtol=1e-9)
+    assert sums.reference.n == 23

@@ -24,6 +24,7 @@ from onnxprune.find.objective import (
     free_runs,
     output_batch_axes,
     part_sources,
+    row_chunks,
 )
 from onnxprune.find.outputs import protected_outputs
 from onnxprune.io.data import Dataset, declared_batch
@@ -47,8 +48,9 @@ class _OutputSums:
         self.model, self.reference = ElementMoments(), ElementMoments()
 
     def add(self, y: np.ndarray, y_ref: np.ndarray) -> None:
-        d = np.asarray(y, np.float64) - np.asarray(y_ref, np.float64)
-        self.squared = (d * d).sum(0) + (0.0 if self.squared is None else self.squared)
+        for rows in row_chunks(y):
+            d = np.asarray(y[rows], np.float64) - np.asarray(y_ref[rows], np.float64)
+            self.squared = (d * d).sum(0) + (0.0 if self.squared is None else self.squared)
         self.model.add(y)
         self.reference.add(y_ref)
 

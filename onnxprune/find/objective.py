@@ -124,21 +124,32 @@ def concat_parts(model: onnx.ModelProto, output: str, axis: int, shapes: dict[st
             in zip(node.input, edges[:-1], edges[1:]) if stop > start]
 
 
+CHUNK_ELEMENTS = 1 << 22  # float64 temporaries of a streamed sum: at most this many elements (32 MB) at a time
+
+
+def row_chunks(y: np.ndarray):
+    """Slices of ``y``'s samples (axis 0) whose float64 copies stay within CHUNK_ELEMENTS: a language
+    model's (sequences, tokens, vocabulary) logits are summed without copying them all at once."""
+    step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(y.shape[1:]))))
+    return (slice(start, start + step) for start in range(0, len(y), step))
+
+
 class ElementMoments:
-    """Per-element sums of y - c and (y - c)^2 over samples (c: the first batch's mean, for accuracy)."""
+    """Per-element sums of y - c and (y - c)^2 over samples (c: the first samples' mean, for accuracy)."""
 
     def __init__(self):
         self.n, self.shift, self.first, self.second = 0, None, None, None
 
     def add(self, y: np.ndarray) -> None:
-        y = np.asarray(y, np.float64)
-        if self.shift is None:
-            self.shift = y.mean(0)
-            self.first, self.second = np.zeros_like(self.shift), np.zeros_like(self.shift)
-        d = y - self.shift
-        self.n += len(y)
-        self.first += d.sum(0)
-        self.second += (d * d).sum(0)
+        for rows in row_chunks(y):
+            part = np.asarray(y[rows], np.float64)
+            if self.shift is None:
+                self.shift = part.mean(0)
+                self.first, self.second = np.zeros_like(self.shift), np.zeros_like(self.shift)
+            d = part - self.shift
+            self.n += len(part)
+            self.first += d.sum(0)
+            self.second += (d * d).sum(0)
 
     def variance(self) -> np.ndarray:
         """The variance over samples of every element."""
