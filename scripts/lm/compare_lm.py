@@ -524,6 +524,12 @@ def kept(result: dict, what: str) -> str:
     return f"{after:,} of {before:,}" if before else "-"
 
 
+def speed(timing: list[dict] | None) -> str:
+    """One thread, batch 1 and the larger batch: the median ratio (noisy where the quartiles lie far apart)."""
+    one = [t for t in timing or [] if t["threads"] == 1]
+    return ", ".join(f"b{t['batch']} {t['median']:.2f}x{' noisy' if t['noisy'] else ''}" for t in one) or "-"
+
+
 def structured_section(rows: list[dict]) -> list[str]:
     """scripts/lm/structured_lm.py's rows: the unit groups inspect finds, and the --structured prune's outcome."""
     if not rows:
@@ -532,11 +538,13 @@ def structured_section(rows: list[dict]) -> list[str]:
              "Default options, only `--structured --sparsity S` (and the options the sparsity column names); the study's "
              "exports on the same calibration windows as the rows above (held-out perplexity on data/heldout.npz); the "
              "`fixture` rows are the committed tiny byte-level models of tests/fixtures/lm with their own 16 x 32 "
-             "calibration and held-out windows. *Heads kept*: attention heads over every block.", "",
+             "calibration and held-out windows. *Heads kept*: attention heads over every block. *Time pruned/dense*: "
+             "the prune's own paired timer on the calibration windows (per sequence, median; one thread, at batch 1 "
+             "and at its larger batch), below 1 is faster.", "",
              "| model / export | unit groups (units each) | layers whose units cannot go (count x reason) | sparsity | "
-             "status | perplexity | dense ppl | units kept | heads kept | parameters kept | MACs kept | seconds | "
-             "peak RSS MB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "status | perplexity | dense ppl | units kept | heads kept | parameters kept | MACs kept | "
+             "time pruned/dense | seconds | peak RSS MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ins = r["inspect"]
         found = (f"{len(ins['groups'])}: " + ", ".join(f"{g['group']} ({g['units']})" for g in ins["groups"])
@@ -551,7 +559,7 @@ def structured_section(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['model']} / {r['exporter']} | {found} | {why} | {asked} | {status} | "
                      f"{fmt(r.get('perplexity'), '.3f')} | {fmt(r.get('dense_perplexity'), '.3f')} | "
                      f"{kept(res, 'units')} | {head_text} | {kept(res, 'params')} | "
-                     f"{kept(res, 'macs')} | {fmt(r.get('seconds'), '.0f')} | "
+                     f"{kept(res, 'macs')} | {speed(res.get('timing'))} | {fmt(r.get('seconds'), '.0f')} | "
                      f"{fmt(r.get('peak_rss_mb'), '.0f')} |")
     return lines + ["", "Parameters and MACs as onnxprune's report gives them (its prunable layers; MACs per sample, a sequence "
                     "of the calibration length, every token counted, a Gemm on folded tokens included).", ""]
