@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from corpus import run_measured  # noqa: E402  (the subprocess runner with its time and memory limits)
 
+from studies.timer import ratio_rows  # noqa: E402
+
 MNIST = ["mnist_cnn", "mnist_silu_cnn", "mnist_mobilenet", "mnist_vit", "mnist_resnet", "mnist_transformer"]
 CORPUS = ["nudenet_yolov8n_320", "tv_legacy_mobilenet_v2", "tv_legacy_resnet50", "timm_legacy_vit_small_patch16_224"]
 TIME_BATCHES = "1,32"
@@ -58,15 +60,6 @@ def model_path(name: str, args) -> Path:
     return ROOT / "models" / f"{name}.onnx" if name.startswith("mnist_") else args.corpus / f"{name}.onnx"
 
 
-def timing_rows(timing: dict) -> list[dict]:
-    """Per batch size and thread setting: the paired ratio pruned/dense and both medians."""
-    return [{"batch": b["batch_size"], "threads": b["threads"] or "default",
-             "ratio_median": b["ratio"]["median"], "ratio_q25": b["ratio"]["q25"], "ratio_q75": b["ratio"]["q75"],
-             "noisy": b["ratio"]["noisy"], "dense_us": b["original"]["median_us"], "pruned_us": b["pruned"]["median_us"],
-             "repeats": timing["repeats"], "runs_per_timing": b["runs_per_timing"]}
-            for b in timing["batches"]]
-
-
 def run_one(name: str, ratio: float, args, work: Path) -> dict:
     calib, test, data_text = datasets(name, args, work)
     out, report = work / f"{name}.{ratio}.onnx", work / f"{name}.{ratio}.json"
@@ -85,7 +78,7 @@ def run_one(name: str, ratio: float, args, work: Path) -> dict:
                                              "macs_before", "macs_after", "multiples")})
         row["faster_than_dense"] = rep.get("faster_than_dense")
         row["warnings"] = rep.get("warnings")
-        row["timing"] = timing_rows(rep["timing"]) if rep.get("timing") else []
+        row["timing"] = ratio_rows(rep["timing"]) if rep.get("timing") else []
         test_rep = rep.get("test") or {}
         dense, pruned = test_rep.get("original") or {}, test_rep.get("pruned") or {}
         row["relative_error"] = pruned.get("relative_error")

@@ -30,6 +30,9 @@ from onnxprune.io.data import load_dataset
 from onnxprune.prepare.shapes import tensor_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from studies.timer import ratio_rows  # noqa: E402
+
 ONNXSIM = r"""
 import sys, onnx
 from onnxsim import pruning
@@ -77,10 +80,7 @@ def parts(comparison: dict) -> dict:
 
 
 def timing(dense, model, data, batches) -> list[dict]:
-    rep = measure_latency({"dense": dense, "pruned": model}, data, batches, threads=(1, None))
-    return [{"batch": b["batch_size"], "threads": b["threads"] or "default", "ratio_median": b["ratio"]["median"],
-             "ratio_q25": b["ratio"]["q25"], "ratio_q75": b["ratio"]["q75"], "noisy": b["ratio"]["noisy"]}
-            for b in rep["batches"]]
+    return ratio_rows(measure_latency({"dense": dense, "pruned": model}, data, batches, threads=(1, None)))
 
 
 def markdown(rec: dict) -> str:

@@ -527,7 +527,7 @@ def kept(result: dict, what: str) -> str:
 def speed(timing: list[dict] | None) -> str:
     """One thread, batch 1 and the larger batch: the median ratio (noisy where the quartiles lie far apart)."""
     one = [t for t in timing or [] if t["threads"] == 1]
-    return ", ".join(f"b{t['batch']} {t['median']:.2f}x{' noisy' if t['noisy'] else ''}" for t in one) or "-"
+    return ", ".join(f"b{t['batch']} {t['ratio_median']:.2f}x{' noisy' if t['noisy'] else ''}" for t in one) or "-"
 
 
 def structured_section(rows: list[dict]) -> list[str]:

@@ -20,11 +20,15 @@ import json
 import pathlib
 import re
 import shlex
+import sys
 import time
 
 import compare_lm as C
 import lmcommon as L
 import numpy as np
+
+sys.path.insert(0, str(L.REPO / "scripts"))
+from studies.timer import ratio_rows  # noqa: E402
 
 
 def reasons(entries: list[dict]) -> dict[str, int]:
@@ -34,14 +38,6 @@ def reasons(entries: list[dict]) -> dict[str, int]:
         reason = re.sub(r"'[^']*'", "'…'", x.get("reason", ""))
         counts[reason] = counts.get(reason, 0) + 1
     return counts
-
-
-def timing(report: dict) -> list[dict]:
-    """The report's paired timer (the prune measures it on the calibration data whenever it is structured):
-    pruned/dense time per sample at each batch size and thread setting, median and quartiles."""
-    return [{"batch": b["batch_size"], "threads": b["threads"] or "default", "median": b["ratio"]["median"],
-             "q25": b["ratio"]["q25"], "q75": b["ratio"]["q75"], "noisy": b["ratio"]["noisy"]}
-            for b in (report.get("timing") or {}).get("batches", [])]
 
 
 def run_one(args, kind: str, exporter: str, model_path: pathlib.Path, calib_file: pathlib.Path, heldout: np.ndarray,
@@ -87,7 +83,7 @@ def run_one(args, kind: str, exporter: str, model_path: pathlib.Path, calib_file
                                    for name, g in (section.get("groups") or {}).items()}
         row["result"]["model_bytes"] = {"dense": model_path.stat().st_size, "pruned": out_model.stat().st_size}
         row["result"]["warnings"] = report.get("warnings")
-        row["result"]["timing"] = timing(report)
+        row["result"]["timing"] = ratio_rows(report["timing"]) if report.get("timing") else []
         row["result"]["method"], row["result"]["steps"], row["result"]["repair"] = (
             report.get("method"), report.get("steps"), report.get("repair"))
         out_model.unlink()
