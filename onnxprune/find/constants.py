@@ -195,6 +195,16 @@ def static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     return shapes
 
 
+def kept_last_axis(g: GraphIndex, constants: Constants, reshape: onnx.NodeProto, rank: int) -> int | None:
+    """How many entries Reshape ``reshape``'s shape has when its last is read at run time from its
+    (rank ``rank``) input's last axis, as ``x.view(-1, x.size(-1))`` writes it; else None. Every leading
+    axis then folds into the others, whatever shape inference knows of their sizes."""
+    entries = shape_entries(g, constants, reshape.input[1], {reshape.input[0]: (None,) * rank})
+    if not entries or entries[-1].source != (reshape.input[0], rank - 1):
+        return None
+    return len(entries)
+
+
 def sole_entry(g, entry, reshape) -> bool:
     """Whether a constant shape entry is ``reshape``'s alone to edit: read by it, or by a node (a Concat
     computing the shape) whose output only it reads; a shape computed once for several blocks' Reshapes

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxprune.find.constants import shape_entries, sole_entry
+from onnxprune.find.constants import kept_last_axis, shape_entries, sole_entry
 from onnxprune.find.headlayout import Layout, input_mask, part, reaches_matmul, regroup, squeezed, structured
 from onnxprune.find.layers import Layer
 from onnxprune.find.rotary import HEADWISE, head_source, head_span
@@ -167,10 +167,9 @@ class _Trace:
         shape = self.ctx.shapes.get(node.input[0])
         if shape is None:
             raise Rejection(f"Reshape {node.name!r} of a tensor of unknown shape")
-        if shape[-1] is None and not any(structured(a) for a in layout[:-1]):  # x.view(-1, x.size(-1)): its last axis kept
-            entries = shape_entries(self.ctx.g, self.ctx.constants, node.input[1], self.ctx.shapes, node.name, 1)
-            if entries is not None and len(entries) == len(layout) and entries[-1].source == (node.input[0], len(shape) - 1):
-                return [(("o", None, None),)] * (len(shape) - 1) + [layout[-1]]
+        if shape[-1] is None and not any(structured(a) for a in layout[:-1]) \
+                and kept_last_axis(self.ctx.g, self.ctx.constants, node, len(shape)) == len(layout):  # x.view(-1, x.size(-1))
+            return [(("o", None, None),)] * (len(shape) - 1) + [layout[-1]]
         before = regroup(layout, list(shape), node.name)
         entries = None
         for b, axis in enumerate(layout):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune.find.constants import Constants, shape_entries
+from onnxprune.find.constants import Constants, kept_last_axis
 from onnxprune.find.geometry import ConvGeometry, conv_geometry
 from onnxprune.find.stored import StoredBias, WeightStep, batchnorm_bias, bias, node_weight, weight_path
 from onnxprune.graph.index import GraphIndex, Rejection, attributes, fail, name_nodes, read_initializer
@@ -222,18 +222,11 @@ def folds_rows(g: GraphIndex, tensor: str, features: int) -> bool:
     for start in range(len(before) - 1, 0, -1):  # the shortest trailing block that makes the features
         dim = before[start]
         if dim is None:
-            return len(before) >= 3 and _keeps_last_axis(g, node, len(before))
+            return len(before) >= 3 and kept_last_axis(g, Constants(g), node, len(before)) == 2
         product *= dim
         if product >= features:
             return product == features and start >= 2
     return False
-
-
-def _keeps_last_axis(g: GraphIndex, reshape: onnx.NodeProto, rank: int) -> bool:
-    """Whether a Reshape's last shape entry is read from its input's last axis at run time
-    (``x.view(-1, x.size(-1))``): its rows are then every leading axis, whatever shape inference knows."""
-    entries = shape_entries(g, Constants(g), reshape.input[1], {reshape.input[0]: (None,) * rank})
-    return entries is not None and len(entries) == 2 and entries[1].source == (reshape.input[0], rank - 1)
 
 
 def match_gemm(g: GraphIndex, node: onnx.NodeProto) -> Layer | Rejection:
