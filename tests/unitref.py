@@ -32,7 +32,8 @@ def replaced_all(model, groups, removed, constants, prefix=""):
             width = reads[0].width or group.units  # a Concat's channels: the group's at its offset
             m, k = np.ones(width, np.float32), np.zeros(width, np.float32)
             for consumer in reads:
-                m[consumer.offset + gone], k[consumer.offset + gone] = 0, values[gone]
+                at = consumer.offset + consumer.stride * gone
+                m[at], k[at] = 0, values[gone]
             layer = layers[name]
             if layer.kind == "conv":  # (N, C, *spatial)
                 shape = [1, -1] + [1] * (ranks[reads[0].tensor] - 2)

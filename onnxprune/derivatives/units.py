@@ -63,7 +63,7 @@ class UnitStatistics:
 def _unit_values(layer: Layer, consumer: Consumer, units: int, z: np.ndarray) -> np.ndarray:
     """The unit values a consumer reads, (samples, units, positions)."""
     z = np.asarray(z, np.float64)
-    block, width, own = consumer.block, consumer.width or units, slice(consumer.offset, consumer.offset + units)
+    block, width, own = consumer.block, consumer.width or units, consumer.own(units)
     if layer.kind in ("sequence", "folded"):  # (samples, ..., units x block): positions and the block's features
         return z.reshape(len(z), -1, width, block)[:, :, own].transpose(0, 2, 1, 3).reshape(len(z), units, -1)
     if layer.kind == "conv":
@@ -88,7 +88,7 @@ def _uv(layer: Layer, weight: np.ndarray, g: np.ndarray, z: np.ndarray, units: i
             u[start:start + per] = np.einsum("sriq,siq->sri", d, patches[start:start + per])
             v[start:start + per] = d.sum(-1)
     root = np.sqrt(scale)
-    width, own = consumer.width or units, slice(consumer.offset, consumer.offset + units)
+    width, own = consumer.width or units, consumer.own(units)
     return (root * u.reshape(s, r, width, consumer.block)[:, :, own].sum(-1),
             root * v.reshape(s, r, width, consumer.block)[:, :, own].sum(-1))
 
@@ -253,7 +253,7 @@ def _finish(acc: UnitSums, group: UnitGroup, weights, jacobians: bool) -> UnitSt
         count, first, second = acc.col[consumer.layer]
         var = np.maximum(second / np.maximum(count, 1) - (first / np.maximum(count, 1)) ** 2, 0.0)
         squares = (weights[consumer.layer] ** 2).sum(0)
-        width, own = consumer.width or group.units, slice(consumer.offset, consumer.offset + group.units)
+        width, own = consumer.width or group.units, consumer.own(group.units)
         fluctuation += (squares * var).reshape(width, consumer.block)[own].sum(1)
         norm2 += squares.reshape(width, consumer.block)[own].sum(1)
     n = acc.n

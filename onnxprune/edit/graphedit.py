@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxprune.find.constants import constant_node_value
 from onnxprune.find.unitgroups import Select, ShapeEdit
+from onnxprune.graph.values import constant_node_value
 
 
 class Store:

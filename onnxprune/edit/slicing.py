@@ -47,13 +47,13 @@ def fold_constants(model: onnx.ModelProto, groups: list[UnitGroup], removed: dic
             stored = read_initializer(new, layer.weight)
             rows = full_rows(layer, layer.to_rows(stored))
             per_column = np.zeros(rows.shape[1])
-            cols = _columns(consumer.offset + gone, consumer.block)
+            cols = _columns(consumer.offset + consumer.stride * gone, consumer.block)
             per_column[cols] = np.repeat(constants[group.name][gone], consumer.block)
             shift = rows @ per_column
             shift_bias(new, layer, layer.bias_shift_to_stored(shift), stored.dtype)
             if layer.op == "Conv":
                 channels = np.zeros(layer.geometry.in_channels)
-                channels[consumer.offset + gone] = constants[group.name][gone]
+                channels[consumer.offset + consumer.stride * gone] = constants[group.name][gone]
                 _fold_border(new, layer, layer.to_rows(stored), channels, shift)
     return new
 
@@ -190,17 +190,23 @@ def slice_units(model: onnx.ModelProto, keep: dict[str, np.ndarray], inputs: str
     # every cut in the model's own coordinates: the entries of an axis all groups drop go at once, so a
     # Concat's other groups keep their offsets (a grouped Conv's cut is per block of rows, after)
     dropped: dict[tuple[str, int], set[int]] = {}
+    renumbered: dict[str, set[int]] = {}  # a Gather's indices: the channels of its input that go
     per_block = []
     for group, kept in changed:
         gone = np.setdiff1d(np.arange(group.units), kept)
         for cut in group.cuts:
             if cut.groups == 1:
-                dropped.setdefault((cut.tensor, cut.axis), set()).update(_columns(cut.offset + gone, cut.block).tolist())
+                dropped.setdefault((cut.tensor, cut.axis), set()).update(_columns(cut.positions(gone), cut.block).tolist())
             else:
                 per_block.append((cut, kept, group.units))
+        for cut in group.renumbers:
+            renumbered.setdefault(cut.tensor, set()).update(cut.positions(gone).tolist())
     store = Store(new)
     for (tensor, axis), entries in dropped.items():
         store.set(tensor, np.delete(store.get(tensor), sorted(entries), axis=axis))
+    for tensor, channels in renumbered.items():  # the channels left count from 0 again
+        indices = store.get(tensor)
+        store.set(tensor, indices - np.searchsorted(np.array(sorted(channels)), indices).astype(indices.dtype))
     for cut, kept, units in per_block:
         store.set(cut.tensor, _take(store.get(cut.tensor), kept, cut, units))
     for group, kept in changed:

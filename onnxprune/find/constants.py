@@ -9,31 +9,13 @@ Shape(x))), Constant)``; the walk reads them all through ``Constants``.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from onnxprune.graph.index import GraphIndex, attributes
-
-EVALUATED = {"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Concat", "Sqrt", "Div", "Mul", "Add", "Sub", "Neg",
-             "Reciprocal", "Pow", "Transpose", "Gather", "Slice", "ConstantOfShape", "Range", "Exp", "Log", "Floor",
-             "Ceil", "Abs", "Max", "Min", "Erf", "Tanh", "Sigmoid", "Expand", "Tile", "Equal", "Where", "Not", "Less",
-             "Greater", "Softplus", "Flatten"}
-LARGEST = 1 << 16  # entries of a value computed here: shapes and scalars, not weights
-
-
-def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
-    """The value a Constant node holds, in whichever attribute it is given."""
-    for attr in node.attribute:
-        if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
-        if attr.name in ("value_float", "value_int", "value_floats", "value_ints"):
-            value = helper.get_attribute_value(attr)
-            return np.asarray(value, np.float32 if "float" in attr.name else np.int64)
-    return None
+from onnxprune.graph.values import EVALUATED, LARGEST, constant_node_value, evaluate_node
 
 
 class Constants:
@@ -72,29 +54,11 @@ class Constants:
         if any(v is not None and v.size > LARGEST for v in inputs):
             return None
         try:
-            value = _evaluate(node, inputs, self.g.model)
+            opset = next((o.version for o in self.g.model.opset_import if o.domain in ("", "ai.onnx")), 17)
+            value = evaluate_node(node, inputs, opset)
         except Exception:  # noqa: BLE001 - a value the reference runtime cannot compute is simply unknown
             return None
         return value if value.size <= LARGEST else None
-
-
-def _evaluate(node: onnx.NodeProto, inputs: list[np.ndarray | None], model: onnx.ModelProto) -> np.ndarray:
-    """One node's first output on constant inputs, by onnx's reference runtime."""
-    from onnx.reference import ReferenceEvaluator
-
-    names = [f"in{k}" if i else "" for k, i in enumerate(node.input)]
-    copy = helper.make_node(node.op_type, names, ["out"], domain=node.domain)
-    copy.attribute.extend(node.attribute)
-    feeds: dict[str, np.ndarray] = {n: v for n, v in zip(names, inputs) if n and v is not None}
-    graph = helper.make_graph([copy], "constant", [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype),
-                                                                                 v.shape) for n, v in feeds.items()],
-                              [helper.make_tensor_value_info("out", onnx.TensorProto.UNDEFINED, None)])
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-    small = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    with warnings.catch_warnings(), np.errstate(all="ignore"):  # log(0) in a mask's constants is -inf, as intended
-        warnings.simplefilter("ignore")
-        outputs: list = list(ReferenceEvaluator(small).run(None, feeds))
-    return np.asarray(outputs[0])
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.find.constants import constant_node_value
 from onnxprune.graph.index import GraphIndex
+from onnxprune.graph.values import constant_node_value
 
 HEADWISE = {"Slice", "Neg", "Concat", "Mul", "Add", "Sub", "Cast", "Identity"}
 

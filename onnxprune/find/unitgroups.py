@@ -12,8 +12,9 @@ from onnxprune.graph.index import Rejection
 
 @dataclass(frozen=True)
 class Cut:
-    """Slice initializer ``tensor`` along stored ``axis``: unit j owns entries [(offset + j)*block,
-    (offset + j + 1)*block) of the axis's ``width`` units (after a Concat; 0: the group's own count)."""
+    """Slice initializer ``tensor`` along stored ``axis``: unit j owns entries [p*block, (p + 1)*block)
+    at its position p = offset + j*stride among the axis's ``width`` units (after a Concat; 0: the
+    group's own count; a stride after a channel shuffle interleaved them with others)."""
 
     tensor: str
     axis: int
@@ -21,18 +22,28 @@ class Cut:
     groups: int = 1  # a grouped Conv's weight: rows in ``groups`` blocks, each keeps its own units (local indices)
     offset: int = 0
     width: int = 0
+    stride: int = 1
+
+    def positions(self, units) -> np.ndarray:
+        """Where units ``units`` (indices in the group) sit along the axis, in units of ``block``."""
+        return self.offset + self.stride * np.asarray(units, int)
 
 
 @dataclass(frozen=True)
 class Consumer:
-    """A layer reading the units (from ``tensor``): unit j is columns [(offset + j)*block, (offset + j + 1)*block)
-    of its (out, in) view."""
+    """A layer reading the units (from ``tensor``): unit j is columns [p*block, (p + 1)*block) of its
+    (out, in) view, p = offset + j*stride."""
 
     layer: str
     block: int
     tensor: str = ""
-    offset: int = 0   # after a Concat: the units are channels [offset, offset + units) of ``width``
+    offset: int = 0   # after a Concat: the units are channels offset + j*stride of ``width``
     width: int = 0
+    stride: int = 1   # after a channel shuffle: the units interleaved with others
+
+    def own(self, units: int) -> slice:
+        """The units' positions among the ``width`` the consumer reads."""
+        return slice(self.offset, self.offset + self.stride * (units - 1) + 1, self.stride)
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,7 @@ class UnitGroup:
     group_attributes: tuple[str, ...] = ()     # depthwise Conv nodes whose ``group`` equals the unit count
     reshapes: tuple[ShapeEdit, ...] = ()       # shape entries that follow the units
     selects: tuple[Select, ...] = ()           # computed per-unit tensors narrowed by a Gather
+    renumbers: tuple[Cut, ...] = ()            # a Gather's indices of the units' channels: renumbered as they go
     path: tuple[str, ...] = ()                 # nodes walked between producer and consumers
     selection: str | None = None               # input features: "Slice" (contiguous) or "Gather" (--prune-inputs)
     lanes: int = 1                             # grouped Convs: units in this many equal blocks, each losing as many
@@ -93,7 +105,7 @@ class UnitGroup:
         if not cuts or any(c.groups != 1 for c in cuts):
             raise ValueError(f"group {self.name!r} has no plain cut of {tensor!r}")
         unit = np.arange(self.units)[:, None]
-        return np.concatenate([(c.offset + unit) * c.block + np.arange(c.block)[None, :] for c in cuts], axis=1)
+        return np.concatenate([c.positions(unit) * c.block + np.arange(c.block)[None, :] for c in cuts], axis=1)
 
     def to_dict(self) -> dict:
         return {"group": self.name, "producers": list(self.producers), "units": self.units, "tensor": self.tensor,

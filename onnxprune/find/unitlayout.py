@@ -167,8 +167,10 @@ def along_other_axes(ctx, walk, node, tensor, outs):
             raise Rejection(f"Gather {node.name!r} uses the units as indices")
         along = int(attrs.get("axis", 0)) % rank
         indices = ctx.rank(node.input[1])
-        if along == axis or indices is None:
-            raise Rejection(f"Gather {node.name!r} selects some of the units' channels")
+        if along == axis:
+            return _gather_channels(ctx, walk, node, outs)
+        if indices is None:
+            raise Rejection(f"Gather {node.name!r} with indices of unknown rank")
         if along > axis:
             walk.axis_from_end += indices - 1
         return outs[:1]
@@ -211,7 +213,7 @@ def _split_channels(ctx, walk, node, outs):
     sizes = [int(e.value) for e in entries] if entries is not None else [walk.width // count] * count
     if sum(sizes) != walk.width:
         raise Rejection(f"Split {node.name!r} into {sizes}, not the {walk.width} channels it reads")
-    low, high, start = walk.offset, walk.offset + walk.units, 0
+    low, high, start = walk.offset, walk.end, 0
     for k, size in enumerate(sizes):
         if start <= low and high <= start + size:
             if entries is None or entries[k].tensor is None:
@@ -222,7 +224,60 @@ def _split_channels(ctx, walk, node, outs):
             return [node.output[k]] if node.output[k] else []
         start += size
     bounds = np.cumsum(sizes)[:-1]
-    raise Divide(f"Split {node.name!r} divides the units' channels", [int(b) - low for b in bounds if low < b < high])
+    raise Divide(f"Split {node.name!r} divides the units' channels", [walk.index_at(int(b)) for b in bounds if low < b < high])
+
+
+def _gather_channels(ctx, walk, node, outs):
+    """A Gather of the channels by constant indices (a channel shuffle, ``prepare.shuffles``): each unit
+    must be taken once, and the units stay evenly spaced (a stride) where they land, else the walk
+    starts again per run of them that does (``Divide``); the indices follow the units (``renumbers``)."""
+    landed = _landing(ctx, walk, node)
+    if walk.units > 1:
+        steps = np.diff(landed)
+        breaks = [j + 1 for j in range(len(steps)) if steps[j] <= 0 or (j and steps[j] != steps[j - 1])]
+        if breaks:
+            raise Divide(f"Gather {node.name!r} scatters the units' channels", breaks)
+    indices = ctx.constants.value(node.input[1])
+    stride = int(landed[1] - landed[0]) if walk.units > 1 else 1
+    walk.renumbers.append(Cut(node.input[1], 0, **walk.span))
+    walk.cuts.append(Cut(node.input[1], 0, offset=int(landed[0]), width=int(indices.size), stride=stride))
+    walk.offset, walk.width, walk.stride = int(landed[0]), int(indices.size), stride
+    return outs[:1]
+
+
+def _landing(ctx, walk, node) -> np.ndarray:
+    """Where a Gather along the units' axis puts each unit (its output channel); Rejection unless its
+    indices are a 1-D constant of its own that takes every unit once."""
+    indices = ctx.constants.value(node.input[1])
+    if indices is None or indices.ndim != 1 or not ctx.constants.stored(node.input[1]) or ctx.g.users(node.input[1]) > 1:
+        raise Rejection(f"Gather {node.name!r} selects some of the units' channels by computed or shared indices")
+    if walk.block != 1:
+        raise Rejection(f"Gather {node.name!r} of flattened units")
+    if np.any(indices < 0):
+        raise Rejection(f"Gather {node.name!r} counts channels from the end")
+    channels = walk.offset + walk.stride * np.arange(walk.units)
+    hits = indices[None, :] == channels[:, None]
+    if np.any(hits.sum(1) != 1):
+        raise Rejection(f"Gather {node.name!r} takes some of the units' channels twice or not at all")
+    return hits.argmax(1)
+
+
+def gathered_from(ctx, walk, node, place) -> list[tuple]:
+    """The units' place in a channel Gather's input that it moves to ``place`` (walking back), if any."""
+    rank, indices = ctx.rank(node.input[0]), ctx.constants.value(node.input[1])
+    axis, block, offset, width, stride = place
+    if rank is None or indices is None or indices.ndim != 1 or indices.size != width or block != 1 \
+            or int(attributes(node).get("axis", 0)) % rank != rank - axis:
+        return []
+    shape = ctx.shapes.get(node.input[0])
+    size = shape[rank - axis] if shape is not None else None
+    if size is None:
+        return []
+    source = indices.astype(np.int64)[offset + stride * np.arange(walk.units)]
+    step = int(source[1] - source[0]) if walk.units > 1 else 1
+    if walk.units > 1 and (step <= 0 or np.any(np.diff(source) != step)):
+        return []
+    return [(axis, block, int(source[0]), int(size), step)]
 
 
 def _slice_channels(ctx, walk, node, outs, position):
@@ -235,7 +290,7 @@ def _slice_channels(ctx, walk, node, outs, position):
     begin, end = (int(e[position].value) for e in entries)
     if begin < 0 or end < 0:
         raise Rejection(f"Slice {node.name!r} of the units' channels counted from the end")
-    low, high, total = walk.offset, walk.offset + walk.units, walk.width
+    low, high, total = walk.offset, walk.end, walk.width
     before, after, inside = high <= begin, min(end, total) <= low, begin <= low and high <= min(end, total)
     if before or after or inside:
         follow = [] if after else [entries[1][position]] + ([entries[0][position]] if before else [])
@@ -248,7 +303,8 @@ def _slice_channels(ctx, walk, node, outs, position):
             return []  # the units are not in this slice
         walk.offset, walk.width = low - begin, min(end, total) - begin
         return outs[:1]
-    raise Divide(f"Slice {node.name!r} takes some of the units' channels", [b - low for b in (begin, end) if low < b < high])
+    raise Divide(f"Slice {node.name!r} takes some of the units' channels",
+                 [walk.index_at(b) for b in (begin, end) if low < b < high])
 
 
 def _keeps_channels(ctx, walk, node, tensor, rank, axis) -> None:

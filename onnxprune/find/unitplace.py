@@ -55,25 +55,41 @@ class Walk:
         self.cuts: list[Cut] = []
         self.groups: list[str] = []
         self.reshapes: list[ShapeEdit] = []
+        self.renumbers: list[Cut] = []  # Gathers' indices of the units' channels
         self.path: list[str] = []
         self.lanes = 1
-        # the units are channels [offset, offset + units) of the ``width`` in the tensor reached (a Concat
-        # widens them, a Split narrows them; a group of some of a layer's channels starts at their offset)
-        self.offset, self.width = start, producer.out_features
+        # unit j is channel offset + j*stride of the ``width`` in the tensor reached (a Concat widens them,
+        # a Split narrows them, a channel shuffle interleaves them with others; a group of some of a
+        # layer's channels starts at their offset)
+        self.offset, self.width, self.stride = start, producer.out_features, 1
         self.places: dict[str, tuple[int, int]] = {}  # tensors reached: (their rank, the units' axis in it)
         self.carried: list[str] = []  # tensors a step found joined with the units: walked back to their producers
 
     @property
-    def place(self) -> tuple[int, int, int, int]:
-        return self.axis_from_end, self.block, self.offset, self.width
+    def place(self) -> tuple[int, int, int, int, int]:
+        return self.axis_from_end, self.block, self.offset, self.width, self.stride
 
     @place.setter
-    def place(self, value: tuple[int, int, int, int]) -> None:
-        self.axis_from_end, self.block, self.offset, self.width = value
+    def place(self, value: tuple[int, int, int, int, int]) -> None:
+        self.axis_from_end, self.block, self.offset, self.width, self.stride = value
 
     @property
     def concatenated(self) -> bool:
-        return self.offset != 0 or self.width != self.units
+        return self.offset != 0 or self.width != self.units or self.stride != 1
+
+    @property
+    def span(self) -> dict[str, int]:
+        """Where the units are among the channels, as a ``Cut`` takes it."""
+        return {"offset": self.offset, "width": self.width, "stride": self.stride}
+
+    @property
+    def end(self) -> int:
+        """One past the last unit's channel."""
+        return self.offset + self.stride * (self.units - 1) + 1
+
+    def index_at(self, channel: int) -> int:
+        """The first unit at or after ``channel``."""
+        return -(-(channel - self.offset) // self.stride)
 
     def set_lanes(self, groups: int, name: str) -> None:
         """A grouped Conv reads or writes the units: every one of its groups must keep as many."""
@@ -136,7 +152,7 @@ def per_channel_cut(ctx: Context, walk: Walk, name: str, what: str, rank: int | 
         raise Rejection(ctx.g.shared_reason(name, what))
     if not ctx.constants.stored(name):
         return stored_source(ctx, walk, name, what)
-    return Cut(name, axis, offset=walk.offset, width=walk.width)
+    return Cut(name, axis, **walk.span)
 
 
 def _identity_of_shared(ctx: Context, name: str) -> bool:
@@ -160,7 +176,7 @@ def stored_source(ctx: Context, walk: Walk, name: str, what: str) -> Cut:
         if value is None or value.size != walk.width:
             raise Rejection(f"{what} {name!r} is not one value per unit")
         axes = [k for k, d in enumerate(value.shape) if d != 1]
-        return Cut(name, axes[0] if axes else max(value.ndim - 1, 0), offset=walk.offset, width=walk.width)
+        return Cut(name, axes[0] if axes else max(value.ndim - 1, 0), **walk.span)
     current, reshapes = name, []
     while not ctx.constants.stored(current):
         node = ctx.g.producers.get(current)
@@ -185,4 +201,4 @@ def stored_source(ctx: Context, walk: Walk, name: str, what: str) -> Cut:
         entry = entries[position]
         walk.reshapes.append(ShapeEdit(entry.reader, entry.slot, entry.tensor, entry.index, 1))
     axes = [k for k, d in enumerate(source.shape) if d != 1]
-    return Cut(current, axes[0] if axes else max(source.ndim - 1, 0), offset=walk.offset, width=walk.width)
+    return Cut(current, axes[0] if axes else max(source.ndim - 1, 0), **walk.span)

@@ -31,7 +31,7 @@ def step(ctx: Context, walk: Walk, node: onnx.NodeProto, tensor: str) -> list[st
     outs = [o for o in node.output if o]
     if node.name.endswith(BORDER) and ctx.constants.value(node.input[1]) is None:
         for suffix in ("kernel", "shift"):  # a border map computed at run time: its kernel and shift per channel
-            walk.cuts.append(Cut(f"{node.name}__{suffix}", 0, offset=walk.offset, width=walk.width))
+            walk.cuts.append(Cut(f"{node.name}__{suffix}", 0, **walk.span))
         return outs[:1]
     matcher = MATCHERS.get(op)
     if matcher is not None:
@@ -84,7 +84,7 @@ def _batchnorm(ctx, walk, node, tensor, outs):
             raise Rejection(f"BatchNormalization parameter {name!r} is not a constant")
         if ctx.g.users(name) > 1:
             raise Rejection(ctx.g.shared_reason(name, "BatchNormalization parameter"))
-        walk.cuts.append(Cut(name, 0, offset=walk.offset, width=walk.width) if ctx.constants.stored(name)
+        walk.cuts.append(Cut(name, 0, **walk.span) if ctx.constants.stored(name)
                          else stored_source(ctx, walk, name, "BatchNormalization parameter"))
     return outs[:1]
 
@@ -104,19 +104,19 @@ def _conv(ctx, walk, node, tensor, outs):
     layer = ctx.layers.get(node.name)
     if layer is None:
         raise Rejection(f"Conv {node.name!r} between layers is not a prunable layer")
-    if walk.concatenated and layer.geometry.groups > 1:
-        raise Rejection(f"grouped Conv {node.name!r} after a Concat (not coupled)")
-    if layer.geometry.groups == walk.units and layer.out_features == walk.units:
-        walk.cuts.append(Cut(layer.weight, stored_axis(layer, 0)))
+    if layer.geometry.groups == walk.width and layer.out_features == walk.width and walk.block == 1:
+        walk.cuts.append(Cut(layer.weight, stored_axis(layer, 0), **(walk.span if walk.concatenated else {})))
         if layer.bias is not None:
             bias_cut = (per_channel_cut(ctx, walk, layer.bias, "depthwise bias", None) if layer.bias_node
-                        else Cut(layer.bias, 0))
+                        else Cut(layer.bias, 0, **(walk.span if walk.concatenated else {})))
             walk.cuts.extend([bias_cut] if bias_cut else [])
         walk.groups.append(node.name)
         if layer.bias_node:
             walk.path.append(node.name)
             return [layer.preact]
         return outs[:1]
+    if walk.concatenated and layer.geometry.groups > 1:
+        raise Rejection(f"grouped Conv {node.name!r} after a Concat (not coupled)")
     raise Rejection(f"grouped Conv {node.name!r} (groups={layer.geometry.groups}) reads the units")
 
 

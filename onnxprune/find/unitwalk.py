@@ -18,6 +18,7 @@ import onnx
 
 from onnxprune.find.layers import BORDER, Layer, Skipped
 from onnxprune.find.unitgroups import Consumer, Cut, Unavoidable, UnitGroup, in_axis, out_axis, stored_axis
+from onnxprune.find.unitlayout import gathered_from
 from onnxprune.find.unitplace import BINARY, DATA_INPUTS, JOINS, REDUCE, UNARY, Context, Divide, Walk, node_axes
 from onnxprune.find.unitsteps import step
 from onnxprune.graph.index import Rejection, attributes
@@ -183,7 +184,8 @@ class _Search:
                 self.backward.extend((t, place) for t in [source, *walk.carried])
                 walk.carried.clear()
             return
-        start, low, high = 0, place[2], place[2] + walk.units
+        walk.place = place
+        start, low, high = 0, walk.offset, walk.end
         for name in node.input:
             shape = ctx.shapes.get(name)
             if shape is None or shape[rank - place[0]] is None:
@@ -192,12 +194,12 @@ class _Search:
             if start <= low and high <= start + size:
                 if name not in computed:
                     raise Rejection(f"Concat {node.name!r} writes the units from the constant {name!r}")
-                before = (place[0], place[1], low - start, size)
+                before = (place[0], place[1], low - start, size, place[4])
                 if self._visit(node, name, before):
                     self.backward.append((name, before))
                 return
             if low < start + size < high:
-                raise Divide(f"Concat {node.name!r} writes the units from several inputs", [start + size - low])
+                raise Divide(f"Concat {node.name!r} writes the units from several inputs", [walk.index_at(start + size)])
             start += size
         raise Rejection(f"Concat {node.name!r} does not hold the units where they are")
 
@@ -216,6 +218,7 @@ class _Search:
         return UnitGroup(name=self.name, producers=tuple(p.name for p in writers), units=walk.units,
                          tensor=readers[0].tensor, consumers=tuple(readers), cuts=tuple(dict.fromkeys(walk.cuts)),
                          group_attributes=tuple(dict.fromkeys(walk.groups)), reshapes=tuple(walk.reshapes),
+                         renumbers=tuple(dict.fromkeys(walk.renumbers)),
                          path=tuple(dict.fromkeys(walk.path)), lanes=walk.lanes)
 
 
@@ -304,12 +307,15 @@ def _depends(ctx: Context, name: str, targets: set[str]) -> bool:
 def _place_before(ctx: Context, walk: Walk, node: onnx.NodeProto, source: str, tensor: str, place: tuple) -> tuple:
     """The units' place in ``source`` such that ``node`` moves them to ``place`` in ``tensor``."""
     rank = ctx.rank(source)
-    candidates = [place] + [(axis, 1, place[2], place[3]) for axis in range(1, (rank or 0) + 1) if axis != place[0]]
+    candidates = [place] + [(axis, 1, *place[2:]) for axis in range(1, (rank or 0) + 1) if axis != place[0]]
     shape = ctx.shapes.get(source)
     if node.op_type in ("Split", "Slice") and shape is not None and rank is not None and shape[rank - place[0]]:
         width = int(shape[rank - place[0]])  # the units at each offset they could have in the Split's or Slice's input
-        candidates += [(place[0], place[1], offset, width) for offset in range(width - place[3] + place[2] + 1)]
-    cuts, reshapes, groups, path = list(walk.cuts), list(walk.reshapes), list(walk.groups), list(walk.path)
+        candidates += [(place[0], place[1], offset, width, place[4]) for offset in range(width - place[3] + place[2] + 1)]
+    if node.op_type == "Gather":
+        candidates += gathered_from(ctx, walk, node, place)
+    cuts, reshapes, renumbers = list(walk.cuts), list(walk.reshapes), list(walk.renumbers)
+    groups, path = list(walk.groups), list(walk.path)
     found = None
     for candidate in candidates:
         walk.place = candidate
@@ -318,7 +324,8 @@ def _place_before(ctx: Context, walk: Walk, node: onnx.NodeProto, source: str, t
         except Rejection:
             outs = []
         moved = walk.place
-        walk.cuts, walk.reshapes, walk.groups, walk.path = list(cuts), list(reshapes), list(groups), list(path)
+        walk.cuts, walk.reshapes, walk.renumbers = list(cuts), list(reshapes), list(renumbers)
+        walk.groups, walk.path = list(groups), list(path)
         walk.carried.clear()
         if tensor in outs and moved == place:
             found = candidate
@@ -344,14 +351,14 @@ def _add_producer(ctx: Context, walk: Walk, producers: list, layer: Layer) -> No
     if layer.op == "Conv" and layer.geometry.groups != 1 and walk.concatenated:
         raise Rejection(f"grouped Conv {layer.name!r} writes some of its channels into the group")
     producers.append(layer)
-    span = (walk.offset, walk.width) if walk.concatenated else (0, 0)
-    walk.cuts.append(Cut(layer.weight, stored_axis(layer, out_axis(layer)), offset=span[0], width=span[1]))
+    span = walk.span if walk.concatenated else {}
+    walk.cuts.append(Cut(layer.weight, stored_axis(layer, out_axis(layer)), **span))
     bias = g.constant(layer.bias) if layer.bias is not None else None
     # a BatchNormalization holding the bias is sliced by its own step, its bias included
     if (layer.bias is not None and bias is not None and bias.size > 1
             and not (layer.bias_node and _is_batchnorm(g.nodes.get(layer.bias_node)))):
         from_end = (len(layer.weight_shape) - 1 if layer.op == "Conv" else 1) if layer.bias_node else 1
-        walk.cuts.append(Cut(layer.bias, bias.ndim - from_end, offset=span[0], width=span[1]))
+        walk.cuts.append(Cut(layer.bias, bias.ndim - from_end, **span))
 
 
 def _add_consumer(walk: Walk, layer: Layer, tensor: str) -> Consumer:
@@ -372,12 +379,13 @@ def _add_consumer(walk: Walk, layer: Layer, tensor: str) -> Consumer:
     if groups != 1 and (walk.concatenated or any(s.op == "Transpose" for s in layer.weight_path)):
         raise Rejection(f"grouped Conv {layer.name!r} with a transposed weight or after a Concat")
     walk.cuts.append(Cut(layer.weight, stored_axis(layer, in_axis(layer)), block if layer.op != "Conv" else 1, groups,
-                         walk.offset, walk.width))
-    return Consumer(layer.name, per, tensor, walk.offset, walk.width)
+                         **walk.span))
+    return Consumer(layer.name, per, tensor, **walk.span)
 
 
 def _depthwise(layer: Layer, walk: Walk) -> bool:
-    return layer.op == "Conv" and layer.geometry.groups == walk.units and layer.out_features == walk.units and walk.units > 1
+    """A depthwise Conv of the channels the units are among: its channels follow theirs."""
+    return layer.op == "Conv" and layer.geometry.groups == walk.width == layer.out_features and walk.width > 1
 
 
 def _is_batchnorm(node: onnx.NodeProto | None) -> bool:

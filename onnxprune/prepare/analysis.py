@@ -19,6 +19,7 @@ from onnx import helper, numpy_helper
 from onnxprune import runtime
 from onnxprune.graph.index import FLOAT_TYPES, subgraph_reads, tensor_dims, tensor_ranks, tensor_types
 from onnxprune.graph.passes import BATCH, FreeBatch, PassResult, ReversiblePass, free_batch_copy
+from onnxprune.prepare.shuffles import ChannelShuffles
 
 COPY = "__onnxprune_copy"
 
@@ -338,11 +339,12 @@ class AnalysisCopy:
 
     @classmethod
     def of(cls, source: onnx.ModelProto) -> AnalysisCopy:
-        """A copy of ``source`` with Constants read as initializers and shared initializers unshared."""
+        """A copy of ``source`` with Constants read as initializers, shared initializers unshared and
+        channel shuffles read as Gathers (``prepare.shuffles``)."""
         model = onnx.ModelProto()
         model.CopyFrom(source)
         copy = cls(model)
-        for step in (ConstantsToInitializers(), UnshareInitializers()):
+        for step in (ConstantsToInitializers(), UnshareInitializers(), ChannelShuffles()):
             copy.apply(step)
         return copy
 

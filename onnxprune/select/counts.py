@@ -31,9 +31,9 @@ class LayerCost:
 
     def macs(self, kept: dict[str, int]) -> int:
         out = kept.get(self.out_group, self.out_units) if self.out_group else self.out_units
-        if self.depthwise:
-            return out * self.per
         inp = self.in_units + sum(kept.get(group, units) for group, units in self.in_groups)
+        if self.depthwise:  # one output channel per input channel
+            return inp * self.per
         return out * inp * self.per // self.groups
 
 
@@ -46,15 +46,19 @@ def layer_costs(model: onnx.ModelProto, layers: list[Layer], groups: list[UnitGr
     for g in groups:
         for c in g.consumers:
             consumed.setdefault(c.layer, []).append((g, c))
-    depthwise = {node: g for g in groups for node in g.group_attributes}
+    depthwise: dict[str, list[UnitGroup]] = {}  # a depthwise Conv: the groups among its channels (parts of them)
+    for g in groups:
+        for node in g.group_attributes:
+            depthwise.setdefault(node, []).append(g)
     costs = []
     for layer in layers:
         shape = shapes[layer.preact]
         positions = int(np.prod(shape)) // layer.out_features if shape else 1
         if layer.node in depthwise:
-            g = depthwise[layer.node]
-            costs.append(LayerCost(layer.name, g.name, layer.out_features, (), 1,
-                                   layer.in_features * positions, depthwise=True))
+            read = depthwise[layer.node]
+            costs.append(LayerCost(layer.name, None, 0, tuple((g.name, g.units) for g in read),
+                                   layer.out_features - sum(g.units for g in read), layer.in_features * positions,
+                                   depthwise=True))
             continue
         out_group, out_units = None, layer.out_features
         if layer.name in produced:  # counted in units of its group (an attention head is D outputs)
