@@ -115,10 +115,12 @@ class ChannelShuffles(ReversiblePass):
     def restore(self, model: onnx.ModelProto) -> None:
         graph = model.graph
         inits = {t.name: t for t in graph.initializer}
+        kept_apart: set[str] = set()  # what the rewrites that stay had read
         for rewrite in reversed(self.rewrites):
             node = next((n for n in graph.node if n.name == rewrite.node), None)
             if node is None or any(k not in inits or not np.array_equal(numpy_helper.to_array(inits[k]), v)
                                    for k, v in rewrite.constants.items()):
+                kept_apart.update(i for n in rewrite.original for i in n.input)
                 continue
             position = [n.name for n in graph.node].index(node.name)
             graph.node.remove(node)
@@ -129,6 +131,10 @@ class ChannelShuffles(ReversiblePass):
         ordered = _topological(list(graph.node))  # a computation two chunks shared went back with the last
         del graph.node[:]
         graph.node.extend(ordered)
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        for name in kept_apart - read:  # a shuffle's shape no node reads any more
+            if name in inits:
+                graph.initializer.remove(inits.pop(name))
 
 
 def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
