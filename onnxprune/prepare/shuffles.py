@@ -60,7 +60,7 @@ class ChannelShuffles(ReversiblePass):
         return PassResult(bool(shuffles), f"{shuffles} channel shuffles read as Gathers of the channels"
                           + (f", {chunks} chunks of them with constant sizes" if chunks else ""))
 
-    def _shuffle(self, model: onnx.ModelProto, first: onnx.NodeProto, shapes: dict) -> tuple[str, int] | None:
+    def _shuffle(self, model: onnx.ModelProto, first: onnx.NodeProto | None, shapes: dict) -> tuple[str, int] | None:
         """Rewrite the shuffle that starts at Reshape ``first``: (its output, the channel axis), or None."""
         graph = model.graph
         if first is None or first.op_type != "Reshape":
@@ -98,15 +98,15 @@ class ChannelShuffles(ReversiblePass):
             return 1
         if node.op_type != "Slice" or len(node.input) < 4:
             return 0
-        bounds = [_static(graph, node.input[slot], shapes, opset) for slot in range(1, len(node.input))]
-        axes = bounds[2]
-        if any(b is None for b in bounds) or axes is None or list(np.atleast_1d(axes) % len(shapes[node.input[0]])) != [axis]:
+        found = [_static(graph, node.input[slot], shapes, opset) for slot in range(1, len(node.input))]
+        bounds = [np.atleast_1d(b).astype(np.int64) for b in found if b is not None]
+        if len(bounds) != len(found) or list(bounds[2] % len(shapes[node.input[0]])) != [axis]:
             return 0
         stored = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
         if all(i in stored for i in node.input[1:3]):
             return 0
         inputs = [node.input[0]] + [f"{name}__{k}" for k in ("starts", "ends", "axes", "steps")[:len(node.input) - 1]]
-        values = {new: np.atleast_1d(b).astype(np.int64) for new, b in zip(inputs[1:], bounds)}
+        values = dict(zip(inputs[1:], bounds))
         graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in values.items())
         sliced = helper.make_node("Slice", inputs, list(node.output), name=name)
         self.rewrites.append(_Rewrite(name, values, _replace(graph, [node], sliced, list(node.input[1:]))))
@@ -126,8 +126,8 @@ class ChannelShuffles(ReversiblePass):
             graph.node.remove(node)
             for k, original in enumerate(rewrite.original):
                 graph.node.insert(position + k, original)
-            for k in rewrite.constants:
-                graph.initializer.remove(inits.pop(k))
+            for constant in rewrite.constants:
+                graph.initializer.remove(inits.pop(constant))
         ordered = _topological(list(graph.node))  # a computation two chunks shared went back with the last
         del graph.node[:]
         graph.node.extend(ordered)
@@ -233,10 +233,10 @@ def _replace(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], new: onnx.Node
 def _static(graph: onnx.GraphProto, name: str, shapes: dict, opset: int) -> np.ndarray | None:
     """The value of ``name`` when it is computed from constants and sizes shape inference tells only
     (the same whatever the unknown sizes are), else None."""
-    values = [_evaluate(graph, name, shapes, opset, fill, {}) for fill in FILLS]
-    if any(v is None for v in values) or not np.array_equal(values[0], values[1]):
+    first, second = (_evaluate(graph, name, shapes, opset, fill, {}) for fill in FILLS)
+    if first is None or second is None or not np.array_equal(first, second):
         return None
-    return values[0]
+    return first
 
 
 def _evaluate(graph, name, shapes, opset, fill, memo) -> np.ndarray | None:

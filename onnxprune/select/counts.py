@@ -55,9 +55,9 @@ def layer_costs(model: onnx.ModelProto, layers: list[Layer], groups: list[UnitGr
         shape = shapes[layer.preact]
         positions = int(np.prod(shape)) // layer.out_features if shape else 1
         if layer.node in depthwise:
-            read = depthwise[layer.node]
-            costs.append(LayerCost(layer.name, None, 0, tuple((g.name, g.units) for g in read),
-                                   layer.out_features - sum(g.units for g in read), layer.in_features * positions,
+            among = depthwise[layer.node]
+            costs.append(LayerCost(layer.name, None, 0, tuple((g.name, g.units) for g in among),
+                                   layer.out_features - sum(g.units for g in among), layer.in_features * positions,
                                    depthwise=True))
             continue
         out_group, out_units = None, layer.out_features
