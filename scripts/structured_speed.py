@@ -34,7 +34,8 @@ from corpus import run_measured  # noqa: E402  (the subprocess runner with its t
 from studies.timer import ratio_rows  # noqa: E402
 
 MNIST = ["mnist_cnn", "mnist_silu_cnn", "mnist_mobilenet", "mnist_vit", "mnist_resnet", "mnist_transformer"]
-CORPUS = ["nudenet_yolov8n_320", "tv_legacy_mobilenet_v2", "tv_legacy_resnet50", "timm_legacy_vit_small_patch16_224"]
+CORPUS = ["nudenet_yolov8n_320", "tv_legacy_mobilenet_v2", "tv_legacy_resnet50", "timm_legacy_vit_small_patch16_224",
+          "tv_legacy_shufflenet_v2_x1_0"]
 TIME_BATCHES = "1,32"
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from couplings import Graph, all_at_once, feeds, find_units, shrinks_to_masked
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune import runtime
 from onnxprune.edit.slicing import remove_units
@@ -77,8 +77,8 @@ def shufflenet_stage(spelling, blocks=3):
         kept, passed = chunk(g, t, f"b{k}.chunk")
         t = shuffle(g, g.add("Concat", [kept, _branch(g, passed, f"b{k}.br", C // 2)], f"b{k}.cat", axis=1),
                     f"b{k}.shuffle")
-    g.conv(t, "head", C, 5)
-    return g.model(["N", 3, HW, HW], "head", ["N", 5, HW, HW], opset=18 if spelling == "dynamo" else 17)
+    g.conv(t, "head", C, 3)  # 75 outputs: exact Jacobians, no random probes
+    return g.model(["N", 3, HW, HW], "head", ["N", 3, HW, HW], opset=18 if spelling == "dynamo" else 17)
 
 
 def inputs(model):
@@ -157,3 +157,38 @@ def test_a_shuffle_of_a_graph_output_stays():
                                helper.make_tensor_value_info("s.view", TensorProto.FLOAT, None)], g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert not ChannelShuffles()(model).changed
+
+
+@pytest.mark.parametrize("name, values", [("b1.br.pw2[0]", "b1.br.r2"), ("b0.br.pw2[2]", "b0.br.r2")])
+def test_unit_statistics_through_the_shuffles_match_finite_differences_through_onnxruntime(name, values):
+    """A part of a branch's units read at a stride after one or two shuffles: v (the output's derivative
+    for a shift of unit j at every position) against a central difference of the head through onnxruntime."""
+    from unitref import toposort
+
+    from onnxprune.derivatives.units import unit_statistics
+    from onnxprune.find.layers import analyse_graph
+    from onnxprune.io.data import Dataset
+
+    work = AnalysisCopy.of(shufflenet_stage("dynamo")).model
+    group = find_units(work).by_name()[name]
+    assert group.units == 2 and group.consumers[0].stride > 1
+    rows = next(c for c in group.cuts if c.tensor == f"{group.producer}.w").offset  # the part's first row
+    x = feeds(work, {"N": 6}, seed=4)
+    stats = unit_statistics(work, [group], analyse_graph(work).by_name(), Dataset(x), "head")[name]
+    for j in range(group.units):
+        outs = []
+        for sign in (1, -1):
+            shifted = onnx.ModelProto()
+            shifted.CopyFrom(work)
+            delta = np.zeros((1, C // 2, 1, 1), np.float32)
+            delta[0, rows + j] = sign * 1e-3
+            for node in shifted.graph.node:
+                node.input[:] = ["shifted" if i == values else i for i in node.input]
+            shifted.graph.initializer.append(numpy_helper.from_array(delta, "delta"))
+            shifted.graph.node.append(helper.make_node("Add", [values, "delta"], ["shifted"]))
+            ordered = toposort(shifted.graph)
+            del shifted.graph.node[:]
+            shifted.graph.node.extend(ordered)
+            outs.append(runtime.make_session(shifted).run(None, x)[0].astype(np.float64).reshape(6, -1))
+        v = (outs[0] - outs[1]) / 2e-3
+        np.testing.assert_allclose(stats.vv[j, j], (v ** 2).sum(1).mean(), rtol=2e-2)
