@@ -5,6 +5,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune.find.layers import analyse_graph
+from onnxprune.graph.index import topological
 
 
 def replaced(model, group, removed, constants, prefix=""):
@@ -56,22 +57,7 @@ def replaced_all(model, groups, removed, constants, prefix=""):
 
 def toposort(graph, added=()):
     """The graph's nodes and ``added`` in an order where every input is computed first."""
-    nodes = list(graph.node) + list(added)
-    producer = {out: k for k, n in enumerate(nodes) for out in n.output}
-    done, order = set(), []
-    for start in range(len(nodes)):
-        stack = [(start, False)]
-        while stack:
-            k, ready = stack.pop()
-            if k in done:
-                continue
-            if ready:
-                done.add(k)
-                order.append(nodes[k])
-                continue
-            stack.append((k, True))
-            stack.extend((producer[i], False) for i in nodes[k].input if i in producer and producer[i] not in done)
-    return order
+    return topological(list(graph.node) + list(added))
 
 
 def removal(group, rng):

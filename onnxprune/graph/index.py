@@ -53,6 +53,26 @@ def upstream(producer_of: dict[str, onnx.NodeProto], name: str) -> set[str]:
     return seen
 
 
+def topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``nodes`` in their order, each moved after the nodes computing its inputs where it was not."""
+    made = {o: k for k, n in enumerate(nodes) for o in n.output}
+    done: set[int] = set()
+    order = []
+    for start in range(len(nodes)):
+        stack = [(start, False)]
+        while stack:
+            k, ready = stack.pop()
+            if k in done:
+                continue
+            if ready:
+                done.add(k)
+                order.append(nodes[k])
+                continue
+            stack.append((k, True))
+            stack.extend((made[i], False) for i in reversed(nodes[k].input) if i in made and made[i] not in done)
+    return order
+
+
 def attributes(node: onnx.NodeProto) -> dict:
     """A node's attributes as plain Python values."""
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxprune.graph.index import attributes, consumers, producers
+from onnxprune.graph.index import attributes, consumers, producers, topological
 from onnxprune.graph.passes import PassResult, ReversiblePass
 from onnxprune.graph.values import EVALUATED, constant_node_value, evaluate_node
 from onnxprune.prepare.shapes import tensor_shapes_static
@@ -128,33 +128,13 @@ class ChannelShuffles(ReversiblePass):
                 graph.node.insert(position + k, original)
             for constant in rewrite.constants:
                 graph.initializer.remove(inits.pop(constant))
-        ordered = _topological(list(graph.node))  # a computation two chunks shared went back with the last
+        ordered = topological(list(graph.node))  # a computation two chunks shared went back with the last
         del graph.node[:]
         graph.node.extend(ordered)
         read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
         for name in kept_apart - read:  # a shuffle's shape no node reads any more
             if name in inits:
                 graph.initializer.remove(inits.pop(name))
-
-
-def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """``nodes`` in their order, each moved after the nodes computing its inputs where it was not."""
-    made = {o: k for k, n in enumerate(nodes) for o in n.output}
-    done: set[int] = set()
-    order = []
-    for start in range(len(nodes)):
-        stack = [(start, False)]
-        while stack:
-            k, ready = stack.pop()
-            if k in done:
-                continue
-            if ready:
-                done.add(k)
-                order.append(nodes[k])
-                continue
-            stack.append((k, True))
-            stack.extend((made[i], False) for i in reversed(nodes[k].input) if i in made and made[i] not in done)
-    return order
 
 
 def _candidates(model: onnx.ModelProto) -> list[str]:
