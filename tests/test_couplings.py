@@ -251,6 +251,21 @@ def test_an_rms_norm_written_out_is_named_as_the_unavoidable_reason():
     assert why.unavoidable and why.reason.startswith("the residual stream of ReduceMean 'mean'")
 
 
+def test_a_depthwise_conv_of_a_normalized_stream_names_the_normalization():
+    """ConvNeXt: a depthwise Conv reads channels a LayerNormalization over them wrote; no group passes
+    through it, and the reason it cannot be pruned is the normalization's, not its own shape."""
+    g = Graph()
+    stem = g.add("Transpose", [g.conv("x", "stem", 3, 6)], "to_last", perm=[0, 2, 3, 1])
+    normed = g.add("LayerNormalization", [stem, g.const("ln.w", np.ones(6)), g.const("ln.b", np.zeros(6))], "ln", axis=-1)
+    stream = g.add("Transpose", [normed], "to_first", perm=[0, 3, 1, 2])
+    g.conv(g.conv(stream, "dw", 6, 6, k=3, pads=1, group=6), "pw", 6, 4)
+    found = reasons(g.model(["N", 3, 5, 5], "pw", ["N", 4, 5, 5]))
+    assert found["stem"].unavoidable and "LayerNormalization 'ln'" in found["stem"].reason
+    why = found["dw"]
+    assert why.unavoidable and why.reason.startswith("depthwise Conv 'dw': its channels are those of its input, which "
+                                                     "cannot go (Conv 'stem': the residual stream of LayerNormalization")
+
+
 def test_units_that_reach_the_output_are_unavoidable():
     why = reasons(cnn_with(silu))["fc"]
     assert why.unavoidable and why.reason == "its units reach the graph output 'y'"

@@ -37,7 +37,7 @@ from onnxprune.find.constants import Constants, static_shapes
 from onnxprune.find.heads import attention_groups
 from onnxprune.find.layers import Layer, Skipped, analyse_graph
 from onnxprune.find.unitgroups import Consumer, Cut, UnitGroup, Units, in_axis, stored_axis
-from onnxprune.find.unitplace import Context
+from onnxprune.find.unitplace import BINARY, DATA_INPUTS, NORMALIZING, UNARY, Context
 from onnxprune.find.unitwalk import match_group
 from onnxprune.graph.index import GraphIndex
 
@@ -115,6 +115,34 @@ def find_units(model: onnx.ModelProto, layers: list[Layer] | None = None, inputs
                 grouped.update(p for p in result.producers if p != producer.name)
             else:
                 rejected.append(result)
-    kept = [r for r in rejected if not (r.node in depthwise_followers and r.reason.startswith("depthwise Conv"))]
+    why = {r.node: r for r in rejected}
+    kept = [_followed(ctx, r, why) if r.reason.startswith(DEPTHWISE) else r for r in rejected
+            if not (r.node in depthwise_followers and r.reason.startswith(DEPTHWISE))]
     input_groups, input_rejected = _input_groups(g, model, layers, inputs)
     return Units(input_groups + groups, input_rejected + kept)
+
+
+DEPTHWISE = "depthwise Conv"
+PASSING = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "BatchNormalization", "Identity"}
+
+
+def _followed(ctx: Context, rejected: Skipped, why: dict[str, Skipped]) -> Skipped:
+    """A depthwise Conv no group passes through: its channels are its input's, so the reason its input's
+    writer keeps them is its reason too (ConvNeXt's read the residual stream of a LayerNormalization);
+    the nearest rejected layer upstream, through per-channel nodes and joins, is named."""
+    pending, seen = [ctx.layers[rejected.node].input], set()
+    while pending:
+        tensor = pending.pop(0)
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        writer = ctx.by_preact.get(tensor)
+        if writer is not None and writer.name in why and writer.name != rejected.node:
+            source = why[writer.name]
+            return Skipped(rejected.node, rejected.op, f"{DEPTHWISE} {rejected.node!r}: its channels are those of its "
+                           f"input, which cannot go ({writer.op} {writer.name!r}: {source.reason})", source.unavoidable)
+        node = ctx.g.producers.get(tensor)
+        if node is not None and (node.op_type in UNARY | BINARY | PASSING | NORMALIZING):
+            pending.extend(i for i in node.input[:DATA_INPUTS.get(node.op_type, len(node.input))]
+                           if i and ctx.constants.value(i) is None)
+    return rejected
