@@ -168,7 +168,7 @@ def _shuffle_nodes(graph: onnx.GraphProto, first: onnx.NodeProto, shapes: dict):
     channels, groups = before[axis], split[axis]
     merged = shapes.get(last.output[0])
     if channels is None or not groups or channels % groups or groups == channels or merged is None \
-            or len(merged) != len(before) or merged[axis] not in (None, channels) \
+            or not _same(merged, before) \
             or not _same(before[:axis], split[:axis]) or not _same(before[axis + 1:], split[axis + 2:]) \
             or split[axis + 1] not in (None, channels // groups) \
             or {first.output[0], transpose.output[0]} & outputs:
