@@ -24,7 +24,7 @@ from onnxprune.errors import InputError
 from onnxprune.find.inventory import find_layers
 from onnxprune.find.objective import measure_objective
 from onnxprune.find.outputs import reaching
-from onnxprune.io.data import as_dataset
+from onnxprune.io.data import as_dataset, declared_batch
 from onnxprune.io.models import as_model
 from onnxprune.modes.base import State
 from onnxprune.modes.units import UnitsMode
@@ -229,8 +229,10 @@ class Pruner:
         # statistics describe is relative per part, so no small-valued part is free to destroy.
         if self.objective not in ("relative", "absolute"):
             raise InputError(f"objective must be 'relative' or 'absolute', got {self.objective!r}")
+        # a graph that holds its traced batch runs on exactly that many samples: every run takes them
+        self.batch_size_ = declared_batch(self.model_, self.data_) or self.batch_size
         self.objective_ = measure_objective(self.model_, self.data_, self.output, self.output_axes, self.provider,
-                                            self.threads, self.batch_size)
+                                            self.threads, self.batch_size_)
         if self.objective == "absolute":  # the plain squared error of the outputs (what ECP minimised before)
             self.objective_ = self.objective_.absolute()
         self.outputs_ = list(self.objective_.outputs)
@@ -250,7 +252,7 @@ class Pruner:
             self.mode_, self.scorer_, self.schedule_, self.repair_, self.fallback_ = self._plan()
         self.skipped_ += self.mode_.find(self.model_, self.layers_, self.output_, self.all_layers_, self.data_)
         self.settings_ = DerivativeSettings(self.chosen_.probes, self.seed, self.engine, self.memory_budget,
-                                            self.batch_size, self.provider, self.threads, self.objective_,
+                                            self.batch_size_, self.provider, self.threads, self.objective_,
                                             workers=self.workers, ray=self.ray)
         self.seconds_: dict[str, float] = {}
         self.dense_ = self.mode_.begin(self.model_, self.layers_)
@@ -300,7 +302,7 @@ class Pruner:
         state, scores = self.dense_, self.scores_
         repairable, _ = self.mode_.to_repair(self.dense_)
         run = self.repair_.start(self.model_, repairable if self.mode_.masked else self.layers_, self.data_,
-                                 self.output_, batch_size=self.batch_size, provider=self.provider, threads=self.threads,
+                                 self.output_, batch_size=self.batch_size_, provider=self.provider, threads=self.threads,
                                  progress=self._progress("refit"), masked=self.mode_.masked, objective=self.objective_)
         results: list[PruneResult] = []
         refits: list[LayerRefit] = []
@@ -343,7 +345,7 @@ class Pruner:
         objective = self.objective_
         error = compare_outputs(model, self.model_, self.data_, list(objective.outputs), axes=objective.axes,
                                 parts=list(objective.parts), provider=self.provider, threads=self.threads,
-                                batch_size=self.batch_size)
+                                batch_size=self.batch_size_)
         return error, emptied_layers(layers) + damage_warnings(error)
 
     def _own_form(self, result: PruneResult) -> PruneResult:

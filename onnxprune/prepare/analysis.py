@@ -218,7 +218,8 @@ class FreeDeclaredBatch(ReversiblePass):
     on more samples gets a free batch in the analysis copy (in place), so that every run of it --
     statistics, moments, refits, the fallback's judge -- takes the batches the data gives;
     ``restore`` declares N again. A graph that cannot run on N + 1 samples (a Reshape to the traced
-    batch) keeps its declared batch.
+    batch), or whose outputs do not grow by one sample along one axis when it does (a Reshape to
+    (1, -1, C) merges the samples), keeps its declared batch.
 
     requires: inputs batch-first (after ``BatchFirstInputs``); ``feeds`` one sample per input."""
 
@@ -235,17 +236,20 @@ class FreeDeclaredBatch(ReversiblePass):
         batch = {fixed[name] for name in self.feeds if name in fixed}
         if len(batch) != 1:
             return PassResult(False)
-        more = batch.pop() + 1
+        traced = batch.pop()
         try:
-            runtime.make_session(free_batch_copy(model), self.provider).run(
-                None, {k: np.repeat(v[:1], more, axis=0) for k, v in self.feeds.items()})
+            session = runtime.make_session(free_batch_copy(model), self.provider)
+            outputs = [[np.shape(v) for v in session.run(None, {k: np.repeat(v[:1], n, axis=0) for k, v in self.feeds.items()})]
+                       for n in (traced, traced + 1)]
         except runtime.RuntimeUnavailable:
             raise
         except Exception:  # noqa: BLE001 - the graph itself holds the traced batch
             return PassResult(False)
+        if not all(_grows(a, b, traced) for a, b in zip(*outputs)):
+            return PassResult(False)  # it runs on more, but merges the samples (a Reshape to (1, -1, C))
         self.declared = list(fixed.items())
         FreeBatch()(model)  # the intermediate shapes of the traced batch go too
-        return PassResult(True, f"the declared batch {more - 1} freed (restored in the written model)")
+        return PassResult(True, f"the declared batch {traced} freed (restored in the written model)")
 
     def restore(self, model: onnx.ModelProto) -> None:
         graph = model.graph
@@ -255,6 +259,13 @@ class FreeDeclaredBatch(ReversiblePass):
                 dim = infos[name].type.tensor_type.shape.dim[0]
                 dim.Clear()
                 dim.dim_value = size
+
+
+def _grows(a: tuple, b: tuple, traced: int) -> bool:
+    """Whether an output of shape ``a`` at the traced batch has shape ``b`` at one sample more: one axis
+    holds the samples, or none changed (an output that does not depend on them)."""
+    changed = [(x, y) for x, y in zip(a, b) if x != y]
+    return len(a) == len(b) and changed in ([], [(traced, traced + 1)])
 
 
 def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
