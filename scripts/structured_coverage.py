@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from corpus import run_measured  # noqa: E402  (the subprocess runner with its time and memory limits)
 
+from studies.timer import ratio_rows  # noqa: E402
+
 QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 
 
@@ -82,9 +84,9 @@ def prune_row(name, path, entry, onnxprune, args, work):
            "prune_peak_rss_mb": res["peak_rss_mb"]}
     if res["rc"] == 0 and report.exists():
         rep = json.loads(report.read_text())
-        row.update({k: rep.get(k) for k in ("units_before", "units_after", "params_before", "params_after",
-                                            "macs_before", "macs_after")})
-        row["timing"] = [{k: t.get(k) for k in ("batch", "dense_seconds", "pruned_seconds")} for t in rep.get("timing") or []]
+        row.update({k: (rep.get("units") or {}).get(k) for k in ("units_before", "units_after", "params_before",
+                                                                 "params_after", "macs_before", "macs_after")})
+        row["timing"] = ratio_rows(rep["timing"]) if rep.get("timing") else []
         row["pruned_bytes"] = (rep.get("written") or {}).get("bytes")
     for f in (out, report):
         f.unlink(missing_ok=True)
@@ -175,14 +177,15 @@ def markdown(rows, meta):
     pruned = [r for r in rows if "prune_rc" in r]
     if pruned:
         out += ["", f"## `prune --structured --sparsity {meta['sparsity']}` today", "",
-                "| model | exit | seconds | peak RSS MB | units | parameters | MACs | latency dense / pruned (batch: ms) | "
-                "error |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                "| model | exit | seconds | peak RSS MB | units | parameters | MACs | time pruned / dense (batch, threads: "
+                "median [quartiles]) | error |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in pruned:
             units = f"{r['units_before']:,} -> {r['units_after']:,}" if r.get("units_before") is not None else "-"
             params = f"{r['params_before']:,} -> {r['params_after']:,}" if r.get("params_before") is not None else "-"
             macs = f"{r['macs_before']:,} -> {r['macs_after']:,}" if r.get("macs_before") is not None else "-"
-            timing = ", ".join(f"{t['batch']}: {1e3 * t['dense_seconds']:.3g} / {1e3 * t['pruned_seconds']:.3g}"
-                               for t in r.get("timing") or [] if t.get("dense_seconds") and t.get("pruned_seconds")) or "-"
+            timing = ", ".join(f"{t['batch']}, {t['threads']}: {t['ratio_median']:.2f}x [{t['ratio_q25']:.2f}-"
+                               f"{t['ratio_q75']:.2f}]{' noisy' if t['noisy'] else ''}"
+                               for t in r.get("timing") or [] if "ratio_median" in t) or "-"
             err = f"`{r['prune_error']}`" if r.get("prune_error") else "-"
             out.append(f"| {r['model']} | {r['prune_rc']} | {r['prune_seconds']:.0f} | {r['prune_peak_rss_mb']:.0f} | "
                        f"{units} | {params} | {macs} | {timing} | {err} |")
