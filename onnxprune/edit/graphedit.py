@@ -9,6 +9,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune.find.unitgroups import Select, ShapeEdit
+from onnxprune.graph.index import default_opset
 from onnxprune.graph.values import constant_node_value
 
 
@@ -86,7 +87,7 @@ def edit_shape(model: onnx.ModelProto, store: Store, edit: ShapeEdit, removed: i
         if edit.value is not None:
             store.set(f"{pin}__entry", store.get(f"{pin}__entry") - removed * edit.per_unit)
         return
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = default_opset(model, 0)
     if opset < 10:
         raise ValueError(f"Reshape {reader.name!r}: its shape is computed and opset {opset} has no Slice with inputs")
     # the shape with entry ``index`` replaced: Concat(shape[:index], [entry], shape[index + 1:]), which shape

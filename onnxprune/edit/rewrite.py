@@ -16,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxprune.find.layers import Layer
+from onnxprune.graph.index import default_opset
 
 
 @dataclass
@@ -132,7 +133,7 @@ def _insert_bias(model: onnx.ModelProto, node: onnx.NodeProto, layer: Layer, dty
     if layer.op in ("Gemm", "Conv"):
         if layer.op == "Gemm":  # the new C enters with beta = 1, as Layer assumes for bias-less Gemms
             keep = [a for a in node.attribute if a.name not in ("beta", "broadcast")]
-            opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+            opset = default_opset(model, 13)
             if opset < 7:  # Gemm-6 broadcasts C only when told
                 keep.append(helper.make_attribute("broadcast", 1))
             del node.attribute[:]

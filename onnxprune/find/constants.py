@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxprune.graph.index import GraphIndex, attributes
+from onnxprune.graph.index import GraphIndex, attributes, default_opset
 from onnxprune.graph.values import EVALUATED, LARGEST, constant_node_value, evaluate_node
 
 
@@ -54,8 +54,7 @@ class Constants:
         if any(v is not None and v.size > LARGEST for v in inputs):
             return None
         try:
-            opset = next((o.version for o in self.g.model.opset_import if o.domain in ("", "ai.onnx")), 17)
-            value = evaluate_node(node, inputs, opset)
+            value = evaluate_node(node, inputs, default_opset(self.g.model, 17))
         except Exception:  # noqa: BLE001 - a value the reference runtime cannot compute is simply unknown
             return None
         return value if value.size <= LARGEST else None

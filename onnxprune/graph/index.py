@@ -53,6 +53,11 @@ def upstream(producer_of: dict[str, onnx.NodeProto], name: str) -> set[str]:
     return seen
 
 
+def default_opset(model: onnx.ModelProto, absent=None):
+    """The version of the default (ai.onnx) domain ``model`` imports, ``absent`` when it imports none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), absent)
+
+
 def topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     """``nodes`` in their order, each moved after the nodes computing its inputs where it was not."""
     made = {o: k for k, n in enumerate(nodes) for o in n.output}

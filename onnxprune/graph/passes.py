@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.graph.index import attributes, producers, subgraph_reads, tensor_ranks
+from onnxprune.graph.index import attributes, default_opset, producers, subgraph_reads, tensor_ranks
 
 MAX_IR_VERSION = 10   # onnxruntime 1.19 (the training build) accepts IR <= 10 ...
 MAX_OPSET = 21        # ... and default-domain opset <= 21
@@ -88,7 +88,7 @@ class UpgradeOpset(Pass):
         self.version = version
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
-        current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        current = default_opset(model)
         if current is None or current >= self.version:
             return PassResult(False)
         from onnx import version_converter

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxprune.graph.index import attributes, consumers, producers, topological
+from onnxprune.graph.index import attributes, consumers, default_opset, producers, topological
 from onnxprune.graph.passes import PassResult, ReversiblePass
 from onnxprune.graph.values import EVALUATED, constant_node_value, evaluate_node
 from onnxprune.prepare.shapes import tensor_shapes_static
@@ -46,10 +46,10 @@ class ChannelShuffles(ReversiblePass):
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         shuffles = chunks = 0
-        while _candidates(model):  # a chunk with constant sizes tells shape inference the next shuffle's channels
+        # a round's chunks, given constant sizes, tell shape inference the next round's shuffles' channels
+        while starts := _candidates(model):
             shapes = tensor_shapes_static(model)
-            found = [r for r in (self._shuffle(model, producers(model.graph).get(out), shapes)
-                                 for out in _candidates(model)) if r]
+            found = [r for r in (self._shuffle(model, producers(model.graph).get(out), shapes) for out in starts) if r]
             if not found:
                 break
             shuffles += len(found)
@@ -81,7 +81,7 @@ class ChannelShuffles(ReversiblePass):
 
     def _chunk(self, model: onnx.ModelProto, node: onnx.NodeProto, axis: int, shapes: dict) -> int:
         """Give a Split or Slice along ``axis`` of a shuffle's output constant sizes: 1 when done."""
-        graph, opset = model.graph, _opset(model)
+        graph, opset = model.graph, default_opset(model, 0)
         size = (shapes.get(node.input[0]) or (None,) * (axis + 1))[axis]
         if size is None or opset < 13:
             return 0
@@ -243,6 +243,3 @@ def _evaluate(graph, name, shapes, opset, fill, memo) -> np.ndarray | None:
     memo[name] = value
     return value
 
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
